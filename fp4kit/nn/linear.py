@@ -1,0 +1,76 @@
+"""`FP4Linear`: a linear layer whose weight is stored in NVFP4 or MXFP4.
+
+Buffers carry compressed-tensors' names, so a state dict is already in the layout vLLM loads:
+
+    weight_packed        uint8 [out, in/2]        two E2M1 codes per byte, low nibble first
+    weight_scale         [out, in/block]          float8_e4m3fn (NVFP4) or uint8 E8M0 codes (MXFP4)
+    weight_global_scale  float32 [1]              NVFP4 only (its meaning: the config's GlobalScale)
+    bias                 kept from the original layer, in its dtype
+
+`forward` dequantizes the weight and calls `F.linear`: the torch twin, exact and slow, that the
+Triton kernels replace on CUDA. Build one with `FP4Linear.from_linear(linear, config)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, quantize
+
+
+class FP4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, config: NVFP4Config | MXFP4Config, *, bias: bool = True,
+                 dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        if not isinstance(config, (NVFP4Config, MXFP4Config)):
+            raise TypeError(f"FP4Linear needs an NVFP4Config or MXFP4Config, got {type(config).__name__}")
+        bs = config.block_size
+        if in_features % bs:
+            raise ValueError(f"{config.name.upper()} needs in_features % {bs} == 0; got in_features={in_features}")
+        self.in_features, self.out_features, self.config, self.dtype = in_features, out_features, config, dtype
+        scale_dtype = torch.float8_e4m3fn if isinstance(config, NVFP4Config) else torch.uint8
+        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(out_features, in_features // bs, dtype=scale_dtype, device=device))
+        if isinstance(config, NVFP4Config):
+            self.register_buffer("weight_global_scale", torch.ones(1, dtype=torch.float32, device=device))
+        else:
+            self.weight_global_scale = None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: NVFP4Config | MXFP4Config, *, name: str = "linear",
+                    amax=None) -> "FP4Linear":
+        """Quantize `linear.weight` with `config`. `amax` sets a shared per-tensor amax (fused shards)."""
+        weight = linear.weight.detach()
+        out = cls(linear.in_features, linear.out_features, config, bias=linear.bias is not None,
+                  dtype=weight.dtype if weight.is_floating_point() else torch.bfloat16, device=weight.device)
+        out.load_quantized(quantize(weight, config, amax=amax, name=f"{name}.weight"))
+        if linear.bias is not None:
+            out.bias.data.copy_(linear.bias.detach())
+        return out
+
+    def load_quantized(self, qt: QuantizedTensor) -> None:
+        if qt.shape != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight has shape {qt.shape}, layer is {(self.out_features, self.in_features)}")
+        self.weight_packed.copy_(qt.data)
+        self.weight_scale.copy_(qt.scale)
+        if self.weight_global_scale is not None:
+            self.weight_global_scale.copy_(qt.global_scale)
+
+    def quantized_weight(self) -> QuantizedTensor:
+        return QuantizedTensor(self.weight_packed, self.weight_scale, self.weight_global_scale,
+                               (self.out_features, self.in_features), self.config)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.quantized_weight().dequantize(dtype or self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.config.name}")

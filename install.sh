@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install fp4kit with everything its tests and main job need, on a fresh machine.
+# torch 2.13.0 first: on our machines it comes from a local CPU build; any other spec would pull
+# several GB of CUDA wheels. Then fp4kit itself, then compressed-tensors 0.17.0 (vLLM's pin) into
+# .deps/ so the tests can check both it and the newest release.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+
+"$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
+  || pip_q "torch==2.13.0"
+pip_q -e ".[test]"
+if [ ! -d .deps/ct-0.17.0/compressed_tensors ]; then
+  rm -rf .deps/ct-0.17.0.tmp
+  pip_q --no-deps --target .deps/ct-0.17.0.tmp "compressed-tensors==0.17.0"
+  mv .deps/ct-0.17.0.tmp .deps/ct-0.17.0
+fi
+echo "fp4kit installed: $("$PY" -c 'import fp4kit; print(fp4kit.__version__)')"
