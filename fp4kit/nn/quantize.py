@@ -8,7 +8,8 @@ up in exactly one list of the returned `QuantizeReport`, quantized or excluded w
     "filter_fn returned False"
     "in_features 100 not divisible by block size 16"
 
-A weight holding NaN or Inf raises, naming the layer: quantizing it would silently corrupt it.
+A weight holding NaN or Inf raises, naming the layer: quantizing it would silently corrupt it. All
+weights are checked before the first swap, so a failure leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -61,13 +62,17 @@ def quantize_(model: nn.Module, config: NVFP4Config | MXFP4Config,
     if not isinstance(config, (NVFP4Config, MXFP4Config)):
         raise TypeError(f"quantize_ needs an NVFP4Config or MXFP4Config, got {type(config).__name__}")
     report = QuantizeReport()
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
-    for name, module in tqdm(linears, desc=f"quantize {config.name}", disable=not progress, leave=False):
+    chosen = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
         reason = exclusion_reason(name, module, config, filter_fn, ignore)
         if reason:
             report.excluded[name] = reason
-            continue
-        check_finite(module.weight.detach(), f"{name}.weight")
+        else:
+            check_finite(module.weight.detach(), f"{name}.weight")  # before any swap: all or nothing
+            chosen.append((name, module))
+    for name, module in tqdm(chosen, desc=f"quantize {config.name}", disable=not progress, leave=False):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, FP4Linear.from_linear(module, config, name=name))

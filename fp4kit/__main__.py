@@ -1,0 +1,5 @@
+import sys
+
+from fp4kit.cli import main
+
+sys.exit(main())

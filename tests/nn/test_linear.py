@@ -1,0 +1,70 @@
+"""FP4Linear: buffers named as compressed-tensors names them, forward = dequantize then matmul."""
+
+import pytest
+import torch
+from torch import nn
+
+from fp4kit.formats import BlockChoice, MXFP4Config, NVFP4Config, quantize
+from fp4kit.nn import FP4Linear
+
+CONFIGS = [NVFP4Config(), NVFP4Config.torchao(), NVFP4Config(block_choice=BlockChoice.FOUR_OVER_SIX), MXFP4Config()]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: repr(c)[:40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_is_dequantize_then_linear(config, bias, device):
+    lin = nn.Linear(160, 48, bias=bias, device=device)
+    q = FP4Linear.from_linear(lin, config, name="proj")
+    x = torch.randn(3, 7, 160, device=device)
+    w = quantize(lin.weight.detach(), config).dequantize().to(device)
+    expected = nn.functional.linear(x, w, lin.bias)
+    assert torch.equal(q(x), expected)
+
+
+def test_buffer_names_and_dtypes_nvfp4():
+    q = FP4Linear.from_linear(nn.Linear(64, 8), NVFP4Config())
+    sd = q.state_dict()
+    assert set(sd) == {"weight_packed", "weight_scale", "weight_global_scale", "bias"}
+    assert sd["weight_packed"].dtype == torch.uint8 and sd["weight_packed"].shape == (8, 32)
+    assert sd["weight_scale"].dtype == torch.float8_e4m3fn and sd["weight_scale"].shape == (8, 4)
+    assert sd["weight_global_scale"].dtype == torch.float32 and sd["weight_global_scale"].shape == (1,)
+
+
+def test_buffer_names_and_dtypes_mxfp4():
+    q = FP4Linear.from_linear(nn.Linear(64, 8, bias=False), MXFP4Config())
+    sd = q.state_dict()
+    assert set(sd) == {"weight_packed", "weight_scale"}
+    assert sd["weight_scale"].dtype == torch.uint8 and sd["weight_scale"].shape == (8, 2)
+
+
+def test_state_dict_round_trip():
+    src = FP4Linear.from_linear(nn.Linear(64, 8), NVFP4Config())
+    dst = FP4Linear(64, 8, NVFP4Config(), dtype=torch.float32)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(2, 64)
+    assert torch.equal(src(x), dst(x))
+
+
+def test_bf16_model_keeps_bf16():
+    lin = nn.Linear(64, 16).to(torch.bfloat16)
+    q = FP4Linear.from_linear(lin, MXFP4Config())
+    y = q(torch.randn(2, 64, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and q.bias.dtype == torch.bfloat16
+
+
+def test_shared_amax_gives_shared_global_scale():
+    a, b = nn.Linear(64, 8), nn.Linear(64, 8)
+    amax = torch.maximum(a.weight.abs().max(), b.weight.abs().max())
+    qa = FP4Linear.from_linear(a, NVFP4Config(), amax=amax)
+    qb = FP4Linear.from_linear(b, NVFP4Config(), amax=amax)
+    assert torch.equal(qa.weight_global_scale, qb.weight_global_scale)
+
+
+def test_indivisible_in_features_raises():
+    with pytest.raises(ValueError, match="in_features % 16"):
+        FP4Linear(40, 8, NVFP4Config())
+
+
+def test_wrong_config_type_raises():
+    with pytest.raises(TypeError, match="NVFP4Config or MXFP4Config"):
+        FP4Linear(64, 8, "nvfp4")
