@@ -1,0 +1,13 @@
+"""Triton kernels for FP4 weights and activations, each launcher beside its torch twin.
+
+    fp4_gemm      W4A16 GEMM (dense) and the bit-exact weight dequantizer
+    fp4_quantize  fused bf16/fp16/fp32 -> NVFP4 / MXFP4 quantizers, bit-exact with `fp4kit.formats`
+
+Kernels run on CUDA tensors when triton is importable (and anywhere under TRITON_INTERPRET=1);
+the public functions fall back to their torch twins otherwise. Imports go down to
+`fp4kit.formats` only.
+"""
+
+from .fp4_gemm import GemmConfig, fp4_dequantize, fp4_dequantize_torch, fp4_linear, fp4_matmul, fp4_matmul_torch
+
+__all__ = ["GemmConfig", "fp4_dequantize", "fp4_dequantize_torch", "fp4_linear", "fp4_matmul", "fp4_matmul_torch"]

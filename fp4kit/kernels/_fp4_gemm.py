@@ -1,0 +1,110 @@
+"""Triton kernels behind `fp4_gemm`: FP4 weight dequantize and the W4A16 GEMM. See `fp4_gemm` for the math."""
+
+import triton
+import triton.language as tl
+
+from ._fp4_bits import cast_rne, e2m1_pair_to_f32, mxfp4_scale14, nvfp4_scale14
+
+
+@triton.jit
+def _block_scale14(code, gs_ptr, IS_NVFP4: tl.constexpr, GS_ENCODE: tl.constexpr):
+    if IS_NVFP4:
+        return nvfp4_scale14(code, tl.load(gs_ptr), GS_ENCODE)
+    else:
+        return mxfp4_scale14(code)
+
+
+@triton.jit
+def _dequant_tile(wq, ws, gs_ptr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BS: tl.constexpr,
+                  IS_NVFP4: tl.constexpr, GS_ENCODE: tl.constexpr):
+    """wq [ROWS, BLOCK_K/2] packed bytes, ws [ROWS, BLOCK_K/BS] scale codes -> float32 [ROWS, BLOCK_K].
+
+    Each byte holds elements 2j (low nibble) and 2j+1 (high): joining (low, high) on a new last
+    axis and flattening restores the natural order. A block of BS elements is BS/2 bytes, so the
+    scale is applied on the [ROWS, BLOCK_K/BS, BS/2] view of each nibble plane.
+    """
+    scale = _block_scale14(ws, gs_ptr, IS_NVFP4, GS_ENCODE)  # [ROWS, BLOCK_K/BS]
+    lo, hi = e2m1_pair_to_f32(wq)
+    lo = tl.reshape(lo, (ROWS, BLOCK_K // BS, BS // 2)) * scale[:, :, None]
+    hi = tl.reshape(hi, (ROWS, BLOCK_K // BS, BS // 2)) * scale[:, :, None]
+    w = tl.join(lo, hi)  # [ROWS, BLOCK_K/BS, BS/2, 2]
+    return tl.reshape(w, (ROWS, BLOCK_K))
+
+
+@triton.jit
+def fp4_dequant_kernel(wq_ptr, ws_ptr, gs_ptr, out_ptr, R, K,
+                       BS: tl.constexpr, IS_NVFP4: tl.constexpr, GS_ENCODE: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """out[R, K] = codes * effective block scale, rounded once to out's dtype."""
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    ks = pid_k * (BLOCK_K // BS) + tl.arange(0, BLOCK_K // BS)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask = rows[:, None] < R
+    wq = tl.load(wq_ptr + rows[:, None] * (K // 2) + kb[None, :], mask=rmask & (kb[None, :] < K // 2), other=0)
+    ws = tl.load(ws_ptr + rows[:, None] * (K // BS) + ks[None, :], mask=rmask & (ks[None, :] < K // BS), other=0)
+    w = _dequant_tile(wq, ws, gs_ptr, BLOCK_R, BLOCK_K, BS, IS_NVFP4, GS_ENCODE)
+    tl.store(out_ptr + rows[:, None] * K + k[None, :], cast_rne(w, out_ptr.dtype.element_ty, INTERPRET),
+             mask=rmask & (k[None, :] < K))
+
+
+@triton.jit
+def fp4_matmul_kernel(x_ptr, wq_ptr, ws_ptr, gs_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                      BS: tl.constexpr, IS_NVFP4: tl.constexpr, GS_ENCODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, INTERPRET: tl.constexpr):
+    """y[M, N] (+)= x[M, K] @ dequant(W)[N, K].T (+ bias), float32 accumulation.
+
+    Grid: (tiles of M x tiles of N, SPLIT_K). With SPLIT_K == 1 the tile is written in y's dtype;
+    with SPLIT_K > 1, y is a zeroed float32 workspace that each split adds into atomically.
+    Tiles are visited in groups of GROUP_M rows of tiles so that neighbouring programs share weight
+    tiles in L2 when M is large.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kb = tl.arange(0, BLOCK_K // 2)
+    offs_ks = tl.arange(0, BLOCK_K // BS)
+    mmask = offs_m[:, None] < M
+    nmask = offs_n[:, None] < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    wq_ptrs = wq_ptr + offs_n[:, None] * (K // 2) + offs_kb[None, :]
+    ws_ptrs = ws_ptr + offs_n[:, None] * (K // BS) + offs_ks[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        x = tl.load(x_ptrs + k0, mask=mmask & (offs_k[None, :] < K - k0), other=0.0)
+        wq = tl.load(wq_ptrs + k0 // 2, mask=nmask & (offs_kb[None, :] < (K - k0) // 2), other=0)
+        ws = tl.load(ws_ptrs + k0 // BS, mask=nmask & (offs_ks[None, :] < (K - k0) // BS), other=0)
+        w = _dequant_tile(wq, ws, gs_ptr, BLOCK_N, BLOCK_K, BS, IS_NVFP4, GS_ENCODE)
+        w = cast_rne(w, x.dtype, INTERPRET)
+        if INTERPRET:  # the interpreter multiplies bf16 bit patterns in tl.dot: give it float32
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+
+    ym = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    yn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + yn, mask=yn < N, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = tl.where(pid_k == 0, bias, 0.0)
+        acc += bias[None, :]
+    y_ptrs = y_ptr + ym[:, None] * stride_ym + yn[None, :]
+    ymask = (ym[:, None] < M) & (yn[None, :] < N)
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)

@@ -1,0 +1,82 @@
+"""Triton kernels behind `fp4_quantize`: one pass from high precision to packed FP4 codes + block scales.
+
+Both kernels see the input as a flat run of blocks (the last dim is a multiple of the block size
+and the tensor is contiguous, so block b is elements [b*bs, (b+1)*bs)); a program takes BLOCKS
+blocks as a [BLOCKS, bs] tile, reduces each row to its absolute max, encodes the scale, rounds the
+elements, and writes bs/2 bytes plus one scale byte per block.
+"""
+
+import triton
+import triton.language as tl
+
+from ._fp4_bits import ceil_log2_f32, f32_to_e2m1_code, f32_to_ue4m3_code, floor_log2_f32, pow2_f32, ue4m3_to_f32
+
+
+@triton.jit
+def _pack_store(out_ptr, codes, blk, nblocks, BLOCKS: tl.constexpr, BS: tl.constexpr):
+    """codes [BLOCKS, BS] -> bytes [BLOCKS, BS/2], element 2j in the low nibble."""
+    lo, hi = tl.split(tl.reshape(codes, (BLOCKS, BS // 2, 2)))
+    packed = lo | (hi << 4)
+    j = tl.arange(0, BS // 2)
+    tl.store(out_ptr + blk[:, None] * (BS // 2) + j[None, :], packed, mask=blk[:, None] < nblocks)
+
+
+@triton.jit
+def nvfp4_quantize_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, nblocks,
+                          GS_ENCODE: tl.constexpr, MIN_BLOCK_SCALE: tl.constexpr, ZERO_SCALE_CODE: tl.constexpr,
+                          SIGNED_ZERO: tl.constexpr, BLOCKS: tl.constexpr):
+    """NVFP4 (blocks of 16, MAX6) in the arithmetic order of `formats.nvfp4._encode_blocks`."""
+    blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    e = tl.arange(0, 16)
+    bmask = blk < nblocks
+    x = tl.load(x_ptr + blk[:, None] * 16 + e[None, :], mask=bmask[:, None], other=0.0).to(tl.float32)
+    g = tl.load(gs_ptr)
+    amax = tl.max(tl.abs(x), axis=1)
+    s = tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32))
+    if GS_ENCODE:
+        s = s * g
+    else:
+        s = tl.math.div_rn(s, tl.full(s.shape, 1.0, tl.float32) * g)
+    if MIN_BLOCK_SCALE > 0:
+        s = tl.maximum(s, MIN_BLOCK_SCALE)
+    code = f32_to_ue4m3_code(tl.minimum(s, 448.0))
+    if ZERO_SCALE_CODE > 0:  # a scale that rounds to 0 is stored as `zero_block_scale`
+        code = tl.where(code == 0, ZERO_SCALE_CODE, code).to(tl.uint8)
+    s32 = ue4m3_to_f32(code)
+    if GS_ENCODE:
+        denom = tl.math.div_rn(s32, tl.full(s32.shape, 1.0, tl.float32) * g)
+        scaled = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], (BLOCKS, 16)))
+    else:
+        inv_g = tl.math.div_rn(tl.full(s32.shape, 1.0, tl.float32), tl.full(s32.shape, 1.0, tl.float32) * g)
+        scaled = x * tl.math.div_rn(inv_g, s32)[:, None]
+    scaled = tl.where((s32 == 0)[:, None], 0.0, scaled)
+    codes = f32_to_e2m1_code(tl.minimum(tl.maximum(scaled, -6.0), 6.0), SIGNED_ZERO)
+    _pack_store(packed_ptr, codes, blk, nblocks, BLOCKS, 16)
+    tl.store(scale_ptr + blk, code, mask=bmask)
+
+
+@triton.jit
+def mxfp4_quantize_kernel(x_ptr, packed_ptr, scale_ptr, nblocks,
+                          RULE: tl.constexpr, SIGNED_ZERO: tl.constexpr, BLOCKS: tl.constexpr):
+    """MXFP4 (blocks of 32, E8M0) as `formats.mxfp4`; RULE 0 FLOOR, 1 EVEN, 2 CEIL, 3 RCEIL."""
+    blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    e = tl.arange(0, 32)
+    bmask = blk < nblocks
+    x = tl.load(x_ptr + blk[:, None] * 32 + e[None, :], mask=bmask[:, None], other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    if RULE == 0:
+        exp = floor_log2_f32(amax) - 2
+    elif RULE == 1:
+        rounded = (amax.to(tl.int32, bitcast=True) + (1 << 21)) & -8388608  # 0xFF800000
+        field = (rounded >> 23) & 0xFF
+        exp = tl.where(field > 0, field - 127, floor_log2_f32(rounded.to(tl.float32, bitcast=True))) - 2
+    elif RULE == 2:
+        exp = ceil_log2_f32(amax) - 2
+    else:
+        exp = ceil_log2_f32(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)))
+    exp = tl.where(amax == 0, -127, exp)
+    exp = tl.minimum(tl.maximum(exp, -127), 127)
+    scaled = x * pow2_f32(-exp)[:, None]
+    codes = f32_to_e2m1_code(tl.minimum(tl.maximum(scaled, -6.0), 6.0), SIGNED_ZERO)
+    _pack_store(packed_ptr, codes, blk, nblocks, BLOCKS, 32)
+    tl.store(scale_ptr + blk, (exp + 127).to(tl.uint8), mask=bmask)

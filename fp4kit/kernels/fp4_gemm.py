@@ -1,0 +1,186 @@
+"""W4A16 GEMM on Hopper: `y = x @ dequant(W).T + bias` with an NVFP4 or MXFP4 weight, bf16/fp16 x.
+
+Why it is fast without FP4 tensor cores. Hopper has none, so the weight is dequantized in
+registers and fed to the bf16 tensor cores. At small M (decoding) a linear layer is a pass over
+its weight: bf16 moves 2 bytes per weight, NVFP4 0.5 + 1/16 (a UE4M3 scale per 16) = 0.5625,
+MXFP4 0.5 + 1/32 = 0.53125. The best a kernel can do is the bytes over the copy bandwidth, up to
+3.56x (NVFP4) faster than cuBLAS bf16. At large M (prefill) the GEMM is compute bound and the
+dequantization is overhead on top of the same tensor-core work: the aim there is parity.
+
+The arithmetic (the torch twin, `fp4_matmul_torch`, is the specification):
+
+    w[n, k] = dtype(e2m1(q[n, k]) * s_eff[n, k // bs])       one float32 product, one rounding
+    s_eff   = ue4m3(s) / g   (NVFP4, GlobalScale.ENCODE)      IEEE division, as `formats`
+            = ue4m3(s) * g   (NVFP4, GlobalScale.DECODE)
+            = 2^(c - 127)    (MXFP4, E8M0 code c)
+    y[m, n] = dtype(sum_k float32(x[m, k] * w[n, k]) + bias[n])
+
+so `fp4_dequantize` equals `QuantizedTensor.dequantize(dtype)` bit for bit, and the GEMM equals
+`F.linear(x, qt.dequantize(dtype), bias)` up to float32 summation order.
+
+Layout. The weight stays in the checkpoint layout (compressed-tensors / vLLM): packed codes
+[N, K/2] uint8 (element 2j in the low nibble) and scale codes [N, K/bs] (float8_e4m3fn as bytes,
+or E8M0 uint8). A [BLOCK_N, BLOCK_K] tile reads BLOCK_K/2 contiguous bytes per row (>= 32 bytes:
+16-byte vector loads) and BLOCK_K/bs scale bytes per row; no offline re-layout is needed, so
+`FP4Linear` buffers are used as they are.
+
+Paths, one kernel: small M uses BLOCK_M = 16 (the smallest MMA), narrow N tiles and split-K
+(partial sums added atomically into a float32 workspace) so that every SM streams weight bytes;
+large M uses 128x128 tiles grouped along M for L2 reuse. `_config` holds the choice.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fp4kit.formats import GlobalScale, MXFP4Config, NVFP4Config, QuantizedTensor
+
+try:
+    import triton
+
+    from . import _fp4_gemm
+
+    HAS_TRITON = True
+except ImportError:  # CPU installs without triton use the torch twins
+    HAS_TRITON = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Kernels run on CUDA tensors when triton is importable, and anywhere under TRITON_INTERPRET=1."""
+    return HAS_TRITON and (t.is_cuda or _interpreting())
+
+
+def _check_fp4(qt: QuantizedTensor, name: str) -> None:
+    if not isinstance(qt.config, (NVFP4Config, MXFP4Config)):
+        raise TypeError(f"{name}: expected an NVFP4 or MXFP4 QuantizedTensor, got {type(qt.config).__name__}")
+    if len(qt.shape) != 2:
+        raise ValueError(f"{name}: the weight must be 2-D [out, in], got shape {qt.shape}")
+    if qt.data.dtype != torch.uint8 or not qt.data.is_contiguous() or not qt.scale.is_contiguous():
+        raise ValueError(f"{name}: packed data must be contiguous uint8 and scales contiguous")
+
+
+def _format_args(qt: QuantizedTensor):
+    """(block size, is_nvfp4, global-scale-encode, scale codes as uint8, global scale tensor)."""
+    cfg = qt.config
+    scale_codes = qt.scale.view(torch.uint8)
+    if isinstance(cfg, NVFP4Config):
+        return cfg.block_size, True, cfg.global_scale is GlobalScale.ENCODE, scale_codes, qt.global_scale.float()
+    return cfg.block_size, False, True, scale_codes, scale_codes  # gs unused for MXFP4
+
+
+# ----------------------------------------------------------------------------------------------
+# dequantize
+
+
+def fp4_dequantize_torch(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Twin of `fp4_dequantize`: the formats' own dequantizer."""
+    return qt.dequantize(dtype)
+
+
+def fp4_dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dequantize a 2-D FP4 weight with the GEMM's decoder; bit-exact with `qt.dequantize(dtype)`."""
+    _check_fp4(qt, "fp4_dequantize")
+    if not use_triton(qt.data):
+        return fp4_dequantize_torch(qt, dtype)
+    R, K = qt.shape
+    bs, is_nv, enc, ws, gs = _format_args(qt)
+    out = torch.empty(R, K, dtype=dtype, device=qt.data.device)
+    block_r, block_k = (16, 64) if _interpreting() else (32, 256)
+    grid = (triton.cdiv(R, block_r), triton.cdiv(K, block_k))
+    _fp4_gemm.fp4_dequant_kernel[grid](qt.data, ws, gs, out, R, K, BS=bs, IS_NVFP4=is_nv, GS_ENCODE=enc,
+                                       BLOCK_R=block_r, BLOCK_K=block_k,
+                                       INTERPRET=_interpreting(), num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _config(M: int, N: int, K: int, device) -> GemmConfig:
+    """Tile shapes: measured on the H100 (see benchmarks/bench_fp4_gemm.py)."""
+    if _interpreting():
+        return GemmConfig(16, 16, 64, split_k=2 if K >= 128 else 1, group_m=2, num_warps=1, num_stages=1)
+    if M <= 16:
+        block_n, block_k = 32, 256
+        tiles = triton.cdiv(N, block_n)
+        split = 1
+        target = 4 * _sm_count(device)
+        while tiles * split < target and K // (block_k * split * 2) >= 2:
+            split *= 2
+        return GemmConfig(16, block_n, block_k, split_k=split, num_warps=4, num_stages=4)
+    if M <= 64:
+        return GemmConfig(64, 64, 128, split_k=1, num_warps=4, num_stages=4)
+    return GemmConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3)
+
+
+def fp4_matmul_torch(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of `fp4_matmul`: dequantize to x's dtype (one rounding per weight), then `F.linear`."""
+    return F.linear(x, qt.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def fp4_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None, *,
+               config: GemmConfig | None = None) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ dequant(qt)[N, K].T (+ bias), x bf16 or fp16, through Triton."""
+    _check_fp4(qt, "fp4_matmul")
+    N, K = qt.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"fp4_matmul: x has {x.shape[-1]} features, the weight expects {K}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"fp4_matmul: x must be bfloat16 or float16, got {x.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    cfg = config or _config(M, N, K, x.device)
+    bs, is_nv, enc, ws, gs = _format_args(qt)
+    if cfg.split_k > 1:
+        y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y.to(x.dtype).reshape(*lead, N)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
+    _fp4_gemm.fp4_matmul_kernel[grid](
+        x2, qt.data, ws, gs, bias if bias is not None else x2, y, M, N, K, x2.stride(0), y.stride(0),
+        BS=bs, IS_NVFP4=is_nv, GS_ENCODE=enc, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
+        INTERPRET=_interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.split_k > 1:
+        y = y.to(x.dtype)
+    return y.reshape(*lead, N)
+
+
+def fp4_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What `FP4Linear.forward` calls: the Triton GEMM on CUDA, the torch twin elsewhere.
+
+    Falls back to the twin (same function, within GEMM rounding) when triton is missing, the tensor
+    is on the CPU, or x is float32.
+    """
+    if use_triton(x) and x.dtype in (torch.bfloat16, torch.float16):
+        return fp4_matmul(x, qt, bias)
+    return fp4_matmul_torch(x, qt, bias)

@@ -1,0 +1,126 @@
+"""Dequantize and GEMM kernels against their torch twins (CUDA, or the CPU interpreter)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'fp4kit[test]')")
+
+from fp4kit.formats import MXFP4Config, NVFP4Config, ScaleRule, quantize  # noqa: E402
+from fp4kit.kernels import GemmConfig, fp4_dequantize, fp4_linear, fp4_matmul, fp4_matmul_torch  # noqa: E402
+from fp4kit.kernels.fp4_gemm import use_triton  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
+                                reason="no CUDA and TRITON_INTERPRET != 1: the kernels cannot run here")
+
+CONFIGS = {
+    "nvfp4": NVFP4Config(),
+    "nvfp4_torchao": NVFP4Config.torchao(),
+    "mxfp4_rceil": MXFP4Config(),
+    "mxfp4_floor": MXFP4Config(scale_rule=ScaleRule.FLOOR),
+}
+
+
+def _weight(n, k, scale=0.05):
+    """Rows of different magnitudes, so block scales differ along N and K."""
+    return torch.randn(n, k, device=DEVICE) * scale * torch.logspace(-2, 2, n, device=DEVICE)[:, None]
+
+
+def _bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_dequantize_bit_exact(name, dtype):
+    qt = quantize(_weight(40, 160), CONFIGS[name])
+    got, want = fp4_dequantize(qt, dtype), qt.dequantize(dtype)
+    assert got.dtype == dtype
+    assert torch.equal(_bits(got), _bits(want))
+
+
+def test_dequantize_nvfp4_subnormal_block_scales_bit_exact():
+    """Tiny rows get UE4M3 subnormal block scales (< 2^-6 after the global scale)."""
+    w = _weight(8, 64)
+    w[0] *= 0.1  # about 1e-5 of the largest row: block scales of 2^-9..2^-6
+    qt = quantize(w, NVFP4Config())
+    assert (qt.scale.view(torch.uint8) < 8).any()
+    assert torch.equal(_bits(fp4_dequantize(qt, torch.float32)), _bits(qt.dequantize(torch.float32)))
+
+
+def test_dequantize_mxfp4_scale_codes_above_240_are_nan():
+    """The folded 2^14 decode is exact up to E8M0 code 240; larger codes decode to NaN, not garbage."""
+    qt = quantize(_weight(4, 64), MXFP4Config())
+    scale = qt.scale.clone()
+    scale[0, 0], scale[1, 1] = 240, 241
+    qt = type(qt)(qt.data, scale, None, qt.shape, qt.config)
+    got, want = fp4_dequantize(qt, torch.float32), qt.dequantize(torch.float32)
+    assert torch.equal(got[0, :32], want[0, :32])
+    assert torch.isnan(got[1, 32:64]).all()
+    assert not torch.isnan(got[1, :32]).any()
+
+
+def _gemm_errors(y, x, qt, bias):
+    """(max |y - ref| / max |ref|, ||y - ref|| / ||ref||), ref in float64 on the dtype-rounded weight."""
+    ref = x.double() @ qt.dequantize(x.dtype).double().T
+    if bias is not None:
+        ref = ref + bias.double()
+    err = y.double() - ref
+    return (err.abs().max() / ref.abs().max()).item(), (err.norm() / ref.norm()).item()
+
+
+# The only rounding the twin and the kernel add to the float64 reference is the output cast
+# (2^-9 relative for bf16, 2^-12 for fp16) plus float32 summation: bounds of 2x that.
+TOL = {torch.bfloat16: (2**-8, 2**-9), torch.float16: (2**-11, 2**-12)}
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("m", [1, 17, 33])
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4_rceil"])
+def test_matmul_odd_shapes(name, m, has_bias):
+    qt = quantize(_weight(48, 160), CONFIGS[name])
+    x = torch.randn(m, 160, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(48, device=DEVICE, dtype=torch.bfloat16) if has_bias else None
+    y = fp4_matmul(x, qt, bias)
+    assert y.shape == (m, 48) and y.dtype == torch.bfloat16
+    max_err, rms_err = _gemm_errors(y, x, qt, bias)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+
+
+@pytest.mark.parametrize("cfg", [GemmConfig(16, 16, 32, split_k=1, group_m=2, num_warps=1, num_stages=1),
+                                 GemmConfig(32, 32, 64, split_k=3, group_m=1, num_warps=1, num_stages=1)],
+                         ids=["no_split", "split3"])
+def test_matmul_explicit_configs(cfg):
+    """Both epilogues (direct store, float32 atomics) and a split count that does not divide K's tiles."""
+    qt = quantize(_weight(40, 224), NVFP4Config())
+    x = torch.randn(33, 224, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(40, device=DEVICE)
+    max_err, rms_err = _gemm_errors(fp4_matmul(x, qt, bias, config=cfg), x, qt, bias)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+
+
+def test_matmul_fp16_and_3d_input():
+    qt = quantize(_weight(32, 96), MXFP4Config())
+    x = torch.randn(2, 5, 96, device=DEVICE, dtype=torch.float16)
+    y = fp4_matmul(x, qt)
+    assert y.shape == (2, 5, 32) and y.dtype == torch.float16
+    max_err, rms_err = _gemm_errors(y.reshape(10, 32), x.reshape(10, 96), qt, None)
+    assert max_err <= TOL[torch.float16][0] and rms_err <= TOL[torch.float16][1], (max_err, rms_err)
+
+
+def test_fp4_linear_matches_twin():
+    qt = quantize(_weight(48, 160), NVFP4Config())
+    x = torch.randn(3, 160, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(48, device=DEVICE, dtype=torch.bfloat16)
+    got, want = fp4_linear(x, qt, bias).float(), fp4_matmul_torch(x, qt, bias).float()
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 2**-7
+    x32 = x.float()  # float32 activations take the twin
+    assert torch.equal(fp4_linear(x32, qt, bias), fp4_matmul_torch(x32, qt, bias))
+
+
+def test_matmul_rejects_bad_input():
+    qt = quantize(_weight(16, 64), NVFP4Config())
+    with pytest.raises(ValueError, match="features"):
+        fp4_matmul(torch.randn(2, 32, device=DEVICE, dtype=torch.bfloat16), qt)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        fp4_matmul(torch.randn(2, 64, device=DEVICE), qt)

@@ -1,0 +1,94 @@
+"""Fused quantize kernels against `fp4kit.formats`, bit for bit (CUDA, or the CPU interpreter)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'fp4kit[test]')")
+
+from fp4kit.formats import (BlockChoice, MXFP4Config, NVFP4Config, ScaleRule, quantize_mxfp4,  # noqa: E402
+                            quantize_nvfp4)
+from fp4kit.kernels.fp4_gemm import use_triton  # noqa: E402
+from fp4kit.kernels.fp4_quantize import fp4_quantize, quantize_mxfp4_triton, quantize_nvfp4_triton  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
+                                reason="no CUDA and TRITON_INTERPRET != 1: the kernels cannot run here")
+
+
+def _wide(shape, lo, hi):
+    """Magnitudes 10^lo..10^hi, both signs: subnormal, tiny, huge block maxima in one tensor."""
+    mag = torch.empty(shape).uniform_(lo, hi)
+    sign = torch.where(torch.rand(shape) < 0.5, -1.0, 1.0)
+    return (sign * torch.pow(10.0, mag) * torch.rand(shape)).to(DEVICE)
+
+
+def _inputs():
+    zeros = torch.zeros(4, 160)
+    zeros[1] = -0.0  # negative zero rounds to code 8 (signed_zero) or 0
+    zeros[2, :16] = torch.randn(16) * 1e-3  # one live block among zero blocks
+    zeros[3] = torch.randn(160) * 1e-30
+    return {
+        "randn_bf16_17x160": torch.randn(17, 160, device=DEVICE).bfloat16(),
+        "wide_f32_3x5x64": _wide((3, 5, 64), -30, 30),
+        "wide_bf16_subnormals": _wide((6, 96), -41, 38).bfloat16(),
+        "zeros_and_tiny_bf16": zeros.to(DEVICE).bfloat16(),
+        "randn_fp16": torch.randn(9, 64, device=DEVICE).half(),
+    }
+
+
+INPUTS = _inputs()
+
+
+def _assert_same(got, want):
+    assert got.data.shape == want.data.shape and got.scale.shape == want.scale.shape
+    assert got.scale.dtype == want.scale.dtype
+    assert torch.equal(got.data, want.data), f"{(got.data != want.data).sum().item()} packed bytes differ"
+    assert torch.equal(got.scale.view(torch.uint8), want.scale.view(torch.uint8)), "block scales differ"
+    if want.global_scale is not None:
+        assert torch.equal(got.global_scale.view(torch.int32), want.global_scale.view(torch.int32))
+
+
+NV_CONFIGS = {"compressed_tensors": NVFP4Config(), "torchao": NVFP4Config.torchao(),
+              "unsigned_zero": NVFP4Config(signed_zero=False), "zero_scale_0": NVFP4Config(zero_block_scale=0.0)}
+
+
+@pytest.mark.parametrize("inp", INPUTS)
+@pytest.mark.parametrize("cfg", NV_CONFIGS)
+def test_nvfp4_bit_exact(cfg, inp):
+    x = INPUTS[inp]
+    _assert_same(quantize_nvfp4_triton(x, NV_CONFIGS[cfg]), quantize_nvfp4(x, NV_CONFIGS[cfg]))
+
+
+def test_nvfp4_static_amax_saturates_like_twin():
+    """A calibrated amax below the tensor's max pushes block scales past 448: both clamp there."""
+    x = torch.randn(4, 64, device=DEVICE).bfloat16() * 10
+    _assert_same(quantize_nvfp4_triton(x, amax=1.0), quantize_nvfp4(x, amax=1.0))
+
+
+@pytest.mark.parametrize("inp", INPUTS)
+@pytest.mark.parametrize("rule", list(ScaleRule), ids=lambda r: r.value)
+def test_mxfp4_bit_exact(rule, inp):
+    x = INPUTS[inp]
+    if x.shape[-1] % 32:
+        pytest.skip("MXFP4 needs the last dim % 32")
+    cfg = MXFP4Config(scale_rule=rule)
+    _assert_same(quantize_mxfp4_triton(x, cfg), quantize_mxfp4(x, cfg))
+
+
+def test_mxfp4_unsigned_zero():
+    x = INPUTS["zeros_and_tiny_bf16"]
+    cfg = MXFP4Config(signed_zero=False)
+    _assert_same(quantize_mxfp4_triton(x, cfg), quantize_mxfp4(x, cfg))
+
+
+def test_four_over_six_uses_twin():
+    cfg = NVFP4Config(block_choice=BlockChoice.FOUR_OVER_SIX)
+    x = INPUTS["randn_bf16_17x160"]
+    with pytest.raises(NotImplementedError, match="MAX6"):
+        quantize_nvfp4_triton(x, cfg)
+    _assert_same(fp4_quantize(x, cfg), quantize_nvfp4(x, cfg))
+
+
+def test_rejects_bad_last_dim():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        quantize_nvfp4_triton(torch.randn(2, 24, device=DEVICE))
