@@ -8,6 +8,10 @@ up in exactly one list of the returned `QuantizeReport`, quantized or excluded w
     "filter_fn returned False"
     "in_features 100 not divisible by block size 16"
 
+Fused shards share one NVFP4 global scale: vLLM fuses q/k/v (and gate/up, and MoE w1/w3) into one
+matrix with one per-tensor scale, so siblings in a `FUSED_GROUPS` entry are quantized with the
+amax of the whole group.
+
 A weight holding NaN or Inf raises, naming the layer: quantizing it would silently corrupt it. All
 weights are checked before the first swap, so a failure leaves the model untouched.
 """
@@ -26,6 +30,7 @@ from fp4kit.formats import MXFP4Config, NVFP4Config, check_finite
 from .linear import FP4Linear
 
 DEFAULT_IGNORE = ("lm_head",)
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
 @dataclass
@@ -55,6 +60,20 @@ def exclusion_reason(name: str, module: nn.Linear, config, filter_fn, ignore) ->
     return None
 
 
+def shared_amax(chosen: list[tuple[str, nn.Linear]]) -> dict:
+    """Joint absolute max of each fused group of sibling layers (only groups with two or more members)."""
+    by_name = dict(chosen)
+    out = {}
+    for name in by_name:
+        parent, _, child = name.rpartition(".")
+        for group in FUSED_GROUPS:
+            members = [f"{parent}.{c}" if parent else c for c in group]
+            members = [m for m in members if m in by_name]
+            if child in group and len(members) > 1:
+                out[name] = max(by_name[m].weight.detach().abs().max() for m in members).float()
+    return out
+
+
 def quantize_(model: nn.Module, config: NVFP4Config | MXFP4Config,
               filter_fn: Callable[[nn.Module, str], bool] | None = None, *,
               ignore: tuple[str, ...] = DEFAULT_IGNORE, progress: bool = True) -> QuantizeReport:
@@ -72,9 +91,10 @@ def quantize_(model: nn.Module, config: NVFP4Config | MXFP4Config,
         else:
             check_finite(module.weight.detach(), f"{name}.weight")  # before any swap: all or nothing
             chosen.append((name, module))
+    amax = shared_amax(chosen) if isinstance(config, NVFP4Config) else {}
     for name, module in tqdm(chosen, desc=f"quantize {config.name}", disable=not progress, leave=False):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FP4Linear.from_linear(module, config, name=name))
+        setattr(parent, child, FP4Linear.from_linear(module, config, name=name, amax=amax.get(name)))
         report.quantized.append(name)
     return report

@@ -79,3 +79,18 @@ def test_rejects_non_fp4_config():
 
     with pytest.raises(TypeError):
         quantize_(Tiny(), FP8Config(), progress=False)
+
+
+def test_fused_siblings_share_global_scale():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(64, 32)
+            self.o_proj = nn.Linear(64, 64)
+
+    attn = Attn()
+    with torch.no_grad():
+        attn.k_proj.weight *= 10  # k holds the group max
+    quantize_(attn, NVFP4Config(), progress=False)
+    g = [m.weight_global_scale.item() for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert g[0] == g[1] == g[2] != attn.o_proj.weight_global_scale.item()

@@ -1,0 +1,300 @@
+"""Checkpoints in the compressed-tensors layout that vLLM and transformers read.
+
+A folder written by `save_checkpoint`:
+
+    config.json                      the model's config plus `quantization_config` (below)
+    model.safetensors                or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    tokenizer files, chat template   copied from the source tokenizer
+    README.md                        a model card: how it was made, its evaluation numbers when known
+
+For each quantized linear layer NAME the safetensors hold NAME.weight_packed (uint8 [out, in/2]),
+NAME.weight_scale (float8_e4m3fn or uint8 E8M0 [out, in/block]) and, for NVFP4, NAME.weight_global_scale
+(float32 [1], compressed-tensors' convention g = 448*6/amax, shared by fused q/k/v and gate/up).
+Everything else is stored dense (bfloat16 by default). `quantization_config` is what
+compressed-tensors writes for its NVFP4A16 / MXFP4A16 presets (format nvfp4-pack-quantized or
+mxfp4-pack-quantized, status "compressed", ignore = the linear layers left in float).
+
+Export streams: tensors go into a shard until it reaches `max_shard_bytes`, the shard is written,
+and its memory released, so peak memory is the model plus one shard. Everything is written to a
+temporary folder and renamed at the end (see `files.atomic_directory`).
+
+`load_checkpoint` reads these folders, compressed-tensors checkpoints written by llm-compressor
+(the same layout), ModelOpt NVFP4 folders (`hf_quant_config.json`, `weight_scale_2`), and plain
+float folders; anything else is an error that names the file and the format it found.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fp4kit.formats import GlobalScale, MXFP4Config, NVFP4Config
+from fp4kit.nn import FP4Linear
+
+from .files import atomic_directory, load_tensors, read_json, weight_files
+
+CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def quantization_config(config: NVFP4Config | MXFP4Config, ignore: list[str]) -> dict:
+    """compressed-tensors' `quantization_config` for weight-only NVFP4 / MXFP4 (its *A16 presets)."""
+    if isinstance(config, NVFP4Config):
+        weights = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16,
+                   "strategy": "tensor_group", "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
+    else:
+        weights = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32,
+                   "strategy": "group", "dynamic": False, "scale_dtype": "torch.uint8"}
+    return {
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": None}},
+        "quant_method": "compressed-tensors",
+        "kv_cache_scheme": None,
+        "format": CT_FORMATS[config.name],
+        "quantization_status": "compressed",
+        "global_compression_ratio": None,
+        "ignore": sorted(ignore),
+    }
+
+
+def fp4_config_of(model: nn.Module) -> NVFP4Config | MXFP4Config:
+    configs = {m.config for m in model.modules() if isinstance(m, FP4Linear)}
+    if not configs:
+        raise ValueError("the model has no FP4Linear layers: run fp4kit.quantize_ first")
+    if len(configs) > 1:
+        raise ValueError(f"export needs one format for all layers, found {sorted(map(repr, configs))}")
+    config = configs.pop()
+    if isinstance(config, NVFP4Config) and config.global_scale is not GlobalScale.ENCODE:
+        raise ValueError("compressed-tensors stores NVFP4 global scales as 448*6/amax: quantize with "
+                         "NVFP4Config(global_scale=GlobalScale.ENCODE) to export")
+    return config
+
+
+def _export_tensors(model: nn.Module, dense_dtype: torch.dtype):
+    """(name, tensor) in module order; tied duplicates (lm_head tied to embed_tokens) once."""
+    seen = set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype)
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        if t.is_floating_point() and not name.endswith("weight_global_scale") and t.dtype not in (
+                torch.float8_e4m3fn, torch.float8_e8m0fnu):
+            t = t.to(dense_dtype)
+        yield name, t.contiguous()
+
+
+@dataclass
+class SaveResult:
+    path: pathlib.Path
+    shards: list[str]
+    total_bytes: int
+    quantized: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def save_checkpoint(model: nn.Module, out: str | pathlib.Path, *, tokenizer=None, overwrite: bool = False,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, dense_dtype: torch.dtype = torch.bfloat16,
+                    card: str | None = None, progress: bool = True) -> SaveResult:
+    """Write a quantized model (FP4Linear layers) as a compressed-tensors checkpoint folder."""
+    from safetensors.torch import save_file
+
+    config = fp4_config_of(model)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, FP4Linear)]
+    ignored = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    out = pathlib.Path(out)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        shards, weight_map, shard, shard_bytes, total = [], {}, {}, 0, 0
+
+        def flush():
+            nonlocal shard, shard_bytes
+            if shard:
+                fname = f"shard-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                shards.append(fname)
+                weight_map.update({k: fname for k in shard})
+                shard, shard_bytes = {}, 0
+
+        tensors = _export_tensors(model, dense_dtype)
+        for name, t in tqdm(tensors, desc=f"export {out.name}", disable=not progress, leave=False,
+                            total=len(model.state_dict())):
+            size = t.numel() * t.element_size()
+            if shard and shard_bytes + size > max_shard_bytes:
+                flush()
+            shard[name] = t
+            shard_bytes += size
+            total += size
+        flush()
+        final = _name_shards(tmp, shards, weight_map, total)
+
+        hf_config = model.config.to_dict()
+        hf_config.pop("quantization_config", None)
+        hf_config["torch_dtype"] = str(dense_dtype).removeprefix("torch.")
+        hf_config["quantization_config"] = quantization_config(config, ignored)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            try:
+                model.generation_config.save_pretrained(tmp)
+            except Exception:  # generation config validation is advisory; the weights are what matter
+                pass
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card or model_card(config, quantized, ignored))
+    return SaveResult(out, final, total, quantized, ignored)
+
+
+def _name_shards(folder: pathlib.Path, shards: list[str], weight_map: dict, total: int) -> list[str]:
+    if len(shards) == 1:
+        (folder / shards[0]).rename(folder / "model.safetensors")
+        return ["model.safetensors"]
+    names = {s: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, s in enumerate(shards)}
+    for old, new in names.items():
+        (folder / old).rename(folder / new)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in sorted(weight_map.items())}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return list(names.values())
+
+
+def model_card(config, quantized: list[str], ignored: list[str], *, source: str = "", table: str = "") -> str:
+    lines = [f"# {source or 'model'} — {config.name.upper()} (fp4kit)", "",
+             f"Weights of {len(quantized)} linear layers are {config.name.upper()} in the compressed-tensors "
+             f"`{CT_FORMATS[config.name]}` layout (vLLM and transformers with compressed-tensors load it).", "",
+             f"- fp4kit config: `{config!r}`", f"- method: round-to-nearest (RTN)",
+             f"- left in float: {', '.join(ignored) if ignored else 'none'}", ""]
+    if table:
+        lines += ["## Evaluation", "", table, ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+@dataclass
+class CheckpointInfo:
+    path: pathlib.Path
+    format: str  # "nvfp4-pack-quantized", "mxfp4-pack-quantized", "modelopt-nvfp4", "dense"
+    config: NVFP4Config | MXFP4Config | None
+    quantized: list[str]
+    ignored: list[str]
+    total_bytes: int
+
+
+def detect_format(folder: pathlib.Path) -> tuple[str, NVFP4Config | MXFP4Config | None, list[str]]:
+    cfg = read_json(folder / "config.json")
+    qc = cfg.get("quantization_config")
+    if (folder / "hf_quant_config.json").exists():
+        hq = read_json(folder / "hf_quant_config.json").get("quantization", {})
+        if hq.get("quant_algo") != "NVFP4":
+            raise ValueError(f"{folder / 'hf_quant_config.json'}: ModelOpt quant_algo {hq.get('quant_algo')!r} "
+                             "is not supported (only NVFP4)")
+        return "modelopt-nvfp4", NVFP4Config(global_scale=GlobalScale.DECODE), list(hq.get("exclude_modules") or [])
+    if qc is None:
+        return "dense", None, []
+    method, fmt = qc.get("quant_method"), qc.get("format")
+    if method == "compressed-tensors" and fmt in CT_FORMATS.values():
+        config = NVFP4Config() if fmt == CT_FORMATS["nvfp4"] else MXFP4Config()
+        return fmt, config, list(qc.get("ignore") or [])
+    raise ValueError(f"{folder / 'config.json'}: unsupported quantization_config (quant_method={method!r}, "
+                     f"format={fmt!r}); fp4kit reads compressed-tensors {sorted(CT_FORMATS.values())}, "
+                     "ModelOpt NVFP4 and dense checkpoints")
+
+
+def _modelopt_names(tensors: dict) -> dict:
+    """ModelOpt names -> ours: weight (packed uint8) -> weight_packed, weight_scale_2 -> weight_global_scale."""
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith(".weight") and v.dtype == torch.uint8:
+            k = k[: -len("weight")] + "weight_packed"
+        elif k.endswith(".weight_scale_2"):
+            k, v = k[: -len("weight_scale_2")] + "weight_global_scale", v.float().reshape(1)
+        elif k.endswith((".input_scale", ".k_scale", ".v_scale")):
+            continue
+        out[k] = v
+    return out
+
+
+def load_checkpoint(path: str | pathlib.Path, *, dtype: torch.dtype = torch.bfloat16):
+    """(model with FP4Linear layers, tokenizer or None, CheckpointInfo) from a checkpoint folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such checkpoint folder")
+    fmt, config, ignore = detect_format(folder)
+    tensors = {}
+    for f in weight_files(folder):
+        tensors.update(load_tensors(f))
+    if fmt == "modelopt-nvfp4":
+        tensors = _modelopt_names(tensors)
+
+    hf_config = AutoConfig.from_pretrained(folder)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
+    quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")})
+    for name in quantized:
+        _swap_in(model, name, config, tensors, folder, dtype)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(hf_config, "tie_word_embeddings", False)}
+    if set(missing) - tied:
+        raise ValueError(f"{folder}: tensors missing from the checkpoint: {sorted(set(missing) - tied)[:8]}")
+    if unexpected:
+        raise ValueError(f"{folder}: tensors the model does not have: {sorted(unexpected)[:8]}")
+    if tied:
+        model.tie_weights()
+    tokenizer = _maybe_tokenizer(folder)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    ignored = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    return model, tokenizer, CheckpointInfo(folder, fmt, config, quantized, ignored, total)
+
+
+def _swap_in(model, name, config, tensors, folder, dtype):
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{folder}: {name}.weight_packed has no matching layer in the model") from None
+    if config is None:
+        raise ValueError(f"{folder}: {name} is packed but config.json declares no FP4 quantization")
+    n, k = linear.out_features, linear.in_features
+    expect = {"weight_packed": (n, k // 2), "weight_scale": (n, k // config.block_size)}
+    if isinstance(config, NVFP4Config):
+        expect["weight_global_scale"] = (1,)
+    for suffix, shape in expect.items():
+        t = tensors.get(f"{name}.{suffix}")
+        if t is None:
+            raise ValueError(f"{folder}: {name}.{suffix} is missing")
+        if t.dim() == 0:
+            t = tensors[f"{name}.{suffix}"] = t.reshape(1)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{folder}: {name}.{suffix} has shape {tuple(t.shape)}, the config says {shape}")
+    parent, _, child = name.rpartition(".")
+    fp4 = FP4Linear(k, n, config, bias=linear.bias is not None, dtype=dtype)
+    setattr(model.get_submodule(parent) if parent else model, child, fp4)
+
+
+def _maybe_tokenizer(folder: pathlib.Path):
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def checkpoint_summary(info: CheckpointInfo, model: nn.Module) -> dict:
+    params = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, FP4Linear))
+    params += sum(p.numel() for n, p in model.named_parameters() if not _is_tied_duplicate(model, n))
+    return {"path": str(info.path), "format": info.format, "config": repr(info.config),
+            "quantized_layers": info.quantized, "excluded_layers": {n: _reason(n, info) for n in info.ignored},
+            "parameters": params, "bytes": info.total_bytes, "bits_per_parameter": 8 * info.total_bytes / max(params, 1)}
+
+
+def _is_tied_duplicate(model, name):
+    return name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+
+
+def _reason(name, info):
+    return "in the checkpoint's ignore list" if name in info.ignored else "not quantized"
