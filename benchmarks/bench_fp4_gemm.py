@@ -1,0 +1,207 @@
+"""Benchmark the FP4 W4A16 GEMM and the fused quantizers against cuBLAS bf16 and the memory roofline.
+
+    python benchmarks/bench_fp4_gemm.py [--sweep] [--out benchmarks/results/fp4_gemm_h100.json]
+
+What is measured, on one GPU in one run:
+- copy bandwidth: a 1 GiB device-to-device copy, bytes read + written over time (the roofline);
+- for Llama-3-8B layer shapes and M in (1, 16, 256, 4096): cuBLAS bf16 `x @ W.T`, and the Triton
+  GEMM with NVFP4 and MXFP4 weights. Each weight exists in several copies that the timed calls
+  rotate through (at least 256 MB in all, so L2 (50 MB) cannot hold the next call's weight), and
+  `triton.testing.do_bench` also clears L2 before every call; median of >= 100 runs after warm-up;
+- the roofline per row: bytes moved (x, the weight with its scales, y; each once) over copy bandwidth;
+- the quantize kernels on a 64M-element bf16 tensor: bytes = 2 read + 0.5 written + scale bytes.
+
+--sweep times a grid of tile configs per (shape, M) instead, to choose `fp4_gemm._config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import os
+import sys
+
+import torch
+
+from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
+from fp4kit.kernels.fp4_gemm import GemmConfig, _config, fp4_dequantize, fp4_matmul
+from fp4kit.kernels.fp4_quantize import quantize_mxfp4_triton, quantize_nvfp4_triton
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+MS = (1, 16, 256, 4096)
+FORMATS = {"nvfp4": NVFP4Config(), "mxfp4": MXFP4Config()}
+ROTATE_BYTES = 256 << 20
+
+
+def bench(fn, rep=100):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # us
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / (us * 1e-6)
+
+
+def rotating(make, nbytes):
+    """Enough copies of a weight that the rotation spans ROTATE_BYTES; returns (list, next-index fn)."""
+    n = max(2, math.ceil(ROTATE_BYTES / nbytes))
+    items = [make() for _ in range(n)]
+    state = {"i": 0}
+
+    def nxt():
+        state["i"] = (state["i"] + 1) % n
+        return items[state["i"]]
+
+    return items, nxt
+
+
+def fp4_bytes(qt) -> int:
+    return qt.nbytes
+
+
+def check(x, qt, y):
+    ref = x.double() @ qt.dequantize(x.dtype).double().T
+    err = y.double() - ref
+    return (err.abs().max() / ref.abs().max()).item(), (err.norm() / ref.norm()).item()
+
+
+def sweep_configs(M):
+    if M <= 16:
+        for bn, bk, split in itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4, 8)):
+            yield GemmConfig(16, bn, bk, split_k=split, num_warps=4, num_stages=4)
+    elif M <= 256:
+        for bm, bn, bk in itertools.product((64, 128), (64, 128), (64, 128)):
+            yield GemmConfig(bm, bn, bk, num_warps=4 if bm == 64 else 8, num_stages=3)
+    else:
+        for bn, bk in itertools.product((128, 256), (64, 128)):
+            yield GemmConfig(128, bn, bk, num_warps=8, num_stages=3)
+
+
+def run_sweep(out_dir):
+    rows = []
+    for (name, (N, K)), fmt in itertools.product(SHAPES.items(), ["nvfp4"]):
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        qt0 = quantize(w, FORMATS[fmt])
+        _, nxt = rotating(lambda: quantize(torch.randn_like(w) * 0.02, FORMATS[fmt]), fp4_bytes(qt0))
+        for M in (1, 16, 256, 4096):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            best = None
+            for cfg in sweep_configs(M):
+                if cfg.split_k > 1 and K // (cfg.block_k * cfg.split_k) < 1:
+                    continue
+                try:
+                    us = bench(lambda: fp4_matmul(x, nxt(), config=cfg), rep=30 if M < 4096 else 60)
+                except Exception as e:  # out of shared memory etc.
+                    print(f"  {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                rows.append(dict(shape=name, fmt=fmt, M=M, cfg=cfg.__dict__, us=us))
+                if best is None or us < best[1]:
+                    best = (cfg, us)
+            heur = _config(M, N, K, x.device)
+            print(f"{name:8s} {fmt} M={M:5d} best {best[1]:8.1f} us {best[0]}  heuristic {heur}", flush=True)
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        json.dump(rows, f)
+
+
+def run_gemm(bw):
+    rows = []
+    for name, (N, K) in SHAPES.items():
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        ws_bf16, nxt_bf16 = rotating(lambda: torch.randn_like(w) * 0.02, w.numel() * 2)
+        fp4 = {}
+        for fmt, cfg in FORMATS.items():
+            qt0 = quantize(w, cfg)
+            fp4[fmt] = (qt0, rotating(lambda: quantize(torch.randn_like(w) * 0.02, cfg), fp4_bytes(qt0))[1])
+        for M in MS:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            t_cublas = bench(lambda: torch.matmul(x, nxt_bf16().T))
+            row = dict(shape=name, N=N, K=K, M=M, cublas_us=t_cublas,
+                       cublas_roofline_us=(2 * N * K + 2 * M * K + 2 * M * N) / bw * 1e6)
+            for fmt, (qt0, nxt) in fp4.items():
+                y = fp4_matmul(x, qt0)
+                max_err, rms_err = check(x, qt0, y)
+                t = bench(lambda: fp4_matmul(x, nxt()))
+                nbytes = fp4_bytes(qt0) + 2 * M * K + 2 * M * N
+                row[fmt] = dict(us=t, speedup=t_cublas / t, roofline_us=nbytes / bw * 1e6,
+                                bw_frac=nbytes / (t * 1e-6) / bw, tflops=2 * M * N * K / (t * 1e-6) / 1e12,
+                                max_err=max_err, rms_err=rms_err, config=_config(M, N, K, x.device).__dict__)
+                if M >= 256:  # the alternative for prefill: dequantize once, then cuBLAS
+                    row[fmt]["dequant_cublas_us"] = bench(lambda: torch.matmul(x, fp4_dequantize(nxt()).T))
+            rows.append(row)
+            print(f"{name:8s} M={M:5d} cuBLAS {t_cublas:8.1f} us | " + " | ".join(
+                f"{f} {row[f]['us']:8.1f} us {row[f]['speedup']:5.2f}x {100 * row[f]['bw_frac']:5.1f}%BW "
+                f"roof {row[f]['roofline_us']:7.1f} err {row[f]['max_err']:.1e}" for f in FORMATS), flush=True)
+    return rows
+
+
+def run_quantize(bw):
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)  # 64M elements
+    n = x.numel()
+    amax = x.abs().amax().float()
+    out = {}
+    cases = {
+        "nvfp4_static_amax": (lambda: quantize_nvfp4_triton(x, amax=amax), 2 * n + n // 2 + n // 16),
+        "nvfp4_with_amax_pass": (lambda: quantize_nvfp4_triton(x), 2 * n + n // 2 + n // 16),
+        "mxfp4": (lambda: quantize_mxfp4_triton(x), 2 * n + n // 2 + n // 32),
+    }
+    for name, (fn, nbytes) in cases.items():
+        us = bench(fn)
+        out[name] = dict(us=us, bytes=nbytes, roofline_us=nbytes / bw * 1e6, bw_frac=nbytes / (us * 1e-6) / bw)
+        print(f"quantize {name:22s} {us:8.1f} us  roofline {out[name]['roofline_us']:7.1f} us  "
+              f"{100 * out[name]['bw_frac']:5.1f}% of copy BW", flush=True)
+    # bit-exactness on the benchmark tensor itself
+    from fp4kit.formats import quantize_mxfp4, quantize_nvfp4
+    a, b = quantize_nvfp4_triton(x[:1024]), quantize_nvfp4(x[:1024])
+    c, d = quantize_mxfp4_triton(x[:1024]), quantize_mxfp4(x[:1024])
+    out["bit_exact"] = bool(torch.equal(a.data, b.data) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
+                            and torch.equal(c.data, d.data) and torch.equal(c.scale, d.scale))
+    return out
+
+
+def summarize(rows, bw):
+    s = {}
+    for fmt in FORMATS:
+        for M in MS:
+            sp = [r[fmt]["speedup"] for r in rows if r["M"] == M]
+            s[f"{fmt}_M{M}_mean_speedup"] = sum(sp) / len(sp)
+        s[f"{fmt}_M1_gate_up_bw_frac"] = next(r[fmt]["bw_frac"] for r in rows if r["M"] == 1 and r["shape"] == "gate_up")
+    return s
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/fp4_gemm_h100.json")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    out_dir = os.environ.get("OUT", os.path.dirname(args.out))
+    if args.sweep:
+        return run_sweep(out_dir)
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    quant = run_quantize(bw)
+    rows = run_gemm(bw)
+    summary = summarize(rows, bw)
+    for k, v in summary.items():
+        print(f"{k:32s} {v:.3f}")
+    import triton
+
+    result = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                  torch=torch.__version__, triton=triton.__version__, copy_bw_bytes_per_s=bw,
+                  gemm=rows, quantize=quant, summary=summary)
+    for path in {args.out, os.path.join(out_dir, os.path.basename(args.out))}:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
