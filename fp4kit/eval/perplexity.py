@@ -1,0 +1,57 @@
+"""Sliding-window perplexity.
+
+The token stream is cut into windows of `context` tokens whose starts are `stride` apart. Each
+window scores only the tokens no earlier window scored (the last `stride` of it, all of the first
+one), each conditioned on up to `context - 1` tokens before it:
+
+    ppl = exp( sum of -log p(token | its context) / tokens counted )
+
+stride == context gives disjoint windows (fast, less context per token); a smaller stride gives
+every token more context at more compute. `max_tokens` limits the stream for quick checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll_sum: float
+    tokens: int
+    context: int
+    stride: int
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: torch.Tensor, *, context: int = 512, stride: int | None = None,
+               max_tokens: int | None = None, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+    """token_ids: [T] int. Returns the perplexity over the tokens scored."""
+    stride = stride or context
+    if not 0 < stride <= context:
+        raise ValueError(f"need 0 < stride <= context, got stride={stride}, context={context}")
+    ids = token_ids.reshape(-1)[:max_tokens] if max_tokens else token_ids.reshape(-1)
+    if ids.numel() < 2:
+        raise ValueError("perplexity needs at least 2 tokens")
+    device = next(model.parameters()).device
+    nll, counted, scored_to = 0.0, 0, 1  # token 0 has no context and is never scored
+    starts = list(range(0, ids.numel() - 1, stride))
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        end = min(start + context, ids.numel())
+        window = ids[start:end].to(device).unsqueeze(0)  # [1, L]
+        logits = model(window).logits[0, :-1].float()  # predicts window[1:]
+        targets = window[0, 1:]
+        first = max(scored_to - start - 1, 0)  # skip targets an earlier window already scored
+        losses = F.cross_entropy(logits[first:], targets[first:], reduction="sum")
+        nll += losses.item()
+        counted += targets.numel() - first
+        scored_to = end
+        if end == ids.numel():
+            break
+    return PerplexityResult(math.exp(nll / counted), nll, counted, context, stride)
