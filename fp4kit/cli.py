@@ -93,7 +93,7 @@ def cmd_quantize(args) -> int:
     report = fp4kit.quantize_(model, config)
     print(report.summary())
     after = perplexity(model, ids, context=args.context, desc=f"ppl {args.scheme}") if ids is not None else None
-    rows = [("original", , before.perplexity if ids is not None else None, bf16_bytes),
+    rows = [("original", before.perplexity if ids is not None else None, bf16_bytes),
             (f"{args.scheme} {args.method}", after.perplexity if after else None, export_bytes(model))]
     table = _table(rows, params, ids, args)
     card = model_card(config, report.quantized, list(report.excluded), source=src.label, table=table)
