@@ -9,7 +9,8 @@ What is measured, on one GPU in one run:
   rotate through (at least 256 MB in all, so L2 (50 MB) cannot hold the next call's weight), and
   `triton.testing.do_bench` also clears L2 before every call; median of >= 100 runs after warm-up;
 - the roofline per row: bytes moved (x, the weight with its scales, y; each once) over copy bandwidth;
-- the quantize kernels on a 64M-element bf16 tensor: bytes = 2 read + 0.5 written + scale bytes.
+- the quantize kernels on a 64M-element bf16 tensor: bytes = 2 read + 0.5 written + scale bytes;
+- for M <= 16 also the GPU time alone, with the calls captured in a CUDA graph (launch overhead out).
 
 --sweep times a grid of tile configs per (shape, M) instead, to choose `fp4_gemm._config`.
 """
@@ -27,7 +28,7 @@ import sys
 import torch
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
-from fp4kit.kernels.fp4_gemm import GemmConfig, _config, fp4_dequantize, fp4_matmul
+from fp4kit.kernels.fp4_gemm import DEQUANT_CUBLAS_MIN_M, GemmConfig, _config, fp4_dequantize, fp4_matmul
 from fp4kit.kernels.fp4_quantize import quantize_mxfp4_triton, quantize_nvfp4_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -40,6 +41,13 @@ def bench(fn, rep=100):
     import triton
 
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # us
+
+
+def bench_graph(fn):
+    """GPU time alone: the calls captured in one CUDA graph (as a decode loop runs), median replay."""
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
 
 
 def copy_bandwidth() -> float:
@@ -124,6 +132,7 @@ def run_gemm(bw):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             t_cublas = bench(lambda: torch.matmul(x, nxt_bf16().T))
             row = dict(shape=name, N=N, K=K, M=M, cublas_us=t_cublas,
+                       cublas_graph_us=bench_graph(lambda: torch.matmul(x, nxt_bf16().T)) if M <= 16 else None,
                        cublas_roofline_us=(2 * N * K + 2 * M * K + 2 * M * N) / bw * 1e6)
             for fmt, (qt0, nxt) in fp4.items():
                 y = fp4_matmul(x, qt0)
@@ -132,13 +141,23 @@ def run_gemm(bw):
                 nbytes = fp4_bytes(qt0) + 2 * M * K + 2 * M * N
                 row[fmt] = dict(us=t, speedup=t_cublas / t, roofline_us=nbytes / bw * 1e6,
                                 bw_frac=nbytes / (t * 1e-6) / bw, tflops=2 * M * N * K / (t * 1e-6) / 1e12,
-                                max_err=max_err, rms_err=rms_err, config=_config(M, N, K, x.device).__dict__)
-                if M >= 256:  # the alternative for prefill: dequantize once, then cuBLAS
-                    row[fmt]["dequant_cublas_us"] = bench(lambda: torch.matmul(x, fp4_dequantize(nxt()).T))
+                                max_err=max_err, rms_err=rms_err,
+                                path="dequant+cuBLAS" if M >= DEQUANT_CUBLAS_MIN_M else "fused",
+                                config=_config(M, N, K, x.device).__dict__)
+                if M <= 16:
+                    row[fmt]["graph_us"] = bench_graph(lambda: fp4_matmul(x, nxt()))
+                    row[fmt]["graph_speedup"] = row["cublas_graph_us"] / row[fmt]["graph_us"]
+                    row[fmt]["graph_bw_frac"] = nbytes / (row[fmt]["graph_us"] * 1e-6) / bw
+                if M >= DEQUANT_CUBLAS_MIN_M:  # what the fused kernel alone does there
+                    cfg = _config(M, N, K, x.device)
+                    row[fmt]["fused_us"] = bench(lambda: fp4_matmul(x, nxt(), config=cfg))
             rows.append(row)
-            print(f"{name:8s} M={M:5d} cuBLAS {t_cublas:8.1f} us | " + " | ".join(
-                f"{f} {row[f]['us']:8.1f} us {row[f]['speedup']:5.2f}x {100 * row[f]['bw_frac']:5.1f}%BW "
-                f"roof {row[f]['roofline_us']:7.1f} err {row[f]['max_err']:.1e}" for f in FORMATS), flush=True)
+            print(f"{name:8s} M={M:5d} cuBLAS {t_cublas:7.1f} us | " + " | ".join(
+                f"{f} {row[f]['us']:7.1f} us {row[f]['speedup']:5.2f}x {100 * row[f]['bw_frac']:5.1f}%BW "
+                f"roof {row[f]['roofline_us']:6.1f} err {row[f]['max_err']:.1e}"
+                + (f" graph {row[f]['graph_us']:6.1f} us {row[f]['graph_speedup']:4.2f}x "
+                   f"{100 * row[f]['graph_bw_frac']:4.1f}%BW" if M <= 16 else f" fused {row[f]['fused_us']:7.1f}"
+                   if M >= DEQUANT_CUBLAS_MIN_M else "") for f in FORMATS), flush=True)
     return rows
 
 
@@ -172,7 +191,12 @@ def summarize(rows, bw):
         for M in MS:
             sp = [r[fmt]["speedup"] for r in rows if r["M"] == M]
             s[f"{fmt}_M{M}_mean_speedup"] = sum(sp) / len(sp)
-        s[f"{fmt}_M1_gate_up_bw_frac"] = next(r[fmt]["bw_frac"] for r in rows if r["M"] == 1 and r["shape"] == "gate_up")
+            if M <= 16:
+                sp = [r[fmt]["graph_speedup"] for r in rows if r["M"] == M]
+                s[f"{fmt}_M{M}_mean_speedup_cudagraph"] = sum(sp) / len(sp)
+        gu = next(r for r in rows if r["M"] == 1 and r["shape"] == "gate_up")
+        s[f"{fmt}_M1_gate_up_bw_frac"] = gu[fmt]["bw_frac"]
+        s[f"{fmt}_M1_gate_up_bw_frac_cudagraph"] = gu[fmt]["graph_bw_frac"]
     return s
 
 

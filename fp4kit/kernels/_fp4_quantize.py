@@ -9,7 +9,7 @@ elements, and writes bs/2 bytes plus one scale byte per block.
 import triton
 import triton.language as tl
 
-from ._fp4_bits import ceil_log2_f32, f32_to_e2m1_code, f32_to_ue4m3_code, floor_log2_f32, pow2_f32, ue4m3_to_f32
+from ._fp4_bits import ceil_log2_f32, div_rn_by_reciprocal, f32_to_e2m1_code, f32_to_ue4m3_code, floor_log2_f32, pow2_f32, ue4m3_to_f32
 
 
 @triton.jit
@@ -24,7 +24,7 @@ def _pack_store(out_ptr, codes, blk, nblocks, BLOCKS: tl.constexpr, BS: tl.const
 @triton.jit
 def nvfp4_quantize_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, nblocks,
                           GS_ENCODE: tl.constexpr, MIN_BLOCK_SCALE: tl.constexpr, ZERO_SCALE_CODE: tl.constexpr,
-                          SIGNED_ZERO: tl.constexpr, BLOCKS: tl.constexpr):
+                          SIGNED_ZERO: tl.constexpr, BLOCKS: tl.constexpr, INTERPRET: tl.constexpr):
     """NVFP4 (blocks of 16, MAX6) in the arithmetic order of `formats.nvfp4._encode_blocks`."""
     blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     e = tl.arange(0, 16)
@@ -45,7 +45,11 @@ def nvfp4_quantize_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, nblocks,
     s32 = ue4m3_to_f32(code)
     if GS_ENCODE:
         denom = tl.math.div_rn(s32, tl.full(s32.shape, 1.0, tl.float32) * g)
-        scaled = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], (BLOCKS, 16)))
+        if INTERPRET:  # the interpreter's tl.fma is not fused: divide directly
+            scaled = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], (BLOCKS, 16)))
+        else:
+            recip = tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
+            scaled = div_rn_by_reciprocal(x, denom[:, None], recip[:, None])
     else:
         inv_g = tl.math.div_rn(tl.full(s32.shape, 1.0, tl.float32), tl.full(s32.shape, 1.0, tl.float32) * g)
         scaled = x * tl.math.div_rn(inv_g, s32)[:, None]

@@ -24,9 +24,13 @@ or E8M0 uint8). A [BLOCK_N, BLOCK_K] tile reads BLOCK_K/2 contiguous bytes per r
 16-byte vector loads) and BLOCK_K/bs scale bytes per row; no offline re-layout is needed, so
 `FP4Linear` buffers are used as they are.
 
-Paths, one kernel: small M uses BLOCK_M = 16 (the smallest MMA), narrow N tiles and split-K
-(partial sums added atomically into a float32 workspace) so that every SM streams weight bytes;
-large M uses 128x128 tiles grouped along M for L2 reuse. `_config` holds the choice.
+Paths: small M uses BLOCK_M = 16 (the smallest MMA), narrow N tiles and split-K (partial sums
+added atomically into a float32 workspace) so that every SM streams weight bytes; medium M uses
+64x64 / 128x64 tiles grouped along M for L2 reuse (`_config` holds the choice). From
+DEQUANT_CUBLAS_MIN_M rows on, `fp4_matmul` dequantizes the weight once with `fp4_dequantize`
+(bit-exact, at the memory roofline) and calls cuBLAS: on the H100 that beat the fused kernel,
+whose in-register dequantization (about ten integer/float instructions per weight element per
+M-tile) competes with the tensor cores for issue slots. Passing `config=` forces the fused kernel.
 """
 
 from __future__ import annotations
@@ -121,20 +125,29 @@ def _sm_count(device) -> int:
 
 
 def _config(M: int, N: int, K: int, device) -> GemmConfig:
-    """Tile shapes: measured on the H100 (see benchmarks/bench_fp4_gemm.py)."""
+    """Tile shapes, from the H100 sweep in benchmarks/bench_fp4_gemm.py --sweep (2026-11-22).
+
+    M <= 16: 16 x 32 x 128 tiles; split K while the grid stays within ~4 programs per SM (the
+    sweep's best at all four Llama shapes: split 1 for gate_up, 2 for qkv, 4 for down).
+    Larger M: 64 x 64 or 128 x 64 tiles (used below DEQUANT_CUBLAS_MIN_M only).
+    """
     if _interpreting():
         return GemmConfig(16, 16, 64, split_k=2 if K >= 128 else 1, group_m=2, num_warps=1, num_stages=1)
     if M <= 16:
-        block_n, block_k = 32, 256
-        tiles = triton.cdiv(N, block_n)
-        split = 1
-        target = 4 * _sm_count(device)
-        while tiles * split < target and K // (block_k * split * 2) >= 2:
+        block_n, block_k = 32, 128
+        tiles, split = triton.cdiv(N, block_n), 1
+        while tiles * split * 2 <= 4 * _sm_count(device) and K // (block_k * split * 2) >= 2:
             split *= 2
         return GemmConfig(16, block_n, block_k, split_k=split, num_warps=4, num_stages=4)
     if M <= 64:
-        return GemmConfig(64, 64, 128, split_k=1, num_warps=4, num_stages=4)
-    return GemmConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3)
+        return GemmConfig(64, 64, 128, num_warps=4, num_stages=4)
+    return GemmConfig(128, 64, 128, num_warps=8, num_stages=3)
+
+
+# From this many rows on, dequantizing the weight once (a bit-exact Triton pass at the memory
+# roofline) and calling cuBLAS beats the fused kernel on the H100: at M = 256 the fused kernel took
+# 1.3-2.4x longer than dequant + cuBLAS on all four Llama-3-8B shapes (see BENCHMARKS.md).
+DEQUANT_CUBLAS_MIN_M = 128
 
 
 def fp4_matmul_torch(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,6 +169,9 @@ def fp4_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None =
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
+    if config is None and M >= DEQUANT_CUBLAS_MIN_M and not _interpreting():
+        y = F.linear(x2, fp4_dequantize(qt, x.dtype), None if bias is None else bias.to(x.dtype))
+        return y.reshape(*lead, N)
     cfg = config or _config(M, N, K, x.device)
     bs, is_nv, enc, ws, gs = _format_args(qt)
     if cfg.split_k > 1:

@@ -4,8 +4,11 @@ The torch twins are `fp4kit.formats.quantize_nvfp4` / `quantize_mxfp4`; the kern
 bit for bit (tests compare the uint8 views with no tolerance). What that takes, beyond copying the
 formulas:
 
-- every division the twin does is an IEEE division here (`div_rn`), in the same order
-  (NVFP4 ENCODE: `x / (s / g)`, never `x * (g / s)`);
+- every division the twin does is an IEEE division here, in the same order (NVFP4 ENCODE:
+  `x / (s / g)`, never `x * (g / s)`): `div_rn` per block, and per element a multiply by the
+  block's correctly rounded reciprocal with one fma correction (`div_rn_by_reciprocal`), which is
+  the same correctly rounded quotient at a quarter of the cost (the interpreter, whose fma is
+  not fused, uses `div_rn` throughout; the GPU tests cover the fma path);
 - UE4M3 rounding of the block scale is done on the float32 bits (`_fp4_bits.f32_to_ue4m3_code`),
   not by a cast: the interpreter's fp8 cast is wrong, and the bits make the rule visible;
 - E8M0 exponents (floor/ceil log2) come from the exponent field, subnormals included.
@@ -63,7 +66,7 @@ def quantize_nvfp4_triton(x: torch.Tensor, config: NVFP4Config = NVFP4Config(), 
     _fp4_quantize.nvfp4_quantize_kernel[(triton.cdiv(nblocks, blocks),)](
         flat, g, packed, scale, nblocks, GS_ENCODE=config.global_scale is GlobalScale.ENCODE,
         MIN_BLOCK_SCALE=float(config.min_block_scale), ZERO_SCALE_CODE=zero_code, SIGNED_ZERO=config.signed_zero,
-        BLOCKS=blocks, num_warps=4)
+        BLOCKS=blocks, INTERPRET=_interpreting(), num_warps=4)
     shape = tuple(x.shape)
     return QuantizedTensor(packed.reshape(*shape[:-1], shape[-1] // 2),
                            scale.view(torch.float8_e4m3fn).reshape(*shape[:-1], shape[-1] // 16), g, shape, config)

@@ -101,6 +101,15 @@ def test_matmul_explicit_configs(cfg):
     assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
 
 
+def test_matmul_large_m_path():
+    """M >= DEQUANT_CUBLAS_MIN_M: on CUDA the bit-exact dequantizer + cuBLAS, in the interpreter the kernel."""
+    qt = quantize(_weight(48, 160), MXFP4Config())
+    x = torch.randn(130, 160, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(48, device=DEVICE, dtype=torch.bfloat16)
+    max_err, rms_err = _gemm_errors(fp4_matmul(x, qt, bias), x, qt, bias)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+
+
 def test_matmul_fp16_and_3d_input():
     qt = quantize(_weight(32, 96), MXFP4Config())
     x = torch.randn(2, 5, 96, device=DEVICE, dtype=torch.float16)
