@@ -19,8 +19,9 @@ and its memory released, so peak memory is the model plus one shard. Everything 
 temporary folder and renamed at the end (see `files.atomic_directory`).
 
 `load_checkpoint` reads these folders, compressed-tensors checkpoints written by llm-compressor
-(the same layout), ModelOpt NVFP4 folders (`hf_quant_config.json`, `weight_scale_2`), and plain
-float folders; anything else is an error that names the file and the format it found.
+(the same layout), ModelOpt NVFP4 folders (`hf_quant_config.json`, `weight_scale_2`), gpt-oss
+MXFP4 folders (`quant_method: mxfp4`, expert `*_blocks` / `*_scales`, kept in FP4 through
+`fp4kit.nn.register_fp4`) and plain float folders; anything else is an error that names the file and the format it found.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fp4kit.formats import GlobalScale, MXFP4Config, NVFP4Config
-from fp4kit.nn import FP4Linear
+from fp4kit.formats import GlobalScale, MXFP4Config, NVFP4Config, QuantizedTensor
+from fp4kit.nn import FP4Linear, register_fp4
 
 from .files import atomic_directory, load_tensors, read_json, weight_files
 
@@ -181,7 +182,7 @@ def model_card(config, quantized: list[str], ignored: list[str], *, source: str 
 @dataclass
 class CheckpointInfo:
     path: pathlib.Path
-    format: str  # "nvfp4-pack-quantized", "mxfp4-pack-quantized", "modelopt-nvfp4", "dense"
+    format: str  # "nvfp4-pack-quantized", "mxfp4-pack-quantized", "modelopt-nvfp4", "gpt-oss-mxfp4", "dense"
     config: NVFP4Config | MXFP4Config | None
     quantized: list[str]
     ignored: list[str]
@@ -200,6 +201,8 @@ def detect_format(folder: pathlib.Path) -> tuple[str, NVFP4Config | MXFP4Config 
     if qc is None:
         return "dense", None, []
     method, fmt = qc.get("quant_method"), qc.get("format")
+    if method == "mxfp4":  # gpt-oss: MoE expert weights as *_blocks / *_scales, the rest dense
+        return "gpt-oss-mxfp4", MXFP4Config(), list(qc.get("modules_to_not_convert") or [])
     if method == "compressed-tensors" and fmt in CT_FORMATS.values():
         config = NVFP4Config() if fmt == CT_FORMATS["nvfp4"] else MXFP4Config()
         return fmt, config, list(qc.get("ignore") or [])
@@ -235,15 +238,21 @@ def load_checkpoint(path: str | pathlib.Path, *, dtype: torch.dtype = torch.bflo
         tensors.update(load_tensors(f))
     if fmt == "modelopt-nvfp4":
         tensors = _modelopt_names(tensors)
+    expert_blocks = {k[: -len("_blocks")]: (tensors.pop(k), tensors.pop(k[: -len("_blocks")] + "_scales", None))
+                     for k in [k for k in tensors if k.endswith("_blocks")]}
 
     hf_config = AutoConfig.from_pretrained(folder)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
-    quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")})
+    quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")} | set(expert_blocks))
     for name in quantized:
-        _swap_in(model, name, config, tensors, folder, dtype)
+        if name not in expert_blocks:
+            _swap_in(model, name, config, tensors, folder, dtype)
+    for name, (blocks, scales) in expert_blocks.items():
+        _register_gpt_oss_expert(model, name, blocks, scales, folder, dtype)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if ".parametrizations." not in k]
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(hf_config, "tie_word_embeddings", False)}
     if set(missing) - tied:
         raise ValueError(f"{folder}: tensors missing from the checkpoint: {sorted(set(missing) - tied)[:8]}")
@@ -279,6 +288,27 @@ def _swap_in(model, name, config, tensors, folder, dtype):
     parent, _, child = name.rpartition(".")
     fp4 = FP4Linear(k, n, config, bias=linear.bias is not None, dtype=dtype)
     setattr(model.get_submodule(parent) if parent else model, child, fp4)
+
+
+def _register_gpt_oss_expert(model, name, blocks, scales, folder, dtype):
+    """gpt-oss stores experts as [E, out, in/32, 16] bytes + [E, out, in/32] E8M0 scales (low nibble
+    first, as ours); the module's parameter is [E, in, out], so the FP4 tensor is seen transposed.
+    gate_up rows stay interleaved (gate even, up odd): GptOssExperts reads them that way."""
+    if scales is None:
+        raise ValueError(f"{folder}: {name}_blocks has no {name}_scales")
+    if blocks.dim() != 4 or blocks.shape[-1] != 16 or tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        raise ValueError(f"{folder}: {name}_blocks {tuple(blocks.shape)} / {name}_scales {tuple(scales.shape)} "
+                         "are not gpt-oss MXFP4 ([E, out, in/32, 16] and [E, out, in/32])")
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+        getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"{folder}: {name}_blocks has no matching parameter in the model") from None
+    e, n, kb, _ = blocks.shape
+    qt = QuantizedTensor(blocks.reshape(e, n, kb * 16).contiguous(), scales.contiguous(), None, (e, n, kb * 32),
+                         MXFP4Config())
+    register_fp4(module, attr, qt, transpose=True, dtype=dtype)
 
 
 def _maybe_tokenizer(folder: pathlib.Path):

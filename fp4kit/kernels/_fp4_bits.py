@@ -45,11 +45,19 @@ def ue4m3_to_f32(code):
 
 
 @triton.jit
-def nvfp4_scale14(code, global_scale, GS_ENCODE: tl.constexpr):
-    """NVFP4 effective block scale times 2^14: (s / g or s * g) * 2^14, as the twin rounds it."""
+def nvfp4_scale14(code, global_scale, GS_ENCODE: tl.constexpr, INTERPRET: tl.constexpr):
+    """NVFP4 effective block scale times 2^14: (s / g or s * g) * 2^14, as the twin rounds it.
+
+    s / g is the correctly rounded quotient: on the GPU from g's reciprocal and one fma
+    correction (`div_rn_by_reciprocal`, a few instructions instead of div.rn.f32's dozen per block).
+    """
     s = ue4m3_to_f32(code)
     if GS_ENCODE:
-        eff = tl.math.div_rn(s, global_scale)
+        if INTERPRET:  # the interpreter's fma is not fused
+            eff = tl.math.div_rn(s, tl.full(s.shape, 1.0, tl.float32) * global_scale)
+        else:
+            g = tl.full(s.shape, 1.0, tl.float32) * global_scale
+            eff = div_rn_by_reciprocal(s, g, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), g))
     else:
         eff = s * global_scale
     return eff * 16384.0

@@ -7,23 +7,23 @@ from ._fp4_bits import cast_rne, e2m1_pair_to_f32, mxfp4_scale14, nvfp4_scale14
 
 
 @triton.jit
-def _block_scale14(code, gs_ptr, IS_NVFP4: tl.constexpr, GS_ENCODE: tl.constexpr):
+def _block_scale14(code, gs_ptr, IS_NVFP4: tl.constexpr, GS_ENCODE: tl.constexpr, INTERPRET: tl.constexpr):
     if IS_NVFP4:
-        return nvfp4_scale14(code, tl.load(gs_ptr), GS_ENCODE)
+        return nvfp4_scale14(code, tl.load(gs_ptr), GS_ENCODE, INTERPRET)
     else:
         return mxfp4_scale14(code)
 
 
 @triton.jit
 def _dequant_tile(wq, ws, gs_ptr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BS: tl.constexpr,
-                  IS_NVFP4: tl.constexpr, GS_ENCODE: tl.constexpr):
+                  IS_NVFP4: tl.constexpr, GS_ENCODE: tl.constexpr, INTERPRET: tl.constexpr):
     """wq [ROWS, BLOCK_K/2] packed bytes, ws [ROWS, BLOCK_K/BS] scale codes -> float32 [ROWS, BLOCK_K].
 
     Each byte holds elements 2j (low nibble) and 2j+1 (high): joining (low, high) on a new last
     axis and flattening restores the natural order. A block of BS elements is BS/2 bytes, so the
     scale is applied on the [ROWS, BLOCK_K/BS, BS/2] view of each nibble plane.
     """
-    scale = _block_scale14(ws, gs_ptr, IS_NVFP4, GS_ENCODE)  # [ROWS, BLOCK_K/BS]
+    scale = _block_scale14(ws, gs_ptr, IS_NVFP4, GS_ENCODE, INTERPRET)  # [ROWS, BLOCK_K/BS]
     lo, hi = e2m1_pair_to_f32(wq)
     lo = tl.reshape(lo, (ROWS, BLOCK_K // BS, BS // 2)) * scale[:, :, None]
     hi = tl.reshape(hi, (ROWS, BLOCK_K // BS, BS // 2)) * scale[:, :, None]
@@ -45,7 +45,7 @@ def fp4_dequant_kernel(wq_ptr, ws_ptr, gs_ptr, out_ptr, R, K,
     rmask = rows[:, None] < R
     wq = tl.load(wq_ptr + rows[:, None] * (K // 2) + kb[None, :], mask=rmask & (kb[None, :] < K // 2), other=0)
     ws = tl.load(ws_ptr + rows[:, None] * (K // BS) + ks[None, :], mask=rmask & (ks[None, :] < K // BS), other=0)
-    w = _dequant_tile(wq, ws, gs_ptr, BLOCK_R, BLOCK_K, BS, IS_NVFP4, GS_ENCODE)
+    w = _dequant_tile(wq, ws, gs_ptr, BLOCK_R, BLOCK_K, BS, IS_NVFP4, GS_ENCODE, INTERPRET)
     tl.store(out_ptr + rows[:, None] * K + k[None, :], cast_rne(w, out_ptr.dtype.element_ty, INTERPRET),
              mask=rmask & (k[None, :] < K))
 
@@ -88,7 +88,7 @@ def fp4_matmul_kernel(x_ptr, wq_ptr, ws_ptr, gs_ptr, bias_ptr, y_ptr, M, N, K, s
         x = tl.load(x_ptrs + k0, mask=mmask & (offs_k[None, :] < K - k0), other=0.0)
         wq = tl.load(wq_ptrs + k0 // 2, mask=nmask & (offs_kb[None, :] < (K - k0) // 2), other=0)
         ws = tl.load(ws_ptrs + k0 // BS, mask=nmask & (offs_ks[None, :] < (K - k0) // BS), other=0)
-        w = _dequant_tile(wq, ws, gs_ptr, BLOCK_N, BLOCK_K, BS, IS_NVFP4, GS_ENCODE)
+        w = _dequant_tile(wq, ws, gs_ptr, BLOCK_N, BLOCK_K, BS, IS_NVFP4, GS_ENCODE, INTERPRET)
         w = cast_rne(w, x.dtype, INTERPRET)
         if INTERPRET:  # the interpreter multiplies bf16 bit patterns in tl.dot: give it float32
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")

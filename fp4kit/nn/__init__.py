@@ -1,6 +1,7 @@
 """Modules: FP4Linear and the `quantize_` tree walk that swaps it in."""
 
 from .linear import FP4Linear
+from .parametrize import FP4Parametrization, register_fp4
 from .quantize import DEFAULT_IGNORE, QuantizeReport, quantize_
 
-__all__ = ["DEFAULT_IGNORE", "FP4Linear", "QuantizeReport", "quantize_"]
+__all__ = ["DEFAULT_IGNORE", "FP4Linear", "FP4Parametrization", "QuantizeReport", "quantize_", "register_fp4"]

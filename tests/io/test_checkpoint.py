@@ -157,3 +157,54 @@ def test_reads_modelopt_nvfp4(tmp_path):
     assert info.format == "modelopt-nvfp4"
     for mod, w in expected.items():
         assert torch.equal(loaded.get_submodule(mod).dequantize_weight(torch.bfloat16), w)
+
+
+def tiny_gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(5)
+    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                       num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"], sliding_window=32,
+                       max_position_embeddings=64)
+    model = GptOssForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def write_gpt_oss_mxfp4(model, folder):
+    """gpt-oss's own MXFP4 layout: experts [E, out, in/32, 16] bytes and [E, out, in/32] scales."""
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            qt = fp4kit.quantize(t.transpose(-1, -2).contiguous(), fp4kit.MXFP4Config())  # [E, out, in]
+            e, n, k = qt.shape
+            state[f"{name}_blocks"] = qt.data.reshape(e, n, k // 32, 16)
+            state[f"{name}_scales"] = qt.scale
+        else:
+            state[name] = t
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    cfg = model.config.to_dict() | {"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_reads_gpt_oss_mxfp4_like_transformers(tmp_path):
+    """transformers' own gpt-oss MXFP4 loader (dequantizing on CPU) and ours give the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    write_gpt_oss_mxfp4(tiny_gpt_oss(), tmp_path / "oss")
+    ours, _, info = load_checkpoint(tmp_path / "oss")
+    assert info.format == "gpt-oss-mxfp4" and len(info.quantized) == 4
+    experts = ours.model.layers[0].mlp.experts
+    assert experts.parametrizations.gate_up_proj.original.numel() == 0  # stored as FP4 only
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "oss", dtype=torch.bfloat16).eval()
+    for i in range(2):
+        for p in ("gate_up_proj", "down_proj"):
+            a = getattr(ours.model.layers[i].mlp.experts, p)
+            b = getattr(hf.model.layers[i].mlp.experts, p)
+            assert torch.equal(a, b), (i, p)
+    assert torch.equal(logits(ours), logits(hf))
