@@ -48,16 +48,12 @@ def ue4m3_to_f32(code):
 def nvfp4_scale14(code, global_scale, GS_ENCODE: tl.constexpr, INTERPRET: tl.constexpr):
     """NVFP4 effective block scale times 2^14: (s / g or s * g) * 2^14, as the twin rounds it.
 
-    s / g is the correctly rounded quotient: on the GPU from g's reciprocal and one fma
-    correction (`div_rn_by_reciprocal`, a few instructions instead of div.rn.f32's dozen per block).
+    s / g is IEEE division (div.rn.f32), once per block. A reciprocal with one fma correction
+    (Markstein) was tried and was NOT bit-exact on the H100 (2026-11-22), so it is not used.
     """
     s = ue4m3_to_f32(code)
     if GS_ENCODE:
-        if INTERPRET:  # the interpreter's fma is not fused
-            eff = tl.math.div_rn(s, tl.full(s.shape, 1.0, tl.float32) * global_scale)
-        else:
-            g = tl.full(s.shape, 1.0, tl.float32) * global_scale
-            eff = div_rn_by_reciprocal(s, g, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), g))
+        eff = tl.math.div_rn(s, tl.full(s.shape, 1.0, tl.float32) * global_scale)
     else:
         eff = s * global_scale
     return eff * 16384.0
@@ -153,18 +149,3 @@ def pow2_f32(e):
     sub = tl.full(e.shape, 0x00400000, tl.int32).to(tl.float32, bitcast=True)
     return tl.where(e == -127, sub, normal)
 
-
-@triton.jit
-def div_rn_by_reciprocal(a, b, recip_b):
-    """a / b correctly rounded, from recip_b = RN(1/b) (computed once per block with div_rn).
-
-    Markstein's correction: q = RN(a * y), r = a - q * b (exact in one fma), q' = RN(q + r * y) is
-    the correctly rounded quotient when y is the correctly rounded reciprocal and nothing under- or
-    overflows (Muller et al., Handbook of Floating-Point Arithmetic, 2nd ed., sec. 4.7). Three
-    operations instead of the dozen of div.rn.f32. Where q is not finite it is returned as is.
-    Tiny quotients (underflow) can differ in the last place, but all of them round to E2M1 zero.
-    """
-    q = a * recip_b
-    r = tl.fma(-q, b, a)
-    q2 = tl.fma(r, recip_b, q)
-    return tl.where(tl.abs(q) < float("inf"), q2, q)

@@ -9,7 +9,7 @@ elements, and writes bs/2 bytes plus one scale byte per block.
 import triton
 import triton.language as tl
 
-from ._fp4_bits import ceil_log2_f32, div_rn_by_reciprocal, f32_to_e2m1_code, f32_to_ue4m3_code, floor_log2_f32, pow2_f32, ue4m3_to_f32
+from ._fp4_bits import ceil_log2_f32, f32_to_e2m1_code, f32_to_ue4m3_code, floor_log2_f32, pow2_f32, ue4m3_to_f32
 
 
 @triton.jit
@@ -45,11 +45,7 @@ def nvfp4_quantize_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, nblocks,
     s32 = ue4m3_to_f32(code)
     if GS_ENCODE:
         denom = tl.math.div_rn(s32, tl.full(s32.shape, 1.0, tl.float32) * g)
-        if INTERPRET:  # the interpreter's tl.fma is not fused: divide directly
-            scaled = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], (BLOCKS, 16)))
-        else:
-            recip = tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
-            scaled = div_rn_by_reciprocal(x, denom[:, None], recip[:, None])
+        scaled = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], (BLOCKS, 16)))
     else:
         inv_g = tl.math.div_rn(tl.full(s32.shape, 1.0, tl.float32), tl.full(s32.shape, 1.0, tl.float32) * g)
         scaled = x * tl.math.div_rn(inv_g, s32)[:, None]

@@ -4,11 +4,11 @@ The torch twins are `fp4kit.formats.quantize_nvfp4` / `quantize_mxfp4`; the kern
 bit for bit (tests compare the uint8 views with no tolerance). What that takes, beyond copying the
 formulas:
 
-- every division the twin does is an IEEE division here, in the same order (NVFP4 ENCODE:
-  `x / (s / g)`, never `x * (g / s)`): `div_rn` per block, and per element a multiply by the
-  block's correctly rounded reciprocal with one fma correction (`div_rn_by_reciprocal`), which is
-  the same correctly rounded quotient at a quarter of the cost (the interpreter, whose fma is
-  not fused, uses `div_rn` throughout; the GPU tests cover the fma path);
+- every division the twin does is an IEEE division here (`div_rn`, div.rn.f32), in the same
+  order (NVFP4 ENCODE: `x / (s / g)`, never `x * (g / s)`). That per-element division is what
+  makes the NVFP4 kernel slower than the MXFP4 one (which multiplies by 2^-e). A reciprocal with
+  one fma correction was tried and differed from the twin in a few bytes per 10^4 on the H100;
+  `INTERPRET` is accepted for symmetry with the GEMM kernels;
 - UE4M3 rounding of the block scale is done on the float32 bits (`_fp4_bits.f32_to_ue4m3_code`),
   not by a cast: the interpreter's fp8 cast is wrong, and the bits make the rule visible;
 - E8M0 exponents (floor/ceil log2) come from the exponent field, subnormals included.
