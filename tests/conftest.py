@@ -4,6 +4,10 @@ import warnings
 import pytest
 import torch
 
+# Triton decides at `@triton.jit` time whether to interpret, and torchao / compressed-tensors import
+# triton while other test modules are collected: so the switch is set here, before any of them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", message=".*Enum subclass.*")
 
 
@@ -15,18 +19,3 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def odd_shapes():
-    """Shapes with odd leading dims and last dims that are multiples of 32 but not powers of two."""
-    return [(1, 32), (3, 96), (17, 160), (2, 5, 64), (33, 224)]
-
-
-def wide_range(shape, generator=None, lo=-30, hi=30):
-    """Values spanning 10^lo..10^hi in magnitude, both signs: extreme ranges for codec tests."""
-    mag = torch.empty(shape).uniform_(lo, hi, generator=generator)
-    sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
-    return sign * torch.pow(10.0, mag) * torch.rand(shape, generator=generator)
-
-
-IN_CI = os.environ.get("CI") == "true"

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import IN_CI
+from helpers import IN_CI
 from fp4kit.formats import MXFP4Config, NVFP4Config, ScaleRule, quantize_mxfp4, quantize_nvfp4
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

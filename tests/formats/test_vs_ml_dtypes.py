@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import wide_range
+from helpers import wide_range
 from fp4kit.formats import round_to_e2m1_codes, round_to_ue4m3
 from fp4kit.formats.scales import e8m0_to_float
 

@@ -10,7 +10,7 @@ block maxima above 2^-100, away from the code-0 corner where torchao scales diff
 import pytest
 import torch
 
-from conftest import odd_shapes
+from helpers import odd_shapes
 
 torchao_mx = pytest.importorskip("torchao.prototype.mx_formats", reason="torchao is not installed")
 from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402

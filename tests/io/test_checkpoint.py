@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fp4kit
-from conftest import tiny_llama
+from helpers import tiny_llama
 from fp4kit.io import load_checkpoint, quantization_config, save_checkpoint
 from fp4kit.nn import FP4Linear
 

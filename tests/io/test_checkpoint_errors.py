@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fp4kit
-from conftest import tiny_llama
+from helpers import tiny_llama
 from fp4kit.io import ModelNotFound, load_checkpoint, resolve, save_checkpoint
 from fp4kit.io import checkpoint as ckpt
 

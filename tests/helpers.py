@@ -1,0 +1,31 @@
+"""Shared test helpers (imported as `helpers`; conftest files hold fixtures only)."""
+
+import os
+
+import torch
+
+
+def odd_shapes():
+    """Shapes with odd leading dims and last dims that are multiples of 32 but not powers of two."""
+    return [(1, 32), (3, 96), (17, 160), (2, 5, 64), (33, 224)]
+
+
+def wide_range(shape, generator=None, lo=-30, hi=30):
+    """Values spanning 10^lo..10^hi in magnitude, both signs: extreme ranges for codec tests."""
+    mag = torch.empty(shape).uniform_(lo, hi, generator=generator)
+    sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
+    return sign * torch.pow(10.0, mag) * torch.rand(shape, generator=generator)
+
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def tiny_llama(tie=True, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                      max_position_embeddings=64)
+    # built the way load_checkpoint builds models, so non-persistent buffers (rotary) agree
+    return LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
