@@ -91,6 +91,17 @@ def test_quantize_embedded_default_then_inspect(tmp_path, capsys):
     assert summary["format"] == "nvfp4-pack-quantized" and len(summary["quantized_layers"]) == 210
     assert 6.0 < summary["bits_per_parameter"] < 8.0
 
+    # transformers (with compressed-tensors) loads the export unchanged, to the same logits as fp4kit's loader
+    from transformers import AutoModelForCausalLM
+
+    from fp4kit.io import load_checkpoint
+
+    ours, tok, _ = load_checkpoint(out, dtype=torch.bfloat16)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    ids = tok("To be, or not to be", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, hf(ids).logits)
+
 
 def test_quantize_hub_id_is_a_clear_error(tmp_path, capsys):
     assert main(["quantize", "meta-llama/Llama-3.1-8B", "--out", str(tmp_path / "x")]) == 2

@@ -7,8 +7,10 @@ Buffers carry compressed-tensors' names, so a state dict is already in the layou
     weight_global_scale  float32 [1]              NVFP4 only (its meaning: the config's GlobalScale)
     bias                 kept from the original layer, in its dtype
 
-`forward` dequantizes the weight and calls `F.linear`: the torch twin, exact and slow, that the
-Triton kernels replace on CUDA. Build one with `FP4Linear.from_linear(linear, config)`.
+`forward` on CUDA calls the Triton W4A16 GEMM (`fp4kit.kernels.fp4_linear`, which reads these
+buffers as they are); elsewhere it dequantizes the weight and calls `F.linear`, the torch twin the
+kernels are tested against (same function up to the GEMM's accumulation order). Build one with
+`FP4Linear.from_linear(linear, config)`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, quantize
+from fp4kit.kernels import fp4_linear
 
 
 class FP4Linear(nn.Module):
@@ -69,6 +72,8 @@ class FP4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.is_cuda:
+            return fp4_linear(x, self.quantized_weight(), bias)
         return F.linear(x, self.dequantize_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:

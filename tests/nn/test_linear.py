@@ -68,3 +68,14 @@ def test_indivisible_in_features_raises():
 def test_wrong_config_type_raises():
     with pytest.raises(TypeError, match="NVFP4Config or MXFP4Config"):
         FP4Linear(64, 8, "nvfp4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton GEMM path)")
+@pytest.mark.parametrize("config", [NVFP4Config(), MXFP4Config()], ids=["nvfp4", "mxfp4"])
+def test_cuda_forward_uses_kernel_within_gemm_tolerance(config):
+    lin = nn.Linear(256, 96, device="cuda", dtype=torch.bfloat16)
+    q = FP4Linear.from_linear(lin, config)
+    x = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ q.dequantize_weight(torch.float64).T + lin.bias.double()
+    err = (q(x).double() - ref).abs().max() / ref.abs().max()
+    assert err < 8e-3  # bf16 output rounding (2^-8) plus fp32 accumulation
