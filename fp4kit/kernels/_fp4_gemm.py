@@ -108,3 +108,91 @@ def fp4_matmul_kernel(x_ptr, wq_ptr, ws_ptr, gs_ptr, bias_ptr, y_ptr, M, N, K, s
         tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
     else:
         tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
+
+
+@triton.jit
+def _e2m1_word_pair(words, J: tl.constexpr):
+    """int32 words of 8 packed codes -> float32 values of nibbles J and J + 4, each times 2^-14.
+
+    The float16 placement of `_fp4_bits` done on both 16-bit halves of the word at once: after
+    the shifts, nibble J's magnitude bits sit at 11..9 and its sign at 15, nibble J + 4's at
+    27..25 and 31, so one word holds two float16s (on sm_90: two shifts, two LOP3, and a HADD2.F32
+    per half to reach float32). 0x80008000 is written as a signed int32 literal.
+    """
+    if J == 3:
+        h = ((words >> 3) & 0x0E000E00) | (words & -2147450880)
+    else:
+        h = ((words << (9 - 4 * J)) & 0x0E000E00) | ((words << (12 - 4 * J)) & -2147450880)
+    lo = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr,
+                    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[M, N] = x[M, K] @ W[N, K].T (+ bias) for small M, on the CUDA cores; no split-K, no workspace.
+
+    Each program owns BLOCK_N output rows (all M tokens) and streams their whole K. The packed
+    weight is read as int32 words (8 codes each, 16-byte vector loads of 4 words per thread).
+    Arithmetic per block of BS codes, for each token m:
+
+        y[m, n] += table[scale_code[n, b]] * sum_{k in block b} e2m1(q[n, k]) * 2^-14 * x[m, k]
+
+    with `table[c]` = the float32 effective block scale of code c times 2^14, precomputed once per
+    weight (`prepare_fp4_weight`): the kernel does no division and multiplies by the scale once
+    per block instead of once per weight. The codes' values are exact in float32, products and
+    sums are float32, so y differs from the twin (`F.linear` on the dequantized, dtype-rounded
+    weight) only by the twin's per-weight rounding and by summation order (see `fp4_gemm`).
+
+    x is read as a [M_PAD, BLOCK_K/8, 8] tile and split into the 8 planes x[:, 8w + j] that meet
+    nibble j of word w, so the weight never has to be interleaved.
+    """
+    W: tl.constexpr = BLOCK_K // 8
+    NB: tl.constexpr = BLOCK_K // BS
+    WPB: tl.constexpr = BS // 8
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows[:, None] < N
+    wcol = tl.arange(0, W)
+    bcol = tl.arange(0, NB)
+    m = tl.arange(0, M_PAD)
+    e = tl.arange(0, 8)
+    w_ptrs = w_ptr + rows[:, None] * (K // 8) + wcol[None, :]
+    s_ptrs = s_ptr + rows[:, None] * (K // BS) + bcol[None, :]
+    x_ptrs = x_ptr + m[:, None, None] * K + wcol[None, :, None] * 8 + e[None, None, :]
+    acc = tl.zeros((BLOCK_N, M_PAD, NB), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if K % BLOCK_K == 0:
+            words = tl.load(w_ptrs + k0 // 8, mask=rmask, other=0)
+            codes = tl.load(s_ptrs + k0 // BS, mask=rmask, other=0)
+            xv = tl.load(x_ptrs + k0, mask=m[:, None, None] < M, other=0.0)
+        else:
+            words = tl.load(w_ptrs + k0 // 8, mask=rmask & (wcol[None, :] < (K - k0) // 8), other=0)
+            codes = tl.load(s_ptrs + k0 // BS, mask=rmask & (bcol[None, :] < (K - k0) // BS), other=0)
+            xv = tl.load(x_ptrs + k0, mask=(m[:, None, None] < M) & (wcol[None, :, None] * 8 < K - k0), other=0.0)
+        scale = tl.load(table_ptr + codes.to(tl.int32))  # [BLOCK_N, NB] float32, times 2^14
+        # planes: element 8w + e with e = 4a + 2b + c, split off c, then b, then a
+        xc0, xc1 = tl.split(tl.reshape(xv.to(tl.float32), (M_PAD, W, 2, 2, 2)))
+        xc0b0, xc0b1 = tl.split(xc0)
+        xc1b0, xc1b1 = tl.split(xc1)
+        x0, x4 = tl.split(xc0b0)
+        x2, x6 = tl.split(xc0b1)
+        x1, x5 = tl.split(xc1b0)
+        x3, x7 = tl.split(xc1b1)
+        w0, w4 = _e2m1_word_pair(words, 0)
+        w1, w5 = _e2m1_word_pair(words, 1)
+        w2, w6 = _e2m1_word_pair(words, 2)
+        w3, w7 = _e2m1_word_pair(words, 3)
+        p = w0[:, None, :] * x0[None, :, :] + w1[:, None, :] * x1[None, :, :]
+        p += w2[:, None, :] * x2[None, :, :] + w3[:, None, :] * x3[None, :, :]
+        p += w4[:, None, :] * x4[None, :, :] + w5[:, None, :] * x5[None, :, :]
+        p += w6[:, None, :] * x6[None, :, :] + w7[:, None, :] * x7[None, :, :]  # [BLOCK_N, M_PAD, W]
+        block_dot = tl.sum(tl.reshape(p, (BLOCK_N, M_PAD, NB, WPB)), axis=3)
+        acc += block_dot * scale[:, None, :]
+    out = tl.sum(acc, axis=2)  # [BLOCK_N, M_PAD]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + m[None, :] * N + rows[:, None]
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=rmask & (m[None, :] < M))
