@@ -61,7 +61,7 @@ def compare_plot(runs: list[tuple[str, list[dict]]], path) -> None:
     for i, (label, recs) in enumerate(runs[1:]):
         vals = {(r["task"], r["metric"]): r["value"] for r in recs}
         ys = [recovery(m, vals.get((t, m), float("nan")), base[(t, m)]) for t, m in main]
-        axes[0].bar([k + i * width for k in range(len(main))], ys, width, label=label)
+        axes[0].bar([k + i * width for k in range(len(main))], ys, width, label=label, color=f"C{i + 1}")
     axes[0].axhline(100, color="black", lw=0.8)
     axes[0].set_xticks([k + width * (len(runs) - 2) / 2 for k in range(len(main))])
     axes[0].set_xticklabels([f"{t}\n{m}" for t, m in main], fontsize=8)
@@ -72,10 +72,11 @@ def compare_plot(runs: list[tuple[str, list[dict]]], path) -> None:
     for i, (label, recs) in enumerate(runs):
         vals = {(r["task"], r["metric"]): r["value"] for r in recs}
         axes[1].bar([k + i * width for k in range(len(ppl))], [vals.get(k, float("nan")) for k in ppl], width,
-                    label=label)
+                    label=label, color=f"C{i}")
     axes[1].set_xticks([k + width * (len(runs) - 1) / 2 for k in range(len(ppl))])
     axes[1].set_xticklabels([t for t, _ in ppl], fontsize=8)
     axes[1].set_title("perplexity (lower is better)")
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

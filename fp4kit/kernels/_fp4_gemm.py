@@ -131,7 +131,7 @@ def _e2m1_word_pair(words, J: tl.constexpr):
 @triton.jit
 def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr,
                     M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
     """y[M, N] = x[M, K] @ W[N, K].T (+ bias) for small M, on the CUDA cores; no split-K, no workspace.
 
     Each program owns BLOCK_N output rows (all M tokens) and streams their whole K. The packed
@@ -195,4 +195,4 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr,
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + m[None, :] * N + rows[:, None]
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=rmask & (m[None, :] < M))
+    tl.store(y_ptrs, cast_rne(out, y_ptr.dtype.element_ty, INTERPRET), mask=rmask & (m[None, :] < M))
