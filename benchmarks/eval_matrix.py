@@ -45,7 +45,7 @@ def export_items(folder: pathlib.Path, limit: int, seed: int) -> None:
 def run(model_spec: str, folder: pathlib.Path, out: pathlib.Path, batch_size: int, ppl_tokens: int, context: int):
     import fp4kit
     from fp4kit.data import Generation, MultipleChoice
-    from fp4kit.eval import mean_stderr, model_hash, perplexity, score_multiple_choice
+    from fp4kit.eval import bos_prefix, mean_stderr, model_hash, perplexity, score_multiple_choice
     from fp4kit.eval.generation import score_generation
     from fp4kit.eval.runner import MAX_NEW_TOKENS
     from fp4kit.io import load_model
@@ -69,7 +69,8 @@ def run(model_spec: str, folder: pathlib.Path, out: pathlib.Path, batch_size: in
         records = []
         for c in CORPORA:
             ids = tok((folder / f"{c}.txt").read_text(), return_tensors="pt").input_ids[0][:ppl_tokens]
-            r = perplexity(model, ids, context=context, progress=False)
+            ids, prefix = bos_prefix(tok, ids)
+            r = perplexity(model, ids, context=context, prefix_token=prefix, progress=False)
             records.append(base | {"task": f"ppl:{c}", "metric": "perplexity", "value": r.perplexity, "n": r.tokens,
                                    "stderr": None, "context": context})
         for t, (d, items) in tasks.items():

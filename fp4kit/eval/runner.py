@@ -20,7 +20,7 @@ import torch
 from fp4kit.data import TASKS, Generation, load_corpus, load_task
 
 from .generation import score_generation
-from .perplexity import perplexity
+from .perplexity import bos_prefix, perplexity
 from .scoring import mean_stderr, score_multiple_choice
 
 MAX_NEW_TOKENS = {"basic_arithmetic": 16, "gsm8k": 256, "math500": 512}
@@ -56,7 +56,8 @@ def evaluate(model, tokenizer, tasks: list[str], *, limit: int | None = None, se
         if task.startswith("ppl:"):
             corpus = task[4:]
             ids = tokenizer(load_corpus(corpus)[: ppl_tokens * 8], return_tensors="pt").input_ids[0][:ppl_tokens]
-            r = perplexity(model, ids, context=context, desc=task, progress=progress)
+            ids, prefix = bos_prefix(tokenizer, ids)
+            r = perplexity(model, ids, context=context, prefix_token=prefix, desc=task, progress=progress)
             records.append(base | {"task": task, "metric": "perplexity", "value": r.perplexity, "n": r.tokens,
                                    "stderr": None, "context": r.context, "stride": r.stride})
             continue

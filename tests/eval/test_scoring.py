@@ -121,3 +121,17 @@ def test_perplexity_sliding_window_scores_each_token_once():
     assert r.tokens == len(ids) - 1  # overlapping windows: every token after the first, once
     with pytest.raises(ValueError, match="stride"):
         perplexity(Bigram(), ids, context=4, stride=8, progress=False)
+
+
+def test_perplexity_with_prefix_scores_every_token_and_matches_hand():
+    model = Bigram()
+    text = "abcd xyzabcd"
+    ids = torch.tensor(CharTokenizer()(text).input_ids)
+    prefix = VOCAB.index(" ")
+    r = perplexity(model, ids, context=5, prefix_token=prefix, progress=False)  # 4 text tokens per window
+    logp = torch.log_softmax(model.table.detach(), -1)
+    ll = 0.0
+    for k, ch in enumerate(text):  # each window restarts from the prefix
+        prev = prefix if k % 4 == 0 else VOCAB.index(text[k - 1])
+        ll += logp[prev, VOCAB.index(ch)].item()
+    assert r.tokens == len(text) and r.perplexity == pytest.approx(math.exp(-ll / len(text)), rel=1e-5)
