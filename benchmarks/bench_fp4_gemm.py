@@ -28,13 +28,15 @@ import sys
 import torch
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
-from fp4kit.kernels.fp4_gemm import DEQUANT_CUBLAS_MIN_M, GemmConfig, _config, fp4_dequantize, fp4_matmul
+from fp4kit.kernels.fp4_gemm import (DEQUANT_CUBLAS_MIN_M, SKINNY_MAX_M, GemmConfig, _config, _launch_skinny,
+                                     _skinny_config, fp4_dequantize, fp4_linear, fp4_matmul, prepare_fp4_weight)
 from fp4kit.kernels.fp4_quantize import quantize_mxfp4_triton, quantize_nvfp4_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 MS = (1, 16, 256, 4096)
 FORMATS = {"nvfp4": NVFP4Config(), "mxfp4": MXFP4Config()}
 ROTATE_BYTES = 256 << 20
+FUSED_LARGE_M = False  # also time the tiled kernel at M >= DEQUANT_CUBLAS_MIN_M (slow; see BENCHMARKS.md)
 
 
 def bench(fn, rep=100):
@@ -93,30 +95,47 @@ def sweep_configs(M):
             yield GemmConfig(128, bn, bk, num_warps=8, num_stages=3)
 
 
+SKINNY_SWEEP = [GemmConfig(16, bn, bk, num_warps=w, num_stages=st) for bn, bk, w, st in
+                [(32, 256, 4, 3), (32, 256, 4, 5), (32, 256, 8, 4), (64, 256, 8, 4), (16, 256, 4, 5),
+                 (32, 128, 4, 6), (64, 128, 4, 5)]]
+
+
+SWEEP_MS = (1,)
+SWEEP_SHAPES = ("gate_up", "down")
+
+
 def run_sweep(out_dir):
+    """Skinny-kernel tiles at M = 1 and 16 (NVFP4), GPU time in a CUDA graph, weights rotated."""
     rows = []
-    for (name, (N, K)), fmt in itertools.product(SHAPES.items(), ["nvfp4"]):
+    for name, (N, K) in SHAPES.items():
+        if name not in SWEEP_SHAPES:
+            continue
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-        qt0 = quantize(w, FORMATS[fmt])
-        _, nxt = rotating(lambda: quantize(torch.randn_like(w) * 0.02, FORMATS[fmt]), fp4_bytes(qt0))
-        for M in (1, 16, 256, 4096):
+        qt0 = quantize(w, FORMATS["nvfp4"])
+        preps, nxt = rotating(lambda: prepare_fp4_weight(quantize(torch.randn_like(w) * 0.02, FORMATS["nvfp4"])),
+                              fp4_bytes(qt0))
+        for M in SWEEP_MS:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            best = None
-            for cfg in sweep_configs(M):
-                if cfg.split_k > 1 and K // (cfg.block_k * cfg.split_k) < 1:
-                    continue
+            res = []
+            for cfg in SKINNY_SWEEP:
+                cfg = GemmConfig(16 if M <= 16 else 32, cfg.block_n, cfg.block_k, num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages)
                 try:
-                    us = bench(lambda: fp4_matmul(x, nxt(), config=cfg), rep=30 if M < 4096 else 60)
+                    us = bench_graph(lambda: _launch_skinny(x, nxt(), None, config=cfg))
                 except Exception as e:  # out of shared memory etc.
-                    print(f"  {cfg}: {type(e).__name__}", flush=True)
+                    print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
                     continue
-                rows.append(dict(shape=name, fmt=fmt, M=M, cfg=cfg.__dict__, us=us))
-                if best is None or us < best[1]:
-                    best = (cfg, us)
-            heur = _config(M, N, K, x.device)
-            print(f"{name:8s} {fmt} M={M:5d} best {best[1]:8.1f} us {best[0]}  heuristic {heur}", flush=True)
+                rows.append(dict(shape=name, M=M, cfg=cfg.__dict__, graph_us=us))
+                res.append((us, cfg))
+            res.sort(key=lambda r: r[0])
+            print(f"{name:8s} M={M:3d} " + "  ".join(f"{us:6.1f}us bn{c.block_n} bk{c.block_k} w{c.num_warps} s{c.num_stages}"
+                                                    for us, c in res[:4]), flush=True)
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:
         json.dump(rows, f)
+
+
+def path(M):
+    return "skinny" if M <= SKINNY_MAX_M else "tiled" if M < DEQUANT_CUBLAS_MIN_M else "dequant+cuBLAS"
 
 
 def run_gemm(bw):
@@ -135,20 +154,20 @@ def run_gemm(bw):
                        cublas_graph_us=bench_graph(lambda: torch.matmul(x, nxt_bf16().T)) if M <= 16 else None,
                        cublas_roofline_us=(2 * N * K + 2 * M * K + 2 * M * N) / bw * 1e6)
             for fmt, (qt0, nxt) in fp4.items():
-                y = fp4_matmul(x, qt0)
+                y = fp4_linear(x, qt0)
                 max_err, rms_err = check(x, qt0, y)
-                t = bench(lambda: fp4_matmul(x, nxt()))
+                t = bench(lambda: fp4_linear(x, nxt()))
                 nbytes = fp4_bytes(qt0) + 2 * M * K + 2 * M * N
                 row[fmt] = dict(us=t, speedup=t_cublas / t, roofline_us=nbytes / bw * 1e6,
                                 bw_frac=nbytes / (t * 1e-6) / bw, tflops=2 * M * N * K / (t * 1e-6) / 1e12,
                                 max_err=max_err, rms_err=rms_err,
-                                path="dequant+cuBLAS" if M >= DEQUANT_CUBLAS_MIN_M else "fused",
-                                config=_config(M, N, K, x.device).__dict__)
+                                path=path(M), config=(_skinny_config(M, N, K, qt0.config.block_size)
+                                                      if M <= SKINNY_MAX_M else _config(M, N, K, x.device)).__dict__)
                 if M <= 16:
-                    row[fmt]["graph_us"] = bench_graph(lambda: fp4_matmul(x, nxt()))
+                    row[fmt]["graph_us"] = bench_graph(lambda: fp4_linear(x, nxt()))
                     row[fmt]["graph_speedup"] = row["cublas_graph_us"] / row[fmt]["graph_us"]
                     row[fmt]["graph_bw_frac"] = nbytes / (row[fmt]["graph_us"] * 1e-6) / bw
-                if M >= DEQUANT_CUBLAS_MIN_M:  # what the fused kernel alone does there
+                if M >= DEQUANT_CUBLAS_MIN_M and FUSED_LARGE_M:  # what the tiled kernel alone does there
                     cfg = _config(M, N, K, x.device)
                     row[fmt]["fused_us"] = bench(lambda: fp4_matmul(x, nxt(), config=cfg))
             rows.append(row)
@@ -157,7 +176,7 @@ def run_gemm(bw):
                 f"roof {row[f]['roofline_us']:6.1f} err {row[f]['max_err']:.1e}"
                 + (f" graph {row[f]['graph_us']:6.1f} us {row[f]['graph_speedup']:4.2f}x "
                    f"{100 * row[f]['graph_bw_frac']:4.1f}%BW" if M <= 16 else f" fused {row[f]['fused_us']:7.1f}"
-                   if M >= DEQUANT_CUBLAS_MIN_M else "") for f in FORMATS), flush=True)
+                   if "fused_us" in row[f] else "") for f in FORMATS), flush=True)
     return rows
 
 
@@ -171,17 +190,59 @@ def run_quantize(bw):
         "nvfp4_with_amax_pass": (lambda: quantize_nvfp4_triton(x), 2 * n + n // 2 + n // 16),
         "mxfp4": (lambda: quantize_mxfp4_triton(x), 2 * n + n // 2 + n // 32),
     }
+    from fp4kit.kernels import fp4_quantize as fq
+
+    def rcp():  # reciprocal + Markstein instead of the per-element IEEE division, for comparison
+        fq.NVFP4_RCP_DIV = True
+        try:
+            return quantize_nvfp4_triton(x, amax=amax)
+        finally:
+            fq.NVFP4_RCP_DIV = False
+
+    cases["nvfp4_static_amax_rcp_markstein"] = (rcp, 2 * n + n // 2 + n // 16)
+
+    def small_programs(fn):  # 1024 elements per program, as before this change
+        def run():
+            fq.QUANT_ELEMS_PER_PROGRAM[16] = fq.QUANT_ELEMS_PER_PROGRAM[32] = 1024
+            try:
+                return fn()
+            finally:
+                fq.QUANT_ELEMS_PER_PROGRAM[16] = fq.QUANT_ELEMS_PER_PROGRAM[32] = 4096
+        return run
+
+    cases["nvfp4_static_amax_1024_per_program"] = (small_programs(lambda: quantize_nvfp4_triton(x, amax=amax)),
+                                                   2 * n + n // 2 + n // 16)
+    cases["mxfp4_1024_per_program"] = (small_programs(lambda: quantize_mxfp4_triton(x)), 2 * n + n // 2 + n // 32)
     for name, (fn, nbytes) in cases.items():
         us = bench(fn)
         out[name] = dict(us=us, bytes=nbytes, roofline_us=nbytes / bw * 1e6, bw_frac=nbytes / (us * 1e-6) / bw)
         print(f"quantize {name:22s} {us:8.1f} us  roofline {out[name]['roofline_us']:7.1f} us  "
               f"{100 * out[name]['bw_frac']:5.1f}% of copy BW", flush=True)
-    # bit-exactness on the benchmark tensor itself
+    for name in ("nvfp4_static_amax", "nvfp4_static_amax_rcp_markstein") * 2:
+        out[name].setdefault("us_repeats", []).append(bench(cases[name][0]))  # the two orders interleaved
+        print(f"quantize {name:22s} again {out[name]['us_repeats'][-1]:8.1f} us", flush=True)
+    # bit-exactness: the benchmark tensor itself, and every finite bf16 value (shuffled into blocks,
+    # so blocks get all kinds of scales) under several tensor amaxes (several global scales)
     from fp4kit.formats import quantize_mxfp4, quantize_nvfp4
-    a, b = quantize_nvfp4_triton(x[:1024]), quantize_nvfp4(x[:1024])
-    c, d = quantize_mxfp4_triton(x[:1024]), quantize_mxfp4(x[:1024])
-    out["bit_exact"] = bool(torch.equal(a.data, b.data) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
-                            and torch.equal(c.data, d.data) and torch.equal(c.scale, d.scale))
+
+    def same(a, b):
+        return bool(torch.equal(a.data, b.data) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8)))
+
+    allbf = torch.arange(-32768, 32768, dtype=torch.int32, device="cuda").to(torch.int16).view(torch.bfloat16)
+    allbf = allbf[torch.isfinite(allbf)]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    xs = [x[:1024]] + [allbf[torch.randperm(allbf.numel(), device="cuda", generator=gen)][: (allbf.numel() // 512) * 512]
+                       .reshape(-1, 512) for _ in range(4)]
+    checks = {}
+    for i, xt in enumerate(xs):
+        for amax in (None, 1.0, 3e-3, 7e5):
+            checks[f"nvfp4_{i}_{amax}"] = same(quantize_nvfp4_triton(xt, amax=amax), quantize_nvfp4(xt, amax=amax))
+        checks[f"mxfp4_{i}"] = same(quantize_mxfp4_triton(xt), quantize_mxfp4(xt))
+    bad = [k for k, v in checks.items() if not v]
+    out["bit_exact"] = not bad
+    out["bit_exact_cases"] = len(checks)
+    out["bit_exact_failures"] = bad
+    print(f"quantize bit-exact vs twin: {len(checks) - len(bad)}/{len(checks)} cases {bad}", flush=True)
     return out
 
 
@@ -203,12 +264,15 @@ def summarize(rows, bw):
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--quantize-only", action="store_true")
     p.add_argument("--out", default="benchmarks/results/fp4_gemm_h100.json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     out_dir = os.environ.get("OUT", os.path.dirname(args.out))
     if args.sweep:
         return run_sweep(out_dir)
+    if args.quantize_only:
+        return run_quantize(copy_bandwidth())
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     quant = run_quantize(bw)

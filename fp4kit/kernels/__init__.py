@@ -8,6 +8,7 @@ the public functions fall back to their torch twins otherwise. Imports go down t
 `fp4kit.formats` only.
 """
 
-from .fp4_gemm import GemmConfig, fp4_dequantize, fp4_dequantize_torch, fp4_linear, fp4_matmul, fp4_matmul_torch
+from .fp4_gemm import (GemmConfig, PreparedFP4Weight, fp4_dequantize, fp4_dequantize_torch, fp4_linear, fp4_matmul,
+                       fp4_matmul_torch, prepare_fp4_weight)
 
-__all__ = ["GemmConfig", "fp4_dequantize", "fp4_dequantize_torch", "fp4_linear", "fp4_matmul", "fp4_matmul_torch"]
+__all__ = ["GemmConfig", "PreparedFP4Weight", "prepare_fp4_weight", "fp4_dequantize", "fp4_dequantize_torch", "fp4_linear", "fp4_matmul", "fp4_matmul_torch"]

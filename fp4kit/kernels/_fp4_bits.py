@@ -88,11 +88,20 @@ def f32_to_ue4m3_code(s):
 
 @triton.jit
 def f32_to_e2m1_code(x, SIGNED_ZERO: tl.constexpr):
-    """float32 values already in [-6, 6] -> E2M1 codes 0..15 (uint8), thresholds as `formats.e2m1`."""
+    """float32 values already in [-6, 6] -> E2M1 codes 0..15 (uint8), round-to-nearest-even.
+
+    The thresholds of `formats.e2m1` (> 0.25, >= 0.75, > 1.25, >= 1.75, > 2.5, >= 3.5, > 5) are
+    round-to-nearest-even on the E2M1 grid, so the code comes from the float bits instead of seven
+    compares. |x| >= 1: round the float32 mantissa to 1 bit in the integer domain (add 0x1FFFFF plus
+    the lowest kept bit, truncate) and rebias the exponent 127 -> 1; the code is (exponent, mantissa
+    bit) = r - (126 << 1). |x| < 1: the value is k * 0.5 with k = rne(2|x|) in 0..2, and adding 2^23
+    makes the float unit round it (its low mantissa bits are k). k = 2 is 1.0, code 2 in both forms.
+    """
     mag = tl.abs(x)
-    code = ((mag > 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag > 1.25).to(tl.int32)
-            + (mag >= 1.75).to(tl.int32) + (mag > 2.5).to(tl.int32) + (mag >= 3.5).to(tl.int32)
-            + (mag > 5.0).to(tl.int32))
+    bits = mag.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - (126 << 1)
+    k = (mag * 2.0 + 8388608.0).to(tl.int32, bitcast=True) & 3
+    code = tl.where(mag >= 1.0, normal, k)
     neg = (x.to(tl.int32, bitcast=True) >> 31) & 1
     if not SIGNED_ZERO:
         neg = tl.where(code != 0, neg, 0)

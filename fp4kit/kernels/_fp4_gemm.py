@@ -129,70 +129,71 @@ def _e2m1_word_pair(words, J: tl.constexpr):
 
 
 @triton.jit
-def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr,
-                    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
-    """y[M, N] = x[M, K] @ W[N, K].T (+ bias) for small M, on the CUDA cores; no split-K, no workspace.
+def _e2m1_words_to_f32(words):
+    """int32 words [R, W] -> float32 [R, W, 8] (code values times 2^-14), element 8w + e at [:, w, e].
 
-    Each program owns BLOCK_N output rows (all M tokens) and streams their whole K. The packed
-    weight is read as int32 words (8 codes each, 16-byte vector loads of 4 words per thread).
-    Arithmetic per block of BS codes, for each token m:
+    Joins put the new axis last and inside each thread, so the planes are assembled without
+    moving data between threads: element e = 4a + 2b + c is built a first (the two halves of one
+    float16 pair, nibbles j and j + 4), then b, then c.
+    """
+    w0, w4 = _e2m1_word_pair(words, 0)
+    w1, w5 = _e2m1_word_pair(words, 1)
+    w2, w6 = _e2m1_word_pair(words, 2)
+    w3, w7 = _e2m1_word_pair(words, 3)
+    b0 = tl.join(tl.join(w0, w4), tl.join(w2, w6))  # [R, W, a, b] for c = 0
+    b1 = tl.join(tl.join(w1, w5), tl.join(w3, w7))
+    w = tl.join(b0, b1)  # [R, W, a, b, c]
+    return tl.reshape(w, (words.shape[0], words.shape[1], 8))
 
-        y[m, n] += table[scale_code[n, b]] * sum_{k in block b} e2m1(q[n, k]) * 2^-14 * x[m, k]
 
-    with `table[c]` = the float32 effective block scale of code c times 2^14, precomputed once per
-    weight (`prepare_fp4_weight`): the kernel does no division and multiplies by the scale once
-    per block instead of once per weight. The codes' values are exact in float32, products and
-    sums are float32, so y differs from the twin (`F.linear` on the dequantized, dtype-rounded
-    weight) only by the twin's per-weight rounding and by summation order (see `fp4_gemm`).
+@triton.jit
+def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, M,
+                      N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias) for small M (decoding): no split-K, no workspace.
 
-    x is read as a [M_PAD, BLOCK_K/8, 8] tile and split into the 8 planes x[:, 8w + j] that meet
-    nibble j of word w, so the weight never has to be interleaved.
+    Grid: (tiles of N, tiles of M). Each program owns BLOCK_N output columns for BLOCK_M tokens and
+    streams its rows' whole K, so nothing is zero-filled or reduced across programs. The packed
+    weight is read as int32 words (8 codes each; a thread loads 4 words = 16 bytes), decoded with
+    `_e2m1_words_to_f32`, multiplied by the block's effective scale looked up in `table` (the
+    float32 scale of each code times 2^14, built once per weight by `prepare_fp4_weight`, so no
+    division happens here), rounded once to x's dtype and fed to the tensor cores. The weight each
+    MMA sees is the twin's weight bit for bit; only the float32 summation order differs.
     """
     W: tl.constexpr = BLOCK_K // 8
     NB: tl.constexpr = BLOCK_K // BS
     WPB: tl.constexpr = BS // 8
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows[:, None] < N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m[:, None] < M
     wcol = tl.arange(0, W)
     bcol = tl.arange(0, NB)
-    m = tl.arange(0, M_PAD)
-    e = tl.arange(0, 8)
+    kcol = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * (K // 8) + wcol[None, :]
     s_ptrs = s_ptr + rows[:, None] * (K // BS) + bcol[None, :]
-    x_ptrs = x_ptr + m[:, None, None] * K + wcol[None, :, None] * 8 + e[None, None, :]
-    acc = tl.zeros((BLOCK_N, M_PAD, NB), dtype=tl.float32)
+    x_ptrs = x_ptr + offs_m[:, None] * K + kcol[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if K % BLOCK_K == 0:
             words = tl.load(w_ptrs + k0 // 8, mask=rmask, other=0)
             codes = tl.load(s_ptrs + k0 // BS, mask=rmask, other=0)
-            xv = tl.load(x_ptrs + k0, mask=m[:, None, None] < M, other=0.0)
+            x = tl.load(x_ptrs + k0, mask=mmask, other=0.0)
         else:
             words = tl.load(w_ptrs + k0 // 8, mask=rmask & (wcol[None, :] < (K - k0) // 8), other=0)
             codes = tl.load(s_ptrs + k0 // BS, mask=rmask & (bcol[None, :] < (K - k0) // BS), other=0)
-            xv = tl.load(x_ptrs + k0, mask=(m[:, None, None] < M) & (wcol[None, :, None] * 8 < K - k0), other=0.0)
+            x = tl.load(x_ptrs + k0, mask=mmask & (kcol[None, :] < K - k0), other=0.0)
         scale = tl.load(table_ptr + codes.to(tl.int32))  # [BLOCK_N, NB] float32, times 2^14
-        # planes: element 8w + e with e = 4a + 2b + c, split off c, then b, then a
-        xc0, xc1 = tl.split(tl.reshape(xv.to(tl.float32), (M_PAD, W, 2, 2, 2)))
-        xc0b0, xc0b1 = tl.split(xc0)
-        xc1b0, xc1b1 = tl.split(xc1)
-        x0, x4 = tl.split(xc0b0)
-        x2, x6 = tl.split(xc0b1)
-        x1, x5 = tl.split(xc1b0)
-        x3, x7 = tl.split(xc1b1)
-        w0, w4 = _e2m1_word_pair(words, 0)
-        w1, w5 = _e2m1_word_pair(words, 1)
-        w2, w6 = _e2m1_word_pair(words, 2)
-        w3, w7 = _e2m1_word_pair(words, 3)
-        p = w0[:, None, :] * x0[None, :, :] + w1[:, None, :] * x1[None, :, :]
-        p += w2[:, None, :] * x2[None, :, :] + w3[:, None, :] * x3[None, :, :]
-        p += w4[:, None, :] * x4[None, :, :] + w5[:, None, :] * x5[None, :, :]
-        p += w6[:, None, :] * x6[None, :, :] + w7[:, None, :] * x7[None, :, :]  # [BLOCK_N, M_PAD, W]
-        block_dot = tl.sum(tl.reshape(p, (BLOCK_N, M_PAD, NB, WPB)), axis=3)
-        acc += block_dot * scale[:, None, :]
-    out = tl.sum(acc, axis=2)  # [BLOCK_N, M_PAD]
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, WPB)), (BLOCK_N, W))
+        w = _e2m1_words_to_f32(words) * scale[:, :, None]  # [BLOCK_N, W, 8]: code * s_eff, one rounding
+        w = cast_rne(tl.reshape(w, (BLOCK_N, BLOCK_K)), x.dtype, INTERPRET)
+        if INTERPRET:  # the interpreter multiplies bf16 bit patterns in tl.dot: give it float32
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
     if HAS_BIAS:
-        out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + m[None, :] * N + rows[:, None]
-    tl.store(y_ptrs, cast_rne(out, y_ptr.dtype.element_ty, INTERPRET), mask=rmask & (m[None, :] < M))
+        acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * N + rows[None, :]
+    tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mmask & (rows[None, :] < N))

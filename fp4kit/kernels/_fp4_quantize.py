@@ -22,10 +22,41 @@ def _pack_store(out_ptr, codes, blk, nblocks, BLOCKS: tl.constexpr, BS: tl.const
 
 
 @triton.jit
+def _div_by_block(x, denom, BLOCKS: tl.constexpr):
+    """x [BLOCKS, 16] / denom [BLOCKS] correctly rounded, with one division per block (Markstein).
+
+    r = RN(1 / d) (div_rn, per block); q0 = RN(x r) is within 1 ulp of x / d; the residual
+    e = x - q0 d is exact in one fma; q = RN(q0 + e r) is then RN(x / d) (Markstein's theorem:
+    r correctly rounded, q0 within an ulp, no underflow or overflow in e). Underflow is kept out
+    by scaling a block whose denom is below 2^-60 by 2^64 on both sides (exact; an x that then
+    overflows gives inf where the twin gives a finite quotient far above 6: both clamp to code 7).
+    Quotients that underflow are far below the first E2M1 threshold (0.25), so any error there
+    cannot change a code; where |q0| >= 8 the quotient is above 6 and clamps to code 7 whatever
+    its rounding, so q0 is kept (x r overflowing to inf would otherwise make e = inf - inf = NaN;
+    that overflow is what the first GPU check, with a static amax far below the tensor's max, hit). The sign is taken from x: the fma steps turn -0 / d into +0.
+    """
+    small = denom < 8.673617379884035e-19  # 2^-60
+    d = tl.where(small, denom * 18446744073709551616.0, denom)  # 2^64
+    r = tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d)
+    xs = tl.where(small[:, None], x * 18446744073709551616.0, x)
+    q0 = xs * r[:, None]
+    e = tl.fma(-q0, tl.broadcast_to(d[:, None], (BLOCKS, 16)), xs)
+    q = tl.fma(e, tl.broadcast_to(r[:, None], (BLOCKS, 16)), q0)
+    q = tl.where(tl.abs(q0) < 8.0, q, q0)  # |x / d| > 6 clamps to code 7 anyway; q0 = inf would make e NaN
+    sign = x.to(tl.int32, bitcast=True) & -2147483648
+    return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def nvfp4_quantize_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, nblocks,
                           GS_ENCODE: tl.constexpr, MIN_BLOCK_SCALE: tl.constexpr, ZERO_SCALE_CODE: tl.constexpr,
-                          SIGNED_ZERO: tl.constexpr, BLOCKS: tl.constexpr, INTERPRET: tl.constexpr):
-    """NVFP4 (blocks of 16, MAX6) in the arithmetic order of `formats.nvfp4._encode_blocks`."""
+                          SIGNED_ZERO: tl.constexpr, BLOCKS: tl.constexpr, INTERPRET: tl.constexpr,
+                          RCP_DIV: tl.constexpr = False):
+    """NVFP4 (blocks of 16, MAX6) in the arithmetic order of `formats.nvfp4._encode_blocks`.
+
+    RCP_DIV replaces the per-element IEEE division x / denom by `_div_by_block` (one division per
+    block, then a multiply and two fma per element), which yields the same codes.
+    """
     blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     e = tl.arange(0, 16)
     bmask = blk < nblocks
@@ -45,7 +76,10 @@ def nvfp4_quantize_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, nblocks,
     s32 = ue4m3_to_f32(code)
     if GS_ENCODE:
         denom = tl.math.div_rn(s32, tl.full(s32.shape, 1.0, tl.float32) * g)
-        scaled = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], (BLOCKS, 16)))
+        if RCP_DIV:
+            scaled = _div_by_block(x, denom, BLOCKS)
+        else:
+            scaled = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], (BLOCKS, 16)))
     else:
         inv_g = tl.math.div_rn(tl.full(s32.shape, 1.0, tl.float32), tl.full(s32.shape, 1.0, tl.float32) * g)
         scaled = x * tl.math.div_rn(inv_g, s32)[:, None]

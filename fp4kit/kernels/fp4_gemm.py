@@ -36,21 +36,28 @@ M-tile) competes with the tensor cores for issue slots. Passing `config=` forces
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from fp4kit.formats import GlobalScale, MXFP4Config, NVFP4Config, QuantizedTensor
+from fp4kit.formats.scales import e8m0_to_float
 
 try:
     import triton
+    from triton import knobs as _knobs
 
     from . import _fp4_gemm
 
     HAS_TRITON = True
 except ImportError:  # CPU installs without triton use the torch twins
     HAS_TRITON = False
+
+
+def _raw_stream(device_index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device_index)
 
 
 def _interpreting() -> bool:
@@ -155,10 +162,129 @@ def fp4_matmul_torch(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | 
     return F.linear(x, qt.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+# ----------------------------------------------------------------------------------------------
+# prepared weights: what the decode path precomputes once per layer
+
+
+def _scale_table(qt: QuantizedTensor) -> torch.Tensor:
+    """float32 [256]: the effective block scale of each scale code, times 2^14 (exact: a power of two).
+
+    Computed with the formats' own arithmetic (`effective_block_scale`: IEEE s / g for NVFP4
+    ENCODE), so the kernel multiplies by exactly the twin's factor without dividing. E8M0 codes
+    above 240 are NaN, as in `_fp4_bits.mxfp4_scale14` (the 2^14 fold would overflow).
+    """
+    codes = torch.arange(256, dtype=torch.uint8, device=qt.data.device)
+    if isinstance(qt.config, NVFP4Config):
+        eff = qt.config.effective_block_scale(codes.view(torch.float8_e4m3fn), qt.global_scale.float().reshape(()))
+    else:
+        eff = e8m0_to_float(codes).float()
+        eff = torch.where(codes.int() <= 240, eff, torch.full_like(eff, float("nan")))
+    return (eff * 16384.0).contiguous()
+
+
+@dataclass
+class PreparedFP4Weight:
+    """A 2-D FP4 weight made ready for the decode kernel: build once (`prepare_fp4_weight`), call often.
+
+    Holds the packed codes as int32 words (a view, no copy), the scale codes as uint8, the
+    per-code scale table, and the compiled kernels already launched for this weight, keyed by the
+    call's shape and dtypes. It snapshots the global scale: if the QuantizedTensor's tensors are
+    modified in place, prepare again (the cache in `fp4_linear` does so by itself).
+    """
+    qt: QuantizedTensor
+    words: torch.Tensor  # int32 [N, K/8]
+    scale_codes: torch.Tensor  # uint8 [N, K/bs]
+    table: torch.Tensor  # float32 [256]
+    N: int
+    K: int
+    block_size: int
+    versions: tuple
+    launches: dict = field(default_factory=dict)
+
+    def is_current(self, qt: QuantizedTensor) -> bool:
+        return (qt.data is self.qt.data and qt.scale is self.qt.scale and qt.global_scale is self.qt.global_scale
+                and (qt.config is self.qt.config or qt.config == self.qt.config) and _versions(qt) == self.versions)
+
+
+def _versions(qt: QuantizedTensor) -> tuple:
+    gs = qt.global_scale
+    return qt.data._version, qt.scale._version, None if gs is None else gs._version
+
+
+def prepare_fp4_weight(qt: QuantizedTensor) -> PreparedFP4Weight:
+    """Precompute what every `fp4_linear` call on this weight would otherwise redo (see PreparedFP4Weight)."""
+    _check_fp4(qt, "prepare_fp4_weight")
+    N, K = qt.shape
+    data = qt.data if qt.data.data_ptr() % 16 == 0 else qt.data.clone()
+    return PreparedFP4Weight(qt, data.view(torch.int32), qt.scale.view(torch.uint8), _scale_table(qt),
+                             N, K, qt.config.block_size, _versions(qt))
+
+
+_PREPARED: dict[int, tuple] = {}  # id(qt.data) -> (weakref to qt.data, PreparedFP4Weight)
+
+
+def _prepared_for(qt: QuantizedTensor) -> PreparedFP4Weight:
+    """The cached PreparedFP4Weight of qt (keyed on its packed-data tensor, which FP4Linear keeps)."""
+    key = id(qt.data)
+    hit = _PREPARED.get(key)
+    if hit is not None and hit[0]() is qt.data and hit[1].is_current(qt):
+        return hit[1]
+    if qt.data.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fp4_linear: this weight was not prepared before CUDA graph capture; call it once "
+                           "eagerly first (or keep a prepare_fp4_weight(qt) and pass it as prepared=)")
+    prepared = prepare_fp4_weight(qt)
+    _PREPARED[key] = (weakref.ref(qt.data, lambda _, key=key: _PREPARED.pop(key, None)), prepared)
+    return prepared
+
+
+# Up to this many rows the skinny (decode) kernel runs; tiles from the H100 sweep (--sweep).
+SKINNY_MAX_M = 64
+
+
+def _skinny_config(M: int, N: int, K: int, block_size: int) -> GemmConfig:
+    """H100 sweep at M = 1 (2026-11-22, GPU time in a graph): deep pipelines (5 stages) won on every
+    shape tried; 64 x 128 tiles on gate_up (62 us vs 69 us for 32 x 256 x 3 stages), 32 x 256 on down
+    (44 us vs 57 us). The N = 4096-6144 shapes get few programs (N / 32): see BENCHMARKS.md."""
+    if _interpreting():
+        return GemmConfig(16, 16, 64, num_warps=1, num_stages=1)
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    if N >= 16384:
+        return GemmConfig(block_m, 64, 128, num_warps=4, num_stages=5)
+    return GemmConfig(block_m, 32, 256, num_warps=4, num_stages=5)
+
+
+def _launch_skinny(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None,
+                   config: GemmConfig | None = None) -> torch.Tensor:
+    """One launch of fp4_skinny_kernel; after the first call per (shape, dtype, alignment) the compiled
+    kernel is launched directly, skipping Triton's argument binding and cache lookup."""
+    M = x2.shape[0]
+    N, K = prepared.N, prepared.K
+    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    cfg = config or _skinny_config(M, N, K, prepared.block_size)
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), 1)
+    args = (x2, prepared.words, prepared.scale_codes, prepared.table, x2 if bias is None else bias, y, M,
+            N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, _interpreting())
+    key = (cfg, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
+           bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index)
+    compiled = prepared.launches.get(key)
+    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
+        compiled.run(grid[0], grid[1], grid[2], _raw_stream(x2.device.index), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args)
+        return y
+    compiled = _fp4_gemm.fp4_skinny_kernel[grid](*args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not _interpreting() and compiled is not None:
+        prepared.launches[key] = compiled
+    return y
+
+
 def fp4_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None, *,
-               config: GemmConfig | None = None) -> torch.Tensor:
-    """y[..., N] = x[..., K] @ dequant(qt)[N, K].T (+ bias), x bf16 or fp16, through Triton."""
-    _check_fp4(qt, "fp4_matmul")
+               config: GemmConfig | None = None, prepared: PreparedFP4Weight | None = None) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ dequant(qt)[N, K].T (+ bias), x bf16 or fp16, through Triton.
+
+    M <= SKINNY_MAX_M: the skinny kernel (no split-K, no workspace) on `prepared` (looked up in, or
+    added to, the cache on `qt.data` when None). Up to DEQUANT_CUBLAS_MIN_M: the tiled kernel.
+    Beyond: dequantize + cuBLAS. `config` forces the tiled kernel with that config.
+    """
     N, K = qt.shape
     if x.shape[-1] != K:
         raise ValueError(f"fp4_matmul: x has {x.shape[-1]} features, the weight expects {K}")
@@ -166,9 +292,18 @@ def fp4_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None =
         raise TypeError(f"fp4_matmul: x must be bfloat16 or float16, got {x.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if config is None and 0 < M <= SKINNY_MAX_M:
+        if prepared is None or not prepared.is_current(qt):
+            prepared = _prepared_for(qt)  # checks qt when it builds
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+            bias = bias.to(x.dtype).contiguous()
+        return _launch_skinny(x2, prepared, bias).reshape(*lead, N)
+    _check_fp4(qt, "fp4_matmul")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    M = x2.shape[0]
     if config is None and M >= DEQUANT_CUBLAS_MIN_M and not _interpreting():
         y = F.linear(x2, fp4_dequantize(qt, x.dtype), None if bias is None else bias.to(x.dtype))
         return y.reshape(*lead, N)
@@ -191,12 +326,14 @@ def fp4_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None =
     return y.reshape(*lead, N)
 
 
-def fp4_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp4_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+               prepared: PreparedFP4Weight | None = None) -> torch.Tensor:
     """What `FP4Linear.forward` calls: the Triton GEMM on CUDA, the torch twin elsewhere.
 
-    Falls back to the twin (same function, within GEMM rounding) when triton is missing, the tensor
-    is on the CPU, or x is float32.
+    `prepared` (from `prepare_fp4_weight(qt)`) skips the per-call cache lookup; without it the
+    prepared weight is cached on `qt.data`. Falls back to the twin (same function, within GEMM
+    rounding) when triton is missing, the tensor is on the CPU, or x is float32.
     """
     if use_triton(x) and x.dtype in (torch.bfloat16, torch.float16):
-        return fp4_matmul(x, qt, bias)
+        return fp4_matmul(x, qt, bias, prepared=prepared)
     return fp4_matmul_torch(x, qt, bias)

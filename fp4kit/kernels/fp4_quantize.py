@@ -37,11 +37,22 @@ if HAS_TRITON:
 
     from . import _fp4_quantize
 
+# NVFP4 ENCODE: True divides each element by its block's s / g through a per-block reciprocal and
+# a Markstein correction (`_fp4_quantize._div_by_block`) instead of an IEEE division per element.
+# Bit-exact with the twin on the H100 (every finite bf16 value under four global scales, and the
+# kernel tests), but not measurably faster there (146 vs 151 us on 64M elements: the NVFP4 call is
+# dominated by its host-side global-scale ops, see BENCHMARKS.md), so the plain division stays.
+NVFP4_RCP_DIV = False
+
 _RULES = {ScaleRule.FLOOR: 0, ScaleRule.EVEN: 1, ScaleRule.CEIL: 2, ScaleRule.RCEIL: 3}
 
 
-def _blocks_per_program(nblocks: int) -> int:
-    return 4 if _interpreting() else 64
+QUANT_ELEMS_PER_PROGRAM = {16: 4096, 32: 4096}  # by block size; H100 measurement in benchmarks/NOTES_fp4_gemm.md
+
+
+def _blocks_per_program(block_size: int) -> int:
+    """4 in the interpreter; on the GPU QUANT_ELEMS_PER_PROGRAM[block_size] elements per program."""
+    return 4 if _interpreting() else QUANT_ELEMS_PER_PROGRAM[block_size] // block_size
 
 
 def _flat(x: torch.Tensor, block_size: int, name: str, fmt: str) -> torch.Tensor:
@@ -62,11 +73,11 @@ def quantize_nvfp4_triton(x: torch.Tensor, config: NVFP4Config = NVFP4Config(), 
     packed = torch.empty(flat.numel() // 2, dtype=torch.uint8, device=x.device)
     scale = torch.empty(nblocks, dtype=torch.uint8, device=x.device)
     zero_code = int(torch.tensor(config.zero_block_scale).to(torch.float8_e4m3fn).view(torch.uint8))
-    blocks = _blocks_per_program(nblocks)
+    blocks = _blocks_per_program(16)
     _fp4_quantize.nvfp4_quantize_kernel[(triton.cdiv(nblocks, blocks),)](
         flat, g, packed, scale, nblocks, GS_ENCODE=config.global_scale is GlobalScale.ENCODE,
         MIN_BLOCK_SCALE=float(config.min_block_scale), ZERO_SCALE_CODE=zero_code, SIGNED_ZERO=config.signed_zero,
-        BLOCKS=blocks, INTERPRET=_interpreting(), num_warps=4)
+        BLOCKS=blocks, INTERPRET=_interpreting(), RCP_DIV=NVFP4_RCP_DIV, num_warps=4)
     shape = tuple(x.shape)
     return QuantizedTensor(packed.reshape(*shape[:-1], shape[-1] // 2),
                            scale.view(torch.float8_e4m3fn).reshape(*shape[:-1], shape[-1] // 16), g, shape, config)
@@ -78,7 +89,7 @@ def quantize_mxfp4_triton(x: torch.Tensor, config: MXFP4Config = MXFP4Config(), 
     nblocks = flat.numel() // 32
     packed = torch.empty(flat.numel() // 2, dtype=torch.uint8, device=x.device)
     scale = torch.empty(nblocks, dtype=torch.uint8, device=x.device)
-    blocks = _blocks_per_program(nblocks)
+    blocks = _blocks_per_program(32)
     _fp4_quantize.mxfp4_quantize_kernel[(triton.cdiv(nblocks, blocks),)](
         flat, packed, scale, nblocks, RULE=_RULES[config.scale_rule], SIGNED_ZERO=config.signed_zero,
         BLOCKS=blocks, num_warps=4)

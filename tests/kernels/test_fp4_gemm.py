@@ -135,3 +135,37 @@ def test_matmul_rejects_bad_input():
         fp4_matmul(torch.randn(2, 32, device=DEVICE, dtype=torch.bfloat16), qt)
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         fp4_matmul(torch.randn(2, 64, device=DEVICE), qt)
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("m", [1, 5, 17, 33])
+@pytest.mark.parametrize("name", ["nvfp4", "nvfp4_torchao", "mxfp4_floor"])
+def test_skinny_path_odd_shapes(name, m, has_bias):
+    """M <= SKINNY_MAX_M takes the decode kernel (per-code scale table, no split-K); K=160 leaves a K tail."""
+    from fp4kit.kernels.fp4_gemm import SKINNY_MAX_M
+
+    assert m <= SKINNY_MAX_M
+    qt = quantize(_weight(40, 160), CONFIGS[name])
+    x = torch.randn(m, 160, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(40, device=DEVICE, dtype=torch.bfloat16) if has_bias else None
+    y = fp4_matmul(x, qt, bias)
+    assert y.shape == (m, 40) and not torch.isnan(y).any()
+    max_err, rms_err = _gemm_errors(y, x, qt, bias)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+
+
+def test_prepared_weight_is_reused_and_refreshed():
+    """fp4_linear with an explicit PreparedFP4Weight equals the cached path; an in-place change re-prepares."""
+    from fp4kit.kernels import prepare_fp4_weight
+    from fp4kit.kernels.fp4_gemm import _prepared_for
+
+    qt = quantize(_weight(32, 96), NVFP4Config())
+    x = torch.randn(2, 96, device=DEVICE, dtype=torch.bfloat16)
+    prepared = prepare_fp4_weight(qt)
+    assert torch.equal(fp4_linear(x, qt, prepared=prepared), fp4_linear(x, qt))
+    first = _prepared_for(qt)
+    assert _prepared_for(qt) is first
+    qt.global_scale.mul_(2.0)  # an in-place update bumps the version: the cache rebuilds its table
+    assert _prepared_for(qt) is not first
+    max_err, rms_err = _gemm_errors(fp4_linear(x, qt), x, qt, None)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)

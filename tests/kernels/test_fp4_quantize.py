@@ -52,11 +52,29 @@ NV_CONFIGS = {"compressed_tensors": NVFP4Config(), "torchao": NVFP4Config.torcha
               "unsigned_zero": NVFP4Config(signed_zero=False), "zero_scale_0": NVFP4Config(zero_block_scale=0.0)}
 
 
+@pytest.mark.parametrize("rcp_div", [False, True], ids=["div_rn", "rcp_markstein"])
 @pytest.mark.parametrize("inp", INPUTS)
 @pytest.mark.parametrize("cfg", NV_CONFIGS)
-def test_nvfp4_bit_exact(cfg, inp):
+def test_nvfp4_bit_exact(cfg, inp, rcp_div, monkeypatch):
+    """Both ways of dividing by the block scale (IEEE per element, or reciprocal + Markstein) match."""
+    from fp4kit.kernels import fp4_quantize as fq
+
+    monkeypatch.setattr(fq, "NVFP4_RCP_DIV", rcp_div)
     x = INPUTS[inp]
     _assert_same(quantize_nvfp4_triton(x, NV_CONFIGS[cfg]), quantize_nvfp4(x, NV_CONFIGS[cfg]))
+
+
+def test_nvfp4_rcp_div_static_amax_overflow():
+    """A static amax far below the data: x * (1/d) overflows to inf; the code must still be 7 (clamped)."""
+    from fp4kit.kernels import fp4_quantize as fq
+
+    x = torch.tensor([3e38, -3e38, 1.0, -0.0] * 16, device=DEVICE).reshape(4, 16)
+    for rcp in (False, True):
+        fq.NVFP4_RCP_DIV = rcp
+        try:
+            _assert_same(quantize_nvfp4_triton(x, amax=1.0), quantize_nvfp4(x, amax=1.0))
+        finally:
+            fq.NVFP4_RCP_DIV = False
 
 
 def test_nvfp4_static_amax_saturates_like_twin():
