@@ -24,13 +24,15 @@ or E8M0 uint8). A [BLOCK_N, BLOCK_K] tile reads BLOCK_K/2 contiguous bytes per r
 16-byte vector loads) and BLOCK_K/bs scale bytes per row; no offline re-layout is needed, so
 `FP4Linear` buffers are used as they are.
 
-Paths: small M uses BLOCK_M = 16 (the smallest MMA), narrow N tiles and split-K (partial sums
-added atomically into a float32 workspace) so that every SM streams weight bytes; medium M uses
-64x64 / 128x64 tiles grouped along M for L2 reuse (`_config` holds the choice). From
-DEQUANT_CUBLAS_MIN_M rows on, `fp4_matmul` dequantizes the weight once with `fp4_dequantize`
-(bit-exact, at the memory roofline) and calls cuBLAS: on the H100 that beat the fused kernel,
-whose in-register dequantization (about ten integer/float instructions per weight element per
-M-tile) competes with the tensor cores for issue slots. Passing `config=` forces the fused kernel.
+Paths: M <= SKINNY_MAX_M (decoding) runs `fp4_skinny_kernel` on a `PreparedFP4Weight` (built once
+per weight by `prepare_fp4_weight`, cached on `qt.data`): int32-word loads, a 256-entry table of
+effective scales (the twin's float32 s / g, so no division in the kernel), no split-K and no
+workspace, and after the first call the compiled kernel is launched directly. Its weights are the
+twin's bit for bit, so the GEMM tolerance argument above is unchanged. Up to DEQUANT_CUBLAS_MIN_M
+the older tiled kernel runs (64 x 64 / 128 x 64 tiles); from DEQUANT_CUBLAS_MIN_M rows on,
+`fp4_matmul` dequantizes the weight once with `fp4_dequantize` (bit-exact, at the memory roofline)
+and calls cuBLAS, which beat the fused kernels at M = 256 on the H100. Passing `config=` forces the
+tiled kernel. Measurements: BENCHMARKS.md and benchmarks/NOTES_fp4_gemm.md.
 """
 
 from __future__ import annotations
