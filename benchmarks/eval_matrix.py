@@ -42,7 +42,8 @@ def export_items(folder: pathlib.Path, limit: int, seed: int) -> None:
     print("exported", sorted(p.name for p in folder.iterdir()))
 
 
-def run(model_spec: str, folder: pathlib.Path, out: pathlib.Path, batch_size: int, ppl_tokens: int, context: int):
+def run(model_spec: str, folder: pathlib.Path, out: pathlib.Path, batch_size: int, ppl_tokens: int, context: int,
+        label: str | None = None):
     import fp4kit
     from fp4kit.data import Generation, MultipleChoice
     from fp4kit.eval import bos_prefix, mean_stderr, model_hash, perplexity, score_multiple_choice
@@ -63,7 +64,7 @@ def run(model_spec: str, folder: pathlib.Path, out: pathlib.Path, batch_size: in
         if variant != "bf16":
             fp4kit.quantize_(model, fp4kit.NVFP4Config() if variant == "nvfp4" else fp4kit.MXFP4Config(), progress=False)
         model = model.to(device).eval()
-        base = {"model": src.label, "checkpoint_hash": model_hash(model), "format": variant,
+        base = {"model": label or src.label, "checkpoint_hash": model_hash(model), "format": variant,
                 "method": "none" if variant == "bf16" else "rtn", "device": torch.cuda.get_device_name() if
                 device.type == "cuda" else "cpu", "date": datetime.date.today().isoformat()}
         records = []
@@ -106,11 +107,12 @@ def main(argv=None):
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--ppl-tokens", type=int, default=16384)
     r.add_argument("--context", type=int, default=1024)
+    r.add_argument("--label", help="model name for the records (default: the model argument)")
     a = p.parse_args(argv)
     if a.cmd == "export-items":
         export_items(a.folder, a.limit, a.seed)
     else:
-        run(a.model, a.folder, a.out, a.batch_size, a.ppl_tokens, a.context)
+        run(a.model, a.folder, a.out, a.batch_size, a.ppl_tokens, a.context, a.label)
 
 
 if __name__ == "__main__":
