@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from fp4kit.formats import GlobalScale, MXFP4Config, NVFP4Config, QuantizedTensor
 from fp4kit.nn import FP4Linear, register_fp4
+from fp4kit.nn.quantize import matches
 
 from .files import atomic_directory, load_tensors, read_json, weight_files
 
@@ -185,8 +186,9 @@ class CheckpointInfo:
     format: str  # "nvfp4-pack-quantized", "mxfp4-pack-quantized", "modelopt-nvfp4", "gpt-oss-mxfp4", "dense"
     config: NVFP4Config | MXFP4Config | None
     quantized: list[str]
-    ignored: list[str]
+    ignored: list[str]  # linear layers stored dense
     total_bytes: int
+    ignore_patterns: list[str] = field(default_factory=list)  # the checkpoint's own ignore list
 
 
 def detect_format(folder: pathlib.Path) -> tuple[str, NVFP4Config | MXFP4Config | None, list[str]]:
@@ -263,7 +265,7 @@ def load_checkpoint(path: str | pathlib.Path, *, dtype: torch.dtype = torch.bflo
     tokenizer = _maybe_tokenizer(folder)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     ignored = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    return model, tokenizer, CheckpointInfo(folder, fmt, config, quantized, ignored, total)
+    return model, tokenizer, CheckpointInfo(folder, fmt, config, quantized, ignored, total, ignore)
 
 
 def _swap_in(model, name, config, tensors, folder, dtype):
@@ -332,4 +334,5 @@ def _is_tied_duplicate(model, name):
 
 
 def _reason(name, info):
-    return "in the checkpoint's ignore list" if name in info.ignored else "not quantized"
+    hit = next((p for p in info.ignore_patterns if matches(name, p.removeprefix("re:"))), None)
+    return f"in the checkpoint's ignore list ({hit!r})" if hit else "stored dense (no FP4 tensors for it)"
