@@ -23,6 +23,7 @@ def _wide(shape, lo, hi):
 
 
 def _inputs():
+    torch.manual_seed(20261122)  # fixed inputs, whatever ran before this module was collected
     zeros = torch.zeros(4, 160)
     zeros[1] = -0.0  # negative zero rounds to code 8 (signed_zero) or 0
     zeros[2, :16] = torch.randn(16) * 1e-3  # one live block among zero blocks
@@ -58,6 +59,10 @@ NV_CONFIGS = {"compressed_tensors": NVFP4Config(), "torchao": NVFP4Config.torcha
 def test_nvfp4_bit_exact(cfg, inp, rcp_div, monkeypatch):
     """Both ways of dividing by the block scale (IEEE per element, or reciprocal + Markstein) match."""
     from fp4kit.kernels import fp4_quantize as fq
+
+    if rcp_div and not torch.cuda.is_available():
+        pytest.skip("reciprocal + Markstein is exact only with a fused tl.fma; the interpreter does not fuse "
+                    "(checked bit-exact on the H100 instead)")
 
     monkeypatch.setattr(fq, "NVFP4_RCP_DIV", rcp_div)
     x = INPUTS[inp]
