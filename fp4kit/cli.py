@@ -172,14 +172,15 @@ def cmd_eval(args) -> int:
 
 def cmd_compare(args) -> int:
     from fp4kit.eval import read_jsonl
-    from fp4kit.eval.report import _label, compare_plot, compare_table
+    from fp4kit.eval.report import compare_plot, compare_table, group_runs
 
-    runs = []
+    records = []
     for path in args.files:
         recs = read_jsonl(path)
         if not recs:
             raise ValueError(f"{path}: no records")
-        runs.append((_label(recs, path), recs))
+        records += recs
+    runs = group_runs(records)
     print(compare_table(runs))
     if args.plot:
         compare_plot(runs, args.plot)
@@ -222,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--context", type=int, default=1024, help="perplexity window")
     e.add_argument("--json", help="append result records (JSON lines) to this file")
     e.set_defaults(func=cmd_eval)
-    c = sub.add_parser("compare", help="table (and plot) of result files; the first is the base")
+    c = sub.add_parser("compare", help="table (and plot) of result files; runs are grouped by model, format "
+                                       "and method, in order of appearance, and the first is the base")
     c.add_argument("files", nargs="+")
     c.add_argument("--plot", help="write a PNG plot here")
     c.set_defaults(func=cmd_compare)

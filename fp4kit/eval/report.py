@@ -6,12 +6,17 @@ lower is better, it is base / value. Both read as "% of the base model's quality
 
 from __future__ import annotations
 
-import pathlib
 
+def group_runs(records: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Split records into runs by (model, format, method, checkpoint_hash), in order of first appearance.
 
-def _label(records: list[dict], path) -> str:
-    r = records[0]
-    return f"{r.get('model', pathlib.Path(path).stem)} {r.get('format', '')} {r.get('method', '')}".strip()
+    `fp4kit eval --json` appends, so one file often holds an original and its quantized versions.
+    """
+    runs: dict[tuple, list[dict]] = {}
+    for r in records:
+        key = (r.get("model", "?"), r.get("format", ""), r.get("method", ""), r.get("checkpoint_hash", ""))
+        runs.setdefault(key, []).append(r)
+    return [(" ".join(str(k) for k in key[:3] if k), recs) for key, recs in runs.items()]
 
 
 def recovery(metric: str, value: float, base: float) -> float:

@@ -55,3 +55,12 @@ def test_eval_cli_on_embedded_model(tmp_path, capsys):
     assert r["format"] == "nvfp4" and r["method"] == "rtn" and r["n"] == 3 and len(r["checkpoint_hash"]) == 16
     assert set(r) >= {"model", "checkpoint_hash", "format", "method", "task", "metric", "value", "n", "stderr",
                       "device", "date"}
+
+
+def test_compare_groups_runs_appended_to_one_file(tmp_path, capsys):
+    one = tmp_path / "all.jsonl"
+    write(tmp_path / "a.jsonl", "bf16", 0.5, 40.0)
+    write(tmp_path / "b.jsonl", "nvfp4", 0.4, 44.0)
+    one.write_text((tmp_path / "a.jsonl").read_text() + (tmp_path / "b.jsonl").read_text())
+    assert main(["compare", str(one)]) == 0
+    assert "| arc_easy | acc | 0.5000 ± 0.0500 | 0.4000 ± 0.0500 (80.0%) |" in capsys.readouterr().out
