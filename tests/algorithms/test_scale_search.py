@@ -1,13 +1,14 @@
 """Scale search: RTN's bytes at offset 0, never worse than RTN per block, recorded SQNR gains.
 
-Measured 2026-11-22 on CPU (256 x 4096, seed 0), SQNR in dB, RTN -> search (down=4, up=6):
+Measured 2026-11-22 on CPU (Gaussian 64 x 4096, seed 0), SQNR in dB, RTN -> search (down=4, up=6):
 
-                      nvfp4          nvfp4 torchao   nvfp4 4/6      mxfp4 even     mxfp4 rceil
-    gauss             20.43 -> 21.80  20.43 -> 21.80  21.21 -> 21.74  19.03 -> 19.05  18.75 -> 19.05
-    student_t3        21.78 -> 22.49  (same)          22.15 -> 22.45  17.59 -> 17.70  16.96 -> 17.70
+    nvfp4 20.42 -> 21.78 (+1.36)      nvfp4 torchao (same)      nvfp4 4/6 21.18 -> 21.71 (+0.53)
+    mxfp4 even 19.03 -> 19.05 (+0.03) mxfp4 rceil 18.74 -> 19.05 (+0.31)
 
-Eight global-scale steps changed nothing on these (all block scales are UE4M3 normals, whose grid
-is the same in every octave). Floors below are the gains less 0.1 dB.
+On Student-t(3) 256 x 4096: nvfp4 21.78 -> 22.49, mxfp4 even 17.59 -> 17.70. Eight global-scale
+steps changed nothing on either (all block scales are UE4M3 normals, whose grid is the same in
+every octave). Floors below are the gains less 0.1 dB (0 for mxfp4 even: never worse than RTN).
+MXFP4 gains little: its candidates are a factor of 2 apart, and EVEN is already near the best.
 """
 
 import pytest
@@ -21,7 +22,7 @@ from fp4kit.nn import FP4Linear
 CONFIGS = {"nvfp4": NVFP4Config(), "nvfp4_torchao": NVFP4Config.torchao(),
            "nvfp4_4over6": NVFP4Config(block_choice=BlockChoice.FOUR_OVER_SIX),
            "mxfp4_even": MXFP4Config(), "mxfp4_rceil": MXFP4Config(ScaleRule.RCEIL)}
-GAIN_FLOOR_DB = {"nvfp4": 1.27, "nvfp4_torchao": 1.27, "nvfp4_4over6": 0.43, "mxfp4_even": 0.0, "mxfp4_rceil": 0.2}
+GAIN_FLOOR_DB = {"nvfp4": 1.26, "nvfp4_torchao": 1.26, "nvfp4_4over6": 0.43, "mxfp4_even": 0.0, "mxfp4_rceil": 0.21}
 
 
 def block_sq_error(x, deq, bs):
@@ -61,7 +62,7 @@ def test_candidate_encoder_matches_formats_on_rtn_scales():
 @pytest.fixture(scope="module")
 def sqnr_gains():
     torch.manual_seed(0)
-    x = torch.randn(256, 4096)
+    x = torch.randn(64, 4096)
     return {k: sqnr_db(x, scale_search(x, c).dequantize()) - sqnr_db(x, quantize(x, c).dequantize())
             for k, c in CONFIGS.items()}
 
