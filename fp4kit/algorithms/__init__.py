@@ -2,6 +2,8 @@
 that walks a model."""
 
 from .gptq import GPTQConfig, gptq
+from .rotations import RotationConfig, hadamard, rotate_input, rotate_linear_pair, rotate_output, rotation_matrix
 from .scale_search import ScaleSearchConfig, scale_search
 
-__all__ = ["GPTQConfig", "ScaleSearchConfig", "gptq", "scale_search"]
+__all__ = ["GPTQConfig", "RotationConfig", "ScaleSearchConfig", "gptq", "hadamard", "rotate_input",
+           "rotate_linear_pair", "rotate_output", "rotation_matrix", "scale_search"]
