@@ -6,5 +6,8 @@ from .gptq import GPTQConfig, gptq
 from .rotations import RotationConfig, hadamard, rotate_input, rotate_linear_pair, rotate_output, rotation_matrix
 from .scale_search import ScaleSearchConfig, scale_search
 
-__all__ = ["CalibrationConfig", "GPTQConfig", "GPTQResult", "Hessian", "apply_gptq", "collect_hessians", "RotationConfig", "ScaleSearchConfig", "gptq", "hadamard", "rotate_input",
-           "rotate_linear_pair", "rotate_output", "rotation_matrix", "scale_search"]
+__all__ = [
+    "CalibrationConfig", "GPTQConfig", "GPTQResult", "Hessian", "RotationConfig", "ScaleSearchConfig", "apply_gptq",
+    "collect_hessians", "gptq", "hadamard", "rotate_input", "rotate_linear_pair", "rotate_output", "rotation_matrix",
+    "scale_search",
+]

@@ -50,7 +50,8 @@ class CalibrationConfig:
 
     def __post_init__(self):
         if self.accumulate_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"CalibrationConfig.accumulate_dtype must be float32 or float64, got {self.accumulate_dtype}")
+            raise ValueError("CalibrationConfig.accumulate_dtype must be float32 or float64, "
+                             f"got {self.accumulate_dtype}")
 
 
 @dataclass
