@@ -1,13 +1,13 @@
 """Algorithms: pure tensor functions (scale search, GPTQ, rotations); `calibrate` is the one driver
 that walks a model."""
 
-from .calibrate import CalibrationConfig, GPTQResult, Hessian, apply_gptq, collect_hessians
+from .calibrate import CalibrationConfig, GPTQResult, Hessian, apply_gptq, apply_scale_search, collect_hessians
 from .gptq import GPTQConfig, gptq
 from .rotations import RotationConfig, hadamard, rotate_input, rotate_linear_pair, rotate_output, rotation_matrix
 from .scale_search import ScaleSearchConfig, scale_search
 
 __all__ = [
     "CalibrationConfig", "GPTQConfig", "GPTQResult", "Hessian", "RotationConfig", "ScaleSearchConfig", "apply_gptq",
-    "collect_hessians", "gptq", "hadamard", "rotate_input", "rotate_linear_pair", "rotate_output", "rotation_matrix",
-    "scale_search",
+    "apply_scale_search", "collect_hessians", "gptq", "hadamard", "rotate_input", "rotate_linear_pair",
+    "rotate_output", "rotation_matrix", "scale_search",
 ]

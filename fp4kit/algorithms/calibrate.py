@@ -17,7 +17,8 @@ the model untouched), then lets `quantize_` do the swap and its report, and load
 into the new FP4Linear modules. Fused siblings (q/k/v, gate/up) share one NVFP4 global scale, as
 `quantize_` gives them. A layer that no calibration token reached has no Hessian: it is quantized
 from its weights alone (RTN, or the scale search if the GPTQ config asks for it) and listed in
-`GPTQResult.weight_only` with the reason, never skipped silently.
+`GPTQResult.weight_only` with the reason, never skipped silently. `apply_scale_search` is the same
+swap with scale-searched weights and no calibration.
 
 Simplifications (left for the full driver of issue 6): Hessians are taken from the float model in
 one pass, not layer by layer on the outputs of already-quantized layers; siblings that read the
@@ -38,7 +39,7 @@ from fp4kit.nn import DEFAULT_IGNORE, QuantizeReport, quantize_
 from fp4kit.nn.quantize import exclusion_reason, shared_amax
 
 from .gptq import GPTQConfig, gptq, output_error
-from .scale_search import scale_search
+from .scale_search import ScaleSearchConfig, scale_search
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,26 @@ def apply_gptq(model: nn.Module, config: NVFP4Config | MXFP4Config, hessians: di
     result = GPTQResult(QuantizeReport())
     qts = {name: quantize_layer(name, m, config, hessians.get(name), gptq_config, amax.get(name), result)
            for name, m in tqdm(layers.items(), desc=f"gptq {config.name}", disable=not progress, leave=False)}
-    result.report = quantize_(model, config, filter_fn, ignore=ignore, progress=False, **quantize_kwargs)
-    assert set(result.report.quantized) == set(qts), "quantize_ and apply_gptq disagree on the layers"
-    for name in result.report.quantized:
-        model.get_submodule(name).load_quantized(qts[name])
+    result.report = swap_in(model, config, qts, filter_fn=filter_fn, ignore=ignore, **quantize_kwargs)
     return result
+
+
+def apply_scale_search(model: nn.Module, config: NVFP4Config | MXFP4Config,
+                       search: ScaleSearchConfig = ScaleSearchConfig(), *,
+                       filter_fn: Callable[[nn.Module, str], bool] | None = None, ignore: tuple[str, ...] = DEFAULT_IGNORE,
+                       progress: bool = True, **quantize_kwargs) -> QuantizeReport:
+    """Like `quantize_`, with each layer's block scales chosen by `scale_search` (no calibration data)."""
+    layers = eligible_linears(model, config, filter_fn, ignore)
+    amax = shared_amax(list(layers.items())) if isinstance(config, NVFP4Config) else {}
+    qts = {name: scale_search(m.weight.detach(), config, search, amax=amax.get(name), name=f"{name}.weight")
+           for name, m in tqdm(layers.items(), desc=f"scale search {config.name}", disable=not progress, leave=False)}
+    return swap_in(model, config, qts, filter_fn=filter_fn, ignore=ignore, **quantize_kwargs)
+
+
+def swap_in(model, config, qts: dict[str, QuantizedTensor], **quantize_kwargs) -> QuantizeReport:
+    """Let `quantize_` swap and report, then load the precomputed weights into the new FP4Linear modules."""
+    report = quantize_(model, config, progress=False, **quantize_kwargs)
+    assert set(report.quantized) == set(qts), "quantize_ and the algorithm disagree on the layers"
+    for name in report.quantized:
+        model.get_submodule(name).load_quantized(qts[name])
+    return report

@@ -19,7 +19,7 @@ from helpers import tiny_llama
 from torch import nn
 
 from fp4kit.algorithms import GPTQConfig, ScaleSearchConfig
-from fp4kit.algorithms.calibrate import CalibrationConfig, apply_gptq, collect_hessians
+from fp4kit.algorithms.calibrate import CalibrationConfig, apply_gptq, apply_scale_search, collect_hessians
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
 from fp4kit.nn import FP4Linear, quantize_
 
@@ -120,3 +120,15 @@ def test_fused_siblings_share_the_nvfp4_global_scale(llama_and_data):
     attn = model.model.layers[0].self_attn
     assert torch.equal(attn.q_proj.weight_global_scale, attn.k_proj.weight_global_scale)
     assert torch.equal(attn.q_proj.weight_global_scale, attn.v_proj.weight_global_scale)
+
+
+def test_apply_scale_search_logits_closer_than_rtn(llama_and_data):
+    """Measured 2026-11-22: NVFP4 relative logit error 0.0754 (RTN) -> 0.0648 (ratio 0.86). MXFP4 got
+    0.0848 -> 0.0869: its +0.03 dB weight SQNR gain does not carry to this model's logits (not asserted)."""
+    base, _, test, ref = llama_and_data
+    rtn, model = copy.deepcopy(base), copy.deepcopy(base)
+    quantize_(rtn, NVFP4Config(), progress=False)
+    report = apply_scale_search(model, NVFP4Config(), progress=False)
+    assert report.excluded == {"lm_head": "matches ignore pattern 'lm_head'"} and len(report.quantized) == 14
+    ratio = logit_error(model, test, ref) / logit_error(rtn, test, ref)
+    assert ratio < 0.88, ratio
