@@ -79,7 +79,8 @@ def llama_and_data():
     test = torch.randint(0, 128, (8, 64), generator=g)
     with torch.no_grad():
         ref = model(test).logits.float()
-    return model, calib, test, ref
+    hessians = collect_hessians(model, calib, MXFP4Config(), progress=False)  # same layers for NVFP4 (K = 64, 96)
+    return model, hessians, test, ref
 
 
 def logit_error(model, test, ref):
@@ -89,10 +90,10 @@ def logit_error(model, test, ref):
 
 @pytest.mark.parametrize("config", [NVFP4Config(), MXFP4Config()], ids=["nvfp4", "mxfp4"])
 def test_gptq_logits_closer_to_float_than_rtn(llama_and_data, config):
-    base, calib, test, ref = llama_and_data
+    base, hessians, test, ref = llama_and_data
     rtn, model = copy.deepcopy(base), copy.deepcopy(base)
     quantize_(rtn, config, progress=False)
-    result = apply_gptq(model, config, collect_hessians(model, calib, config, progress=False), progress=False)
+    result = apply_gptq(model, config, hessians, progress=False)
     assert all(isinstance(model.get_submodule(n), FP4Linear) for n in result.report.quantized)
     assert len(result.output_error) == 14 and not result.weight_only
     ratio = logit_error(model, test, ref) / logit_error(rtn, test, ref)
@@ -100,11 +101,10 @@ def test_gptq_logits_closer_to_float_than_rtn(llama_and_data, config):
 
 
 def test_act_order_with_scale_search_runs_on_the_llama(llama_and_data):
-    base, calib, test, ref = llama_and_data
+    base, hessians, test, ref = llama_and_data
     rtn, model = copy.deepcopy(base), copy.deepcopy(base)
     quantize_(rtn, NVFP4Config(), progress=False)
-    hs = collect_hessians(model, calib, NVFP4Config(), progress=False)
-    apply_gptq(model, NVFP4Config(), hs, GPTQConfig(act_order=True, scale_search=ScaleSearchConfig()), progress=False)
+    apply_gptq(model, NVFP4Config(), hessians, GPTQConfig(act_order=True, scale_search=ScaleSearchConfig()), progress=False)
     assert logit_error(model, test, ref) < 0.80 * logit_error(rtn, test, ref)
 
 
@@ -114,9 +114,9 @@ def test_calibration_config_is_validated():
 
 
 def test_fused_siblings_share_the_nvfp4_global_scale(llama_and_data):
-    base, calib, _, _ = llama_and_data
+    base, hessians, _, _ = llama_and_data
     model = copy.deepcopy(base)
-    apply_gptq(model, NVFP4Config(), collect_hessians(model, calib, NVFP4Config(), progress=False), progress=False)
+    apply_gptq(model, NVFP4Config(), hessians, progress=False)
     attn = model.model.layers[0].self_attn
     assert torch.equal(attn.q_proj.weight_global_scale, attn.k_proj.weight_global_scale)
     assert torch.equal(attn.q_proj.weight_global_scale, attn.v_proj.weight_global_scale)
