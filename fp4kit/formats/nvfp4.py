@@ -137,18 +137,21 @@ def _encode_blocks(blocks, amax_b, g, config: NVFP4Config, fp4_max: float):
 
 
 def quantize_nvfp4(x: torch.Tensor, config: NVFP4Config = NVFP4Config(), *, amax=None,
-                   name: str = "tensor") -> QuantizedTensor:
+                   global_scale: torch.Tensor | None = None, name: str = "tensor") -> QuantizedTensor:
     """Quantize `x` (any rank, last dim % 16 == 0) to NVFP4.
 
     `amax` overrides the tensor's own absolute max for the per-tensor scale: fused shards (q/k/v,
     gate/up) pass their joint amax so they share one global scale, as vLLM requires.
+    `global_scale` gives the per-tensor scale itself (a static, calibrated activation scale).
     """
     check_quantizable(x, config.block_size, name, "NVFP4")
     shape = tuple(x.shape)
     blocks = x.float().reshape(*shape[:-1], shape[-1] // config.block_size, config.block_size)
     amax_b = blocks.abs().amax(dim=-1)
-    tensor_amax = blocks.abs().amax() if amax is None else amax
-    g = nvfp4_global_scale(tensor_amax, config).to(x.device)
+    if global_scale is not None:
+        g = global_scale.float().reshape(()).to(x.device)
+    else:
+        g = nvfp4_global_scale(blocks.abs().amax() if amax is None else amax, config).to(x.device)
 
     s8, codes = _encode_blocks(blocks, amax_b, g, config, E2M1_MAX)
     if config.block_choice is BlockChoice.FOUR_OVER_SIX:

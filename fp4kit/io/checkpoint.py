@@ -44,16 +44,28 @@ CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-def quantization_config(config: NVFP4Config | MXFP4Config, ignore: list[str]) -> dict:
-    """compressed-tensors' `quantization_config` for weight-only NVFP4 / MXFP4 (its *A16 presets)."""
+def _fp4_args(config: NVFP4Config | MXFP4Config, *, activations: bool) -> dict:
+    """compressed-tensors QuantizationArgs for FP4 weights, or for FP4 activations (its presets)."""
     if isinstance(config, NVFP4Config):
-        weights = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16,
-                   "strategy": "tensor_group", "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
-    else:
-        weights = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32,
-                   "strategy": "group", "dynamic": False, "scale_dtype": "torch.uint8"}
+        args = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+                "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
+        # activations: static global scale (input_global_scale), per-block scales computed at run time
+        return args | {"dynamic": "local", "observer": "static_minmax"} if activations else args
+    args = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
+            "dynamic": False, "scale_dtype": "torch.uint8"}
+    return args | {"dynamic": True} if activations else args
+
+
+def quantization_config(config: NVFP4Config | MXFP4Config, ignore: list[str],
+                        input_config: NVFP4Config | MXFP4Config | None = None) -> dict:
+    """compressed-tensors' `quantization_config`: weight-only presets NVFP4A16 / MXFP4A16, or with
+    `input_config` the W4A4 presets NVFP4 / MXFP4."""
+    if input_config is not None and type(input_config) is not type(config):
+        raise ValueError("compressed-tensors' FP4 presets pair NVFP4 weights with NVFP4 inputs, MXFP4 with MXFP4")
+    weights = _fp4_args(config, activations=False)
+    inputs = None if input_config is None else _fp4_args(input_config, activations=True)
     return {
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
                                       "output_activations": None, "format": None}},
         "quant_method": "compressed-tensors",
         "kv_cache_scheme": None,
@@ -64,17 +76,18 @@ def quantization_config(config: NVFP4Config | MXFP4Config, ignore: list[str]) ->
     }
 
 
-def fp4_config_of(model: nn.Module) -> NVFP4Config | MXFP4Config:
-    configs = {m.config for m in model.modules() if isinstance(m, FP4Linear)}
+def fp4_config_of(model: nn.Module) -> tuple[NVFP4Config | MXFP4Config, NVFP4Config | MXFP4Config | None]:
+    """(weight config, input config or None), the same for every FP4Linear, or an error."""
+    configs = {(m.config, m.input_config) for m in model.modules() if isinstance(m, FP4Linear)}
     if not configs:
         raise ValueError("the model has no FP4Linear layers: run fp4kit.quantize_ first")
     if len(configs) > 1:
         raise ValueError(f"export needs one format for all layers, found {sorted(map(repr, configs))}")
-    config = configs.pop()
+    config, input_config = configs.pop()
     if isinstance(config, NVFP4Config) and config.global_scale is not GlobalScale.ENCODE:
         raise ValueError("compressed-tensors stores NVFP4 global scales as 448*6/amax: quantize with "
                          "NVFP4Config(global_scale=GlobalScale.ENCODE) to export")
-    return config
+    return config, input_config
 
 
 def _export_plan(model: nn.Module, dense_dtype: torch.dtype):
@@ -85,7 +98,7 @@ def _export_plan(model: nn.Module, dense_dtype: torch.dtype):
         if t.numel() and key in seen:
             continue
         seen.add(key)
-        dense = t.is_floating_point() and not name.endswith("weight_global_scale") and t.dtype not in (
+        dense = t.is_floating_point() and not name.endswith("global_scale") and t.dtype not in (
             torch.float8_e4m3fn, torch.float8_e8m0fnu)
         yield name, t, dense_dtype if dense else t.dtype
 
@@ -110,7 +123,7 @@ def save_checkpoint(model: nn.Module, out: str | pathlib.Path, *, tokenizer=None
     """Write a quantized model (FP4Linear layers) as a compressed-tensors checkpoint folder."""
     from safetensors.torch import save_file
 
-    config = fp4_config_of(model)
+    config, input_config = fp4_config_of(model)
     quantized = [n for n, m in model.named_modules() if isinstance(m, FP4Linear)]
     ignored = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     out = pathlib.Path(out)
@@ -142,7 +155,7 @@ def save_checkpoint(model: nn.Module, out: str | pathlib.Path, *, tokenizer=None
         hf_config = model.config.to_dict()
         hf_config.pop("quantization_config", None)
         hf_config["torch_dtype"] = str(dense_dtype).removeprefix("torch.")
-        hf_config["quantization_config"] = quantization_config(config, ignored)
+        hf_config["quantization_config"] = quantization_config(config, ignored, input_config)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             try:
@@ -151,7 +164,7 @@ def save_checkpoint(model: nn.Module, out: str | pathlib.Path, *, tokenizer=None
                 pass
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card or model_card(config, quantized, ignored))
+        (tmp / "README.md").write_text(card or model_card(config, quantized, ignored, input_config=input_config))
     return SaveResult(out, final, total, quantized, ignored)
 
 
@@ -167,11 +180,13 @@ def _name_shards(folder: pathlib.Path, shards: list[str], weight_map: dict, tota
     return list(names.values())
 
 
-def model_card(config, quantized: list[str], ignored: list[str], *, source: str = "", table: str = "") -> str:
+def model_card(config, quantized: list[str], ignored: list[str], *, source: str = "", table: str = "",
+               input_config=None) -> str:
     lines = [f"# {source or 'model'} — {config.name.upper()} (fp4kit)", "",
              f"Weights of {len(quantized)} linear layers are {config.name.upper()} in the compressed-tensors "
              f"`{CT_FORMATS[config.name]}` layout (vLLM and transformers with compressed-tensors load it).", "",
              f"- fp4kit config: `{config!r}`", f"- method: round-to-nearest (RTN)",
+             f"- activations: {input_config.name.upper() + ' (W4A4)' if input_config else 'bf16 (weight-only, W4A16)'}",
              f"- left in float: {', '.join(ignored) if ignored else 'none'}", ""]
     if table:
         lines += ["## Evaluation", "", table, ""]
@@ -247,10 +262,11 @@ def load_checkpoint(path: str | pathlib.Path, *, dtype: torch.dtype = torch.bflo
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
+    input_config = _input_config(folder, config)
     quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")} | set(expert_blocks))
     for name in quantized:
         if name not in expert_blocks:
-            _swap_in(model, name, config, tensors, folder, dtype)
+            _swap_in(model, name, config, tensors, folder, dtype, input_config)
     for name, (blocks, scales) in expert_blocks.items():
         _register_gpt_oss_expert(model, name, blocks, scales, folder, dtype)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -268,7 +284,20 @@ def load_checkpoint(path: str | pathlib.Path, *, dtype: torch.dtype = torch.bflo
     return model, tokenizer, CheckpointInfo(folder, fmt, config, quantized, ignored, total, ignore)
 
 
-def _swap_in(model, name, config, tensors, folder, dtype):
+def _input_config(folder: pathlib.Path, config):
+    """The FP4 input quantization a compressed-tensors config declares (None when weight-only)."""
+    qc = read_json(folder / "config.json").get("quantization_config") or {}
+    groups = qc.get("config_groups") or {}
+    acts = [g.get("input_activations") for g in groups.values() if g.get("input_activations")]
+    if not acts:
+        return None
+    a = acts[0]
+    if a.get("num_bits") == 4 and a.get("type") == "float" and a.get("group_size") in (16, 32):
+        return NVFP4Config() if a["group_size"] == 16 else MXFP4Config()
+    raise ValueError(f"{folder / 'config.json'}: input_activations {a} are not an FP4 scheme fp4kit simulates")
+
+
+def _swap_in(model, name, config, tensors, folder, dtype, input_config=None):
     try:
         linear = model.get_submodule(name)
     except AttributeError:
@@ -288,7 +317,9 @@ def _swap_in(model, name, config, tensors, folder, dtype):
         if tuple(t.shape) != shape:
             raise ValueError(f"{folder}: {name}.{suffix} has shape {tuple(t.shape)}, the config says {shape}")
     parent, _, child = name.rpartition(".")
-    fp4 = FP4Linear(k, n, config, bias=linear.bias is not None, dtype=dtype)
+    if isinstance(input_config, NVFP4Config) and f"{name}.input_global_scale" not in tensors:
+        raise ValueError(f"{folder}: {name}.input_global_scale is missing (the config declares NVFP4 activations)")
+    fp4 = FP4Linear(k, n, config, bias=linear.bias is not None, dtype=dtype, input_config=input_config)
     setattr(model.get_submodule(parent) if parent else model, child, fp4)
 
 

@@ -235,7 +235,8 @@ def _prepared_for(qt: QuantizedTensor) -> PreparedFP4Weight:
         raise RuntimeError("fp4_linear: this weight was not prepared before CUDA graph capture; call it once "
                            "eagerly first (or keep a prepare_fp4_weight(qt) and pass it as prepared=)")
     prepared = prepare_fp4_weight(qt)
-    _PREPARED[key] = (weakref.ref(qt.data, lambda _, key=key: _PREPARED.pop(key, None)), prepared)
+    cache = _PREPARED  # bound now: the callback may run at interpreter exit, after module globals are cleared
+    _PREPARED[key] = (weakref.ref(qt.data, lambda _, key=key, cache=cache: cache.pop(key, None)), prepared)
     return prepared
 
 

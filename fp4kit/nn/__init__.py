@@ -1,7 +1,8 @@
 """Modules: FP4Linear and the `quantize_` tree walk that swaps it in."""
 
 from .linear import FP4Linear
+from .observe import observe_input_amax
 from .parametrize import FP4Parametrization, register_fp4
 from .quantize import DEFAULT_IGNORE, QuantizeReport, quantize_
 
-__all__ = ["DEFAULT_IGNORE", "FP4Linear", "FP4Parametrization", "QuantizeReport", "quantize_", "register_fp4"]
+__all__ = ["DEFAULT_IGNORE", "FP4Linear", "FP4Parametrization", "QuantizeReport", "observe_input_amax", "quantize_", "register_fp4"]

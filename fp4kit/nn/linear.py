@@ -6,6 +6,12 @@ Buffers carry compressed-tensors' names, so a state dict is already in the layou
     weight_scale         [out, in/block]          float8_e4m3fn (NVFP4) or uint8 E8M0 codes (MXFP4)
     weight_global_scale  float32 [1]              NVFP4 only (its meaning: the config's GlobalScale)
     bias                 kept from the original layer, in its dtype
+    input_global_scale   float32 [1], only with NVFP4 input quantization (a static, calibrated scale)
+
+With `input_config` set (W4A4), the layer's input is quantized and dequantized before the
+matmul, exactly as the serving engine will quantize it: NVFP4 with the static per-tensor
+`input_global_scale` and per-block scales computed on the fly ("local" dynamic in compressed-
+tensors), or MXFP4 with per-block scales computed on the fly.
 
 `forward` on CUDA calls the Triton W4A16 GEMM (`fp4kit.kernels.fp4_linear`, which reads these
 buffers as they are); elsewhere it dequantizes the weight and calls `F.linear`, the torch twin the
@@ -19,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, quantize
+from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, nvfp4_global_scale, quantize, quantize_mxfp4, quantize_nvfp4
 from fp4kit.kernels import fp4_linear
 
 
 class FP4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: NVFP4Config | MXFP4Config, *, bias: bool = True,
-                 dtype: torch.dtype = torch.bfloat16, device=None):
+                 dtype: torch.dtype = torch.bfloat16, device=None, input_config: NVFP4Config | MXFP4Config | None = None):
         super().__init__()
         if not isinstance(config, (NVFP4Config, MXFP4Config)):
             raise TypeError(f"FP4Linear needs an NVFP4Config or MXFP4Config, got {type(config).__name__}")
@@ -41,18 +47,32 @@ class FP4Linear(nn.Module):
         else:
             self.weight_global_scale = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.input_config = input_config
+        if input_config is not None and not isinstance(input_config, (NVFP4Config, MXFP4Config)):
+            raise TypeError(f"input_config must be NVFP4Config, MXFP4Config or None, got {type(input_config).__name__}")
+        if isinstance(input_config, NVFP4Config):
+            self.register_buffer("input_global_scale", torch.ones(1, dtype=torch.float32, device=device))
+        else:
+            self.input_global_scale = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: NVFP4Config | MXFP4Config, *, name: str = "linear",
-                    amax=None) -> "FP4Linear":
+                    amax=None, input_config: NVFP4Config | MXFP4Config | None = None) -> "FP4Linear":
         """Quantize `linear.weight` with `config`. `amax` sets a shared per-tensor amax (fused shards)."""
         weight = linear.weight.detach()
         out = cls(linear.in_features, linear.out_features, config, bias=linear.bias is not None,
-                  dtype=weight.dtype if weight.is_floating_point() else torch.bfloat16, device=weight.device)
+                  dtype=weight.dtype if weight.is_floating_point() else torch.bfloat16, device=weight.device,
+                  input_config=input_config)
         out.load_quantized(quantize(weight, config, amax=amax, name=f"{name}.weight"))
         if linear.bias is not None:
             out.bias.data.copy_(linear.bias.detach())
         return out
+
+    def set_input_amax(self, amax) -> None:
+        """Calibrated absolute max of this layer's inputs -> its static NVFP4 input_global_scale."""
+        if not isinstance(self.input_config, NVFP4Config):
+            raise ValueError("only NVFP4 input quantization has a static input_global_scale")
+        self.input_global_scale.copy_(nvfp4_global_scale(amax, self.input_config).reshape(1))
 
     def load_quantized(self, qt: QuantizedTensor) -> None:
         if qt.shape != (self.out_features, self.in_features):
@@ -69,13 +89,26 @@ class FP4Linear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.quantized_weight().dequantize(dtype or self.dtype)
 
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize the activations (W4A4); identity when the layer has no input_config."""
+        cfg = self.input_config
+        if cfg is None:
+            return x
+        if isinstance(cfg, NVFP4Config):
+            qt = quantize_nvfp4(x, cfg, global_scale=self.input_global_scale, name="input")
+        else:
+            qt = quantize_mxfp4(x, cfg, name="input")
+        return qt.dequantize(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
+        x = self.quantize_input(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.is_cuda:
             return fp4_linear(x, self.quantized_weight(), bias)
         return F.linear(x, self.dequantize_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
+        act = f", input={self.input_config.name}" if self.input_config is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.config.name}")
+                f"format={self.config.name}{act}")
