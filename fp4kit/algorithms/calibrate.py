@@ -151,9 +151,8 @@ def apply_scale_search(model: nn.Module, config: NVFP4Config | MXFP4Config,
 
 
 def swap_in(model, config, qts: dict[str, QuantizedTensor], **quantize_kwargs) -> QuantizeReport:
-    """Let `quantize_` swap and report, then load the precomputed weights into the new FP4Linear modules."""
-    report = quantize_(model, config, progress=False, **quantize_kwargs)
-    assert set(report.quantized) == set(qts), "quantize_ and the algorithm disagree on the layers"
-    for name in report.quantized:
-        model.get_submodule(name).load_quantized(qts[name])
+    """Let `quantize_` swap and report, with the precomputed weights in place of its RTN ones."""
+    report = quantize_(model, config, progress=False, weights=qts, **quantize_kwargs)
+    if set(report.quantized) != set(qts):
+        raise RuntimeError("quantize_ and the algorithm disagree on the layers to quantize")
     return report

@@ -180,12 +180,15 @@ def _name_shards(folder: pathlib.Path, shards: list[str], weight_map: dict, tota
     return list(names.values())
 
 
+METHODS = {"rtn": "round-to-nearest (RTN)", "mse": "per-block MSE scale search", "gptq": "GPTQ"}
+
+
 def model_card(config, quantized: list[str], ignored: list[str], *, source: str = "", table: str = "",
-               input_config=None) -> str:
+               input_config=None, method: str = "rtn") -> str:
     lines = [f"# {source or 'model'} — {config.name.upper()} (fp4kit)", "",
              f"Weights of {len(quantized)} linear layers are {config.name.upper()} in the compressed-tensors "
              f"`{CT_FORMATS[config.name]}` layout (vLLM and transformers with compressed-tensors load it).", "",
-             f"- fp4kit config: `{config!r}`", f"- method: round-to-nearest (RTN)",
+             f"- fp4kit config: `{config!r}`", f"- method: {METHODS.get(method, method)}",
              f"- activations: {input_config.name.upper() + ' (W4A4)' if input_config else 'bf16 (weight-only, W4A16)'}",
              f"- left in float: {', '.join(ignored) if ignored else 'none'}", ""]
     if table:

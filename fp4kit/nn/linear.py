@@ -57,13 +57,16 @@ class FP4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: NVFP4Config | MXFP4Config, *, name: str = "linear",
-                    amax=None, input_config: NVFP4Config | MXFP4Config | None = None) -> "FP4Linear":
-        """Quantize `linear.weight` with `config`. `amax` sets a shared per-tensor amax (fused shards)."""
-        weight = linear.weight.detach()
+                    amax=None, input_config: NVFP4Config | MXFP4Config | None = None,
+                    weight: QuantizedTensor | None = None) -> "FP4Linear":
+        """Quantize `linear.weight` with `config` (RTN), or take `weight` already quantized (GPTQ, scale
+        search). `amax` sets a shared per-tensor amax (fused shards)."""
+        w = linear.weight.detach()
         out = cls(linear.in_features, linear.out_features, config, bias=linear.bias is not None,
-                  dtype=weight.dtype if weight.is_floating_point() else torch.bfloat16, device=weight.device,
+                  dtype=w.dtype if w.is_floating_point() else torch.bfloat16, device=w.device,
                   input_config=input_config)
-        out.load_quantized(quantize(weight, config, amax=amax, name=f"{name}.weight"))
+        out.load_quantized(weight if weight is not None else quantize(linear.weight.detach(), config, amax=amax,
+                                                                       name=f"{name}.weight"))
         if linear.bias is not None:
             out.bias.data.copy_(linear.bias.detach())
         return out

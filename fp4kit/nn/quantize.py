@@ -77,11 +77,13 @@ def shared_amax(chosen: list[tuple[str, nn.Linear]]) -> dict:
 def quantize_(model: nn.Module, config: NVFP4Config | MXFP4Config,
               filter_fn: Callable[[nn.Module, str], bool] | None = None, *,
               ignore: tuple[str, ...] = DEFAULT_IGNORE, activations: NVFP4Config | MXFP4Config | None = None,
-              input_amax: dict | None = None, progress: bool = True) -> QuantizeReport:
+              input_amax: dict | None = None, weights: dict | None = None, progress: bool = True) -> QuantizeReport:
     """Replace eligible linear layers of `model` by `FP4Linear`; return what was done and why not.
 
     `activations` also quantizes each layer's input (W4A4). NVFP4 inputs need a static per-tensor
     scale: `input_amax` maps layer names to calibrated input maxima (see `observe_input_amax`).
+    `weights` maps layer names to weights an algorithm already quantized (GPTQ, scale search);
+    layers not in it are quantized round-to-nearest.
     """
     if not isinstance(config, (NVFP4Config, MXFP4Config)):
         raise TypeError(f"quantize_ needs an NVFP4Config or MXFP4Config, got {type(config).__name__}")
@@ -102,7 +104,8 @@ def quantize_(model: nn.Module, config: NVFP4Config | MXFP4Config,
     for name, module in tqdm(chosen, desc=f"quantize {config.name}", disable=not progress, leave=False):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        fp4 = FP4Linear.from_linear(module, config, name=name, amax=amax.get(name), input_config=activations)
+        fp4 = FP4Linear.from_linear(module, config, name=name, amax=amax.get(name), input_config=activations,
+                                    weight=(weights or {}).get(name))
         if isinstance(activations, NVFP4Config):
             fp4.set_input_amax(input_amax[name])
         setattr(parent, child, fp4)
