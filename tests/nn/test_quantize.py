@@ -94,3 +94,18 @@ def test_fused_siblings_share_global_scale():
     quantize_(attn, NVFP4Config(), progress=False)
     g = [m.weight_global_scale.item() for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     assert g[0] == g[1] == g[2] != attn.o_proj.weight_global_scale.item()
+
+
+def test_moe_w1_w3_share_global_scale_but_w2_does_not():
+    """Mixtral-style experts as nn.Linear (w1 gate, w3 up, w2 down): vLLM fuses w1/w3 into one w13."""
+    experts = nn.ModuleList()
+    for _ in range(2):
+        e = nn.Module()
+        e.w1, e.w2, e.w3 = nn.Linear(64, 96, bias=False), nn.Linear(96, 64, bias=False), nn.Linear(64, 96, bias=False)
+        experts.append(e)
+    with torch.no_grad():
+        experts[0].w3.weight *= 8
+    quantize_(experts, NVFP4Config(), progress=False)
+    g = lambda m: m.weight_global_scale.item()  # noqa: E731
+    assert g(experts[0].w1) == g(experts[0].w3) != g(experts[0].w2)
+    assert g(experts[1].w1) == g(experts[1].w3) != g(experts[0].w1)  # per expert, not across experts
