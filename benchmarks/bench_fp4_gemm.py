@@ -29,7 +29,7 @@ import torch
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
 from fp4kit.kernels.fp4_gemm import (DEQUANT_CUBLAS_MIN_M, SKINNY_MAX_M, GemmConfig, _config, _launch_skinny,
-                                     _skinny_config, fp4_dequantize, fp4_linear, fp4_matmul, prepare_fp4_weight)
+                                     _skinny_config, fp4_linear, fp4_matmul, prepare_fp4_weight)
 from fp4kit.kernels.fp4_quantize import quantize_mxfp4_triton, quantize_nvfp4_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}

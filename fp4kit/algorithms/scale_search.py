@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from fp4kit.formats import (E2M1_MAX, MXFP4Config, NVFP4Config, QuantizedTensor, check_quantizable,
-                            e2m1_codes_to_float, nvfp4_global_scale, pack_codes, quantize, round_to_e2m1_codes,
+                            e2m1_codes_to_float, pack_codes, quantize, round_to_e2m1_codes,
                             shared_exponent)
 from fp4kit.formats.nvfp4 import GlobalScale
 from fp4kit.formats.scales import pow2

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 import fp4kit
 from helpers import tiny_llama

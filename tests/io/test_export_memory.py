@@ -3,7 +3,6 @@
 import threading
 import time
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig
 
