@@ -1,9 +1,9 @@
-"""Imports only go down: formats < kernels < nn < algorithms < io < data < train < eval < cli."""
+"""Imports only go down: formats < kernels < nn < algorithms < io < data < engine < train < eval < cli."""
 
 import ast
 import pathlib
 
-ORDER = ["formats", "kernels", "nn", "algorithms", "io", "data", "train", "eval", "cli"]
+ORDER = ["formats", "kernels", "nn", "algorithms", "io", "data", "engine", "train", "eval", "cli"]
 RANK = {n: i for i, n in enumerate(ORDER)}
 PKG = pathlib.Path(__file__).resolve().parents[1] / "fp4kit"
 

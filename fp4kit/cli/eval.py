@@ -1,0 +1,74 @@
+"""`fp4kit eval` and `fp4kit compare`: bundled tasks on a model or checkpoint, and tables/plots of result files."""
+
+from __future__ import annotations
+
+import torch
+
+import fp4kit
+
+from .common import SCHEMES, SCALE_RULES, format_config, load_any
+
+
+def cmd_eval(args) -> int:
+    from fp4kit.eval import evaluate, parse_tasks, write_jsonl
+
+    tasks = parse_tasks(args.tasks)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tok, meta = load_any(args.model, dtype)
+    if args.quantize != "none":
+        report = fp4kit.quantize_(model, format_config(args.quantize, args.scale_rule))
+        meta |= {"format": args.quantize + (f"-{args.scale_rule}" if args.scale_rule else ""), "method": "rtn",
+                 "quantized_layers": len(report.quantized)}
+    model = model.to(device).eval()
+    records = evaluate(model, tok, tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                       ppl_tokens=args.ppl_tokens, context=args.context, meta=meta)
+    print("| task | metric | value | stderr | n |\n|---|---|---|---|---|")
+    for r in records:
+        se = f"{r['stderr']:.4f}" if r["stderr"] else "-"
+        print(f"| {r['task']} | {r['metric']} | {r['value']:.4f} | {se} | {r['n']} |")
+    if args.json:
+        write_jsonl(records, args.json)
+        print(f"appended {len(records)} records to {args.json}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fp4kit.eval import read_jsonl
+    from fp4kit.eval.report import compare_plot, compare_table, group_runs
+
+    records = []
+    for path in args.files:
+        recs = read_jsonl(path)
+        if not recs:
+            raise ValueError(f"{path}: no records")
+        records += recs
+    runs = group_runs(records)
+    print(compare_table(runs))
+    if args.plot:
+        compare_plot(runs, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def register(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a model or checkpoint on bundled tasks")
+    e.add_argument("model", help="embedded name, HF folder, .gguf file or fp4kit/compressed-tensors checkpoint")
+    e.add_argument("--tasks", default="ppl:shakespeare,hellaswag,arc_easy,arc_challenge,piqa,winogrande",
+                   help="comma list: ppl:shakespeare|coqa|drop, hellaswag, arc_easy, arc_challenge, piqa, "
+                        "winogrande, mmlu, lambada, basic_arithmetic, gsm8k, math500")
+    e.add_argument("--limit", type=int, help="items per task (a fixed-seed sample)")
+    e.add_argument("--seed", type=int, default=1234)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    e.add_argument("--quantize", choices=("none",) + SCHEMES, default="none", help="RTN-quantize in memory first")
+    e.add_argument("--scale-rule", choices=SCALE_RULES, help="MXFP4 shared-exponent rule")
+    e.add_argument("--ppl-tokens", type=int, default=16384)
+    e.add_argument("--context", type=int, default=1024, help="perplexity window")
+    e.add_argument("--json", help="append result records (JSON lines) to this file")
+    e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("compare", help="table (and plot) of result files; runs are grouped by model, format "
+                                       "and method, in order of appearance, and the first is the base")
+    c.add_argument("files", nargs="+")
+    c.add_argument("--plot", help="write a PNG plot here")
+    c.set_defaults(func=cmd_compare)

@@ -1,0 +1,117 @@
+"""`fp4kit quantize`: quantize a model (RTN, MSE scale search or GPTQ), compare it with the original, export it."""
+
+from __future__ import annotations
+
+import fp4kit
+
+from .common import SCHEMES, SCALE_RULES, format_config
+
+
+def _bf16_bytes(model) -> tuple[int, int]:
+    """(parameters, bytes as a bf16 checkpoint), tied tensors counted once."""
+    seen, params = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        params += t.numel()
+    return params, 2 * params
+
+
+def cmd_quantize(args) -> int:
+    import pathlib
+
+    from fp4kit.data import load_corpus
+    from fp4kit.eval import perplexity
+    from fp4kit.io import export_bytes, load_model, save_checkpoint
+    from fp4kit.io.checkpoint import model_card
+
+    out = pathlib.Path(args.out or f"out/{pathlib.Path(args.model).name}-{args.scheme}")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    config = format_config(args.scheme, args.scale_rule)
+    print(f"loading {args.model} ...", flush=True)
+    model, tokenizer, src = load_model(args.model)
+    params, bf16_bytes = _bf16_bytes(model)
+    ids = None
+    if args.eval_tokens:
+        text = load_corpus("shakespeare")[: args.eval_tokens * 8]
+        ids = tokenizer(text, return_tensors="pt").input_ids[0][: args.eval_tokens]
+        before = perplexity(model, ids, context=args.context, desc="ppl bf16/float")
+    report = _quantize_with_method(model, tokenizer, config, args)
+    print(report.summary())
+    after = perplexity(model, ids, context=args.context, desc=f"ppl {args.scheme}") if ids is not None else None
+    rows = [("original", before.perplexity if ids is not None else None, bf16_bytes),
+            (f"{args.scheme} {args.method}" + (" W4A4" if args.activations == "fp4" else ""),
+             after.perplexity if after else None, export_bytes(model))]
+    table = _table(rows, params, ids, args)
+    card = model_card(config, report.quantized, list(report.excluded), source=src.label, table=table,
+                      method=args.method, input_config=config if args.activations == "fp4" else None)
+    result = save_checkpoint(model, out, tokenizer=tokenizer, overwrite=args.overwrite, card=card)
+    print(table)
+    print(f"wrote {result.path} ({len(result.shards)} shard(s), {result.total_bytes / 1e6:.1f} MB)")
+    return 0
+
+
+def _calibration_batches(tokenizer, samples: int, seq_len: int) -> list:
+    """Token batches [1, seq_len] from tiny-shakespeare, taken after the text perplexity is measured on."""
+    from fp4kit.data import load_corpus
+
+    text = load_corpus("shakespeare")[200_000:]
+    ids = tokenizer(text[: samples * seq_len * 8], return_tensors="pt").input_ids[0]
+    if ids.numel() < samples * seq_len:
+        raise ValueError(f"calibration text too short for {samples} x {seq_len} tokens")
+    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in range(samples)]
+
+
+def _quantize_with_method(model, tokenizer, config, args):
+    """rtn: round to nearest; mse: per-block scale search; gptq: GPTQ on calibration Hessians.
+    --activations fp4 adds W4A4 input quantization, NVFP4 with calibrated static input scales."""
+    from fp4kit.algorithms import GPTQConfig, apply_gptq, apply_scale_search, collect_hessians
+    from fp4kit.nn import observe_input_amax
+
+    batches = None
+    if args.method == "gptq" or args.activations == "fp4":
+        batches = _calibration_batches(tokenizer, args.calib_samples, args.calib_seq_len)
+    extra = {}
+    if args.activations == "fp4":
+        amax = observe_input_amax(model, lambda: [model(b) for b in batches])
+        extra = {"activations": config, "input_amax": amax}
+    if args.method == "mse":
+        return apply_scale_search(model, config, **extra)
+    if args.method == "gptq":
+        hessians = collect_hessians(model, batches, config)
+        result = apply_gptq(model, config, hessians, GPTQConfig(damp=args.damp, act_order=args.act_order), **extra)
+        return result.report
+    return fp4kit.quantize_(model, config, **extra)
+
+
+def _table(rows, params, ids, args) -> str:
+    ctx = f"tiny-shakespeare, {ids.numel()} tokens, context {args.context}" if ids is not None else "not measured"
+    lines = [f"| model | perplexity ({ctx}) | size | bits/param |", "|---|---|---|---|"]
+    for name, ppl, nbytes in rows:
+        size = f"{nbytes / 1e6:.1f} MB" if nbytes else "?"
+        bpp = f"{8 * nbytes / params:.2f}" if nbytes else "?"
+        lines.append(f"| {name} | {ppl:.3f} | {size} | {bpp} |" if ppl else f"| {name} | - | {size} | {bpp} |")
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    q = sub.add_parser("quantize", help="quantize a model, compare it with the original, export it for vLLM")
+    q.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="embedded name (smollm2-135m, gemma3-270m), a local HF folder or a .gguf file")
+    q.add_argument("--scheme", choices=SCHEMES, default="nvfp4")
+    q.add_argument("--method", choices=["rtn", "mse", "gptq"], default="rtn",
+                   help="rtn: round to nearest; mse: per-block scale search; gptq: GPTQ with calibration")
+    q.add_argument("--activations", choices=["none", "fp4"], default="none",
+                   help="fp4: also quantize layer inputs (W4A4, the compressed-tensors NVFP4/MXFP4 presets)")
+    q.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (gptq, fp4 activations)")
+    q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of Hessian diagonal")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, a fraction of the mean diagonal")
+    q.add_argument("--scale-rule", choices=SCALE_RULES, help="MXFP4 shared-exponent rule")
+    q.add_argument("--out", help="output folder (default out/MODEL-SCHEME)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--eval-tokens", type=int, default=2048, help="tokens of tiny-shakespeare for perplexity (0: skip)")
+    q.add_argument("--context", type=int, default=512, help="perplexity window")
+    q.set_defaults(func=cmd_quantize)
