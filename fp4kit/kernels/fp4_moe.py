@@ -1,0 +1,375 @@
+"""Grouped MoE W4A16 GEMM: every routed (token, slot) pair times its expert's FP4 weight, in one launch.
+
+A mixture-of-experts layer sends each of T tokens to top_k of E experts. Decoding touches at most
+min(E, T * top_k) experts, and for each of them the whole weight must stream from memory for a
+handful of rows: like the dense decode GEMM, the cost is bytes, so FP4 weights (0.5625 bytes per
+weight for NVFP4, 0.53125 for MXFP4, against bf16's 2) can make it up to ~3.6x faster, if all the
+touched experts stream in one launch instead of one small launch per expert.
+
+The data (all experts of one projection stacked, each expert exactly what `fp4kit.formats`
+produces for its own [N, K] weight):
+
+    packed        uint8 [E, N, K/2]     two E2M1 codes per byte, element 2j in the low nibble
+    block_scale   [E, N, K/bs]          UE4M3 (NVFP4, bs = 16) or E8M0 codes (MXFP4, bs = 32)
+    global_scale  float32 [E]           NVFP4 only: one per expert (None for MXFP4)
+
+Routing (`route_topk`, torch ops on the device, no host synchronisation). Pairs are numbered
+p = token * top_k + slot. They are sorted by expert (stable), and each expert's run of pairs is
+cut into M tiles of at most BLOCK_M pairs; the tile map gives each tile its expert and its
+[start, end) in the sorted list. The number of tiles is bounded without reading the counts:
+sum_e ceil(c_e / BM) <= min(E, P) + P // BM, so the grid is fixed by (T, top_k, E) alone, tiles
+beyond the real ones exit at once, and the whole layer can be captured in a CUDA graph.
+
+The kernel (`_fp4_moe.fp4_moe_kernel`) is the dense skinny kernel's inner loop (int32 word loads,
+float16-pair nibble decode, one float32 multiply by the tabled effective block scale, one
+rounding to x's dtype, bf16 tensor-core MMA) with three changes: the weight, scale and table
+base pointers come from the tile's expert; x rows are gathered by pair (token = p // top_k); y
+rows are scattered to pair order. Optional epilogues, in float32 before the single rounding:
+
+    SwiGLU     W = [gate; up] ([E, 2I, H], gate rows first, as transformers' Qwen3-MoE
+               `gate_up_proj`): y = silu(x @ gate.T) * (x @ up.T), the [P, 2I] never written
+    pair weight  y *= topk_weight[p]   (the down projection: the router's weights)
+
+The torch twins (`fp4_moe_gemm_torch`, `fp4_moe_mlp_torch`) loop over experts with the formats'
+dequantizer and float32 matmuls: the same function up to float32 summation order, which is the
+GEMM tolerance of `fp4_gemm`. `fp4_moe_mlp` chains gate_up (SwiGLU) and down (pair weights) and
+sums each token's top_k rows in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor
+from fp4kit.formats.scales import e8m0_to_float
+
+from .fp4_gemm import HAS_TRITON, _interpreting, _raw_stream, use_triton
+
+if HAS_TRITON:
+    import triton
+    from triton import knobs as _knobs
+
+    from . import _fp4_moe
+
+
+# ----------------------------------------------------------------------------------------------
+# stacked expert weights
+
+
+@dataclass(frozen=True, eq=False)
+class FP4Experts:
+    """E experts' FP4 weights [E, N, K], each quantized on its own (its own NVFP4 global scale)."""
+
+    packed: torch.Tensor  # uint8 [E, N, K/2]
+    block_scale: torch.Tensor  # float8_e4m3fn or uint8 [E, N, K/bs]
+    global_scale: torch.Tensor | None  # float32 [E] (NVFP4), None (MXFP4)
+    config: NVFP4Config | MXFP4Config
+
+    def __post_init__(self):
+        if not isinstance(self.config, (NVFP4Config, MXFP4Config)):
+            raise TypeError(f"FP4Experts: expected an NVFP4 or MXFP4 config, got {type(self.config).__name__}")
+        if self.packed.dtype != torch.uint8 or self.packed.dim() != 3:
+            raise ValueError(f"FP4Experts: packed must be uint8 [E, N, K/2], got {self.packed.dtype} "
+                             f"{tuple(self.packed.shape)}")
+        E, N, half_k = self.packed.shape
+        bs = self.config.block_size
+        if tuple(self.block_scale.shape) != (E, N, 2 * half_k // bs):
+            raise ValueError(f"FP4Experts: block_scale {tuple(self.block_scale.shape)} does not match packed "
+                             f"{tuple(self.packed.shape)} with block size {bs}")
+        is_nv = isinstance(self.config, NVFP4Config)
+        if is_nv and (self.global_scale is None or self.global_scale.numel() != E):
+            raise ValueError(f"FP4Experts: NVFP4 needs one global scale per expert ({E})")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        E, N, half_k = self.packed.shape
+        return E, N, 2 * half_k
+
+    @property
+    def nbytes(self) -> int:
+        gs = 0 if self.global_scale is None else self.global_scale.numel() * 4
+        return self.packed.numel() + self.block_scale.numel() + gs
+
+    def expert(self, e: int) -> QuantizedTensor:
+        """Expert e as the 2-D QuantizedTensor the formats produced (views, no copy)."""
+        gs = None if self.global_scale is None else self.global_scale[e].reshape(1)
+        return QuantizedTensor(self.packed[e], self.block_scale[e], gs, tuple(self.shape[1:]), self.config)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[E, N, K] in dtype, expert by expert with the formats' dequantizer."""
+        return torch.stack([self.expert(e).dequantize(dtype) for e in range(self.shape[0])])
+
+    def to(self, device) -> "FP4Experts":
+        gs = None if self.global_scale is None else self.global_scale.to(device)
+        return FP4Experts(self.packed.to(device), self.block_scale.to(device), gs, self.config)
+
+
+def stack_experts(qts: Sequence[QuantizedTensor]) -> FP4Experts:
+    """Stack per-expert 2-D QuantizedTensors (one format config, one shape) into FP4Experts."""
+    if not qts:
+        raise ValueError("stack_experts: no experts given")
+    cfg, shape = qts[0].config, tuple(qts[0].shape)
+    for i, qt in enumerate(qts):
+        if qt.config != cfg or tuple(qt.shape) != shape or len(shape) != 2:
+            raise ValueError(f"stack_experts: expert {i} has config {qt.config} shape {tuple(qt.shape)}; "
+                             f"expert 0 has {cfg} {shape} (all must match, 2-D)")
+    gs = None if qts[0].global_scale is None else torch.cat([qt.global_scale.float().reshape(1) for qt in qts])
+    return FP4Experts(torch.stack([qt.data for qt in qts]).contiguous(),
+                      torch.stack([qt.scale for qt in qts]).contiguous(), gs, cfg)
+
+
+def quantize_experts(w: torch.Tensor, config: NVFP4Config | MXFP4Config) -> FP4Experts:
+    """w [E, N, K] -> FP4Experts, each expert quantized on its own by `config` (own amax, own global scale)."""
+    if w.dim() != 3:
+        raise ValueError(f"quantize_experts: expected [E, N, K], got {tuple(w.shape)}")
+    return stack_experts([config.quantize(w[e], name=f"expert {e}") for e in range(w.shape[0])])
+
+
+def experts_from_quantized(qt: QuantizedTensor) -> FP4Experts:
+    """A 3-D QuantizedTensor [E, N, K] (one global scale for all experts) as FP4Experts (scale repeated)."""
+    if len(qt.shape) != 3:
+        raise ValueError(f"experts_from_quantized: expected a 3-D [E, N, K] tensor, got {tuple(qt.shape)}")
+    E = qt.shape[0]
+    gs = None if qt.global_scale is None else qt.global_scale.float().reshape(-1)[:1].expand(E).contiguous()
+    return FP4Experts(qt.data.contiguous(), qt.scale.contiguous(), gs, qt.config)
+
+
+# ----------------------------------------------------------------------------------------------
+# routing
+
+
+@dataclass(frozen=True, eq=False)
+class MoERouting:
+    """Expert-sorted pairs and the M-tile map of one routing (see the module docstring)."""
+
+    expert_ids: torch.Tensor  # int64 [P]: expert of pair p = token * top_k + slot
+    pairs: torch.Tensor  # int32 [P]: pair ids sorted by expert (stable)
+    tile_expert: torch.Tensor  # int32 [tiles]: expert of each M tile; num_experts for unused tiles
+    tile_start: torch.Tensor  # int32 [tiles]: first sorted position of the tile
+    tile_end: torch.Tensor  # int32 [tiles]: end of the tile's expert run (rows >= end are masked)
+    num_experts: int
+    top_k: int
+    block_m: int
+
+    @property
+    def num_pairs(self) -> int:
+        return self.expert_ids.numel()
+
+
+def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """An upper bound on sum_e ceil(c_e / block_m) over any routing of num_pairs pairs."""
+    return min(num_experts, num_pairs) + num_pairs // block_m
+
+
+def default_block_m(num_pairs: int, num_experts: int) -> int:
+    """16 rows while experts average <= 16 pairs (decode), then 32, then 64."""
+    per_expert = num_pairs / max(num_experts, 1)
+    return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
+
+
+def route_topk(topk_ids: torch.Tensor, num_experts: int, block_m: int | None = None) -> MoERouting:
+    """topk_ids [T, top_k] (the router's chosen experts) -> MoERouting, on topk_ids' device, no host sync."""
+    if topk_ids.dim() != 2:
+        raise ValueError(f"route_topk: topk_ids must be [tokens, top_k], got {tuple(topk_ids.shape)}")
+    T, top_k = topk_ids.shape
+    P = T * top_k
+    block_m = block_m or default_block_m(P, num_experts)
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).long()  # [P]
+    order = torch.argsort(flat, stable=True)  # [P] pair ids by expert
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    tiles = (counts + block_m - 1) // block_m  # [E]
+    tile_cum = torch.cumsum(tiles, 0)
+    offsets = torch.cumsum(counts, 0) - counts  # [E] first sorted position of each expert
+    t = torch.arange(max_tiles(P, num_experts, block_m), device=dev)
+    e = torch.searchsorted(tile_cum, t, right=True)  # [tiles] in 0..E (E: past the last real tile)
+    ec = e.clamp(max=num_experts - 1)
+    start = offsets[ec] + (t - (tile_cum[ec] - tiles[ec])) * block_m
+    end = offsets[ec] + counts[ec]
+    i32 = torch.int32
+    return MoERouting(flat, order.to(i32), e.to(i32), start.to(i32), end.to(i32), num_experts, top_k, block_m)
+
+
+# ----------------------------------------------------------------------------------------------
+# prepared experts and the launcher
+
+
+def _scale_tables(ex: FP4Experts) -> torch.Tensor:
+    """float32 [E, 256]: each expert's effective block scale per scale code, times 2^14 (see fp4_gemm)."""
+    E = ex.shape[0]
+    codes = torch.arange(256, dtype=torch.uint8, device=ex.packed.device)
+    if isinstance(ex.config, NVFP4Config):
+        s = codes.view(torch.float8_e4m3fn)
+        eff = torch.stack([ex.config.effective_block_scale(s, ex.global_scale[e].float()) for e in range(E)])
+    else:
+        eff = e8m0_to_float(codes).float()
+        eff = torch.where(codes.int() <= 240, eff, torch.full_like(eff, float("nan"))).expand(E, 256)
+    return (eff * 16384.0).contiguous()
+
+
+@dataclass
+class PreparedFP4Experts:
+    """FP4Experts made ready for the kernel: int32 word view, uint8 scale codes, per-expert scale tables."""
+
+    experts: FP4Experts
+    words: torch.Tensor  # int32 [E, N, K/8]
+    scale_codes: torch.Tensor  # uint8 [E, N, K/bs]
+    tables: torch.Tensor  # float32 [E, 256]
+    launches: dict = field(default_factory=dict)
+
+
+def prepare_fp4_experts(ex: FP4Experts) -> PreparedFP4Experts:
+    """Precompute what every call would redo; keep it beside the weights (it snapshots the global scales)."""
+    E, N, K = ex.shape
+    if K % 8:
+        raise ValueError(f"fp4 MoE: K must be a multiple of 8, got {K}")
+    packed = ex.packed.contiguous()
+    if packed.data_ptr() % 16:
+        packed = packed.clone()
+    return PreparedFP4Experts(ex, packed.view(torch.int32), ex.block_scale.contiguous().view(torch.uint8),
+                              _scale_tables(ex))
+
+
+@dataclass(frozen=True)
+class MoEGemmConfig:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self):
+        if self.block_n < 16 or self.block_k < 32 or self.block_k % 32:
+            raise ValueError(f"MoEGemmConfig: block_n >= 16 and block_k a multiple of 32, got {self}")
+
+
+def _moe_config(N_out: int, K: int, swiglu: bool) -> MoEGemmConfig:
+    """Tiles for the decode regime (H100 numbers in BENCHMARKS.md); the interpreter gets small ones."""
+    if _interpreting():
+        return MoEGemmConfig(16, 64, num_warps=1, num_stages=1)
+    return MoEGemmConfig(32, 256 if K >= 256 else 128, num_warps=4, num_stages=4)
+
+
+def _check_call(x: torch.Tensor, ex: FP4Experts, routing: MoERouting, swiglu: bool, x_per_pair: bool) -> int:
+    E, N, K = ex.shape
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"fp4 MoE: x must be bfloat16 or float16, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"fp4 MoE: x must be [rows, {K}] for experts of shape {ex.shape}, got {tuple(x.shape)}")
+    rows = routing.num_pairs if x_per_pair else routing.num_pairs // routing.top_k
+    if x.shape[0] != rows:
+        raise ValueError(f"fp4 MoE: x has {x.shape[0]} rows, the routing expects {rows} "
+                         f"({'pairs' if x_per_pair else 'tokens'})")
+    if routing.num_experts != E:
+        raise ValueError(f"fp4 MoE: routing is over {routing.num_experts} experts, the weights have {E}")
+    if swiglu and N % 2:
+        raise ValueError(f"fp4 MoE: SwiGLU needs an even number of weight rows (gate; up), got {N}")
+    return N // 2 if swiglu else N
+
+
+def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, routing: MoERouting, *,
+                 swiglu: bool = False, pair_weights: torch.Tensor | None = None, x_per_pair: bool = False,
+                 config: MoEGemmConfig | None = None) -> torch.Tensor:
+    """y [P, N_out]: y[p] = act(x[row(p)] @ dequant(W[expert(p)]).T) (* pair_weights[p]); see the module docstring.
+
+    x is [T, K] (row(p) = p // top_k) or, with x_per_pair, [P, K] (row(p) = p). Pass a
+    PreparedFP4Experts (from `prepare_fp4_experts`) to skip the per-call preparation. Runs the
+    Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch twin elsewhere.
+    """
+    ex = experts.experts if isinstance(experts, PreparedFP4Experts) else experts
+    N_out = _check_call(x, ex, routing, swiglu, x_per_pair)
+    if not use_triton(x):
+        return fp4_moe_gemm_torch(x, ex, routing, swiglu=swiglu, pair_weights=pair_weights, x_per_pair=x_per_pair)
+    prep = experts if isinstance(experts, PreparedFP4Experts) else prepare_fp4_experts(ex)
+    x = x.contiguous()
+    P = routing.num_pairs
+    y = torch.empty(P, N_out, dtype=x.dtype, device=x.device)
+    if P == 0:
+        return y
+    if pair_weights is not None:
+        pair_weights = pair_weights.reshape(-1).contiguous()
+        if pair_weights.numel() != P:
+            raise ValueError(f"fp4 MoE: pair_weights has {pair_weights.numel()} entries for {P} pairs")
+    E, _, K = ex.shape
+    cfg = config or _moe_config(N_out, K, swiglu)
+    grid = (triton.cdiv(N_out, cfg.block_n), routing.tile_expert.numel(), 1)
+    args = (x, prep.words, prep.scale_codes, prep.tables, routing.pairs, routing.tile_expert, routing.tile_start,
+            routing.tile_end, x if pair_weights is None else pair_weights, y, E, N_out, K,
+            1 if x_per_pair else routing.top_k, ex.config.block_size, swiglu, pair_weights is not None,
+            routing.block_m, cfg.block_n, cfg.block_k, _interpreting())
+    _launch(prep, grid, args, cfg, (cfg, routing.block_m, x.dtype, x.data_ptr() % 16 == 0, swiglu, x_per_pair,
+                                    routing.top_k, None if pair_weights is None else
+                                    (pair_weights.dtype, pair_weights.data_ptr() % 16 == 0), x.device.index))
+    return y
+
+
+def _launch(prep: PreparedFP4Experts, grid, args, cfg: MoEGemmConfig, key) -> None:
+    """Launch fp4_moe_kernel; after the first call per key the compiled kernel is launched directly."""
+    compiled = prep.launches.get(key)
+    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
+        compiled.run(grid[0], grid[1], grid[2], _raw_stream(args[0].device.index), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args)
+        return
+    compiled = _fp4_moe.fp4_moe_kernel[grid](*args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not _interpreting() and compiled is not None:
+        prep.launches[key] = compiled
+
+
+def fp4_moe_gemm_torch(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, routing: MoERouting, *,
+                       swiglu: bool = False, pair_weights: torch.Tensor | None = None,
+                       x_per_pair: bool = False) -> torch.Tensor:
+    """Twin of `fp4_moe_gemm`: per expert, its pairs' rows times the formats' dequantized weight, in float32."""
+    ex = experts.experts if isinstance(experts, PreparedFP4Experts) else experts
+    N_out = _check_call(x, ex, routing, swiglu, x_per_pair)
+    P = routing.num_pairs
+    row = torch.arange(P, device=x.device) // (1 if x_per_pair else routing.top_k)
+    y = torch.empty(P, N_out, dtype=x.dtype, device=x.device)
+    for e in routing.expert_ids.unique().tolist():
+        idx = (routing.expert_ids == e).nonzero().squeeze(1)
+        w = ex.expert(e).dequantize(x.dtype).float()  # the weight the kernel sees: one rounding to x's dtype
+        h = x[row[idx]].float() @ w.T
+        if swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        if pair_weights is not None:
+            h = h * pair_weights.reshape(-1)[idx].float()[:, None]
+        y[idx] = h.to(x.dtype)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole expert MLP
+
+
+def _combine(y: torch.Tensor, T: int, top_k: int) -> torch.Tensor:
+    """[P, H] pair rows -> [T, H]: each token's top_k rows summed in float32 (slot order), one rounding."""
+    return y.view(T, top_k, -1).float().sum(1).to(y.dtype)
+
+
+def fp4_moe_mlp(x: torch.Tensor, gate_up: FP4Experts | PreparedFP4Experts, down: FP4Experts | PreparedFP4Experts,
+                topk_ids: torch.Tensor, topk_weights: torch.Tensor, *, routing: MoERouting | None = None
+                ) -> torch.Tensor:
+    """A SwiGLU MoE expert block: x [T, H] -> [T, H] = sum_slots w * down_e(silu(gate_e x) * up_e x).
+
+    gate_up [E, 2I, H] (gate rows first), down [E, H, I]; topk_ids / topk_weights [T, top_k] from
+    the router. Two launches (gate_up with the SwiGLU epilogue, down with the router weights), the
+    routing built once (or passed in) and shared.
+    """
+    T = x.shape[0]
+    ex = gate_up.experts if isinstance(gate_up, PreparedFP4Experts) else gate_up
+    routing = routing or route_topk(topk_ids, ex.shape[0])
+    h = fp4_moe_gemm(x, gate_up, routing, swiglu=True)  # [P, I]
+    y = fp4_moe_gemm(h, down, routing, x_per_pair=True, pair_weights=topk_weights)  # [P, H]
+    return _combine(y, T, routing.top_k)
+
+
+def fp4_moe_mlp_torch(x: torch.Tensor, gate_up: FP4Experts, down: FP4Experts, topk_ids: torch.Tensor,
+                      topk_weights: torch.Tensor) -> torch.Tensor:
+    """Twin of `fp4_moe_mlp`: the same chain through `fp4_moe_gemm_torch`."""
+    routing = route_topk(topk_ids, gate_up.shape[0])
+    h = fp4_moe_gemm_torch(x, gate_up, routing, swiglu=True)
+    y = fp4_moe_gemm_torch(h, down, routing, x_per_pair=True, pair_weights=topk_weights)
+    return _combine(y, x.shape[0], routing.top_k)

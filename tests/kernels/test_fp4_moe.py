@@ -1,0 +1,182 @@
+"""Grouped MoE GEMM: routing map, kernel against a float64 reference and against its torch twin."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'fp4kit[test]')")
+
+from fp4kit.formats import MXFP4Config, NVFP4Config, quantize  # noqa: E402
+from fp4kit.kernels.fp4_gemm import use_triton  # noqa: E402
+from fp4kit.kernels.fp4_moe import (experts_from_quantized, fp4_moe_gemm, fp4_moe_gemm_torch, fp4_moe_mlp,  # noqa: E402
+                                    fp4_moe_mlp_torch, max_tiles, prepare_fp4_experts, quantize_experts, route_topk)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_kernels = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
+                                   reason="no CUDA and TRITON_INTERPRET != 1: the kernels cannot run here")
+CONFIGS = {"nvfp4": NVFP4Config(), "mxfp4": MXFP4Config()}
+# as tests/kernels/test_fp4_gemm.py: the output cast (half a bf16 ulp) plus float32 summation
+TOL_MAX, TOL_RMS = 1.1 * 2**-8, 2**-8
+
+
+def _experts(E, N, K, name, seed=0):
+    """Experts of different magnitudes (different NVFP4 global scales), rows of different magnitudes."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(E, N, K, generator=g) * torch.logspace(-1, 1, N)[None, :, None]
+    w = w * torch.logspace(-2, 1, E)[:, None, None] * 0.05
+    return quantize_experts(w.to(DEVICE), CONFIGS[name])
+
+
+def _routing_ids(T, top_k, E, seed=0, skew=False):
+    """Distinct experts per token; skew sends every token to expert 0 (many tiles) and leaves others empty."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:top_k] + 1 for _ in range(T)])
+    if skew:
+        ids[:, 0] = 0
+    return ids.to(DEVICE)
+
+
+def _reference(x, ex, ids, swiglu=False, pair_weights=None, x_per_pair=False):
+    """float64 per pair, on the weights dequantized to x's dtype (what any bf16 MMA kernel multiplies)."""
+    T, top_k = ids.shape
+    w = ex.dequantize(x.dtype).double()  # [E, N, K]
+    flat = ids.reshape(-1)
+    rows = x.double() if x_per_pair else x.double().repeat_interleave(top_k, 0)  # [P, K]
+    h = torch.einsum("pk,pnk->pn", rows, w[flat])
+    if swiglu:
+        gate, up = h.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate) * up
+    if pair_weights is not None:
+        h = h * pair_weights.reshape(-1, 1).double()
+    return h
+
+
+def _errors(y, ref):
+    err = y.double() - ref
+    return (err.abs().max() / ref.abs().max()).item(), (err.norm() / ref.norm()).item()
+
+
+def test_route_topk_covers_every_pair_once():
+    E, T, top_k, bm = 8, 37, 3, 4
+    ids = _routing_ids(T, top_k, E, skew=True)
+    r = route_topk(ids, E, block_m=bm)
+    assert r.tile_expert.numel() == max_tiles(T * top_k, E, bm)
+    seen = torch.zeros(T * top_k, dtype=torch.int32)
+    for t in range(r.tile_expert.numel()):
+        e = int(r.tile_expert[t])
+        if e == E:  # unused tile
+            continue
+        start, end = int(r.tile_start[t]), int(r.tile_end[t])
+        rows = r.pairs[start:min(start + bm, end)].long().cpu()
+        assert len(rows) > 0 and (ids.reshape(-1).cpu()[rows] == e).all()
+        seen[rows] += 1
+    assert (seen == 1).all()
+    assert not (r.tile_expert == 1 + E).any() and int((r.tile_expert < E).sum()) >= (T + bm - 1) // bm
+
+
+def test_max_tiles_is_a_bound_for_extreme_routings():
+    """All pairs on one expert, and one pair per expert: the bound holds and is reached where it should."""
+    for E, T, top_k, bm in [(4, 1, 1, 16), (64, 8, 8, 16), (3, 50, 1, 16), (128, 64, 8, 16)]:
+        for ids in (torch.zeros(T, top_k, dtype=torch.long), torch.arange(T * top_k).reshape(T, top_k) % E):
+            r = route_topk(ids, E, block_m=bm)
+            real = int((r.tile_expert < E).sum())
+            counts = torch.bincount(ids.reshape(-1), minlength=E)
+            assert real == int(((counts + bm - 1) // bm).sum()) <= r.tile_expert.numel()
+
+
+def test_quantize_experts_matches_formats_per_expert():
+    w = torch.randn(3, 16, 64, device=DEVICE)
+    ex = quantize_experts(w, NVFP4Config())
+    for e in range(3):
+        want = quantize(w[e], NVFP4Config())
+        assert torch.equal(ex.expert(e).dequantize(), want.dequantize())
+    assert ex.global_scale.shape == (3,) and len(set(ex.global_scale.tolist())) == 3
+
+
+@needs_kernels
+@pytest.mark.parametrize("T", [1, 17, 64])
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_moe_gemm_plain_vs_reference_and_twin(name, T):
+    """K = 160 leaves a K tail, N = 40 an N tail; experts with zero pairs; T = 64 puts > 16 pairs on some."""
+    E, N, K, top_k = 6, 40, 160, 2
+    ex = _experts(E, N, K, name)
+    ids = _routing_ids(T, top_k, E, seed=T)
+    x = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16)
+    r = route_topk(ids, E)
+    y = fp4_moe_gemm(x, ex, r)
+    assert y.shape == (T * top_k, N) and y.dtype == torch.bfloat16
+    ref = _reference(x, ex, ids)
+    max_err, rms_err = _errors(y, ref)
+    assert max_err <= TOL_MAX and rms_err <= TOL_RMS, (max_err, rms_err)
+    max_err, rms_err = _errors(fp4_moe_gemm_torch(x, ex, r), ref)
+    assert max_err <= TOL_MAX and rms_err <= TOL_RMS, (max_err, rms_err)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_moe_gemm_swiglu_and_pair_weights_skewed(name):
+    """Every token on expert 0 (3 M tiles of 16), the other experts sparse or empty, fused SwiGLU."""
+    E, I, K, T, top_k = 5, 24, 96, 40, 2
+    ex = _experts(E, 2 * I, K, name, seed=1)
+    ids = _routing_ids(T, top_k, E, seed=2, skew=True)
+    x = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16)
+    pw = torch.rand(T, top_k, device=DEVICE)
+    r = route_topk(ids, E, block_m=16)
+    y = fp4_moe_gemm(x, prepare_fp4_experts(ex), r, swiglu=True, pair_weights=pw)
+    assert y.shape == (T * top_k, I)
+    max_err, rms_err = _errors(y, _reference(x, ex, ids, swiglu=True, pair_weights=pw))
+    assert max_err <= TOL_MAX and rms_err <= TOL_RMS, (max_err, rms_err)
+
+
+@needs_kernels
+def test_moe_gemm_x_per_pair_fp16():
+    E, N, K, T, top_k = 4, 32, 64, 5, 3
+    ex = _experts(E, N, K, "nvfp4", seed=3)
+    ids = _routing_ids(T, top_k, E, seed=4)
+    h = torch.randn(T * top_k, K, device=DEVICE, dtype=torch.float16)
+    y = fp4_moe_gemm(h, ex, route_topk(ids, E), x_per_pair=True)
+    max_err, rms_err = _errors(y, _reference(h, ex, ids, x_per_pair=True))
+    assert max_err <= 1.1 * 2**-11 and rms_err <= 2**-11, (max_err, rms_err)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_moe_mlp_matches_twin(name):
+    """The whole block (gate_up SwiGLU, down with router weights, float32 combine) against its twin."""
+    E, H, I, T, top_k = 6, 64, 32, 9, 2
+    gate_up, down = _experts(E, 2 * I, H, name, seed=5), _experts(E, H, I, name, seed=6)
+    ids = _routing_ids(T, top_k, E, seed=7)
+    pw = torch.softmax(torch.randn(T, top_k, device=DEVICE), -1)
+    x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+    got = fp4_moe_mlp(x, gate_up, down, ids, pw)
+    want = fp4_moe_mlp_torch(x, gate_up, down, ids, pw)
+    assert got.shape == (T, H)
+    # both round h to bf16 between the GEMMs; a 1-ulp flip there moves the output by ~2^-8 relative
+    err = (got.double() - want.double())
+    assert (err.abs().max() / want.double().abs().max()).item() <= 2**-6
+    assert (err.norm() / want.double().norm()).item() <= 2**-8
+
+
+@needs_kernels
+def test_experts_from_quantized_3d():
+    """A 3-D QuantizedTensor (one global scale) runs through the same kernel."""
+    w = torch.randn(4, 32, 64, device=DEVICE) * 0.1
+    qt = quantize(w, NVFP4Config())
+    ex = experts_from_quantized(qt)
+    assert torch.equal(ex.dequantize(), qt.dequantize())
+    ids = _routing_ids(3, 2, 4, seed=8)
+    x = torch.randn(3, 64, device=DEVICE, dtype=torch.bfloat16)
+    max_err, rms_err = _errors(fp4_moe_gemm(x, ex, route_topk(ids, 4)), _reference(x, ex, ids))
+    assert max_err <= TOL_MAX and rms_err <= TOL_RMS, (max_err, rms_err)
+
+
+def test_moe_gemm_rejects_bad_input():
+    ex = _experts(4, 16, 64, "mxfp4")
+    r = route_topk(torch.zeros(2, 2, dtype=torch.long, device=DEVICE), 4)
+    with pytest.raises(ValueError, match="rows"):
+        fp4_moe_gemm(torch.randn(3, 64, device=DEVICE, dtype=torch.bfloat16), ex, r)
+    with pytest.raises(ValueError, match=r"\[rows, 64\]"):
+        fp4_moe_gemm(torch.randn(2, 32, device=DEVICE, dtype=torch.bfloat16), ex, r)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        fp4_moe_gemm(torch.randn(2, 64, device=DEVICE), ex, r)
+    with pytest.raises(ValueError, match="8 experts"):
+        fp4_moe_gemm(torch.randn(2, 64, device=DEVICE, dtype=torch.bfloat16), ex, route_topk(r.expert_ids.view(2, 2), 8))
