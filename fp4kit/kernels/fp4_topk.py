@@ -1,0 +1,293 @@
+"""Top-k key selection for sparse decode attention: index scores over a (packed FP4) key cache, and the rerank.
+
+What it computes. A decode step has one index query per row (row = batch x KV head), q [R, D]
+float32, and a key cache of L positions per row. Stage one scores every position t in [lo, hi)
+
+    score[r, t] = bf16( q[r] . key[r, t] )        key decoded from bf16, FP8 or FP4 (MXFP4 / NVFP4)
+
+and keeps the top n. Stage two (the rerank) rescores n candidates against the exact bf16 keys in
+float32 and keeps the top k. The caller adds the positions it always keeps (first tokens, a
+sliding window) by passing [lo, hi) around them (see `fp4kit.nn.indexer`).
+
+Order and ties. Scores are compared as numbers with -0 == +0; equal scores go to the LOWER position.
+That total order is what `topk_order_torch` implements with a stable descending sort, and what the
+kernels implement with unique integer keys: stage one writes
+
+    key32 = (m << 16) | (0xFFFF - (t mod 65536))   m: the bf16 score's bits as a monotone int16
+
+per position, takes `torch.topk` of those keys in chunks of 65,536 positions (keys are unique
+inside a chunk, so the result is deterministic), and merges the chunks' winners with the 64-bit key
+(m << 32) | (2^32 - 1 - t). The rerank uses the same 64-bit key with the float32 score's bits.
+Results come back sorted: best first, ties by position.
+
+Bytes per key (head dim D): bf16 2D; FP8 D + 4 (a float32 scale per position, as
+`fp4kit.nn.kv_cache`); MXFP4 D/2 + D/32; NVFP4 D/2 + D/16; plus 4 bytes of int32 key written and
+read back by the selection. At D = 128 that is 260 / 140 / 72 / 80 bytes: FP4 moves 1.9x fewer
+than FP8. The rerank reads only n bf16 keys (n = 2k: 0.5 MB at k = 1024, D = 128).
+
+Layout: `KeyCacheView` holds [R, L, ...] tensors of any row stride (a slice of a preallocated cache
+with capacity > L is read in place); the last two dims must be contiguous.
+
+Exactness (tests/kernels/test_fp4_topk.py): with MXFP4 keys and an MXFP4-dequantized query every
+product and partial sum is exact in float32 (power-of-two scales, 3-bit significands) while a
+vector's block exponents span fewer than ~10 binades, so the kernel's scores equal the twin's bit for
+bit and so do the selected positions. bf16, FP8 and NVFP4 keys round inside the float32 sum, so their
+scores can differ from the twin's by the summation order (1 bf16 ulp, rarely).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fp4kit.formats import GlobalScale, MXFP4Config, NVFP4Config, QuantizedTensor
+
+try:
+    import triton
+
+    from . import _fp4_topk
+
+    HAS_TRITON = True
+except ImportError:  # CPU installs without triton use the torch twins
+    HAS_TRITON = False
+
+CHUNK = 65536  # positions per int32-key chunk: the low 16 bits of a key hold 0xFFFF - (t mod CHUNK)
+
+
+class KeyFormat(enum.Enum):
+    """How the index keys are stored (see the module docstring for bytes per key)."""
+
+    BF16 = "bf16"
+    FP8 = "fp8"  # float8_e4m3fn with a float32 scale per position
+    MXFP4 = "mxfp4"  # packed E2M1, E8M0 scale per 32
+    NVFP4 = "nvfp4"  # packed E2M1, UE4M3 scale per 16, one float32 global scale
+
+
+_FMT_CODE = {KeyFormat.BF16: 0, KeyFormat.FP8: 1, KeyFormat.MXFP4: 2, KeyFormat.NVFP4: 3}
+
+
+@dataclass(frozen=True)
+class KeyCacheView:
+    """Keys of R rows x L positions. data: [R, L, D] bf16 / float8_e4m3fn, or [R, L, D/2] uint8 (FP4).
+    scale: None (bf16), [R, L] float32 (FP8), [R, L, D/bs] uint8 scale codes (FP4: E8M0 or UE4M3 bits).
+    global_scale: float32 [1] for NVFP4. fp4_config: the MXFP4/NVFP4 config that wrote the codes."""
+
+    format: KeyFormat
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+    fp4_config: MXFP4Config | NVFP4Config | None = None
+
+    def __post_init__(self):
+        fp4 = self.format in (KeyFormat.MXFP4, KeyFormat.NVFP4)
+        if self.data.dim() != 3:
+            raise ValueError(f"KeyCacheView.data must be [R, L, D], got shape {tuple(self.data.shape)}")
+        if fp4 and (self.data.dtype != torch.uint8 or self.scale is None or self.fp4_config is None):
+            raise ValueError(f"{self.format.name} keys need uint8 packed data, scale codes and fp4_config")
+        if self.format is KeyFormat.NVFP4 and self.global_scale is None:
+            raise ValueError("NVFP4 keys need a global_scale")
+        if self.format is KeyFormat.FP8 and (self.data.dtype != torch.float8_e4m3fn or self.scale is None):
+            raise ValueError("FP8 keys need float8_e4m3fn data and a float32 scale per position")
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.data.shape[2] * (2 if self.format in (KeyFormat.MXFP4, KeyFormat.NVFP4) else 1)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [R, L, D]: the key values the scores use."""
+        if self.format is KeyFormat.BF16:
+            return self.data.float()
+        if self.format is KeyFormat.FP8:
+            return self.data.float() * self.scale.unsqueeze(-1)
+        scale = self.scale.contiguous()
+        if self.format is KeyFormat.NVFP4:
+            scale = scale.view(torch.float8_e4m3fn)
+        shape = (self.rows, self.length, self.head_dim)
+        return QuantizedTensor(self.data.contiguous(), scale, self.global_scale, shape, self.fp4_config).dequantize()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or _interpreting())
+
+
+def _check(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int | None) -> int:
+    if q.dim() != 2 or q.shape[0] != keys.rows or q.shape[1] != keys.head_dim:
+        raise ValueError(f"index query must be [R={keys.rows}, D={keys.head_dim}], got {tuple(q.shape)}")
+    if q.dtype != torch.float32:
+        raise TypeError(f"index query must be float32, got {q.dtype}")
+    hi = keys.length if hi is None else hi
+    if not 0 <= lo <= hi <= keys.length:
+        raise ValueError(f"need 0 <= lo <= hi <= L={keys.length}, got lo={lo}, hi={hi}")
+    return hi
+
+
+# ----------------------------------------------------------------------------------------------
+# the order
+
+
+def _monotone_int(bits: torch.Tensor, sign_mask: int) -> torch.Tensor:
+    """Float bits as a signed int whose order is the float order (-0 mapped to +0 first)."""
+    neg_zero = -(sign_mask + 1)
+    bits = torch.where(bits == neg_zero, torch.zeros_like(bits), bits)
+    return torch.where(bits < 0, bits ^ sign_mask, bits)
+
+
+def order_key64(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """int64 keys, larger = better: the score's monotone bits above, 2^32 - 1 - position below.
+    scores: bf16 or float32; positions: int64 in [0, 2^32), same shape."""
+    if scores.dtype == torch.bfloat16:
+        m = _monotone_int(scores.view(torch.int16).to(torch.int64), 0x7FFF)
+    elif scores.dtype == torch.float32:
+        m = _monotone_int(scores.view(torch.int32).to(torch.int64), 0x7FFFFFFF)
+    else:
+        raise TypeError(f"order keys need bf16 or float32 scores, got {scores.dtype}")
+    return (m << 32) | (0xFFFFFFFF - positions)
+
+
+def topk_order_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k best along the last dim: larger score first, equal scores by lower position
+    (-0 == +0; -inf last). A stable descending sort: the specification the kernels follow."""
+    s = torch.where(scores == 0, torch.zeros_like(scores), scores)  # -0 -> +0
+    return torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+# ----------------------------------------------------------------------------------------------
+# stage one: index scores and top-n
+
+
+def index_scores_torch(q: torch.Tensor, keys: KeyCacheView) -> torch.Tensor:
+    """bf16 scores [R, L]: q [R, D] float32 against the decoded keys (float64 dot, FP8 scale after)."""
+    if keys.format is KeyFormat.FP8:
+        dot = torch.einsum("rd,rld->rl", q.double(), keys.data.double()).float()
+        return (dot * keys.scale).to(torch.bfloat16)
+    return torch.einsum("rd,rld->rl", q.double(), keys.dequantize().double()).float().to(torch.bfloat16)
+
+
+def index_topk_torch(q: torch.Tensor, keys: KeyCacheView, n: int, *, lo: int = 0, hi: int | None = None):
+    """Twin of `index_topk`: int64 [R, min(n, hi - lo)] positions in [lo, hi), best first."""
+    hi = _check(q, keys, lo, hi)
+    scores = index_scores_torch(q, keys)[:, lo:hi]
+    return topk_order_torch(scores, n) + lo
+
+
+def _fp4_args(keys: KeyCacheView):
+    cfg = keys.fp4_config
+    gs = keys.global_scale.float() if keys.format is KeyFormat.NVFP4 else keys.scale
+    enc = isinstance(cfg, NVFP4Config) and cfg.global_scale is GlobalScale.ENCODE
+    return cfg.block_size, keys.scale.view(torch.uint8), gs, enc
+
+
+def index_keys(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """int32 sort keys [R, L_pad] (L_pad: L rounded up to the kernel tile), INT32_MIN outside [lo, hi)."""
+    hi = _check(q, keys, lo, hi)
+    R, L, D = keys.rows, keys.length, keys.head_dim
+    if D & (D - 1) or D < 32:
+        raise ValueError(f"index kernels need a power-of-two head dim >= 32, got {D}")
+    block_t = 16 if _interpreting() else (64 if D >= 128 else 128)
+    n_out = triton.cdiv(L, block_t) * block_t
+    out = torch.empty(R, n_out, dtype=torch.int32, device=q.device)
+    if keys.format in (KeyFormat.MXFP4, KeyFormat.NVFP4):
+        bs, s, gs, enc = _fp4_args(keys)
+        data = keys.data
+        s_strides = (s.stride(0), s.stride(1))
+    else:
+        bs, gs, enc = 1, q, True
+        data = keys.data.view(torch.uint8) if keys.format is KeyFormat.FP8 else keys.data
+        s = keys.scale if keys.scale is not None else q
+        s_strides = (s.stride(0), s.stride(1))
+    grid = (R, n_out // block_t)
+    _fp4_topk.index_key_kernel[grid](q, data, s, gs, out, lo, hi, n_out, q.stride(0), data.stride(0),
+                                     data.stride(1), *s_strides, out.stride(0), D=D, FMT=_FMT_CODE[keys.format],
+                                     BS=bs, GS_ENCODE=enc, BLOCK_T=block_t, INTERPRET=_interpreting(),
+                                     num_warps=4)
+    return out
+
+
+def _chunk_topk(keys32: torch.Tensor, lo: int, n: int) -> torch.Tensor:
+    """Deterministic top-n positions from int32 keys [R, L_pad] (see the module docstring)."""
+    R, L = keys32.shape
+    if L <= CHUNK:
+        top = torch.topk(keys32, n, dim=-1, sorted=True).values
+        return 0xFFFF - (top & 0xFFFF).long()
+    pad = (-L) % CHUNK
+    if pad:
+        keys32 = torch.nn.functional.pad(keys32, (0, pad), value=-(2**31))
+    chunks = keys32.view(R, -1, CHUNK)
+    top = torch.topk(chunks, min(n, CHUNK), dim=-1, sorted=False).values  # [R, C, n]
+    base = torch.arange(chunks.shape[1], device=keys32.device).view(1, -1, 1) * CHUNK
+    pos = base + 0xFFFF - (top & 0xFFFF).long()
+    key64 = ((top >> 16).long() << 32) | (0xFFFFFFFF - pos)
+    best = torch.topk(key64.view(R, -1), n, dim=-1, sorted=True).values
+    return 0xFFFFFFFF - (best & 0xFFFFFFFF)
+
+
+def index_topk(q: torch.Tensor, keys: KeyCacheView, n: int, *, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """Top-n positions in [lo, hi) by bf16 index score, best first, ties to the lower position.
+
+    q: [R, D] float32 (already rotated/quantized as the keys were); keys: `KeyCacheView`.
+    Returns int64 [R, min(n, hi - lo)]. Runs the Triton kernel on CUDA (or under TRITON_INTERPRET=1)."""
+    hi = _check(q, keys, lo, hi)
+    n = min(n, hi - lo)
+    if not use_triton(q) or n == 0:
+        return index_topk_torch(q, keys, n, lo=lo, hi=hi)
+    return _chunk_topk(index_keys(q, keys, lo=lo, hi=hi), lo, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# stage two: exact rerank
+
+
+def _check_rerank(q, keys_bf16, cand):
+    if keys_bf16.dim() != 3 or keys_bf16.shape[0] != q.shape[0] or keys_bf16.shape[2] != q.shape[1]:
+        raise ValueError(f"rerank keys must be [R, L, D] matching q {tuple(q.shape)}, got {tuple(keys_bf16.shape)}")
+    if cand.dim() != 2 or cand.shape[0] != q.shape[0]:
+        raise ValueError(f"candidates must be [R, n], got {tuple(cand.shape)}")
+
+
+def rerank_scores_torch(q: torch.Tensor, keys_bf16: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """float32 [R, n]: q . k (float64 dot of the bf16 keys, rounded once); -inf where cand is -1."""
+    k = torch.gather(keys_bf16, 1, cand.clamp(min=0).unsqueeze(-1).expand(-1, -1, keys_bf16.shape[2]))
+    s = torch.einsum("rd,rnd->rn", q.double(), k.double()).float()
+    return torch.where(cand >= 0, s, torch.full_like(s, float("-inf")))
+
+
+def _final_order(scores: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+    key = order_key64(scores, cand.clamp(min=0))
+    best = torch.topk(key, min(k, cand.shape[1]), dim=-1, sorted=True).values
+    return 0xFFFFFFFF - (best & 0xFFFFFFFF)
+
+
+def rerank_topk_torch(q: torch.Tensor, keys_bf16: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+    _check_rerank(q, keys_bf16, cand)
+    return _final_order(rerank_scores_torch(q, keys_bf16, cand), cand, k)
+
+
+def rerank_topk(q: torch.Tensor, keys_bf16: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+    """Stage two: the k best of the candidate positions `cand` [R, n] by float32 q . k over the bf16
+    keys [R, L, D] (gathered, so only n keys are read). Best first, ties to the lower position."""
+    _check_rerank(q, keys_bf16, cand)
+    if not use_triton(q):
+        return rerank_topk_torch(q, keys_bf16, cand, k)
+    R, n = cand.shape
+    D = keys_bf16.shape[2]
+    out = torch.empty(R, n, dtype=torch.float32, device=q.device)
+    block_c = 16 if _interpreting() else 64
+    _fp4_topk.rerank_kernel[(R, triton.cdiv(n, block_c))](q, keys_bf16, cand, out, n, q.stride(0),
+                                                          keys_bf16.stride(0), keys_bf16.stride(1), cand.stride(0),
+                                                          out.stride(0), D=D, BLOCK_C=block_c, num_warps=4)
+    return _final_order(out, cand, k)
