@@ -1,0 +1,204 @@
+"""The decoder forward of the engine: the model's own modules, our attention, rope and static cache.
+
+What runs where. Every weight-bearing module is the Hugging Face model's own and is called as a
+module: the embedding, each norm, `self_attn.q_proj/k_proj/v_proj/o_proj` (an `FP4Linear`, a LoRA
+wrapper around one, or a plain `nn.Linear`: whatever sits there), `q_norm/k_norm`, the whole MLP
+or MoE block, the final norm and `lm_head`. So weights are never copied: training and generation
+share them. What is ours is what HF does through its cache and mask machinery, rewritten in the
+gpt-fast style so that one decode step has fixed shapes and can be captured in a CUDA graph:
+
+    rope         cos/sin from the model's own `rotary_emb` module, applied as HF does (rotate_half)
+    attention    F.scaled_dot_product_attention over the static cache, GQA without repeating K/V:
+                 q [B, Hq, T, D] is viewed as [B, Hkv, G*T, D] (G = Hq / Hkv query heads per KV head)
+    cache        fp4kit.nn.KVCache per layer (bf16 or FP8), written at `slots`, read up to `kv_len`
+    mask         bool [B, 1, T, L]: key j is visible to the query in slot s when
+                 pad[b] <= j <= s  (and s - j < window on sliding-window layers)
+
+Batched prompts are left-padded to a common length P, so all rows share slot numbers: row b's
+token at slot s has position s - pad[b]. A padded query sees only itself (no empty softmax rows);
+its output is never used.
+
+Supported families (`config.model_type`): llama, mistral, qwen2, qwen3 (pre-norm blocks, qwen3 with
+q/k norms), gemma3_text (sandwich norms, q/k norms, scaled embedding, query_pre_attn_scalar,
+sliding-window layers with their own rope), and MoE models whose block is the model's own module
+(qwen2_moe, qwen3_moe, mixtral). Anything else raises `UnsupportedModel`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp4kit.nn.kv_cache import KVCache
+
+DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+MOE = ("qwen2_moe", "qwen3_moe", "mixtral")
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    scaling: float  # softmax scale of q.k
+    window: int | None  # sliding window (keys with s - j < window), None for global attention
+    rope_type: str  # which cos/sin this layer uses ("full_attention" or "sliding_attention")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    sandwich_norms: bool  # Gemma-3: norm after attention and around the MLP
+    mlp_attr: str  # "mlp" or "block_sparse_moe"
+    is_moe: bool
+    final_softcap: float | None
+    layers: tuple[LayerSpec, ...]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """A PEFT model's underlying causal LM (its LoRA-wrapped layers stay in place and are used as they are)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def arch_spec(model: nn.Module) -> ArchSpec:
+    """Read what the forward needs from a transformers causal LM, or raise UnsupportedModel."""
+    cfg = getattr(model, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in DENSE + MOE:
+        raise UnsupportedModel(f"the engine supports model_type {DENSE + MOE}; got {mtype!r} "
+                               f"({type(model).__name__})")
+    if not (hasattr(model, "model") and hasattr(model, "lm_head") and hasattr(model.model, "layers")):
+        raise UnsupportedModel(f"{type(model).__name__}: expected a *ForCausalLM with .model.layers and .lm_head")
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise UnsupportedModel(f"{mtype}: attention logit softcapping is not supported")
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    layers = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        window = getattr(attn, "sliding_window", None)
+        if window is None and layer_types[i] == "sliding_attention":
+            window = cfg.sliding_window
+        layers.append(LayerSpec(float(attn.scaling), window, layer_types[i]))
+    first = model.model.layers[0]
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return ArchSpec(mtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
+                    sandwich_norms=hasattr(first, "pre_feedforward_layernorm"),
+                    mlp_attr="block_sparse_moe" if hasattr(first, "block_sparse_moe") else "mlp",
+                    is_moe=mtype in MOE, final_softcap=getattr(cfg, "final_logit_softcapping", None),
+                    layers=tuple(layers))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos, sin: [B, T, D]
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def attention_mask(pad: torch.Tensor, slots: torch.Tensor, length: int, window: int | None = None) -> torch.Tensor:
+    """bool [B, 1, T, L]: pad [B] left-padding per row, slots [T] the queries' slots, L keys."""
+    j = torch.arange(length, device=slots.device)
+    causal = j[None, :] <= slots[:, None]  # [T, L]
+    if window is not None:
+        causal = causal & (slots[:, None] - j[None, :] < window)
+    mask = causal[None] & (j[None, None, :] >= pad[:, None, None])  # [B, T, L]
+    mask = mask | (j[None, :] == slots[:, None])[None]  # a padded query sees itself: no empty rows
+    return mask[:, None]
+
+
+def gqa_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, L, D], mask bool [B, 1, T, L] -> [B, T, Hq*D]."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    q = q.reshape(B, k.shape[1], G * T, D)  # query head h = kv_head * G + g; row g*T + t
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1), scale=scaling)
+    return out.reshape(B, Hq, T, D).transpose(1, 2).reshape(B, T, Hq * D)
+
+
+class DecoderRunner:
+    """The forward pass over a HF causal LM's modules with static caches (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = unwrap(model)
+        self.spec = arch_spec(self.model)
+        rot = self.model.model.rotary_emb
+        self._rope_takes_type = "layer_type" in inspect.signature(rot.forward).parameters
+        self.rope_types = sorted({s.rope_type for s in self.spec.layers})
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.spec.layers)
+
+    def make_caches(self, max_batch: int, max_seq_len: int, kv_dtype: torch.dtype, compute_dtype: torch.dtype,
+                    device) -> list[KVCache]:
+        s = self.spec
+        return [KVCache(max_batch, s.n_kv_heads, max_seq_len, s.head_dim, dtype=kv_dtype,
+                        compute_dtype=compute_dtype, device=device) for _ in range(self.n_layers)]
+
+    def rope(self, h: torch.Tensor, positions: torch.Tensor) -> dict:
+        inner = self.model.model
+        out = {}
+        for t in self.rope_types:
+            if self._rope_takes_type:
+                out[t] = inner.rotary_emb(h, positions, t)
+            elif t == "sliding_attention" and hasattr(inner, "rotary_emb_local"):
+                out[t] = inner.rotary_emb_local(h, positions)
+            else:
+                out[t] = inner.rotary_emb(h, positions)
+        return out
+
+    def attention(self, i: int, attn: nn.Module, x, rope, pad, slots, kv_len: int, cache: KVCache):
+        # x: [B, T, hidden]
+        B, T, _ = x.shape
+        s = self.spec
+        q = attn.q_proj(x).view(B, T, s.n_heads, s.head_dim)
+        k = attn.k_proj(x).view(B, T, s.n_kv_heads, s.head_dim)
+        v = attn.v_proj(x).view(B, T, s.n_kv_heads, s.head_dim)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        layer = s.layers[i]
+        cos, sin = rope[layer.rope_type]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.write(k, v, slots)
+        keys, values = cache.read(B, kv_len)
+        mask = attention_mask(pad, slots, kv_len, layer.window)
+        return attn.o_proj(gqa_attention(q, keys, values, mask, layer.scaling))
+
+    def mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = getattr(layer, self.spec.mlp_attr)(x)
+        return out[0] if isinstance(out, tuple) else out  # some MoE blocks also return router logits
+
+    def block(self, i: int, layer: nn.Module, h, rope, pad, slots, kv_len, cache):
+        a = self.attention(i, layer.self_attn, layer.input_layernorm(h), rope, pad, slots, kv_len, cache)
+        if self.spec.sandwich_norms:
+            h = h + layer.post_attention_layernorm(a)
+            return h + layer.post_feedforward_layernorm(self.mlp(layer, layer.pre_feedforward_layernorm(h)))
+        h = h + a
+        return h + self.mlp(layer, layer.post_attention_layernorm(h))
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, slots: torch.Tensor,
+                kv_len: int, caches: list[KVCache]) -> torch.Tensor:
+        """tokens, positions [B, T]; pad [B]; slots [T]; keys 0..kv_len-1 -> float32 logits [B, V] of the last
+        position (the only ones generation needs)."""
+        inner = self.model.model
+        h = inner.embed_tokens(tokens)  # [B, T, hidden]
+        rope = self.rope(h, positions)
+        for i, layer in enumerate(inner.layers):
+            h = self.block(i, layer, h, rope, pad, slots, kv_len, caches[i])
+        logits = self.model.lm_head(inner.norm(h[:, -1:]))[:, 0].float()
+        if self.spec.final_softcap:
+            logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
+        return logits
