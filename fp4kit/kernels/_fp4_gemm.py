@@ -147,24 +147,37 @@ def _e2m1_words_to_f32(words):
 
 
 @triton.jit
-def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, M,
+def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                       N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
-    """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias) for small M (decoding): no split-K, no workspace.
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                      INTERPRET: tl.constexpr):
+    """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias) for small M (decoding).
 
-    Grid: (tiles of N, tiles of M). Each program owns BLOCK_N output columns for BLOCK_M tokens and
-    streams its rows' whole K, so nothing is zero-filled or reduced across programs. The packed
-    weight is read as int32 words (8 codes each; a thread loads 4 words = 16 bytes), decoded with
-    `_e2m1_words_to_f32`, multiplied by the block's effective scale looked up in `table` (the
-    float32 scale of each code times 2^14, built once per weight by `prepare_fp4_weight`, so no
-    division happens here), rounded once to x's dtype and fed to the tensor cores. The weight each
-    MMA sees is the twin's weight bit for bit; only the float32 summation order differs.
+    Grid: (tiles of N, tiles of M, SPLIT_K). Each program owns BLOCK_N output columns for BLOCK_M
+    tokens and streams its rows' share of K. The packed weight is read as int32 words (8 codes
+    each; a thread loads 4 words = 16 bytes), decoded with `_e2m1_words_to_f32`, multiplied by
+    the block's effective scale looked up in `table` (the float32 scale of each code times 2^14,
+    built once per weight by `prepare_fp4_weight`, so no division happens here), rounded once to
+    x's dtype and fed to the tensor cores. The weight each MMA sees is the twin's weight bit for
+    bit; only the float32 summation order differs.
+
+    SPLIT_K > 1 (layers with few output tiles: N = 4096 gives 128 programs for 132 SMs): split s
+    covers K range [s * K_SPLIT, (s + 1) * K_SPLIT) and writes its float32 partial tile to the
+    workspace ws[s, M, N]; then one atomic ticket per output tile (cnt, int32, zero between
+    launches) elects the last split to finish, which sums the SPLIT_K partials in split order (so
+    the result does not depend on which split came last: deterministic), adds the bias, writes y,
+    and resets the ticket to zero for the next launch. One launch, no zero-fill, no second kernel.
+    Ordering: a CTA barrier, then the ticket's acq_rel atomic (release of this CTA's partial,
+    acquire of the others'), then L2-only loads (.cg) of the partials.
     """
     W: tl.constexpr = BLOCK_K // 8
     NB: tl.constexpr = BLOCK_K // BS
     WPB: tl.constexpr = BS // 8
+    K_SPLIT: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
+    EVEN_K: tl.constexpr = K % (BLOCK_K * SPLIT_K) == 0
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows[:, None] < N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -172,19 +185,21 @@ def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, M,
     wcol = tl.arange(0, W)
     bcol = tl.arange(0, NB)
     kcol = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None] * (K // 8) + wcol[None, :]
-    s_ptrs = s_ptr + rows[:, None] * (K // BS) + bcol[None, :]
-    x_ptrs = x_ptr + offs_m[:, None] * K + kcol[None, :]
+    k_lo = pid_k * K_SPLIT
+    w_ptrs = w_ptr + rows[:, None] * (K // 8) + wcol[None, :] + k_lo // 8
+    s_ptrs = s_ptr + rows[:, None] * (K // BS) + bcol[None, :] + k_lo // BS
+    x_ptrs = x_ptr + offs_m[:, None] * K + kcol[None, :] + k_lo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if K % BLOCK_K == 0:
-            words = tl.load(w_ptrs + k0 // 8, mask=rmask, other=0)
-            codes = tl.load(s_ptrs + k0 // BS, mask=rmask, other=0)
-            x = tl.load(x_ptrs + k0, mask=mmask, other=0.0)
+    for kk in range(0, K_SPLIT, BLOCK_K):
+        if EVEN_K:
+            words = tl.load(w_ptrs + kk // 8, mask=rmask, other=0)
+            codes = tl.load(s_ptrs + kk // BS, mask=rmask, other=0)
+            x = tl.load(x_ptrs + kk, mask=mmask, other=0.0)
         else:
-            words = tl.load(w_ptrs + k0 // 8, mask=rmask & (wcol[None, :] < (K - k0) // 8), other=0)
-            codes = tl.load(s_ptrs + k0 // BS, mask=rmask & (bcol[None, :] < (K - k0) // BS), other=0)
-            x = tl.load(x_ptrs + k0, mask=mmask & (kcol[None, :] < K - k0), other=0.0)
+            left = K - k_lo - kk  # may be <= 0 in the last split: everything masked
+            words = tl.load(w_ptrs + kk // 8, mask=rmask & (wcol[None, :] < left // 8), other=0)
+            codes = tl.load(s_ptrs + kk // BS, mask=rmask & (bcol[None, :] < left // BS), other=0)
+            x = tl.load(x_ptrs + kk, mask=mmask & (kcol[None, :] < left), other=0.0)
         scale = tl.load(table_ptr + codes.to(tl.int32))  # [BLOCK_N, NB] float32, times 2^14
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, WPB)), (BLOCK_N, W))
         w = _e2m1_words_to_f32(words) * scale[:, :, None]  # [BLOCK_N, W, 8]: code * s_eff, one rounding
@@ -193,7 +208,23 @@ def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, M,
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * N + rows[None, :]
-    tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mmask & (rows[None, :] < N))
+    ymask = mmask & (rows[None, :] < N)
+    if SPLIT_K > 1:
+        part = offs_m[:, None] * N + rows[None, :]
+        tl.store(ws_ptr + pid_k * M * N + part, acc, mask=ymask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        tile = pid_m * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:  # the last split of this tile: reduce in split order
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(ws_ptr + s * M * N + part, mask=ymask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + part, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
+            tl.store(cnt_ptr + tile, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * N + rows[None, :]
+        tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)

@@ -202,6 +202,7 @@ class PreparedFP4Weight:
     block_size: int
     versions: tuple
     launches: dict = field(default_factory=dict)
+    configs: dict = field(default_factory=dict)  # M -> the skinny kernel's GemmConfig
 
     def is_current(self, qt: QuantizedTensor) -> bool:
         return (qt.data is self.qt.data and qt.scale is self.qt.scale and qt.global_scale is self.qt.global_scale
@@ -242,18 +243,45 @@ def _prepared_for(qt: QuantizedTensor) -> PreparedFP4Weight:
 
 # Up to this many rows the skinny (decode) kernel runs; tiles from the H100 sweep (--sweep).
 SKINNY_MAX_M = 64
+# Split K while the grid has fewer programs than this many per SM (and each split keeps >= 2 K tiles).
+SKINNY_SPLIT_PROGRAMS_PER_SM = 4
+SKINNY_MAX_SPLIT = 8
 
 
-def _skinny_config(M: int, N: int, K: int, block_size: int) -> GemmConfig:
+def _skinny_config(M: int, N: int, K: int, block_size: int, sm_count: int = 132) -> GemmConfig:
     """H100 sweep at M = 1 (2026-11-22, GPU time in a graph): deep pipelines (5 stages) won on every
     shape tried; 64 x 128 tiles on gate_up (62 us vs 69 us for 32 x 256 x 3 stages), 32 x 256 on down
-    (44 us vs 57 us). The N = 4096-6144 shapes get few programs (N / 32): see BENCHMARKS.md."""
+    (44 us vs 57 us). Layers with few output tiles (N / 32 = 128 programs for N = 4096) split K until
+    the grid has SKINNY_SPLIT_PROGRAMS_PER_SM programs per SM (see benchmarks/NOTES_fp4_gemm.md)."""
     if _interpreting():
         return GemmConfig(16, 16, 64, num_warps=1, num_stages=1)
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    if N >= 16384:
-        return GemmConfig(block_m, 64, 128, num_warps=4, num_stages=5)
-    return GemmConfig(block_m, 32, 256, num_warps=4, num_stages=5)
+    block_n, block_k = (64, 128) if N >= 16384 else (32, 256)
+    programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    split = 1
+    while (split < SKINNY_MAX_SPLIT and programs * split < SKINNY_SPLIT_PROGRAMS_PER_SM * sm_count
+           and K // (block_k * split * 2) >= 2):
+        split *= 2
+    return GemmConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=5)
+
+
+_SPLITK_BUFFERS: dict = {}  # (device, stream) -> (float32 workspace, int32 tickets); see fp4_skinny_kernel
+_RETIRED: list = []  # outgrown buffers stay alive: CUDA graphs captured earlier may still point at them
+
+
+def _splitk_buffers(device: torch.device, stream: int, ws_elems: int, tiles: int):
+    """The split-K workspace and tickets of one stream (tickets start at zero; the kernel leaves them zero).
+
+    Per stream, because launches on one stream run in order, so two launches never share a ticket."""
+    key = (device.index, stream)
+    ws, cnt = _SPLITK_BUFFERS.get(key, (None, None))
+    if ws is None or ws.numel() < ws_elems or cnt.numel() < tiles:
+        if ws is not None:
+            _RETIRED.append((ws, cnt))
+        ws = torch.empty(max(ws_elems, 1 << 20), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _SPLITK_BUFFERS[key] = ws, cnt
+    return ws, cnt
 
 
 def _launch_skinny(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None,
@@ -263,15 +291,22 @@ def _launch_skinny(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Te
     M = x2.shape[0]
     N, K = prepared.N, prepared.K
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    cfg = config or _skinny_config(M, N, K, prepared.block_size)
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), 1)
-    args = (x2, prepared.words, prepared.scale_codes, prepared.table, x2 if bias is None else bias, y, M,
-            N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, _interpreting())
+    cfg = config or prepared.configs.get(M) or prepared.configs.setdefault(
+        M, _skinny_config(M, N, K, prepared.block_size, 132 if _interpreting() else _sm_count(x2.device)))
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
+    stream = 0 if _interpreting() else _raw_stream(x2.device.index)
+    if cfg.split_k > 1:
+        ws, cnt = _splitk_buffers(x2.device, stream, cfg.split_k * M * N, grid[0] * grid[1])
+    else:
+        ws, cnt = y, y
+    args = (x2, prepared.words, prepared.scale_codes, prepared.table, x2 if bias is None else bias, y, ws, cnt, M,
+            N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
+            _interpreting())
     key = (cfg, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index)
     compiled = prepared.launches.get(key)
     if compiled is not None and _knobs.runtime.launch_enter_hook is None:
-        compiled.run(grid[0], grid[1], grid[2], _raw_stream(x2.device.index), compiled.function,
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
                      compiled.packed_metadata, None, None, None, *args)
         return y
     compiled = _fp4_gemm.fp4_skinny_kernel[grid](*args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -169,3 +169,36 @@ def test_prepared_weight_is_reused_and_refreshed():
     assert _prepared_for(qt) is not first
     max_err, rms_err = _gemm_errors(fp4_linear(x, qt), x, qt, None)
     assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+
+
+@pytest.mark.parametrize("m,split,block_k,has_bias", [(1, 2, 32, False), (17, 3, 32, True), (5, 4, 64, True)],
+                         ids=["even_split2", "uneven_split3_two_m_tiles", "split4_last_split_empty"])
+def test_skinny_split_k(m, split, block_k, has_bias):
+    """Split-K with the in-kernel reduction: K = 160 split unevenly (with block_k = 64 and 4 splits the
+    last split has no K left), two M tiles, bias added once; called twice to check that the tickets
+    were reset to zero, and bit-identical both times (the reduction runs in split order)."""
+    from fp4kit.kernels import prepare_fp4_weight
+    from fp4kit.kernels.fp4_gemm import _launch_skinny
+
+    qt = quantize(_weight(40, 160), NVFP4Config())
+    x = torch.randn(m, 160, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(40, device=DEVICE, dtype=torch.bfloat16) if has_bias else None
+    prepared = prepare_fp4_weight(qt)
+    cfg = GemmConfig(16, 16, block_k, split_k=split, num_warps=1 if DEVICE.type == "cpu" else 4, num_stages=1)
+    first = _launch_skinny(x, prepared, bias, config=cfg)
+    second = _launch_skinny(x, prepared, bias, config=cfg)
+    assert torch.equal(first, second)
+    max_err, rms_err = _gemm_errors(first, x, qt, bias)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the default split-K choice needs the GPU's SM count")
+def test_skinny_default_config_splits_few_tile_layers():
+    """On the GPU an N = 4096 decode layer takes the split-K path by default; the result is the same function."""
+    from fp4kit.kernels.fp4_gemm import _skinny_config
+
+    assert _skinny_config(1, 4096, 4096, 16, 132).split_k > 1
+    qt = quantize(_weight(4096, 1024), NVFP4Config())
+    x = torch.randn(3, 1024, device=DEVICE, dtype=torch.bfloat16)
+    max_err, rms_err = _gemm_errors(fp4_matmul(x, qt), x, qt, None)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
