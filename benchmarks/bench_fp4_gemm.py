@@ -95,17 +95,22 @@ def sweep_configs(M):
             yield GemmConfig(128, bn, bk, num_warps=8, num_stages=3)
 
 
-SKINNY_SWEEP = [GemmConfig(16, bn, bk, num_warps=w, num_stages=st) for bn, bk, w, st in
-                [(32, 256, 4, 3), (32, 256, 4, 5), (32, 256, 8, 4), (64, 256, 8, 4), (16, 256, 4, 5),
-                 (32, 128, 4, 6), (64, 128, 4, 5)]]
+def skinny_sweep(name):
+    """Skinny-kernel candidates per shape: split-K for the few-tile layers, tile shapes for gate_up."""
+    if name == "gate_up":
+        cand = [(64, 128, 1, 5), (32, 256, 1, 5), (64, 128, 2, 5), (32, 256, 2, 5), (64, 256, 1, 4), (128, 128, 1, 4)]
+    else:
+        cand = [(32, 256, 1, 5), (32, 256, 2, 5), (32, 256, 4, 5), (32, 256, 8, 5), (64, 256, 2, 4), (64, 256, 4, 4),
+                (32, 128, 4, 5), (32, 128, 8, 5)]
+    return [GemmConfig(16, bn, bk, split_k=sp, num_warps=4, num_stages=st) for bn, bk, sp, st in cand]
 
 
 SWEEP_MS = (1,)
-SWEEP_SHAPES = ("gate_up", "down")
+SWEEP_SHAPES = ("qkv", "o", "gate_up", "down")
 
 
 def run_sweep(out_dir):
-    """Skinny-kernel tiles at M = 1 and 16 (NVFP4), GPU time in a CUDA graph, weights rotated."""
+    """Skinny-kernel tiles and split-K at M = 1 (NVFP4), GPU time in a CUDA graph, weights rotated."""
     rows = []
     for name, (N, K) in SHAPES.items():
         if name not in SWEEP_SHAPES:
@@ -117,28 +122,29 @@ def run_sweep(out_dir):
         for M in SWEEP_MS:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             res = []
-            for cfg in SKINNY_SWEEP:
-                cfg = GemmConfig(16 if M <= 16 else 32, cfg.block_n, cfg.block_k, num_warps=cfg.num_warps,
-                                 num_stages=cfg.num_stages)
+            for cfg in skinny_sweep(name):
+                cfg = GemmConfig(16 if M <= 16 else 32, cfg.block_n, cfg.block_k, split_k=cfg.split_k,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 try:
+                    max_err, _ = check(x, preps[0].qt, _launch_skinny(x, preps[0], None, config=cfg))
                     us = bench_graph(lambda: _launch_skinny(x, nxt(), None, config=cfg))
                 except Exception as e:  # out of shared memory etc.
                     print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
                     continue
-                rows.append(dict(shape=name, M=M, cfg=cfg.__dict__, graph_us=us))
+                rows.append(dict(shape=name, M=M, cfg=cfg.__dict__, graph_us=us, max_err=max_err))
                 res.append((us, cfg))
             res.sort(key=lambda r: r[0])
-            print(f"{name:8s} M={M:3d} " + "  ".join(f"{us:6.1f}us bn{c.block_n} bk{c.block_k} w{c.num_warps} s{c.num_stages}"
-                                                    for us, c in res[:4]), flush=True)
-    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-        json.dump(rows, f)
+            print(f"{name:8s} M={M:3d} " + "  ".join(f"{us:6.1f}us bn{c.block_n} bk{c.block_k} sk{c.split_k} "
+                                                    f"s{c.num_stages}" for us, c in res), flush=True)
+    with open(os.path.join(out_dir, "fp4_gemm_skinny_splitk_sweep_h100.json"), "w") as f:
+        json.dump(rows, f, indent=1)
 
 
 def path(M):
     return "skinny" if M <= SKINNY_MAX_M else "tiled" if M < DEQUANT_CUBLAS_MIN_M else "dequant+cuBLAS"
 
 
-def run_gemm(bw):
+def run_gemm(bw, ms=MS):
     rows = []
     for name, (N, K) in SHAPES.items():
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -147,7 +153,7 @@ def run_gemm(bw):
         for fmt, cfg in FORMATS.items():
             qt0 = quantize(w, cfg)
             fp4[fmt] = (qt0, rotating(lambda: quantize(torch.randn_like(w) * 0.02, cfg), fp4_bytes(qt0))[1])
-        for M in MS:
+        for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             t_cublas = bench(lambda: torch.matmul(x, nxt_bf16().T))
             row = dict(shape=name, N=N, K=K, M=M, cublas_us=t_cublas,
@@ -249,7 +255,7 @@ def run_quantize(bw):
 def summarize(rows, bw):
     s = {}
     for fmt in FORMATS:
-        for M in MS:
+        for M in sorted({r["M"] for r in rows}):
             sp = [r[fmt]["speedup"] for r in rows if r["M"] == M]
             s[f"{fmt}_M{M}_mean_speedup"] = sum(sp) / len(sp)
             if M <= 16:
@@ -265,6 +271,8 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--quantize-only", action="store_true")
+    p.add_argument("--skip-quantize", action="store_true")
+    p.add_argument("--ms", type=int, nargs="+", default=list(MS))
     p.add_argument("--out", default="benchmarks/results/fp4_gemm_h100.json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -275,8 +283,8 @@ def main(argv=None):
         return run_quantize(copy_bandwidth())
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-    quant = run_quantize(bw)
-    rows = run_gemm(bw)
+    quant = None if args.skip_quantize else run_quantize(bw)
+    rows = run_gemm(bw, tuple(args.ms))
     summary = summarize(rows, bw)
     for k, v in summary.items():
         print(f"{k:32s} {v:.3f}")
