@@ -1,0 +1,77 @@
+"""Recall measurement on constructed cases, and Q/K capture on a tiny model."""
+
+import math
+
+import torch
+from helpers import tiny_llama
+
+from fp4kit.eval.sparse import REFERENCE, RecallRow, capture_qk, head_recall, measure_recall, summarize
+from fp4kit.nn.indexer import IndexerConfig, IndexPrecision
+
+
+def keys_along_axis(values, D=32):
+    k = torch.zeros(len(values), D)
+    k[:, 0] = torch.tensor(values)
+    return k
+
+
+def test_reference_variant_has_full_recall():
+    q, k = torch.randn(2, 6, 32), torch.randn(10, 32)
+    rows = head_recall(q, k, 0.3, [3], {"ref": REFERENCE})
+    assert rows[0].set_recall == 1.0 and abs(rows[0].mass_recall - 1.0) < 1e-6
+    assert rows[0].queries == 6  # positions 4..9 all have more than 3 causal keys
+
+
+def test_bf16_ties_lose_the_set_but_little_mass():
+    # scores 1.0, 1.001, 1.002, 0.5 round to 1, 1, 1, 0.5 in bf16: the tie goes to key 0, fp32 picks key 2
+    k = keys_along_axis([1.0, 1.001, 1.002, 0.5])
+    q = torch.zeros(1, 1, 32)
+    q[0, 0, 0] = 1.0
+    scale = 2.0
+    bf16 = IndexerConfig(precision=IndexPrecision.BF16, rotate=False, rerank=1)
+    (row,) = head_recall(q, k, scale, [1], {"bf16": bf16})
+    assert row.set_recall == 0.0
+    assert math.isclose(row.mass_recall, math.exp(scale * (1.0 - 1.002)), rel_tol=1e-5)
+    # the rerank reads bf16 keys: it cannot split what bf16 merged
+    (row2,) = head_recall(q, k, scale, [1], {"r4": IndexerConfig(precision=IndexPrecision.BF16, rotate=False,
+                                                                    rerank=4)})
+    assert row2.set_recall == 0.0
+
+
+def test_two_stage_recovers_what_fp4_merged():
+    # MXFP4 (RCEIL) rounds 1.0, 1.125, 1.25 all to 1.0 (4.0, 4.5, 5.0 times 2^-2 -> code 4): a three-way tie
+    # that single-stage FP4 gives to key 0; the rerank over exact bf16 keys finds key 2
+    k = keys_along_axis([1.0, 1.125, 1.25, 0.5])
+    q = torch.zeros(1, 1, 32)
+    q[0, 0, 0] = 1.0
+    fp4 = IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False, rerank=1)
+    (one,) = head_recall(q, k, 1.0, [1], {"fp4": fp4})
+    (two,) = head_recall(q, k, 1.0, [1], {"fp4_r2": IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False,
+                                                                   rerank=3)})
+    assert one.set_recall == 0.0 and math.isclose(one.mass_recall, math.exp(-0.25), rel_tol=1e-5)
+    assert two.set_recall == 1.0 and math.isclose(two.mass_recall, 1.0, rel_tol=1e-6)
+
+
+def test_k_at_least_the_context_has_no_live_queries():
+    rows = head_recall(torch.randn(1, 4, 32), torch.randn(4, 32), 1.0, [4, 8], {"ref": REFERENCE})
+    assert rows == []
+
+
+def test_capture_keeps_the_forward_and_shapes():
+    model = tiny_llama().float()
+    ids = torch.randint(0, 128, (1, 12))
+    want = model(ids).logits
+    cap = capture_qk(model, ids)
+    assert sorted(cap.q) == [0, 1]
+    assert cap.q[0].shape == (4, 12, 16) and cap.k[0].shape == (2, 12, 16)
+    assert torch.allclose(model(ids).logits, want)  # the model is back on its own attention
+    rows = measure_recall(model, ids, ks=[4], variants={"bf16": IndexerConfig(precision=IndexPrecision.BF16,
+                                                                               rotate=False, rerank=1)},
+                          progress=False)
+    assert len(rows) == 2 * 2 and all(0.0 <= r.set_recall <= 1.0 for r in rows)
+
+
+def test_summarize_means_and_mins():
+    rows = [RecallRow(0, 0, "a", 64, 1.0, 1.0, 5), RecallRow(1, 0, "a", 64, 0.5, 0.9, 5)]
+    s = summarize(rows)[("a", 64)]
+    assert s["set_mean"] == 0.75 and s["set_min"] == 0.5 and abs(s["mass_min"] - 0.9) < 1e-7 and s["heads"] == 2
