@@ -37,3 +37,28 @@ def hide_package(monkeypatch, name):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else real(n, *a))
+
+
+def tiny_moe(kind="qwen3_moe", seed=0, dtype=torch.float32, experts=8, top_k=2):
+    """A tiny transformers MoE model (Qwen3-MoE or Mixtral) with fused 3-D expert parameters."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, tie_word_embeddings=False)
+    if kind == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        cfg = Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, num_experts=experts,
+                             num_experts_per_tok=top_k, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[])
+        model = Qwen3MoeForCausalLM._from_config(cfg, dtype=dtype)
+    elif kind == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        cfg = MixtralConfig(**common, intermediate_size=32, num_local_experts=experts, num_experts_per_tok=top_k)
+        model = MixtralForCausalLM._from_config(cfg, dtype=dtype)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():  # _from_config leaves 3-D expert params uninitialised on some versions
+        for name, p in model.named_parameters():
+            if p.dim() == 3:
+                p.normal_(0, 0.05)
+    return model.eval()

@@ -78,7 +78,7 @@ def test_quantize_embedded_default_then_inspect(tmp_path, capsys):
     out = tmp_path / "smol"
     assert main(["quantize", "--out", str(out), "--eval-tokens", "256", "--context", "128"]) == 0
     text = capsys.readouterr().out
-    assert "| original |" in text and "| nvfp4 rtn |" in text and "quantized 210 linear layers" in text
+    assert "| original |" in text and "| nvfp4 rtn |" in text and "quantized 210 layers" in text
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert "chat_template" in (out / "tokenizer_config.json").read_text() or (out / "chat_template.jinja").exists()
     assert "| nvfp4 rtn |" in (out / "README.md").read_text()
@@ -128,6 +128,6 @@ def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
     assert main(["quantize", str(tmp_path / "tiny"), "--out", str(out), "--method", method, "--activations", acts,
                  "--calib-samples", "2", "--calib-seq-len", "32", "--eval-tokens", "64", "--context", "32"]) == 0
     text = capsys.readouterr().out
-    assert f"| nvfp4 {method}" in text and "quantized 14 linear layers" in text
+    assert f"| nvfp4 {method}" in text and "quantized 14 layers" in text
     model, _, info = load_checkpoint(out)
     assert (model.model.layers[0].mlp.up_proj.input_config is not None) == (acts == "fp4")

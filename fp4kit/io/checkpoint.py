@@ -10,7 +10,9 @@ A folder written by `save_checkpoint`:
 For each quantized linear layer NAME the safetensors hold NAME.weight_packed (uint8 [out, in/2]),
 NAME.weight_scale (float8_e4m3fn or uint8 E8M0 [out, in/block]) and, for NVFP4, NAME.weight_global_scale
 (float32 [1], compressed-tensors' convention g = 448*6/amax, shared by fused q/k/v and gate/up).
-Everything else is stored dense (bfloat16 by default). `quantization_config` is what
+MoE experts that transformers keeps fused (FP4Experts in memory) are written one expert at a time
+under the names the original checkpoints use (see `experts.py`). Everything else is stored dense
+(bfloat16 by default). `quantization_config` is what
 compressed-tensors writes for its NVFP4A16 / MXFP4A16 presets (format nvfp4-pack-quantized or
 mxfp4-pack-quantized, status "compressed", ignore = the linear layers left in float).
 
@@ -35,9 +37,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fp4kit.formats import GlobalScale, MXFP4Config, NVFP4Config, QuantizedTensor
-from fp4kit.nn import FP4Linear, register_fp4
+from fp4kit.nn import FP4Experts, FP4Linear, is_fused_experts, register_fp4
 from fp4kit.nn.quantize import matches
 
+from .experts import (expert_naming, expert_tensors, float_expert_tensors, gather_experts, install_experts,
+                      router_names)
 from .files import atomic_directory, load_tensors, read_json, weight_files
 
 CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
@@ -79,6 +83,7 @@ def quantization_config(config: NVFP4Config | MXFP4Config, ignore: list[str],
 def fp4_config_of(model: nn.Module) -> tuple[NVFP4Config | MXFP4Config, NVFP4Config | MXFP4Config | None]:
     """(weight config, input config or None), the same for every FP4Linear, or an error."""
     configs = {(m.config, m.input_config) for m in model.modules() if isinstance(m, FP4Linear)}
+    configs |= {(m.config, None) for m in model.modules() if isinstance(m, FP4Experts)}
     if not configs:
         raise ValueError("the model has no FP4Linear layers: run fp4kit.quantize_ first")
     if len(configs) > 1:
@@ -91,9 +96,23 @@ def fp4_config_of(model: nn.Module) -> tuple[NVFP4Config | MXFP4Config, NVFP4Con
 
 
 def _export_plan(model: nn.Module, dense_dtype: torch.dtype):
-    """(name, tensor, dtype to store) in module order; tied duplicates (lm_head tied to embed_tokens) once."""
-    seen = set()
+    """(disk name, tensor, dtype to store) in module order; tied duplicates (lm_head tied to
+    embed_tokens) once; FP4Experts expanded to one tensor set per expert."""
+    naming = expert_naming(model.config)
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, FP4Experts) or is_fused_experts(m)}
+    seen, written = set(), set()
     for name, t in model.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if owner in experts:
+            if owner not in written:
+                written.add(owner)
+                m = experts[owner]
+                if isinstance(m, FP4Experts):
+                    yield from ((n, x, x.dtype) for n, x in expert_tensors(owner, m, naming))
+                else:
+                    yield from ((n, x, dense_dtype) for n, x in float_expert_tensors(owner, m, naming))
+            continue
+        name = naming.to_disk(name)
         key = (t.data_ptr(), t.shape, t.dtype)
         if t.numel() and key in seen:
             continue
@@ -101,6 +120,14 @@ def _export_plan(model: nn.Module, dense_dtype: torch.dtype):
         dense = t.is_floating_point() and not name.endswith("global_scale") and t.dtype not in (
             torch.float8_e4m3fn, torch.float8_e8m0fnu)
         yield name, t, dense_dtype if dense else t.dtype
+
+
+def _plan_length(model: nn.Module) -> int:
+    """How many tensors `_export_plan` yields (for the progress bar)."""
+    extra = sum(3 * m.num_experts * (3 if isinstance(m.config, NVFP4Config) else 2) - len(m.state_dict())
+                for m in model.modules() if isinstance(m, FP4Experts))
+    extra += sum(3 * m.gate_up_proj.shape[0] - 2 for m in model.modules() if is_fused_experts(m))
+    return len(model.state_dict()) + extra
 
 
 def export_bytes(model: nn.Module, dense_dtype: torch.dtype = torch.bfloat16) -> int:
@@ -124,8 +151,10 @@ def save_checkpoint(model: nn.Module, out: str | pathlib.Path, *, tokenizer=None
     from safetensors.torch import save_file
 
     config, input_config = fp4_config_of(model)
-    quantized = [n for n, m in model.named_modules() if isinstance(m, FP4Linear)]
-    ignored = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    naming = expert_naming(model.config)
+    quantized = [naming.to_disk(n) for n, m in model.named_modules() if isinstance(m, (FP4Linear, FP4Experts))]
+    ignored = [naming.to_disk(n) for n, m in model.named_modules() if type(m) is nn.Linear]
+    ignored += router_names(model, naming)
     out = pathlib.Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         shards, weight_map, shard, shard_bytes, total = [], {}, {}, 0, 0
@@ -141,7 +170,7 @@ def save_checkpoint(model: nn.Module, out: str | pathlib.Path, *, tokenizer=None
 
         plan = _export_plan(model, dense_dtype)
         for name, t, dtype in tqdm(plan, desc=f"export {out.name}", disable=not progress, leave=False,
-                                   total=len(model.state_dict())):
+                                   total=_plan_length(model)):
             t = t.to(dtype).contiguous()
             size = t.numel() * t.element_size()
             if shard and shard_bytes + size > max_shard_bytes:
@@ -258,13 +287,16 @@ def load_checkpoint(path: str | pathlib.Path, *, dtype: torch.dtype = torch.bflo
         tensors.update(load_tensors(f))
     if fmt == "modelopt-nvfp4":
         tensors = _modelopt_names(tensors)
+    hf_config = AutoConfig.from_pretrained(folder)
+    naming = expert_naming(hf_config)
+    tensors = {naming.from_disk(k): v for k, v in tensors.items()}
     expert_blocks = {k[: -len("_blocks")]: (tensors.pop(k), tensors.pop(k[: -len("_blocks")] + "_scales", None))
                      for k in [k for k in tensors if k.endswith("_blocks")]}
 
-    hf_config = AutoConfig.from_pretrained(folder)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
+    expert_groups = gather_experts(tensors, naming, model)
     input_config = _input_config(folder, config)
     quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")} | set(expert_blocks))
     for name in quantized:
@@ -272,6 +304,7 @@ def load_checkpoint(path: str | pathlib.Path, *, dtype: torch.dtype = torch.bflo
             _swap_in(model, name, config, tensors, folder, dtype, input_config)
     for name, (blocks, scales) in expert_blocks.items():
         _register_gpt_oss_expert(model, name, blocks, scales, folder, dtype)
+    quantized = sorted(quantized + install_experts(model, expert_groups, tensors, config, naming, folder, dtype))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if ".parametrizations." not in k]
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(hf_config, "tie_word_embeddings", False)}

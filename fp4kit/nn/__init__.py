@@ -1,9 +1,11 @@
 """Modules: FP4Linear and the `quantize_` tree walk that swaps it in."""
 
+from .experts import FP4Experts, is_fused_experts
+from .fake_quant import FakeQuantLinear, QATConfig, ScaleMode, convert, prepare_qat
 from .linear import FP4Linear
 from .lora import LoRAConfig, LoRALinear, add_lora, load_adapter, save_adapter
 from .observe import observe_input_amax
 from .parametrize import FP4Parametrization, register_fp4
 from .quantize import DEFAULT_IGNORE, QuantizeReport, quantize_
 
-__all__ = ["DEFAULT_IGNORE", "FP4Linear", "FP4Parametrization", "QuantizeReport", "observe_input_amax", "quantize_", "register_fp4"]
+__all__ = ["DEFAULT_IGNORE", "FP4Experts", "FP4Linear", "FP4Parametrization", "QuantizeReport", "observe_input_amax", "is_fused_experts", "quantize_", "register_fp4"]

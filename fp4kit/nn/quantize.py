@@ -12,6 +12,10 @@ Fused shards share one NVFP4 global scale: vLLM fuses q/k/v (and gate/up, and Mo
 matrix with one per-tensor scale, so siblings in a `FUSED_GROUPS` entry are quantized with the
 amax of the whole group.
 
+MoE experts that transformers keeps fused in 3-D parameters (Qwen3-MoE, Mixtral, ...) become
+`FP4Experts` (see experts.py): every expert quantized, gate and up of each expert sharing one
+global scale. They are listed in the report under the experts module's name.
+
 A weight holding NaN or Inf raises, naming the layer: quantizing it would silently corrupt it. All
 weights are checked before the first swap, so a failure leaves the model untouched.
 """
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, check_finite
 
+from .experts import FP4Experts, experts_exclusion_reason, is_fused_experts
 from .linear import FP4Linear
 
 DEFAULT_IGNORE = ("lm_head",)
@@ -39,7 +44,7 @@ class QuantizeReport:
     excluded: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
-        lines = [f"quantized {len(self.quantized)} linear layers, excluded {len(self.excluded)}"]
+        lines = [f"quantized {len(self.quantized)} layers, excluded {len(self.excluded)}"]
         lines += [f"  excluded {name}: {reason}" for name, reason in self.excluded.items()]
         return "\n".join(lines)
 
@@ -49,12 +54,14 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or name == pattern or name.endswith("." + pattern)
 
 
-def exclusion_reason(name: str, module: nn.Linear, config, filter_fn, ignore) -> str | None:
+def exclusion_reason(name: str, module: nn.Module, config, filter_fn, ignore) -> str | None:
     for pattern in ignore:
         if matches(name, pattern):
             return f"matches ignore pattern {pattern!r}"
     if filter_fn is not None and not filter_fn(module, name):
         return "filter_fn returned False"
+    if not isinstance(module, nn.Linear):
+        return experts_exclusion_reason(module, config)
     if module.in_features % config.block_size:
         return f"in_features {module.in_features} not divisible by block size {config.block_size}"
     return None
@@ -88,26 +95,42 @@ def quantize_(model: nn.Module, config: NVFP4Config | MXFP4Config,
     if not isinstance(config, (NVFP4Config, MXFP4Config)):
         raise TypeError(f"quantize_ needs an NVFP4Config or MXFP4Config, got {type(config).__name__}")
     report = QuantizeReport()
-    chosen = []
+    chosen, experts = [], []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        fused = is_fused_experts(module)
+        if type(module) is not nn.Linear and not fused:
             continue
         reason = exclusion_reason(name, module, config, filter_fn, ignore)
         if reason:
             report.excluded[name] = reason
+        elif fused:
+            if activations is not None:
+                raise ValueError(f"{name}: input (activation) quantization of fused MoE experts is not supported; "
+                                 f"quantize weights only, or pass ignore=(..., {name!r}) to keep them in float")
+            experts.append((name, module))
         else:
             check_finite(module.weight.detach(), f"{name}.weight")  # before any swap: all or nothing
             if isinstance(activations, NVFP4Config) and name not in (input_amax or {}):
                 raise ValueError(f"{name}: NVFP4 activations need a calibrated input amax (input_amax[{name!r}])")
             chosen.append((name, module))
+    for name, module in experts:
+        check_finite(module.gate_up_proj.detach(), f"{name}.gate_up_proj")
+        check_finite(module.down_proj.detach(), f"{name}.down_proj")
     amax = shared_amax(chosen) if isinstance(config, NVFP4Config) else {}
-    for name, module in tqdm(chosen, desc=f"quantize {config.name}", disable=not progress, leave=False):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        fp4 = FP4Linear.from_linear(module, config, name=name, amax=amax.get(name), input_config=activations,
-                                    weight=(weights or {}).get(name))
-        if isinstance(activations, NVFP4Config):
-            fp4.set_input_amax(input_amax[name])
-        setattr(parent, child, fp4)
+    todo = chosen + experts
+    for name, module in tqdm(todo, desc=f"quantize {config.name}", disable=not progress, leave=False):
+        if isinstance(module, nn.Linear):
+            new = FP4Linear.from_linear(module, config, name=name, amax=amax.get(name), input_config=activations,
+                                        weight=(weights or {}).get(name))
+            if isinstance(activations, NVFP4Config):
+                new.set_input_amax(input_amax[name])
+        else:
+            new = FP4Experts.from_experts(module, config, name=name)
+        _replace(model, name, new)
         report.quantized.append(name)
     return report
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
