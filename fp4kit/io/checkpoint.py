@@ -390,6 +390,8 @@ def _maybe_tokenizer(folder: pathlib.Path):
 
 def checkpoint_summary(info: CheckpointInfo, model: nn.Module) -> dict:
     params = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, FP4Linear))
+    params += sum(3 * m.num_experts * m.hidden_dim * m.intermediate_dim for m in model.modules()
+                  if isinstance(m, FP4Experts))
     params += sum(p.numel() for n, p in model.named_parameters() if not _is_tied_duplicate(model, n))
     return {"path": str(info.path), "format": info.format, "config": repr(info.config),
             "quantized_layers": info.quantized, "excluded_layers": {n: _reason(n, info) for n in info.ignored},
