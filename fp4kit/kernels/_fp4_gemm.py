@@ -147,10 +147,120 @@ def _e2m1_words_to_f32(words):
 
 
 @triton.jit
+def _e2m1_word_pair_bf16(words, J: tl.constexpr):
+    """int32 words of 8 packed codes -> int32 holding two bfloat16s: nibbles J (low half) and J + 4 (high).
+
+    The float16 placement of `_fp4_bits` moved to bfloat16's field widths: magnitude bits e1 e0 m go
+    to bits 8..6 (and 24..22), the sign to bit 15 (and 31). A bfloat16 with exponent field e and
+    top mantissa bit m is 2^(e-127) (1 + m/2), or 2^-126 (m/2) when e = 0 (subnormal): exactly the
+    E2M1 value times 2^-126. Two shifts and two masks per pair of weights, no conversion.
+    """
+    if J == 0:
+        h = ((words << 6) & 0x01C001C0) | ((words << 12) & -2147450880)
+    elif J == 1:
+        h = ((words << 2) & 0x01C001C0) | ((words << 8) & -2147450880)
+    elif J == 2:
+        h = ((words >> 2) & 0x01C001C0) | ((words << 4) & -2147450880)
+    else:
+        h = ((words >> 6) & 0x01C001C0) | (words & -2147450880)
+    return h
+
+
+@triton.jit
+def _bf16_halves(h):
+    """int32 holding two bfloat16s -> (low, high) bfloat16 tensors (register halves, no arithmetic)."""
+    lo = h.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    hi = (h >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _bf16_scaled_pair(h, scale2, ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr):
+    """(code pair times 2^-126) * power-of-two scale pair -> (low, high) bfloat16, exact.
+
+    ONE_MUL: scale2 holds 2^(c-1) (E8M0 code c <= 128), one mul.rn.bf16x2 per two weights.
+    Otherwise scale2 holds 2^(c-127) and the pair is first multiplied by 2^126 (0x7E80).
+    Multiplying by a power of two is exact unless the result leaves bfloat16's range, where the
+    hardware's round-to-nearest-even gives what the twin's float32 product rounded to bfloat16
+    gives. The interpreter has no inline PTX: it multiplies the halves as float32 and rounds
+    (the same numbers; the products are exact).
+    """
+    if INTERPRET:
+        lo_a = (h << 16).to(tl.float32, bitcast=True)
+        hi_a = (h & -65536).to(tl.float32, bitcast=True)
+        lo_s = (scale2 << 16).to(tl.float32, bitcast=True)
+        hi_s = (scale2 & -65536).to(tl.float32, bitcast=True)
+        if not ONE_MUL:
+            lo_a = lo_a * 8.507059173023462e37  # 2^126
+            hi_a = hi_a * 8.507059173023462e37
+        return cast_rne(lo_a * lo_s, tl.bfloat16, INTERPRET), cast_rne(hi_a * hi_s, tl.bfloat16, INTERPRET)
+    else:
+        if ONE_MUL:
+            m = tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [h, scale2],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            m = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, c; mov.b32 c, 0x7E807E80; mul.rn.bf16x2 t, $1, c; mul.rn.bf16x2 $0, t, $2; }",
+                "=r,r,r", [h, scale2], dtype=tl.int32, is_pure=True, pack=1)
+        return _bf16_halves(m)
+
+
+@triton.jit
+def _mxfp4_words_to_bf16(words, scale2, ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr):
+    """int32 words [R, W] + bf16x2 power-of-two scales [R, W] -> bfloat16 [R, W * 8] in pair order: position
+    8w + 2J + a holds element 8w + J + 4a, so each mul.rn.bf16x2 result is one MMA operand register as it is
+    (no PRMT); x is put in the same k order by `pair_order_x`."""
+    w0, w4 = _bf16_scaled_pair(_e2m1_word_pair_bf16(words, 0), scale2, ONE_MUL, INTERPRET)
+    w1, w5 = _bf16_scaled_pair(_e2m1_word_pair_bf16(words, 1), scale2, ONE_MUL, INTERPRET)
+    w2, w6 = _bf16_scaled_pair(_e2m1_word_pair_bf16(words, 2), scale2, ONE_MUL, INTERPRET)
+    w3, w7 = _bf16_scaled_pair(_e2m1_word_pair_bf16(words, 3), scale2, ONE_MUL, INTERPRET)
+    lo = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [R, W, 2, 2]: nibble J at J
+    hi = tl.join(tl.join(w4, w6), tl.join(w5, w7))  # nibble J + 4 at J
+    w = tl.join(lo, hi)  # [R, W, 4, 2]: position 2J + a holds nibble J + 4a (a register's two halves adjacent)
+    return tl.reshape(w, (words.shape[0], words.shape[1] * 8))
+
+
+@triton.jit
+def pair_order_x(x, MX_BF16: tl.constexpr):
+    """x [BM, BK] in the k order of `_mxfp4_words_to_bf16` (position 8w + 2J + a holds k = 8w + J + 4a) when
+    MX_BF16, unchanged otherwise. The MMA sums over k, so permuting k in both operands changes nothing."""
+    if MX_BF16:
+        BM: tl.constexpr = x.shape[0]
+        BK: tl.constexpr = x.shape[1]
+        x4 = tl.reshape(x, (BM, BK // 8, 2, 4))
+        return tl.reshape(tl.permute(x4, (0, 1, 3, 2)), (BM, BK))
+    else:
+        return x
+
+
+@triton.jit
+def decode_weight_tile(words, codes, table_ptr, x_dtype: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BS: tl.constexpr, MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr,
+                       INTERPRET: tl.constexpr):
+    """Packed words [BLOCK_N, BLOCK_K/8] + scale codes [BLOCK_N, BLOCK_K/BS] -> weights [BLOCK_N, BLOCK_K] in x_dtype.
+
+    General path: float16-pair decode to float32, times the tabled float32 scale (times 2^14),
+    one rounding to x's dtype. MX_BF16 (MXFP4 weight, bfloat16 x): table holds bf16x2 powers of
+    two and the weights are built in bfloat16 directly (`_mxfp4_words_to_bf16`): the same bits,
+    about half the instructions per weight.
+    """
+    W: tl.constexpr = BLOCK_K // 8
+    NB: tl.constexpr = BLOCK_K // BS
+    WPB: tl.constexpr = BS // 8
+    scale = tl.load(table_ptr + codes.to(tl.int32))  # [BLOCK_N, NB]
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, WPB)), (BLOCK_N, W))
+    if MX_BF16:
+        return _mxfp4_words_to_bf16(words, scale, ONE_MUL, INTERPRET)
+    else:
+        w = _e2m1_words_to_f32(words) * scale[:, :, None]  # [BLOCK_N, W, 8]: code * s_eff, one rounding
+        return cast_rne(tl.reshape(w, (BLOCK_N, BLOCK_K)), x_dtype, INTERPRET)
+
+
+@triton.jit
 def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                       N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                      INTERPRET: tl.constexpr):
+                      MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr):
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias) for small M (decoding).
 
     Grid: (tiles of N, tiles of M, SPLIT_K). Each program owns BLOCK_N output columns for BLOCK_M
@@ -172,7 +282,6 @@ def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, c
     """
     W: tl.constexpr = BLOCK_K // 8
     NB: tl.constexpr = BLOCK_K // BS
-    WPB: tl.constexpr = BS // 8
     K_SPLIT: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
     EVEN_K: tl.constexpr = K % (BLOCK_K * SPLIT_K) == 0
     pid_n = tl.program_id(0)
@@ -200,10 +309,8 @@ def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, c
             words = tl.load(w_ptrs + kk // 8, mask=rmask & (wcol[None, :] < left // 8), other=0)
             codes = tl.load(s_ptrs + kk // BS, mask=rmask & (bcol[None, :] < left // BS), other=0)
             x = tl.load(x_ptrs + kk, mask=mmask & (kcol[None, :] < left), other=0.0)
-        scale = tl.load(table_ptr + codes.to(tl.int32))  # [BLOCK_N, NB] float32, times 2^14
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, WPB)), (BLOCK_N, W))
-        w = _e2m1_words_to_f32(words) * scale[:, :, None]  # [BLOCK_N, W, 8]: code * s_eff, one rounding
-        w = cast_rne(tl.reshape(w, (BLOCK_N, BLOCK_K)), x.dtype, INTERPRET)
+        w = decode_weight_tile(words, codes, table_ptr, x.dtype, BLOCK_N, BLOCK_K, BS, MX_BF16, ONE_MUL, INTERPRET)
+        x = pair_order_x(x, MX_BF16)
         if INTERPRET:  # the interpreter multiplies bf16 bit patterns in tl.dot: give it float32
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:

@@ -4,27 +4,22 @@ import triton
 import triton.language as tl
 
 from ._fp4_bits import cast_rne
-from ._fp4_gemm import _e2m1_words_to_f32
+from ._fp4_gemm import decode_weight_tile, pair_order_x
 
 
 @triton.jit
 def _expert_tile_dot(acc, x, w_ptrs, s_ptrs, table, k0, rmask, wcol, bcol, K: tl.constexpr, BS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr,
+                     INTERPRET: tl.constexpr):
     """acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] @ dequant(W[rows, k0:k0+BLOCK_K]).T (the skinny kernel's
     decode: int32 words, float16-pair nibble placement, one float32 multiply by the tabled scale, one rounding)."""
-    W: tl.constexpr = BLOCK_K // 8
-    NB: tl.constexpr = BLOCK_K // BS
-    WPB: tl.constexpr = BS // 8
     if K % BLOCK_K == 0:
         words = tl.load(w_ptrs + k0 // 8, mask=rmask, other=0)
         codes = tl.load(s_ptrs + k0 // BS, mask=rmask, other=0)
     else:
         words = tl.load(w_ptrs + k0 // 8, mask=rmask & (wcol[None, :] < (K - k0) // 8), other=0)
         codes = tl.load(s_ptrs + k0 // BS, mask=rmask & (bcol[None, :] < (K - k0) // BS), other=0)
-    scale = tl.load(table + codes.to(tl.int32))  # [BLOCK_N, NB] float32, times 2^14
-    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, WPB)), (BLOCK_N, W))
-    w = _e2m1_words_to_f32(words) * scale[:, :, None]  # [BLOCK_N, W, 8]
-    w = cast_rne(tl.reshape(w, (BLOCK_N, BLOCK_K)), x.dtype, INTERPRET)
+    w = decode_weight_tile(words, codes, table, x.dtype, BLOCK_N, BLOCK_K, BS, MX_BF16, ONE_MUL, INTERPRET)
     if INTERPRET:  # the interpreter multiplies bf16 bit patterns in tl.dot: give it float32
         return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
     else:
@@ -35,7 +30,7 @@ def _expert_tile_dot(acc, x, w_ptrs, s_ptrs, table, k0, rmask, wcol, bcol, K: tl
 def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, pairs_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
                    pw_ptr, y_ptr, E, N_OUT: tl.constexpr, K: tl.constexpr, X_DIV: tl.constexpr, BS: tl.constexpr,
                    SWIGLU: tl.constexpr, HAS_PW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+                   BLOCK_K: tl.constexpr, MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr):
     """y[p, n] = act(x[p // X_DIV] @ dequant(W[e(p)])[n].T) (* pw[p]) for every routed pair p, in one launch.
 
     Grid: (tiles of N_OUT, M tiles). M tile t holds up to BLOCK_M consecutive entries
@@ -84,11 +79,12 @@ def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, pairs_ptr, tile_expert_ptr, t
             x = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
         else:
             x = tl.load(x_ptrs + k0, mask=mmask[:, None] & (kcol[None, :] < K - k0), other=0.0)
+        x = pair_order_x(x, MX_BF16)
         acc = _expert_tile_dot(acc, x, g_w, g_s, table, k0, rmask, wcol, bcol, K, BS, BLOCK_N, BLOCK_K,
-                               INTERPRET)
+                               MX_BF16, ONE_MUL, INTERPRET)
         if SWIGLU:
             acc_up = _expert_tile_dot(acc_up, x, g_w + N_OUT * (K // 8), g_s + N_OUT * (K // BS), table, k0,
-                                      rmask, wcol, bcol, K, BS, BLOCK_N, BLOCK_K, INTERPRET)
+                                      rmask, wcol, bcol, K, BS, BLOCK_N, BLOCK_K, MX_BF16, ONE_MUL, INTERPRET)
     if SWIGLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up, as F.silu(g) * u in float32
     if HAS_PW:

@@ -184,6 +184,28 @@ def _scale_table(qt: QuantizedTensor) -> torch.Tensor:
     return (eff * 16384.0).contiguous()
 
 
+# MXFP4 weights with bfloat16 activations build their weights in bfloat16 directly (power-of-two
+# scales make the product exact: see `_fp4_gemm._mxfp4_words_to_bf16`); False forces the float32 decode.
+MXFP4_BF16_DECODE = True
+
+
+def _bf16x2_pow2_table(scale_codes: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """int32 [256] bf16x2 pairs for the MXFP4 bfloat16 decode, and whether one multiply suffices.
+
+    One multiply (every E8M0 code <= 128): entry c is 2^(c-1), applied to the code pair placed as
+    bfloat16 times 2^-126. Otherwise entry c is 2^(c-127) (code 0: the subnormal 2^-127, code 255:
+    NaN, as E8M0) and the kernel multiplies by 2^126 first.
+    """
+    one_mul = scale_codes.numel() == 0 or int(scale_codes.max()) <= 128
+    c = torch.arange(256, dtype=torch.int32, device=scale_codes.device)
+    if one_mul:
+        v = torch.where(c <= 128, (c + 126) << 7, torch.full_like(c, 0x7FC0))
+    else:
+        v = torch.where(c == 0, torch.full_like(c, 0x0040), c << 7)
+        v = torch.where(c == 255, torch.full_like(c, 0x7FC0), v)
+    return (v | (v << 16)).contiguous(), one_mul
+
+
 @dataclass
 class PreparedFP4Weight:
     """A 2-D FP4 weight made ready for the decode kernel: build once (`prepare_fp4_weight`), call often.
@@ -201,6 +223,8 @@ class PreparedFP4Weight:
     K: int
     block_size: int
     versions: tuple
+    table_bf16x2: torch.Tensor | None = None  # int32 [256] (MXFP4 only), see _bf16x2_pow2_table
+    one_mul: bool = True
     launches: dict = field(default_factory=dict)
     configs: dict = field(default_factory=dict)  # M -> the skinny kernel's GemmConfig
 
@@ -219,8 +243,10 @@ def prepare_fp4_weight(qt: QuantizedTensor) -> PreparedFP4Weight:
     _check_fp4(qt, "prepare_fp4_weight")
     N, K = qt.shape
     data = qt.data if qt.data.data_ptr() % 16 == 0 else qt.data.clone()
-    return PreparedFP4Weight(qt, data.view(torch.int32), qt.scale.view(torch.uint8), _scale_table(qt),
-                             N, K, qt.config.block_size, _versions(qt))
+    codes = qt.scale.view(torch.uint8)
+    table2, one_mul = _bf16x2_pow2_table(codes) if isinstance(qt.config, MXFP4Config) else (None, True)
+    return PreparedFP4Weight(qt, data.view(torch.int32), codes, _scale_table(qt), N, K, qt.config.block_size,
+                             _versions(qt), table2, one_mul)
 
 
 _PREPARED: dict[int, tuple] = {}  # id(qt.data) -> (weakref to qt.data, PreparedFP4Weight)
@@ -299,10 +325,12 @@ def _launch_skinny(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Te
         ws, cnt = _splitk_buffers(x2.device, stream, cfg.split_k * M * N, grid[0] * grid[1])
     else:
         ws, cnt = y, y
-    args = (x2, prepared.words, prepared.scale_codes, prepared.table, x2 if bias is None else bias, y, ws, cnt, M,
+    mx_bf16 = MXFP4_BF16_DECODE and prepared.table_bf16x2 is not None and x2.dtype == torch.bfloat16
+    table = prepared.table_bf16x2 if mx_bf16 else prepared.table
+    args = (x2, prepared.words, prepared.scale_codes, table, x2 if bias is None else bias, y, ws, cnt, M,
             N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
-            _interpreting())
-    key = (cfg, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
+            mx_bf16, prepared.one_mul, _interpreting())
+    key = (cfg, mx_bf16, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index)
     compiled = prepared.launches.get(key)
     if compiled is not None and _knobs.runtime.launch_enter_hook is None:

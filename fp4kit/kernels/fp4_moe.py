@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor
 from fp4kit.formats.scales import e8m0_to_float
 
-from .fp4_gemm import HAS_TRITON, _interpreting, _raw_stream, use_triton
+from . import fp4_gemm
+from .fp4_gemm import HAS_TRITON, _bf16x2_pow2_table, _interpreting, _raw_stream, use_triton
 
 if HAS_TRITON:
     import triton
@@ -219,6 +220,8 @@ class PreparedFP4Experts:
     words: torch.Tensor  # int32 [E, N, K/8]
     scale_codes: torch.Tensor  # uint8 [E, N, K/bs]
     tables: torch.Tensor  # float32 [E, 256]
+    tables_bf16x2: torch.Tensor | None = None  # int32 [E, 256] (MXFP4): the bfloat16 decode's scales
+    one_mul: bool = True
     launches: dict = field(default_factory=dict)
 
 
@@ -230,8 +233,12 @@ def prepare_fp4_experts(ex: FP4Experts) -> PreparedFP4Experts:
     packed = ex.packed.contiguous()
     if packed.data_ptr() % 16:
         packed = packed.clone()
-    return PreparedFP4Experts(ex, packed.view(torch.int32), ex.block_scale.contiguous().view(torch.uint8),
-                              _scale_tables(ex))
+    codes = ex.block_scale.contiguous().view(torch.uint8)
+    table2, one_mul = None, True
+    if isinstance(ex.config, MXFP4Config):
+        table2, one_mul = _bf16x2_pow2_table(codes)
+        table2 = table2.expand(E, 256).contiguous()
+    return PreparedFP4Experts(ex, packed.view(torch.int32), codes, _scale_tables(ex), table2, one_mul)
 
 
 @dataclass(frozen=True)
@@ -296,11 +303,12 @@ def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, rout
     E, _, K = ex.shape
     cfg = config or _moe_config(N_out, K, swiglu)
     grid = (triton.cdiv(N_out, cfg.block_n), routing.tile_expert.numel(), 1)
-    args = (x, prep.words, prep.scale_codes, prep.tables, routing.pairs, routing.tile_expert, routing.tile_start,
+    mx_bf16 = fp4_gemm.MXFP4_BF16_DECODE and prep.tables_bf16x2 is not None and x.dtype == torch.bfloat16
+    args = (x, prep.words, prep.scale_codes, prep.tables_bf16x2 if mx_bf16 else prep.tables, routing.pairs, routing.tile_expert, routing.tile_start,
             routing.tile_end, x if pair_weights is None else pair_weights, y, E, N_out, K,
             1 if x_per_pair else routing.top_k, ex.config.block_size, swiglu, pair_weights is not None,
-            routing.block_m, cfg.block_n, cfg.block_k, _interpreting())
-    _launch(prep, grid, args, cfg, (cfg, routing.block_m, x.dtype, x.data_ptr() % 16 == 0, swiglu, x_per_pair,
+            routing.block_m, cfg.block_n, cfg.block_k, mx_bf16, prep.one_mul, _interpreting())
+    _launch(prep, grid, args, cfg, (cfg, mx_bf16, routing.block_m, x.dtype, x.data_ptr() % 16 == 0, swiglu, x_per_pair,
                                     routing.top_k, None if pair_weights is None else
                                     (pair_weights.dtype, pair_weights.data_ptr() % 16 == 0), x.device.index))
     return y

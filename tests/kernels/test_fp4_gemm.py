@@ -202,3 +202,27 @@ def test_skinny_default_config_splits_few_tile_layers():
     x = torch.randn(3, 1024, device=DEVICE, dtype=torch.bfloat16)
     max_err, rms_err = _gemm_errors(fp4_matmul(x, qt), x, qt, None)
     assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+
+
+@pytest.mark.parametrize("bf16_decode", [True, False], ids=["bf16_decode", "f32_decode"])
+@pytest.mark.parametrize("codes", [(2, 3, 100, 119, 127, 128), (2, 3, 127, 129, 200, 240)], ids=["one_mul", "two_mul"])
+def test_skinny_mxfp4_weights_bit_exact_through_gemm(codes, bf16_decode, monkeypatch):
+    """x = identity makes y = W.T exactly (one product per output), so the weights the MMA saw are compared
+    bit for bit with the formats' dequantizer: every E2M1 code (0.5 is a bfloat16 subnormal before scaling)
+    under E8M0 scales through the one-multiply (codes <= 128) and two-multiply bfloat16 decodes and the
+    float32 decode. Codes 0 and 1 are left out: their weights are subnormal, and the interpreter's dot
+    flushes subnormal outputs (a property of the sum, not of the decode)."""
+    from fp4kit.formats import QuantizedTensor
+    from fp4kit.kernels import fp4_gemm
+
+    monkeypatch.setattr(fp4_gemm, "MXFP4_BF16_DECODE", bf16_decode)
+    N, K = 16, 64
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
+    data[0] = (torch.arange(K // 2) % 16 * 17).to(torch.uint8)  # (i, i) nibble pairs: all 16 codes
+    scale = torch.tensor(codes, dtype=torch.uint8)[torch.randint(0, len(codes), (N, K // 32), generator=gen)]
+    qt = QuantizedTensor(data.to(DEVICE), scale.to(DEVICE), None, (N, K), MXFP4Config())
+    x = torch.eye(K, device=DEVICE, dtype=torch.bfloat16)  # M = 64: the skinny path
+    y = fp4_matmul(x, qt)
+    want = qt.dequantize(torch.bfloat16) + 0.0  # a sum turns the weight -0 into +0; everything else is exact
+    assert torch.equal(y.T.contiguous().view(torch.int16), want.view(torch.int16))
