@@ -598,11 +598,11 @@ def train_grpo(model: nn.Module, tokenizer, rows: Sequence[PromptRow], reward_fu
         sigma = config.noise.sigma(step, config.max_steps) if config.noise else 0.0
         record = logger.log(step + 1, **step_metrics(batch, reward_funcs, train, lr, sigma))
         records.append(record)
-        if on_step is not None:
-            on_step(step + 1, record)
         if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
             save_state(ckpt_root, step + 1, model, optimizer, scheduler,
                        extra={"config": config.to_json(), "step": step + 1})
+        if on_step is not None:
+            on_step(step + 1, record)
     if (out_dir / "metrics.jsonl").exists():
         keys = ["reward"] + (["accuracy"] if any("accuracy" in r for r in records) else [])
         plot_metrics(out_dir / "metrics.jsonl", keys, out_dir / "reward.png", title="GRPO")
