@@ -13,9 +13,9 @@ import sys
 import fp4kit
 
 from . import eval as eval_cmd
-from . import formats, inspect, quantize
+from . import formats, inspect, qat, quantize
 
-COMMANDS = [formats, quantize, eval_cmd, inspect]
+COMMANDS = [formats, quantize, eval_cmd, inspect, qat]
 
 
 def build_parser() -> argparse.ArgumentParser:

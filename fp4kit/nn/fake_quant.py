@@ -301,8 +301,8 @@ def convert(model: nn.Module, *, dtype: torch.dtype | None = None, progress: boo
     DYNAMIC scales: exactly `quantize_()` of the final master weights (same function, same shared
     amax of fused groups). FROZEN scales: the codes on the frozen scales. Either way the converted
     layer's dequantized weight equals the fake-quantized weight of the last forward, bit for bit.
-    `dtype` sets the converted layers' compute dtype (and bias dtype); the master weights are
-    quantized in their own precision first.
+    With `dtype` the whole model is cast to it afterwards (`cast_except_fp4`): the master weights are
+    quantized in their own precision first, the FP4 buffers stay as they are.
     """
     fakes = [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
     if not fakes:
@@ -322,13 +322,31 @@ def convert(model: nn.Module, *, dtype: torch.dtype | None = None, progress: boo
     frozen = config.scales is ScaleMode.FROZEN
     report = quantize_(model, config.weight, lambda m, n: n in names, ignore=(), activations=config.activations,
                        input_amax=input_amax, weights=weights if frozen else None, progress=progress)
-    for name in report.quantized:
-        if dtype is not None:
-            layer = model.get_submodule(name)
-            layer.dtype = dtype
-            if layer.bias is not None:
-                layer.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+    if dtype is not None:
+        cast_except_fp4(model, dtype)
     return report
+
+
+def cast_except_fp4(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model.to(dtype)` that leaves FP4 storage alone: `Module.to` would cast the float8 block
+    scales and the float32 global scales of FP4Linear (they are floating point). FP4Linear layers
+    get `dtype` as their compute dtype and their bias in it; every other parameter and floating
+    buffer is cast."""
+    from .linear import FP4Linear
+
+    for module in model.modules():
+        if isinstance(module, FP4Linear):
+            module.dtype = dtype
+            if module.bias is not None:
+                module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                module._buffers[name] = b.to(dtype)
+    return model
 
 
 def fake_quant_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
@@ -348,4 +366,4 @@ def convert_param(module: nn.Module, name: str, *, dtype: torch.dtype | None = N
 
 __all__ = ["FakeQuantLinear", "FakeQuantParametrization", "QATConfig", "ScaleMode", "convert", "convert_param",
            "fake_quant_layers", "fake_quantize_input", "fake_quantize_param", "prepare_qat", "quantize_with_scales",
-           "ste"]
+           "ste", "cast_except_fp4"]

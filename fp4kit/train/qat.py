@@ -22,8 +22,8 @@ the batches the killed one would have, and with DDP every rank draws the same gl
 takes its own slice: N GPUs see exactly the batches one GPU sees (the loss curves can be
 compared step for step).
 
-Checkpoints (`fp4kit.train.state`) every `save_every` steps under `out/checkpoints/`, resumed
-automatically; `out/log.jsonl` gets one line per step (loss, ce, kd, lr, grad_norm, tokens/s)
+Checkpoints (`fp4kit.train.state`) every `save_every` steps (and at the last) under
+`out/checkpoints/`, resumed automatically; `out/log.jsonl` gets one line per step (loss, ce, kd, lr, grad_norm, tokens/s)
 and `out/loss.png` the curves. Multi-GPU: launch with `torchrun --nproc-per-node N`; the loop
 wraps the student in DistributedDataParallel when a process group is initialized, rank 0 alone
 writes logs and checkpoints.
@@ -84,7 +84,7 @@ class TrainConfig:
     ce_weight: float = 0.5
     trainable: Trainable = Trainable.NON_EMBEDDING
     bf16_autocast: bool = True  # on CUDA only; CPU runs in the master weights' precision
-    save_every: int = 0  # 0: checkpoint only at the end
+    save_every: int = 0  # 0: no checkpoints
     keep: int = 2
     seed: int = 0
 
@@ -274,8 +274,8 @@ def train_qat(student: nn.Module, tokens: torch.Tensor, config: TrainConfig, *, 
         if logger is not None:
             logger.log(step + 1, **last)
         done = step + 1
-        if ckpt_root is not None and rank == 0 and (
-                (config.save_every and done % config.save_every == 0) or done == config.steps):
+        if ckpt_root is not None and rank == 0 and config.save_every and (
+                done % config.save_every == 0 or done == config.steps):
             save_state(ckpt_root, done, student, optimizer, scheduler, extra={"config": config.as_json()},
                        keep=config.keep)
         if on_step is not None:

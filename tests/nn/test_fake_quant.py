@@ -151,7 +151,10 @@ def test_convert_dtype_and_errors():
     model = trained_tiny()
     prepare_qat(model, QATConfig(NVFP4Config(global_scale=GlobalScale.DECODE)))
     convert(model, dtype=torch.bfloat16)
-    assert model.model.layers[0].mlp.up_proj.dtype == torch.bfloat16
+    up = model.model.layers[0].mlp.up_proj
+    assert up.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
+    assert up.weight_scale.dtype == torch.float8_e4m3fn and up.weight_global_scale.dtype == torch.float32
+    assert model(torch.randint(0, 128, (1, 5))).logits.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="no FakeQuantLinear"):
         convert(model)
     with pytest.raises(TypeError, match="QATConfig.weight"):
