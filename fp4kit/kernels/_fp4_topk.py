@@ -12,12 +12,16 @@ layouts. Here the arithmetic follows the twins:
 - FP8 keys: float32(sum_d q_d k_d) times the key's float32 scale.
 - bf16 keys: float32(sum_d q_d k_d).
 
-The score is rounded to bf16, -0 is turned into +0, and written as the int32 sort key
+The score is rounded to bf16, -0 is turned into +0, and written as the monotone int16
 
-    key = (m << 16) | (0xFFFF - (t & 0xFFFF)),   m = bf16 bits as int16, with m ^ 0x7FFF when m < 0
+    m = bf16 bits as int16, with m ^ 0x7FFF when m < 0         (-32768 outside [lo, hi))
 
-so a larger key is a larger score, and among equal scores the lower position t (within a chunk of
-65,536 positions) wins. Keys of positions outside [lo, hi) are INT32_MIN.
+so a larger m is a larger score. Selection is a two-level radix select on u = m + 32768 (0..65535):
+a 256-bin histogram of u's high byte (built by the scan kernel with atomics), the bin holding the
+n-th best, a histogram of the low byte inside that bin, then u* (the n-th best score) and
+need = n - #(u > u*). A counting pass and a writing pass (each tile adds up the counts of the tiles
+before it) write every position with u > u* and the first `need` with u == u*, in ascending
+position: ties go to the lower position, and nothing is sorted.
 """
 
 import triton
@@ -58,11 +62,12 @@ def _fp4_tile_scores(q_ptr, k_ptr, s_ptr, gs_ptr, offs_t, valid, row, stride_kr,
 
 
 @triton.jit
-def index_key_kernel(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, lo, hi, n_out,
-                     stride_qr, stride_kr, stride_kt, stride_sr, stride_st, stride_or,
-                     D: tl.constexpr, FMT: tl.constexpr, BS: tl.constexpr, GS_ENCODE: tl.constexpr,
-                     BLOCK_T: tl.constexpr, INTERPRET: tl.constexpr):
-    """One program: BLOCK_T positions of one row. Writes int32 sort keys (INT32_MIN outside [lo, hi))."""
+def index_score_kernel(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out,
+                       stride_qr, stride_kr, stride_kt, stride_sr, stride_st, stride_or,
+                       D: tl.constexpr, FMT: tl.constexpr, BS: tl.constexpr, GS_ENCODE: tl.constexpr,
+                       BLOCK_T: tl.constexpr, INTERPRET: tl.constexpr):
+    """One program: BLOCK_T positions of one row. Writes the monotone int16 score m (-32768 outside
+    [lo, hi)) and adds the tile's histogram of the high byte of u = m + 32768 to hist[row, 0:256]."""
     row = tl.program_id(0)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     valid = (offs_t >= lo) & (offs_t < hi)
@@ -91,9 +96,93 @@ def index_key_kernel(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, lo, hi, n_out,
     bits = (b32 + 0x7FFF + ((b32 >> 16) & 1)) >> 16  # arithmetic shift: the bf16 bits as a signed int16
     bits = tl.where(bits == -32768, 0, bits)  # -0 -> +0
     m = tl.where(bits < 0, bits ^ 0x7FFF, bits)
-    key = (m << 16) | (0xFFFF - (offs_t & 0xFFFF))
-    key = tl.where(valid, key, -2147483648)
-    tl.store(out_ptr + row * stride_or + offs_t, key, mask=offs_t < n_out)
+    m = tl.where(valid, m, -32768)
+    tl.store(out_ptr + row * stride_or + offs_t, m.to(tl.int16), mask=offs_t < n_out)
+    hist = tl.histogram((m + 32768) >> 8, 256, mask=valid)
+    offs_h = tl.arange(0, 256)
+    tl.atomic_add(hist_ptr + row * 512 + offs_h, hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit
+def _suffix_threshold(counts, above, n):
+    """counts [256] per bin, `above` counted in higher bins already: the highest bin b with
+    above + sum_{b' >= b} counts >= n, and the count strictly above b."""
+    offs = tl.arange(0, 256)
+    rev = tl.flip(counts, 0)  # rev[i] = counts[255 - i]
+    c = tl.cumsum(rev, 0) + above
+    i = tl.min(tl.where(c >= n, offs, 256), 0)
+    at_i = tl.sum(tl.where(offs == i, c - rev, 0), 0)  # count strictly above bin 255 - i
+    return 255 - i, at_i
+
+
+@triton.jit
+def coarse_threshold_kernel(hist_ptr, state_ptr, n):
+    """Per row: the high-byte bin b1 holding the n-th best score; state[row] = (b1, count above b1)."""
+    row = tl.program_id(0)
+    h = tl.load(hist_ptr + row * 512 + tl.arange(0, 256))
+    b1, above = _suffix_threshold(h, 0, n)
+    tl.store(state_ptr + row * 4, b1)
+    tl.store(state_ptr + row * 4 + 1, above)
+
+
+@triton.jit
+def fine_hist_kernel(m_ptr, hist_ptr, state_ptr, stride_mr, n_out, BLOCK: tl.constexpr):
+    """Histogram of the low byte of u over the positions whose high byte is b1, into hist[row, 256:512]."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    u = tl.load(m_ptr + row * stride_mr + offs, mask=offs < n_out, other=-32768).to(tl.int32) + 32768
+    b1 = tl.load(state_ptr + row * 4)
+    sel = (offs < n_out) & ((u >> 8) == b1)
+    h = tl.histogram(u & 255, 256, mask=sel)
+    tl.atomic_add(hist_ptr + row * 512 + 256 + tl.arange(0, 256), h, mask=h > 0, sem="relaxed")
+
+
+@triton.jit
+def fine_threshold_kernel(hist_ptr, state_ptr, n):
+    """Per row: u* (the n-th best score) and need = n - count(u > u*); state[row, 2:4]."""
+    row = tl.program_id(0)
+    h = tl.load(hist_ptr + row * 512 + 256 + tl.arange(0, 256))
+    b1 = tl.load(state_ptr + row * 4)
+    above = tl.load(state_ptr + row * 4 + 1)
+    f, above_f = _suffix_threshold(h, above, n)
+    tl.store(state_ptr + row * 4 + 2, b1 * 256 + f)
+    tl.store(state_ptr + row * 4 + 3, n - above_f)
+
+
+@triton.jit
+def tile_count_kernel(m_ptr, state_ptr, cnt_ptr, stride_mr, stride_cr, n_out, BLOCK: tl.constexpr):
+    """Per tile: how many positions score above u* (cnt[row, 0, tile]) and equal to it (cnt[row, 1, tile])."""
+    row = tl.program_id(0)
+    tile = tl.program_id(1)
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    u = tl.load(m_ptr + row * stride_mr + offs, mask=offs < n_out, other=-32768).to(tl.int32) + 32768
+    ustar = tl.load(state_ptr + row * 4 + 2)
+    ok = offs < n_out
+    tl.store(cnt_ptr + row * stride_cr + tile, tl.sum((ok & (u > ustar)).to(tl.int32), 0))
+    tl.store(cnt_ptr + row * stride_cr + stride_cr // 2 + tile, tl.sum((ok & (u == ustar)).to(tl.int32), 0))
+
+
+@triton.jit
+def tile_write_kernel(m_ptr, state_ptr, cnt_ptr, out_ptr, stride_mr, stride_cr, stride_or, n_out, n_tiles,
+                      BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """Write the selected positions in ascending order: all above u*, then the first `need` equal to it."""
+    row = tl.program_id(0)
+    tile = tl.program_id(1)
+    offs_tiles = tl.arange(0, TILES)
+    before = offs_tiles < tile
+    gt_before = tl.sum(tl.load(cnt_ptr + row * stride_cr + offs_tiles, mask=before, other=0), 0)
+    eq_before = tl.sum(tl.load(cnt_ptr + row * stride_cr + stride_cr // 2 + offs_tiles, mask=before, other=0), 0)
+    ustar = tl.load(state_ptr + row * 4 + 2)
+    need = tl.load(state_ptr + row * 4 + 3)
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_out
+    u = tl.load(m_ptr + row * stride_mr + offs, mask=ok, other=-32768).to(tl.int32) + 32768
+    gt = (ok & (u > ustar)).to(tl.int32)
+    eq = (ok & (u == ustar)).to(tl.int32)
+    tie_rank = eq_before + tl.cumsum(eq, 0) - eq
+    sel = gt | (eq & (tie_rank < need).to(tl.int32))
+    slot = gt_before + tl.minimum(eq_before, need) + tl.cumsum(sel, 0) - sel
+    tl.store(out_ptr + row * stride_or + slot, offs.to(tl.int64), mask=sel != 0)
 
 
 @triton.jit
@@ -111,3 +200,31 @@ def rerank_kernel(q_ptr, k_ptr, cand_ptr, out_ptr, n_cand, stride_qr, stride_kr,
     q = tl.load(q_ptr + row * stride_qr + offs_d)
     score = tl.sum(k * q[None, :], axis=1)
     tl.store(out_ptr + row * stride_or + offs_c, tl.where(ok, score, float("-inf")), mask=in_range)
+
+
+@triton.jit
+def select_kernel(score_ptr, cand_ptr, out_ptr, n_cand, k, stride_sr, stride_cr, stride_or, BLOCK: tl.constexpr):
+    """One program per row: the k best of n_cand float32 scores (candidates in ascending position, so
+    equal scores go to the earlier one), written in ascending position. A 32-step bitwise search finds
+    the k-th best monotone key T; then all keys above T and the first (k - #above) equal to it."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n_cand
+    s = tl.load(score_ptr + row * stride_sr + offs, mask=ok, other=float("-inf"))
+    bits = s.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)  # -0 -> +0
+    key = tl.where(bits < 0, ~bits, bits ^ -2147483648).to(tl.uint32, bitcast=True)  # unsigned, monotone
+    key = tl.where(ok, key, 0)
+    t = tl.zeros([1], dtype=tl.uint32)
+    for bit in tl.static_range(31, -1, -1):
+        cand = t | tl.full([1], 1 << bit, tl.uint32)
+        cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
+        t = tl.where(cnt >= k, cand, t)
+    thr = tl.sum(t, 0)
+    gt = (key > thr).to(tl.int32)
+    eq = (key == thr).to(tl.int32)
+    need = k - tl.sum(gt, 0)
+    sel = gt | (eq & ((tl.cumsum(eq, 0) - eq) < need).to(tl.int32))
+    slot = tl.cumsum(sel, 0) - sel
+    pos = tl.load(cand_ptr + row * stride_cr + offs, mask=ok, other=0)
+    tl.store(out_ptr + row * stride_or + slot, pos, mask=sel != 0)

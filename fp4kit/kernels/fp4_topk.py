@@ -10,20 +10,24 @@ float32 and keeps the top k. The caller adds the positions it always keeps (firs
 sliding window) by passing [lo, hi) around them (see `fp4kit.nn.indexer`).
 
 Order and ties. Scores are compared as numbers with -0 == +0; equal scores go to the LOWER position.
-That total order is what `topk_order_torch` implements with a stable descending sort, and what the
-kernels implement with unique integer keys: stage one writes
+That total order is what `topk_order_torch` implements with a stable descending sort. A selection
+is a set: both stages return positions in ascending order (what a gather of K/V wants, too).
 
-    key32 = (m << 16) | (0xFFFF - (t mod 65536))   m: the bf16 score's bits as a monotone int16
-
-per position, takes `torch.topk` of those keys in chunks of 65,536 positions (keys are unique
-inside a chunk, so the result is deterministic), and merges the chunks' winners with the 64-bit key
-(m << 32) | (2^32 - 1 - t). The rerank uses the same 64-bit key with the float32 score's bits.
-Results come back sorted: best first, ties by position.
+How the kernels select without sorting (a radix select, all on the GPU, graph-capturable):
+    1. scan: score every position, write its bf16 score as a monotone int16 m (2 bytes), and add the
+       tile's histogram of m's high byte to a per-row 256-bin histogram (atomics)
+    2. per row: the high-byte bin b1 that holds the n-th best score
+    3. histogram of the low byte over the positions in bin b1; per row: the n-th best score u* and
+       need = n - #(score > u*)
+    4. per tile: #(> u*) and #(== u*); then each tile writes its positions with score > u* and its
+       ties whose rank among all ties is < need, at offsets summed from the tiles before it
+The rerank's final top-k (n <= 8192 candidates) runs in one program per row: a 32-step bitwise
+search for the k-th best float32 key, then the same ">, then the first ties" write.
 
 Bytes per key (head dim D): bf16 2D; FP8 D + 4 (a float32 scale per position, as
-`fp4kit.nn.kv_cache`); MXFP4 D/2 + D/32; NVFP4 D/2 + D/16; plus 4 bytes of int32 key written and
-read back by the selection. At D = 128 that is 260 / 140 / 72 / 80 bytes: FP4 moves 1.9x fewer
-than FP8. The rerank reads only n bf16 keys (n = 2k: 0.5 MB at k = 1024, D = 128).
+`fp4kit.nn.kv_cache`); MXFP4 D/2 + D/32; NVFP4 D/2 + D/16; plus the 2-byte score written once and
+read three times by the select. At D = 128 that is 256 / 132 / 68 / 72 bytes of keys: FP4 moves
+1.9x fewer than FP8. The rerank reads only n bf16 keys (n = 2k: 1 MB per row at k = 2048, D = 128).
 
 Layout: `KeyCacheView` holds [R, L, ...] tensors of any row stride (a slice of a preallocated cache
 with capacity > L is read in place); the last two dims must be contiguous.
@@ -54,7 +58,10 @@ try:
 except ImportError:  # CPU installs without triton use the torch twins
     HAS_TRITON = False
 
-CHUNK = 65536  # positions per int32-key chunk: the low 16 bits of a key hold 0xFFFF - (t mod CHUNK)
+# (positions per program, warps) of the scan kernel per key format on a GPU; benchmarks/bench_sparse_select.py
+# sweeps these on the device and reports the best
+SCAN_TILE = {"bf16": (64, 4), "fp8": (256, 4), "mxfp4": (128, 4), "nvfp4": (128, 4)}  # best on the H100
+SELECT_BLOCK = 2048  # positions per program in the radix select's histogram / count / write passes
 
 
 class KeyFormat(enum.Enum):
@@ -179,10 +186,10 @@ def index_scores_torch(q: torch.Tensor, keys: KeyCacheView) -> torch.Tensor:
 
 
 def index_topk_torch(q: torch.Tensor, keys: KeyCacheView, n: int, *, lo: int = 0, hi: int | None = None):
-    """Twin of `index_topk`: int64 [R, min(n, hi - lo)] positions in [lo, hi), best first."""
+    """Twin of `index_topk`: int64 [R, min(n, hi - lo)] positions in [lo, hi), ascending."""
     hi = _check(q, keys, lo, hi)
     scores = index_scores_torch(q, keys)[:, lo:hi]
-    return topk_order_torch(scores, n) + lo
+    return (topk_order_torch(scores, n) + lo).sort(dim=-1).values
 
 
 def _fp4_args(keys: KeyCacheView):
@@ -192,60 +199,69 @@ def _fp4_args(keys: KeyCacheView):
     return cfg.block_size, keys.scale.view(torch.uint8), gs, enc
 
 
-def index_keys(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-    """int32 sort keys [R, L_pad] (L_pad: L rounded up to the kernel tile), INT32_MIN outside [lo, hi)."""
+def index_score_bits(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: int | None = None,
+                     hist: torch.Tensor | None = None) -> torch.Tensor:
+    """The scan alone: monotone int16 bf16 scores [R, L_pad] (L_pad: L rounded up to the tile),
+    -32768 outside [lo, hi). `hist` (int32 [R, 512], zeroed) receives the high-byte histogram."""
     hi = _check(q, keys, lo, hi)
     R, L, D = keys.rows, keys.length, keys.head_dim
     if D & (D - 1) or D < 32:
         raise ValueError(f"index kernels need a power-of-two head dim >= 32, got {D}")
-    block_t = 16 if _interpreting() else (64 if D >= 128 else 128)
+    block_t, warps = (16, 4) if _interpreting() else SCAN_TILE[keys.format.value]
     n_out = triton.cdiv(L, block_t) * block_t
-    out = torch.empty(R, n_out, dtype=torch.int32, device=q.device)
+    out = torch.empty(R, n_out, dtype=torch.int16, device=q.device)
+    hist = torch.zeros(R, 512, dtype=torch.int32, device=q.device) if hist is None else hist
     if keys.format in (KeyFormat.MXFP4, KeyFormat.NVFP4):
         bs, s, gs, enc = _fp4_args(keys)
         data = keys.data
-        s_strides = (s.stride(0), s.stride(1))
     else:
         bs, gs, enc = 1, q, True
         data = keys.data.view(torch.uint8) if keys.format is KeyFormat.FP8 else keys.data
         s = keys.scale if keys.scale is not None else q
-        s_strides = (s.stride(0), s.stride(1))
     grid = (R, n_out // block_t)
-    _fp4_topk.index_key_kernel[grid](q, data, s, gs, out, lo, hi, n_out, q.stride(0), data.stride(0),
-                                     data.stride(1), *s_strides, out.stride(0), D=D, FMT=_FMT_CODE[keys.format],
-                                     BS=bs, GS_ENCODE=enc, BLOCK_T=block_t, INTERPRET=_interpreting(),
-                                     num_warps=4)
+    _fp4_topk.index_score_kernel[grid](q, data, s, gs, out, hist, lo, hi, n_out, q.stride(0), data.stride(0),
+                                       data.stride(1), s.stride(0), s.stride(1) if s.dim() > 1 else 0,
+                                       out.stride(0), D=D, FMT=_FMT_CODE[keys.format], BS=bs, GS_ENCODE=enc,
+                                       BLOCK_T=block_t, INTERPRET=_interpreting(), num_warps=warps)
     return out
 
 
-def _chunk_topk(keys32: torch.Tensor, lo: int, n: int) -> torch.Tensor:
-    """Deterministic top-n positions from int32 keys [R, L_pad] (see the module docstring)."""
-    R, L = keys32.shape
-    if L <= CHUNK:
-        top = torch.topk(keys32, n, dim=-1, sorted=True).values
-        return 0xFFFF - (top & 0xFFFF).long()
-    pad = (-L) % CHUNK
-    if pad:
-        keys32 = torch.nn.functional.pad(keys32, (0, pad), value=-(2**31))
-    chunks = keys32.view(R, -1, CHUNK)
-    top = torch.topk(chunks, min(n, CHUNK), dim=-1, sorted=False).values  # [R, C, n]
-    base = torch.arange(chunks.shape[1], device=keys32.device).view(1, -1, 1) * CHUNK
-    pos = base + 0xFFFF - (top & 0xFFFF).long()
-    key64 = ((top >> 16).long() << 32) | (0xFFFFFFFF - pos)
-    best = torch.topk(key64.view(R, -1), n, dim=-1, sorted=True).values
-    return 0xFFFFFFFF - (best & 0xFFFFFFFF)
+def bits_to_bf16(m: torch.Tensor) -> torch.Tensor:
+    """Inverse of the kernel's monotone map: int16 m -> the bf16 score (for tests)."""
+    return torch.where(m < 0, m ^ 0x7FFF, m).view(torch.bfloat16)
+
+
+def _radix_select(m: torch.Tensor, hist: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions [R, n] (ascending) of the n largest m per row, ties to the lower position."""
+    R, n_out = m.shape
+    block = 64 if _interpreting() else SELECT_BLOCK
+    n_tiles = triton.cdiv(n_out, block)
+    tiles = triton.next_power_of_2(n_tiles)
+    state = torch.empty(R, 4, dtype=torch.int32, device=m.device)
+    counts = torch.empty(R, 2, tiles, dtype=torch.int32, device=m.device)
+    out = torch.empty(R, n, dtype=torch.int64, device=m.device)
+    _fp4_topk.coarse_threshold_kernel[(R,)](hist, state, n)
+    _fp4_topk.fine_hist_kernel[(R, n_tiles)](m, hist, state, m.stride(0), n_out, BLOCK=block, num_warps=4)
+    _fp4_topk.fine_threshold_kernel[(R,)](hist, state, n)
+    _fp4_topk.tile_count_kernel[(R, n_tiles)](m, state, counts, m.stride(0), counts.stride(0), n_out, BLOCK=block,
+                                              num_warps=4)
+    _fp4_topk.tile_write_kernel[(R, n_tiles)](m, state, counts, out, m.stride(0), counts.stride(0), out.stride(0),
+                                              n_out, n_tiles, BLOCK=block, TILES=tiles, num_warps=4)
+    return out
 
 
 def index_topk(q: torch.Tensor, keys: KeyCacheView, n: int, *, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-    """Top-n positions in [lo, hi) by bf16 index score, best first, ties to the lower position.
+    """The n best positions in [lo, hi) by bf16 index score (ties to the lower position), returned in
+    ascending position order: int64 [R, min(n, hi - lo)].
 
-    q: [R, D] float32 (already rotated/quantized as the keys were); keys: `KeyCacheView`.
-    Returns int64 [R, min(n, hi - lo)]. Runs the Triton kernel on CUDA (or under TRITON_INTERPRET=1)."""
+    q: [R, D] float32 (already rotated/quantized as the keys were); keys: `KeyCacheView`. Runs the
+    Triton kernels on CUDA (or under TRITON_INTERPRET=1): the scan, then the radix select."""
     hi = _check(q, keys, lo, hi)
     n = min(n, hi - lo)
     if not use_triton(q) or n == 0:
         return index_topk_torch(q, keys, n, lo=lo, hi=hi)
-    return _chunk_topk(index_keys(q, keys, lo=lo, hi=hi), lo, n)
+    hist = torch.zeros(keys.rows, 512, dtype=torch.int32, device=q.device)
+    return _radix_select(index_score_bits(q, keys, lo=lo, hi=hi, hist=hist), hist, n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +285,7 @@ def rerank_scores_torch(q: torch.Tensor, keys_bf16: torch.Tensor, cand: torch.Te
 def _final_order(scores: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
     key = order_key64(scores, cand.clamp(min=0))
     best = torch.topk(key, min(k, cand.shape[1]), dim=-1, sorted=True).values
-    return 0xFFFFFFFF - (best & 0xFFFFFFFF)
+    return (0xFFFFFFFF - (best & 0xFFFFFFFF)).sort(dim=-1).values
 
 
 def rerank_topk_torch(q: torch.Tensor, keys_bf16: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
@@ -278,8 +294,9 @@ def rerank_topk_torch(q: torch.Tensor, keys_bf16: torch.Tensor, cand: torch.Tens
 
 
 def rerank_topk(q: torch.Tensor, keys_bf16: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
-    """Stage two: the k best of the candidate positions `cand` [R, n] by float32 q . k over the bf16
-    keys [R, L, D] (gathered, so only n keys are read). Best first, ties to the lower position."""
+    """Stage two: the k best of the candidate positions `cand` [R, n] (ascending, as `index_topk`
+    returns them; -1 pads) by float32 q . k over the bf16 keys [R, L, D] (gathered, so only n keys are
+    read). Ties to the lower position; returned in ascending position order."""
     _check_rerank(q, keys_bf16, cand)
     if not use_triton(q):
         return rerank_topk_torch(q, keys_bf16, cand, k)
@@ -290,4 +307,9 @@ def rerank_topk(q: torch.Tensor, keys_bf16: torch.Tensor, cand: torch.Tensor, k:
     _fp4_topk.rerank_kernel[(R, triton.cdiv(n, block_c))](q, keys_bf16, cand, out, n, q.stride(0),
                                                           keys_bf16.stride(0), keys_bf16.stride(1), cand.stride(0),
                                                           out.stride(0), D=D, BLOCK_C=block_c, num_warps=4)
-    return _final_order(out, cand, k)
+    k = min(k, n)
+    chosen = torch.empty(R, k, dtype=torch.int64, device=q.device)
+    block = triton.next_power_of_2(n)
+    _fp4_topk.select_kernel[(R,)](out, cand, chosen, n, k, out.stride(0), cand.stride(0), chosen.stride(0),
+                                  BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    return chosen

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, ScaleRule, quantize_mxfp4, quantize_nvfp4
-from fp4kit.kernels.fp4_topk import (KeyCacheView, KeyFormat, index_keys, index_scores_torch, index_topk,
-                                     index_topk_torch, order_key64, rerank_topk, rerank_topk_torch, topk_order_torch)
+from fp4kit.kernels.fp4_topk import (KeyCacheView, KeyFormat, bits_to_bf16, index_score_bits, index_scores_torch,
+                                     index_topk, index_topk_torch, order_key64, rerank_topk, rerank_topk_torch,
+                                     topk_order_torch)
 
 MX = MXFP4Config(ScaleRule.RCEIL)
 
@@ -44,13 +45,14 @@ def test_mxfp4_scores_bit_exact_with_twin(L, D):
     k = torch.randn(3, L, D)
     q = mx_query(torch.randn(3, D))
     keys = mx_keys(k)
-    got = index_keys(q, keys)[:, :L]
+    hist = torch.zeros(3, 512, dtype=torch.int32)
+    got = index_score_bits(q, keys, hist=hist)
     want = index_scores_torch(q, keys)
-    m = (got >> 16).to(torch.int16)  # back from monotone int16 to bf16 bits
-    bits = torch.where(m < 0, m ^ 0x7FFF, m).view(torch.bfloat16)
-    assert torch.equal(bits.float(), torch.where(want == 0, 0.0, want.float()))
-    pos = 0xFFFF - (got & 0xFFFF)
-    assert torch.equal(pos, torch.arange(L).expand(3, -1).int())
+    assert torch.equal(bits_to_bf16(got[:, :L]).float(), torch.where(want == 0, 0.0, want.float()))
+    assert bool((got[:, L:] == -32768).all())  # padding past L
+    # the scan's high-byte histogram counts every valid position once
+    u = got[:, :L].int() + 32768
+    assert torch.equal(hist[:, :256], torch.stack([torch.bincount(r >> 8, minlength=256) for r in u]).int())
 
 
 @pytest.mark.parametrize("lo,hi,n", [(0, None, 8), (4, 90, 20), (10, 13, 8)])
@@ -73,18 +75,27 @@ def test_topk_ties_deterministic_in_kernel():
     assert got.tolist() == [[3, 4, 5, 6, 7, 8]] * 2
 
 
+def test_topk_many_ties_at_the_threshold():
+    # keys from a set of 3 vectors: scores take 3 values, so the n-th best sits in a large tie
+    base = torch.randn(3, 64)
+    k = base[torch.randint(0, 3, (2, 150))]
+    q = mx_query(torch.randn(2, 64))
+    keys = mx_keys(k)
+    for n in (1, 77):
+        assert torch.equal(index_topk(q, keys, n, lo=1), index_topk_torch(q, keys, n, lo=1))
+
+
 @pytest.mark.parametrize("fmt", [KeyFormat.BF16, KeyFormat.FP8, KeyFormat.NVFP4])
 def test_other_formats_scores_match_twin(fmt):
     # these round inside the float32 sum: equal up to summation order (1 bf16 ulp at most, rarely)
     k = torch.randn(2, 80, 64)
     q = torch.randn(2, 64)
     keys = keys_of(fmt, k)
-    got = index_keys(q, keys)[:, :80]
-    m = (got >> 16).to(torch.int16)
-    s = torch.where(m < 0, m ^ 0x7FFF, m).view(torch.bfloat16).float()
+    s = bits_to_bf16(index_score_bits(q, keys)[:, :80]).float()
     want = index_scores_torch(q, keys).float()
-    ulp = want.abs().clamp(min=1e-30) * 2**-7
-    assert bool(((s - want).abs() <= ulp).all())
+    # 1 bf16 ulp of the score, plus the float32 summation-order error bound (cancellation near 0)
+    tol = want.abs() * 2**-7 + torch.einsum("rd,rld->rl", q.abs(), keys.dequantize().abs()) * 2**-16
+    assert bool(((s - want).abs() <= tol).all())
     assert (s == want).float().mean() > 0.95
 
 
@@ -100,7 +111,7 @@ def test_rerank_equals_twin_with_exact_sums():
     # small integers: every float32 sum is exact, so kernel and twin order identically (ties included)
     keys = torch.randint(-3, 4, (2, 60, 64)).bfloat16()
     q = torch.randint(-2, 3, (2, 64)).float()
-    cand = torch.stack([torch.randperm(60)[:24] for _ in range(2)])
+    cand = torch.stack([torch.randperm(60)[:24].sort().values for _ in range(2)])
     cand[1, -3:] = -1  # padding
     got = rerank_topk(q, keys, cand, 8)
     want = rerank_topk_torch(q, keys, cand, 8)
@@ -108,28 +119,25 @@ def test_rerank_equals_twin_with_exact_sums():
     exact = (keys.float() @ q.unsqueeze(-1)).squeeze(-1)  # [R, L]
     for r in range(2):
         c = cand[r][cand[r] >= 0]
-        ref = c[topk_order_torch(exact[r, c], 8)]
-        s_ref = exact[r, ref]
-        assert torch.equal(exact[r, got[r]], s_ref)  # same scores; ties by lower position
-        order = sorted(c.tolist(), key=lambda t: (-exact[r, t].item(), t))[:8]
-        assert got[r].tolist() == order
+        best = sorted(c.tolist(), key=lambda t: (-exact[r, t].item(), t))[:8]  # ties by lower position
+        assert got[r].tolist() == sorted(best)
 
 
-def test_chunked_merge_matches_twin(monkeypatch):
-    import fp4kit.kernels.fp4_topk as m
-
-    monkeypatch.setattr(m, "CHUNK", 32)  # force the multi-chunk merge on a small cache
-    # with 32-position chunks the low 16 bits still hold 0xFFFF - (t mod 65536): emulate by keys from torch
-    k = torch.randn(2, 100, 64)
+def test_radix_select_beyond_one_tile_and_odd_lengths():
+    # several select tiles (64 positions each in the interpreter) and a cache length that is no multiple
+    k = torch.randn(2, 201, 64)
     q = mx_query(torch.randn(2, 64))
     keys = mx_keys(k)
-    keys32 = index_keys(q, keys)
-    # rebuild keys with the chunk-local position the merge expects
-    t = torch.arange(keys32.shape[1])
-    keys32 = (keys32 & ~0xFFFF) | (0xFFFF - (t % 32)).int()
-    keys32[:, 100:] = -(2**31)
-    got = m._chunk_topk(keys32, 0, 12)
-    assert torch.equal(got, index_topk_torch(q, keys, 12))
+    for n, lo, hi in ((1, 0, None), (150, 7, 190)):
+        assert torch.equal(index_topk(q, keys, n, lo=lo, hi=hi), index_topk_torch(q, keys, n, lo=lo, hi=hi))
+
+
+def test_rerank_select_with_ties_and_fp32_keys():
+    keys = torch.randint(-1, 2, (3, 200, 32)).bfloat16()  # many exact ties
+    q = torch.randint(-1, 2, (3, 32)).float()
+    cand = torch.stack([torch.randperm(200)[:130].sort().values for _ in range(3)])
+    for k in (1, 17, 64, 130):
+        assert torch.equal(rerank_topk(q, keys, cand, k), rerank_topk_torch(q, keys, cand, k))
 
 
 def test_bad_query_shape_names_it():

@@ -1,0 +1,232 @@
+"""Decode-step key selection time on the H100: bf16 keys vs FP8 keys vs single- and two-stage FP4.
+
+    python benchmarks/bench_sparse_select.py [--out results/sparse_select_h100.json] [--smoke]
+
+One index query per row (row = sequence x KV head; here one KV head, head dim 128 as DeepSeek's
+indexer), L keys per row, top-k with k = 256 and 2048 (DeepSeek-V3.2's k). Methods, all through the
+same kernels (`fp4kit.kernels.fp4_topk`) and the same deterministic radix select:
+
+    torch_bf16   cuBLAS bmm of bf16 keys with q, torch.topk (a plain-PyTorch baseline; ties arbitrary)
+    bf16         scan bf16 keys (256 B/key) -> int16 scores -> radix select
+    fp8          scan FP8 E4M3 keys + float32 scale per position (132 B/key) -> top-k
+    fp4          scan MXFP4 keys (64 + 4 B/key) -> top-k                          (single stage)
+    fp4_2stage   scan MXFP4 keys -> top-2k -> rerank over 2k gathered bf16 keys -> top-k
+
+Timing: CUDA graph replays of the whole selection (launch gaps removed; eager times too), median
+of many after warm-up, cycling over enough key sets that L2 (50 MB) never holds them. Roofline:
+the bytes the method must move (keys read, the int16 scores written once and read by the three
+select passes, the rerank's gathered keys) over the device-to-device copy bandwidth measured in the same run.
+Correctness first: the kernels are compared with their torch twins on the device (bit-exact
+selection for MXFP4; bf16/FP8 scores within 1 bf16 ulp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+
+import torch
+
+from fp4kit.formats import MXFP4Config, ScaleRule, quantize_mxfp4
+from fp4kit.kernels import fp4_topk
+from fp4kit.kernels.fp4_topk import (KeyCacheView, KeyFormat, bits_to_bf16, index_score_bits, index_scores_torch,
+                                     index_topk, index_topk_torch, rerank_topk, rerank_topk_torch)
+
+MX = MXFP4Config(ScaleRule.RCEIL)
+D = 128
+L2_BYTES = 50 * 2**20
+
+
+def make_keys(R: int, L: int, device) -> dict:
+    """One key set in every format (built from the same bf16 keys), and the index queries."""
+    keys = torch.randn(R, L, D, device=device).bfloat16()
+    kf = keys.float()
+    scale = kf.abs().amax(-1) / 448.0
+    fp8 = (kf / scale.unsqueeze(-1)).to(torch.float8_e4m3fn)
+    qt = quantize_mxfp4(kf, MX)
+    q = torch.randn(R, D, device=device)
+    q_fp4 = quantize_mxfp4(q, MX).dequantize()
+    return {"bf16": KeyCacheView(KeyFormat.BF16, keys), "fp8": KeyCacheView(KeyFormat.FP8, fp8, scale),
+            "fp4": KeyCacheView(KeyFormat.MXFP4, qt.data, qt.scale, fp4_config=MX), "keys": keys, "q": q,
+            "q_fp4": q_fp4}
+
+
+def selection(method: str, s: dict, k: int):
+    if method == "torch_bf16":
+        return lambda: torch.topk(torch.bmm(s["keys"], s["q"].bfloat16().unsqueeze(-1)).squeeze(-1), k).indices
+    if method == "fp4_2stage":
+        return lambda: rerank_topk(s["q"], s["keys"], index_topk(s["q_fp4"], s["fp4"], 2 * k), k)
+    view, q = s[method], (s["q_fp4"] if method == "fp4" else s["q"])
+    return lambda: index_topk(q, view, k)
+
+
+def bytes_moved(method: str, R: int, L: int, k: int) -> int:
+    per_key = {"torch_bf16": 2 * D, "bf16": 2 * D, "fp8": D + 4, "fp4": D // 2 + D // 32, "fp4_2stage": D // 2 + D // 32}
+    sort_keys = 0 if method == "torch_bf16" else 8  # int16 score written once, read by 3 select passes
+    total = R * L * (per_key[method] + sort_keys)
+    if method == "torch_bf16":
+        total += R * L * 4  # bf16 scores written and read
+    if method == "fp4_2stage":
+        total += R * 2 * k * 2 * D  # gathered bf16 keys
+    return total
+
+
+def copy_bandwidth(device) -> float:
+    x = torch.empty(2**28, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    ts = time_fn(lambda: y.copy_(x), reps=50, graph=False)
+    return 2 * x.numel() / (ts["median_us"] * 1e-6)
+
+
+def time_fn(fn, *, reps: int = 100, graph: bool = True, cycle=None) -> dict:
+    """Median / p10 / p90 microseconds. `cycle`: list of callables, run in turn (L2 never warm)."""
+    fns = cycle or [fn]
+    for f in fns:
+        for _ in range(3):
+            f()
+    torch.cuda.synchronize()
+    runs = fns
+    if graph:
+        runs = []
+        for f in fns:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                f()
+            runs.append(g.replay)
+        for r in runs:
+            r()
+    times = []
+    for i in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        runs[i % len(runs)]()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000)
+    times.sort()
+    return {"median_us": statistics.median(times), "p10_us": times[len(times) // 10],
+            "p90_us": times[9 * len(times) // 10]}
+
+
+def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
+    """Kernels against twins on the device, before any timing."""
+    torch.manual_seed(1)
+    s = make_keys(4, L, device)
+    for k in (64, 300):
+        got, want = (index_topk(s["q_fp4"], s["fp4"], k, lo=3, hi=L - 10),
+                     index_topk_torch(s["q_fp4"], s["fp4"], k, lo=3, hi=L - 10))
+        assert torch.equal(got, want), "MXFP4 top-k differs from its twin"
+        cand = index_topk(s["q_fp4"], s["fp4"], 2 * k)
+        r1, r2 = rerank_topk(s["q"], s["keys"], cand, k), rerank_topk_torch(s["q"], s["keys"], cand, k)
+        out.setdefault("checks", {})[f"rerank_equal_k{k}"] = float((r1 == r2).float().mean())
+    for fmt in ("bf16", "fp8"):
+        sc = bits_to_bf16(index_score_bits(s["q"], s[fmt])[:, :L]).float()
+        want = index_scores_torch(s["q"], s[fmt]).float()
+        # 1 bf16 ulp of the score, plus the float32 summation-order error bound (cancellation near 0)
+        mag = torch.einsum("rd,rld->rl", s["q"].abs(), s[fmt].dequantize().abs())
+        tol = want.abs() * 2**-7 + mag * 2**-16
+        assert bool(((sc - want).abs() <= tol).all()), f"{fmt} scores off by more than 1 bf16 ulp + sum error"
+        out["checks"][f"{fmt}_scores_equal"] = float((sc == want).float().mean())
+    if big:
+        b = make_keys(2, big, device)  # > one 65,536-position chunk: the merge path
+        assert torch.equal(index_topk(b["q_fp4"], b["fp4"], 512), index_topk_torch(b["q_fp4"], b["fp4"], 512))
+    out["checks"]["mxfp4_topk_bit_exact"] = True
+    print("checks:", out["checks"])
+
+
+def sweep_tiles(device, out: dict, bw: float) -> None:
+    """Scan kernel alone (no top-k) at L = 128K, batch 8: pick (positions per program, warps) per format."""
+    sets = [make_keys(8, 131072, device) for _ in range(2)]
+    out["tile_sweep"] = []
+    for fmt, name in (("bf16", "bf16"), ("fp8", "fp8"), ("fp4", "mxfp4")):
+        best = None
+        for block_t in (64, 128, 256):
+            for warps in (4, 8):
+                fp4_topk.SCAN_TILE[name] = (block_t, warps)
+                q = "q_fp4" if fmt == "fp4" else "q"
+                try:
+                    t = time_fn(None, cycle=[(lambda s=s: index_score_bits(s[q], s[fmt])) for s in sets], reps=60)
+                except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported, not fatal
+                    print(f"tile {fmt} {block_t}x{warps}: {type(e).__name__}")
+                    continue
+                nbytes = 8 * 131072 * ({"bf16": 2 * D, "fp8": D + 4, "fp4": D // 2 + D // 32}[fmt] + 2)
+                out["tile_sweep"].append({"format": fmt, "block_t": block_t, "warps": warps, **t,
+                                          "roofline_us": nbytes / bw * 1e6})
+                if best is None or t["median_us"] < best[0]:
+                    best = (t["median_us"], block_t, warps)
+        fp4_topk.SCAN_TILE[name] = best[1:]
+        print(f"scan {fmt}: best tile {best[1]} x {best[2]} warps, {best[0]:.1f} us at 128K x 8 "
+              f"(roofline {nbytes / bw * 1e6:.1f} us)")
+    out["scan_tile"] = dict(fp4_topk.SCAN_TILE)
+    del sets
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, no timing (CPU interpreter check)")
+    args = p.parse_args()
+    if args.smoke:  # run as TRITON_INTERPRET=1 python ... --smoke on a CPU machine
+        out = {}
+        check(torch.device("cpu"), out, L=400, big=0)
+        return
+    device = torch.device("cuda")
+    out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "head_dim": D,
+           "torch": torch.__version__, "rows": []}
+    check(device, out)
+    bw = copy_bandwidth(device)
+    out["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    methods = ["torch_bf16", "bf16", "fp8", "fp4", "fp4_2stage"]
+    sweep_tiles(device, out, bw)
+    for L in (32768, 65536, 131072):
+        for B in (1, 8):
+            fp4_set = B * L * (D // 2 + D // 32)  # the smallest format decides: 2x L2 of FP4 keys per cycle
+            n_sets = max(1, min(64, -(-2 * L2_BYTES // fp4_set)))
+            sets = [make_keys(B, L, device) for _ in range(n_sets)]
+            for k in (256, 2048):
+                for m in methods:
+                    fns = [selection(m, s, k) for s in sets]
+                    try:
+                        t = time_fn(None, cycle=fns, reps=200)
+                        mode = "graph"
+                    except Exception as e:  # noqa: BLE001 - report and fall back to eager timing
+                        print(f"graph capture failed for {m}: {type(e).__name__}: {e}")
+                        t = time_fn(None, cycle=fns, reps=200, graph=False)
+                        mode = "eager"
+                    te = time_fn(None, cycle=fns, reps=100, graph=False)
+                    nbytes = bytes_moved(m, B, L, k)
+                    row = {"L": L, "batch": B, "k": k, "method": m, "mode": mode, **t,
+                           "eager_median_us": te["median_us"], "bytes": nbytes,
+                           "roofline_us": nbytes / bw * 1e6}
+                    out["rows"].append(row)
+                    print(f"L={L:6d} B={B} k={k:4d} {m:11s} {t['median_us']:8.1f} us (eager {te['median_us']:7.1f})"
+                          f"  roofline {row['roofline_us']:6.1f} us")
+            del sets
+            torch.cuda.empty_cache()
+    print("\n| L | batch | k | torch bf16 | bf16 | fp8 | fp4 | fp4 two-stage | fp8 / fp4 two-stage |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for L in (32768, 65536, 131072):
+        for B in (1, 8):
+            for k in (256, 2048):
+                r = {x["method"]: x for x in out["rows"] if (x["L"], x["batch"], x["k"]) == (L, B, k)}
+                cells = [f"{r[m]['median_us']:.1f} ({r[m]['roofline_us']:.1f})" for m in methods]
+                ratio = r["fp8"]["median_us"] / r["fp4_2stage"]["median_us"]
+                print(f"| {L // 1024}K | {B} | {k} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+    if args.out:
+        path = pathlib.Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
