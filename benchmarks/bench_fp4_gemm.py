@@ -98,10 +98,10 @@ def sweep_configs(M):
 def skinny_sweep(name):
     """Skinny-kernel candidates per shape: split-K for the few-tile layers, tile shapes for gate_up."""
     if name == "gate_up":
-        cand = [(64, 128, 1, 5), (32, 256, 1, 5), (64, 128, 2, 5), (32, 256, 2, 5), (64, 256, 1, 4), (128, 128, 1, 4)]
+        cand = [(64, 128, 2, 5), (64, 128, 1, 5), (128, 128, 1, 4), (128, 128, 2, 4), (64, 256, 2, 4),
+                (32, 128, 2, 5)]
     else:
-        cand = [(32, 256, 1, 5), (32, 256, 2, 5), (32, 256, 4, 5), (32, 256, 8, 5), (64, 256, 2, 4), (64, 256, 4, 4),
-                (32, 128, 4, 5), (32, 128, 8, 5)]
+        cand = [(32, 128, 4, 5), (32, 128, 2, 5), (64, 128, 4, 5), (64, 256, 4, 4), (32, 256, 4, 5), (64, 128, 2, 5)]
     return [GemmConfig(16, bn, bk, split_k=sp, num_warps=4, num_stages=st) for bn, bk, sp, st in cand]
 
 
@@ -110,32 +110,43 @@ SWEEP_SHAPES = ("qkv", "o", "gate_up", "down")
 
 
 def run_sweep(out_dir):
-    """Skinny-kernel tiles and split-K at M = 1 (NVFP4), GPU time in a CUDA graph, weights rotated."""
+    """Skinny-kernel tiles and split-K at M = 1, both formats (MXFP4 with its bf16 decode and without),
+    GPU time in a CUDA graph, weights rotated; the default config's time beside them."""
+    from fp4kit.kernels import fp4_gemm
+
     rows = []
     for name, (N, K) in SHAPES.items():
         if name not in SWEEP_SHAPES:
             continue
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-        qt0 = quantize(w, FORMATS["nvfp4"])
-        preps, nxt = rotating(lambda: prepare_fp4_weight(quantize(torch.randn_like(w) * 0.02, FORMATS["nvfp4"])),
-                              fp4_bytes(qt0))
-        for M in SWEEP_MS:
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            res = []
-            for cfg in skinny_sweep(name):
-                cfg = GemmConfig(16 if M <= 16 else 32, cfg.block_n, cfg.block_k, split_k=cfg.split_k,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                try:
-                    max_err, _ = check(x, preps[0].qt, _launch_skinny(x, preps[0], None, config=cfg))
-                    us = bench_graph(lambda: _launch_skinny(x, nxt(), None, config=cfg))
-                except Exception as e:  # out of shared memory etc.
-                    print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
-                    continue
-                rows.append(dict(shape=name, M=M, cfg=cfg.__dict__, graph_us=us, max_err=max_err))
-                res.append((us, cfg))
-            res.sort(key=lambda r: r[0])
-            print(f"{name:8s} M={M:3d} " + "  ".join(f"{us:6.1f}us bn{c.block_n} bk{c.block_k} sk{c.split_k} "
-                                                    f"s{c.num_stages}" for us, c in res), flush=True)
+        for fmt, fcfg in FORMATS.items():
+            qt0 = quantize(w, fcfg)
+            preps, nxt = rotating(lambda: prepare_fp4_weight(quantize(torch.randn_like(w) * 0.02, fcfg)),
+                                  fp4_bytes(qt0))
+            for bf16_decode in ((True, False) if fmt == "mxfp4" else (False,)):
+                fp4_gemm.MXFP4_BF16_DECODE = bf16_decode
+                for M in SWEEP_MS:
+                    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                    res = []
+                    default = _skinny_config(M, N, K, fcfg.block_size, torch.cuda.get_device_properties(0).multi_processor_count)
+                    for cfg in [default] + skinny_sweep(name):
+                        cfg = GemmConfig(16 if M <= 16 else 32, cfg.block_n, cfg.block_k, split_k=cfg.split_k,
+                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                        try:
+                            max_err, _ = check(x, preps[0].qt, _launch_skinny(x, preps[0], None, config=cfg))
+                            us = bench_graph(lambda: _launch_skinny(x, nxt(), None, config=cfg))
+                        except Exception as e:  # out of shared memory etc.
+                            print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                            continue
+                        rows.append(dict(shape=name, fmt=fmt, bf16_decode=bf16_decode, M=M, cfg=cfg.__dict__,
+                                         default=cfg == default, graph_us=us, max_err=max_err))
+                        res.append((us, cfg))
+                    fp4_gemm.MXFP4_BF16_DECODE = True
+                    tag = f"{fmt}{'-bf16dec' if bf16_decode else ''}"
+                    print(f"{name:8s} {tag:14s} M={M} default {res[0][0]:6.1f}us | " + "  ".join(
+                        f"{us:6.1f} bn{c.block_n} bk{c.block_k} sk{c.split_k} s{c.num_stages}"
+                        for us, c in sorted(res[1:], key=lambda r: r[0])), flush=True)
+            del preps
     with open(os.path.join(out_dir, "fp4_gemm_skinny_splitk_sweep_h100.json"), "w") as f:
         json.dump(rows, f, indent=1)
 

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_fp4_gemm import bench, bench_graph, copy_bandwidth  # noqa: E402
 
 from fp4kit.formats import MXFP4Config, NVFP4Config  # noqa: E402
-from fp4kit.kernels.fp4_moe import (fp4_moe_gemm, fp4_moe_mlp, prepare_fp4_experts, quantize_experts,  # noqa: E402
-                                    route_topk)
+from fp4kit.kernels.fp4_moe import (MoEGemmConfig, _moe_config, fp4_moe_gemm, fp4_moe_mlp,  # noqa: E402
+                                    prepare_fp4_experts, quantize_experts, route_topk)
 
 E, H, I, TOP_K = 128, 2048, 768, 8
 FORMATS = {"nvfp4": NVFP4Config(), "mxfp4": MXFP4Config()}
@@ -106,11 +106,45 @@ def bf16_layer(x, c, gu_t, dn_t, gmm):
     return out.to(x.dtype)
 
 
+SWEEP = [MoEGemmConfig(bn, bk, num_warps=w, num_stages=st) for bn, bk, w, st in
+         [(32, 128, 4, 5), (32, 256, 4, 4), (64, 128, 4, 5), (16, 256, 4, 4), (64, 256, 4, 3), (16, 128, 4, 6),
+          (128, 128, 8, 4)]]
+
+
+def run_sweep(fp4, gen, out_dir, tokens=(1, 8, 64)):
+    """Tile configs of the grouped kernel per token count, gate_up and down, GPU time in a CUDA graph."""
+    rows = []
+    for T in tokens:
+        cases = [make_case(T, gen) for _ in range(N_ROUTINGS)]
+        nxt = Rotation(cases)
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(T * TOP_K, I, device="cuda", dtype=torch.bfloat16)
+        for f, (gu, dn, _, _) in fp4.items():
+            for op, prep, inp, kw in (("gate_up", gu, x, dict(swiglu=True)), ("down", dn, h, dict(x_per_pair=True))):
+                N_out = 2 * I // 2 if op == "gate_up" else H
+                default = _moe_config(N_out, inp.shape[1], op == "gate_up")
+                res = []
+                for cfg in [default] + SWEEP:
+                    try:
+                        us = bench_graph(lambda: fp4_moe_gemm(inp, prep, nxt()["routing"], config=cfg, **kw))
+                    except Exception as exc:  # shared memory etc.
+                        print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                        continue
+                    rows.append(dict(T=T, fmt=f, op=op, cfg=cfg.__dict__, default=cfg == default, graph_us=us))
+                    res.append((us, cfg))
+                print(f"sweep T={T:3d} {f} {op:8s} default {res[0][0]:6.1f}us | " + "  ".join(
+                    f"{us:6.1f} bn{c.block_n} bk{c.block_k} w{c.num_warps} s{c.num_stages}"
+                    for us, c in sorted(res[1:], key=lambda r: r[0])), flush=True)
+    with open(os.path.join(out_dir, "fp4_moe_sweep_h100.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--formats", nargs="+", default=list(FORMATS))
     p.add_argument("--out", default="benchmarks/results/fp4_moe_h100.json")
+    p.add_argument("--sweep", action="store_true")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -127,6 +161,8 @@ def main(argv=None):
     gmm, gmm_name = pick_grouped_mm(torch.randn(4 * TOP_K, H, device="cuda", dtype=torch.bfloat16)[probe["order"]],
                                     gu_t, probe["offs"])
     print(f"baseline: {gmm_name}", flush=True)
+    if args.sweep:
+        return run_sweep(fp4, gen, os.environ.get("OUT", os.path.dirname(args.out)))
     rows = []
     for T in args.tokens:
         cases = [make_case(T, gen) for _ in range(N_ROUTINGS)]

@@ -270,19 +270,20 @@ def _prepared_for(qt: QuantizedTensor) -> PreparedFP4Weight:
 # Up to this many rows the skinny (decode) kernel runs; tiles from the H100 sweep (--sweep).
 SKINNY_MAX_M = 64
 # Split K while the grid has fewer programs than this many per SM (and each split keeps >= 2 K tiles).
-SKINNY_SPLIT_PROGRAMS_PER_SM = 4
+SKINNY_SPLIT_PROGRAMS_PER_SM = 3.5
 SKINNY_MAX_SPLIT = 8
 
 
 def _skinny_config(M: int, N: int, K: int, block_size: int, sm_count: int = 132) -> GemmConfig:
-    """H100 sweep at M = 1 (2026-11-22, GPU time in a graph): deep pipelines (5 stages) won on every
-    shape tried; 64 x 128 tiles on gate_up (62 us vs 69 us for 32 x 256 x 3 stages), 32 x 256 on down
-    (44 us vs 57 us). Layers with few output tiles (N / 32 = 128 programs for N = 4096) split K until
-    the grid has SKINNY_SPLIT_PROGRAMS_PER_SM programs per SM (see benchmarks/NOTES_fp4_gemm.md)."""
+    """H100 sweeps at M = 1 (2026-11-22, NVFP4, GPU time in a graph; benchmarks/NOTES_fp4_gemm.md):
+    5 pipeline stages and 128-wide K tiles; 64-row tiles for wide layers (gate_up), 32-row tiles
+    otherwise; split K until the grid has SKINNY_SPLIT_PROGRAMS_PER_SM programs per SM (qkv and o:
+    split 4, 23.4 -> 17.7 us and 14.5 -> 13.0 us; down split 4, 43.6 -> 36.5 us; gate_up split 2,
+    62.6 -> 53.3 us)."""
     if _interpreting():
         return GemmConfig(16, 16, 64, num_warps=1, num_stages=1)
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    block_n, block_k = (64, 128) if N >= 16384 else (32, 256)
+    block_n, block_k = (64, 128) if N >= 16384 else (32, 128)
     programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     split = 1
     while (split < SKINNY_MAX_SPLIT and programs * split < SKINNY_SPLIT_PROGRAMS_PER_SM * sm_count
