@@ -45,6 +45,26 @@ from .quantize import matches
 NORM_SUFFIXES = ("norm",)  # RMSNorm/LayerNorm modules are named *norm / *layernorm in HF models
 
 
+class _FrozenFP4Base(torch.autograd.Function):
+    """y = fp4_layer(x) with the fast kernel; dL/dx = dL/dy @ W (W dequantized in the gradient's dtype).
+
+    The Triton W4A16 GEMM has no backward, so without this an FP4 base layer on CUDA would cut the
+    gradient path through the input (QLoRA's trick: the frozen 4-bit weight is dequantized only in the
+    backward pass). W4A4 input quantization is treated as straight-through.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w = ctx.layer.dequantize_weight(grad_out.dtype)  # [out, in]
+        return grad_out @ w, None
+
+
 class LoRALinear(nn.Module):
     """A frozen base layer (`nn.Linear` or `FP4Linear`) plus a trainable low-rank update, never merged."""
 
@@ -69,7 +89,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
-        y = self.base(x)
+        if isinstance(self.base, FP4Linear) and torch.is_grad_enabled() and x.requires_grad:
+            y = _FrozenFP4Base.apply(x, self.base)
+        else:
+            y = self.base(x)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         update = (self.dropout(x) @ a.t()) @ b.t()  # [..., r] -> [..., out]
         return y + update * self.scaling

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fp4kit.nn import FP4Linear
 from fp4kit.nn.lora import LoRALinear, save_adapter
 
 from .state import JsonlLogger, latest_checkpoint, load_state, plot_metrics, save_state
@@ -453,6 +454,16 @@ def evaluate(engine, tokenizer, rows: Sequence[PromptRow], reward_fn: Callable, 
 
 # ---------------------------------------------------------------------------------------------- the loop
 
+def check_gradient_path(model: nn.Module, device: torch.device) -> None:
+    """On CUDA an FP4Linear outside a LoRALinear cuts the backward path (its kernel has no backward)."""
+    if device.type != "cuda":
+        return
+    bare = [n for n, m in model.named_modules() if isinstance(m, FP4Linear) and not n.endswith(".base")]
+    if bare:
+        raise ValueError(f"FP4 layers without a LoRA adapter would stop gradients on CUDA: {bare[:3]}... "
+                         f"target every FP4 layer in add_lora (the default targets do for Llama-style models)")
+
+
 def make_optimizer(model: nn.Module, config: GRPOConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -578,6 +589,7 @@ def train_grpo(model: nn.Module, tokenizer, rows: Sequence[PromptRow], reward_fu
     if weights.numel() != len(reward_funcs):
         raise ValueError(f"{len(reward_funcs)} reward functions but {weights.numel()} reward_weights")
     device = next(model.parameters()).device
+    check_gradient_path(model, device)
     optimizer, scheduler = make_optimizer(model, config)
     start = 0
     ckpt_root = out_dir / "checkpoints"
