@@ -13,9 +13,9 @@ import sys
 import fp4kit
 
 from . import eval as eval_cmd
-from . import formats, inspect, qat, quantize
+from . import formats, generate, grpo, inspect, qat, quantize
 
-COMMANDS = [formats, quantize, eval_cmd, inspect, qat]
+COMMANDS = [formats, quantize, eval_cmd, inspect, generate, qat, grpo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,115 @@
+"""Decode benchmark: time to first token, decode tokens/s, and the weight-bandwidth roofline.
+
+At small batch a decode step reads every weight once, so its floor is
+
+    step_floor = weight_bytes / copy_bandwidth        tokens/s roofline = batch / step_floor
+
+with `weight_bytes` what the step reads: every parameter and buffer of the model except the input
+embedding (a step reads only `batch` of its rows; when the embedding is tied to `lm_head` it is read
+in full and counted), FP4 weights at their packed size plus scales. `copy_bandwidth` is measured
+in the same process (a 1 GiB device-to-device copy, bytes read plus bytes written, median). The KV
+cache adds `kv_bytes` per step (the slots attention reads, for all rows of the batch bucket), which
+matters at large batch; `roofline_kv` includes it.
+
+Timing: one warm-up generation (captures the graphs), then `repeats` runs of (a) prefill plus the
+first sampled token (TTFT) and (b) a full generation of `gen_len` tokens; medians of each.
+Decode tokens/s = batch * (gen_len - 1) / (full - TTFT).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .engine import Engine, batch_bucket
+from .sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batches: tuple[int, ...] = (1, 8, 32)
+    prompt_len: int = 512
+    gen_len: int = 256
+    repeats: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.batches or min(self.batches) < 1 or self.prompt_len < 1 or self.gen_len < 2 or self.repeats < 1:
+            raise ValueError(f"BenchConfig needs batches >= 1, prompt_len >= 1, gen_len >= 2, repeats >= 1; got {self}")
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads from the weights (see the module docstring)."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is embed
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen or (t is embed and not tied):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def copy_bandwidth(device, nbytes: int | None = None, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + written), median of `repeats`; 1 GiB on a GPU,
+    64 MiB on the CPU (a sign of life there, not a roofline)."""
+    nbytes = nbytes or (1 << 30 if torch.device(device).type == "cuda" else 1 << 26)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 3):
+        t = _timed(lambda: dst.copy_(src), device)
+        if i >= 3:
+            times.append(t)
+    return 2 * nbytes / statistics.median(times)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def kv_bytes_per_step(engine: Engine, batch: int, kv_len: int) -> int:
+    rows = batch_bucket(batch) if engine.use_graphs else batch
+    per_slot = sum(b[0, :, 0].numel() * b.element_size() for c in engine.caches for b in c.buffers())
+    return rows * kv_len * per_slot
+
+
+def bench_batch(engine: Engine, batch: int, cfg: BenchConfig, bandwidth: float) -> dict:
+    vocab = engine.model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed + batch)
+    ids = torch.randint(0, vocab, (batch, cfg.prompt_len), generator=gen).tolist()
+    params = SamplingParams(max_new_tokens=cfg.gen_len, temperature=0, ignore_eos=True)
+    dev = engine.device
+
+    def first_token():
+        logits, _, _ = engine.prefill(ids)
+        sample(logits, params, None).tolist()
+
+    engine.generate(ids, params)  # warm-up: compiles kernels, captures graphs
+    ttft = statistics.median(_timed(first_token, dev) for _ in range(cfg.repeats))
+    full = statistics.median(_timed(lambda: engine.generate(ids, params), dev) for _ in range(cfg.repeats))
+    step = (full - ttft) / (cfg.gen_len - 1)
+    wbytes = weight_bytes(engine.model)
+    kv = kv_bytes_per_step(engine, batch, engine.kv_len(cfg.prompt_len + cfg.gen_len - 2))
+    return {"batch": batch, "prompt_len": cfg.prompt_len, "gen_len": cfg.gen_len, "ttft_ms": ttft * 1e3,
+            "step_ms": step * 1e3, "decode_tok_s": batch / step, "e2e_tok_s": batch * cfg.gen_len / full,
+            "weight_bytes": wbytes, "kv_bytes_per_step": kv, "roofline_tok_s": batch * bandwidth / wbytes,
+            "roofline_frac": (wbytes / bandwidth) / step, "roofline_kv_frac": ((wbytes + kv) / bandwidth) / step}
+
+
+def bench_engine(engine: Engine, cfg: BenchConfig, bandwidth: float) -> list[dict]:
+    return [bench_batch(engine, b, cfg, bandwidth) for b in cfg.batches]
