@@ -620,3 +620,74 @@ def train_grpo(model: nn.Module, tokenizer, rows: Sequence[PromptRow], reward_fu
         plot_metrics(out_dir / "metrics.jsonl", keys, out_dir / "reward.png", title="GRPO")
     save_adapter(model, out_dir / "adapter", base_model_name=base_model_name)
     return records
+
+
+# ---------------------------------------------------------------------------------------------- a bundled task end to end
+
+class Base(str, Enum):
+    """The frozen base the adapters train on."""
+
+    FP4 = "fp4"  # every targeted linear layer quantized (quantize_), then wrapped by LoRA
+    BF16 = "bf16"  # the model as loaded
+
+
+def prepare_policy(model: nn.Module, base: Base, fmt, lora) -> dict:
+    """Quantize (for an FP4 base) and add LoRA adapters; returns what was done."""
+    from fp4kit.nn import add_lora, quantize_
+
+    info = {"base": Base(base).value}
+    if Base(base) is Base.FP4:
+        report = quantize_(model, fmt, progress=False)
+        info |= {"format": fmt.name, "quantized_layers": len(report.quantized)}
+    lora_report = add_lora(model, config=lora)
+    info |= {"lora_layers": len(lora_report.wrapped), "trainable_params": lora_report.trainable_parameters(model)}
+    return info
+
+
+def run_task(model: nn.Module, tokenizer, task: str, config: GRPOConfig, out_dir: str | pathlib.Path, *,
+             eval_limit: int = 500, train_limit: int | None = None, format_weight: float = 0.0,
+             base_model_name: str | None = None, resume: bool = True, progress: bool = True,
+             cuda_graphs: bool = True) -> dict:
+    """GRPO on a bundled task (fixed train/held-out split), greedy exact match before and after.
+
+    Returns (and writes to out_dir/summary.json) {"before", "after", "steps", "train_rows", ...}.
+    """
+    import json
+
+    from fp4kit.engine import Engine
+
+    from .rewards import task_rewards
+
+    train_rows, eval_rows, stops = task_split(task, n_eval=500)  # the same held-out 500 whatever eval_limit is
+    train_rows = train_rows[:train_limit] if train_limit else train_rows
+    eval_rows = eval_rows[:eval_limit] if eval_limit else []
+    config = GRPOConfig(**{**config.__dict__, "stop": config.stop or stops})
+    funcs, weights = task_rewards(task, format_weight)
+    if config.reward_weights is None:
+        config = GRPOConfig(**{**config.__dict__, "reward_weights": tuple(weights)})
+    longest = max(len(encode(tokenizer, r.prompt)) for r in train_rows + eval_rows)
+    engine = Engine(model, tokenizer, max_batch=min(512, max(config.prompts_per_step * config.num_generations,
+                                                              len(eval_rows) or 1)),
+                    max_seq_len=longest + config.max_completion_length + 1, cuda_graphs=cuda_graphs)
+    accuracy = funcs[0]
+    summary = {"task": task, "train_rows": len(train_rows), "eval_rows": len(eval_rows), "config": config.to_json()}
+    eval_kw = dict(max_new_tokens=config.max_completion_length, stop=config.stop)
+    if eval_rows:
+        summary["before"] = evaluate(engine, tokenizer, eval_rows, accuracy, **eval_kw)
+    t0 = time.perf_counter()
+    records = train_grpo(model, tokenizer, train_rows, funcs, config, out_dir, engine=engine, resume=resume,
+                         base_model_name=base_model_name, progress=progress)
+    summary["train_seconds"] = time.perf_counter() - t0
+    summary["steps"] = config.max_steps
+    if records:
+        n = len(records)
+        summary["rollout_tokens_per_s"] = sum(r["rollout_tokens"] for r in records) / sum(r["rollout_seconds"] for r in records)
+        summary["reward_first"] = sum(r["reward"] for r in records[: max(1, n // 10)]) / max(1, n // 10)
+        summary["reward_last"] = sum(r["reward"] for r in records[-max(1, n // 10):]) / max(1, n // 10)
+    if eval_rows:
+        summary["after"] = evaluate(engine, tokenizer, eval_rows, accuracy, **eval_kw)
+    out = pathlib.Path(out_dir) / "summary.json"
+    tmp = out.with_name(".summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out)
+    return summary
