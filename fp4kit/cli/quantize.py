@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import fp4kit
+from fp4kit.formats import FP8Config, FP8Granularity
 
 from .common import SCHEMES, SCALE_RULES, format_config
+
+
+ACT_LABEL = {"none": "", "fp4": " W4A4", "fp8": " W4A8"}
+
+
+def _input_config(config, activations: str):
+    """What FP4Linear quantizes its inputs with: None, the weight format (W4A4), or FP8 per token (W4A8)."""
+    if activations == "fp8":
+        return FP8Config(FP8Granularity.TOKEN)
+    return config if activations == "fp4" else None
 
 
 def _bf16_bytes(model) -> tuple[int, int]:
@@ -42,11 +53,11 @@ def cmd_quantize(args) -> int:
     print(report.summary())
     after = perplexity(model, ids, context=args.context, desc=f"ppl {args.scheme}") if ids is not None else None
     rows = [("original", before.perplexity if ids is not None else None, bf16_bytes),
-            (f"{args.scheme} {args.method}" + (" W4A4" if args.activations == "fp4" else ""),
+            (f"{args.scheme} {args.method}" + ACT_LABEL[args.activations],
              after.perplexity if after else None, export_bytes(model))]
     table = _table(rows, params, ids, args)
     card = model_card(config, report.quantized, list(report.excluded), source=src.label, table=table,
-                      method=args.method, input_config=config if args.activations == "fp4" else None)
+                      method=args.method, input_config=_input_config(config, args.activations))
     result = save_checkpoint(model, out, tokenizer=tokenizer, overwrite=args.overwrite, card=card)
     print(table)
     print(f"wrote {result.path} ({len(result.shards)} shard(s), {result.total_bytes / 1e6:.1f} MB)")
@@ -66,7 +77,8 @@ def _calibration_batches(tokenizer, samples: int, seq_len: int) -> list:
 
 def _quantize_with_method(model, tokenizer, config, args):
     """rtn: round to nearest; mse: per-block scale search; gptq: GPTQ on calibration Hessians.
-    --activations fp4 adds W4A4 input quantization, NVFP4 with calibrated static input scales."""
+    --activations fp4 adds W4A4 input quantization, NVFP4 with calibrated static input scales;
+    --activations fp8 adds W4A8: FP8 inputs with dynamic per-token scales (nothing to calibrate)."""
     from fp4kit.algorithms import GPTQConfig, apply_gptq, apply_scale_search, collect_hessians
     from fp4kit.nn import observe_input_amax
 
@@ -74,6 +86,8 @@ def _quantize_with_method(model, tokenizer, config, args):
     if args.method == "gptq" or args.activations == "fp4":
         batches = _calibration_batches(tokenizer, args.calib_samples, args.calib_seq_len)
     extra = {}
+    if args.activations == "fp8":
+        extra = {"activations": _input_config(config, "fp8")}
     if args.activations == "fp4":
         amax = observe_input_amax(model, lambda: [model(b) for b in batches])
         extra = {"activations": config, "input_amax": amax}
@@ -103,7 +117,7 @@ def register(sub) -> None:
     q.add_argument("--scheme", choices=SCHEMES, default="nvfp4")
     q.add_argument("--method", choices=["rtn", "mse", "gptq"], default="rtn",
                    help="rtn: round to nearest; mse: per-block scale search; gptq: GPTQ with calibration")
-    q.add_argument("--activations", choices=["none", "fp4"], default="none",
+    q.add_argument("--activations", choices=list(ACT_LABEL), default="none",
                    help="fp4: also quantize layer inputs (W4A4, the compressed-tensors NVFP4/MXFP4 presets)")
     q.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (gptq, fp4 activations)")
     q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")

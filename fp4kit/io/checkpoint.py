@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fp4kit.formats import GlobalScale, MXFP4Config, NVFP4Config, QuantizedTensor
+from fp4kit.formats import FP8Config, FP8Granularity, GlobalScale, MXFP4Config, NVFP4Config, QuantizedTensor
 from fp4kit.nn import FP4Experts, FP4Linear, is_fused_experts, register_fp4
 from fp4kit.nn.quantize import matches
 
@@ -60,14 +60,25 @@ def _fp4_args(config: NVFP4Config | MXFP4Config, *, activations: bool) -> dict:
     return args | {"dynamic": True} if activations else args
 
 
+# compressed-tensors' FP8_DYNAMIC input activations: E4M3, one scale per token computed at run time
+FP8_TOKEN_ARGS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True,
+                  "observer": None}
+
+
 def quantization_config(config: NVFP4Config | MXFP4Config, ignore: list[str],
-                        input_config: NVFP4Config | MXFP4Config | None = None) -> dict:
-    """compressed-tensors' `quantization_config`: weight-only presets NVFP4A16 / MXFP4A16, or with
-    `input_config` the W4A4 presets NVFP4 / MXFP4."""
-    if input_config is not None and type(input_config) is not type(config):
+                        input_config: NVFP4Config | MXFP4Config | FP8Config | None = None) -> dict:
+    """compressed-tensors' `quantization_config`: weight-only presets NVFP4A16 / MXFP4A16; with an FP4
+    `input_config` the W4A4 presets NVFP4 / MXFP4; with FP8Config(TOKEN) FP4 weights and the
+    FP8_DYNAMIC preset's per-token FP8 inputs (W4A8)."""
+    if isinstance(input_config, FP8Config):
+        if input_config.granularity is not FP8Granularity.TOKEN:
+            raise ValueError("W4A8 export supports dynamic per-token FP8 inputs only")
+        inputs = dict(FP8_TOKEN_ARGS)
+    elif input_config is not None and type(input_config) is not type(config):
         raise ValueError("compressed-tensors' FP4 presets pair NVFP4 weights with NVFP4 inputs, MXFP4 with MXFP4")
+    else:
+        inputs = None if input_config is None else _fp4_args(input_config, activations=True)
     weights = _fp4_args(config, activations=False)
-    inputs = None if input_config is None else _fp4_args(input_config, activations=True)
     return {
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
                                       "output_activations": None, "format": None}},
@@ -212,13 +223,21 @@ def _name_shards(folder: pathlib.Path, shards: list[str], weight_map: dict, tota
 METHODS = {"rtn": "round-to-nearest (RTN)", "mse": "per-block MSE scale search", "gptq": "GPTQ"}
 
 
+def _activation_label(input_config) -> str:
+    if input_config is None:
+        return "bf16 (weight-only, W4A16)"
+    if isinstance(input_config, FP8Config):
+        return "FP8 E4M3, dynamic per-token scales (W4A8)"
+    return f"{input_config.name.upper()} (W4A4)"
+
+
 def model_card(config, quantized: list[str], ignored: list[str], *, source: str = "", table: str = "",
                input_config=None, method: str = "rtn") -> str:
     lines = [f"# {source or 'model'} — {config.name.upper()} (fp4kit)", "",
              f"Weights of {len(quantized)} linear layers are {config.name.upper()} in the compressed-tensors "
              f"`{CT_FORMATS[config.name]}` layout (vLLM and transformers with compressed-tensors load it).", "",
              f"- fp4kit config: `{config!r}`", f"- method: {METHODS.get(method, method)}",
-             f"- activations: {input_config.name.upper() + ' (W4A4)' if input_config else 'bf16 (weight-only, W4A16)'}",
+             f"- activations: {_activation_label(input_config)}",
              f"- left in float: {', '.join(ignored) if ignored else 'none'}", ""]
     if table:
         lines += ["## Evaluation", "", table, ""]
@@ -328,6 +347,8 @@ def _input_config(folder: pathlib.Path, config):
     if not acts:
         return None
     a = acts[0]
+    if a.get("num_bits") == 8 and a.get("type") == "float" and a.get("strategy") == "token" and a.get("dynamic"):
+        return FP8Config(FP8Granularity.TOKEN)
     if a.get("num_bits") == 4 and a.get("type") == "float" and a.get("group_size") in (16, 32):
         return NVFP4Config() if a["group_size"] == 16 else MXFP4Config()
     raise ValueError(f"{folder / 'config.json'}: input_activations {a} are not an FP4 scheme fp4kit simulates")

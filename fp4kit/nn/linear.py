@@ -8,10 +8,13 @@ Buffers carry compressed-tensors' names, so a state dict is already in the layou
     bias                 kept from the original layer, in its dtype
     input_global_scale   float32 [1], only with NVFP4 input quantization (a static, calibrated scale)
 
-With `input_config` set (W4A4), the layer's input is quantized and dequantized before the
-matmul, exactly as the serving engine will quantize it: NVFP4 with the static per-tensor
-`input_global_scale` and per-block scales computed on the fly ("local" dynamic in compressed-
-tensors), or MXFP4 with per-block scales computed on the fly.
+With `input_config` set, the layer's input is quantized and dequantized before the matmul,
+exactly as the serving engine will quantize it:
+    W4A4 NVFP4  static per-tensor `input_global_scale`, per-block scales computed on the fly
+                ("local" dynamic in compressed-tensors)
+    W4A4 MXFP4  per-block E8M0 scales computed on the fly
+    W4A8 FP8    E4M3 with one scale per token (row) computed on the fly: amax/448
+                (compressed-tensors' FP8_DYNAMIC activations)
 
 `forward` on CUDA calls the Triton W4A16 GEMM (`fp4kit.kernels.fp4_linear`, which reads these
 buffers as they are); elsewhere it dequantizes the weight and calls `F.linear`, the torch twin the
@@ -25,13 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, nvfp4_global_scale, quantize, quantize_mxfp4, quantize_nvfp4
+from fp4kit.formats import (FP8Config, FP8Granularity, MXFP4Config, NVFP4Config, QuantizedTensor, nvfp4_global_scale,
+                            quantize, quantize_fp8, quantize_mxfp4, quantize_nvfp4)
+
+InputConfig = NVFP4Config | MXFP4Config | FP8Config
 from fp4kit.kernels import fp4_linear
 
 
 class FP4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: NVFP4Config | MXFP4Config, *, bias: bool = True,
-                 dtype: torch.dtype = torch.bfloat16, device=None, input_config: NVFP4Config | MXFP4Config | None = None):
+                 dtype: torch.dtype = torch.bfloat16, device=None, input_config: InputConfig | None = None):
         super().__init__()
         if not isinstance(config, (NVFP4Config, MXFP4Config)):
             raise TypeError(f"FP4Linear needs an NVFP4Config or MXFP4Config, got {type(config).__name__}")
@@ -48,8 +54,11 @@ class FP4Linear(nn.Module):
             self.weight_global_scale = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.input_config = input_config
-        if input_config is not None and not isinstance(input_config, (NVFP4Config, MXFP4Config)):
-            raise TypeError(f"input_config must be NVFP4Config, MXFP4Config or None, got {type(input_config).__name__}")
+        if input_config is not None and not isinstance(input_config, (NVFP4Config, MXFP4Config, FP8Config)):
+            raise TypeError(f"input_config must be NVFP4Config, MXFP4Config, FP8Config or None, "
+                            f"got {type(input_config).__name__}")
+        if isinstance(input_config, FP8Config) and input_config.granularity is not FP8Granularity.TOKEN:
+            raise ValueError("FP8 inputs (W4A8) are dynamic per token: use FP8Config(FP8Granularity.TOKEN)")
         if isinstance(input_config, NVFP4Config):
             self.register_buffer("input_global_scale", torch.ones(1, dtype=torch.float32, device=device))
         else:
@@ -57,7 +66,7 @@ class FP4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: NVFP4Config | MXFP4Config, *, name: str = "linear",
-                    amax=None, input_config: NVFP4Config | MXFP4Config | None = None,
+                    amax=None, input_config: InputConfig | None = None,
                     weight: QuantizedTensor | None = None) -> "FP4Linear":
         """Quantize `linear.weight` with `config` (RTN), or take `weight` already quantized (GPTQ, scale
         search). `amax` sets a shared per-tensor amax (fused shards)."""
@@ -93,12 +102,14 @@ class FP4Linear(nn.Module):
         return self.quantized_weight().dequantize(dtype or self.dtype)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize the activations (W4A4); identity when the layer has no input_config."""
+        """Fake-quantize the activations (W4A4, W4A8); identity when the layer has no input_config."""
         cfg = self.input_config
         if cfg is None:
             return x
         if isinstance(cfg, NVFP4Config):
             qt = quantize_nvfp4(x, cfg, global_scale=self.input_global_scale, name="input")
+        elif isinstance(cfg, FP8Config):
+            qt = quantize_fp8(x, cfg, name="input")
         else:
             qt = quantize_mxfp4(x, cfg, name="input")
         return qt.dequantize(x.dtype)

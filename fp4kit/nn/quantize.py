@@ -29,7 +29,7 @@ from typing import Callable
 from torch import nn
 from tqdm.auto import tqdm
 
-from fp4kit.formats import MXFP4Config, NVFP4Config, check_finite
+from fp4kit.formats import FP8Config, MXFP4Config, NVFP4Config, check_finite
 
 from .experts import FP4Experts, experts_exclusion_reason, is_fused_experts
 from .linear import FP4Linear
@@ -83,11 +83,13 @@ def shared_amax(chosen: list[tuple[str, nn.Linear]]) -> dict:
 
 def quantize_(model: nn.Module, config: NVFP4Config | MXFP4Config,
               filter_fn: Callable[[nn.Module, str], bool] | None = None, *,
-              ignore: tuple[str, ...] = DEFAULT_IGNORE, activations: NVFP4Config | MXFP4Config | None = None,
+              ignore: tuple[str, ...] = DEFAULT_IGNORE,
+              activations: NVFP4Config | MXFP4Config | FP8Config | None = None,
               input_amax: dict | None = None, weights: dict | None = None, progress: bool = True) -> QuantizeReport:
     """Replace eligible linear layers of `model` by `FP4Linear`; return what was done and why not.
 
-    `activations` also quantizes each layer's input (W4A4). NVFP4 inputs need a static per-tensor
+    `activations` also quantizes each layer's input: W4A4 (NVFP4Config / MXFP4Config) or W4A8
+    (FP8Config(FP8Granularity.TOKEN), dynamic per-token scales). NVFP4 inputs need a static per-tensor
     scale: `input_amax` maps layer names to calibrated input maxima (see `observe_input_amax`).
     `weights` maps layer names to weights an algorithm already quantized (GPTQ, scale search);
     layers not in it are quantized round-to-nearest.
