@@ -114,16 +114,31 @@ def time_fn(fn, *, reps: int = 100, graph: bool = True, cycle=None) -> dict:
 
 
 def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
-    """Kernels against twins on the device, before any timing."""
+    """Kernels against twins on the device, before any timing. The MXFP4 tensor-core path must select
+    exactly what the twin selects; if it does not, it is switched off and the run goes on with the FMA path."""
     torch.manual_seed(1)
     s = make_keys(4, L, device)
+    out["checks"] = {}
+    for tc in (False, True):
+        fp4_topk.MXFP4_TENSOR_CORES = tc
+        same = all(torch.equal(index_topk(s["q_fp4"], s["fp4"], n, lo=1), index_topk_torch(s["q_fp4"], s["fp4"], n, lo=1))
+                   for n in (64, 1000))
+        want = index_scores_torch(s["q_fp4"], s["fp4"]).float()
+        want = torch.where(want == 0, 0.0, want)  # -0 -> +0, as the kernel writes it
+        bits_same = torch.equal(bits_to_bf16(index_score_bits(s["q_fp4"], s["fp4"])[:, :L]).float(), want)
+        out["checks"][f"mxfp4_{'tc' if tc else 'fma'}_topk_equal"] = same
+        out["checks"][f"mxfp4_{'tc' if tc else 'fma'}_scores_bit_exact"] = bits_same
+        print(f"MXFP4 tensor_cores={tc}: top-k equal {same}, scores bit-exact {bits_same}")
+    if not (out["checks"]["mxfp4_tc_topk_equal"] and out["checks"]["mxfp4_tc_scores_bit_exact"]):
+        fp4_topk.MXFP4_TENSOR_CORES = False
+    assert out["checks"]["mxfp4_fma_topk_equal"], "MXFP4 top-k differs from its twin"
     for k in (64, 300):
         got, want = (index_topk(s["q_fp4"], s["fp4"], k, lo=3, hi=L - 10),
                      index_topk_torch(s["q_fp4"], s["fp4"], k, lo=3, hi=L - 10))
         assert torch.equal(got, want), "MXFP4 top-k differs from its twin"
         cand = index_topk(s["q_fp4"], s["fp4"], 2 * k)
         r1, r2 = rerank_topk(s["q"], s["keys"], cand, k), rerank_topk_torch(s["q"], s["keys"], cand, k)
-        out.setdefault("checks", {})[f"rerank_equal_k{k}"] = float((r1 == r2).float().mean())
+        out["checks"][f"rerank_equal_k{k}"] = float((r1 == r2).float().mean())
     for fmt in ("bf16", "fp8"):
         sc = bits_to_bf16(index_score_bits(s["q"], s[fmt])[:, :L]).float()
         want = index_scores_torch(s["q"], s[fmt]).float()
@@ -139,30 +154,55 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
     print("checks:", out["checks"])
 
 
+def _time_scan(sets, fmt):
+    q = "q_fp4" if fmt == "fp4" else "q"
+    return time_fn(None, cycle=[(lambda s=s: index_score_bits(s[q], s[fmt])) for s in sets], reps=60)
+
+
 def sweep_tiles(device, out: dict, bw: float) -> None:
-    """Scan kernel alone (no top-k) at L = 128K, batch 8: pick (positions per program, warps) per format."""
+    """Scan kernel alone (+ its histogram) at L = 128K, batch 8: pick the tile, the MXFP4 decode path
+    (tensor cores or float32 FMA) and where the histogram is built; record every variant."""
     sets = [make_keys(8, 131072, device) for _ in range(2)]
     out["tile_sweep"] = []
-    for fmt, name in (("bf16", "bf16"), ("fp8", "fp8"), ("fp4", "mxfp4")):
-        best = None
-        for block_t in (64, 128, 256):
-            for warps in (4, 8):
-                fp4_topk.SCAN_TILE[name] = (block_t, warps)
-                q = "q_fp4" if fmt == "fp4" else "q"
-                try:
-                    t = time_fn(None, cycle=[(lambda s=s: index_score_bits(s[q], s[fmt])) for s in sets], reps=60)
-                except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported, not fatal
-                    print(f"tile {fmt} {block_t}x{warps}: {type(e).__name__}")
-                    continue
-                nbytes = 8 * 131072 * ({"bf16": 2 * D, "fp8": D + 4, "fp4": D // 2 + D // 32}[fmt] + 2)
-                out["tile_sweep"].append({"format": fmt, "block_t": block_t, "warps": warps, **t,
-                                          "roofline_us": nbytes / bw * 1e6})
-                if best is None or t["median_us"] < best[0]:
-                    best = (t["median_us"], block_t, warps)
-        fp4_topk.SCAN_TILE[name] = best[1:]
-        print(f"scan {fmt}: best tile {best[1]} x {best[2]} warps, {best[0]:.1f} us at 128K x 8 "
-              f"(roofline {nbytes / bw * 1e6:.1f} us)")
-    out["scan_tile"] = dict(fp4_topk.SCAN_TILE)
+    per_key = {"bf16": 2 * D, "fp8": D + 4, "fp4": D // 2 + D // 32}
+    variants = [("bf16", "bf16", None, t, w) for t, w in ((64, 4), (128, 4))]
+    variants += [("fp8", "fp8", None, t, w) for t, w in ((128, 4), (256, 4))]
+    variants += [("fp4", "mxfp4", True, t, w) for t in (64, 128, 256) for w in (4, 8)]
+    variants += [("fp4", "mxfp4", False, 128, 4)]
+    best = {}
+    for fmt, name, tc, block_t, warps in variants:
+        fp4_topk.SCAN_TILE[name] = (block_t, warps)
+        fp4_topk.MXFP4_TENSOR_CORES = bool(tc)
+        try:
+            t = _time_scan(sets, fmt)
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
+            print(f"scan {fmt} tc={tc} {block_t}x{warps}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        nbytes = 8 * 131072 * (per_key[fmt] + 2)
+        row = {"format": fmt, "tensor_cores": tc, "block_t": block_t, "warps": warps, "hist_in_scan": True, **t,
+               "roofline_us": nbytes / bw * 1e6}
+        out["tile_sweep"].append(row)
+        print(f"scan {fmt:4s} tc={tc} tile {block_t}x{warps}: {t['median_us']:.1f} us (roofline {row['roofline_us']:.1f})")
+        if fmt not in best or t["median_us"] < best[fmt][0]:
+            best[fmt] = (t["median_us"], name, tc, block_t, warps)
+    for fmt, (_, name, tc, block_t, warps) in best.items():
+        fp4_topk.SCAN_TILE[name] = (block_t, warps)
+        if fmt == "fp4":
+            fp4_topk.MXFP4_TENSOR_CORES = bool(tc)
+            fp4_topk.SCAN_TILE["nvfp4"] = (128, 4)
+    # histogram inside the scan (atomics) or a separate pass over the 2-byte scores: scan + histogram time
+    hist_times = {True: 0.0, False: 0.0}
+    for flag in (True, False):
+        fp4_topk.HIST_IN_SCAN = flag
+        for fmt in best:
+            t = _time_scan(sets, fmt)
+            hist_times[flag] += t["median_us"]
+            out["tile_sweep"].append({"format": fmt, "best_tile": True, "hist_in_scan": flag, **t})
+            print(f"scan {fmt:4s} best tile, hist_in_scan={flag}: {t['median_us']:.1f} us")
+    fp4_topk.HIST_IN_SCAN = hist_times[True] <= hist_times[False]
+    out["scan_config"] = {"tile": dict(fp4_topk.SCAN_TILE), "mxfp4_tensor_cores": fp4_topk.MXFP4_TENSOR_CORES,
+                          "hist_in_scan": fp4_topk.HIST_IN_SCAN}
+    print("chosen:", out["scan_config"])
     del sets
     torch.cuda.empty_cache()
 

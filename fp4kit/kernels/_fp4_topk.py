@@ -27,12 +27,13 @@ position: ties go to the lower position, and nothing is sorted.
 import triton
 import triton.language as tl
 
-from ._fp4_bits import e2m1_pair_to_f32, mxfp4_scale14, nvfp4_scale14
+from ._fp4_bits import cast_rne, e2m1_pair_to_f32, mxfp4_scale14, nvfp4_scale14
 
 FMT_BF16 = 0
 FMT_FP8 = 1
 FMT_MXFP4 = 2
 FMT_NVFP4 = 3
+FMT_MXFP4_TC = 4  # MXFP4 keys decoded to bf16 pairs, scored on the tensor cores
 INT32_MIN = -2147483648
 
 
@@ -65,7 +66,7 @@ def _fp4_tile_scores(q_ptr, k_ptr, s_ptr, gs_ptr, offs_t, valid, row, stride_kr,
 def index_score_kernel(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out,
                        stride_qr, stride_kr, stride_kt, stride_sr, stride_st, stride_or,
                        D: tl.constexpr, FMT: tl.constexpr, BS: tl.constexpr, GS_ENCODE: tl.constexpr,
-                       BLOCK_T: tl.constexpr, INTERPRET: tl.constexpr):
+                       BLOCK_T: tl.constexpr, HIST: tl.constexpr, INTERPRET: tl.constexpr):
     """One program: BLOCK_T positions of one row. Writes the monotone int16 score m (-32768 outside
     [lo, hi)) and adds the tile's histogram of the high byte of u = m + 32768 to hist[row, 0:256]."""
     row = tl.program_id(0)
@@ -78,6 +79,9 @@ def index_score_kernel(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n
     elif FMT == 3:
         score = _fp4_tile_scores(q_row, k_ptr, s_ptr, gs_ptr, offs_t, valid, row, stride_kr, stride_kt, stride_sr,
                                  stride_st, D, BS, True, GS_ENCODE, INTERPRET)
+    elif FMT == 4:
+        score = _mxfp4_tc_scores(q_ptr, k_ptr, s_ptr, offs_t, valid, row, stride_qr, stride_kr, stride_kt,
+                                 stride_sr, stride_st, D, BLOCK_T, INTERPRET)
     else:
         offs_d = tl.arange(0, D)
         kp = k_ptr + row * stride_kr + offs_t[:, None] * stride_kt + offs_d[None, :]
@@ -98,9 +102,102 @@ def index_score_kernel(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n
     m = tl.where(bits < 0, bits ^ 0x7FFF, bits)
     m = tl.where(valid, m, -32768)
     tl.store(out_ptr + row * stride_or + offs_t, m.to(tl.int16), mask=offs_t < n_out)
-    hist = tl.histogram((m + 32768) >> 8, 256, mask=valid)
-    offs_h = tl.arange(0, 256)
-    tl.atomic_add(hist_ptr + row * 512 + offs_h, hist, mask=hist > 0, sem="relaxed")
+    if HIST:
+        hist = tl.histogram((m + 32768) >> 8, 256, mask=valid)
+        offs_h = tl.arange(0, 256)
+        tl.atomic_add(hist_ptr + row * 512 + offs_h, hist, mask=hist > 0, sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------
+# MXFP4 keys on the tensor cores (FMT 4)
+#
+# The decode of `_fp4_tile_scores` spends ~7 integer/convert ops per element and leaves the FP4
+# scan compute bound on Hopper. Here a 32-bit word of 8 codes becomes four bf16 pairs with two
+# shifts and two masks per pair (the bf16 placement of `_fp4_gemm`: magnitude bits e1 e0 m at bits
+# 8..6 and 24..22, sign at 15 and 31, so a pair holds two E2M1 values times 2^-126), two
+# mul.rn.bf16x2 apply 2^126 and the block scale 2^(c - 127) (exact: powers of two), and the dot
+# products run as tl.dot(keys [BLOCK_T, D] bf16, Q [D, 16] bf16) with float32 accumulation. Q's
+# columns 0..2 hold q split into three bf16 parts (q0 = bf16(q), q1 = bf16(q - q0), q2 = bf16(q - q0 - q1)),
+# so an arbitrary float32 q is represented to 24 bits, and an MXFP4-dequantized q (3-bit significands)
+# lives entirely in column 0: every product and partial sum is then exact and the score equals the
+# twin's bit for bit. The keys come out in "pair order" (position 8w + 2J + a holds element
+# 8w + J + 4a); the launcher permutes q the same way, which leaves every dot product unchanged.
+
+
+@triton.jit
+def _word_pair_bf16(words, J: tl.constexpr):
+    """int32 words of 8 codes -> int32 holding two bf16 (E2M1 values times 2^-126): nibbles J and J + 4."""
+    if J == 0:
+        h = ((words << 6) & 0x01C001C0) | ((words << 12) & -2147450880)
+    elif J == 1:
+        h = ((words << 2) & 0x01C001C0) | ((words << 8) & -2147450880)
+    elif J == 2:
+        h = ((words >> 2) & 0x01C001C0) | ((words << 4) & -2147450880)
+    else:
+        h = ((words >> 6) & 0x01C001C0) | (words & -2147450880)
+    return h
+
+
+@triton.jit
+def _scaled_pair(h, scale2, INTERPRET: tl.constexpr):
+    """bf16 pair (times 2^-126) * 2^126 * bf16x2 scale pair -> (low, high) bf16, exact (powers of two)."""
+    if INTERPRET:
+        lo = (h << 16).to(tl.float32, bitcast=True) * 8.507059173023462e37
+        hi = (h & -65536).to(tl.float32, bitcast=True) * 8.507059173023462e37
+        lo = lo * (scale2 << 16).to(tl.float32, bitcast=True)
+        hi = hi * (scale2 & -65536).to(tl.float32, bitcast=True)
+        return cast_rne(lo, tl.bfloat16, INTERPRET), cast_rne(hi, tl.bfloat16, INTERPRET)
+    else:
+        m = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, c; mov.b32 c, 0x7E807E80; mul.rn.bf16x2 t, $1, c; mul.rn.bf16x2 $0, t, $2; }",
+            "=r,r,r", [h, scale2], dtype=tl.int32, is_pure=True, pack=1)
+        lo = m.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        hi = (m >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return lo, hi
+
+
+@triton.jit
+def _mxfp4_tc_scores(q_ptr, w_ptr, s_ptr, offs_t, valid, row, stride_qr, stride_wr, stride_wt, stride_sr,
+                     stride_st, D: tl.constexpr, BLOCK_T: tl.constexpr, INTERPRET: tl.constexpr):
+    """Scores [BLOCK_T] float32 of MXFP4 keys (int32 words) against q parts [3, D] bf16 in pair order."""
+    W: tl.constexpr = D // 8
+    NB: tl.constexpr = D // 32
+    offs_w = tl.arange(0, W)
+    words = tl.load(w_ptr + row * stride_wr + offs_t[:, None] * stride_wt + offs_w[None, :], mask=valid[:, None],
+                    other=0)  # [BLOCK_T, W] int32
+    codes = tl.load(s_ptr + row * stride_sr + offs_t[:, None] * stride_st + tl.arange(0, NB)[None, :],
+                    mask=valid[:, None], other=0).to(tl.int32)  # [BLOCK_T, NB]
+    codes = tl.reshape(tl.broadcast_to(codes[:, :, None], (BLOCK_T, NB, 4)), (BLOCK_T, W))
+    scale2 = (codes << 7) | (codes << 23)  # bf16x2 of 2^(c - 127)
+    w0, w4 = _scaled_pair(_word_pair_bf16(words, 0), scale2, INTERPRET)
+    w1, w5 = _scaled_pair(_word_pair_bf16(words, 1), scale2, INTERPRET)
+    w2, w6 = _scaled_pair(_word_pair_bf16(words, 2), scale2, INTERPRET)
+    w3, w7 = _scaled_pair(_word_pair_bf16(words, 3), scale2, INTERPRET)
+    lo = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+    hi = tl.join(tl.join(w4, w6), tl.join(w5, w7))
+    k = tl.reshape(tl.join(lo, hi), (BLOCK_T, D))  # pair order: position 8w + 2J + a holds 8w + J + 4a
+    offs_d = tl.arange(0, D)
+    cols = tl.arange(0, 16)
+    qp = q_ptr + row * stride_qr + cols[None, :] * D + offs_d[:, None]
+    qm = tl.load(qp, mask=(cols[None, :] < 3) & (offs_d[:, None] < D), other=0.0)  # [D, 16] bf16
+    if INTERPRET:  # the interpreter's bf16 dot multiplies raw bits: float32 products (exact) instead
+        acc = tl.dot(k.to(tl.float32), qm.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(k, qm)  # [BLOCK_T, 16] float32
+    s0 = tl.sum(tl.where(cols[None, :] == 0, acc, 0.0), 1)
+    s1 = tl.sum(tl.where(cols[None, :] == 1, acc, 0.0), 1)
+    s2 = tl.sum(tl.where(cols[None, :] == 2, acc, 0.0), 1)
+    return (s0 + s1) + s2
+
+
+@triton.jit
+def coarse_hist_kernel(m_ptr, hist_ptr, stride_mr, n_out, BLOCK: tl.constexpr):
+    """The high-byte histogram from the written scores (when the scan kernel does not build it)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = tl.load(m_ptr + row * stride_mr + offs, mask=offs < n_out, other=-32768).to(tl.int32)
+    h = tl.histogram((m + 32768) >> 8, 256, mask=(offs < n_out) & (m != -32768))
+    tl.atomic_add(hist_ptr + row * 512 + tl.arange(0, 256), h, mask=h > 0, sem="relaxed")
 
 
 @triton.jit

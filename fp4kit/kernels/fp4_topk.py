@@ -62,6 +62,23 @@ except ImportError:  # CPU installs without triton use the torch twins
 # sweeps these on the device and reports the best
 SCAN_TILE = {"bf16": (64, 4), "fp8": (256, 4), "mxfp4": (128, 4), "nvfp4": (128, 4)}  # best on the H100
 SELECT_BLOCK = 2048  # positions per program in the radix select's histogram / count / write passes
+MXFP4_TENSOR_CORES = True  # MXFP4 keys: bf16-pair decode + tl.dot on GPUs (see _fp4_topk); False: float32 FMA path
+HIST_IN_SCAN = True  # the scan kernel builds the high-byte histogram (False: a separate pass over the scores)
+
+
+def _pair_order(D: int, device) -> torch.Tensor:
+    """perm[p] = the element at pair-order position p = 8w + 2J + a: element 8w + J + 4a."""
+    p = torch.arange(D, device=device)
+    return (p // 8) * 8 + (p % 8) // 2 + 4 * (p % 2)
+
+
+def _bf16_parts(q: torch.Tensor) -> torch.Tensor:
+    """q [R, D] float32 -> [R, 3, D] bf16 with q ~= p0 + p1 + p2 to 24 bits (exactly when q fits bf16)."""
+    p0 = q.bfloat16()
+    r = q - p0.float()
+    p1 = r.bfloat16()
+    p2 = (r - p1.float()).bfloat16()
+    return torch.stack([p0, p1, p2], dim=1)
 
 
 class KeyFormat(enum.Enum):
@@ -211,7 +228,14 @@ def index_score_bits(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: in
     n_out = triton.cdiv(L, block_t) * block_t
     out = torch.empty(R, n_out, dtype=torch.int16, device=q.device)
     hist = torch.zeros(R, 512, dtype=torch.int32, device=q.device) if hist is None else hist
-    if keys.format in (KeyFormat.MXFP4, KeyFormat.NVFP4):
+    fmt = _FMT_CODE[keys.format]
+    qk = q
+    if keys.format is KeyFormat.MXFP4 and MXFP4_TENSOR_CORES:
+        bs, s, gs, enc = _fp4_args(keys)
+        data = keys.data.view(torch.int32)  # 8 codes per word
+        qk = _bf16_parts(q)[:, :, _pair_order(D, q.device)].contiguous()
+        fmt = 4
+    elif keys.format in (KeyFormat.MXFP4, KeyFormat.NVFP4):
         bs, s, gs, enc = _fp4_args(keys)
         data = keys.data
     else:
@@ -219,10 +243,14 @@ def index_score_bits(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: in
         data = keys.data.view(torch.uint8) if keys.format is KeyFormat.FP8 else keys.data
         s = keys.scale if keys.scale is not None else q
     grid = (R, n_out // block_t)
-    _fp4_topk.index_score_kernel[grid](q, data, s, gs, out, hist, lo, hi, n_out, q.stride(0), data.stride(0),
+    _fp4_topk.index_score_kernel[grid](qk, data, s, gs, out, hist, lo, hi, n_out, qk.stride(0), data.stride(0),
                                        data.stride(1), s.stride(0), s.stride(1) if s.dim() > 1 else 0,
-                                       out.stride(0), D=D, FMT=_FMT_CODE[keys.format], BS=bs, GS_ENCODE=enc,
-                                       BLOCK_T=block_t, INTERPRET=_interpreting(), num_warps=warps)
+                                       out.stride(0), D=D, FMT=fmt, BS=bs, GS_ENCODE=enc, BLOCK_T=block_t,
+                                       HIST=HIST_IN_SCAN, INTERPRET=_interpreting(), num_warps=warps)
+    if not HIST_IN_SCAN:
+        block = 64 if _interpreting() else SELECT_BLOCK
+        _fp4_topk.coarse_hist_kernel[(R, triton.cdiv(n_out, block))](out, hist, out.stride(0), n_out, BLOCK=block,
+                                                                     num_warps=4)
     return out
 
 

@@ -40,8 +40,11 @@ def test_order_ties_go_to_the_lower_position():
     assert torch.argsort(key, descending=True)[0, :6].tolist() == [1, 2, 5, 0, 3, 4]
 
 
-@pytest.mark.parametrize("L,D", [(37, 64), (100, 128)])
-def test_mxfp4_scores_bit_exact_with_twin(L, D):
+@pytest.mark.parametrize("L,D,tensor_cores", [(37, 64, True), (100, 128, True), (37, 64, False)])
+def test_mxfp4_scores_bit_exact_with_twin(L, D, tensor_cores, monkeypatch):
+    import fp4kit.kernels.fp4_topk as m
+
+    monkeypatch.setattr(m, "MXFP4_TENSOR_CORES", tensor_cores)
     k = torch.randn(3, L, D)
     q = mx_query(torch.randn(3, D))
     keys = mx_keys(k)
@@ -97,6 +100,29 @@ def test_other_formats_scores_match_twin(fmt):
     tol = want.abs() * 2**-7 + torch.einsum("rd,rld->rl", q.abs(), keys.dequantize().abs()) * 2**-16
     assert bool(((s - want).abs() <= tol).all())
     assert (s == want).float().mean() > 0.95
+
+
+def test_mxfp4_tensor_core_path_with_a_float32_query():
+    # q split into three bf16 parts keeps 24 bits: scores within 1 bf16 ulp + float32 sum error of the twin
+    k = torch.randn(2, 70, 64)
+    q = torch.randn(2, 64)
+    keys = mx_keys(k)
+    s = bits_to_bf16(index_score_bits(q, keys)[:, :70]).float()
+    want = index_scores_torch(q, keys).float()
+    tol = want.abs() * 2**-7 + torch.einsum("rd,rld->rl", q.abs(), keys.dequantize().abs()) * 2**-16
+    assert bool(((s - want).abs() <= tol).all())
+
+
+def test_separate_histogram_pass_selects_the_same(monkeypatch):
+    import fp4kit.kernels.fp4_topk as m
+
+    k = torch.randn(2, 150, 64)
+    q = mx_query(torch.randn(2, 64))
+    keys = mx_keys(k)
+    want = index_topk(q, keys, 30, lo=2)
+    monkeypatch.setattr(m, "HIST_IN_SCAN", False)
+    assert torch.equal(index_topk(q, keys, 30, lo=2), want)
+    assert torch.equal(want, index_topk_torch(q, keys, 30, lo=2))
 
 
 def test_strided_cache_slice_reads_in_place():
