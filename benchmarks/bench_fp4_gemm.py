@@ -129,7 +129,8 @@ def run_sweep(out_dir):
                     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                     res = []
                     default = _skinny_config(M, N, K, fcfg.block_size, torch.cuda.get_device_properties(0).multi_processor_count)
-                    for cfg in [default] + skinny_sweep(name):
+                    cands = [default] + (skinny_sweep(name) if bf16_decode or fmt == "nvfp4" else [])
+                    for cfg in cands:
                         cfg = GemmConfig(16 if M <= 16 else 32, cfg.block_n, cfg.block_k, split_k=cfg.split_k,
                                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                         try:
@@ -143,7 +144,8 @@ def run_sweep(out_dir):
                         res.append((us, cfg))
                     fp4_gemm.MXFP4_BF16_DECODE = True
                     tag = f"{fmt}{'-bf16dec' if bf16_decode else ''}"
-                    print(f"{name:8s} {tag:14s} M={M} default {res[0][0]:6.1f}us | " + "  ".join(
+                    print(f"{name:8s} {tag:14s} M={M} default {res[0][0]:6.1f}us {res[0][1].block_n}x{res[0][1].block_k} "
+                          f"sk{res[0][1].split_k} | " + "  ".join(
                         f"{us:6.1f} bn{c.block_n} bk{c.block_k} sk{c.split_k} s{c.num_stages}"
                         for us, c in sorted(res[1:], key=lambda r: r[0])), flush=True)
             del preps
