@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from fp4kit.formats import FP8Config, FP8Granularity, GlobalScale, MXFP4Config, NVFP4Config, QuantizedTensor
 from fp4kit.nn import FP4Experts, FP4Linear, is_fused_experts, register_fp4
+from fp4kit.nn.kv_quant import KVCacheConfig, KVScaleGranularity, add_kv_scale_buffers, enable_fp8_kv, kv_config_of
 from fp4kit.nn.quantize import matches
 
 from .experts import (expert_naming, expert_tensors, float_expert_tensors, gather_experts, install_experts,
@@ -46,6 +47,7 @@ from .files import atomic_directory, load_tensors, read_json, weight_files
 
 CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+KEEP_FP32 = ("global_scale", "k_scale", "v_scale")  # per-tensor scales stay float32, as vLLM reads them
 
 
 def _fp4_args(config: NVFP4Config | MXFP4Config, *, activations: bool) -> dict:
@@ -66,10 +68,11 @@ FP8_TOKEN_ARGS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy":
 
 
 def quantization_config(config: NVFP4Config | MXFP4Config, ignore: list[str],
-                        input_config: NVFP4Config | MXFP4Config | FP8Config | None = None) -> dict:
+                        input_config: NVFP4Config | MXFP4Config | FP8Config | None = None,
+                        kv_config: KVCacheConfig | None = None) -> dict:
     """compressed-tensors' `quantization_config`: weight-only presets NVFP4A16 / MXFP4A16; with an FP4
     `input_config` the W4A4 presets NVFP4 / MXFP4; with FP8Config(TOKEN) FP4 weights and the
-    FP8_DYNAMIC preset's per-token FP8 inputs (W4A8)."""
+    FP8_DYNAMIC preset's per-token FP8 inputs (W4A8). `kv_config` adds a static FP8 `kv_cache_scheme`."""
     if isinstance(input_config, FP8Config):
         if input_config.granularity is not FP8Granularity.TOKEN:
             raise ValueError("W4A8 export supports dynamic per-token FP8 inputs only")
@@ -83,12 +86,18 @@ def quantization_config(config: NVFP4Config | MXFP4Config, ignore: list[str],
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
                                       "output_activations": None, "format": None}},
         "quant_method": "compressed-tensors",
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": None if kv_config is None else kv_cache_scheme(kv_config),
         "format": CT_FORMATS[config.name],
         "quantization_status": "compressed",
         "global_compression_ratio": None,
         "ignore": sorted(ignore),
     }
+
+
+def kv_cache_scheme(kv_config: KVCacheConfig) -> dict:
+    """compressed-tensors QuantizationArgs of a static FP8 E4M3 KV cache (scales k_scale / v_scale)."""
+    return {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+            "strategy": kv_config.granularity.value}
 
 
 def fp4_config_of(model: nn.Module) -> tuple[NVFP4Config | MXFP4Config, NVFP4Config | MXFP4Config | None]:
@@ -128,7 +137,7 @@ def _export_plan(model: nn.Module, dense_dtype: torch.dtype):
         if t.numel() and key in seen:
             continue
         seen.add(key)
-        dense = t.is_floating_point() and not name.endswith("global_scale") and t.dtype not in (
+        dense = t.is_floating_point() and not name.endswith(KEEP_FP32) and t.dtype not in (
             torch.float8_e4m3fn, torch.float8_e8m0fnu)
         yield name, t, dense_dtype if dense else t.dtype
 
@@ -195,7 +204,7 @@ def save_checkpoint(model: nn.Module, out: str | pathlib.Path, *, tokenizer=None
         hf_config = model.config.to_dict()
         hf_config.pop("quantization_config", None)
         hf_config["torch_dtype"] = str(dense_dtype).removeprefix("torch.")
-        hf_config["quantization_config"] = quantization_config(config, ignored, input_config)
+        hf_config["quantization_config"] = quantization_config(config, ignored, input_config, kv_config_of(model))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             try:
@@ -324,6 +333,10 @@ def load_checkpoint(path: str | pathlib.Path, *, dtype: torch.dtype = torch.bflo
     for name, (blocks, scales) in expert_blocks.items():
         _register_gpt_oss_expert(model, name, blocks, scales, folder, dtype)
     quantized = sorted(quantized + install_experts(model, expert_groups, tensors, config, naming, folder, dtype))
+    kv_config = _kv_config(folder)
+    if kv_config is not None:
+        heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        add_kv_scale_buffers(model, kv_config, heads)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if ".parametrizations." not in k]
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(hf_config, "tie_word_embeddings", False)}
@@ -333,10 +346,24 @@ def load_checkpoint(path: str | pathlib.Path, *, dtype: torch.dtype = torch.bflo
         raise ValueError(f"{folder}: tensors the model does not have: {sorted(unexpected)[:8]}")
     if tied:
         model.tie_weights()
+    if kv_config is not None:
+        enable_fp8_kv(model)
     tokenizer = _maybe_tokenizer(folder)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     ignored = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     return model, tokenizer, CheckpointInfo(folder, fmt, config, quantized, ignored, total, ignore)
+
+
+def _kv_config(folder: pathlib.Path) -> KVCacheConfig | None:
+    """The static FP8 KV cache a compressed-tensors config declares (None when it has none)."""
+    kv = (read_json(folder / "config.json").get("quantization_config") or {}).get("kv_cache_scheme")
+    if not kv:
+        return None
+    strategies = {g.value: g for g in KVScaleGranularity}
+    if kv.get("num_bits") != 8 or kv.get("type") != "float" or kv.get("dynamic") or kv.get("strategy") not in strategies:
+        raise ValueError(f"{folder / 'config.json'}: kv_cache_scheme {kv} is not a static FP8 scheme fp4kit simulates "
+                         f"(num_bits 8, type float, strategy in {sorted(strategies)})")
+    return KVCacheConfig(strategies[kv["strategy"]])
 
 
 def _input_config(folder: pathlib.Path, config):
