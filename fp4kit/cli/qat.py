@@ -85,7 +85,7 @@ def cmd_qat(args) -> int:
             model.train()(train[: 4 * args.seq_len].reshape(4, -1).to(device))
 
     def ppl(m, desc):
-        return perplexity(m, held_out.to(device), context=args.context, desc=desc).perplexity if args.eval_tokens else None
+        return perplexity(m, held_out, context=args.context, desc=desc).perplexity if args.eval_tokens else None
 
     result = {"model": src.label, "scheme": args.scheme, "start": args.start, "teacher": args.teacher or "self (bf16)",
               "train": train_config.as_json(), "eval_tokens": int(held_out.numel())}

@@ -366,4 +366,83 @@ def convert_param(module: nn.Module, name: str, *, dtype: torch.dtype | None = N
 
 __all__ = ["FakeQuantLinear", "FakeQuantParametrization", "QATConfig", "ScaleMode", "convert", "convert_param",
            "fake_quant_layers", "fake_quantize_input", "fake_quantize_param", "prepare_qat", "quantize_with_scales",
-           "ste", "cast_except_fp4"]
+           "ste", "cast_except_fp4", "FP8TileCheck", "fp8_tile_check", "fp8_tile_report"]
+
+
+# ---------------------------------------------------------------------------------------------- DeepSeek-V4 check
+
+@dataclass(frozen=True)
+class FP8TileCheck:
+    """Can this FP4 weight be dequantized to FP8 E4M3 with one power-of-two scale per tile, exactly?
+
+    lossless        every tile round-trips bit for bit
+    tiles           tiles checked; lossy_tiles how many did not round-trip
+    max_scale_span  max over tiles of log2(largest / smallest nonzero FP4 block scale in the tile)
+    """
+
+    lossless: bool
+    tiles: int
+    lossy_tiles: int
+    max_scale_span: float
+
+
+def fp8_tile_check(qt: QuantizedTensor, tile: int = 128) -> FP8TileCheck:
+    """DeepSeek-V4 trains MXFP4 experts but runs its existing FP8 kernels on them: each 128x128 tile of
+    the FP4 weight is dequantized to E4M3 with one scale per tile. That is lossless when every
+    value q * s_block / S_tile lands on the E4M3 grid. With S_tile = 2^ceil(log2(amax_tile / 448))
+    (a power of two, so the tile max fits under 448), an MXFP4 value q * 2^e_b becomes q * 2^(e_b -
+    log2 S); E2M1 values need two significant bits, so the smallest block's values stay exact while
+    they are >= E4M3's subnormal step 2^-9. For MXFP4 that holds when the blocks of a tile span at
+    most about 14 binades (2^14 between the largest and smallest block scale), so the check is
+    about the ratio of the FP4 sub-block scales inside each tile. This function does the conversion
+    itself and compares, for any FP4 format (NVFP4's scales are not powers of two and rarely pass).
+
+    Works on [N, K] and on stacked experts [..., N, K] (each expert's matrix tiled separately).
+    """
+    from fp4kit.formats.scales import ceil_log2, pow2
+
+    w = qt.dequantize(torch.float32)
+    w = w.reshape(-1, *w.shape[-2:])  # [E, N, K]
+    e_, n, k = w.shape
+    pn, pk = (-n) % tile, (-k) % tile
+    w = F.pad(w, (0, pk, 0, pn))
+    tiles = w.reshape(e_, (n + pn) // tile, tile, (k + pk) // tile, tile).transpose(2, 3)  # [E, Nt, Kt, t, t]
+    amax = tiles.abs().amax(dim=(-1, -2))
+    exp = torch.where(amax > 0, ceil_log2(amax / 448.0), torch.zeros_like(amax, dtype=torch.int32))
+    scale = pow2(exp.clamp(-127, 127))[..., None, None]
+    back = (tiles / scale).to(torch.float8_e4m3fn).float() * scale
+    exact = (back == tiles).flatten(-2).all(dim=-1)
+    # span of the nonzero block scales inside each tile
+    bs = qt.config.block_size
+    blocks = tiles.reshape(*tiles.shape[:-1], tile // bs, bs).abs().amax(-1)  # [E, Nt, Kt, t, t/bs]
+    block_scale = _block_scales(qt).reshape(-1, n, k // bs)
+    block_scale = F.pad(block_scale, (0, pk // bs, 0, pn))
+    block_scale = block_scale.reshape(e_, (n + pn) // tile, tile, (k + pk) // tile, tile // bs).transpose(2, 3)
+    live = blocks > 0
+    big = torch.where(live, block_scale, torch.zeros_like(block_scale)).flatten(-2).amax(-1)
+    small = torch.where(live, block_scale, torch.full_like(block_scale, float("inf"))).flatten(-2).amin(-1)
+    has = live.flatten(-2).any(-1)
+    span = torch.where(has, torch.log2(big / small), torch.zeros_like(big))
+    return FP8TileCheck(bool(exact.all()), exact.numel(), int((~exact).sum()), float(span.max()) if span.numel() else 0.0)
+
+
+def _block_scales(qt: QuantizedTensor) -> torch.Tensor:
+    """The float32 factor of each block: 2^e (MXFP4) or the NVFP4 effective scale s/g or s*g."""
+    if isinstance(qt.config, NVFP4Config):
+        return qt.config.effective_block_scale(qt.scale, qt.global_scale.reshape(()))
+    return e8m0_to_float(qt.scale)
+
+
+def fp8_tile_report(model: nn.Module, tile: int = 128) -> dict[str, FP8TileCheck]:
+    """`fp8_tile_check` of every FP4 weight in the model: fake-quant layers (their current FP4 weight),
+    FP4Linear layers and FP4 expert parametrizations, by layer name."""
+    from .linear import FP4Linear
+    from .parametrize import FP4Parametrization
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (FakeQuantLinear, FP4Linear)):
+            out[name] = fp8_tile_check(m.quantized_weight(), tile)
+        elif isinstance(m, FP4Parametrization):
+            out[name] = fp8_tile_check(m.quantized(), tile)
+    return out

@@ -179,3 +179,34 @@ def test_expert_parameter_fake_quant_and_convert():
     qt = convert_param(experts, "gate_up_proj")
     assert torch.equal(experts.gate_up_proj, expect)
     same_bytes(qt, quantize(final.transpose(-1, -2), fmt))
+
+
+def mx_tile(span: int, small_code: float):
+    """A 128x128 MXFP4 tile: one block at scale 2^0 with a 6, one block at 2^-span holding `small_code`."""
+    w = torch.zeros(128, 128)
+    w[0, 0] = 6.0
+    w[1, 32] = small_code * 2.0**-span
+    w[1, 33] = 6.0 * 2.0**-span  # fixes that block's scale at 2^-span
+    return quantize(w, MXFP4Config(ScaleRule.RCEIL))
+
+
+@pytest.mark.parametrize("span,lossless", [(0, True), (13, True), (14, True), (15, False), (20, False)])
+def test_fp8_tile_dequant_is_lossless_up_to_a_scale_span_of_14_binades(span, lossless):
+    from fp4kit.nn.fake_quant import fp8_tile_check
+
+    check = fp8_tile_check(mx_tile(span, 0.5))  # 0.5 is the smallest nonzero E2M1 value
+    assert check.max_scale_span == span and check.tiles == 1
+    assert check.lossless is lossless and check.lossy_tiles == (0 if lossless else 1)
+
+
+def test_fp8_tile_report_per_layer_on_real_shapes():
+    from fp4kit.nn.fake_quant import fp8_tile_check, fp8_tile_report
+
+    model = trained_tiny()
+    prepare_qat(model, QATConfig(MXFP4Config(ScaleRule.RCEIL)))
+    report = fp8_tile_report(model)
+    assert len(report) == 14 and all(r.lossless for r in report.values())  # smooth weights: small spans
+    convert(model)
+    assert fp8_tile_report(model) == report  # the converted layers hold the same FP4 weights
+    experts = quantize(torch.randn(3, 200, 96), MXFP4Config(ScaleRule.RCEIL))  # stacked, ragged tiles
+    assert fp8_tile_check(experts).tiles == 3 * 2 * 1
