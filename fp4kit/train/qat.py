@@ -265,8 +265,9 @@ def train_qat(student: nn.Module, tokens: torch.Tensor, config: TrainConfig, *, 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:
-            for v in sums.values():
-                torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.AVG)
+            for v in sums.values():  # SUM then divide: gloo (CPU) has no AVG
+                torch.distributed.all_reduce(v)
+                v.div_(world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         tok_s = tokens_per_step / (time.perf_counter() - t0)
