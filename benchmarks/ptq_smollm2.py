@@ -1,0 +1,89 @@
+"""PTQ variants on SmolLM2-135M (the embedded default), perplexity on the README's 2,048 tokens of
+tiny-shakespeare (512-token windows): RTN, one-pass GPTQ, sequential GPTQ, W4A8, static FP8 KV cache.
+
+    python benchmarks/ptq_smollm2.py [--out benchmarks/results/ptq_smollm2.json] [--device cpu]
+
+Calibration: 16 x 256 tokens of tiny-shakespeare taken after the evaluated span (as `fp4kit quantize`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import time
+
+import torch
+
+import fp4kit
+from fp4kit.algorithms import GPTQConfig, apply_gptq, collect_hessians, sequential_gptq
+from fp4kit.data import load_corpus
+from fp4kit.eval import perplexity
+from fp4kit.formats import FP8Config, FP8Granularity, MXFP4Config, NVFP4Config
+from fp4kit.io import load_model
+from fp4kit.nn.kv_quant import KVCacheConfig, KVScaleGranularity, enable_fp8_kv, observe_kv_amax, set_kv_scales
+
+
+def calibration(tokenizer, samples=16, seq_len=256):
+    text = load_corpus("shakespeare")[200_000:]
+    ids = tokenizer(text[: samples * seq_len * 8], return_tensors="pt").input_ids[0]
+    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in range(samples)]
+
+
+def kv(model, batches, granularity):
+    cfg = KVCacheConfig(granularity)
+    set_kv_scales(model, observe_kv_amax(model, lambda: [model(b) for b in batches], cfg), cfg)
+    enable_fp8_kv(model)
+
+
+def variants(batches):
+    nv, mx = NVFP4Config(), MXFP4Config()
+    fp8 = FP8Config(FP8Granularity.TOKEN)
+    return {
+        "bf16": lambda m: None,
+        "bf16 + KV FP8/tensor": lambda m: kv(m, batches, KVScaleGranularity.TENSOR),
+        "bf16 + KV FP8/head": lambda m: kv(m, batches, KVScaleGranularity.HEAD),
+        "NVFP4 RTN": lambda m: fp4kit.quantize_(m, nv, progress=False),
+        "NVFP4 RTN W4A8": lambda m: fp4kit.quantize_(m, nv, activations=fp8, progress=False),
+        "NVFP4 RTN + KV FP8/tensor": lambda m: (fp4kit.quantize_(m, nv, progress=False),
+                                                kv(m, batches, KVScaleGranularity.TENSOR)),
+        "NVFP4 GPTQ (one pass)": lambda m: apply_gptq(m, nv, collect_hessians(m, batches, nv, progress=False),
+                                                      GPTQConfig(), progress=False),
+        "NVFP4 GPTQ (sequential)": lambda m: sequential_gptq(m, batches, nv, GPTQConfig(), progress=False),
+        "MXFP4 RTN": lambda m: fp4kit.quantize_(m, mx, progress=False),
+        "MXFP4 GPTQ (sequential)": lambda m: sequential_gptq(m, batches, mx, GPTQConfig(), progress=False),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/ptq_smollm2.json")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--only", help="comma list of variant names to run")
+    args = p.parse_args()
+    base, tok, src = load_model("smollm2-135m")
+    ids = tok(load_corpus("shakespeare")[: 2048 * 8], return_tensors="pt").input_ids[0][:2048]
+    batches = calibration(tok)
+    rows = []
+    for name, apply in variants(batches).items():
+        if args.only and name not in args.only.split(","):
+            continue
+        model = copy.deepcopy(base)
+        t0 = time.time()
+        with torch.no_grad():
+            apply(model)
+        seconds = time.time() - t0
+        ppl = perplexity(model.to(args.device), ids.to(args.device), context=512, progress=False).perplexity
+        rows.append({"variant": name, "perplexity": ppl, "quantize_seconds": round(seconds, 1)})
+        print(f"| {name} | {ppl:.3f} | {seconds:.0f} s |", flush=True)
+    result = {"model": src.label, "tokens": int(ids.numel()), "context": 512, "device": args.device,
+              "host": platform.node(), "date": datetime.date.today().isoformat(), "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
