@@ -128,7 +128,9 @@ def run_sweep(out_dir):
                 for M in SWEEP_MS:
                     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                     res = []
-                    default = _skinny_config(M, N, K, fcfg.block_size, torch.cuda.get_device_properties(0).multi_processor_count)
+                    default = _skinny_config(M, N, K, fcfg.block_size,
+                                             torch.cuda.get_device_properties(0).multi_processor_count,
+                                             bf16_decode and fmt == "mxfp4")
                     cands = [default] + (skinny_sweep(name) if bf16_decode or fmt == "nvfp4" else [])
                     for cfg in cands:
                         cfg = GemmConfig(16 if M <= 16 else 32, cfg.block_n, cfg.block_k, split_k=cfg.split_k,
@@ -180,7 +182,7 @@ def run_gemm(bw, ms=MS):
                 row[fmt] = dict(us=t, speedup=t_cublas / t, roofline_us=nbytes / bw * 1e6,
                                 bw_frac=nbytes / (t * 1e-6) / bw, tflops=2 * M * N * K / (t * 1e-6) / 1e12,
                                 max_err=max_err, rms_err=rms_err,
-                                path=path(M), config=(_skinny_config(M, N, K, qt0.config.block_size)
+                                path=path(M), config=(_skinny_config(M, N, K, qt0.config.block_size, 132, fmt == "mxfp4")
                                                       if M <= SKINNY_MAX_M else _config(M, N, K, x.device)).__dict__)
                 if M <= 16:
                     row[fmt]["graph_us"] = bench_graph(lambda: fp4_linear(x, nxt()))

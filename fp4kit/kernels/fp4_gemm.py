@@ -226,7 +226,7 @@ class PreparedFP4Weight:
     table_bf16x2: torch.Tensor | None = None  # int32 [256] (MXFP4 only), see _bf16x2_pow2_table
     one_mul: bool = True
     launches: dict = field(default_factory=dict)
-    configs: dict = field(default_factory=dict)  # M -> the skinny kernel's GemmConfig
+    configs: dict = field(default_factory=dict)  # (M, bf16 decode) -> the skinny kernel's GemmConfig
 
     def is_current(self, qt: QuantizedTensor) -> bool:
         return (qt.data is self.qt.data and qt.scale is self.qt.scale and qt.global_scale is self.qt.global_scale
@@ -269,27 +269,30 @@ def _prepared_for(qt: QuantizedTensor) -> PreparedFP4Weight:
 
 # Up to this many rows the skinny (decode) kernel runs; tiles from the H100 sweep (--sweep).
 SKINNY_MAX_M = 64
-# Split K while the grid has fewer programs than this many per SM (and each split keeps >= 2 K tiles).
-SKINNY_SPLIT_PROGRAMS_PER_SM = 3.5
-SKINNY_MAX_SPLIT = 8
+# Split K (doubling, at most SKINNY_MAX_SPLIT) while the grid has fewer programs than this many per SM
+# and each split keeps >= 2 K tiles.
+SKINNY_SPLIT_PROGRAMS_PER_SM = 4
+SKINNY_MAX_SPLIT = 4
 
 
-def _skinny_config(M: int, N: int, K: int, block_size: int, sm_count: int = 132) -> GemmConfig:
-    """H100 sweeps at M = 1 (2026-11-22, NVFP4, GPU time in a graph; benchmarks/NOTES_fp4_gemm.md):
-    5 pipeline stages and 128-wide K tiles; 64-row tiles for wide layers (gate_up), 32-row tiles
-    otherwise; split K until the grid has SKINNY_SPLIT_PROGRAMS_PER_SM programs per SM (qkv and o:
-    split 4, 23.4 -> 17.7 us and 14.5 -> 13.0 us; down split 4, 43.6 -> 36.5 us; gate_up split 2,
-    62.6 -> 53.3 us)."""
+def _skinny_config(M: int, N: int, K: int, block_size: int, sm_count: int = 132, mx_bf16: bool = False) -> GemmConfig:
+    """From the H100 sweeps at M = 1 (2026-11-22, GPU time in a graph, benchmarks/NOTES_fp4_gemm.md and
+    results/fp4_gemm_skinny_splitk_sweep_h100.json): 64-row tiles everywhere; 128-wide K tiles and 5
+    stages for the float32 decode (NVFP4, and MXFP4 with fp16 x), 256-wide K tiles and 4 stages for the
+    MXFP4 bfloat16 decode (its per-K-step cost of reordering x is amortised over more weights); split K
+    4 ways on the N = 4096-6144 layers and 2 ways on gate_up (N = 28672), which the rule below gives.
+    NVFP4 best vs split-free 32 x 256: qkv 23.4 -> 16.0 us, o 14.5 -> 12.7, down 43.6 -> 31.4, gate_up
+    62.6 -> 53.3 (64 x 128 unsplit)."""
     if _interpreting():
         return GemmConfig(16, 16, 64, num_warps=1, num_stages=1)
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    block_n, block_k = (64, 128) if N >= 16384 else (32, 128)
+    block_n, block_k, stages = (64, 256, 4) if mx_bf16 else (64, 128, 5)
     programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     split = 1
     while (split < SKINNY_MAX_SPLIT and programs * split < SKINNY_SPLIT_PROGRAMS_PER_SM * sm_count
            and K // (block_k * split * 2) >= 2):
         split *= 2
-    return GemmConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=5)
+    return GemmConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=stages)
 
 
 _SPLITK_BUFFERS: dict = {}  # (device, stream) -> (float32 workspace, int32 tickets); see fp4_skinny_kernel
@@ -318,15 +321,16 @@ def _launch_skinny(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Te
     M = x2.shape[0]
     N, K = prepared.N, prepared.K
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    cfg = config or prepared.configs.get(M) or prepared.configs.setdefault(
-        M, _skinny_config(M, N, K, prepared.block_size, 132 if _interpreting() else _sm_count(x2.device)))
+    mx_bf16 = MXFP4_BF16_DECODE and prepared.table_bf16x2 is not None and x2.dtype == torch.bfloat16
+    cfg = config or prepared.configs.get((M, mx_bf16)) or prepared.configs.setdefault(
+        (M, mx_bf16), _skinny_config(M, N, K, prepared.block_size,
+                                     132 if _interpreting() else _sm_count(x2.device), mx_bf16))
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
     stream = 0 if _interpreting() else _raw_stream(x2.device.index)
     if cfg.split_k > 1:
         ws, cnt = _splitk_buffers(x2.device, stream, cfg.split_k * M * N, grid[0] * grid[1])
     else:
         ws, cnt = y, y
-    mx_bf16 = MXFP4_BF16_DECODE and prepared.table_bf16x2 is not None and x2.dtype == torch.bfloat16
     table = prepared.table_bf16x2 if mx_bf16 else prepared.table
     args = (x2, prepared.words, prepared.scale_codes, table, x2 if bias is None else bias, y, ws, cnt, M,
             N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,

@@ -253,11 +253,16 @@ class MoEGemmConfig:
             raise ValueError(f"MoEGemmConfig: block_n >= 16 and block_k a multiple of 32, got {self}")
 
 
-def _moe_config(N_out: int, K: int, swiglu: bool) -> MoEGemmConfig:
-    """Tiles for the decode regime (H100 numbers in BENCHMARKS.md); the interpreter gets small ones."""
+def _moe_config(N_out: int, K: int, swiglu: bool, mx_bf16: bool = False) -> MoEGemmConfig:
+    """H100 sweep (2026-11-22, Qwen3-30B-A3B shapes, T = 1, 8, 64; results/fp4_moe_sweep_h100.json): 64-row
+    tiles won everywhere; 128-wide K tiles with 5 stages for the float32 decode, 256-wide with 3 stages
+    for the MXFP4 bfloat16 decode (T = 64 gate_up: 189 -> 144 us NVFP4, 165 -> 128 us MXFP4, against
+    the first 32 x 256 x 4 default). The interpreter gets small tiles."""
     if _interpreting():
         return MoEGemmConfig(16, 64, num_warps=1, num_stages=1)
-    return MoEGemmConfig(32, 256 if K >= 256 else 128, num_warps=4, num_stages=4)
+    if mx_bf16 and K >= 256:
+        return MoEGemmConfig(64, 256, num_warps=4, num_stages=3)
+    return MoEGemmConfig(64, 128, num_warps=4, num_stages=5)
 
 
 def _check_call(x: torch.Tensor, ex: FP4Experts, routing: MoERouting, swiglu: bool, x_per_pair: bool) -> int:
@@ -301,9 +306,9 @@ def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, rout
         if pair_weights.numel() != P:
             raise ValueError(f"fp4 MoE: pair_weights has {pair_weights.numel()} entries for {P} pairs")
     E, _, K = ex.shape
-    cfg = config or _moe_config(N_out, K, swiglu)
-    grid = (triton.cdiv(N_out, cfg.block_n), routing.tile_expert.numel(), 1)
     mx_bf16 = fp4_gemm.MXFP4_BF16_DECODE and prep.tables_bf16x2 is not None and x.dtype == torch.bfloat16
+    cfg = config or _moe_config(N_out, K, swiglu, mx_bf16)
+    grid = (triton.cdiv(N_out, cfg.block_n), routing.tile_expert.numel(), 1)
     args = (x, prep.words, prep.scale_codes, prep.tables_bf16x2 if mx_bf16 else prep.tables, routing.pairs, routing.tile_expert, routing.tile_start,
             routing.tile_end, x if pair_weights is None else pair_weights, y, E, N_out, K,
             1 if x_per_pair else routing.top_k, ex.config.block_size, swiglu, pair_weights is not None,
