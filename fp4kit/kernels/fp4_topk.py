@@ -14,8 +14,9 @@ That total order is what `topk_order_torch` implements with a stable descending 
 is a set: both stages return positions in ascending order (what a gather of K/V wants, too).
 
 How the kernels select without sorting (a radix select, all on the GPU, graph-capturable):
-    1. scan: score every position, write its bf16 score as a monotone int16 m (2 bytes), and add the
-       tile's histogram of m's high byte to a per-row 256-bin histogram (atomics)
+    1. scan: score every position, write its bf16 score as a monotone int16 m (2 bytes); a per-row
+       256-bin histogram of m's high byte is built by a pass over m (or inside the scan with atomics:
+       `HIST_IN_SCAN`)
     2. per row: the high-byte bin b1 that holds the n-th best score
     3. histogram of the low byte over the positions in bin b1; per row: the n-th best score u* and
        need = n - #(score > u*)
@@ -60,10 +61,14 @@ except ImportError:  # CPU installs without triton use the torch twins
 
 # (positions per program, warps) of the scan kernel per key format on a GPU; benchmarks/bench_sparse_select.py
 # sweeps these on the device and reports the best
-SCAN_TILE = {"bf16": (64, 4), "fp8": (256, 4), "mxfp4": (128, 4), "nvfp4": (128, 4)}  # best on the H100
+SCAN_TILE = {"bf16": (128, 4), "fp8": (128, 4), "mxfp4": (128, 4), "nvfp4": (128, 4)}  # best on the H100
 SELECT_BLOCK = 2048  # positions per program in the radix select's histogram / count / write passes
-MXFP4_TENSOR_CORES = True  # MXFP4 keys: bf16-pair decode + tl.dot on GPUs (see _fp4_topk); False: float32 FMA path
-HIST_IN_SCAN = True  # the scan kernel builds the high-byte histogram (False: a separate pass over the scores)
+# MXFP4 keys: bf16-pair decode + tl.dot (see _fp4_topk; bit-exact on the H100 but 108 us against the FMA path's
+# 72 us for 128K x 8 keys, 2026-11-22), so off by default
+MXFP4_TENSOR_CORES = False
+# the scan kernel builds the high-byte histogram with atomics (False: a separate pass over the 2-byte scores,
+# which was faster on the H100 for MXFP4: 62 against 72 us, and within noise for bf16 / FP8)
+HIST_IN_SCAN = False
 
 
 def _pair_order(D: int, device) -> torch.Tensor:

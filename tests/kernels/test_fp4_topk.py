@@ -102,7 +102,10 @@ def test_other_formats_scores_match_twin(fmt):
     assert (s == want).float().mean() > 0.95
 
 
-def test_mxfp4_tensor_core_path_with_a_float32_query():
+def test_mxfp4_tensor_core_path_with_a_float32_query(monkeypatch):
+    import fp4kit.kernels.fp4_topk as m
+
+    monkeypatch.setattr(m, "MXFP4_TENSOR_CORES", True)
     # q split into three bf16 parts keeps 24 bits: scores within 1 bf16 ulp + float32 sum error of the twin
     k = torch.randn(2, 70, 64)
     q = torch.randn(2, 64)
@@ -113,12 +116,13 @@ def test_mxfp4_tensor_core_path_with_a_float32_query():
     assert bool(((s - want).abs() <= tol).all())
 
 
-def test_separate_histogram_pass_selects_the_same(monkeypatch):
+def test_histogram_in_scan_or_separate_selects_the_same(monkeypatch):
     import fp4kit.kernels.fp4_topk as m
 
     k = torch.randn(2, 150, 64)
     q = mx_query(torch.randn(2, 64))
     keys = mx_keys(k)
+    monkeypatch.setattr(m, "HIST_IN_SCAN", True)
     want = index_topk(q, keys, 30, lo=2)
     monkeypatch.setattr(m, "HIST_IN_SCAN", False)
     assert torch.equal(index_topk(q, keys, 30, lo=2), want)
