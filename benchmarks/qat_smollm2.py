@@ -67,7 +67,7 @@ def evaluate(model, tokenizer, held_out, tasks, args) -> dict:
     record why and evaluate with float32 activations (the torch twin, same weights)."""
     try:
         return _evaluate(model, tokenizer, held_out, tasks, args)
-    except Exception as e:  # noqa: BLE001 - a measurement run should still report the rest
+    except Exception as e:  # a measurement run should still report the rest
         cast_except_fp4(model, torch.float32)
         return _evaluate(model, tokenizer, held_out, tasks, args) | {"note": f"fp32 twin, kernel failed: {e!r}"[:300]}
 

@@ -60,7 +60,7 @@ def test_resume_after_kill_gives_the_same_next_losses_bitwise(tmp_path):
 
 
 def test_only_trainable_parameters_are_saved_and_tied_ones_once(tmp_path):
-    model, opt, sched = fresh()
+    model, opt, _ = fresh()
     path = save_state(tmp_path, 1, model, opt)
     meta = json.loads((path / "meta.json").read_text())
     assert "model.embed_tokens.weight" not in meta["params"]
