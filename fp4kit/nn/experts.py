@@ -21,8 +21,12 @@ checkpoint from another tool has them, so import is lossless. MXFP4 has no globa
 Scales come from the weights alone, so an expert that no calibration token reaches is quantized as
 well as any other: there is no calibration hole.
 
-The forward dequantizes only the experts the router picked (the torch reference path: clear, and
-exact against the float module run on the dequantized weights).
+The forward has two paths. On CUDA (SiLU experts, gate and up sharing their global scale, which is
+what fp4kit writes) it calls the grouped MoE kernel `fp4kit.kernels.fp4_moe_mlp`: every routed
+(token, slot) pair in two launches, gate_up with a fused SwiGLU epilogue and down with the router
+weights, straight from these buffers. Elsewhere it dequantizes only the experts the router picked
+and runs transformers' own loop: the torch reference, exact against the float module run on the
+dequantized weights.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, check_finite, quantize
+from fp4kit.kernels.fp4_moe import FP4Experts as StackedExperts
+from fp4kit.kernels.fp4_moe import fp4_moe_mlp
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -122,6 +128,32 @@ class FP4Experts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states: [T, H]; top_k_index, top_k_weights: [T, k]
+        if hidden_states.is_cuda and self.kernel_ready():
+            return self.forward_kernel(hidden_states, top_k_index, top_k_weights)
+        return self.forward_reference(hidden_states, top_k_index, top_k_weights)
+
+    def kernel_ready(self) -> bool:
+        """The grouped kernel fuses SiLU-gated experts whose gate and up share one global scale."""
+        if "silu" not in type(self.act_fn).__name__.lower():  # transformers' SiLUActivation / nn.SiLU
+            return False
+        if isinstance(self.config, NVFP4Config):
+            g = self.gate_up_global_scale
+            return bool(torch.equal(g[:, 0], g[:, 1]))
+        return True
+
+    def stacked(self) -> tuple[StackedExperts, StackedExperts]:
+        """(gate_up [E, 2I, H], down [E, H, I]) as the kernel's stacked-experts views (no copy of codes)."""
+        nv = isinstance(self.config, NVFP4Config)
+        gate_up = StackedExperts(self.gate_up_packed, self.gate_up_scale,
+                                 self.gate_up_global_scale[:, 0].contiguous() if nv else None, self.config)
+        down = StackedExperts(self.down_packed, self.down_scale, self.down_global_scale if nv else None, self.config)
+        return gate_up, down
+
+    def forward_kernel(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        gate_up, down = self.stacked()
+        return fp4_moe_mlp(hidden_states, gate_up, down, top_k_index, top_k_weights.to(hidden_states.dtype))
+
+    def forward_reference(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         for e in torch.unique(top_k_index).tolist():
             if not 0 <= e < self.num_experts:  # transformers marks dropped slots with index E
