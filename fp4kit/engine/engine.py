@@ -118,6 +118,16 @@ class Engine:
         logits = self.runner.forward(tokens, positions, pad, slots, P, self.caches)
         return logits, pad, P
 
+    @torch.no_grad()
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        """float32 logits [T, V] of every position of one prompt, through the cache (so an FP8 cache's
+        rounding of keys and values is in them): what perplexity with this engine's cache needs."""
+        self.encode([ids])
+        tokens = torch.tensor([ids], device=self.device)
+        slots = torch.arange(len(ids), device=self.device)
+        pad = torch.zeros(1, dtype=torch.long, device=self.device)
+        return self.runner.forward(tokens, slots[None], pad, slots, len(ids), self.caches, last_only=False)[0]
+
     def kv_len(self, slot: int) -> int:
         n = slot + 1
         return min(-(-n // self.seq_bucket) * self.seq_bucket, self.max_seq_len)

@@ -118,11 +118,11 @@ def attention_mask(pad: torch.Tensor, slots: torch.Tensor, length: int, window: 
 
 
 def gqa_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
-    """q [B, Hq, T, D], k/v [B, Hkv, L, D], mask bool [B, 1, T, L] -> [B, T, Hq*D]."""
+    """q [B, Hq, T, D], k/v [B, Hkv, L, D], mask bool [B, 1, G*T, L] (repeated per query head) -> [B, T, Hq*D]."""
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     q = q.reshape(B, k.shape[1], G * T, D)  # query head h = kv_head * G + g; row g*T + t
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1), scale=scaling)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return out.reshape(B, Hq, T, D).transpose(1, 2).reshape(B, T, Hq * D)
 
 
@@ -158,7 +158,14 @@ class DecoderRunner:
                 out[t] = inner.rotary_emb(h, positions)
         return out
 
-    def attention(self, i: int, attn: nn.Module, x, rope, pad, slots, kv_len: int, cache: KVCache):
+    def masks(self, pad, slots, kv_len: int) -> dict:
+        """One mask per distinct window, built once per forward and already repeated for the G query
+        heads of each KV head (gqa_attention's row order): {window: bool [B, 1, G*T, L]}."""
+        G = self.spec.n_heads // self.spec.n_kv_heads
+        windows = {layer.window for layer in self.spec.layers}
+        return {w: attention_mask(pad, slots, kv_len, w).repeat(1, 1, G, 1) for w in windows}
+
+    def attention(self, i: int, attn: nn.Module, x, rope, masks, slots, kv_len: int, cache: KVCache):
         # x: [B, T, hidden]
         B, T, _ = x.shape
         s = self.spec
@@ -173,15 +180,14 @@ class DecoderRunner:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(k, v, slots)
         keys, values = cache.read(B, kv_len)
-        mask = attention_mask(pad, slots, kv_len, layer.window)
-        return attn.o_proj(gqa_attention(q, keys, values, mask, layer.scaling))
+        return attn.o_proj(gqa_attention(q, keys, values, masks[layer.window], layer.scaling))
 
     def mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = getattr(layer, self.spec.mlp_attr)(x)
         return out[0] if isinstance(out, tuple) else out  # some MoE blocks also return router logits
 
-    def block(self, i: int, layer: nn.Module, h, rope, pad, slots, kv_len, cache):
-        a = self.attention(i, layer.self_attn, layer.input_layernorm(h), rope, pad, slots, kv_len, cache)
+    def block(self, i: int, layer: nn.Module, h, rope, masks, slots, kv_len, cache):
+        a = self.attention(i, layer.self_attn, layer.input_layernorm(h), rope, masks, slots, kv_len, cache)
         if self.spec.sandwich_norms:
             h = h + layer.post_attention_layernorm(a)
             return h + layer.post_feedforward_layernorm(self.mlp(layer, layer.pre_feedforward_layernorm(h)))
@@ -190,15 +196,17 @@ class DecoderRunner:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, slots: torch.Tensor,
-                kv_len: int, caches: list[KVCache]) -> torch.Tensor:
+                kv_len: int, caches: list[KVCache], last_only: bool = True) -> torch.Tensor:
         """tokens, positions [B, T]; pad [B]; slots [T]; keys 0..kv_len-1 -> float32 logits [B, V] of the last
-        position (the only ones generation needs)."""
+        position (the only ones generation needs), or [B, T, V] with last_only=False (perplexity)."""
         inner = self.model.model
         h = inner.embed_tokens(tokens)  # [B, T, hidden]
         rope = self.rope(h, positions)
+        masks = self.masks(pad, slots, kv_len)
         for i, layer in enumerate(inner.layers):
-            h = self.block(i, layer, h, rope, pad, slots, kv_len, caches[i])
-        logits = self.model.lm_head(inner.norm(h[:, -1:]))[:, 0].float()
+            h = self.block(i, layer, h, rope, masks, slots, kv_len, caches[i])
+        logits = self.model.lm_head(inner.norm(h[:, -1:] if last_only else h)).float()
+        logits = logits[:, 0] if last_only else logits
         if self.spec.final_softcap:
             logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
         return logits
