@@ -122,7 +122,7 @@ def run_sweep(fp4, gen, out_dir, tokens=(1, 8, 64)):
         for f, (gu, dn, _, _) in fp4.items():
             for op, prep, inp, kw in (("gate_up", gu, x, dict(swiglu=True)), ("down", dn, h, dict(x_per_pair=True))):
                 N_out = 2 * I // 2 if op == "gate_up" else H
-                default = _moe_config(N_out, inp.shape[1], op == "gate_up", f == "mxfp4")
+                default = _moe_config(N_out, inp.shape[1], op == "gate_up", f == "mxfp4", T * TOP_K, E)
                 res = []
                 for cfg in [default] + SWEEP:
                     try:

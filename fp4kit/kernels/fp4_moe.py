@@ -223,6 +223,7 @@ class PreparedFP4Experts:
     tables_bf16x2: torch.Tensor | None = None  # int32 [E, 256] (MXFP4): the bfloat16 decode's scales
     one_mul: bool = True
     launches: dict = field(default_factory=dict)
+    configs: dict = field(default_factory=dict)  # (pairs, N_out, swiglu, bf16 decode) -> MoEGemmConfig
 
 
 def prepare_fp4_experts(ex: FP4Experts) -> PreparedFP4Experts:
@@ -247,22 +248,34 @@ class MoEGemmConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
+    split_k: int = 1
 
     def __post_init__(self):
-        if self.block_n < 16 or self.block_k < 32 or self.block_k % 32:
-            raise ValueError(f"MoEGemmConfig: block_n >= 16 and block_k a multiple of 32, got {self}")
+        if self.block_n < 16 or self.block_k < 32 or self.block_k % 32 or self.split_k < 1:
+            raise ValueError(f"MoEGemmConfig: block_n >= 16, block_k a multiple of 32, split_k >= 1; got {self}")
 
 
-def _moe_config(N_out: int, K: int, swiglu: bool, mx_bf16: bool = False) -> MoEGemmConfig:
+# Split K (doubling, at most MOE_MAX_SPLIT) while the expected programs (N tiles x touched experts) are
+# fewer than this many per SM and every split keeps >= 2 K steps: decoding one to a few tokens.
+MOE_SPLIT_PROGRAMS_PER_SM = 4
+MOE_MAX_SPLIT = 4
+
+
+def _moe_config(N_out: int, K: int, swiglu: bool, mx_bf16: bool = False, num_pairs: int = 0, num_experts: int = 1,
+                sm_count: int = 132) -> MoEGemmConfig:
     """H100 sweep (2026-11-22, Qwen3-30B-A3B shapes, T = 1, 8, 64; results/fp4_moe_sweep_h100.json): 64-row
     tiles won everywhere; 128-wide K tiles with 5 stages for the float32 decode, 256-wide with 3 stages
     for the MXFP4 bfloat16 decode (T = 64 gate_up: 189 -> 144 us NVFP4, 165 -> 128 us MXFP4, against
     the first 32 x 256 x 4 default). The interpreter gets small tiles."""
     if _interpreting():
         return MoEGemmConfig(16, 64, num_warps=1, num_stages=1)
-    if mx_bf16 and K >= 256:
-        return MoEGemmConfig(64, 256, num_warps=4, num_stages=3)
-    return MoEGemmConfig(64, 128, num_warps=4, num_stages=5)
+    block_n, block_k, stages = (64, 256, 3) if mx_bf16 and K >= 256 else (64, 128, 5)
+    programs = triton.cdiv(N_out, block_n) * min(num_pairs, num_experts)
+    split = 1
+    while (split < MOE_MAX_SPLIT and programs * split < MOE_SPLIT_PROGRAMS_PER_SM * sm_count
+           and K // (block_k * split * 2) >= 2):
+        split *= 2
+    return MoEGemmConfig(block_n, block_k, num_warps=4, num_stages=stages, split_k=split)
 
 
 def _check_call(x: torch.Tensor, ex: FP4Experts, routing: MoERouting, swiglu: bool, x_per_pair: bool) -> int:
@@ -307,23 +320,32 @@ def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, rout
             raise ValueError(f"fp4 MoE: pair_weights has {pair_weights.numel()} entries for {P} pairs")
     E, _, K = ex.shape
     mx_bf16 = fp4_gemm.MXFP4_BF16_DECODE and prep.tables_bf16x2 is not None and x.dtype == torch.bfloat16
-    cfg = config or _moe_config(N_out, K, swiglu, mx_bf16)
-    grid = (triton.cdiv(N_out, cfg.block_n), routing.tile_expert.numel(), 1)
+    cfg = config or prep.configs.get((P, N_out, swiglu, mx_bf16)) or prep.configs.setdefault(
+        (P, N_out, swiglu, mx_bf16), _moe_config(N_out, K, swiglu, mx_bf16, P, E,
+                                                 132 if _interpreting() else fp4_gemm._sm_count(x.device)))
+    grid = (triton.cdiv(N_out, cfg.block_n), routing.tile_expert.numel(), cfg.split_k)
+    stream = 0 if _interpreting() else _raw_stream(x.device.index)
+    if cfg.split_k > 1:
+        ws, cnt = fp4_gemm._splitk_buffers(x.device, stream, cfg.split_k * P * (2 if swiglu else 1) * N_out,
+                                           grid[0] * grid[1])
+    else:
+        ws, cnt = y, y
     args = (x, prep.words, prep.scale_codes, prep.tables_bf16x2 if mx_bf16 else prep.tables, routing.pairs, routing.tile_expert, routing.tile_start,
-            routing.tile_end, x if pair_weights is None else pair_weights, y, E, N_out, K,
+            routing.tile_end, x if pair_weights is None else pair_weights, y, ws, cnt, E, P, N_out, K,
             1 if x_per_pair else routing.top_k, ex.config.block_size, swiglu, pair_weights is not None,
-            routing.block_m, cfg.block_n, cfg.block_k, mx_bf16, prep.one_mul, _interpreting())
+            routing.block_m, cfg.block_n, cfg.block_k, cfg.split_k, mx_bf16, prep.one_mul, _interpreting())
     _launch(prep, grid, args, cfg, (cfg, mx_bf16, routing.block_m, x.dtype, x.data_ptr() % 16 == 0, swiglu, x_per_pair,
                                     routing.top_k, None if pair_weights is None else
-                                    (pair_weights.dtype, pair_weights.data_ptr() % 16 == 0), x.device.index))
+                                    (pair_weights.dtype, pair_weights.data_ptr() % 16 == 0), x.device.index,
+                                    P == 1, P % 16 == 0), stream)
     return y
 
 
-def _launch(prep: PreparedFP4Experts, grid, args, cfg: MoEGemmConfig, key) -> None:
+def _launch(prep: PreparedFP4Experts, grid, args, cfg: MoEGemmConfig, key, stream: int) -> None:
     """Launch fp4_moe_kernel; after the first call per key the compiled kernel is launched directly."""
     compiled = prep.launches.get(key)
     if compiled is not None and _knobs.runtime.launch_enter_hook is None:
-        compiled.run(grid[0], grid[1], grid[2], _raw_stream(args[0].device.index), compiled.function,
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
                      compiled.packed_metadata, None, None, None, *args)
         return
     compiled = _fp4_moe.fp4_moe_kernel[grid](*args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
