@@ -3,6 +3,7 @@
     nice python benchmarks/sparse_recall.py recall --model smollm2-135m --corpus coqa --tokens 2048 \
         --queries 1024 --layer-step 4
     nice python benchmarks/sparse_recall.py ppl --model smollm2-135m --corpus coqa --context 1024 --max-tokens 3072
+    python benchmarks/sparse_recall.py table      # all recorded recall runs as one markdown table
 
 Writes benchmarks/results/sparse_recall_<model>_<corpus>.json (per layer/head rows and a summary) or
 sparse_ppl_<model>_<corpus>.json, through a temp file then rename, and prints a markdown table.
@@ -88,9 +89,26 @@ def run_ppl(args) -> None:
         print(f"| {name} | {v:.3f} |")
 
 
+def run_table(args) -> None:
+    """One markdown table from every sparse_recall_*.json: set / mass recall (mean over layers and heads)."""
+    files = sorted(RESULTS.glob("sparse_recall_*.json"))
+    runs = [json.loads(f.read_text()) for f in files]
+    variants = ["bf16", "mxfp4", "mxfp4_rot", "nvfp4_rot", "mxfp4_rot_r2", "mxfp4_rot_r4"]
+    print("| model / text | k | " + " | ".join(variants) + " |")
+    print("|---|---|" + "---|" * len(variants))
+    for run in runs:
+        by = {(r["variant"], r["k"]): r for r in run["summary"]}
+        for k in run["ks"]:
+            cells = []
+            for v in variants:
+                r = by.get((v, k))
+                cells.append("-" if r is None else f"{100 * r['set_mean']:.2f} / {100 * r['mass_mean']:.3f}")
+            print(f"| {run['model']} {run['corpus']} | {k} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["recall", "ppl"])
+    p.add_argument("what", choices=["recall", "ppl", "table"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--corpus", default="coqa")
     p.add_argument("--tokens", type=int, default=2048)
@@ -101,7 +119,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=3072)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    run_recall(args) if args.what == "recall" else run_ppl(args)
+    {"recall": run_recall, "ppl": run_ppl, "table": run_table}[args.what](args)
 
 
 if __name__ == "__main__":
