@@ -571,13 +571,15 @@ def step_metrics(batch: StepBatch, reward_funcs, train: dict, lr: float, sigma: 
 
 def train_grpo(model: nn.Module, tokenizer, rows: Sequence[PromptRow], reward_funcs: Sequence[Callable],
                config: GRPOConfig, out_dir: str | pathlib.Path, *, engine=None, resume: bool = True,
-               base_model_name: str | None = None, progress: bool = True, on_step: Callable | None = None) -> list[dict]:
+               base_model_name: str | None = None, progress: bool = True, on_step: Callable | None = None,
+               time_limit: float | None = None) -> list[dict]:
     """Run GRPO for config.max_steps steps on `model` (LoRA already added); write logs, checkpoints, adapter.
 
     out_dir/metrics.jsonl      one record per step (see step_metrics)
     out_dir/reward.png         reward and accuracy curves
     out_dir/checkpoints/       save_state folders every save_steps (resumed from when resume=True)
     out_dir/adapter/           PEFT-style adapter folder at the end
+    `time_limit` (seconds) ends the run early, after the step that crosses it, with a checkpoint and the adapter.
     Returns the records logged by this call.
     """
     from fp4kit.engine import Engine
@@ -601,6 +603,7 @@ def train_grpo(model: nn.Module, tokenizer, rows: Sequence[PromptRow], reward_fu
                         max_seq_len=longest + config.max_completion_length + 1)
     logger = JsonlLogger(out_dir / "metrics.jsonl")
     records = []
+    t_start = time.perf_counter()
     for step in tqdm(range(start, config.max_steps), desc="grpo", disable=not progress, initial=start,
                      total=config.max_steps):
         batch = rollout_step(engine, tokenizer, model, step_rows(rows, step, config.prompts_per_step, config.seed),
@@ -610,11 +613,14 @@ def train_grpo(model: nn.Module, tokenizer, rows: Sequence[PromptRow], reward_fu
         sigma = config.noise.sigma(step, config.max_steps) if config.noise else 0.0
         record = logger.log(step + 1, **step_metrics(batch, reward_funcs, train, lr, sigma))
         records.append(record)
-        if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
+        out_of_time = time_limit is not None and time.perf_counter() - t_start > time_limit
+        if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps or out_of_time:
             save_state(ckpt_root, step + 1, model, optimizer, scheduler,
                        extra={"config": config.to_json(), "step": step + 1})
         if on_step is not None:
             on_step(step + 1, record)
+        if out_of_time:
+            break
     if (out_dir / "metrics.jsonl").exists():
         keys = ["reward"] + (["accuracy"] if any("accuracy" in r for r in records) else [])
         plot_metrics(out_dir / "metrics.jsonl", keys, out_dir / "reward.png", title="GRPO")
@@ -647,7 +653,7 @@ def prepare_policy(model: nn.Module, base: Base, fmt, lora) -> dict:
 def run_task(model: nn.Module, tokenizer, task: str, config: GRPOConfig, out_dir: str | pathlib.Path, *,
              eval_limit: int = 500, train_limit: int | None = None, format_weight: float = 0.0,
              base_model_name: str | None = None, resume: bool = True, progress: bool = True,
-             cuda_graphs: bool = True) -> dict:
+             cuda_graphs: bool = True, time_limit: float | None = None) -> dict:
     """GRPO on a bundled task (fixed train/held-out split), greedy exact match before and after.
 
     Returns (and writes to out_dir/summary.json) {"before", "after", "steps", "train_rows", ...}.
@@ -676,9 +682,9 @@ def run_task(model: nn.Module, tokenizer, task: str, config: GRPOConfig, out_dir
         summary["before"] = evaluate(engine, tokenizer, eval_rows, accuracy, **eval_kw)
     t0 = time.perf_counter()
     records = train_grpo(model, tokenizer, train_rows, funcs, config, out_dir, engine=engine, resume=resume,
-                         base_model_name=base_model_name, progress=progress)
+                         base_model_name=base_model_name, progress=progress, time_limit=time_limit)
     summary["train_seconds"] = time.perf_counter() - t0
-    summary["steps"] = config.max_steps
+    summary["steps"] = records[-1]["step"] if records else config.max_steps
     if records:
         n = len(records)
         summary["rollout_tokens_per_s"] = sum(r["rollout_tokens"] for r in records) / sum(r["rollout_seconds"] for r in records)
