@@ -19,4 +19,7 @@ if [ ! -d .deps/ct-0.17.0/compressed_tensors ]; then
   pip_q --no-deps --target .deps/ct-0.17.0.tmp "compressed-tensors==0.17.0"
   mv .deps/ct-0.17.0.tmp .deps/ct-0.17.0
 fi
+# TRL 1.16, only so tests/train/test_grpo_loss.py can check our GRPO loss against TRL's own method; --no-deps
+# (its dependencies come with transformers, datasets and lm-eval above; torch is never touched). ~1 s.
+pip_q --no-deps "trl==1.16.0"
 echo "fp4kit installed: $("$PY" -c 'import fp4kit; print(fp4kit.__version__)')"
