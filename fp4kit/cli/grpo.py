@@ -38,7 +38,7 @@ def cmd_grpo(args) -> int:
         micro_batch_size=args.micro_batch_size, noise=NoiseSchedule() if args.aqn else None)
     s = run_task(model, tokenizer, args.task, config, out, eval_limit=args.eval_limit, format_weight=args.format_weight,
                  base_model_name=src.label, resume=args.resume)
-    print(f"| base | before | after | reward first->last | rollout tok/s |\n|---|---|---|---|---|")
+    print("| base | before | after | reward first->last | rollout tok/s |\n|---|---|---|---|---|")
     before = f"{s['before']['accuracy']:.3f}" if "before" in s else "-"
     after = f"{s['after']['accuracy']:.3f}" if "after" in s else "-"
     print(f"| {info['base']}{'-' + args.scheme if args.base == 'fp4' else ''} | {before} | {after} | "
