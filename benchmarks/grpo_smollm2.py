@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from fp4kit.formats import NVFP4Config
+from fp4kit.formats import MXFP4Config, NVFP4Config
 from fp4kit.io import load_model
 from fp4kit.nn.lora import LoRAConfig
-from fp4kit.train.grpo import GRPOConfig, encode, prepare_policy, run_task, task_split
+from fp4kit.train.grpo import GRPOConfig, NoiseSchedule, encode, prepare_policy, run_task, task_split
 
 
 def rollout_throughput(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int = 3) -> dict:
@@ -56,7 +56,9 @@ def main() -> None:
     ap.add_argument("--prompts-per-step", type=int, default=32)
     ap.add_argument("--num-generations", type=int, default=8)
     ap.add_argument("--eval-limit", type=int, default=500)
-    ap.add_argument("--bases", default="fp4,bf16")
+    ap.add_argument("--bases", default="fp4,bf16", help="comma list of fp4 (NVFP4), mxfp4, fp4-aqn, bf16")
+    ap.add_argument("--fixed-steps", action="store_true", help="every base runs --steps (no time limit)")
+    ap.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
@@ -75,11 +77,14 @@ def main() -> None:
     steps = args.steps
     for base in args.bases.split(","):
         model = copy.deepcopy(pristine)
-        info = prepare_policy(model, base, NVFP4Config(), lora)
+        fmt = MXFP4Config() if base == "mxfp4" else NVFP4Config()
+        info = prepare_policy(model, "bf16" if base == "bf16" else "fp4", fmt, lora)
         run_dir = pathlib.Path("/tmp/grpo_runs") / base
         shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = GRPOConfig(**{**config.__dict__, "max_steps": steps})
-        limit = args.time_limit if base == args.bases.split(",")[0] else None
+        cfg = GRPOConfig(**{**config.__dict__, "max_steps": steps,
+                            "noise": NoiseSchedule() if base.endswith("aqn") else None})
+        first = base == args.bases.split(",")[0]
+        limit = args.time_limit if first and not args.fixed_steps else None
         summary = run_task(model, tok, "basic_arithmetic", cfg, run_dir, eval_limit=args.eval_limit,
                            base_model_name=src.label, resume=False, progress=False, time_limit=limit)
         steps = summary["steps"]  # the next base gets the same number of steps
@@ -90,7 +95,7 @@ def main() -> None:
                                                                "rollout_tokens_per_s")}}), flush=True)
         policies[base] = model
         (out / "grpo_smollm2.json").write_text(json.dumps(result, indent=2))  # partial results survive a timeout
-    if args.device == "cuda":
+    if args.device == "cuda" and args.throughput:
         _, eval_rows, _ = task_split("basic_arithmetic")
         prompts = [r.prompt for r in eval_rows[:256]]
         result["rollout_throughput"] = {base: rollout_throughput(m, tok, prompts, 64) for base, m in policies.items()}
