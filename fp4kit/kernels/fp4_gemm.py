@@ -26,9 +26,15 @@ or E8M0 uint8). A [BLOCK_N, BLOCK_K] tile reads BLOCK_K/2 contiguous bytes per r
 
 Paths: M <= SKINNY_MAX_M (decoding) runs `fp4_skinny_kernel` on a `PreparedFP4Weight` (built once
 per weight by `prepare_fp4_weight`, cached on `qt.data`): int32-word loads, a 256-entry table of
-effective scales (the twin's float32 s / g, so no division in the kernel), no split-K and no
-workspace, and after the first call the compiled kernel is launched directly. Its weights are the
-twin's bit for bit, so the GEMM tolerance argument above is unchanged. Up to DEQUANT_CUBLAS_MIN_M
+effective scales (the twin's float32 s / g, so no division in the kernel), and after the first
+call the compiled kernel is launched directly. Layers with few output tiles split K (up to 4
+ways) and reduce inside the same launch: each split writes a float32 partial tile to a per-stream
+workspace, a per-tile ticket elects the last split, which sums the partials in split order
+(deterministic), adds the bias and writes y. MXFP4 weights with bf16 activations skip float32:
+two codes are placed as bf16 bits and multiplied by the power-of-two block scale with one
+`mul.rn.bf16x2` (exact), in a k order shared with x so each result is an MMA operand register
+(`MXFP4_BF16_DECODE`). Either way the weights are the twin's bit for bit, so the GEMM tolerance
+argument above is unchanged. Up to DEQUANT_CUBLAS_MIN_M
 the older tiled kernel runs (64 x 64 / 128 x 64 tiles); from DEQUANT_CUBLAS_MIN_M rows on,
 `fp4_matmul` dequantizes the weight once with `fp4_dequantize` (bit-exact, at the memory roofline)
 and calls cuBLAS, which beat the fused kernels at M = 256 on the H100. Passing `config=` forces the
