@@ -126,3 +126,35 @@ def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, pairs_ptr, tile_expert_ptr, t
             acc = acc * tl.load(pw_ptr + pairs, mask=mmask, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + pairs.to(tl.int64)[:, None] * N_OUT + rows[None, :]
         tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
+
+
+@triton.jit
+def moe_route_kernel(ids_ptr, pairs_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, P, E, N_TILES,
+                     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr):
+    """`route_topk` in one program (one launch instead of ~20 small torch ops): expert ids [P] ->
+    expert-sorted pair ids (stable) and the M-tile map, exactly as `route_topk_torch` builds them.
+
+    Stable sort: the keys expert * BLOCK_P + p are distinct and ordered by (expert, p), so a plain
+    bitonic sort of them is the stable sort by expert. Counts by histogram, offsets and first tiles
+    by exclusive prefix sums; every tile slot is first marked unused (expert E), then each expert
+    writes its own tiles (after a barrier, so the two writes to a slot are ordered).
+    """
+    p = tl.arange(0, BLOCK_P)
+    valid = p < P
+    ids = tl.load(ids_ptr + p, mask=valid, other=0).to(tl.int32)
+    key = tl.where(valid, ids * BLOCK_P + p, E * BLOCK_P + p)
+    skey = tl.sort(key)
+    tl.store(pairs_ptr + p, skey % BLOCK_P, mask=valid)
+    counts = tl.histogram(ids, BLOCK_E, mask=valid)  # [BLOCK_E]
+    offsets = tl.cumsum(counts, 0) - counts
+    tiles = (counts + BM - 1) // BM
+    first = tl.cumsum(tiles, 0) - tiles
+    t = tl.arange(0, BLOCK_T)
+    tl.store(tile_expert_ptr + t, tl.full((BLOCK_T,), 0, tl.int32) + E, mask=t < N_TILES)
+    tl.debug_barrier()
+    e = tl.arange(0, BLOCK_E)
+    for j in range(0, (BLOCK_P + BM - 1) // BM):
+        m = (j < tiles) & (e < E)
+        tl.store(tile_expert_ptr + first + j, e, mask=m)
+        tl.store(tile_start_ptr + first + j, offsets + j * BM, mask=m)
+        tl.store(tile_end_ptr + first + j, offsets + counts, mask=m)

@@ -172,8 +172,48 @@ def default_block_m(num_pairs: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
 
 
+# Up to this many pairs (and experts) `route_topk` is one Triton program (`_fp4_moe.moe_route_kernel`).
+ROUTE_KERNEL_MAX_PAIRS = 4096
+ROUTE_KERNEL_MAX_EXPERTS = 1024
+_ROUTE_LAUNCHES: dict = {}
+
+
 def route_topk(topk_ids: torch.Tensor, num_experts: int, block_m: int | None = None) -> MoERouting:
-    """topk_ids [T, top_k] (the router's chosen experts) -> MoERouting, on topk_ids' device, no host sync."""
+    """topk_ids [T, top_k] (the router's chosen experts) -> MoERouting, on topk_ids' device, no host sync.
+
+    One Triton launch on CUDA (and under TRITON_INTERPRET=1) for up to ROUTE_KERNEL_MAX_PAIRS pairs;
+    `route_topk_torch`, its twin, otherwise. Both give the same pairs and the same tiles.
+    """
+    if topk_ids.dim() != 2:
+        raise ValueError(f"route_topk: topk_ids must be [tokens, top_k], got {tuple(topk_ids.shape)}")
+    T, top_k = topk_ids.shape
+    P = T * top_k
+    if (not use_triton(topk_ids) or P == 0 or P > ROUTE_KERNEL_MAX_PAIRS
+            or num_experts > ROUTE_KERNEL_MAX_EXPERTS):
+        return route_topk_torch(topk_ids, num_experts, block_m)
+    block_m = block_m or default_block_m(P, num_experts)
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).long()  # [P]
+    n_tiles = max_tiles(P, num_experts, block_m)
+    i32 = torch.int32
+    pairs = torch.empty(P, dtype=i32, device=dev)
+    tile_expert, tile_start, tile_end = (torch.empty(n_tiles, dtype=i32, device=dev) for _ in range(3))
+    BLOCK_P, BLOCK_E, BLOCK_T = (triton.next_power_of_2(v) for v in (P, num_experts, n_tiles))
+    args = (flat, pairs, tile_expert, tile_start, tile_end, P, num_experts, n_tiles, BLOCK_P, BLOCK_E, BLOCK_T, block_m)
+    key = (BLOCK_P, BLOCK_E, BLOCK_T, block_m, P == 1, num_experts == 1, n_tiles == 1, dev.index)
+    compiled = _ROUTE_LAUNCHES.get(key)
+    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
+        compiled.run(1, 1, 1, _raw_stream(dev.index), compiled.function, compiled.packed_metadata,
+                     None, None, None, *args)
+    else:
+        compiled = _fp4_moe.moe_route_kernel[(1,)](*args, num_warps=4)
+        if not _interpreting() and compiled is not None:
+            _ROUTE_LAUNCHES[key] = compiled
+    return MoERouting(flat, pairs, tile_expert, tile_start, tile_end, num_experts, top_k, block_m)
+
+
+def route_topk_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int | None = None) -> MoERouting:
+    """Twin of `route_topk` in torch ops (any size, any device)."""
     if topk_ids.dim() != 2:
         raise ValueError(f"route_topk: topk_ids must be [tokens, top_k], got {tuple(topk_ids.shape)}")
     T, top_k = topk_ids.shape

@@ -202,3 +202,18 @@ def test_moe_gemm_split_k_swiglu(split, block_k):
     assert torch.equal(first, second)
     max_err, rms_err = _errors(first, _reference(x, ex, ids, swiglu=True, pair_weights=pw))
     assert max_err <= TOL_MAX and rms_err <= TOL_RMS, (max_err, rms_err)
+
+
+@needs_kernels
+@pytest.mark.parametrize("T,top_k,E,bm,skew", [(1, 8, 128, 16, False), (37, 3, 8, 4, True), (64, 8, 128, 16, False),
+                                               (5, 2, 6, 16, True)])
+def test_route_kernel_matches_torch_twin(T, top_k, E, bm, skew):
+    """The one-program routing kernel gives the twin's sorted pairs and tile map (unused tiles: expert E)."""
+    from fp4kit.kernels.fp4_moe import route_topk_torch
+
+    ids = _routing_ids(T, top_k, E, seed=T, skew=skew)
+    got, want = route_topk(ids, E, block_m=bm), route_topk_torch(ids, E, block_m=bm)
+    assert torch.equal(got.pairs, want.pairs) and torch.equal(got.tile_expert, want.tile_expert)
+    real = want.tile_expert < E
+    assert torch.equal(got.tile_start[real], want.tile_start[real])
+    assert torch.equal(got.tile_end[real], want.tile_end[real])
