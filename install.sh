@@ -22,4 +22,6 @@ fi
 # TRL 1.16, only so tests/train/test_grpo_loss.py can check our GRPO loss against TRL's own method; --no-deps
 # (its dependencies come with transformers, datasets and lm-eval above; torch is never touched). ~1 s.
 pip_q --no-deps "trl==1.16.0"
+# peft, only so tests/nn/test_lora.py can load our exported adapters with PeftModel; --no-deps (same reason).
+pip_q --no-deps "peft==0.21.2"
 echo "fp4kit installed: $("$PY" -c 'import fp4kit; print(fp4kit.__version__)')"
