@@ -3,6 +3,7 @@
 from .experts import FP4Experts, is_fused_experts
 from .fake_quant import FakeQuantLinear, QATConfig, ScaleMode, convert, prepare_qat
 from .indexer import FP4KeyCache, IndexerConfig, IndexPrecision, IndexScore, select_decode, select_mask  # noqa: F401
+from .kv_cache import KVCache  # noqa: F401
 from .linear import FP4Linear
 from .lora import LoRAConfig, LoRALinear, add_lora, load_adapter, save_adapter
 from .observe import observe_input_amax
