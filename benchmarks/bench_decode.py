@@ -149,8 +149,8 @@ def run_speed(args) -> dict:
 
     cfg = BenchConfig(tuple(args.batch), args.prompt_len, args.gen_len, args.repeats)
     t0 = time.time()
-    small = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=64, vocab_size=1024) if args.small else {}
+    small = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1024} if args.small else {}
     model = random_llama(args.device, torch.bfloat16, **small)
     bw = copy_bandwidth(args.device)
     on_gpu = torch.device(args.device).type == "cuda"

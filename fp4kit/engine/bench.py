@@ -11,9 +11,11 @@ in the same process (a 1 GiB device-to-device copy, bytes read plus bytes writte
 cache adds `kv_bytes` per step (the slots attention reads, for all rows of the batch bucket), which
 matters at large batch; `roofline_kv` includes it.
 
-Timing: one warm-up generation (captures the graphs), then `repeats` runs of (a) prefill plus the
-first sampled token (TTFT) and (b) a full generation of `gen_len` tokens; medians of each.
-Decode tokens/s = batch * (gen_len - 1) / (full - TTFT).
+Timing: one warm-up generation (captures the graphs), then `repeats` generations of `gen_len` tokens,
+each giving its time to first token (prefill plus the first sampled tokens on the host, seen by the
+stream callback) and its full time; medians of each. Decode tokens/s = batch * (gen_len - 1) /
+(full - TTFT). (The H100 table of 2026-11-22 in BENCHMARKS.md was taken with TTFT from separate
+prefill runs instead; on an idle GPU the two agree, on a loaded CPU only this one is never negative.)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine import Engine, batch_bucket
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,20 @@ def bench_batch(engine: Engine, batch: int, cfg: BenchConfig, bandwidth: float) 
     params = SamplingParams(max_new_tokens=cfg.gen_len, temperature=0, ignore_eos=True)
     dev = engine.device
 
-    def first_token():
-        logits, _, _ = engine.prefill(ids)
-        sample(logits, params, None).tolist()
+    def run() -> tuple[float, float]:
+        """(TTFT, full time) of one generation: the first stream callback comes right after the first
+        sampled tokens reach the host, so both times come from the same run."""
+        first: list[float] = []
+        _sync(dev)
+        t0 = time.perf_counter()
+        engine.generate(ids, params, stream=lambda *_: first or first.append(time.perf_counter()))
+        _sync(dev)
+        return first[0] - t0, time.perf_counter() - t0
 
     engine.generate(ids, params)  # warm-up: compiles kernels, captures graphs
-    ttft = statistics.median(_timed(first_token, dev) for _ in range(cfg.repeats))
-    full = statistics.median(_timed(lambda: engine.generate(ids, params), dev) for _ in range(cfg.repeats))
+    runs = [run() for _ in range(cfg.repeats)]
+    ttft = statistics.median(r[0] for r in runs)
+    full = statistics.median(r[1] for r in runs)
     step = (full - ttft) / (cfg.gen_len - 1)
     wbytes = weight_bytes(engine.model)
     kv = kv_bytes_per_step(engine, batch, engine.kv_len(cfg.prompt_len + cfg.gen_len - 2))

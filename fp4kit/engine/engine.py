@@ -31,7 +31,7 @@ call `eng.reset_graphs()` after changing FP4 weights in place.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

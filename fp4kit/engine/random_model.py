@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                 max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                 bos_token_id=128000, eos_token_id=128001)
+LLAMA3_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rope_theta": 500000.0,
+                 "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                 "bos_token_id": 128000, "eos_token_id": 128001}
 RANDOM_MODELS = ("llama3-8b-random",)
 
 

@@ -17,9 +17,9 @@ def _finish(model, seed):
 def tiny(kind="llama", seed=0, **over):
     import transformers as tf
 
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=None, pad_token_id=0)  # no EOS unless a test sets one
+    common = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": False,
+                  "bos_token_id": 1, "eos_token_id": None, "pad_token_id": 0}  # no EOS unless a test sets one
     common.update(over)
     if kind == "llama":
         cfg, cls = tf.LlamaConfig(**common), tf.LlamaForCausalLM

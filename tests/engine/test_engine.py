@@ -140,7 +140,7 @@ def test_cuda_graph_decode_equals_eager(scheme, kv):
         quantize_(model, NVFP4Config() if scheme == "nvfp4" else MXFP4Config(), progress=False)
     prompts = [[1, 5, 9, 20, 3], [7, 8], [50, 3, 4, 5, 6, 7, 8, 11, 12], [9, 9, 4]]
     params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
-    kw = dict(max_batch=4, max_seq_len=128, kv_dtype=kv, seq_bucket=16)
+    kw = {"max_batch": 4, "max_seq_len": 128, "kv_dtype": kv, "seq_bucket": 16}
     graphed = Engine(model, cuda_graphs=True, **kw)
     eager = Engine(model, cuda_graphs=False, **kw)
     a = [o.token_ids for o in graphed.generate(prompts, params)]
