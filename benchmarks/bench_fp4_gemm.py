@@ -146,8 +146,9 @@ def run_sweep(out_dir):
                         res.append((us, cfg))
                     fp4_gemm.MXFP4_BF16_DECODE = True
                     tag = f"{fmt}{'-bf16dec' if bf16_decode else ''}"
-                    print(f"{name:8s} {tag:14s} M={M} default {res[0][0]:6.1f}us {res[0][1].block_n}x{res[0][1].block_k} "
-                          f"sk{res[0][1].split_k} | " + "  ".join(
+                    d_us, d_cfg = res[0]
+                    print(f"{name:8s} {tag:14s} M={M} default {d_us:6.1f}us {d_cfg.block_n}x{d_cfg.block_k} "
+                          f"sk{d_cfg.split_k} | " + "  ".join(
                         f"{us:6.1f} bn{c.block_n} bk{c.block_k} sk{c.split_k} s{c.num_stages}"
                         for us, c in sorted(res[1:], key=lambda r: r[0])), flush=True)
             del preps
@@ -182,7 +183,8 @@ def run_gemm(bw, ms=MS):
                 row[fmt] = dict(us=t, speedup=t_cublas / t, roofline_us=nbytes / bw * 1e6,
                                 bw_frac=nbytes / (t * 1e-6) / bw, tflops=2 * M * N * K / (t * 1e-6) / 1e12,
                                 max_err=max_err, rms_err=rms_err,
-                                path=path(M), config=(_skinny_config(M, N, K, qt0.config.block_size, 132, fmt == "mxfp4")
+                                path=path(M), config=(_skinny_config(M, N, K, qt0.config.block_size, 132,
+                                                                     fmt == "mxfp4")
                                                       if M <= SKINNY_MAX_M else _config(M, N, K, x.device)).__dict__)
                 if M <= 16:
                     row[fmt]["graph_us"] = bench_graph(lambda: fp4_linear(x, nxt()))
@@ -252,7 +254,8 @@ def run_quantize(bw):
     allbf = torch.arange(-32768, 32768, dtype=torch.int32, device="cuda").to(torch.int16).view(torch.bfloat16)
     allbf = allbf[torch.isfinite(allbf)]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    xs = [x[:1024]] + [allbf[torch.randperm(allbf.numel(), device="cuda", generator=gen)][: (allbf.numel() // 512) * 512]
+    n_all = (allbf.numel() // 512) * 512
+    xs = [x[:1024]] + [allbf[torch.randperm(allbf.numel(), device="cuda", generator=gen)][:n_all]
                        .reshape(-1, 512) for _ in range(4)]
     checks = {}
     for i, xt in enumerate(xs):

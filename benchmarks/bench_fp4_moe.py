@@ -229,7 +229,8 @@ def main(argv=None):
                     continue
                 r, b = row[f"{op}_{name}"], row[f"{op}_bf16"]
                 r["speedup"] = b["us"] / r["us"]
-                r["graph_speedup"] = None if r["graph_us"] is None or b["graph_us"] is None else b["graph_us"] / r["graph_us"]
+                both = r["graph_us"] is not None and b["graph_us"] is not None
+                r["graph_speedup"] = b["graph_us"] / r["graph_us"] if both else None
             print(f"T={T:3d} {op:8s} touched {touched:5.1f} | " + " | ".join(
                 f"{n} {row[f'{op}_{n}']['us']:7.1f} us"
                 + (f" graph {row[f'{op}_{n}']['graph_us']:6.1f}" if row[f'{op}_{n}']['graph_us'] else "")

@@ -370,12 +370,13 @@ def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, rout
                                            grid[0] * grid[1])
     else:
         ws, cnt = y, y
-    args = (x, prep.words, prep.scale_codes, prep.tables_bf16x2 if mx_bf16 else prep.tables, routing.pairs, routing.tile_expert, routing.tile_start,
+    table = prep.tables_bf16x2 if mx_bf16 else prep.tables
+    args = (x, prep.words, prep.scale_codes, table, routing.pairs, routing.tile_expert, routing.tile_start,
             routing.tile_end, x if pair_weights is None else pair_weights, y, ws, cnt, E, P, N_out, K,
             1 if x_per_pair else routing.top_k, ex.config.block_size, swiglu, pair_weights is not None,
             routing.block_m, cfg.block_n, cfg.block_k, cfg.split_k, mx_bf16, prep.one_mul, _interpreting())
-    _launch(prep, grid, args, cfg, (cfg, mx_bf16, routing.block_m, x.dtype, x.data_ptr() % 16 == 0, swiglu, x_per_pair,
-                                    routing.top_k, None if pair_weights is None else
+    _launch(prep, grid, args, cfg, (cfg, mx_bf16, routing.block_m, x.dtype, x.data_ptr() % 16 == 0, swiglu,
+                                    x_per_pair, routing.top_k, None if pair_weights is None else
                                     (pair_weights.dtype, pair_weights.data_ptr() % 16 == 0), x.device.index,
                                     P == 1, P % 16 == 0), stream)
     return y

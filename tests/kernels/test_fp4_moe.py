@@ -179,7 +179,8 @@ def test_moe_gemm_rejects_bad_input():
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         fp4_moe_gemm(torch.randn(2, 64, device=DEVICE), ex, r)
     with pytest.raises(ValueError, match="8 experts"):
-        fp4_moe_gemm(torch.randn(2, 64, device=DEVICE, dtype=torch.bfloat16), ex, route_topk(r.expert_ids.view(2, 2), 8))
+        r8 = route_topk(r.expert_ids.view(2, 2), 8)
+        fp4_moe_gemm(torch.randn(2, 64, device=DEVICE, dtype=torch.bfloat16), ex, r8)
 
 
 @needs_kernels
