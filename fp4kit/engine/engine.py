@@ -1,6 +1,6 @@
 """`Engine`: batched generation with a static KV cache, prefill then decode, CUDA graphs for decode.
 
-    eng = Engine(model, tokenizer, max_batch=32, max_seq_len=2048, kv_dtype=torch.bfloat16, cuda_graphs=True)
+    eng = Engine(model, tokenizer, max_batch=32, max_seq_len=2048, kv_dtype=None, cuda_graphs=True)
     outs = eng.generate(["Hello", "2+2="], SamplingParams(max_new_tokens=64, temperature=0))
 
 One `generate` call, per chunk of at most `max_batch` prompts (static batching):
@@ -64,7 +64,7 @@ def eos_ids(model: nn.Module, tokenizer) -> set[int]:
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, *, max_batch: int = 32, max_seq_len: int = 2048,
-                 kv_dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True, seq_bucket: int = 256,
+                 kv_dtype: torch.dtype | None = None, cuda_graphs: bool = True, seq_bucket: int = 256,
                  progress: bool = False):
         if max_batch < 1 or max_seq_len < 2 or seq_bucket < 1:
             raise ValueError(f"Engine needs max_batch >= 1, max_seq_len >= 2, seq_bucket >= 1; got "
@@ -74,8 +74,8 @@ class Engine:
         embed = self.model.get_input_embeddings().weight
         self.device, self.dtype = embed.device, embed.dtype
         self.max_batch, self.max_seq_len, self.seq_bucket = max_batch, max_seq_len, seq_bucket
-        self.kv_dtype = kv_dtype
-        self.caches = self.runner.make_caches(max_batch, max_seq_len, kv_dtype, self.dtype, self.device)
+        self.kv_dtype = kv_dtype or self.dtype  # None: the model's own dtype (float32 models keep a float32 cache)
+        self.caches = self.runner.make_caches(max_batch, max_seq_len, self.kv_dtype, self.dtype, self.device)
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and not self.runner.spec.is_moe
         self.eos = eos_ids(self.model, tokenizer)
         self.progress = progress
