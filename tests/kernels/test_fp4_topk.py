@@ -11,6 +11,20 @@ from fp4kit.kernels.fp4_topk import (KeyCacheView, KeyFormat, bits_to_bf16, inde
 MX = MXFP4Config(ScaleRule.RCEIL)
 
 
+@pytest.fixture(autouse=True)
+def _on_the_gpu_when_present():
+    """On a CUDA machine every tensor in these tests is created on the GPU, so the kernels run (on a CPU
+    machine the interpreter runs them); the launchers leave CPU tensors to the twins."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device("cpu")
+
+
 def mx_keys(k):  # k: [R, L, D] float -> KeyCacheView (MXFP4)
     qt = quantize_mxfp4(k, MX)
     return KeyCacheView(KeyFormat.MXFP4, qt.data, qt.scale, fp4_config=MX)

@@ -64,8 +64,7 @@ def test_per_head_scales_beat_one_scale_when_a_head_is_an_outlier():
 
 @pytest.mark.parametrize("config", [TENSOR, HEAD], ids=["tensor", "head"])
 def test_export_carries_scales_and_scheme_and_round_trips(config, tmp_path):
-    from compressed_tensors.quantization import QuantizationConfig
-
+    QuantizationConfig = pytest.importorskip("compressed_tensors.quantization").QuantizationConfig
     model = tiny_llama().float()
     fp4kit.quantize_(model, fp4kit.NVFP4Config(), progress=False)
     set_kv_scales(model, observe_kv_amax(model, lambda: model(IDS), config), config)
@@ -85,6 +84,7 @@ def test_export_carries_scales_and_scheme_and_round_trips(config, tmp_path):
 
 def test_transformers_with_compressed_tensors_reads_our_kv_scales(tmp_path):
     """compressed-tensors' own loader takes our k_scale / v_scale (per head, [H, 1, 1]) as its parameters."""
+    pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
     model = tiny_llama()
