@@ -47,7 +47,7 @@ DAMP, BLOCK = 0.01, 128
 def _paths(work: pathlib.Path) -> dict[str, pathlib.Path]:
     return {"model": work / "smollm2-bf16", "calib": work / "calib_ids.safetensors",
             "rtn": work / "llmc-nvfp4a16-rtn", "gptq": work / "llmc-nvfp4a16-gptq",
-            "rtn_fp32": work / "llmc-nvfp4a16-rtn-fp32src"}
+            "rtn_fp32": work / "llmc-nvfp4a16-rtn-fp32src", "gptq_fp32": work / "llmc-nvfp4a16-gptq-fp32src"}
 
 
 # ---------------------------------------------------------------- step 1 (fp4kit venv)
@@ -269,7 +269,8 @@ def cmd_compare(args) -> None:
 
     # llm-compressor checkpoints, read by fp4kit's compressed-tensors loader
     for key, label in (("rtn", "llm-compressor rtn"), ("gptq", "llm-compressor gptq"),
-                       ("rtn_fp32", "llm-compressor rtn (fp32 source)")):
+                       ("rtn_fp32", "llm-compressor rtn (fp32 source)"),
+                       ("gptq_fp32", "llm-compressor gptq (fp32 source)")):
         if not p[key].exists():
             continue
         m, _, info = load_checkpoint(p[key], dtype=torch.float32)
@@ -288,6 +289,10 @@ def cmd_compare(args) -> None:
         theirs_gptq = _disk_tensors(p["gptq"])
         for method in args.fp4kit_gptq:
             results[f"fp4kit_{method}_vs_llmc_gptq"] = _codes_vs_gptq(tensors[method], theirs_gptq)
+    if p["gptq_fp32"].exists():
+        theirs_gptq = _disk_tensors(p["gptq_fp32"])
+        for method in args.fp4kit_gptq:
+            results[f"fp4kit_{method}_vs_llmc_gptq_fp32_source"] = _codes_vs_gptq(tensors[method], theirs_gptq)
     layer_result = args.work / "gptq_layers_result.json"
     if layer_result.exists():
         results["gptq_same_inputs_per_layer"] = json.loads(layer_result.read_text())
