@@ -6,12 +6,19 @@ in the environment named:
 
     # 1. fp4kit venv: the model as a bf16 HF folder + the calibration token ids fp4kit uses
     /work/venv/bin/python benchmarks/llmcompressor_compare.py prepare --work /tmp/llmc
-    # 2. llm-compressor venv (benchmarks/llmcompressor_env.sh builds it): oneshot RTN and GPTQ
-    /work/llmc-venv/bin/python benchmarks/llmcompressor_compare.py llmc --work /tmp/llmc --method rtn
-    /work/llmc-venv/bin/python benchmarks/llmcompressor_compare.py llmc --work /tmp/llmc --method gptq
+    # 2. llm-compressor venv (benchmarks/llmcompressor_env.sh builds it): oneshot RTN and GPTQ, on the
+    #    model loaded in bf16 (the usual recipe) and in float32 (same values, float32 arithmetic)
+    for m in rtn gptq; do for d in bfloat16 float32; do OMP_NUM_THREADS=1 \
+      /work/llmc-venv/bin/python benchmarks/llmcompressor_compare.py llmc --method $m --dtype $d; done; done
+    # 2b. GPTQ on identical inputs, layer by layer (decoder layers GPTQ_LAYERS)
+    /work/venv/bin/python benchmarks/llmcompressor_compare.py gptq-layers-prep
+    /work/llmc-venv/bin/python benchmarks/llmcompressor_compare.py gptq-layers-llmc
     # 3. fp4kit venv: fp4kit RTN/GPTQ on the same bf16 weights, tensor-by-tensor comparison of the
     #    packed weights and scales, perplexity of everything, results JSON
-    /work/venv/bin/python benchmarks/llmcompressor_compare.py compare --work /tmp/llmc
+    /work/venv/bin/python benchmarks/llmcompressor_compare.py compare --fp4kit-gptq gptq "gptq sequential"
+
+(--work defaults to /tmp/llmc.) On a busy 2-core machine set OMP_NUM_THREADS=1: with torch's default
+threads llm-compressor's GPTQ slowed to minutes per decoder layer.
 
 What is held equal: the source weights (the bf16 folder: both libraries quantize exactly these
 values), the format (NVFP4, 16-element blocks, E4M3 block scales, float32 global scale 448*6/amax,
