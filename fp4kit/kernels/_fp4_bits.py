@@ -158,3 +158,22 @@ def pow2_f32(e):
     sub = tl.full(e.shape, 0x00400000, tl.int32).to(tl.float32, bitcast=True)
     return tl.where(e == -127, sub, normal)
 
+
+@triton.jit
+def e2m1_word_pair_bf16(words, J: tl.constexpr):
+    """int32 words of 8 packed codes -> int32 holding two bfloat16s: nibbles J (low half) and J + 4 (high).
+
+    The float16 placement of `_fp4_bits` moved to bfloat16's field widths: magnitude bits e1 e0 m go
+    to bits 8..6 (and 24..22), the sign to bit 15 (and 31). A bfloat16 with exponent field e and
+    top mantissa bit m is 2^(e-127) (1 + m/2), or 2^-126 (m/2) when e = 0 (subnormal): exactly the
+    E2M1 value times 2^-126. Two shifts and two masks per pair of weights, no conversion.
+    """
+    if J == 0:
+        h = ((words << 6) & 0x01C001C0) | ((words << 12) & -2147450880)
+    elif J == 1:
+        h = ((words << 2) & 0x01C001C0) | ((words << 8) & -2147450880)
+    elif J == 2:
+        h = ((words >> 2) & 0x01C001C0) | ((words << 4) & -2147450880)
+    else:
+        h = ((words >> 6) & 0x01C001C0) | (words & -2147450880)
+    return h

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from ._fp4_bits import cast_rne, e2m1_pair_to_f32, mxfp4_scale14, nvfp4_scale14
+from ._fp4_bits import cast_rne, e2m1_pair_to_f32, e2m1_word_pair_bf16, mxfp4_scale14, nvfp4_scale14
 
 
 @triton.jit
@@ -147,26 +147,6 @@ def _e2m1_words_to_f32(words):
 
 
 @triton.jit
-def _e2m1_word_pair_bf16(words, J: tl.constexpr):
-    """int32 words of 8 packed codes -> int32 holding two bfloat16s: nibbles J (low half) and J + 4 (high).
-
-    The float16 placement of `_fp4_bits` moved to bfloat16's field widths: magnitude bits e1 e0 m go
-    to bits 8..6 (and 24..22), the sign to bit 15 (and 31). A bfloat16 with exponent field e and
-    top mantissa bit m is 2^(e-127) (1 + m/2), or 2^-126 (m/2) when e = 0 (subnormal): exactly the
-    E2M1 value times 2^-126. Two shifts and two masks per pair of weights, no conversion.
-    """
-    if J == 0:
-        h = ((words << 6) & 0x01C001C0) | ((words << 12) & -2147450880)
-    elif J == 1:
-        h = ((words << 2) & 0x01C001C0) | ((words << 8) & -2147450880)
-    elif J == 2:
-        h = ((words >> 2) & 0x01C001C0) | ((words << 4) & -2147450880)
-    else:
-        h = ((words >> 6) & 0x01C001C0) | (words & -2147450880)
-    return h
-
-
-@triton.jit
 def _bf16_halves(h):
     """int32 holding two bfloat16s -> (low, high) bfloat16 tensors (register halves, no arithmetic)."""
     lo = h.to(tl.int16).to(tl.bfloat16, bitcast=True)
@@ -210,10 +190,10 @@ def _mxfp4_words_to_bf16(words, scale2, ONE_MUL: tl.constexpr, INTERPRET: tl.con
     """int32 words [R, W] + bf16x2 power-of-two scales [R, W] -> bfloat16 [R, W * 8] in pair order: position
     8w + 2J + a holds element 8w + J + 4a, so each mul.rn.bf16x2 result is one MMA operand register as it is
     (no PRMT); x is put in the same k order by `pair_order_x`."""
-    w0, w4 = _bf16_scaled_pair(_e2m1_word_pair_bf16(words, 0), scale2, ONE_MUL, INTERPRET)
-    w1, w5 = _bf16_scaled_pair(_e2m1_word_pair_bf16(words, 1), scale2, ONE_MUL, INTERPRET)
-    w2, w6 = _bf16_scaled_pair(_e2m1_word_pair_bf16(words, 2), scale2, ONE_MUL, INTERPRET)
-    w3, w7 = _bf16_scaled_pair(_e2m1_word_pair_bf16(words, 3), scale2, ONE_MUL, INTERPRET)
+    w0, w4 = _bf16_scaled_pair(e2m1_word_pair_bf16(words, 0), scale2, ONE_MUL, INTERPRET)
+    w1, w5 = _bf16_scaled_pair(e2m1_word_pair_bf16(words, 1), scale2, ONE_MUL, INTERPRET)
+    w2, w6 = _bf16_scaled_pair(e2m1_word_pair_bf16(words, 2), scale2, ONE_MUL, INTERPRET)
+    w3, w7 = _bf16_scaled_pair(e2m1_word_pair_bf16(words, 3), scale2, ONE_MUL, INTERPRET)
     lo = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [R, W, 2, 2]: nibble J at J
     hi = tl.join(tl.join(w4, w6), tl.join(w5, w7))  # nibble J + 4 at J
     w = tl.join(lo, hi)  # [R, W, 4, 2]: position 2J + a holds nibble J + 4a (a register's two halves adjacent)

@@ -27,7 +27,7 @@ position: ties go to the lower position, and nothing is sorted.
 import triton
 import triton.language as tl
 
-from ._fp4_bits import cast_rne, e2m1_pair_to_f32, mxfp4_scale14, nvfp4_scale14
+from ._fp4_bits import cast_rne, e2m1_pair_to_f32, e2m1_word_pair_bf16, mxfp4_scale14, nvfp4_scale14
 
 FMT_BF16 = 0
 FMT_FP8 = 1
@@ -128,20 +128,6 @@ def index_score_kernel(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n
 
 
 @triton.jit
-def _word_pair_bf16(words, J: tl.constexpr):
-    """int32 words of 8 codes -> int32 holding two bf16 (E2M1 values times 2^-126): nibbles J and J + 4."""
-    if J == 0:
-        h = ((words << 6) & 0x01C001C0) | ((words << 12) & -2147450880)
-    elif J == 1:
-        h = ((words << 2) & 0x01C001C0) | ((words << 8) & -2147450880)
-    elif J == 2:
-        h = ((words >> 2) & 0x01C001C0) | ((words << 4) & -2147450880)
-    else:
-        h = ((words >> 6) & 0x01C001C0) | (words & -2147450880)
-    return h
-
-
-@triton.jit
 def _scaled_pair(h, scale2, INTERPRET: tl.constexpr):
     """bf16 pair (times 2^-126) * 2^126 * bf16x2 scale pair -> (low, high) bf16, exact (powers of two)."""
     if INTERPRET:
@@ -172,10 +158,10 @@ def _mxfp4_tc_scores(q_ptr, w_ptr, s_ptr, offs_t, valid, row, stride_qr, stride_
                     mask=valid[:, None], other=0).to(tl.int32)  # [BLOCK_T, NB]
     codes = tl.reshape(tl.broadcast_to(codes[:, :, None], (BLOCK_T, NB, 4)), (BLOCK_T, W))
     scale2 = (codes << 7) | (codes << 23)  # bf16x2 of 2^(c - 127)
-    w0, w4 = _scaled_pair(_word_pair_bf16(words, 0), scale2, INTERPRET)
-    w1, w5 = _scaled_pair(_word_pair_bf16(words, 1), scale2, INTERPRET)
-    w2, w6 = _scaled_pair(_word_pair_bf16(words, 2), scale2, INTERPRET)
-    w3, w7 = _scaled_pair(_word_pair_bf16(words, 3), scale2, INTERPRET)
+    w0, w4 = _scaled_pair(e2m1_word_pair_bf16(words, 0), scale2, INTERPRET)
+    w1, w5 = _scaled_pair(e2m1_word_pair_bf16(words, 1), scale2, INTERPRET)
+    w2, w6 = _scaled_pair(e2m1_word_pair_bf16(words, 2), scale2, INTERPRET)
+    w3, w7 = _scaled_pair(e2m1_word_pair_bf16(words, 3), scale2, INTERPRET)
     lo = tl.join(tl.join(w0, w2), tl.join(w1, w3))
     hi = tl.join(tl.join(w4, w6), tl.join(w5, w7))
     k = tl.reshape(tl.join(lo, hi), (BLOCK_T, D))  # pair order: position 8w + 2J + a holds 8w + J + 4a

@@ -22,15 +22,6 @@ def char_tokens(n=120_000):
     return torch.tensor([min(ord(c), 127) for c in text], dtype=torch.long)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two threads on a shared 2-core machine run these tiny matmuls ~30x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def held_out(tokens, n=32, seq=64):
     return torch.stack([tokens[i * seq:(i + 1) * seq] for i in range(n)])
 

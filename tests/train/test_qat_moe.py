@@ -14,14 +14,6 @@ from fp4kit.train.moe_upcycle import UpcycleConfig, UpcycledMoE, experts_only, u
 from fp4kit.train.qat import Loss, TrainConfig, Trainable, kd_loss, train_qat
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_upcycling_keeps_the_dense_function():
     dense = tiny_llama().float()
     moe = copy.deepcopy(dense)
