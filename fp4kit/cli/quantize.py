@@ -107,7 +107,7 @@ def _quantize_with_method(model, tokenizer, config, args):
         extra = {"activations": config, "input_amax": amax}
     if args.method == "mse":
         return apply_scale_search(model, config, **extra)
-    if args.method == "gptq" and not args.one_pass:
+    if args.method == "gptq" and (args.sequential or args.calib_state):
         gptq_config = GPTQConfig(damp=args.damp, act_order=args.act_order)
         return sequential_gptq(model, batches, config, gptq_config, state_dir=args.calib_state, **extra).report
     if args.method == "gptq":
@@ -145,11 +145,10 @@ def register(sub) -> None:
     q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of Hessian diagonal")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, a fraction of the mean diagonal")
-    q.add_argument("--one-pass", action="store_true",
-                   help="GPTQ with all Hessians from the float model in one pass (default: layer by layer on the "
-                        "quantized layers' outputs, which measured ~1 perplexity better on SmolLM2)")
+    q.add_argument("--sequential", action="store_true",
+                   help="GPTQ layer by layer on the quantized layers' outputs (bounded memory)")
     q.add_argument("--calib-state", metavar="DIR",
-                   help="GPTQ saves each finished layer here; rerunning resumes after the last one")
+                   help="sequential GPTQ saves each finished layer here; rerunning resumes after the last one")
     q.add_argument("--scale-rule", choices=SCALE_RULES, help="MXFP4 shared-exponent rule")
     q.add_argument("--out", help="output folder (default out/MODEL-SCHEME)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
