@@ -65,3 +65,24 @@ def test_qat_bad_data_is_a_clear_error(tmp_path, capsys):
     assert main(["qat", "smollm2-135m", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"),
                  "--loss", "ce"]) == 2
     assert "missing.txt" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@needs_smollm2
+def test_qat_swiglu_clamp_is_trained_with_and_the_export_runs_without_it(tiny_folder, text_file, tmp_path, capsys):
+    from fp4kit.eval import perplexity
+    from fp4kit.io import load_checkpoint
+    from fp4kit.train.qat import split_tokens
+
+    out = tmp_path / "run"
+    assert main(["qat", str(tiny_folder), "--data", str(text_file), "--steps", "2", "--batch-size", "2",
+                 "--seq-len", "32", "--warmup", "1", "--save-every", "0", "--eval-tokens", "256", "--context", "64",
+                 "--swiglu-clamp", "0.02", "--out", str(out)]) == 0
+    assert "SwiGLU clamp lifted (as exported)" in capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert result["swiglu_clamp"] == 0.02 and result["swiglu_clip_fraction"] > 0.01  # the limit bound
+    assert abs(result["ppl_qat_unclamped"] / result["ppl_qat"] - 1) > 2e-3  # distinguishable below
+    model, tok, _ = load_checkpoint(out / "model")  # a plain Llama: no clamp
+    ids = tok(text_file.read_text(), return_tensors="pt").input_ids[0]
+    held_out = split_tokens(ids, 0.1)[1][:256]
+    got = perplexity(model, held_out, context=64, progress=False).perplexity
+    assert got == pytest.approx(result["ppl_qat_unclamped"], rel=2e-4)

@@ -11,6 +11,11 @@ first 90% of the text, measures perplexity on the held-out last 10% before and a
     OUT/loss.png        the curves
     OUT/checkpoints/    training state every --save-every steps: rerun the command to resume
     OUT/result.json     perplexities and the fraction of the PTQ gap recovered
+
+With `--swiglu-clamp LIMIT` every gated MLP computes down(act(min(gate, L)) * clamp(up, -L, L)) in
+training and evaluation (DeepSeek-V4's stability option). The exported Llama-style checkpoint has
+no place for the limit, so runtimes run it unclamped: result.json also gives the perplexity without
+the clamp and the share of gate/up values the limit bound on the held-out text.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ def cmd_qat(args) -> int:
     from fp4kit.io import load_model, save_checkpoint
     from fp4kit.io.checkpoint import model_card
     from fp4kit.nn.fake_quant import QATConfig, ScaleMode, convert, prepare_qat
+    from fp4kit.nn.swiglu_clamp import reset_clip_counts
     from fp4kit.train.qat import Loss, TrainConfig, Trainable, split_tokens, train_qat
 
     out = pathlib.Path(args.out)
@@ -61,7 +67,7 @@ def cmd_qat(args) -> int:
     config = format_config(args.scheme, args.scale_rule)
     ignore = ("lm_head", *[p for p in (args.keep_bf16 or "").split(",") if p])
     qat_config = QATConfig(config, activations=config if args.activations == "fp4" else None,
-                           scales=ScaleMode(args.scales), ignore=ignore)
+                           scales=ScaleMode(args.scales), ignore=ignore, swiglu_clamp=args.swiglu_clamp)
     train_config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size,
                                seq_len=args.seq_len, grad_accum=args.grad_accum, loss=Loss(args.loss),
                                trainable=Trainable(args.trainable), save_every=args.save_every, seed=args.seed)
@@ -95,7 +101,10 @@ def cmd_qat(args) -> int:
     trained = train_qat(model, train.to("cpu"), train_config, teacher=teacher, out=out)
     convert(model, dtype=torch.bfloat16)
     with torch.no_grad():
+        reset_clip_counts(model)
         result["ppl_qat"] = ppl(model, f"ppl {args.scheme} qat")
+        if args.swiglu_clamp is not None:
+            result |= _unclamped(model, ppl, args)
     if result["ppl_teacher"] is not None and result["ppl_start"] is not None:
         gap = result["ppl_start"] - result["ppl_teacher"]
         result["recovered"] = (result["ppl_start"] - result["ppl_qat"]) / gap if gap else None
@@ -111,6 +120,21 @@ def cmd_qat(args) -> int:
     return 0
 
 
+def _unclamped(model, ppl, args) -> dict:
+    """How often the SwiGLU limit bound in the (clamped) evaluation just run, and the perplexity with the
+    limit lifted: what the exported checkpoint computes in a runtime without the clamp."""
+    from fp4kit.nn.swiglu_clamp import clip_fraction, swiglu_clamps
+
+    fraction = clip_fraction(model) if args.eval_tokens else None
+    clamps = swiglu_clamps(model).values()
+    for m in clamps:
+        m.limit = float("inf")
+    unclamped = ppl(model, f"ppl {args.scheme} qat, clamp lifted")
+    for m in clamps:
+        m.limit = args.swiglu_clamp
+    return {"swiglu_clamp": args.swiglu_clamp, "ppl_qat_unclamped": unclamped, "swiglu_clip_fraction": fraction}
+
+
 def _table(r: dict, args) -> str:
     def f(x):
         return "-" if x is None else f"{x:.3f}"
@@ -119,6 +143,12 @@ def _table(r: dict, args) -> str:
     lines = [f"| model | perplexity (held-out {args.data}, {r['eval_tokens']} tokens) |", "|---|---|",
              f"| teacher (bf16) | {f(r['ppl_teacher'])} |", f"| {args.scheme} {args.start} | {f(r['ppl_start'])} |",
              f"| {args.scheme} QAT | {f(r['ppl_qat'])} |"]
+    if r.get("swiglu_clamp") is not None:
+        share = r["swiglu_clip_fraction"]
+        lines.append(f"| {args.scheme} QAT, SwiGLU clamp lifted (as exported) | {f(r['ppl_qat_unclamped'])} |")
+        lines.append(f"\nTrained with a SwiGLU clamp at {r['swiglu_clamp']:g}; it bound "
+                     f"{'-' if share is None else f'{100 * share:.4f}%'} of the gate/up values on the held-out text. "
+                     "The checkpoint's architecture has no clamp: other runtimes compute the lifted row.")
     if rec is not None:
         lines.append(f"\nQAT recovered {100 * rec:.0f}% of the {args.start.upper()} gap to the teacher.")
     return "\n".join(lines)
@@ -144,6 +174,8 @@ def register(sub) -> None:
     q.add_argument("--scales", choices=["dynamic", "frozen"], default="dynamic",
                    help="dynamic: scales follow the weights each step; frozen: keep the start's scales")
     q.add_argument("--activations", choices=["none", "fp4"], default="none", help="fp4: W4A4 fake quantization")
+    q.add_argument("--swiglu-clamp", type=float, metavar="LIMIT",
+                   help="clamp every gated MLP: down(act(min(gate, L)) * clamp(up, -L, L)) (DeepSeek-V4 uses 10)")
     q.add_argument("--keep-bf16", help="comma-separated layer patterns kept unquantized (besides lm_head)")
     q.add_argument("--calib-samples", type=int, default=32, help="GPTQ start: calibration sequences")
     q.add_argument("--calib-seq-len", type=int, default=512)

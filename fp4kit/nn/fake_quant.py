@@ -39,6 +39,7 @@ Expert weights stored as 3-D parameters (MoE) get the same treatment through a p
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from collections.abc import Callable
 
@@ -53,6 +54,7 @@ from fp4kit.formats import (E2M1_MAX, GlobalScale, MXFP4Config, NVFP4Config, Qua
 
 from .parametrize import register_fp4
 from .quantize import DEFAULT_IGNORE, FUSED_GROUPS, QuantizeReport, exclusion_reason, quantize_, shared_amax
+from .swiglu_clamp import apply_swiglu_clamp
 
 
 class ScaleMode(enum.Enum):
@@ -70,12 +72,15 @@ class QATConfig:
     activations   also fake-quantize layer inputs (W4A4); None for weight-only (W4A16)
     scales        ScaleMode.DYNAMIC or FROZEN
     ignore        layer-name patterns kept in float (lm_head by default; add layers to keep in bf16)
+    swiglu_clamp  None, or the limit L of a SwiGLU clamp put on every gated MLP (`fp4kit.nn.swiglu_clamp`:
+                  down(act(min(gate(x), L)) * clamp(up(x), -L, L)), DeepSeek-V4's stability option, L = 10)
     """
 
     weight: NVFP4Config | MXFP4Config
     activations: NVFP4Config | MXFP4Config | None = None
     scales: ScaleMode = ScaleMode.DYNAMIC
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    swiglu_clamp: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.weight, (NVFP4Config, MXFP4Config)):
@@ -87,6 +92,9 @@ class QATConfig:
             raise TypeError(f"QATConfig.scales must be a ScaleMode, got {self.scales!r}")
         if isinstance(self.ignore, str):
             raise TypeError("QATConfig.ignore must be a tuple of patterns, not one string")
+        if self.swiglu_clamp is not None and not (isinstance(self.swiglu_clamp, (int, float))
+                                                  and math.isfinite(self.swiglu_clamp) and self.swiglu_clamp > 0):
+            raise ValueError(f"QATConfig.swiglu_clamp must be a finite limit > 0 or None, got {self.swiglu_clamp!r}")
 
 
 class _STE(torch.autograd.Function):
@@ -272,9 +280,13 @@ def prepare_qat(model: nn.Module, config: QATConfig, filter_fn: Callable[[nn.Mod
     `start` maps layer names to PTQ results (GPTQ, scale search). Each such layer's master weight is
     set to the dequantized PTQ weight, and in FROZEN mode its scales are taken from it, so the
     prepared model computes exactly the PTQ model. Other layers start from their own weights.
+    With `config.swiglu_clamp`, every gated MLP (dense or expert) is first swapped for a
+    `ClampedSwiGLU` holding the same projections (layer names unchanged); `convert` keeps it.
     """
     if not isinstance(config, QATConfig):
         raise TypeError(f"prepare_qat needs a QATConfig, got {type(config).__name__}")
+    if config.swiglu_clamp is not None:
+        apply_swiglu_clamp(model, config.swiglu_clamp)
     report = QuantizeReport()
     chosen = _eligible(model, config, filter_fn, report)
     start = start or {}
