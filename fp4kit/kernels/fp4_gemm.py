@@ -43,6 +43,7 @@ tiled kernel. Measurements: BENCHMARKS.md and benchmarks/NOTES_fp4_gemm.md.
 
 from __future__ import annotations
 
+import enum
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ try:
     import triton
     from triton import knobs as _knobs
 
-    from . import _fp4_gemm
+    from . import _fp4_gemm, _fp4_gemv
 
     HAS_TRITON = True
 except ImportError:  # CPU installs without triton use the torch twins
@@ -233,6 +234,7 @@ class PreparedFP4Weight:
     one_mul: bool = True
     launches: dict = field(default_factory=dict)
     configs: dict = field(default_factory=dict)  # (M, bf16 decode) -> the skinny kernel's GemmConfig
+    gemv: GemvLayout | None = None  # the CUDA-core GEMV's plane layout, built on its first use
 
     def is_current(self, qt: QuantizedTensor) -> bool:
         return (qt.data is self.qt.data and qt.scale is self.qt.scale and qt.global_scale is self.qt.global_scale
@@ -354,13 +356,201 @@ def _launch_skinny(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Te
     return y
 
 
+# ----------------------------------------------------------------------------------------------
+# CUDA-core GEMV for M <= GEMV_MAX_M: the plane layout (see _fp4_gemv for the kernel and the why)
+
+
+class DecodePath(enum.Enum):
+    """Which kernel `fp4_matmul` runs for small M.
+
+    AUTO: the default rule (`_auto_path`). SKINNY: the tensor-core decode kernel (M <= SKINNY_MAX_M).
+    GEMV: the CUDA-core GEMV on the plane layout (M <= GEMV_MAX_M; NVFP4 needs K % 128 == 0,
+    MXFP4 K % 256 == 0).
+    """
+    AUTO = "auto"
+    SKINNY = "skinny"
+    GEMV = "gemv"
+
+
+GEMV_MAX_M = 4
+GEMV_LANES = 8  # lanes per row in a chunk (a chunk is 16 * lanes words): 128 contiguous bytes per row and r
+
+
+def gemv_lanes(K: int, block_size: int, max_lanes: int = GEMV_LANES) -> int | None:
+    """Lanes L of the plane layout for this K (the largest power of two <= max_lanes with K/8 % 16 L == 0),
+    or None when the format's blocks do not line up with the planes (K % 8 bs != 0)."""
+    if K % (8 * block_size) != 0:
+        return None
+    lanes = max_lanes
+    while (K // 8) % (16 * lanes):
+        lanes //= 2
+    return lanes
+
+
+@dataclass(frozen=True)
+class GemvLayout:
+    """A weight in the GEMV's plane layout (`gemv_layout`); about the size of the packed weight."""
+    words: torch.Tensor  # int32 [N, K/8]: logical word i holds codes of k = j K/8 + i, j = 0..7, chunk order
+    scales: torch.Tensor  # uint8 [N, K/(8 bs), 8]: the 8 plane scales of a word group adjacent
+    lanes: int
+
+
+def _codes(qt: QuantizedTensor) -> torch.Tensor:
+    """uint8 [N, K] E2M1 codes (element 2j is the low nibble of byte j)."""
+    d = qt.data
+    return torch.stack((d & 15, d >> 4), dim=-1).reshape(d.shape[0], -1)
+
+
+# Where the GEMV word keeps the bits (m, e0, e1, s) of the code of plane J (low half) and of plane
+# J + 4 (the same positions + 16): chosen so that each pair decodes to a float16 pair (sign at 15,
+# e1 e0 m at 11..9) with few shifts: pair 0 in place, pair 1 three bits lower, pairs 2 and 3 split
+# (see `_fp4_gemv._code_pair`). Together the four patterns fill the 16 bits of a half.
+GEMV_BIT_POSITIONS = ((9, 10, 11, 15), (6, 7, 8, 12), (0, 1, 2, 13), (3, 4, 5, 14))
+
+
+def _gemv_bit_positions(device) -> torch.Tensor:
+    """int64 [8 planes, 4 code bits]: the word bit of each code bit (m, e0, e1, s) of each plane."""
+    low = torch.tensor(GEMV_BIT_POSITIONS, dtype=torch.int64, device=device)
+    return torch.cat((low, low + 16))
+
+
+def gemv_layout(qt: QuantizedTensor, lanes: int = GEMV_LANES) -> GemvLayout:
+    """Re-lay a 2-D FP4 weight for `_fp4_gemv.fp4_gemv_kernel` (pure torch, exact, any device).
+
+    words: plane j of logical word i is the code of k = j * K/8 + i, its bits at
+    GEMV_BIT_POSITIONS; a chunk of 16 L logical words [L (lane), 4 (r), 4 (c)] is stored as
+    [4 (r), L (lane), 4 (c)]. scales: block b = j * K/(8 bs) + g of row n goes to [n, g, j].
+    """
+    _check_fp4(qt, "gemv_layout")
+    N, K = qt.shape
+    bs = qt.config.block_size
+    L = gemv_lanes(K, bs, lanes)
+    if L is None:
+        raise ValueError(f"gemv_layout: {type(qt.config).__name__} (block {bs}) needs in_features % {8 * bs} == 0; "
+                         f"the weight has {K}")
+    K8 = K // 8
+    planes = _codes(qt).view(N, 8, K8, 1).to(torch.int64)  # [N, j, i, 1]
+    pos = _gemv_bit_positions(planes.device)[None, :, None, :]  # [1, j, 1, bit]
+    bit = torch.arange(4, dtype=torch.int64, device=planes.device)
+    words = (((planes >> bit) & 1) << pos).sum(dim=(1, 3))  # disjoint bits: the sum is the OR, < 2^32
+    words = (words - ((words >> 31) << 32)).to(torch.int32)  # the same 32 bits as a signed int32
+    words = words.view(N, K8 // (16 * L), L, 4, 4).transpose(2, 3).reshape(N, K8).contiguous()
+    scales = qt.scale.view(torch.uint8).view(N, 8, K // (8 * bs)).transpose(1, 2).contiguous()
+    return GemvLayout(words, scales, L)
+
+
+def gemv_unlayout(layout: GemvLayout, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `gemv_layout`: (packed codes uint8 [N, K/2], scale codes uint8 [N, K/bs])."""
+    N, K8 = layout.words.shape
+    L = layout.lanes
+    words = layout.words.view(N, K8 // (16 * L), 4, L, 4).transpose(2, 3).reshape(N, 1, K8, 1).to(torch.int64)
+    pos = _gemv_bit_positions(words.device)[None, :, None, :]  # [1, j, 1, bit]
+    bit = torch.arange(4, dtype=torch.int64, device=words.device)
+    codes = (((words >> pos) & 1) << bit).sum(dim=3).to(torch.uint8).reshape(N, 8 * K8)  # k = j K/8 + i
+    data = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    scales = layout.scales.transpose(1, 2).reshape(N, -1)
+    return data, scales
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape of the GEMV: rows per program, K splits (dividing the chunk count), warps."""
+    block_n: int
+    split_k: int = 1
+    num_warps: int = 4
+    prefetch: bool = False
+
+    def __post_init__(self):
+        for name in ("block_n", "split_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GemvConfig.{name} must be a power of two >= 1, got {v}")
+
+
+GEMV_ROWS_PER_THREAD = 4  # each x value is reused by this many rows in a thread (amortises its load and convert)
+GEMV_PROGRAMS_PER_SM = 4
+
+
+def _gemv_config(M: int, N: int, K: int, lanes: int, sm_count: int = 132) -> GemvConfig:
+    """Rows per program so that each thread owns GEMV_ROWS_PER_THREAD rows (4 warps of 32 / L row
+    lanes), then split K (over whole chunks) until the grid has GEMV_PROGRAMS_PER_SM programs per SM."""
+    if _interpreting():
+        return GemvConfig(block_n=16, split_k=1, num_warps=1)
+    num_warps = 4
+    block_n = GEMV_ROWS_PER_THREAD * num_warps * (32 // lanes)
+    while block_n > 16 and triton.cdiv(N, block_n) < sm_count:
+        block_n //= 2
+    chunks = (K // 8) // (16 * lanes)
+    programs = triton.cdiv(N, block_n)
+    split = 1
+    while programs * split < GEMV_PROGRAMS_PER_SM * sm_count and chunks % (split * 2) == 0:
+        split *= 2
+    return GemvConfig(block_n, split, num_warps)
+
+
+def _gemv_layout_for(prepared: PreparedFP4Weight) -> GemvLayout:
+    if prepared.gemv is None:
+        if prepared.qt.data.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fp4_matmul(path=GEMV): this weight's plane layout was not built before CUDA graph "
+                               "capture; call it once eagerly first")
+        prepared.gemv = gemv_layout(prepared.qt)
+    return prepared.gemv
+
+
+def gemv_supported(qt: QuantizedTensor, M: int) -> bool:
+    """Whether the GEMV path can run this call (M <= GEMV_MAX_M and K lines up with the format's blocks)."""
+    return 0 < M <= GEMV_MAX_M and gemv_lanes(qt.shape[1], qt.config.block_size) is not None
+
+
+def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None,
+                 config: GemvConfig | None = None) -> torch.Tensor:
+    """One launch of fp4_gemv_kernel (compiled kernel cached per key and launched directly, as the skinny path)."""
+    M = x2.shape[0]
+    N, K = prepared.N, prepared.K
+    lay = _gemv_layout_for(prepared)
+    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    cfg = config or prepared.configs.get(("gemv", M)) or prepared.configs.setdefault(
+        ("gemv", M), _gemv_config(M, N, K, lay.lanes, 132 if _interpreting() else _sm_count(x2.device)))
+    chunks = (K // 8) // (16 * lay.lanes)
+    if chunks % cfg.split_k:
+        raise ValueError(f"GemvConfig.split_k={cfg.split_k} must divide the {chunks} chunks of K = {K}")
+    block_m = triton.next_power_of_2(M)
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, block_m), cfg.split_k)
+    stream = 0 if _interpreting() else _raw_stream(x2.device.index)
+    if cfg.split_k > 1:
+        ws, cnt = _splitk_buffers(x2.device, stream, cfg.split_k * M * N, grid[0] * grid[1])
+    else:
+        ws, cnt = y, y
+    args = (x2, lay.words, lay.scales, prepared.table, x2 if bias is None else bias, y, ws, cnt, M, N, K,
+            prepared.block_size == 32, bias is not None, block_m, cfg.block_n, lay.lanes, cfg.split_k,
+            cfg.prefetch, _interpreting())
+    key = ("gemv", cfg, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
+           bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index)
+    compiled = prepared.launches.get(key)
+    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
+                     compiled.packed_metadata, None, None, None, *args)
+        return y
+    compiled = _fp4_gemv.fp4_gemv_kernel[grid](*args, num_warps=cfg.num_warps, num_stages=1)
+    if not _interpreting() and compiled is not None:
+        prepared.launches[key] = compiled
+    return y
+
+
+def _auto_path(M: int, qt: QuantizedTensor) -> DecodePath:
+    """The default decode kernel for M rows (see BENCHMARKS.md, "CUDA-core FP4 GEMV")."""
+    return DecodePath.SKINNY
+
+
 def fp4_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None, *,
-               config: GemmConfig | None = None, prepared: PreparedFP4Weight | None = None) -> torch.Tensor:
+               config: GemmConfig | None = None, prepared: PreparedFP4Weight | None = None,
+               path: DecodePath = DecodePath.AUTO) -> torch.Tensor:
     """y[..., N] = x[..., K] @ dequant(qt)[N, K].T (+ bias), x bf16 or fp16, through Triton.
 
-    M <= SKINNY_MAX_M: the skinny kernel (no split-K, no workspace) on `prepared` (looked up in, or
-    added to, the cache on `qt.data` when None). Up to DEQUANT_CUBLAS_MIN_M: the tiled kernel.
-    Beyond: dequantize + cuBLAS. `config` forces the tiled kernel with that config.
+    M <= SKINNY_MAX_M: the skinny kernel on `prepared` (looked up in, or added to, the cache on
+    `qt.data` when None), or the CUDA-core GEMV where `path` (or for AUTO the default rule) picks it.
+    Up to DEQUANT_CUBLAS_MIN_M: the tiled kernel. Beyond: dequantize + cuBLAS. `config` forces the
+    tiled kernel with that config.
     """
     N, K = qt.shape
     if x.shape[-1] != K:
@@ -370,14 +560,22 @@ def fp4_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None =
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    if config is None and 0 < M <= SKINNY_MAX_M:
+    if path is DecodePath.GEMV:
+        _check_fp4(qt, "fp4_matmul")
+        if config is not None or not gemv_supported(qt, M):
+            raise ValueError(f"fp4_matmul(path=GEMV) needs M <= {GEMV_MAX_M} and in_features % "
+                             f"{8 * qt.config.block_size} == 0 and no config; got M = {M}, K = {K}")
+    elif path is DecodePath.AUTO and config is None and 0 < M <= SKINNY_MAX_M:
+        path = _auto_path(M, qt)
+    if config is None and 0 < M <= SKINNY_MAX_M and path in (DecodePath.SKINNY, DecodePath.GEMV):
         if prepared is None or not prepared.is_current(qt):
             prepared = _prepared_for(qt)  # checks qt when it builds
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
             bias = bias.to(x.dtype).contiguous()
-        return _launch_skinny(x2, prepared, bias).reshape(*lead, N)
+        launch = _launch_gemv if path is DecodePath.GEMV else _launch_skinny
+        return launch(x2, prepared, bias).reshape(*lead, N)
     _check_fp4(qt, "fp4_matmul")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

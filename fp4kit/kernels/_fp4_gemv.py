@@ -1,0 +1,237 @@
+"""CUDA-core FP4 GEMV for decoding (M = 1..4): `y = x @ dequant(W).T (+ bias)` without tensor cores.
+
+Why a GEMV. At M <= 4 the tensor-core skinny kernel (`_fp4_gemm.fp4_skinny_kernel`) wastes most
+of each MMA (16 rows for 1..4 tokens) and pays ~7.5 SASS instructions per weight, mostly to build
+MMA operand registers. Here every weight costs a decode and one float32 FFMA per token, and the
+block scale is applied once per 16 products, not once per weight.
+
+The plane layout (built offline by `fp4_gemm.gemv_layout`, torch). Row n of the weight becomes
+K/8 int32 words; logical word i holds the 8 codes of k = j * (K/8) + i, j = 0..7, code j in bits
+4j..4j+3. So nibble plane j of a run of consecutive words multiplies a contiguous run of x,
+x[j * K/8 + i ...]: no permutation of x and no join of decoded planes at run time (the join is
+what made an earlier CUDA-core attempt pay 9-13 instructions per weight in layout conversions).
+
+    words (logical)   i:    0    1    2  ...         code j of word i  <->  k = j * K/8 + i
+    plane j multiplies x[j*K/8 + 0], x[j*K/8 + 1], ...
+
+Decode: `_fp4_gemm._e2m1_word_pair` places codes j and j + 4 as the two halves of a float16 pair
+(value times 2^-14, exact), converted to float32 once per weight; then one FFMA with x per token.
+
+Blocks and scales. A thread owns groups of 16 consecutive logical words. For NVFP4 (block 16,
+K % 128 == 0) the 16 codes of plane j in group g are exactly block b = j * (K/128) + g, so the
+thread sums 16 products in float32 and adds `s_eff[n, b] * partial` once (s_eff times 2^14 from
+the per-weight table of `prepare_fp4_weight`). For MXFP4 (block 32, K % 256 == 0) two neighbour
+groups share a block (b = j * (K/256) + g // 2). The scale codes are re-laid [N, K/128, 8] (NVFP4)
+or [N, K/256, 8] (MXFP4): a group's 8 plane scales are adjacent (one 8-byte load).
+
+Memory order of the words (what makes the loads coalesced AND keeps a group inside one thread).
+A K chunk of 16 L words (L lanes x 16 words) is stored as [4 (r), L (lane), 4 (c)]: logical word
+16 lane + 4 r + c sits at r * 4L + 4 lane + c. Loaded as the tile [4, BLOCK_N, L, 4], Triton puts
+the 4 contiguous words (16 bytes) of c in one thread, the L lanes of a warp along a contiguous run
+of 16 L bytes, the warps along rows, and r in registers: each thread holds the 16 words of one
+group for each of its rows, every warp load instruction reads 512 contiguous bytes (L = 32).
+
+Numerics. The decoded weight e2m1 * s_eff is never rounded to x's dtype: the result is the
+float32 sum of x * e2m1 * s_eff in a different order and with the products exact, then one
+rounding to x's dtype. Against the twin (which rounds each weight to x's dtype first) it differs
+by that weight rounding (relative 2^-9 per weight for bf16, random sign) plus the output cast:
+tests/kernels/test_fp4_gemv.py states the bounds.
+"""
+
+import triton
+import triton.language as tl
+
+from ._fp4_bits import cast_rne
+
+
+@triton.jit
+def _split8(s):
+    """[A, B, 8] -> the tuple of 8 tensors s[:, :, e] (register selection: the 8 lie in one thread)."""
+    A: tl.constexpr = s.shape[0]
+    B: tl.constexpr = s.shape[1]
+    s = tl.reshape(s, (A, B, 2, 2, 2))  # e = 4a + 2b + c
+    c0, c1 = tl.split(s)  # [A, B, 2(a), 2(b)] for c = 0, 1
+    c0b0, c0b1 = tl.split(c0)  # [A, B, 2(a)]
+    c1b0, c1b1 = tl.split(c1)
+    s0, s4 = tl.split(c0b0)
+    s2, s6 = tl.split(c0b1)
+    s1, s5 = tl.split(c1b0)
+    s3, s7 = tl.split(c1b1)
+    return s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@triton.jit
+def _code_pair(words, J: tl.constexpr, INTERPRET: tl.constexpr):
+    """Codes of planes J and J + 4 of int32 words (bit order of `fp4_gemm.GEMV_BIT_POSITIONS`) as float32,
+    each times 2^-14.
+
+    The float16 placement of `_fp4_bits` (sign to bit 15, e1 e0 m to bits 11..9, in both 16-bit
+    halves): pair 0 is stored in place (one AND), pair 1 three bits lower (shift + AND), pairs 2 and
+    3 with their magnitude and sign apart (two shifts, two ANDs): 11 integer ops per 8 weights
+    instead of 15 for nibbles stored in order. On the GPU each half is converted by one
+    `cvt.f32.f16` read straight from the pair's register (HADD2.F32 with a half selector);
+    Triton's own int16 split re-packs halves of different words first (a PRMT per two weights).
+    0x8E008E00 and 0x80008000 are written as signed int32 literals.
+    """
+    if J == 0:
+        h = words & -1912566272  # 0x8E008E00
+    elif J == 1:
+        h = (words << 3) & -1912566272
+    elif J == 2:
+        h = ((words << 9) & 0x0E000E00) | ((words << 2) & -2147450880)
+    else:
+        h = ((words << 6) & 0x0E000E00) | ((words << 1) & -2147450880)
+    if INTERPRET:
+        lo = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 a, b; mov.b32 {a, b}, $2; cvt.f32.f16 $0, a; cvt.f32.f16 $1, b; }",
+            "=f,=f,r", [h], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot16(w0, w1, w2, w3, x_ptrs, mask):
+    """sum over the group's 16 words of one plane: w_r [L, BN, 4] float32, x at x_ptrs + 4 r ([L, 1, 4])."""
+    d = tl.sum(w0 * tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32), axis=2)
+    d += tl.sum(w1 * tl.load(x_ptrs + 4, mask=mask, other=0.0).to(tl.float32), axis=2)
+    d += tl.sum(w2 * tl.load(x_ptrs + 8, mask=mask, other=0.0).to(tl.float32), axis=2)
+    d += tl.sum(w3 * tl.load(x_ptrs + 12, mask=mask, other=0.0).to(tl.float32), axis=2)
+    return d  # [L, BN]
+
+
+@triton.jit
+def _token(acc, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, x_ptrs, mask, J: tl.constexpr,
+           K8: tl.constexpr):
+    """acc [L, BN] += s_eff(plane J) * (group sum of x * code J) + s_eff(plane J + 4) * (... code J + 4)."""
+    d_lo = _dot16(lo0, lo1, lo2, lo3, x_ptrs + J * K8, mask)
+    d_hi = _dot16(hi0, hi1, hi2, hi3, x_ptrs + (J + 4) * K8, mask)
+    return acc + d_lo * s_lo + d_hi * s_hi
+
+
+@triton.jit
+def _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, mask, N: tl.constexpr, L: tl.constexpr, SROW: tl.constexpr,
+                PAIRED: tl.constexpr):
+    """Chunk ch of the program's rows: the four word runs [L, BLOCK_N, 4] and the scale codes [L, BLOCK_N, 8]."""
+    wp = w_ptrs + ch * (16 * L)
+    w0 = tl.load(wp, mask=mask, other=0)
+    w1 = tl.load(wp + 4 * L, mask=mask, other=0)
+    w2 = tl.load(wp + 8 * L, mask=mask, other=0)
+    w3 = tl.load(wp + 12 * L, mask=mask, other=0)
+    g = ch * L + l3
+    if PAIRED:
+        g = g // 2
+    codes = tl.load(s_ptr + n3 * SROW + g * 8 + e3, mask=mask, other=0)
+    return w0, w1, w2, w3, codes
+
+
+@triton.jit
+def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
+                    N: tl.constexpr, K: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr, SPLIT_K: tl.constexpr,
+                    PREFETCH: tl.constexpr, INTERPRET: tl.constexpr):
+    """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), W in the plane layout (module docstring).
+
+    Grid: (tiles of BLOCK_N rows, tiles of BLOCK_M <= 4 tokens, SPLIT_K). Split s covers chunks
+    [s * CPS, (s + 1) * CPS) of 16 L words (the launcher makes SPLIT_K divide the chunk count);
+    with SPLIT_K > 1 the splits meet as in `fp4_skinny_kernel`: float32 partials in ws[s, M, N],
+    a per-tile ticket elects the last split, which sums them in split order (deterministic), adds
+    the bias, writes y and resets the ticket. PAIRED: MXFP4 (two groups of 16 words per block).
+
+    Tiles are [L, BLOCK_N, 4] (lane, row, c) so that Triton's load layout puts c (16 bytes) in a
+    thread, lanes along L then rows, warps along rows; the word runs r = 0..3 of a group are four
+    such tiles (unrolled), x of one token, run and plane is [L, 1, 4] in the same layout (broadcast
+    over rows for free). Each token has its own accumulator (BLOCK_M <= 4, unrolled).
+    PREFETCH: the next chunk's words and scale codes are loaded (into registers) before this
+    chunk is decoded, so a program keeps its loads in flight while it computes.
+    """
+    K8: tl.constexpr = K // 8
+    CHUNK: tl.constexpr = 16 * L
+    NCH: tl.constexpr = K8 // CHUNK
+    CPS: tl.constexpr = NCH // SPLIT_K
+    SROW: tl.constexpr = (K // 256 if PAIRED else K // 128) * 8
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    l3 = tl.arange(0, L)[:, None, None]
+    n3 = rows[None, :, None]
+    c3 = tl.arange(0, 4)[None, None, :]
+    e3 = tl.arange(0, 8)[None, None, :]
+    w_ptrs = w_ptr + n3 * K8 + l3 * 4 + c3  # [L, BLOCK_N, 4], run r at + 4 L r
+    wmask = n3 < N
+    m0 = pid_m * BLOCK_M
+    x_ptrs = x_ptr + m0 * K + l3 * 16 + c3  # [L, 1, 4]: token m0, run 0, plane 0 of chunk 0
+    acc0 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:
+        nw0, nw1, nw2, nw3, ncodes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, pid_k * CPS, wmask, N, L, SROW, PAIRED)
+    for ci in range(0, CPS):
+        ch = pid_k * CPS + ci
+        if PREFETCH:
+            w0, w1, w2, w3, codes = nw0, nw1, nw2, nw3, ncodes
+            nw0, nw1, nw2, nw3, ncodes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch + 1, wmask & (ci + 1 < CPS), N,
+                                                     L, SROW, PAIRED)
+        else:
+            w0, w1, w2, w3, codes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, wmask, N, L, SROW, PAIRED)
+        scales = _split8(tl.load(table_ptr + codes.to(tl.int32)))  # float32 s_eff * 2^14, 8 x [L, BLOCK_N]
+        xc = x_ptrs + ch * CHUNK
+        for J in tl.static_range(4):
+            lo0, hi0 = _code_pair(w0, J, INTERPRET)  # codes J and J + 4 times 2^-14, float32 [L, BLOCK_N, 4]
+            lo1, hi1 = _code_pair(w1, J, INTERPRET)
+            lo2, hi2 = _code_pair(w2, J, INTERPRET)
+            lo3, hi3 = _code_pair(w3, J, INTERPRET)
+            s_lo = scales[J]
+            s_hi = scales[J + 4]
+            acc0 = _token(acc0, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc, m0 < M, J, K8)
+            if BLOCK_M > 1:
+                acc1 = _token(acc1, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc + K, m0 + 1 < M, J, K8)
+            if BLOCK_M > 2:
+                acc2 = _token(acc2, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc + 2 * K, m0 + 2 < M,
+                              J, K8)
+                acc3 = _token(acc3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc + 3 * K, m0 + 3 < M,
+                              J, K8)
+    # per token: [BLOCK_N] sums over lanes (the one exchange between threads), then y or the split partials
+    _finish(tl.sum(acc0, axis=0), m0, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
+    if BLOCK_M > 1:
+        _finish(tl.sum(acc1, axis=0), m0 + 1, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
+    if BLOCK_M > 2:
+        _finish(tl.sum(acc2, axis=0), m0 + 2, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
+        _finish(tl.sum(acc3, axis=0), m0 + 3, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
+    if SPLIT_K > 1:
+        tl.debug_barrier()  # every thread's partials are written before the ticket is taken
+        tile = pid_m * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:  # the last split of this tile: reduce in split order
+            for m in tl.static_range(BLOCK_M):
+                _reduce_splits(m0 + m, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
+            tl.store(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def _finish(out, m, M, rows, bias_ptr, y_ptr, ws_ptr, N: tl.constexpr, HAS_BIAS: tl.constexpr,
+            SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """Token m's [BLOCK_N] float32 sums: y = cast(out + bias), or this split's partial ws[split, m, rows]."""
+    mask = (rows < N) & (m < M)
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + tl.program_id(2) * M * N + m * N + rows, out, mask=mask)
+    else:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + rows, cast_rne(out, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _reduce_splits(m, M, rows, bias_ptr, y_ptr, ws_ptr, N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """y[m, rows] = cast(sum of the SPLIT_K partials in split order + bias) (L2 loads: .cg)."""
+    mask = (rows < N) & (m < M)
+    out = tl.load(ws_ptr + m * N + rows, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLIT_K):
+        out += tl.load(ws_ptr + s * M * N + m * N + rows, mask=mask, other=0.0, cache_modifier=".cg")
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * N + rows, cast_rne(out, y_ptr.dtype.element_ty, INTERPRET), mask=mask)

@@ -1,0 +1,211 @@
+"""The CUDA-core FP4 GEMV (`_fp4_gemv`, `fp4_matmul(..., path=DecodePath.GEMV)`) and its plane layout.
+
+Error bounds. The GEMV never rounds a decoded weight to x's dtype: it sums x * code * s_eff in
+float32 (the code times 2^-14 is exact, the block scale times 2^14 multiplies a 16-product group
+sum) and rounds once at the output. So against a float64 reference on the float32 (unrounded)
+weights it carries only the output cast (half an ulp: 2^-8 relative for bf16, 2^-11 for fp16) and
+float32 summation (~K 2^-24 of sum |x w|): the bounds of test_fp4_gemm (max error 1.1 x the cast
+bound, RMS error the cast bound, both normalised by the reference). Against the twin, which rounds
+every weight to bf16 first (relative error up to 2^-9 each, random sign), the normalised max
+difference stays within 2^-7 (test_fp4_gemm's bound for fp4_linear vs the twin). With x one-hot
+the sum has one term, so y is the twin's weight bit for bit: that checks the decode exactly.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'fp4kit[test]')")
+
+from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, quantize  # noqa: E402
+from fp4kit.kernels import fp4_matmul, fp4_matmul_torch, prepare_fp4_weight  # noqa: E402
+from fp4kit.kernels.fp4_gemm import (GEMV_BIT_POSITIONS, DecodePath, GemvConfig, _launch_gemv,  # noqa: E402
+                                     gemv_layout, gemv_unlayout, use_triton)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_kernels = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
+                                   reason="no CUDA and TRITON_INTERPRET != 1: the kernels cannot run here")
+CONFIGS = {"nvfp4": NVFP4Config(), "nvfp4_torchao": NVFP4Config.torchao(), "mxfp4": MXFP4Config()}
+TOL = {torch.bfloat16: (1.1 * 2**-8, 2**-8), torch.float16: (1.1 * 2**-11, 2**-11)}
+
+
+def _weight(n, k, scale=0.05):
+    """Rows of different magnitudes, so block scales differ along N and K."""
+    return torch.randn(n, k, device=DEVICE) * scale * torch.logspace(-2, 2, n, device=DEVICE)[:, None]
+
+
+def _errors(y, x, qt, bias):
+    """(max |y - ref| / max |ref|, ||y - ref|| / ||ref||), ref in float64 on the float32 weights."""
+    ref = x.double() @ qt.dequantize(torch.float32).double().T
+    if bias is not None:
+        ref = ref + bias.double()
+    err = y.double() - ref
+    return (err.abs().max() / ref.abs().max()).item(), (err.norm() / ref.norm()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# the layout (pure torch)
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 8])
+@pytest.mark.parametrize("name,K", [("nvfp4", 256), ("nvfp4", 384), ("mxfp4", 512), ("mxfp4", 1024)])
+def test_gemv_layout_round_trip(name, K, lanes):
+    qt = quantize(_weight(24, K), CONFIGS[name])
+    lay = gemv_layout(qt, lanes=lanes)
+    assert lay.words.dtype == torch.int32 and lay.words.shape == (24, K // 8)
+    assert lay.scales.shape == (24, K // (8 * qt.config.block_size), 8)
+    data, scales = gemv_unlayout(lay, qt.config.block_size)
+    assert torch.equal(data, qt.data) and torch.equal(scales, qt.scale.view(torch.uint8))
+
+
+def test_gemv_layout_bits_independent_reference():
+    """Element by element, written from the layout's definition (not through the inverse): the code
+    of k = j K/8 + i sits in logical word i at GEMV_BIT_POSITIONS[j % 4] (+ 16 for j >= 4), and
+    logical word 16 lane + 4 r + c of chunk ch is stored at ch 16 L + 4 L r + 4 lane + c."""
+    N, K, L = 3, 512, 2
+    qt = quantize(_weight(N, K), NVFP4Config())
+    lay = gemv_layout(qt, lanes=L)
+    words = lay.words.cpu().tolist()
+    data = qt.data.cpu().tolist()
+    K8 = K // 8
+    for n in range(N):
+        for k in range(K):
+            code = (data[n][k // 2] >> (4 * (k % 2))) & 15
+            j, i = divmod(k, K8)
+            ch, rest = divmod(i, 16 * L)
+            lane, rc = divmod(rest, 16)
+            r, c = divmod(rc, 4)
+            w = words[n][ch * 16 * L + 4 * L * r + 4 * lane + c] & 0xFFFFFFFF
+            pos = [p + 16 * (j >= 4) for p in GEMV_BIT_POSITIONS[j % 4]]
+            assert sum(((w >> p) & 1) << b for b, p in enumerate(pos)) == code, (n, k)
+    codes = qt.scale.view(torch.uint8).cpu()
+    for n in range(N):
+        for b in range(K // 16):
+            j, g = divmod(b, K // 128)
+            assert lay.scales[n, g, j].item() == codes[n, b].item()
+
+
+def test_gemv_layout_rejects_misaligned_k():
+    with pytest.raises(ValueError, match="in_features % 256"):
+        gemv_layout(quantize(_weight(8, 128), MXFP4Config()))
+    with pytest.raises(ValueError, match="in_features % 128"):
+        gemv_layout(quantize(_weight(8, 160), NVFP4Config()))
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernel
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,has_bias", [(1, False), (2, True), (3, False), (4, True)])
+@pytest.mark.parametrize("name,K", [("nvfp4", 256), ("nvfp4_torchao", 384), ("mxfp4", 512)])
+def test_gemv_matches_reference(name, K, m, has_bias):
+    """N = 48 (three 16-row tiles), M = 1..4 (M = 3 masks a token), both formats, bias or not."""
+    qt = quantize(_weight(48, K), CONFIGS[name])
+    x = torch.randn(m, K, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(48, device=DEVICE, dtype=torch.bfloat16) if has_bias else None
+    y = fp4_matmul(x, qt, bias, path=DecodePath.GEMV)
+    assert y.shape == (m, 48) and y.dtype == torch.bfloat16
+    max_err, rms_err = _errors(y, x, qt, bias)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+    twin = fp4_matmul_torch(x, qt, bias).float()
+    assert ((y.float() - twin).abs().max() / twin.abs().max()).item() <= 2**-7
+
+
+@needs_kernels
+def test_gemv_fp16_rows_not_multiple_of_tile():
+    """fp16 x, N = 40 (the last 16-row tile is half masked), 3-D input."""
+    qt = quantize(_weight(40, 256), NVFP4Config())
+    x = torch.randn(1, 2, 256, device=DEVICE, dtype=torch.float16)
+    y = fp4_matmul(x, qt, path=DecodePath.GEMV)
+    assert y.shape == (1, 2, 40) and y.dtype == torch.float16
+    max_err, rms_err = _errors(y.reshape(2, 40), x.reshape(2, 256), qt, None)
+    assert max_err <= TOL[torch.float16][0] and rms_err <= TOL[torch.float16][1], (max_err, rms_err)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_gemv_one_hot_x_gives_twin_weights_bit_exact(name):
+    """x rows one-hot at k in all 8 planes: y[m, n] = w[n, k] exactly (one product: code * 2^-14 times
+    s_eff * 2^14 is the twin's float32 product, then one rounding to bf16), so every decoded weight is
+    compared bit for bit with the formats' dequantizer. 48 random rows cover all 16 codes."""
+    N, K = 48, 256
+    qt = quantize(_weight(N, K), CONFIGS[name])
+    K8 = K // 8
+    ks = [j * K8 + (5 * j + 3) % K8 for j in range(8)]
+    want = (qt.dequantize(torch.bfloat16)[:, ks] + 0.0).T  # a sum turns -0 into +0
+    for part in (ks[:4], ks[4:]):
+        x = torch.zeros(4, K, device=DEVICE, dtype=torch.bfloat16)
+        x[torch.arange(4), torch.tensor(part)] = 1.0
+        y = fp4_matmul(x, qt, path=DecodePath.GEMV)
+        assert torch.equal(y.view(torch.int16), want[ks.index(part[0]): ks.index(part[0]) + 4].contiguous()
+                           .view(torch.int16))
+
+
+@needs_kernels
+@pytest.mark.parametrize("split,prefetch", [(2, False), (2, True), (1, True)], ids=["split2", "split2_prefetch",
+                                                                                  "prefetch"])
+def test_gemv_split_k_and_prefetch(split, prefetch):
+    """Two K chunks (lanes = 2 at K = 512): split-K with the in-kernel reduction (run twice: the
+    tickets are reset and the result is bit-identical) and the register prefetch of the next chunk."""
+    qt = quantize(_weight(40, 512), NVFP4Config())
+    prepared = prepare_fp4_weight(qt)
+    prepared.gemv = gemv_layout(qt, lanes=2)
+    x = torch.randn(3, 512, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(40, device=DEVICE, dtype=torch.bfloat16)
+    cfg = GemvConfig(block_n=16, split_k=split, num_warps=4, prefetch=prefetch)
+    first = _launch_gemv(x, prepared, bias, config=cfg)
+    assert torch.equal(first, _launch_gemv(x, prepared, bias, config=cfg))
+    max_err, rms_err = _errors(first, x, qt, bias)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+
+
+@needs_kernels
+def test_gemv_split_must_divide_chunks():
+    qt = quantize(_weight(16, 256), NVFP4Config())
+    prepared = prepare_fp4_weight(qt)
+    with pytest.raises(ValueError, match="must divide"):
+        _launch_gemv(torch.randn(1, 256, device=DEVICE, dtype=torch.bfloat16), prepared, None,
+                     config=GemvConfig(block_n=16, split_k=2))
+
+
+@needs_kernels
+def test_gemv_path_rejects_what_it_cannot_run():
+    qt = quantize(_weight(16, 160), NVFP4Config())
+    with pytest.raises(ValueError, match="path=GEMV"):
+        fp4_matmul(torch.randn(1, 160, device=DEVICE, dtype=torch.bfloat16), qt, path=DecodePath.GEMV)
+    qt = quantize(_weight(16, 256), NVFP4Config())
+    with pytest.raises(ValueError, match="path=GEMV"):
+        fp4_matmul(torch.randn(5, 256, device=DEVICE, dtype=torch.bfloat16), qt, path=DecodePath.GEMV)
+
+
+def test_gemv_config_validates():
+    with pytest.raises(ValueError, match="power of two"):
+        GemvConfig(block_n=24)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: real shapes, default launch rule, graph capture
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Llama-sized shapes and CUDA graphs need the GPU")
+@pytest.mark.parametrize("N,K", [(6144, 4096), (4096, 14336)])
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_gemv_gpu_llama_shapes(name, N, K):
+    qt = quantize(torch.randn(N, K, device="cuda") * 0.02, CONFIGS[name])
+    for m in (1, 2, 4):
+        x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+        max_err, rms_err = _errors(fp4_matmul(x, qt, path=DecodePath.GEMV), x, qt, None)
+        assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (m, max_err, rms_err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need the GPU")
+def test_gemv_gpu_cuda_graph_replay():
+    qt = quantize(torch.randn(4096, 4096, device="cuda") * 0.02, NVFP4Config())
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = fp4_matmul(x, qt, path=DecodePath.GEMV)  # builds the layout and compiles
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = fp4_matmul(x, qt, path=DecodePath.GEMV)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager)
