@@ -101,34 +101,46 @@ def _opcodes(lines):
     return c
 
 
+def gemv_sass(N, K, M, bs, cfg) -> dict:
+    """SASS of the GEMV main loop for one launch config: instructions per weight, by opcode, registers."""
+    from fp4kit.kernels import _fp4_gemv
+    from fp4kit.kernels.fp4_gemm import GEMV_LANES, gemv_lanes
+
+    lanes = gemv_lanes(K, bs, GEMV_LANES)
+    bm = 1 << (M - 1).bit_length()
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*u8", "table_ptr": "*fp32", "bias_ptr": "*bf16",
+           "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "constexpr",
+           "K": "constexpr", "PAIRED": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
+           "BLOCK_N": "constexpr", "L": "constexpr", "SPLIT_K": "constexpr", "PREFETCH": "constexpr",
+           "INTERPRET": "constexpr"}
+    const = dict(N=N, K=K, PAIRED=bs == 32, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=cfg.block_n, L=lanes,
+                 SPLIT_K=cfg.split_k, PREFETCH=cfg.prefetch, INTERPRET=False)
+    k = _compile(_fp4_gemv.fp4_gemv_kernel, sig, const, cfg.num_warps, 1)
+    lines = _sass(k)
+    body = _loop_body(lines)
+    weights = cfg.block_n * 16 * lanes * 8  # per chunk (one loop iteration)
+    threads = 32 * cfg.num_warps
+    ops = _opcodes(body)
+    return dict(config=cfg.__dict__, lanes=lanes, total_instr=len(_instructions(lines)), loop_instr=len(body),
+                per_weight=len(body) * threads / weights, regs=_regs(k), smem=k.metadata.shared,
+                top={op: round(n * threads / weights, 3) for op, n in ops.most_common(14)})
+
+
 def sass_report(N=28672, K=4096, m_list=(1, 2, 4)) -> dict:
-    """SASS per weight for the GEMV at each M and for the skinny kernel (gate_up shape, NVFP4 and MXFP4)."""
-    from fp4kit.kernels import _fp4_gemm, _fp4_gemv
-    from fp4kit.kernels.fp4_gemm import (GEMV_LANES, _gemv_config, _skinny_config, gemv_lanes)
+    """SASS per weight for the GEMV at each M (default config, and with prefetch) and for the skinny
+    kernel (gate_up shape, NVFP4 and MXFP4)."""
+    import dataclasses
+
+    from fp4kit.kernels import _fp4_gemm
+    from fp4kit.kernels.fp4_gemm import GEMV_LANES, _gemv_config, _skinny_config, gemv_lanes
 
     out = {}
     for fmt, bs in (("nvfp4", 16), ("mxfp4", 32)):
         lanes = gemv_lanes(K, bs, GEMV_LANES)
         for M in m_list:
             cfg = _gemv_config(M, N, K, lanes)
-            bm = 1 << (M - 1).bit_length()
-            sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*u8", "table_ptr": "*fp32", "bias_ptr": "*bf16",
-                   "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "constexpr",
-                   "K": "constexpr", "PAIRED": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
-                   "BLOCK_N": "constexpr", "L": "constexpr", "SPLIT_K": "constexpr", "INTERPRET": "constexpr"}
-            const = dict(N=N, K=K, PAIRED=bs == 32, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=cfg.block_n, L=lanes,
-                         SPLIT_K=cfg.split_k, INTERPRET=False)
-            k = _compile(_fp4_gemv.fp4_gemv_kernel, sig, const, cfg.num_warps, 1)
-            lines = _sass(k)
-            body = _loop_body(lines)
-            weights = cfg.block_n * 16 * lanes * 8  # per chunk (one loop iteration)
-            threads = 32 * cfg.num_warps
-            ops = _opcodes(body)
-            out[f"gemv_{fmt}_M{M}"] = dict(config=cfg.__dict__, lanes=lanes, total_instr=len(_instructions(lines)),
-                                           loop_instr=len(body), per_weight=len(body) * threads / weights,
-                                           regs=_regs(k), smem=k.metadata.shared,
-                                           top={op: round(n * threads / weights, 3)
-                                                for op, n in ops.most_common(14)})
+            out[f"gemv_{fmt}_M{M}"] = gemv_sass(N, K, M, bs, cfg)
+            out[f"gemv_{fmt}_M{M}_prefetch"] = gemv_sass(N, K, M, bs, dataclasses.replace(cfg, prefetch=True))
         cfg = _skinny_config(1, N, K, bs, 132, fmt == "mxfp4")
         sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*u8", "table_ptr": "*fp32" if fmt == "nvfp4" else "*i32",
                "bias_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
@@ -154,6 +166,8 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--sass", action="store_true")
     p.add_argument("--out", default="benchmarks/results/fp4_gemv_h100.json")
+    p.add_argument("--ms", type=int, nargs="+", default=list(MS))
+    p.add_argument("--sweep-shapes", nargs="*", default=["gate_up", "down"])
     args = p.parse_args(argv)
     if args.sass:
         rep = sass_report()
@@ -167,8 +181,172 @@ def main(argv=None):
     return run_gpu(args)
 
 
+FORMATS = {"nvfp4": "NVFP4Config", "mxfp4": "MXFP4Config"}
+MS = (1, 2, 4, 16)
+
+
+def _formats():
+    from fp4kit.formats import MXFP4Config, NVFP4Config
+
+    return {"nvfp4": NVFP4Config(), "mxfp4": MXFP4Config()}
+
+
+def _prepared_set(w, fcfg, nbytes):
+    """Rotating PreparedFP4Weights with their GEMV layouts built (eager, before any graph capture)."""
+    from bench_fp4_gemm import rotating
+
+    from fp4kit.formats import quantize
+    from fp4kit.kernels.fp4_gemm import _gemv_layout_for, prepare_fp4_weight
+
+    def make():
+        p = prepare_fp4_weight(quantize(torch.randn_like(w) * 0.02, fcfg))
+        _gemv_layout_for(p)
+        return p
+
+    return rotating(make, nbytes)
+
+
+def sweep_candidates(M, N, K, lanes):
+    """A few GEMV launch shapes around the default: rows per program, K split, prefetch."""
+    import dataclasses
+
+    from fp4kit.kernels.fp4_gemm import GemvConfig, _gemv_config
+
+    default = _gemv_config(M, N, K, lanes, torch.cuda.get_device_properties(0).multi_processor_count)
+    chunks = (K // 8) // (16 * lanes)
+    cands = [default, dataclasses.replace(default, prefetch=not default.prefetch)]
+    other_bn = 32 if default.block_n == 64 else 64
+    for bn, split in ((default.block_n, default.split_k * 2), (default.block_n, max(default.split_k // 2, 1)),
+                      (other_bn, default.split_k)):
+        cfg = GemvConfig(bn, split, 4, default.prefetch)
+        if chunks % split == 0 and cfg not in cands:
+            cands.append(cfg)
+    return default, cands
+
+
+def run_sweep(bw, shapes, ms=(1, 4)):
+    """GEMV launch shapes, NVFP4, GPU time in a CUDA graph with rotated weights."""
+    from bench_fp4_gemm import bench_graph, check
+
+    from fp4kit.formats import NVFP4Config, quantize
+    from fp4kit.kernels.fp4_gemm import _launch_gemv
+
+    rows = []
+    for name in shapes:
+        N, K = SHAPES[name]
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        qt0 = quantize(w, NVFP4Config())
+        preps, nxt = _prepared_set(w, NVFP4Config(), qt0.nbytes)
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            default, cands = sweep_candidates(M, N, K, preps[0].gemv.lanes)
+            res = []
+            for cfg in cands:
+                try:
+                    max_err, _ = check(x, preps[0].qt, _launch_gemv(x, preps[0], None, config=cfg))
+                    us = bench_graph(lambda: _launch_gemv(x, nxt(), None, config=cfg))
+                except Exception as e:  # noqa: BLE001 (registers, resources: report and go on)
+                    print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                    continue
+                nbytes = qt0.nbytes + 2 * M * K + 2 * M * N
+                rows.append(dict(shape=name, M=M, cfg=cfg.__dict__, default=cfg == default, graph_us=us,
+                                 bw_frac=nbytes / (us * 1e-6) / bw, max_err=max_err))
+                res.append((us, cfg))
+            print(f"sweep {name:8s} M={M} default {res[0][0]:6.1f} us | " + "  ".join(
+                f"{us:6.1f} bn{c.block_n} sk{c.split_k}{' pf' if c.prefetch else ''}"
+                for us, c in sorted(res, key=lambda r: r[0])), flush=True)
+        del preps
+    return rows
+
+
+def run_compare(bw, ms=MS):
+    """cuBLAS bf16 vs the skinny path vs the GEMV path, graph and eager, both formats, all shapes."""
+    from bench_fp4_gemm import bench, bench_graph, check, rotating
+
+    from fp4kit.formats import quantize
+    from fp4kit.kernels.fp4_gemm import DecodePath, fp4_matmul
+
+    rows = []
+    for name, (N, K) in SHAPES.items():
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        _, nxt_bf16 = rotating(lambda: torch.randn_like(w) * 0.02, w.numel() * 2)
+        sets = {}
+        for fmt, fcfg in _formats().items():
+            qt0 = quantize(w, fcfg)
+            sets[fmt] = (qt0, _prepared_set(w, fcfg, qt0.nbytes))
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            row = dict(shape=name, N=N, K=K, M=M,
+                       cublas_us=bench(lambda: torch.matmul(x, nxt_bf16().T)),
+                       cublas_graph_us=bench_graph(lambda: torch.matmul(x, nxt_bf16().T)),
+                       cublas_roofline_us=(2 * N * K + 2 * M * K + 2 * M * N) / bw * 1e6)
+            line = f"{name:8s} M={M:3d} cuBLAS {row['cublas_graph_us']:6.1f} us (graph) {row['cublas_us']:6.1f} (eager)"
+            for fmt, (qt0, (preps, nxt)) in sets.items():
+                nbytes = qt0.nbytes + 2 * M * K + 2 * M * N
+                r = dict(roofline_us=nbytes / bw * 1e6)
+                for path in (DecodePath.SKINNY, DecodePath.GEMV):
+                    if path is DecodePath.GEMV and M > 4:
+                        continue
+                    p0 = preps[0]
+                    max_err, rms_err = check(x, p0.qt, fp4_matmul(x, p0.qt, prepared=p0, path=path))
+
+                    def call(path=path):
+                        p = nxt()
+                        return fp4_matmul(x, p.qt, prepared=p, path=path)
+
+                    g = bench_graph(call)
+                    e = bench(call)
+                    r[path.value] = dict(graph_us=g, us=e, graph_speedup=row["cublas_graph_us"] / g,
+                                         speedup=row["cublas_us"] / e, graph_bw_frac=nbytes / (g * 1e-6) / bw,
+                                         bw_frac=nbytes / (e * 1e-6) / bw, max_err=max_err, rms_err=rms_err)
+                    line += (f" | {fmt} {path.value} {g:6.1f} us {r[path.value]['graph_speedup']:4.2f}x "
+                             f"{100 * r[path.value]['graph_bw_frac']:4.1f}%BW (eager {e:6.1f}) err {max_err:.1e}")
+                line += f" | roof {r['roofline_us']:5.1f}"
+                row[fmt] = r
+            rows.append(row)
+            print(line, flush=True)
+        del sets
+    return rows
+
+
+def summarize(rows):
+    s = {}
+    for fmt in FORMATS:
+        for M in sorted({r["M"] for r in rows}):
+            for path in ("skinny", "gemv"):
+                rs = [r for r in rows if r["M"] == M and path in r[fmt]]
+                if not rs:
+                    continue
+                for mode in ("graph_speedup", "speedup"):
+                    s[f"{fmt}_M{M}_{path}_mean_{mode}"] = sum(r[fmt][path][mode] for r in rs) / len(rs)
+                gu = [r for r in rs if r["shape"] == "gate_up"]
+                if gu:
+                    s[f"{fmt}_M{M}_{path}_gate_up_graph_bw_frac"] = gu[0][fmt][path]["graph_bw_frac"]
+    return s
+
+
 def run_gpu(args):
-    raise NotImplementedError
+    from bench_fp4_gemm import copy_bandwidth
+
+    import triton
+
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    sweep = run_sweep(bw, args.sweep_shapes) if args.sweep_shapes else []
+    rows = run_compare(bw, tuple(args.ms))
+    summary = summarize(rows)
+    for k, v in summary.items():
+        print(f"{k:44s} {v:.3f}")
+    result = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                  torch=torch.__version__, triton=triton.__version__, copy_bw_bytes_per_s=bw,
+                  sweep=sweep, compare=rows, summary=summary)
+    out_dir = os.environ.get("OUT", os.path.dirname(args.out))
+    for path in {args.out, os.path.join(out_dir, os.path.basename(args.out))}:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -454,37 +454,46 @@ def gemv_unlayout(layout: GemvLayout, block_size: int) -> tuple[torch.Tensor, to
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch shape of the GEMV: rows per program, K splits (dividing the chunk count), warps."""
+    """Launch shape of the GEMV: rows per program, K splits (dividing the chunk count), warps, and
+    whether the next chunk is loaded before this one is decoded (see `_fp4_gemv.fp4_gemv_kernel`)."""
     block_n: int
     split_k: int = 1
     num_warps: int = 4
     prefetch: bool = False
 
     def __post_init__(self):
-        for name in ("block_n", "split_k", "num_warps"):
+        for name in ("block_n", "num_warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"GemvConfig.{name} must be a power of two >= 1, got {v}")
+        if self.split_k < 1:
+            raise ValueError(f"GemvConfig.split_k must be >= 1, got {self.split_k}")
 
 
-GEMV_ROWS_PER_THREAD = 4  # each x value is reused by this many rows in a thread (amortises its load and convert)
 GEMV_PROGRAMS_PER_SM = 4
 
 
+def _gemv_rows_per_thread(M: int) -> int:
+    """Each x value a thread converts is reused by this many rows: 4 up to M = 2 (168 registers at
+    M = 1), 2 beyond (at M = 4 and 4 rows the kernel spills; offline SASS, bench_fp4_gemv --sass)."""
+    return 4 if M <= 2 else 2
+
+
 def _gemv_config(M: int, N: int, K: int, lanes: int, sm_count: int = 132) -> GemvConfig:
-    """Rows per program so that each thread owns GEMV_ROWS_PER_THREAD rows (4 warps of 32 / L row
-    lanes), then split K (over whole chunks) until the grid has GEMV_PROGRAMS_PER_SM programs per SM."""
+    """Rows per program from `_gemv_rows_per_thread` (4 warps of 32 / L row lanes each; halved when even
+    one program per chunk would leave fewer than GEMV_PROGRAMS_PER_SM programs per SM), then the
+    smallest K split (a divisor of the chunk count) that reaches GEMV_PROGRAMS_PER_SM programs per SM."""
     if _interpreting():
         return GemvConfig(block_n=16, split_k=1, num_warps=1)
     num_warps = 4
-    block_n = GEMV_ROWS_PER_THREAD * num_warps * (32 // lanes)
-    while block_n > 16 and triton.cdiv(N, block_n) < sm_count:
-        block_n //= 2
+    target = GEMV_PROGRAMS_PER_SM * sm_count
     chunks = (K // 8) // (16 * lanes)
+    rows = _gemv_rows_per_thread(M)
+    if rows > 2 and triton.cdiv(N, rows * num_warps * (32 // lanes)) * chunks < target:
+        rows = 2
+    block_n = rows * num_warps * (32 // lanes)
     programs = triton.cdiv(N, block_n)
-    split = 1
-    while programs * split < GEMV_PROGRAMS_PER_SM * sm_count and chunks % (split * 2) == 0:
-        split *= 2
+    split = next((d for d in range(1, chunks + 1) if chunks % d == 0 and programs * d >= target), chunks)
     return GemvConfig(block_n, split, num_warps)
 
 
