@@ -9,8 +9,29 @@ import fp4kit
 from .common import SCHEMES, SCALE_RULES, format_config, load_any
 
 
+def _indexer(args):
+    """The sparse-attention indexer the flags ask for, or None (dense attention)."""
+    if not args.sparse_top_k:
+        return None
+    from fp4kit.nn.indexer import IndexerConfig, IndexPrecision
+
+    return IndexerConfig(top_k=args.sparse_top_k, precision=IndexPrecision(args.sparse_index),
+                         rotate=args.sparse_index in ("mxfp4", "nvfp4"), rerank=args.sparse_rerank,
+                         sink=args.sparse_sink, window=args.sparse_window)
+
+
+def _attention_label(cfg) -> str:
+    if cfg is None:
+        return "dense"
+    return (f"sparse k={cfg.top_k} {cfg.precision.value}" + (f" r={cfg.rerank}" if cfg.rerank > 1 else "")
+            + f" sink={cfg.sink} window={cfg.window}")
+
+
 def cmd_eval(args) -> int:
+    import contextlib
+
     from fp4kit.eval import evaluate, parse_tasks, write_jsonl
+    from fp4kit.nn.sparse_attention import use_sparse_attention
 
     tasks = parse_tasks(args.tasks)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -21,8 +42,12 @@ def cmd_eval(args) -> int:
         meta |= {"format": args.quantize + (f"-{args.scale_rule}" if args.scale_rule else ""), "method": "rtn",
                  "quantized_layers": len(report.quantized)}
     model = model.to(device).eval()
-    records = evaluate(model, tok, tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
-                       ppl_tokens=args.ppl_tokens, context=args.context, meta=meta)
+    indexer = _indexer(args)
+    meta |= {"attention": _attention_label(indexer)}
+    sparse = use_sparse_attention(model, indexer) if indexer else contextlib.nullcontext()
+    with sparse:
+        records = evaluate(model, tok, tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                           ppl_tokens=args.ppl_tokens, context=args.context, meta=meta)
     print("| task | metric | value | stderr | n |\n|---|---|---|---|---|")
     for r in records:
         se = f"{r['stderr']:.4f}" if r["stderr"] else "-"
@@ -56,7 +81,7 @@ def register(sub) -> None:
     e.add_argument("model", help="embedded name, HF folder, .gguf file or fp4kit/compressed-tensors checkpoint")
     e.add_argument("--tasks", default="ppl:shakespeare,hellaswag,arc_easy,arc_challenge,piqa,winogrande",
                    help="comma list: ppl:shakespeare|coqa|drop, hellaswag, arc_easy, arc_challenge, piqa, "
-                        "winogrande, mmlu, lambada, basic_arithmetic, gsm8k, math500")
+                        "winogrande, mmlu, lambada, basic_arithmetic, gsm8k, math500, passkey (long context)")
     e.add_argument("--limit", type=int, help="items per task (a fixed-seed sample)")
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--batch-size", type=int, default=16)
@@ -66,6 +91,13 @@ def register(sub) -> None:
     e.add_argument("--ppl-tokens", type=int, default=16384)
     e.add_argument("--context", type=int, default=1024, help="perplexity window")
     e.add_argument("--json", help="append result records (JSON lines) to this file")
+    s = e.add_argument_group("sparse attention (every query attends to sink + window + its top-k keys)")
+    s.add_argument("--sparse-top-k", type=int, default=0, help="keys chosen per query and KV head (0: dense)")
+    s.add_argument("--sparse-index", choices=("mxfp4", "nvfp4", "bf16", "fp32"), default="mxfp4",
+                   help="precision of the indexer's Q and K (FP4 ones are Hadamard-rotated first)")
+    s.add_argument("--sparse-rerank", type=int, default=2, help="two-stage: FP4 top-(r*k), exact rerank (1: off)")
+    s.add_argument("--sparse-sink", type=int, default=4, help="first keys always attended")
+    s.add_argument("--sparse-window", type=int, default=32, help="newest keys always attended")
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("compare", help="table (and plot) of result files; runs are grouped by model, format "
                                        "and method, in order of appearance, and the first is the base")

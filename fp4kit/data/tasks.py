@@ -24,6 +24,7 @@ seed)`: with a limit, a fixed-seed sample of the split (the same items for every
     gsm8k          test (1,319), 5-shot CoT prompts  oe_eval_tasks/gsm8k
     math500        test (500), 0-shot                oe_eval_tasks/minerva_math_500
     lambada        test (5,153), last word           oe_eval_tasks/lambada
+    passkey        synthetic (200), ~3,000 tokens    generated here: a 5-digit key hidden in filler
 
 The arrow files are read with pyarrow; the oe_eval files are gzipped JSON lines.
 """
@@ -174,11 +175,31 @@ def lambada():
         yield MultipleChoice(f"lambada/{d['id']}", (r["request"]["context"],), (" " + d["choices"][0].strip(),), 0)
 
 
+PASSKEY_FILLER = ("The river runs past the mill. The hills stay quiet in the rain. A cart goes down the road "
+                  "and comes back at dusk. ")
+
+
+def passkey(n: int = 200, filler_repeats: int = 120, seed: int = 0):
+    """Long-context retrieval (the passkey test of Mohtashami & Jaggi 2023, our wording): a 5-digit key
+    stated once at a random depth inside `filler_repeats` copies of a filler paragraph (~27 tokens
+    each with SmolLM2's tokenizer), asked for at the end. Greedy exact match of the first number.
+    Dense attention sees every key; sparse attention must select the few that hold the passkey."""
+    rng = random.Random(seed)
+    intro = "There is a pass key hidden in the text below. Find it and remember it.\n\n"
+    for i in range(n):
+        key = str(rng.randint(10000, 99999))
+        depth = rng.randint(0, filler_repeats)
+        parts = [PASSKEY_FILLER] * filler_repeats
+        parts.insert(depth, f"The pass key is {key}. Remember it: {key} is the pass key. ")
+        prompt = intro + "".join(parts) + "\n\nWhat is the pass key? The pass key is"
+        yield Generation(f"passkey/{i}", prompt, key, stop=("\n", "."))
+
+
 TASKS = {
     "hellaswag": hellaswag, "arc_easy": lambda: _arc("ai2_arc/ARC-Easy/validation", "arc_easy"),
     "arc_challenge": lambda: _arc("ai2_arc/ARC-Challenge/validation", "arc_challenge"), "piqa": piqa,
     "winogrande": winogrande, "mmlu": mmlu, "basic_arithmetic": basic_arithmetic, "gsm8k": gsm8k,
-    "math500": math500, "lambada": lambada,
+    "math500": math500, "lambada": lambada, "passkey": passkey,
 }
 
 

@@ -2,7 +2,7 @@
 
 Extraction rules (tested on tricky strings in tests/eval/test_extract.py):
     gsm8k             the number after the last "answer is", else the last number in the text
-    basic_arithmetic  the first number in the completion
+    basic_arithmetic  the first number in the completion (passkey too)
     math500           the last \\boxed{...} (braces balanced), else the text after "answer is"
 Numbers are normalized before comparing: thousands separators, "$" and a trailing "." dropped,
 and "18.0" equals "18".
@@ -59,7 +59,8 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-EXTRACTORS = {"gsm8k": extract_gsm8k, "basic_arithmetic": extract_first_number, "math500": extract_boxed}
+EXTRACTORS = {"gsm8k": extract_gsm8k, "basic_arithmetic": extract_first_number, "math500": extract_boxed,
+              "passkey": extract_first_number}
 
 
 def matches(task: str, prediction: str | None, answer: str) -> bool:

