@@ -310,7 +310,17 @@ def run_compare(bw, ms=MS):
 
 
 def summarize(rows):
+    """Mean speedups per (format, M, path), and for the path AUTO takes (GEMV_AUTO_MAX_M)."""
+    from fp4kit.kernels.fp4_gemm import GEMV_AUTO_MAX_M
+
     s = {}
+    auto_max = {fmt: GEMV_AUTO_MAX_M.get(type(cfg), 0) for fmt, cfg in _formats().items()}
+    for fmt in FORMATS:
+        for M in sorted({r["M"] for r in rows}):
+            path = "gemv" if M <= auto_max[fmt] else "skinny"
+            rs = [r for r in rows if r["M"] == M and path in r[fmt]]
+            for mode in ("graph_speedup", "speedup"):
+                s[f"{fmt}_M{M}_default_{path}_mean_{mode}"] = sum(r[fmt][path][mode] for r in rs) / len(rs)
     for fmt in FORMATS:
         for M in sorted({r["M"] for r in rows}):
             for path in ("skinny", "gemv"):

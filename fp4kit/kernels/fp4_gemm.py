@@ -470,29 +470,38 @@ class GemvConfig:
             raise ValueError(f"GemvConfig.split_k must be >= 1, got {self.split_k}")
 
 
-GEMV_PROGRAMS_PER_SM = 4
+@dataclass(frozen=True)
+class GemvLaunchRule:
+    """How `_gemv_config` shapes a launch for one M: rows each thread owns (each x value it converts is
+    reused by that many rows), and how many programs per SM the K split aims for."""
+    rows_per_thread: int
+    programs_per_sm: int
 
 
-def _gemv_rows_per_thread(M: int) -> int:
-    """Each x value a thread converts is reused by this many rows: 4 up to M = 2 (168 registers at
-    M = 1), 2 beyond (at M = 4 and 4 rows the kernel spills; offline SASS, bench_fp4_gemv --sass)."""
-    return 4 if M <= 2 else 2
+# From the H100 run of benchmarks/bench_fp4_gemv.py (2026-11-23, results/fp4_gemv_h100.json). M = 1:
+# 2 rows per thread (96 registers: ~5 programs per SM resident) and a K split up to ~12 programs per
+# SM were best (gate_up 42.7 -> 35.3 us, down 21.7 -> 19.9 us against 4 rows and 4 programs per SM).
+# M = 2: 4 rows, 4 programs per SM (as measured; the GEMV wins there for NVFP4 only). M >= 3: 2 rows
+# (4 rows spill at M = 4); the GEMV loses to the skinny kernel there and is not the default.
+GEMV_LAUNCH = {1: GemvLaunchRule(2, 12), 2: GemvLaunchRule(4, 4)}
+GEMV_LAUNCH_DEFAULT = GemvLaunchRule(2, 4)
 
 
 def _gemv_config(M: int, N: int, K: int, lanes: int, sm_count: int = 132) -> GemvConfig:
-    """Rows per program from `_gemv_rows_per_thread` (4 warps of 32 / L row lanes each; halved when even
-    one program per chunk would leave fewer than GEMV_PROGRAMS_PER_SM programs per SM), then the
-    smallest K split (a divisor of the chunk count) that reaches GEMV_PROGRAMS_PER_SM programs per SM."""
+    """Rows per program from the launch rule (4 warps of 32 / L row lanes each; rows halved when even
+    one program per chunk would leave fewer than 4 programs per SM), then the smallest K split (a
+    divisor of the chunk count) that reaches the rule's programs per SM, or one program per chunk."""
     if _interpreting():
         return GemvConfig(block_n=16, split_k=1, num_warps=1)
+    rule = GEMV_LAUNCH.get(M, GEMV_LAUNCH_DEFAULT)
     num_warps = 4
-    target = GEMV_PROGRAMS_PER_SM * sm_count
     chunks = (K // 8) // (16 * lanes)
-    rows = _gemv_rows_per_thread(M)
-    if rows > 2 and triton.cdiv(N, rows * num_warps * (32 // lanes)) * chunks < target:
+    rows = rule.rows_per_thread
+    if rows > 2 and triton.cdiv(N, rows * num_warps * (32 // lanes)) * chunks < 4 * sm_count:
         rows = 2
     block_n = rows * num_warps * (32 // lanes)
     programs = triton.cdiv(N, block_n)
+    target = rule.programs_per_sm * sm_count
     split = next((d for d in range(1, chunks + 1) if chunks % d == 0 and programs * d >= target), chunks)
     return GemvConfig(block_n, split, num_warps)
 
@@ -546,8 +555,18 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
     return y
 
 
+# AUTO takes the GEMV up to this many rows, per format (0 turns it off). Measured on the H100
+# (BENCHMARKS.md, "CUDA-core FP4 GEMV"): at M = 1 the GEMV beats the skinny kernel on all four
+# Llama-3-8B shapes in both formats; at M = 2 only for NVFP4 (MXFP4's bf16-decode skinny kernel is
+# as fast or faster); at M = 4 it loses (4 float32 FFMAs per weight make it issue-bound). Cost: the
+# plane layout is a second copy of the packed weight and scales, kept on the PreparedFP4Weight.
+GEMV_AUTO_MAX_M = {NVFP4Config: 2, MXFP4Config: 1}
+
+
 def _auto_path(M: int, qt: QuantizedTensor) -> DecodePath:
-    """The default decode kernel for M rows (see BENCHMARKS.md, "CUDA-core FP4 GEMV")."""
+    """The default small-M kernel: the GEMV where it measured faster and can run, else the skinny kernel."""
+    if M <= GEMV_AUTO_MAX_M.get(type(qt.config), 0) and gemv_supported(qt, M):
+        return DecodePath.GEMV
     return DecodePath.SKINNY
 
 

@@ -178,6 +178,25 @@ def test_gemv_path_rejects_what_it_cannot_run():
         fp4_matmul(torch.randn(5, 256, device=DEVICE, dtype=torch.bfloat16), qt, path=DecodePath.GEMV)
 
 
+@needs_kernels
+@pytest.mark.parametrize("name,m,want_gemv", [("nvfp4", 1, True), ("nvfp4", 2, True), ("nvfp4", 3, False),
+                                              ("mxfp4", 1, True), ("mxfp4", 2, False)])
+def test_auto_path_takes_gemv_where_it_won(name, m, want_gemv):
+    """The default rule (GEMV_AUTO_MAX_M): GEMV at M = 1 (both formats) and M = 2 (NVFP4), bit-identical
+    to asking for it; the skinny kernel otherwise, and whenever K does not line up (K = 160)."""
+    from fp4kit.kernels.fp4_gemm import _prepared_for
+
+    qt = quantize(_weight(16, 256), CONFIGS[name])
+    x = torch.randn(m, 256, device=DEVICE, dtype=torch.bfloat16)
+    y = fp4_matmul(x, qt)
+    assert (_prepared_for(qt).gemv is not None) == want_gemv
+    want = fp4_matmul(x, qt, path=DecodePath.GEMV if want_gemv else DecodePath.SKINNY)
+    assert torch.equal(y, want)
+    odd = quantize(_weight(16, 160), CONFIGS[name])
+    fp4_matmul(x[:, :160].contiguous(), odd)
+    assert _prepared_for(odd).gemv is None
+
+
 def test_gemv_config_validates():
     with pytest.raises(ValueError, match="power of two"):
         GemvConfig(block_n=24)
