@@ -2,6 +2,12 @@
 tiny-shakespeare (512-token windows): RTN, one-pass GPTQ, sequential GPTQ, W4A8, static FP8 KV cache.
 
     python benchmarks/ptq_smollm2.py [--out benchmarks/results/ptq_smollm2.json] [--device cpu]
+    python benchmarks/ptq_smollm2.py --mr-gptq --out benchmarks/results/ptq_mr_gptq_smollm2.json
+
+`--mr-gptq` runs the MR-GPTQ set instead, every variant through `fp4kit.algorithms.apply_ptq`: per
+format (NVFP4, MXFP4; W4A16) RTN, GPTQ, GPTQ with MSE scales (no rotation: isolates the rotation's
+share), MR-GPTQ with Hadamard blocks 128/16/32 (the sweep that picks the CLI default), then W4A4
+RTN vs MR-GPTQ. The JSON is rewritten after every row, so a cut-off run keeps what it finished.
 
 Calibration: 16 x 256 tokens of tiny-shakespeare taken after the evaluated span (as `fp4kit quantize`).
 """
@@ -12,13 +18,16 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import time
 
 import torch
 
 import fp4kit
-from fp4kit.algorithms import GPTQConfig, apply_gptq, collect_hessians, sequential_gptq
+from fp4kit.algorithms import (GPTQConfig, PTQMethod, PTQRecipe, RotationConfig, apply_gptq, apply_ptq,
+                               collect_hessians, sequential_gptq)
+from fp4kit.algorithms.scale_search import ScaleSearchConfig
 from fp4kit.data import load_corpus
 from fp4kit.eval import perplexity
 from fp4kit.formats import FP8Config, FP8Granularity, MXFP4Config, NVFP4Config
@@ -57,17 +66,43 @@ def variants(batches):
     }
 
 
+def mr_gptq_variants(batches):
+    out = {}
+
+    def ptq(config, recipe, activations=None):
+        return lambda m: apply_ptq(m, config, recipe, batches=batches, activations=activations, progress=False)
+
+    for label, cfg in (("NVFP4", NVFP4Config()), ("MXFP4", MXFP4Config())):
+        out[f"{label} RTN"] = ptq(cfg, PTQRecipe(PTQMethod.RTN))
+        out[f"{label} GPTQ (one pass)"] = ptq(cfg, PTQRecipe(PTQMethod.GPTQ))
+        out[f"{label} MR-GPTQ b=128"] = ptq(cfg, PTQRecipe(PTQMethod.MR_GPTQ, RotationConfig(128)))
+    for b in (16, 32):
+        for label, cfg in (("NVFP4", NVFP4Config()), ("MXFP4", MXFP4Config())):
+            out[f"{label} MR-GPTQ b={b}"] = ptq(cfg, PTQRecipe(PTQMethod.MR_GPTQ, RotationConfig(b)))
+    for label, cfg in (("NVFP4", NVFP4Config()), ("MXFP4", MXFP4Config())):
+        out[f"{label} GPTQ + MSE scales (no rotation)"] = ptq(
+            cfg, PTQRecipe(PTQMethod.GPTQ, gptq=GPTQConfig(scale_search=ScaleSearchConfig())))
+    for label, cfg in (("NVFP4", NVFP4Config()), ("MXFP4", MXFP4Config())):
+        out[f"{label} W4A4 RTN"] = ptq(cfg, PTQRecipe(PTQMethod.RTN), activations=cfg)
+        out[f"{label} W4A4 MR-GPTQ b=128"] = ptq(cfg, PTQRecipe(PTQMethod.MR_GPTQ, RotationConfig(128)), activations=cfg)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/ptq_smollm2.json")
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", help="comma list of variant names to run")
+    p.add_argument("--mr-gptq", action="store_true", help="run the MR-GPTQ set (see the docstring)")
     args = p.parse_args()
     base, tok, src = load_model("smollm2-135m")
     ids = tok(load_corpus("shakespeare")[: 2048 * 8], return_tensors="pt").input_ids[0][:2048]
     batches = calibration(tok)
     rows = []
-    for name, apply in variants(batches).items():
+    table = mr_gptq_variants(batches) if args.mr_gptq else variants(batches)
+    bf16 = perplexity(base.to(args.device), ids.to(args.device), context=512, progress=False).perplexity
+    print(f"| bf16/float (this run) | {bf16:.3f} | - |", flush=True)
+    for name, apply in table.items():
         if args.only and name not in args.only.split(","):
             continue
         model = copy.deepcopy(base)
@@ -78,11 +113,18 @@ def main():
         ppl = perplexity(model.to(args.device), ids.to(args.device), context=512, progress=False).perplexity
         rows.append({"variant": name, "perplexity": ppl, "quantize_seconds": round(seconds, 1)})
         print(f"| {name} | {ppl:.3f} | {seconds:.0f} s |", flush=True)
-    result = {"model": src.label, "tokens": int(ids.numel()), "context": 512, "device": args.device,
-              "host": platform.node(), "date": datetime.date.today().isoformat(), "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+        write(args, src, ids, bf16, rows)
     print(f"wrote {args.out}")
+
+
+def write(args, src, ids, bf16, rows):
+    result = {"model": src.label, "tokens": int(ids.numel()), "context": 512, "device": args.device,
+              "host": platform.node(), "date": datetime.date.today().isoformat(), "float_perplexity": bf16,
+              "torch_threads": torch.get_num_threads(), "rows": rows}
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

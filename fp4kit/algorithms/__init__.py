@@ -3,12 +3,15 @@ that walks a model."""
 
 from .calibrate import CalibrationConfig, GPTQResult, Hessian, apply_gptq, apply_scale_search, collect_hessians
 from .gptq import GPTQConfig, gptq
-from .rotations import RotationConfig, hadamard, rotate_input, rotate_linear_pair, rotate_output, rotation_matrix
+from .recipe import PTQMethod, PTQRecipe, apply_ptq
+from .rotations import (RotationConfig, fold_attention, hadamard, rotate_input, rotate_linear_pair, rotate_model_,
+                        rotate_output, rotation_matrix)
 from .scale_search import ScaleSearchConfig, scale_search
 from .sequential import sequential_gptq
 
 __all__ = [
-    "CalibrationConfig", "GPTQConfig", "GPTQResult", "Hessian", "RotationConfig", "ScaleSearchConfig", "apply_gptq",
+    "CalibrationConfig", "GPTQConfig", "GPTQResult", "Hessian", "PTQMethod", "PTQRecipe", "RotationConfig",
+    "apply_ptq", "fold_attention", "rotate_model_", "ScaleSearchConfig", "apply_gptq",
     "apply_scale_search", "collect_hessians", "gptq", "hadamard", "rotate_input", "rotate_linear_pair",
     "rotate_output", "rotation_matrix", "scale_search", "sequential_gptq",
 ]

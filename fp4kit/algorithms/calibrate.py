@@ -20,6 +20,9 @@ from its weights alone (RTN, or the scale search if the GPTQ config asks for it)
 `GPTQResult.weight_only` with the reason, never skipped silently. `apply_scale_search` is the same
 swap with scale-searched weights and no calibration.
 
+A `RotatedLinear` (MR-GPTQ, `rotations.rotate_model_`) holds W R and rotates its input online: the
+hooks add (x R)^T (x R) = R^T H R, the Hessian of the weight GPTQ quantizes.
+
 Simplifications (left for the full driver of issue 6): Hessians are taken from the float model in
 one pass, not layer by layer on the outputs of already-quantized layers; siblings that read the
 same input (q/k/v) each keep their own copy of the same Hessian; no resuming of a killed run.
@@ -36,7 +39,8 @@ from tqdm.auto import tqdm
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, quantize
 from fp4kit.nn import DEFAULT_IGNORE, FP4Experts, QuantizeReport, quantize_
-from fp4kit.nn.quantize import exclusion_reason, shared_amax
+from fp4kit.nn.quantize import exclusion_reason, is_plain_linear, shared_amax
+from fp4kit.nn.rotation import RotatedLinear
 
 from .gptq import GPTQConfig, gptq, output_error
 from .scale_search import ScaleSearchConfig, scale_search
@@ -71,7 +75,37 @@ class Hessian:
 def eligible_linears(model: nn.Module, config, filter_fn=None, ignore=DEFAULT_IGNORE) -> dict[str, nn.Linear]:
     """The layers `quantize_` would quantize, by name."""
     return {name: m for name, m in model.named_modules()
-            if type(m) is nn.Linear and exclusion_reason(name, m, config, filter_fn, ignore) is None}
+            if is_plain_linear(m) and exclusion_reason(name, m, config, filter_fn, ignore) is None}
+
+
+def layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the layer's weight multiplies: x, or x R for a RotatedLinear (its Hessian is R^T H R)."""
+    return module.rotate(x) if isinstance(module, RotatedLinear) else x
+
+
+def input_hook(module: nn.Module, hessian: "Hessian"):
+    return module.register_forward_pre_hook(lambda m, args: hessian.add(layer_input(m, args[0].detach())))
+
+
+@torch.no_grad()
+def observe_layer_input_amax(model: nn.Module, run: Callable[[], object], names) -> dict[str, torch.Tensor]:
+    """Absolute max of what each named layer's weight multiplies (rotated for a RotatedLinear): the
+    static NVFP4 input scale of W4A4 must be calibrated on the rotated input."""
+    amax: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(m, args):
+            a = layer_input(m, args[0].detach()).abs().amax().float().cpu()
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
 
 
 @torch.no_grad()
@@ -84,8 +118,7 @@ def collect_hessians(model: nn.Module, batches: Iterable, config: NVFP4Config | 
     hessians = {name: Hessian(torch.zeros(m.in_features, m.in_features, dtype=calibration.accumulate_dtype,
                                           device=calibration.store_device or m.weight.device))
                 for name, m in layers.items()}
-    handles = [m.register_forward_pre_hook(lambda _m, args, h=hessians[name]: h.add(args[0].detach()))
-               for name, m in layers.items()]
+    handles = [input_hook(m, hessians[name]) for name, m in layers.items()]
     try:
         for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
             model(**batch) if isinstance(batch, dict) else model(batch)

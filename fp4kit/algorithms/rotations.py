@@ -21,53 +21,28 @@ Where the rotation goes:
   W_p into R^T W_p (and b_p into b_p R). `rotate_linear_pair` does both for a pair with nothing
   nonlinear between them (attention's v_proj -> o_proj per head, when the rotation block divides
   the head dim: attention mixes tokens, not features within a head).
-- Online (not here yet): where a nonlinearity or a norm sits in between (down_proj's input after
-  SiLU*up), the activation must be multiplied by R at run time; that is a kernel's job.
+- Online: where a nonlinearity or a norm sits in between (q/k/v and gate/up read the RMSNorm's
+  output, down_proj reads SiLU(gate) * up), the layer rotates its own input at run time:
+  `RotatedLinear` in float, `FP4Linear(rotation=...)` once quantized (`fp4kit.nn.rotation`).
+
+`rotate_model_` applies MR-GPTQ's placement to a transformers decoder: every layer `quantize_`
+would quantize gets an input rotation; o_proj's is folded into v_proj when the rotation block
+divides the head dim (one sign pattern per head, repeated over the heads, so grouped-query
+attention, where several query heads read one value head, stays exact), and every other layer
+(q/k/v, gate/up, down, and o_proj when the block does not divide the head dim) is online.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class RotationConfig:
-    """`block_size`: Hadamard block (power of two); `random_signs` with `seed`: R = diag(s) H."""
-
-    block_size: int = 128
-    random_signs: bool = False
-    seed: int = 0
-
-    def __post_init__(self):
-        b = self.block_size
-        if not isinstance(b, int) or b < 1 or b & (b - 1):
-            raise ValueError(f"RotationConfig.block_size must be a power of two, got {b!r}")
-
-
-def hadamard(n: int, dtype=torch.float32) -> torch.Tensor:
-    """Orthonormal Sylvester-Hadamard matrix [n, n] (n a power of two): entries +-1/sqrt(n)."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Hadamard size must be a power of two, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / n**0.5).to(dtype)
-
-
-def rotation_matrix(dim: int, config: RotationConfig = RotationConfig(), *, dtype=torch.float32,
-                    name: str = "rotation") -> torch.Tensor:
-    """Block-diagonal R [dim, dim]: I_{dim/b} (x) H_b, rows scaled by random signs if asked."""
-    if dim % config.block_size:
-        raise ValueError(f"{name}: dim {dim} is not divisible by the rotation block {config.block_size}")
-    R = torch.block_diag(*[hadamard(config.block_size, torch.float64)] * (dim // config.block_size))
-    if config.random_signs:
-        g = torch.Generator().manual_seed(config.seed)
-        signs = torch.randint(0, 2, (dim,), generator=g, dtype=torch.float64) * 2 - 1
-        R = signs.unsqueeze(1) * R
-    return R.to(dtype)
+from fp4kit.nn import DEFAULT_IGNORE
+from fp4kit.nn.quantize import exclusion_reason, is_plain_linear
+from fp4kit.nn.rotation import (RotatedLinear, RotationConfig, check_rotatable, hadamard, rotate_blocks,  # noqa: F401
+                                rotation_matrix, rotation_signs)
 
 
 def rotate_input(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -96,3 +71,64 @@ def rotate_linear_pair(producer: nn.Linear, consumer: nn.Linear, R: torch.Tensor
     if b is not None:
         producer.bias.copy_(b)
     consumer.weight.copy_(rotate_input(consumer.weight, R))
+
+
+def head_rotation(heads: int, head_dim: int, config: RotationConfig) -> torch.Tensor:
+    """R [heads * head_dim] = I_heads (x) R_head: the same per-head rotation (signs included) in every head."""
+    return torch.block_diag(*[rotation_matrix(head_dim, config, dtype=torch.float64)] * heads)
+
+
+@torch.no_grad()
+def fold_attention(attn: nn.Module, config: RotationConfig) -> bool:
+    """Fold o_proj's input rotation into v_proj's output, per head; False when it cannot be folded.
+
+    v_proj emits v R_kv (R_kv = I_{kv heads} (x) R_head); attention mixes tokens within each head and
+    each query head reads one value head, so o_proj receives (attention output) R_q with
+    R_q = I_{heads} (x) R_head, and o_proj's weight becomes W_o R_q.
+    """
+    v, o = getattr(attn, "v_proj", None), getattr(attn, "o_proj", None)
+    head_dim = getattr(attn, "head_dim", None)
+    if not (isinstance(v, nn.Linear) and isinstance(o, nn.Linear) and head_dim) or head_dim % config.block_size:
+        return False
+    if v.out_features % head_dim or o.in_features % head_dim:
+        return False
+    R_v = head_rotation(v.out_features // head_dim, head_dim, config).to(v.weight.device)
+    R_o = head_rotation(o.in_features // head_dim, head_dim, config).to(o.weight.device)
+    W, b = rotate_output(v.weight, v.bias, R_v)
+    v.weight.copy_(W)
+    if b is not None:
+        v.bias.copy_(b)
+    o.weight.copy_(rotate_input(o.weight, R_o))
+    return True
+
+
+def rotate_model_(model: nn.Module, format_config, rotation: RotationConfig, *,
+                  filter_fn: Callable[[nn.Module, str], bool] | None = None,
+                  ignore: tuple[str, ...] = DEFAULT_IGNORE, fold: bool = True) -> dict[str, str]:
+    """Rotate the inputs of every layer `quantize_(model, format_config, filter_fn, ignore=ignore)` would
+    quantize, in place, keeping the model's function: o_proj folded into v_proj where possible, the rest
+    swapped for `RotatedLinear`. Returns {layer: "online" | "folded into <v_proj>"}.
+
+    Every chosen layer's in_features must be divisible by the block: a ValueError names the first that is
+    not, before anything is changed."""
+    chosen = {n: m for n, m in model.named_modules()
+              if is_plain_linear(m) and exclusion_reason(n, m, format_config, filter_fn, ignore) is None}
+    for name, m in chosen.items():
+        if isinstance(m, RotatedLinear):
+            raise ValueError(f"{name}: already rotated; rotate a model once")
+        check_rotatable(m.in_features, rotation, name)
+    plan = {}
+    if fold:
+        for name, attn in model.named_modules():
+            prefix = f"{name}." if name else ""
+            v, o = f"{prefix}v_proj", f"{prefix}o_proj"
+            if o in chosen and fold_attention(attn, rotation):
+                plan[o] = f"folded into {v}"
+    for name, m in chosen.items():
+        if name in plan:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                RotatedLinear.from_linear(m, rotation, name=name))
+        plan[name] = "online"
+    return plan

@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from fp4kit.formats import MXFP4Config, NVFP4Config
 from fp4kit.nn import DEFAULT_IGNORE, QuantizeReport, quantize_
+from fp4kit.nn.rotation import RotatedLinear
 
-from .calibrate import GPTQResult, Hessian, apply_gptq, eligible_linears
+from .calibrate import GPTQResult, Hessian, apply_gptq, eligible_linears, input_hook
 from .gptq import GPTQConfig
 
 
@@ -124,7 +125,9 @@ def sequential_gptq(model: nn.Module, batches: Iterable, config: NVFP4Config | M
     if not batches:
         raise ValueError("sequential_gptq needs at least one calibration batch")
     stack_name, layers = decoder_layers(model)
-    fingerprint = _fingerprint(config, gptq_config, (*ignore, repr(quantize_kwargs.get("activations"))), batches)
+    rotations = sorted({repr(m.rotation.config) for m in model.modules() if isinstance(m, RotatedLinear)})
+    fingerprint = _fingerprint(config, gptq_config, (*ignore, repr(quantize_kwargs.get("activations")), *rotations),
+                               batches)
     state_dir = pathlib.Path(state_dir) if state_dir is not None else None
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -150,8 +153,7 @@ def sequential_gptq(model: nn.Module, batches: Iterable, config: NVFP4Config | M
         targets = eligible_linears(model, config, select, ignore)
         hessians = {n: Hessian(torch.zeros(m.in_features, m.in_features, device=m.weight.device))
                     for n, m in targets.items()}
-        handles = [m.register_forward_pre_hook(lambda _m, args, h=hessians[n]: h.add(args[0].detach()))
-                   for n, m in targets.items()]
+        handles = [input_hook(m, hessians[n]) for n, m in targets.items()]
         try:
             with torch.no_grad():
                 for h, (_, kwargs) in zip(hidden, records):

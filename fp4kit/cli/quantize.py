@@ -1,8 +1,7 @@
-"""`fp4kit quantize`: quantize a model (RTN, MSE scale search or GPTQ), compare it with the original, export it."""
+"""`fp4kit quantize`: quantize a model (RTN, MSE scale search, GPTQ or MR-GPTQ), compare it with the original, export it."""
 
 from __future__ import annotations
 
-import fp4kit
 from fp4kit.formats import FP8Config, FP8Granularity
 
 from .common import SCHEMES, SCALE_RULES, format_config
@@ -41,6 +40,7 @@ def cmd_quantize(args) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     config = format_config(args.scheme, args.scale_rule)
+    recipe = recipe_from_args(args)  # flag errors before the model loads
     print(f"loading {args.model} ...", flush=True)
     model, tokenizer, src = load_model(args.model)
     params, bf16_bytes = _bf16_bytes(model)
@@ -49,7 +49,7 @@ def cmd_quantize(args) -> int:
         text = load_corpus("shakespeare")[: args.eval_tokens * 8]
         ids = tokenizer(text, return_tensors="pt").input_ids[0][: args.eval_tokens]
         before = perplexity(model, ids, context=args.context, desc="ppl bf16/float")
-    report = _quantize_with_method(model, tokenizer, config, args)
+    report = _quantize_with_method(model, tokenizer, config, recipe, args)
     print(report.summary())
     if args.kv_cache == "fp8":
         _calibrate_kv(model, tokenizer, args)
@@ -89,32 +89,32 @@ def _calibrate_kv(model, tokenizer, args) -> None:
     print(f"FP8 KV cache: static {kv.granularity.value} scales from {len(batches)} x {args.calib_seq_len} tokens")
 
 
-def _quantize_with_method(model, tokenizer, config, args):
-    """rtn: round to nearest; mse: per-block scale search; gptq: GPTQ on calibration Hessians.
+def recipe_from_args(args):
+    """The PTQRecipe the flags describe (the dispatch itself lives in fp4kit.algorithms.apply_ptq)."""
+    from fp4kit.algorithms import GPTQConfig, PTQMethod, PTQRecipe, RotationConfig
+    from fp4kit.algorithms.recipe import DEFAULT_ROTATION
+
+    method = PTQMethod(args.method)
+    rotation = None
+    if method is PTQMethod.MR_GPTQ:
+        rotation = RotationConfig(args.rotation_size or DEFAULT_ROTATION.block_size, args.random_signs, args.rotation_seed)
+    elif args.rotation_size is not None or args.random_signs:
+        raise ValueError("--rotation-size/--random-signs apply to --method mr-gptq")
+    return PTQRecipe(method, rotation, GPTQConfig(damp=args.damp, act_order=args.act_order),
+                     sequential=args.sequential, state_dir=args.calib_state)
+
+
+def _quantize_with_method(model, tokenizer, config, recipe, args):
+    """rtn: round to nearest; mse: per-block scale search; gptq: GPTQ on calibration Hessians; mr-gptq:
+    block-Hadamard rotation + MSE scales + GPTQ on the rotated Hessians (see fp4kit.algorithms.recipe).
     --activations fp4 adds W4A4 input quantization, NVFP4 with calibrated static input scales;
     --activations fp8 adds W4A8: FP8 inputs with dynamic per-token scales (nothing to calibrate)."""
-    from fp4kit.algorithms import GPTQConfig, apply_gptq, apply_scale_search, collect_hessians, sequential_gptq
-    from fp4kit.nn import observe_input_amax
+    from fp4kit.algorithms import apply_ptq
 
     batches = None
-    if args.method == "gptq" or args.activations == "fp4":
+    if recipe.method.needs_calibration or args.activations == "fp4":
         batches = _calibration_batches(tokenizer, args.calib_samples, args.calib_seq_len)
-    extra = {}
-    if args.activations == "fp8":
-        extra = {"activations": _input_config(config, "fp8")}
-    if args.activations == "fp4":
-        amax = observe_input_amax(model, lambda: [model(b) for b in batches])
-        extra = {"activations": config, "input_amax": amax}
-    if args.method == "mse":
-        return apply_scale_search(model, config, **extra)
-    if args.method == "gptq" and (args.sequential or args.calib_state):
-        gptq_config = GPTQConfig(damp=args.damp, act_order=args.act_order)
-        return sequential_gptq(model, batches, config, gptq_config, state_dir=args.calib_state, **extra).report
-    if args.method == "gptq":
-        hessians = collect_hessians(model, batches, config)
-        result = apply_gptq(model, config, hessians, GPTQConfig(damp=args.damp, act_order=args.act_order), **extra)
-        return result.report
-    return fp4kit.quantize_(model, config, **extra)
+    return apply_ptq(model, config, recipe, batches=batches, activations=_input_config(config, args.activations))
 
 
 def _table(rows, params, ids, args) -> str:
@@ -132,8 +132,14 @@ def register(sub) -> None:
     q.add_argument("model", nargs="?", default="smollm2-135m",
                    help="embedded name (smollm2-135m, gemma3-270m), a local HF folder or a .gguf file")
     q.add_argument("--scheme", choices=SCHEMES, default="nvfp4")
-    q.add_argument("--method", choices=["rtn", "mse", "gptq"], default="rtn",
-                   help="rtn: round to nearest; mse: per-block scale search; gptq: GPTQ with calibration")
+    q.add_argument("--method", choices=["rtn", "mse", "gptq", "mr-gptq"], default="rtn",
+                   help="rtn: round to nearest; mse: per-block scale search; gptq: GPTQ with calibration; "
+                        "mr-gptq: block-Hadamard input rotations + MSE scales + GPTQ")
+    q.add_argument("--rotation-size", type=int, choices=[16, 32, 64, 128], default=None,
+                   help="mr-gptq: Hadamard block size (default 128)")
+    q.add_argument("--random-signs", action="store_true",
+                   help="mr-gptq: random-sign Hadamard (fp4kit metadata; vLLM cannot serve it yet)")
+    q.add_argument("--rotation-seed", type=int, default=0, help="mr-gptq: seed of the random signs")
     q.add_argument("--activations", choices=list(ACT_LABEL), default="none",
                    help="fp4: also quantize layer inputs (W4A4, the compressed-tensors NVFP4/MXFP4 presets)")
     q.add_argument("--kv-cache", choices=["none", "fp8"], default="none",

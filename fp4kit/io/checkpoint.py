@@ -44,6 +44,8 @@ from fp4kit.nn.quantize import matches
 from .experts import (expert_naming, expert_tensors, float_expert_tensors, gather_experts, install_experts,
                       router_names)
 from .files import atomic_directory, load_tensors, read_json, weight_files
+from .transforms import (card_note, ct_transform_config, fp4kit_rotation_metadata, pop_transform_tensors,
+                         read_rotations, rotated_layers, transform_scheme_names, transform_tensors)
 
 CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -140,6 +142,8 @@ def _export_plan(model: nn.Module, dense_dtype: torch.dtype):
         dense = t.is_floating_point() and not name.endswith(KEEP_FP32) and t.dtype not in (
             torch.float8_e4m3fn, torch.float8_e8m0fnu)
         yield name, t, dense_dtype if dense else t.dtype
+    # online rotations: the +-1 Hadamard vLLM's transform modules load (see transforms.py)
+    yield from ((n, t, dense_dtype) for n, t in transform_tensors(rotated_layers(model, naming.to_disk), dense_dtype))
 
 
 def _plan_length(model: nn.Module) -> int:
@@ -147,7 +151,7 @@ def _plan_length(model: nn.Module) -> int:
     extra = sum(3 * m.num_experts * (3 if isinstance(m.config, NVFP4Config) else 2) - len(m.state_dict())
                 for m in model.modules() if isinstance(m, FP4Experts))
     extra += sum(3 * m.gate_up_proj.shape[0] - 2 for m in model.modules() if is_fused_experts(m))
-    return len(model.state_dict()) + extra
+    return len(model.state_dict()) + extra + sum(1 for _ in transform_tensors(rotated_layers(model), torch.float32))
 
 
 def export_bytes(model: nn.Module, dense_dtype: torch.dtype = torch.bfloat16) -> int:
@@ -172,6 +176,7 @@ def save_checkpoint(model: nn.Module, out: str | pathlib.Path, *, tokenizer=None
 
     config, input_config = fp4_config_of(model)
     naming = expert_naming(model.config)
+    rotations = rotated_layers(model, naming.to_disk)  # raises on a float RotatedLinear
     quantized = [naming.to_disk(n) for n, m in model.named_modules() if isinstance(m, (FP4Linear, FP4Experts))]
     ignored = [naming.to_disk(n) for n, m in model.named_modules() if type(m) is nn.Linear]
     ignored += router_names(model, naming)
@@ -204,7 +209,13 @@ def save_checkpoint(model: nn.Module, out: str | pathlib.Path, *, tokenizer=None
         hf_config = model.config.to_dict()
         hf_config.pop("quantization_config", None)
         hf_config["torch_dtype"] = str(dense_dtype).removeprefix("torch.")
+        hf_config.pop("fp4kit_rotation", None)
         hf_config["quantization_config"] = quantization_config(config, ignored, input_config, kv_config_of(model))
+        if rotations:
+            hf_config["fp4kit_rotation"] = fp4kit_rotation_metadata(rotations)
+            transform = ct_transform_config(rotations)
+            if transform is not None:
+                hf_config["quantization_config"]["transform_config"] = transform
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             try:
@@ -213,7 +224,8 @@ def save_checkpoint(model: nn.Module, out: str | pathlib.Path, *, tokenizer=None
                 pass
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card or model_card(config, quantized, ignored, input_config=input_config))
+        (tmp / "README.md").write_text((card or model_card(config, quantized, ignored, input_config=input_config))
+                                       + card_note(rotations))
     return SaveResult(out, final, total, quantized, ignored)
 
 
@@ -229,7 +241,8 @@ def _name_shards(folder: pathlib.Path, shards: list[str], weight_map: dict, tota
     return list(names.values())
 
 
-METHODS = {"rtn": "round-to-nearest (RTN)", "mse": "per-block MSE scale search", "gptq": "GPTQ"}
+METHODS = {"rtn": "round-to-nearest (RTN)", "mse": "per-block MSE scale search", "gptq": "GPTQ",
+           "mr-gptq": "MR-GPTQ (block-Hadamard input rotations, MSE scales, GPTQ)"}
 
 
 def _activation_label(input_config) -> str:
@@ -321,15 +334,19 @@ def load_checkpoint(path: str | pathlib.Path, *, dtype: torch.dtype = torch.bflo
     expert_blocks = {k[: -len("_blocks")]: (tensors.pop(k), tensors.pop(k[: -len("_blocks")] + "_scales", None))
                      for k in [k for k in tensors if k.endswith("_blocks")]}
 
-    if hasattr(hf_config, "quantization_config"):
-        del hf_config.quantization_config
+    for attr in ("quantization_config", "fp4kit_rotation"):
+        if hasattr(hf_config, attr):
+            delattr(hf_config, attr)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
     expert_groups = gather_experts(tensors, naming, model)
     input_config = _input_config(folder, config)
     quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")} | set(expert_blocks))
+    raw_config = read_json(folder / "config.json")
+    rotations = read_rotations(raw_config, quantized, str(folder / "config.json"))
+    pop_transform_tensors(tensors, rotations, transform_scheme_names(raw_config), str(folder))
     for name in quantized:
         if name not in expert_blocks:
-            _swap_in(model, name, config, tensors, folder, dtype, input_config)
+            _swap_in(model, name, config, tensors, folder, dtype, input_config, rotations.get(name))
     for name, (blocks, scales) in expert_blocks.items():
         _register_gpt_oss_expert(model, name, blocks, scales, folder, dtype)
     quantized = sorted(quantized + install_experts(model, expert_groups, tensors, config, naming, folder, dtype))
@@ -381,7 +398,7 @@ def _input_config(folder: pathlib.Path, config):
     raise ValueError(f"{folder / 'config.json'}: input_activations {a} are not an FP4 scheme fp4kit simulates")
 
 
-def _swap_in(model, name, config, tensors, folder, dtype, input_config=None):
+def _swap_in(model, name, config, tensors, folder, dtype, input_config=None, rotation=None):
     try:
         linear = model.get_submodule(name)
     except AttributeError:
@@ -403,7 +420,8 @@ def _swap_in(model, name, config, tensors, folder, dtype, input_config=None):
     parent, _, child = name.rpartition(".")
     if isinstance(input_config, NVFP4Config) and f"{name}.input_global_scale" not in tensors:
         raise ValueError(f"{folder}: {name}.input_global_scale is missing (the config declares NVFP4 activations)")
-    fp4 = FP4Linear(k, n, config, bias=linear.bias is not None, dtype=dtype, input_config=input_config)
+    fp4 = FP4Linear(k, n, config, bias=linear.bias is not None, dtype=dtype, input_config=input_config,
+                    rotation=rotation, name=name)
     setattr(model.get_submodule(parent) if parent else model, child, fp4)
 
 

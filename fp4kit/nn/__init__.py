@@ -9,5 +9,6 @@ from .lora import LoRAConfig, LoRALinear, add_lora, load_adapter, save_adapter
 from .observe import observe_input_amax
 from .parametrize import FP4Parametrization, register_fp4
 from .quantize import DEFAULT_IGNORE, QuantizeReport, quantize_
+from .rotation import RotatedLinear, RotationConfig  # noqa: F401
 
 __all__ = ["DEFAULT_IGNORE", "FP4Experts", "FP4Linear", "FP4Parametrization", "QuantizeReport", "observe_input_amax", "is_fused_experts", "quantize_", "register_fp4"]

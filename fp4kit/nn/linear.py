@@ -16,6 +16,12 @@ exactly as the serving engine will quantize it:
     W4A8 FP8    E4M3 with one scale per token (row) computed on the fly: amax/448
                 (compressed-tensors' FP8_DYNAMIC activations)
 
+With `rotation` set (a `RotationConfig`), the layer computes (x R) Q(W R)^T: its input is rotated
+online by the block Hadamard R = diag(s) (I (x) H_b) (see `rotation.py`), before the input
+quantization and the matmul, and the stored weight is the quantized W R. R is rebuilt from
+(block_size, random_signs, seed), kept as non-persistent buffers, so the state dict holds only the
+compressed-tensors tensors above; the checkpoint's config carries the rotation (see `fp4kit.io`).
+
 `forward` on CUDA calls the Triton W4A16 GEMM (`fp4kit.kernels.fp4_linear`, which reads these
 buffers as they are); elsewhere it dequantizes the weight and calls `F.linear`, the torch twin the
 kernels are tested against (same function up to the GEMM's accumulation order). Build one with
@@ -34,16 +40,19 @@ from fp4kit.formats import (FP8Config, FP8Granularity, MXFP4Config, NVFP4Config,
 InputConfig = NVFP4Config | MXFP4Config | FP8Config
 from fp4kit.kernels import fp4_linear
 
+from .rotation import InputRotation, RotatedLinear, RotationConfig
+
 
 class FP4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: NVFP4Config | MXFP4Config, *, bias: bool = True,
-                 dtype: torch.dtype = torch.bfloat16, device=None, input_config: InputConfig | None = None):
+                 dtype: torch.dtype = torch.bfloat16, device=None, input_config: InputConfig | None = None,
+                 rotation: RotationConfig | None = None, name: str = "linear"):
         super().__init__()
         if not isinstance(config, (NVFP4Config, MXFP4Config)):
             raise TypeError(f"FP4Linear needs an NVFP4Config or MXFP4Config, got {type(config).__name__}")
         bs = config.block_size
         if in_features % bs:
-            raise ValueError(f"{config.name.upper()} needs in_features % {bs} == 0; got in_features={in_features}")
+            raise ValueError(f"{name}: {config.name.upper()} needs in_features % {bs} == 0; got in_features={in_features}")
         self.in_features, self.out_features, self.config, self.dtype = in_features, out_features, config, dtype
         scale_dtype = torch.float8_e4m3fn if isinstance(config, NVFP4Config) else torch.uint8
         self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
@@ -63,17 +72,24 @@ class FP4Linear(nn.Module):
             self.register_buffer("input_global_scale", torch.ones(1, dtype=torch.float32, device=device))
         else:
             self.input_global_scale = None
+        self.rotation = None if rotation is None else InputRotation(in_features, rotation, device=device, name=name)
+
+    @property
+    def rotation_config(self) -> RotationConfig | None:
+        return None if self.rotation is None else self.rotation.config
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: NVFP4Config | MXFP4Config, *, name: str = "linear",
                     amax=None, input_config: InputConfig | None = None,
                     weight: QuantizedTensor | None = None) -> "FP4Linear":
         """Quantize `linear.weight` with `config` (RTN), or take `weight` already quantized (GPTQ, scale
-        search). `amax` sets a shared per-tensor amax (fused shards)."""
+        search). `amax` sets a shared per-tensor amax (fused shards). A `RotatedLinear` (weight W R)
+        gives an FP4Linear with the same online input rotation."""
         w = linear.weight.detach()
+        rotation = linear.rotation.config if isinstance(linear, RotatedLinear) else None
         out = cls(linear.in_features, linear.out_features, config, bias=linear.bias is not None,
                   dtype=w.dtype if w.is_floating_point() else torch.bfloat16, device=w.device,
-                  input_config=input_config)
+                  input_config=input_config, rotation=rotation, name=name)
         out.load_quantized(weight if weight is not None else quantize(linear.weight.detach(), config, amax=amax,
                                                                        name=f"{name}.weight"))
         if linear.bias is not None:
@@ -116,6 +132,8 @@ class FP4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
+        if self.rotation is not None:
+            x = self.rotation(x)  # x R, online (W R is what is stored)
         x = self.quantize_input(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.is_cuda:
@@ -124,5 +142,6 @@ class FP4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         act = f", input={self.input_config.name}" if self.input_config is not None else ""
+        act += "" if self.rotation is None else f", rotation={self.rotation.extra_repr()}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.config.name}{act}")

@@ -16,6 +16,9 @@ MoE experts that transformers keeps fused in 3-D parameters (Qwen3-MoE, Mixtral,
 `FP4Experts` (see experts.py): every expert quantized, gate and up of each expert sharing one
 global scale. They are listed in the report under the experts module's name.
 
+A `RotatedLinear` (a float layer holding W R that rotates its input online, see rotation.py) is
+quantized like an nn.Linear and becomes an FP4Linear with the same rotation.
+
 A weight holding NaN or Inf raises, naming the layer: quantizing it would silently corrupt it. All
 weights are checked before the first swap, so a failure leaves the model untouched.
 """
@@ -33,19 +36,29 @@ from fp4kit.formats import FP8Config, MXFP4Config, NVFP4Config, check_finite
 
 from .experts import FP4Experts, experts_exclusion_reason, is_fused_experts
 from .linear import FP4Linear
+from .rotation import RotatedLinear
 
 DEFAULT_IGNORE = ("lm_head",)
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+LINEAR_TYPES = (nn.Linear, RotatedLinear)  # exact types quantize_ swaps (not subclasses such as LoRA or QAT)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    return type(module) in LINEAR_TYPES
 
 
 @dataclass
 class QuantizeReport:
     quantized: list[str] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)
+    rotated: dict[str, str] = field(default_factory=dict)  # name -> "online" or "folded into <producer>"
 
     def summary(self) -> str:
         lines = [f"quantized {len(self.quantized)} layers, excluded {len(self.excluded)}"]
         lines += [f"  excluded {name}: {reason}" for name, reason in self.excluded.items()]
+        if self.rotated:
+            online = sum(v == "online" for v in self.rotated.values())
+            lines.append(f"rotated {len(self.rotated)} layers: {online} online, {len(self.rotated) - online} folded")
         return "\n".join(lines)
 
 
@@ -100,7 +113,7 @@ def quantize_(model: nn.Module, config: NVFP4Config | MXFP4Config,
     chosen, experts = [], []
     for name, module in model.named_modules():
         fused = is_fused_experts(module)
-        if type(module) is not nn.Linear and not fused:
+        if not is_plain_linear(module) and not fused:
             continue
         reason = exclusion_reason(name, module, config, filter_fn, ignore)
         if reason:

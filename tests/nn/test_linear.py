@@ -79,3 +79,63 @@ def test_cuda_forward_uses_kernel_within_gemm_tolerance(config):
     ref = x.double() @ q.dequantize_weight(torch.float64).T + lin.bias.double()
     err = (q(x).double() - ref).abs().max() / ref.abs().max()
     assert err < 8e-3  # bf16 output rounding (2^-8) plus fp32 accumulation
+
+
+# ---- online input rotation (MR-GPTQ) --------------------------------------------------------------
+
+def _rotated(config, rotation, *, bias=True, input_config=None, device="cpu"):
+    from fp4kit.nn.rotation import RotatedLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(160, 48, bias=bias, device=device)
+    return lin, FP4Linear.from_linear(RotatedLinear.from_linear(lin, rotation, name="proj"), config, name="proj",
+                                      input_config=input_config)
+
+
+@pytest.mark.parametrize("config", [NVFP4Config(), MXFP4Config()], ids=lambda c: c.name)
+@pytest.mark.parametrize("signs", [False, True])
+def test_rotated_layer_is_dequant_w_r_applied_to_x_r(config, signs, device):
+    """Reference: dense R [K, K] in float64 (not the block-wise product), dequant(quantize(W R))."""
+    from fp4kit.algorithms import RotationConfig, rotation_matrix
+
+    rot = RotationConfig(32, signs, seed=11)
+    lin, q = _rotated(config, rot, device=device)
+    R = rotation_matrix(160, rot, dtype=torch.float64).to(device)
+    w_r = quantize((lin.weight.detach().double() @ R).float(), config)
+    assert torch.equal(q.weight_packed, w_r.data) and torch.equal(q.weight_scale.view(torch.uint8),
+                                                                   w_r.scale.view(torch.uint8))
+    x = torch.randn(17, 160, device=device)
+    ref = nn.functional.linear((x.double() @ R).float(), w_r.dequantize().to(device), lin.bias)
+    err = (q(x) - ref).abs().max() / ref.abs().max()
+    assert err < (1e-6 if device.type == "cpu" else 2e-2), err  # CPU: fp32 rounding of x R only; CUDA: GEMM tolerance
+
+
+def test_rotated_w4a4_quantizes_the_rotated_input():
+    from fp4kit.algorithms import RotationConfig
+    from fp4kit.formats import quantize_nvfp4
+
+    lin, q = _rotated(NVFP4Config(), RotationConfig(16, True), input_config=NVFP4Config())
+    x = torch.randn(5, 160) * torch.linspace(0.1, 8, 160)  # uneven channels
+    xr = q.rotation(x)
+    q.set_input_amax(xr.abs().amax())
+    xq = quantize_nvfp4(xr, NVFP4Config(), global_scale=q.input_global_scale).dequantize(torch.float32)
+    expected = nn.functional.linear(xq, q.dequantize_weight(torch.float32), q.bias)
+    assert torch.equal(q(x), expected)
+
+
+def test_rotation_buffers_are_not_saved_and_rebuild_from_the_config():
+    from fp4kit.algorithms import RotationConfig
+
+    _, q = _rotated(MXFP4Config(), RotationConfig(32, True, seed=3))
+    assert set(q.state_dict()) == {"weight_packed", "weight_scale", "bias"}
+    fresh = FP4Linear(160, 48, MXFP4Config(), dtype=torch.float32, rotation=RotationConfig(32, True, seed=3))
+    fresh.load_state_dict(q.state_dict())
+    x = torch.randn(4, 160)
+    assert torch.equal(fresh(x), q(x)) and "rotation=block=32, random_signs(seed=3)" in repr(q)
+
+
+def test_rotation_block_not_dividing_in_features_names_the_layer():
+    from fp4kit.algorithms import RotationConfig
+
+    with pytest.raises(ValueError, match="down_proj: in_features 96 is not divisible by the rotation block 64"):
+        FP4Linear(96, 8, NVFP4Config(), rotation=RotationConfig(64), name="down_proj")
