@@ -168,6 +168,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/fp4_gemv_h100.json")
     p.add_argument("--ms", type=int, nargs="+", default=list(MS))
     p.add_argument("--sweep-shapes", nargs="*", default=["gate_up", "down"])
+    p.add_argument("--sweep-ms", type=int, nargs="+", default=[1, 4])
     args = p.parse_args(argv)
     if args.sass:
         rep = sass_report()
@@ -343,7 +344,7 @@ def run_gpu(args):
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-    sweep = run_sweep(bw, args.sweep_shapes) if args.sweep_shapes else []
+    sweep = run_sweep(bw, args.sweep_shapes, tuple(args.sweep_ms)) if args.sweep_shapes else []
     rows = run_compare(bw, tuple(args.ms))
     summary = summarize(rows)
     for k, v in summary.items():
