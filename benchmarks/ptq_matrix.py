@@ -1,0 +1,239 @@
+"""The PTQ matrix of issue 6: every method x format x activation setting, on perplexity and the task set.
+
+For one model (or its upcycle to a Mixtral MoE, `--upcycle`): bf16, then {nvfp4, mxfp4} x {rtn, mse, gptq,
+mr-gptq} x {W4A16, W4A4}, each quantized from the same bf16 weights with `fp4kit.algorithms.apply_ptq` and
+evaluated with fp4kit.eval's scoring on the frozen task items of `benchmarks/eval_matrix.py` (hellaswag,
+arc_easy, arc_challenge, piqa, winogrande, basic_arithmetic, perplexity on shakespeare and coqa). Calibration
+(GPTQ Hessians, W4A4 input ranges) uses `--calib-samples` windows of `--calib-seq-len` tokens from
+tiny-shakespeare after character 200,000, disjoint from the first 16K tokens perplexity is measured on.
+
+    # here: freeze the items (the GPU image has no data packages)
+    python benchmarks/eval_matrix.py export-items .stage/items --limit 1000
+    # on the GPU, after staging the GGUF (benchmarks/stage_model.sh)
+    python benchmarks/ptq_matrix.py run /root/stash/smollm2.gguf .stage/items --out $OUT/ptq_matrix.jsonl \
+        --label smollm2-135m
+    # here: the recovery table
+    python benchmarks/ptq_matrix.py report benchmarks/results/ptq_matrix_h100.jsonl
+
+Recovery = mean over tasks of the main metric (acc_norm where the task has it, else acc; exact_match for
+basic_arithmetic) divided by bf16's mean: "the fraction of bf16's average task accuracy kept".
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from eval_matrix import CORPORA, TASKS
+
+FORMATS = ("nvfp4", "mxfp4")
+METHODS = ("rtn", "mse", "gptq", "mr-gptq")
+ACTIVATIONS = ("none", "fp4")
+MAIN_METRIC = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
+               "winogrande": "acc", "basic_arithmetic": "exact_match"}
+
+
+def variants(spec: str) -> list[tuple[str, str, str]]:
+    """'all' or a comma list of FORMAT:METHOD:ACT (e.g. nvfp4:gptq:none); bf16 always runs first."""
+    if spec == "all":
+        return [(f, m, a) for f in FORMATS for a in ACTIVATIONS for m in METHODS]
+    out = []
+    for v in spec.split(","):
+        f, m, a = v.split(":")
+        if f not in FORMATS or m not in METHODS or a not in ACTIVATIONS:
+            raise ValueError(f"bad variant {v!r}: FORMAT in {FORMATS}, METHOD in {METHODS}, ACT in {ACTIVATIONS}")
+        out.append((f, m, a))
+    return out
+
+
+def load_items(folder: pathlib.Path):
+    from fp4kit.data import Generation, MultipleChoice
+
+    tasks = {}
+    for t in TASKS:
+        d = json.loads((folder / f"{t}.json").read_text())
+        cls = {"MultipleChoice": MultipleChoice, "Generation": Generation}[d["kind"]]
+        tasks[t] = (d, [cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in i.items()}) for i in d["items"]])
+    return tasks
+
+
+def calibration(tok, folder: pathlib.Path, samples: int, seq_len: int, device) -> list[torch.Tensor]:
+    text = (folder / "shakespeare.txt").read_text()[200_000:]
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < samples * seq_len:
+        raise ValueError(f"{folder}/shakespeare.txt: {ids.numel()} calibration tokens < {samples} x {seq_len}")
+    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0).to(device) for i in range(samples)]
+
+
+def quantize(model, fmt: str, method: str, act: str, batches):
+    """apply_ptq with the method's defaults; W4A4 input ranges observed by apply_ptq (after any rotation)."""
+    import fp4kit
+    from fp4kit.algorithms import PTQMethod, PTQRecipe, apply_ptq
+
+    config = fp4kit.NVFP4Config() if fmt == "nvfp4" else fp4kit.MXFP4Config()
+    return apply_ptq(model, config, PTQRecipe(method=PTQMethod(method)), batches=batches,
+                     activations=config if act == "fp4" else None, progress=False)
+
+
+def evaluate(model, tok, folder, tasks, base, batch_size, ppl_tokens, context) -> list[dict]:
+    from fp4kit.eval import bos_prefix, mean_stderr, perplexity, score_multiple_choice
+    from fp4kit.eval.generation import score_generation
+    from fp4kit.eval.runner import MAX_NEW_TOKENS
+
+    records = []
+    for c in CORPORA:
+        ids = tok((folder / f"{c}.txt").read_text(), return_tensors="pt").input_ids[0][:ppl_tokens]
+        ids, prefix = bos_prefix(tok, ids)
+        r = perplexity(model, ids, context=context, prefix_token=prefix, progress=False)
+        records.append(base | {"task": f"ppl:{c}", "metric": "perplexity", "value": r.perplexity, "n": r.tokens,
+                               "stderr": None, "context": context})
+    for t, (d, items) in tasks.items():
+        if d["kind"] == "Generation":
+            per = score_generation(model, tok, t, items, batch_size=batch_size, progress=False,
+                                   max_new_tokens=MAX_NEW_TOKENS.get(t, 256))
+        else:
+            per = score_multiple_choice(model, tok, items, batch_size=batch_size, progress=False)
+        for metric, values in per.items():
+            mean, se = mean_stderr(values)
+            records.append(base | {"task": t, "metric": metric, "value": mean, "n": len(values), "stderr": se,
+                                   "limit": d["limit"], "seed": d["seed"]})
+    return records
+
+
+def run(a) -> None:
+    from fp4kit.eval import model_hash
+    from fp4kit.io import load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    tasks = load_items(a.folder)
+    if a.limit:
+        tasks = {t: (d, items[: a.limit]) for t, (d, items) in tasks.items()}
+    t0 = time.time()
+    base_model, tok, src = load_model(a.model, dtype=dtype)
+    base_model = base_model.to(device).eval()
+    if a.upcycle:
+        from fp4kit.io.upcycle import MixtralUpcycle, upcycle_to_mixtral
+
+        e, k, noise = a.upcycle.split(",")
+        base_model = upcycle_to_mixtral(base_model, MixtralUpcycle(int(e), int(k), float(noise)))
+    print(f"loaded {a.model} in {time.time() - t0:.0f}s", flush=True)
+    batches = calibration(tok, a.folder, a.calib_samples, a.calib_seq_len, device)
+    done = set()
+    if a.out.exists():  # resume: skip variants already written
+        old = [json.loads(line) for line in a.out.read_text().splitlines() if line.strip()]
+        done = {(r["format"], r["method"]) for r in old if r.get("model") == a.label}
+    todo = [("bf16", "none", "none")] + variants(a.variants)
+    for fmt, method, act in todo:
+        label_method = method if act == "none" else f"{method}+a4"
+        if (fmt, label_method) in done:
+            continue
+        if a.deadline and time.time() - t0 > a.deadline:
+            print(f"deadline {a.deadline}s reached; stopping before {fmt} {label_method}", flush=True)
+            break
+        t1 = time.time()
+        model = copy.deepcopy(base_model) if fmt != "bf16" else base_model
+        seconds_q = 0.0
+        if fmt != "bf16":
+            with torch.no_grad() if method in ("rtn", "mse") else torch.enable_grad():
+                quantize(model, fmt, method, act, batches)
+            seconds_q = time.time() - t1
+        model.eval()
+        base = {"model": a.label or src.label, "checkpoint_hash": model_hash(model), "format": fmt,
+                "method": label_method, "activations": act, "device": dev_name,
+                "date": datetime.date.today().isoformat(), "calib": f"{a.calib_samples}x{a.calib_seq_len}",
+                "seconds_quantize": round(seconds_q, 2)}
+        with torch.no_grad():
+            records = evaluate(model, tok, a.folder, tasks, base, a.batch_size, a.ppl_tokens, a.context)
+        with open(a.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        main = [r["value"] for r in records if MAIN_METRIC.get(r["task"]) == r["metric"]]
+        ppl = {r["task"]: r["value"] for r in records if r["metric"] == "perplexity"}
+        print(f"{fmt:>5} {label_method:<11} quant {seconds_q:5.1f}s total {time.time() - t1:5.1f}s  "
+              f"avg {sum(main) / len(main):.4f}  " + "  ".join(f"{k} {v:.2f}" for k, v in ppl.items()), flush=True)
+        if model is not base_model:
+            del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (model, format, method): average main metric, recovery vs bf16, perplexities."""
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        key = (r["model"], r["format"], r["method"])
+        row = rows.setdefault(key, {"model": r["model"], "format": r["format"], "method": r["method"], "main": {},
+                                    "ppl": {}, "device": r.get("device"), "date": r.get("date")})
+        if r["metric"] == "perplexity":
+            row["ppl"][r["task"][4:]] = r["value"]
+        elif MAIN_METRIC.get(r["task"]) == r["metric"]:
+            row["main"][r["task"]] = r["value"]
+    out = []
+    bf16 = {k[0]: v for k, v in rows.items() if k[1] == "bf16"}
+    for (model, fmt, method), row in rows.items():
+        b = bf16.get(model)
+        row["avg"] = sum(row["main"].values()) / max(len(row["main"]), 1)
+        if b and len(b["main"]) == len(row["main"]):
+            row["recovery"] = row["avg"] / b["avg"]
+            rtn = rows.get((model, fmt, "rtn" if "+a4" not in method else "rtn+a4"))
+            if rtn and fmt != "bf16" and rtn is not row:
+                gap = rtn["ppl"].get("shakespeare", 0) - b["ppl"].get("shakespeare", 0)
+                row["ppl_gap_closed"] = (rtn["ppl"]["shakespeare"] - row["ppl"]["shakespeare"]) / gap if gap else None
+        out.append(row)
+    return out
+
+
+def report(a) -> None:
+    records = [json.loads(line) for p in a.files for line in p.read_text().splitlines() if line.strip()]
+    rows = summarize(records)
+    head = ("| model | format | method | " + " | ".join(TASKS)
+            + " | avg | recovery | ppl shakespeare | ppl coqa | RTN ppl gap closed |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        cells = [f"{r['main'].get(t, float('nan')):.3f}" for t in TASKS]
+        rec = f"{100 * r['recovery']:.1f}%" if "recovery" in r else "-"
+        gap = f"{100 * r['ppl_gap_closed']:.0f}%" if r.get("ppl_gap_closed") is not None else "-"
+        print(f"| {r['model']} | {r['format']} | {r['method']} | " + " | ".join(cells)
+              + f" | {r['avg']:.4f} | {rec} | {r['ppl'].get('shakespeare', float('nan')):.2f} | "
+              f"{r['ppl'].get('coqa', float('nan')):.2f} | {gap} |")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("model")
+    r.add_argument("folder", type=pathlib.Path)
+    r.add_argument("--out", type=pathlib.Path, required=True)
+    r.add_argument("--label", help="model name in the records (default: the model argument's label)")
+    r.add_argument("--variants", default="all", help="'all' or FORMAT:METHOD:ACT,... (bf16 always runs)")
+    r.add_argument("--limit", type=int, help="items per task (default: all exported)")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--ppl-tokens", type=int, default=16384)
+    r.add_argument("--context", type=int, default=1024)
+    r.add_argument("--calib-samples", type=int, default=64)
+    r.add_argument("--calib-seq-len", type=int, default=512)
+    r.add_argument("--upcycle", metavar="E,K,NOISE",
+                   help="evaluate the model upcycled to a Mixtral with E experts, top-K routing, expert noise NOISE")
+    r.add_argument("--deadline", type=float, default=0, help="stop starting new variants after this many seconds")
+    s = sub.add_parser("report")
+    s.add_argument("files", type=pathlib.Path, nargs="+")
+    s.add_argument("--json", type=pathlib.Path, help="also write the summary rows here")
+    a = p.parse_args(argv)
+    run(a) if a.cmd == "run" else report(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
