@@ -47,8 +47,12 @@ from .rotations import RotationConfig, rotate_model_
 from .scale_search import ScaleSearchConfig
 from .sequential import sequential_gptq
 
-# Measured on SmolLM2-135M (benchmarks/ptq_smollm2.py --mr-gptq, docs/ptq.md): see DEFAULT_ROTATION_NOTE.
-DEFAULT_ROTATION = RotationConfig(block_size=128)
+
+def default_rotation(config: NVFP4Config | MXFP4Config) -> RotationConfig:
+    """MR-GPTQ's default block: the format's own (16 NVFP4, 32 MXFP4). It divides every layer the format
+    can quantize (128 does not fit SmolLM2's hidden size 576), and the SmolLM2 sweep in docs/ptq.md
+    (benchmarks/ptq_smollm2.py --mr-gptq) backs the choice."""
+    return RotationConfig(block_size=config.block_size)
 
 
 class PTQMethod(enum.Enum):
@@ -67,7 +71,7 @@ class PTQMethod(enum.Enum):
 
 @dataclass(frozen=True)
 class PTQRecipe:
-    """`method`; `rotation`: block-Hadamard input rotation (MR_GPTQ: None means `DEFAULT_ROTATION`);
+    """`method`; `rotation`: block-Hadamard input rotation (MR_GPTQ: None means `default_rotation(format)`);
     `gptq`: GPTQ settings (MR_GPTQ adds the MSE scale search when `gptq.scale_search` is None);
     `scale_search`: the MSE method's search; `sequential`: GPTQ decoder layer by decoder layer;
     `state_dir`: where a sequential run saves finished layers (resumable)."""
@@ -91,8 +95,6 @@ class PTQRecipe:
         if (self.sequential or self.state_dir) and not self.method.needs_calibration:
             raise ValueError(f"PTQRecipe: sequential/state_dir apply to GPTQ and MR_GPTQ, not {self.method.name}")
         if self.method is PTQMethod.MR_GPTQ:
-            if self.rotation is None:
-                object.__setattr__(self, "rotation", DEFAULT_ROTATION)
             if self.gptq.scale_search is None:
                 object.__setattr__(self, "gptq", GPTQConfig(self.gptq.block_size, self.gptq.damp,
                                                             self.gptq.act_order, self.scale_search))
@@ -116,8 +118,11 @@ def apply_ptq(model: nn.Module, config: NVFP4Config | MXFP4Config, recipe: PTQRe
         raise ValueError(f"apply_ptq: {what} needs calibration batches")
     select = dict(filter_fn=filter_fn, ignore=ignore)
     rotated = {}
-    if recipe.rotation is not None:
-        rotated = rotate_model_(model, config, recipe.rotation, **select)
+    rotation = recipe.rotation
+    if rotation is None and recipe.method is PTQMethod.MR_GPTQ:
+        rotation = default_rotation(config)
+    if rotation is not None:
+        rotated = rotate_model_(model, config, rotation, **select)
     extra = {} if activations is None else {"activations": activations}
     if isinstance(activations, NVFP4Config):
         if input_amax is None:

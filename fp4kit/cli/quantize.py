@@ -92,13 +92,13 @@ def _calibrate_kv(model, tokenizer, args) -> None:
 def recipe_from_args(args):
     """The PTQRecipe the flags describe (the dispatch itself lives in fp4kit.algorithms.apply_ptq)."""
     from fp4kit.algorithms import GPTQConfig, PTQMethod, PTQRecipe, RotationConfig
-    from fp4kit.algorithms.recipe import DEFAULT_ROTATION
 
     method = PTQMethod(args.method)
     rotation = None
-    if method is PTQMethod.MR_GPTQ:
-        rotation = RotationConfig(args.rotation_size or DEFAULT_ROTATION.block_size, args.random_signs, args.rotation_seed)
-    elif args.rotation_size is not None or args.random_signs:
+    if method is PTQMethod.MR_GPTQ and (args.rotation_size or args.random_signs):
+        block = args.rotation_size or format_config(args.scheme, args.scale_rule).block_size
+        rotation = RotationConfig(block, args.random_signs, args.rotation_seed)
+    elif method is not PTQMethod.MR_GPTQ and (args.rotation_size is not None or args.random_signs):
         raise ValueError("--rotation-size/--random-signs apply to --method mr-gptq")
     return PTQRecipe(method, rotation, GPTQConfig(damp=args.damp, act_order=args.act_order),
                      sequential=args.sequential, state_dir=args.calib_state)
@@ -136,7 +136,7 @@ def register(sub) -> None:
                    help="rtn: round to nearest; mse: per-block scale search; gptq: GPTQ with calibration; "
                         "mr-gptq: block-Hadamard input rotations + MSE scales + GPTQ")
     q.add_argument("--rotation-size", type=int, choices=[16, 32, 64, 128], default=None,
-                   help="mr-gptq: Hadamard block size (default 128)")
+                   help="mr-gptq: Hadamard block size (default: the format's block, 16 NVFP4 / 32 MXFP4)")
     q.add_argument("--random-signs", action="store_true",
                    help="mr-gptq: random-sign Hadamard (fp4kit metadata; vLLM cannot serve it yet)")
     q.add_argument("--rotation-seed", type=int, default=0, help="mr-gptq: seed of the random signs")

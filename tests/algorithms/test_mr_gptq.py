@@ -22,7 +22,7 @@ from fp4kit.algorithms import (GPTQConfig, Hessian, PTQMethod, PTQRecipe, Rotati
 from fp4kit.algorithms.gptq import output_error
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
 from fp4kit.nn import FP4Linear
-from fp4kit.nn.rotation import RotatedLinear, rotate_weight
+from fp4kit.nn.rotation import RotatedLinear
 from helpers import tiny_llama
 
 MR_BOUND = {("nvfp4", 16): 0.64, ("nvfp4", 32): 0.69, ("nvfp4", 128): 0.69,
@@ -139,7 +139,10 @@ def test_sequential_mr_gptq_matches_layers_and_rotations():
 
 
 def test_recipe_validation():
-    assert PTQRecipe(PTQMethod.MR_GPTQ).rotation is not None
+    model = nn.Sequential(nn.Linear(64, 8))
+    report = apply_ptq(model, MXFP4Config(), PTQRecipe(PTQMethod.MR_GPTQ), batches=[torch.randn(4, 64)],
+                       progress=False)
+    assert report.rotated == {"0": "online"} and model[0].rotation_config == RotationConfig(32)  # format's block
     assert PTQRecipe(PTQMethod.MR_GPTQ).gptq.scale_search == ScaleSearchConfig()
     assert PTQRecipe(PTQMethod.GPTQ).gptq == GPTQConfig()
     with pytest.raises(TypeError, match="PTQMethod"):
