@@ -85,7 +85,7 @@ def train(args) -> None:
         torch.distributed.destroy_process_group()
 
 
-def compare(one_dir: str, two_dir: str, out: str, tolerance: float) -> None:
+def compare(one_dir: str, two_dir: str, out: str, tolerance: float, name: str) -> None:
     from fp4kit.train.state import read_jsonl
 
     one, two = (pathlib.Path(d) for d in (one_dir, two_dir))
@@ -106,8 +106,8 @@ def compare(one_dir: str, two_dir: str, out: str, tolerance: float) -> None:
            "within_tolerance": max(rel) <= tolerance,
            "loss_one": [r["loss"] for r in log1], "loss_two": [r["loss"] for r in log2]}
     outp = pathlib.Path(out)
-    (outp / "qat_ddp_h200x2.json").write_text(json.dumps(res, indent=1))
-    plot(res, outp / "qat_ddp_h200x2.png")
+    (outp / f"{name}.json").write_text(json.dumps(res, indent=1))
+    plot(res, outp / f"{name}.png")
     print(json.dumps({k: v for k, v in res.items() if not k.startswith("loss_")}, indent=1))
 
 
@@ -147,13 +147,14 @@ def main() -> None:
     p.add_argument("--tolerance", type=float, default=1e-2, help="stated max relative loss difference per step")
     p.add_argument("--out", required=True)
     p.add_argument("--compare", nargs=2, metavar=("ONE", "TWO"))
+    p.add_argument("--name", default="qat_ddp_h200x2", help="basename of the comparison's JSON and PNG")
     p.add_argument("--dump", action="store_true", help="write --tokens and --config from the bundled data")
     args = p.parse_args()
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.dump:
         return dump(args.tokens, args.config)
     if args.compare:
-        return compare(*args.compare, args.out, args.tolerance)
+        return compare(*args.compare, args.out, args.tolerance, args.name)
     train(args)
 
 
