@@ -122,6 +122,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--gptq-scales", choices=["frozen", "dynamic"], default="frozen",
+                   help="QAD from GPTQ: keep GPTQ's scales (frozen) or recompute them each step (dynamic)")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip stages that would start after this many seconds")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--runs-dir", default="/tmp/qat_runs", help="training logs (merged into the JSON at the end)")
@@ -187,7 +189,7 @@ def main() -> None:
 
             t = time.perf_counter()
             student = copy.deepcopy(model)
-            mode = ScaleMode.FROZEN if start == "gptq" else ScaleMode.DYNAMIC
+            mode = ScaleMode(args.gptq_scales) if start == "gptq" else ScaleMode.DYNAMIC
             prepare_qat(student, QATConfig(config, scales=mode), start=starts)
             cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 20, 1),
                               batch_size=args.batch_size, seq_len=args.seq_len, loss=Loss.KD)
