@@ -34,7 +34,12 @@ workspace, a per-tile ticket elects the last split, which sums the partials in s
 two codes are placed as bf16 bits and multiplied by the power-of-two block scale with one
 `mul.rn.bf16x2` (exact), in a k order shared with x so each result is an MMA operand register
 (`MXFP4_BF16_DECODE`). Either way the weights are the twin's bit for bit, so the GEMM tolerance
-argument above is unchanged. Up to DEQUANT_CUBLAS_MIN_M
+argument above is unchanged. At M = 1 (and M = 2 for NVFP4, `GEMV_AUTO_MAX_M`) the CUDA-core GEMV
+of `_fp4_gemv` runs instead, on a re-laid copy of the weight (`gemv_layout`: K split into 8 planes
+so each plane of a word run meets a contiguous run of x; built once, kept on the prepared weight):
+float32 FFMAs, the block scale applied once per 16 products, and no rounding of the decoded weight
+to x's dtype (so it differs from the twin by that rounding; bounds in tests/kernels/test_fp4_gemv.py).
+`fp4_matmul(..., path=DecodePath.SKINNY / GEMV)` forces either. Up to DEQUANT_CUBLAS_MIN_M
 the older tiled kernel runs (64 x 64 / 128 x 64 tiles); from DEQUANT_CUBLAS_MIN_M rows on,
 `fp4_matmul` dequantizes the weight once with `fp4_dequantize` (bit-exact, at the memory roofline)
 and calls cuBLAS, which beat the fused kernels at M = 256 on the H100. Passing `config=` forces the
@@ -478,12 +483,13 @@ class GemvLaunchRule:
     programs_per_sm: int
 
 
-# From the H100 run of benchmarks/bench_fp4_gemv.py (2026-11-23, results/fp4_gemv_h100.json). M = 1:
-# 2 rows per thread (96 registers: ~5 programs per SM resident) and a K split up to ~12 programs per
-# SM were best (gate_up 42.7 -> 35.3 us, down 21.7 -> 19.9 us against 4 rows and 4 programs per SM).
-# M = 2: 4 rows, 4 programs per SM (as measured; the GEMV wins there for NVFP4 only). M >= 3: 2 rows
-# (4 rows spill at M = 4); the GEMV loses to the skinny kernel there and is not the default.
-GEMV_LAUNCH = {1: GemvLaunchRule(2, 12), 2: GemvLaunchRule(4, 4)}
+# From the H100 sweeps of benchmarks/bench_fp4_gemv.py (2026-11-23, results/fp4_gemv_h100.json and
+# fp4_gemv_h100_defaults.json, NVFP4, GPU time in a CUDA graph). M = 1: 2 rows per thread (96
+# registers: ~5 programs per SM resident) and a K split up to ~12 programs per SM were best (gate_up
+# 42.7 -> 35.3 us, down 21.7 -> 19.9 us against 4 rows and 4 programs per SM). M = 2: the same rule
+# (gate_up 53.5 -> 44.3 us; down 28.6 -> 29.7 us). M >= 3: 2 rows (4 rows spill at M = 4), 4
+# programs per SM; the GEMV loses to the skinny kernel there and is not the default.
+GEMV_LAUNCH = {1: GemvLaunchRule(2, 12), 2: GemvLaunchRule(2, 12)}
 GEMV_LAUNCH_DEFAULT = GemvLaunchRule(2, 4)
 
 
