@@ -337,9 +337,8 @@ def summarize(rows):
 
 
 def run_gpu(args):
-    from bench_fp4_gemm import copy_bandwidth
-
     import triton
+    from bench_fp4_gemm import copy_bandwidth
 
     torch.manual_seed(0)
     bw = copy_bandwidth()

@@ -169,7 +169,7 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
     acc3 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
     if PREFETCH:
         nw0, nw1, nw2, nw3, ncodes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, pid_k * CPS, wmask, N, L, SROW, PAIRED)
-    for ci in range(0, CPS):
+    for ci in range(CPS):
         ch = pid_k * CPS + ci
         if PREFETCH:
             w0, w1, w2, w3, codes = nw0, nw1, nw2, nw3, ncodes

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'fp4kit[test]')")
 
-from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, quantize  # noqa: E402
+from fp4kit.formats import MXFP4Config, NVFP4Config, quantize  # noqa: E402
 from fp4kit.kernels import fp4_matmul, fp4_matmul_torch, prepare_fp4_weight  # noqa: E402
 from fp4kit.kernels.fp4_gemm import (GEMV_BIT_POSITIONS, DecodePath, GemvConfig, _launch_gemv,  # noqa: E402
                                      gemv_layout, gemv_unlayout, use_triton)
