@@ -225,7 +225,8 @@ class PreparedFP4Weight:
     Holds the packed codes as int32 words (a view, no copy), the scale codes as uint8, the
     per-code scale table, and the compiled kernels already launched for this weight, keyed by the
     call's shape and dtypes. It snapshots the global scale: if the QuantizedTensor's tensors are
-    modified in place, prepare again (the cache in `fp4_linear` does so by itself).
+    modified in place, prepare again (the cache in `fp4_linear` does so by itself). The GEMV's
+    plane layout (`gemv`, a re-laid copy of codes and scales) is added on the first GEMV call.
     """
     qt: QuantizedTensor
     words: torch.Tensor  # int32 [N, K/8]

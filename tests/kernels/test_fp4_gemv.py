@@ -197,6 +197,17 @@ def test_auto_path_takes_gemv_where_it_won(name, m, want_gemv):
     assert _prepared_for(odd).gemv is None
 
 
+@needs_kernels
+def test_gemv_layout_rebuilt_after_in_place_update():
+    """An in-place change of the packed codes re-prepares the weight, so the GEMV reads a fresh layout."""
+    qt = quantize(_weight(16, 256), NVFP4Config())
+    x = torch.randn(1, 256, device=DEVICE, dtype=torch.bfloat16)
+    fp4_matmul(x, qt, path=DecodePath.GEMV)
+    qt.data.copy_(torch.flip(qt.data, dims=[0]))  # rows reversed, in place
+    max_err, rms_err = _errors(fp4_matmul(x, qt, path=DecodePath.GEMV), x, qt, None)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+
+
 def test_gemv_config_validates():
     with pytest.raises(ValueError, match="power of two"):
         GemvConfig(block_n=24)
