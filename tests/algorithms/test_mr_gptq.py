@@ -153,3 +153,18 @@ def test_recipe_validation():
         apply_ptq(nn.Sequential(nn.Linear(32, 8)), NVFP4Config(), PTQRecipe(PTQMethod.GPTQ))
     with pytest.raises(ValueError, match="power of two"):
         RotationConfig(24)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (apply_ptq on a model on the GPU)")
+def test_apply_ptq_mr_gptq_on_cuda_keeps_everything_on_the_gpu():
+    model = tiny_llama().float().cuda()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2)).cuda()
+    batches = [torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(s)).cuda() for s in range(4)]
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = apply_ptq(model, NVFP4Config(), PTQRecipe(PTQMethod.MR_GPTQ), batches=batches, progress=False)
+        got = model(ids).logits
+    assert len(report.rotated) == 14
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.weight_packed.is_cuda and layer.rotation.hadamard.is_cuda
+    assert (got - ref).square().mean() < 0.1 * ref.square().mean()  # a quantized model, not garbage
