@@ -167,5 +167,5 @@ def test_apply_ptq_mr_gptq_on_cuda_keeps_everything_on_the_gpu():
     assert len(report.rotated) == 14
     layer = model.model.layers[0].mlp.down_proj
     assert layer.weight_packed.is_cuda and layer.rotation.hadamard.is_cuda
-    # CPU measures 0.004 of the logits energy; a layer missing its online rotation gives ~1
-    assert (got - ref).square().mean() < 0.1 * ref.square().mean()
+    # CPU measures 0.0039 of the logits energy; dropping down_proj's online rotation in layer 0 gives 0.021
+    assert (got - ref).square().mean() < 0.01 * ref.square().mean()
