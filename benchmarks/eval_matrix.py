@@ -42,22 +42,54 @@ def export_items(folder: pathlib.Path, limit: int, seed: int) -> None:
     print("exported", sorted(p.name for p in folder.iterdir()))
 
 
-def run(model_spec: str, folder: pathlib.Path, out: pathlib.Path, batch_size: int, ppl_tokens: int, context: int,
-        label: str | None = None):
-    import fp4kit
+def load_items(folder: pathlib.Path) -> dict:
+    """{task: (header dict, items)} from an export-items folder."""
     from fp4kit.data import Generation, MultipleChoice
-    from fp4kit.eval import bos_prefix, mean_stderr, model_hash, perplexity, score_multiple_choice
-    from fp4kit.eval.generation import score_generation
-    from fp4kit.eval.runner import MAX_NEW_TOKENS
-    from fp4kit.io import load_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tasks = {}
     for t in TASKS:
         d = json.loads((folder / f"{t}.json").read_text())
         cls = {"MultipleChoice": MultipleChoice, "Generation": Generation}[d["kind"]]
         tasks[t] = (d, [cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in i.items()}) for i in d["items"]])
+    return tasks
+
+
+def evaluate_items(model, tok, folder: pathlib.Path, tasks: dict, base: dict, batch_size: int, ppl_tokens: int,
+                   context: int) -> list[dict]:
+    """Records (base + task, metric, value, n, stderr) for the corpora and the frozen task items."""
+    from fp4kit.eval import bos_prefix, mean_stderr, perplexity, score_multiple_choice
+    from fp4kit.eval.generation import score_generation
+    from fp4kit.eval.runner import MAX_NEW_TOKENS
+
+    records = []
+    for c in CORPORA:
+        ids = tok((folder / f"{c}.txt").read_text(), return_tensors="pt").input_ids[0][:ppl_tokens]
+        ids, prefix = bos_prefix(tok, ids)
+        r = perplexity(model, ids, context=context, prefix_token=prefix, progress=False)
+        records.append(base | {"task": f"ppl:{c}", "metric": "perplexity", "value": r.perplexity, "n": r.tokens,
+                               "stderr": None, "context": context})
+    for t, (d, items) in tasks.items():
+        if d["kind"] == "Generation":
+            per = score_generation(model, tok, t, items, batch_size=batch_size, progress=False,
+                                   max_new_tokens=MAX_NEW_TOKENS.get(t, 256))
+        else:
+            per = score_multiple_choice(model, tok, items, batch_size=batch_size, progress=False)
+        for metric, values in per.items():
+            mean, se = mean_stderr(values)
+            records.append(base | {"task": t, "metric": metric, "value": mean, "n": len(values), "stderr": se,
+                                   "limit": d["limit"], "seed": d["seed"]})
+    return records
+
+
+def run(model_spec: str, folder: pathlib.Path, out: pathlib.Path, batch_size: int, ppl_tokens: int, context: int,
+        label: str | None = None):
+    import fp4kit
+    from fp4kit.eval import model_hash
+    from fp4kit.io import load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tasks = load_items(folder)
     for variant in ("bf16", "nvfp4", "mxfp4"):
         t0 = time.time()
         model, tok, src = load_model(model_spec, dtype=dtype)
@@ -67,23 +99,7 @@ def run(model_spec: str, folder: pathlib.Path, out: pathlib.Path, batch_size: in
         base = {"model": label or src.label, "checkpoint_hash": model_hash(model), "format": variant,
                 "method": "none" if variant == "bf16" else "rtn", "device": torch.cuda.get_device_name() if
                 device.type == "cuda" else "cpu", "date": datetime.date.today().isoformat()}
-        records = []
-        for c in CORPORA:
-            ids = tok((folder / f"{c}.txt").read_text(), return_tensors="pt").input_ids[0][:ppl_tokens]
-            ids, prefix = bos_prefix(tok, ids)
-            r = perplexity(model, ids, context=context, prefix_token=prefix, progress=False)
-            records.append(base | {"task": f"ppl:{c}", "metric": "perplexity", "value": r.perplexity, "n": r.tokens,
-                                   "stderr": None, "context": context})
-        for t, (d, items) in tasks.items():
-            if d["kind"] == "Generation":
-                per = score_generation(model, tok, t, items, batch_size=batch_size, progress=False,
-                                       max_new_tokens=MAX_NEW_TOKENS.get(t, 256))
-            else:
-                per = score_multiple_choice(model, tok, items, batch_size=batch_size, progress=False)
-            for metric, values in per.items():
-                mean, se = mean_stderr(values)
-                records.append(base | {"task": t, "metric": metric, "value": mean, "n": len(values), "stderr": se,
-                                       "limit": d["limit"], "seed": d["seed"]})
+        records = evaluate_items(model, tok, folder, tasks, base, batch_size, ppl_tokens, context)
         with open(out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         print(f"{model_spec} {variant}: {time.time() - t0:.0f}s", flush=True)

@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from eval_matrix import CORPORA, TASKS
+from eval_matrix import TASKS, evaluate_items, load_items
 
 FORMATS = ("nvfp4", "mxfp4")
 METHODS = ("rtn", "mse", "gptq", "mr-gptq")
@@ -54,17 +54,6 @@ def variants(spec: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def load_items(folder: pathlib.Path):
-    from fp4kit.data import Generation, MultipleChoice
-
-    tasks = {}
-    for t in TASKS:
-        d = json.loads((folder / f"{t}.json").read_text())
-        cls = {"MultipleChoice": MultipleChoice, "Generation": Generation}[d["kind"]]
-        tasks[t] = (d, [cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in i.items()}) for i in d["items"]])
-    return tasks
-
-
 def calibration(tok, folder: pathlib.Path, samples: int, seq_len: int, device) -> list[torch.Tensor]:
     text = (folder / "shakespeare.txt").read_text()[200_000:]
     ids = tok(text, return_tensors="pt").input_ids[0]
@@ -81,31 +70,6 @@ def quantize(model, fmt: str, method: str, act: str, batches):
     config = fp4kit.NVFP4Config() if fmt == "nvfp4" else fp4kit.MXFP4Config()
     return apply_ptq(model, config, PTQRecipe(method=PTQMethod(method)), batches=batches,
                      activations=config if act == "fp4" else None, progress=False)
-
-
-def evaluate(model, tok, folder, tasks, base, batch_size, ppl_tokens, context) -> list[dict]:
-    from fp4kit.eval import bos_prefix, mean_stderr, perplexity, score_multiple_choice
-    from fp4kit.eval.generation import score_generation
-    from fp4kit.eval.runner import MAX_NEW_TOKENS
-
-    records = []
-    for c in CORPORA:
-        ids = tok((folder / f"{c}.txt").read_text(), return_tensors="pt").input_ids[0][:ppl_tokens]
-        ids, prefix = bos_prefix(tok, ids)
-        r = perplexity(model, ids, context=context, prefix_token=prefix, progress=False)
-        records.append(base | {"task": f"ppl:{c}", "metric": "perplexity", "value": r.perplexity, "n": r.tokens,
-                               "stderr": None, "context": context})
-    for t, (d, items) in tasks.items():
-        if d["kind"] == "Generation":
-            per = score_generation(model, tok, t, items, batch_size=batch_size, progress=False,
-                                   max_new_tokens=MAX_NEW_TOKENS.get(t, 256))
-        else:
-            per = score_multiple_choice(model, tok, items, batch_size=batch_size, progress=False)
-        for metric, values in per.items():
-            mean, se = mean_stderr(values)
-            records.append(base | {"task": t, "metric": metric, "value": mean, "n": len(values), "stderr": se,
-                                   "limit": d["limit"], "seed": d["seed"]})
-    return records
 
 
 def run(a) -> None:
@@ -153,7 +117,7 @@ def run(a) -> None:
                 "date": datetime.date.today().isoformat(), "calib": f"{a.calib_samples}x{a.calib_seq_len}",
                 "seconds_quantize": round(seconds_q, 2)}
         with torch.no_grad():
-            records = evaluate(model, tok, a.folder, tasks, base, a.batch_size, a.ppl_tokens, a.context)
+            records = evaluate_items(model, tok, a.folder, tasks, base, a.batch_size, a.ppl_tokens, a.context)
         with open(a.out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         main = [r["value"] for r in records if MAIN_METRIC.get(r["task"]) == r["metric"]]

@@ -328,6 +328,19 @@ def _splitk_buffers(device: torch.device, stream: int, ws_elems: int, tiles: int
     return ws, cnt
 
 
+def _launch_cached(prepared: PreparedFP4Weight, key: tuple, kernel, grid, stream: int, args: tuple, **launch) -> None:
+    """Launch `kernel` on `grid`; after the first (compiling) launch, run the cached compiled kernel directly,
+    skipping Triton's Python dispatch (a few microseconds per call that decode cannot afford)."""
+    compiled = prepared.launches.get(key)
+    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None,
+                     None, *args)
+        return
+    compiled = kernel[grid](*args, **launch)
+    if not _interpreting() and compiled is not None:
+        prepared.launches[key] = compiled
+
+
 def _launch_skinny(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None,
                    config: GemmConfig | None = None) -> torch.Tensor:
     """One launch of fp4_skinny_kernel; after the first call per (shape, dtype, alignment) the compiled
@@ -351,14 +364,8 @@ def _launch_skinny(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Te
             mx_bf16, prepared.one_mul, _interpreting())
     key = (cfg, mx_bf16, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index)
-    compiled = prepared.launches.get(key)
-    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
-        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
-                     compiled.packed_metadata, None, None, None, *args)
-        return y
-    compiled = _fp4_gemm.fp4_skinny_kernel[grid](*args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if not _interpreting() and compiled is not None:
-        prepared.launches[key] = compiled
+    _launch_cached(prepared, key, _fp4_gemm.fp4_skinny_kernel, grid, stream, args, num_warps=cfg.num_warps,
+                   num_stages=cfg.num_stages)
     return y
 
 
@@ -551,14 +558,8 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
             cfg.prefetch, _interpreting())
     key = ("gemv", cfg, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index)
-    compiled = prepared.launches.get(key)
-    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
-        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
-                     compiled.packed_metadata, None, None, None, *args)
-        return y
-    compiled = _fp4_gemv.fp4_gemv_kernel[grid](*args, num_warps=cfg.num_warps, num_stages=1)
-    if not _interpreting() and compiled is not None:
-        prepared.launches[key] = compiled
+    _launch_cached(prepared, key, _fp4_gemv.fp4_gemv_kernel, grid, stream, args, num_warps=cfg.num_warps,
+                   num_stages=1)
     return y
 
 
