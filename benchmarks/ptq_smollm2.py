@@ -11,6 +11,10 @@ hidden size 576 admits no 128 block), then W4A4 RTN vs MR-GPTQ. The JSON is rewr
 row, so a cut-off run keeps what it finished; `--resume` skips the rows the JSON already holds.
 
 Calibration: 16 x 256 tokens of tiny-shakespeare taken after the evaluated span (as `fp4kit quantize`).
+
+Other models: `--model gemma3-270m` (any `load_model` spec); `--upcycle 8,2,0.02` first turns the model into a
+transformers Mixtral with 8 experts, top-2 routing and 2% expert noise (`fp4kit.io.upcycle`), so the rows measure
+PTQ of fused 3-D experts (experts always RTN; GPTQ and rotations apply to attention).
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ def mr_gptq_variants(batches):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/ptq_smollm2.json")
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, HF folder or .gguf")
+    p.add_argument("--upcycle", metavar="E,K,NOISE", help="upcycle to a Mixtral MoE first (see the docstring)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", help="comma list of variant names to run")
     p.add_argument("--mr-gptq", action="store_true", help="run the MR-GPTQ set (see the docstring)")
@@ -107,7 +113,12 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    base, tok, src = load_model("smollm2-135m")
+    base, tok, src = load_model(args.model)
+    if args.upcycle:
+        from fp4kit.io.upcycle import MixtralUpcycle, upcycle_to_mixtral
+
+        e, k, noise = args.upcycle.split(",")
+        base = upcycle_to_mixtral(base, MixtralUpcycle(int(e), int(k), float(noise)))
     ids = tok(load_corpus("shakespeare")[: 2048 * 8], return_tensors="pt").input_ids[0][:2048]
     batches = calibration(tok)
     rows = json.load(open(args.out))["rows"] if args.resume and os.path.exists(args.out) else []
@@ -130,7 +141,8 @@ def main():
 
 
 def write(args, src, ids, bf16, rows):
-    result = {"model": src.label, "tokens": int(ids.numel()), "context": 512, "device": args.device,
+    label = src.label + (f" upcycled to Mixtral ({args.upcycle})" if args.upcycle else "")
+    result = {"model": label, "tokens": int(ids.numel()), "context": 512, "device": args.device,
               "host": platform.node(), "date": datetime.date.today().isoformat(), "float_perplexity": bf16,
               "torch_threads": torch.get_num_threads(), "rows": rows}
     tmp = args.out + ".tmp"
