@@ -114,11 +114,17 @@ def collect_hessians(model: nn.Module, batches: Iterable, config: NVFP4Config | 
                      filter_fn: Callable[[nn.Module, str], bool] | None = None,
                      ignore: tuple[str, ...] = DEFAULT_IGNORE, progress: bool = True) -> dict[str, Hessian]:
     """Run `batches` (token ids [B, S], or dicts of model kwargs) through `model`; return input Hessians."""
+    from .moe_gptq import eligible_experts, expert_hook, new_expert_hessians
+
     layers = eligible_linears(model, config, filter_fn, ignore)
     hessians = {name: Hessian(torch.zeros(m.in_features, m.in_features, dtype=calibration.accumulate_dtype,
                                           device=calibration.store_device or m.weight.device))
                 for name, m in layers.items()}
+    experts = eligible_experts(model, config, filter_fn, ignore)
+    hessians |= {name: new_expert_hessians(m, calibration.accumulate_dtype, calibration.store_device)
+                 for name, m in experts.items()}
     handles = [input_hook(m, hessians[name]) for name, m in layers.items()]
+    handles += [expert_hook(m, hessians[name]) for name, m in experts.items()]
     try:
         for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
             model(**batch) if isinstance(batch, dict) else model(batch)
@@ -167,6 +173,15 @@ def apply_gptq(model: nn.Module, config: NVFP4Config | MXFP4Config, hessians: di
     result = GPTQResult(QuantizeReport())
     qts = {name: quantize_layer(name, m, config, hessians.get(name), gptq_config, amax.get(name), result)
            for name, m in tqdm(layers.items(), desc=f"gptq {config.name}", disable=not progress, leave=False)}
+    from .moe_gptq import ExpertHessians, eligible_experts, gptq_experts
+
+    for name, m in eligible_experts(model, config, filter_fn, ignore).items():  # fused MoE experts
+        h = hessians.get(name)
+        if isinstance(h, ExpertHessians):
+            qts[name] = gptq_experts(m, config, h, gptq_config, name=name)
+            idle = [e for e, n in enumerate(h.tokens) if n == 0]
+            if idle:
+                result.weight_only[name] = f"experts {idle} got no calibration tokens: quantized from their weights"
     result.report = swap_in(model, config, qts, filter_fn=filter_fn, ignore=ignore, **quantize_kwargs)
     return result
 
@@ -186,8 +201,8 @@ def apply_scale_search(model: nn.Module, config: NVFP4Config | MXFP4Config,
 def swap_in(model, config, qts: dict[str, QuantizedTensor], **quantize_kwargs) -> QuantizeReport:
     """Let `quantize_` swap and report, with the precomputed weights in place of its RTN ones.
 
-    Fused MoE experts (FP4Experts) are not linear layers the algorithms see: quantize_ quantizes them
-    round-to-nearest from their own weights, so experts no calibration token reached are covered too."""
+    Fused MoE experts (FP4Experts) that the algorithm did not quantize (no Hessians collected, or the
+    scale search) are quantized round-to-nearest from their own weights by quantize_."""
     report = quantize_(model, config, progress=False, weights=qts, **quantize_kwargs)
     rtn_only = {n for n in set(report.quantized) - set(qts) if isinstance(model.get_submodule(n), FP4Experts)}
     if set(report.quantized) - rtn_only != set(qts):

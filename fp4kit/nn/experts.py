@@ -80,20 +80,31 @@ class FP4Experts(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_experts(cls, module: nn.Module, config: NVFP4Config | MXFP4Config, *,
-                     name: str = "experts") -> "FP4Experts":
-        """Quantize a transformers experts module (see `is_fused_experts`), expert by expert."""
+    def from_experts(cls, module: nn.Module, config: NVFP4Config | MXFP4Config, *, name: str = "experts",
+                     weights: dict | None = None) -> "FP4Experts":
+        """Quantize a transformers experts module (see `is_fused_experts`), expert by expert.
+
+        `weights` maps expert indices to (gate_up, down) QuantizedTensors an algorithm already computed
+        (GPTQ, `fp4kit.algorithms.moe_gptq`); the other experts are quantized round-to-nearest."""
         gu, down = module.gate_up_proj.detach(), module.down_proj.detach()
         check_finite(gu, f"{name}.gate_up_proj")
         check_finite(down, f"{name}.down_proj")
         e, two_i, h = gu.shape
         out = cls(e, h, two_i // 2, config, module.act_fn, dtype=gu.dtype, device=gu.device)
         for x in range(e):
-            qt = quantize(gu[x], config, name=f"{name}.{x}.gate_up_proj")  # NVFP4: amax of gate and up together
+            given = (weights or {}).get(x)
+            if given is not None:
+                expected = ((given[0], (two_i, h), "gate_up_proj"), (given[1], (h, two_i // 2), "down_proj"))
+                for qt, shape, what in expected:
+                    if tuple(qt.shape) != shape or qt.config != config:
+                        raise ValueError(f"{name}.{x}.{what}: precomputed weight {tuple(qt.shape)} "
+                                         f"{qt.config.name} does not fit {shape} {config.name}")
+            # NVFP4: one amax (global scale) for gate and up together
+            qt = given[0] if given is not None else quantize(gu[x], config, name=f"{name}.{x}.gate_up_proj")
             out.gate_up_packed[x], out.gate_up_scale[x] = qt.data, qt.scale
             if qt.global_scale is not None:
                 out.gate_up_global_scale[x] = qt.global_scale.reshape(())
-            qt = quantize(down[x], config, name=f"{name}.{x}.down_proj")
+            qt = given[1] if given is not None else quantize(down[x], config, name=f"{name}.{x}.down_proj")
             out.down_packed[x], out.down_scale[x] = qt.data, qt.scale
             if qt.global_scale is not None:
                 out.down_global_scale[x] = qt.global_scale.reshape(())

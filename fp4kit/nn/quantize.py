@@ -104,8 +104,9 @@ def quantize_(model: nn.Module, config: NVFP4Config | MXFP4Config,
     `activations` also quantizes each layer's input: W4A4 (NVFP4Config / MXFP4Config) or W4A8
     (FP8Config(FP8Granularity.TOKEN), dynamic per-token scales). NVFP4 inputs need a static per-tensor
     scale: `input_amax` maps layer names to calibrated input maxima (see `observe_input_amax`).
-    `weights` maps layer names to weights an algorithm already quantized (GPTQ, scale search);
-    layers not in it are quantized round-to-nearest.
+    `weights` maps layer names to weights an algorithm already quantized (GPTQ, scale search): a
+    QuantizedTensor for a linear layer, {expert: (gate_up, down)} for fused experts; layers (and
+    experts) not in it are quantized round-to-nearest.
     """
     if not isinstance(config, (NVFP4Config, MXFP4Config)):
         raise TypeError(f"quantize_ needs an NVFP4Config or MXFP4Config, got {type(config).__name__}")
@@ -140,7 +141,7 @@ def quantize_(model: nn.Module, config: NVFP4Config | MXFP4Config,
             if isinstance(activations, NVFP4Config):
                 new.set_input_amax(input_amax[name])
         else:
-            new = FP4Experts.from_experts(module, config, name=name)
+            new = FP4Experts.from_experts(module, config, name=name, weights=(weights or {}).get(name))
         _replace(model, name, new)
         report.quantized.append(name)
     return report
