@@ -1,0 +1,177 @@
+"""Triton code of the decode-step kernels; the launchers, twins and the why are in `decode_ops`.
+
+    decode_attn_split_kernel   one query token per row, GQA, over a key range of the static cache
+    decode_attn_combine_kernel the split results merged with their running max and sum
+    add_rmsnorm_kernel         h = h + delta (optional), n = RMSNorm(h), Llama or Gemma form
+    silu_mul_kernel            silu(gate) * up from the fused gate_up output
+    rope_kernel                rotate_half rope on q and k; k and v written into the cache (bf16 cache)
+
+Arithmetic order follows the twins (each rounding to the activation dtype where torch rounds).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_ptr, part_ptr, ml_ptr,
+                             stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
+                             window, qk_scale,
+                             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_L: tl.constexpr, ITERS: tl.constexpr, N_SPLITS: tl.constexpr,
+                             IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr):
+    # grid (B, Hkv, N_SPLITS): row b, kv head h, keys [s * ITERS * BLOCK_L, (s + 1) * ITERS * BLOCK_L)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    n_kv = tl.num_programs(1)
+    pad = tl.load(pad_ptr + b)
+    slot = tl.load(slot_ptr)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gm = g < G
+    dm = d < D
+    q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+                mask=gm[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    if DOT_F32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)  # finite: a split with no visible key stays NaN-free
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    kv_base = b * stride_kb + h * stride_kh
+    sc_base = b * stride_sb + h * stride_sh
+    for it in range(ITERS):
+        j = (s * ITERS + it) * BLOCK_L + tl.arange(0, BLOCK_L)  # key slots [BLOCK_L]
+        vis = ((j >= pad) & (j <= slot)) | (j == slot)  # causal, left padding; the own slot always
+        if HAS_WINDOW:
+            vis = vis & ((slot - j < window) | (j == slot))
+        offs = kv_base + j[:, None] * stride_ks + d[None, :]
+        lm = vis[:, None] & dm[None, :]
+        if IS_FP8:  # codes read as bytes (the interpreter cannot mask fp8 loads), decoded exactly
+            kc = tl.load(k_ptr + offs, mask=lm, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            vc = tl.load(v_ptr + offs, mask=lm, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            ksc = tl.load(ks_ptr + sc_base + j, mask=vis, other=0.0)
+            vsc = tl.load(vs_ptr + sc_base + j, mask=vis, other=0.0)
+            if not DOT_F32:
+                kc = kc.to(q.dtype)  # E4M3 values are exact in bf16 / fp16
+                vc = vc.to(q.dtype)
+        else:
+            kc = tl.load(k_ptr + offs, mask=lm, other=0.0)
+            vc = tl.load(v_ptr + offs, mask=lm, other=0.0)
+            if DOT_F32:
+                kc = kc.to(tl.float32)
+                vc = vc.to(tl.float32)
+        if DOT_F32:
+            scores = tl.dot(q, tl.trans(kc), input_precision="ieee")  # [BLOCK_G, BLOCK_L]
+        else:
+            scores = tl.dot(q, tl.trans(kc))
+        if IS_FP8:
+            scores = scores * ksc[None, :]  # q . (code * scale) = (q . code) * scale
+        scores = tl.where(vis[None, :], scores * qk_scale, float("-inf"))  # log2 domain
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IS_FP8:
+            p = p * vsc[None, :]  # sum_j p_j (code_j * scale_j) = sum_j (p_j scale_j) code_j
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, vc, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
+        m_i = m_new
+    # partials: part [B, Hkv, N_SPLITS, G, BLOCK_D] float32; ml [B, Hkv, N_SPLITS, 2, BLOCK_G]
+    cell = (b * n_kv + h) * N_SPLITS + s
+    tl.store(part_ptr + (cell * G + g[:, None]) * BLOCK_D + d[None, :], acc, mask=gm[:, None])
+    tl.store(ml_ptr + cell * 2 * BLOCK_G + g, m_i)
+    tl.store(ml_ptr + cell * 2 * BLOCK_G + BLOCK_G + g, l_i)
+
+
+@triton.jit
+def decode_attn_combine_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, n_kv,
+                               G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                               N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    # grid (B, Hq): out[b, hq D + d] = sum_s 2^(m_s - M) acc_s[d] / sum_s 2^(m_s - M) l_s, hq = h G + gi
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    h = hq // G
+    gi = hq % G
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    sm = sp < N_SPLITS
+    cell = (b * n_kv + h) * N_SPLITS + sp  # [BLOCK_S]
+    m = tl.load(ml_ptr + cell * 2 * BLOCK_G + gi, mask=sm, other=-1.0e30)
+    l_s = tl.load(ml_ptr + cell * 2 * BLOCK_G + BLOCK_G + gi, mask=sm, other=0.0)
+    w = tl.math.exp2(m - tl.max(m, axis=0))  # [BLOCK_S]
+    denom = tl.sum(w * l_s, axis=0)
+    acc = tl.load(part_ptr + (cell[:, None] * G + gi) * BLOCK_D + d[None, :], mask=sm[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / denom  # [BLOCK_D]
+    tl.store(out_ptr + b * stride_ob + hq * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, h_out_ptr, n_out_ptr, N, eps,
+                       HAS_DELTA: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr):
+    # one program per row of N features
+    r = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    cm = c < N
+    x = tl.load(h_ptr + r * N + c, mask=cm, other=0.0)
+    if HAS_DELTA:
+        x = (x.to(tl.float32) + tl.load(delta_ptr + r * N + c, mask=cm, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(h_out_ptr + r * N + c, x, mask=cm)  # the new residual, rounded as torch's add
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    y = xf * (1.0 / tl.sqrt(var + eps))
+    w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    if GEMMA:
+        out = y * (1.0 + w)  # Gemma: float32 throughout, one rounding
+    else:
+        out = w * y.to(x.dtype).to(tl.float32)  # Llama: round the normalised x, then the weight product
+    tl.store(n_out_ptr + r * N + c, out.to(n_out_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    # gu [R, 2N] (gate | up) -> out [R, N]; grid (R, cdiv(N, BLOCK))
+    r = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cm = c < N
+    gate = tl.load(gu_ptr + r * 2 * N + c, mask=cm, other=0.0)
+    up = tl.load(gu_ptr + r * 2 * N + N + c, mask=cm, other=0.0)
+    gf = gate.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)  # torch's silu in float32, rounded
+    tl.store(out_ptr + r * N + c, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=cm)
+
+
+@triton.jit
+def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slot_ptr,
+                stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                stride_ob, stride_oh, stride_os, HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid (B, HQ + HKV). Heads < HQ: q rotated into q_out [B, HQ, D]. Others: k rotated and v copied to
+    # k_out / v_out at [b, head, slot] with strides (stride_ob, stride_oh, stride_os) (the cache, or [B, HKV, 1, D])
+    b = tl.program_id(0)
+    hd = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    half: tl.constexpr = D // 2
+    partner = tl.where(d < half, d + half, d - half)
+    sign = tl.where(d < half, -1.0, 1.0)
+    cos = tl.load(cos_ptr + b * D + d, mask=dm, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + b * D + d, mask=dm, other=0.0).to(tl.float32)
+    if hd < HQ:
+        base = q_ptr + b * stride_qb + hd * stride_qh
+    else:
+        base = k_ptr + b * stride_kb + (hd - HQ) * stride_kh
+    x = tl.load(base + d, mask=dm, other=0.0)
+    xr = tl.load(base + partner, mask=dm, other=0.0).to(tl.float32) * sign  # rotate_half(x): exact
+    # x * cos + rotate_half(x) * sin, each product rounded to x's dtype as torch does, then the sum
+    y = ((x.to(tl.float32) * cos).to(x.dtype).to(tl.float32) + (xr * sin).to(x.dtype).to(tl.float32)).to(x.dtype)
+    if hd < HQ:
+        tl.store(q_out_ptr + (b * HQ + hd) * D + d, y, mask=dm)
+    else:
+        kh = hd - HQ
+        slot = tl.load(slot_ptr)
+        dst = b * stride_ob + kh * stride_oh + slot * stride_os + d
+        tl.store(k_out_ptr + dst, y.to(k_out_ptr.dtype.element_ty), mask=dm)
+        v = tl.load(v_ptr + b * stride_vb + kh * stride_vh + d, mask=dm, other=0.0)
+        tl.store(v_out_ptr + dst, v.to(v_out_ptr.dtype.element_ty), mask=dm)

@@ -1,0 +1,243 @@
+"""Fused kernels for one decode step (T = 1 token per row), each launcher beside its torch twin.
+
+A decode step of an 8B model at batch 1 moves ~4.5 GB of NVFP4 weights: ~1.5 ms at the H100's
+3 TB/s. Before these kernels the step took 6.2 ms, half of it in ~45 small kernels per layer
+(HF RMSNorm ~7 kernels, rope ~10, mask + SDPA + transposes, residual adds, silu * mul) and in the
+separate q/k/v and gate/up GEMMs. Here each piece of glue is one kernel:
+
+    decode_attention   q [B, Hq, D] against the static cache [Bmax, Hkv, S, D] (bf16, or FP8 E4M3
+                       with one float32 scale per (row, head, slot)), GQA without repeating K/V,
+                       the visibility rule of the engine's mask evaluated in registers:
+                           key j visible  <=>  pad[b] <= j <= slot (and slot - j < window)  or j = slot
+                       Split-KV (flash-decoding): program (b, h, s) runs an online softmax over its
+                       key range for the G = Hq / Hkv query heads of kv head h (one tl.dot with the
+                       G rows padded to 16), writes its unnormalised output, max and sum; a second
+                       small kernel merges the splits. FP8: codes are read as bytes and decoded in
+                       registers; the scales factor out of the dot products,
+                           q . (c_j s_j) = (q . c_j) s_j      sum_j p_j (c_j s_j) = sum_j (p_j s_j) c_j
+                       so the FP8 cache moves ~half the bytes of bf16 and is never dequantized in
+                       memory. Keys past `slot` are masked loads: no bytes move for them.
+    add_rmsnorm        h = h + delta; n = RMSNorm(h) in float32 as HF computes it, Llama's
+                       `w * x_hat.to(dtype)` or Gemma's `(x_hat * (1 + w)).to(dtype)`
+    silu_mul           silu(gate) * up from the fused gate_up GEMM's output [.., 2I]
+    rope_write         rotate_half rope on q and k (each product rounded to the activation dtype, as
+                       torch's bf16 ops round), k and v stored straight into the cache at `slot`
+
+Twins are the specification (`*_torch`): the engine's previous torch path. The kernels follow
+their rounding points, except attention, whose float32 online softmax differs from SDPA by
+summation order and by rounding p to bf16 before the P.V product (as flash attention does):
+tests/kernels/test_decode_ops.py states the tolerances. Launchers run Triton on CUDA tensors
+(and anywhere under TRITON_INTERPRET=1); otherwise they call the twin.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .fp4_gemm import _interpreting, use_triton
+
+try:
+    import triton
+
+    from . import _decode_ops
+except ImportError:  # CPU installs without triton use the twins
+    pass
+
+ATTN_BLOCK_L = 64  # keys per tile on the GPU (16 in the interpreter)
+ATTN_PROGRAMS_PER_SM = 4  # split the keys until the grid has about this many programs per SM
+ATTN_MAX_SPLITS = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# decode attention
+
+
+def decode_mask(pad: torch.Tensor, slot: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    """bool [B, 1, 1, L]: the engine's visibility rule for one query at `slot` (pad [B], slot long [1])."""
+    j = torch.arange(length, device=pad.device)
+    vis = (j[None, :] >= pad[:, None]) & (j[None, :] <= slot)  # [B, L]
+    if window is not None:
+        vis = vis & (slot - j[None, :] < window)
+    vis = vis | (j[None, :] == slot)
+    return vis[:, None, None, :]
+
+
+def _dequantized(codes: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if scale is None:
+        return codes.to(dtype)
+    return (codes.float() * scale.unsqueeze(-1)).to(dtype)  # KVCache's dequantize_kv_fp8
+
+
+def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, pad: torch.Tensor,
+                           slot: torch.Tensor, kv_len: int, window: int | None, scaling: float) -> torch.Tensor:
+    """Twin of `decode_attention`: dequantize the live prefix, mask, SDPA. Returns [B, Hq * D] in q's dtype."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    k = _dequantized(k_cache[:B, :, :kv_len], None if k_scale is None else k_scale[:B, :, :kv_len], q.dtype)
+    v = _dequantized(v_cache[:B, :, :kv_len], None if v_scale is None else v_scale[:B, :, :kv_len], q.dtype)
+    mask = decode_mask(pad, slot, kv_len, window)  # [B, 1, 1, L], the same for the G heads of a kv head
+    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=mask, scale=scaling)
+    return out.reshape(B, Hq * D)
+
+
+def _attn_splits(B: int, Hkv: int, kv_len: int, block_l: int, sm_count: int) -> tuple[int, int]:
+    """(splits, tiles per split): enough programs to fill the GPU, every split a whole number of tiles."""
+    tiles = triton.cdiv(kv_len, block_l)
+    want = triton.cdiv(ATTN_PROGRAMS_PER_SM * sm_count, B * Hkv)
+    splits = max(1, min(tiles, want, ATTN_MAX_SPLITS))
+    iters = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, iters), iters
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, pad: torch.Tensor,
+                     slot: torch.Tensor, kv_len: int, window: int | None, scaling: float) -> torch.Tensor:
+    """Attention of one query token per row over the static cache -> [B, Hq * D] in q's dtype.
+
+    q [B, Hq, D] (last dim contiguous); k_cache, v_cache [Bmax, Hkv, S, D] in q's dtype or
+    float8_e4m3fn with k_scale, v_scale float32 [Bmax, Hkv, S]; pad long [B]; slot long [1] (the
+    query's slot, already written); keys 0..kv_len-1 are considered; window None or the sliding
+    window; scaling the softmax scale."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    if Hq % Hkv or k_cache.shape[-1] != D or kv_len > k_cache.shape[2] or B > k_cache.shape[0]:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} "
+                         f"at kv_len {kv_len}")
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("decode_attention: an FP8 cache needs k_scale and v_scale")
+    if not use_triton(q) or (not fp8 and k_cache.dtype != q.dtype) or q.stride(-1) != 1:
+        return decode_attention_torch(q, k_cache, v_cache, k_scale, v_scale, pad, slot, kv_len, window, scaling)
+    G = Hq // Hkv
+    interp = _interpreting()
+    block_l = 16 if interp else ATTN_BLOCK_L
+    splits, iters = _attn_splits(B, Hkv, kv_len, block_l, 132 if interp else _sm_count(q.device))
+    block_g, block_d = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
+    part = torch.empty(B * Hkv * splits * G * block_d, dtype=torch.float32, device=q.device)
+    ml = torch.empty(B * Hkv * splits * 2 * block_g, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, Hq * D, dtype=q.dtype, device=q.device)
+    kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)
+    ks, vs = (k_scale, v_scale) if fp8 else (q, q)
+    LOG2E = 1.4426950408889634
+    _decode_ops.decode_attn_split_kernel[(B, Hkv, splits)](
+        q, kc, vc, ks, vs, pad, slot, part, ml, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
+        window if window is not None else 0, scaling * LOG2E,
+        G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_L=block_l, ITERS=iters, N_SPLITS=splits,
+        IS_FP8=fp8, HAS_WINDOW=window is not None, DOT_F32=interp or q.dtype == torch.float32,
+        num_warps=4, num_stages=2)
+    _decode_ops.decode_attn_combine_kernel[(B, Hq)](
+        part, ml, out, out.stride(0), Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, N_SPLITS=splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return out
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ----------------------------------------------------------------------------------------------
+# residual add + RMSNorm
+
+
+def add_rmsnorm_torch(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                      gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of `add_rmsnorm`: (h + delta, RMSNorm(h + delta)) with HF's LlamaRMSNorm / Gemma3RMSNorm arithmetic."""
+    if delta is not None:
+        h = h + delta
+    x = h.float()
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return h, (y * (1.0 + weight.float())).to(h.dtype)
+    return h, weight * y.to(h.dtype)
+
+
+def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """h, delta [..., N] -> (h + delta, RMSNorm(h + delta)): one kernel, one pass over each row.
+
+    Llama form (`gemma=False`): w * (x * rsqrt(mean(x^2) + eps)).to(dtype); Gemma form:
+    (x * rsqrt(mean(x^2) + eps) * (1 + w)).to(dtype); float32 statistics either way. `delta` None
+    skips the add (h is returned as it is)."""
+    N = h.shape[-1]
+    ok = (use_triton(h) and h.is_contiguous() and (delta is None or (delta.is_contiguous() and delta.dtype == h.dtype
+                                                                     and delta.shape == h.shape))
+          and weight.shape == (N,) and weight.is_contiguous() and (gemma or weight.dtype == h.dtype))
+    if not ok:
+        return add_rmsnorm_torch(h, delta, weight, eps, gemma)
+    rows = h.numel() // N
+    h_out = torch.empty_like(h) if delta is not None else h
+    n_out = torch.empty_like(h)
+    block = triton.next_power_of_2(N)
+    _decode_ops.add_rmsnorm_kernel[(rows,)](h, h if delta is None else delta, weight, h_out, n_out, N, eps,
+                                            HAS_DELTA=delta is not None, GEMMA=gemma, BLOCK=block,
+                                            num_warps=1 if _interpreting() else min(16, max(1, block // 512)))
+    return h_out, n_out
+
+
+# ----------------------------------------------------------------------------------------------
+# silu(gate) * up
+
+
+def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    """Twin of `silu_mul`: HF's `act_fn(gate) * up` with act_fn = SiLU, gate_up = [..., gate | up]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [..., 2 I] -> silu(gate) * up [..., I], the silu rounded to the dtype first (as torch does)."""
+    I2 = gate_up.shape[-1]
+    if not use_triton(gate_up) or not gate_up.is_contiguous() or I2 % 2:
+        return silu_mul_torch(gate_up)
+    N = I2 // 2
+    rows = gate_up.numel() // I2
+    out = torch.empty(*gate_up.shape[:-1], N, dtype=gate_up.dtype, device=gate_up.device)
+    block = 256 if _interpreting() else 1024
+    _decode_ops.silu_mul_kernel[(rows, triton.cdiv(N, block))](gate_up, out, N, BLOCK=block, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# rope on q and k, k and v into the cache
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_write_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Twin of `rope_write`: HF's apply_rotary_pos_emb on q, k [B, H, D] (cos, sin [B, D]); k and v stored
+    at `slot` of k_cache, v_cache [Bmax, Hkv, S, D]. Returns the rotated q [B, Hq, D]."""
+    B = q.shape[0]
+    c, s = cos[:, None], sin[:, None]
+    q_rot = q * c + rotate_half(q) * s
+    k_rot = k * c + rotate_half(k) * s
+    k_cache[:B].index_copy_(2, slot, k_rot[:, :, None].to(k_cache.dtype))
+    v_cache[:B].index_copy_(2, slot, v[:, :, None].to(v_cache.dtype))
+    return q_rot
+
+
+def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """One kernel for rope on q [B, Hq, D] and k [B, Hkv, D], with the rotated k and v [B, Hkv, D] stored
+    at `slot` (long [1]) of k_cache, v_cache [Bmax, Hkv, S, D] (any float dtype: a cast on store).
+    q, k, v may be strided views of the fused qkv output (last dim contiguous). Returns q rotated,
+    [B, Hq, D] contiguous."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    fits = (q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos.is_contiguous()
+            and sin.is_contiguous() and cos.shape == (B, D) and k_cache.stride(-1) == 1 and D % 2 == 0
+            and k_cache.dtype != torch.float8_e4m3fn and cos.dtype == q.dtype)
+    if not use_triton(q) or not fits:
+        return rope_write_torch(q, k, v, cos, sin, k_cache, v_cache, slot)
+    q_out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _decode_ops.rope_kernel[(B, Hq + Hkv)](
+        q, k, v, cos, sin, q_out, k_cache, v_cache, slot, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HQ=Hq, D=D, BLOCK_D=triton.next_power_of_2(D), num_warps=1)
+    return q_out

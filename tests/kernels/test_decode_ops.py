@@ -1,0 +1,128 @@
+"""Decode-step kernels against their torch twins (CPU: Triton interpreter on small grids; CUDA when present).
+
+Tolerances. add_rmsnorm, silu_mul and rope follow the twins' rounding points: at most one ulp of
+the output dtype apart (rsqrt / exp implementations differ in the last float32 bit, which can move
+a rounding). decode_attention is an online softmax in float32 against SDPA: float32 inputs agree to
+1e-5; bf16 to ~2 bf16 ulps of the output scale (p is rounded to bf16 before P.V, as in flash attention).
+"""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from fp4kit.kernels.decode_ops import (add_rmsnorm, add_rmsnorm_torch, decode_attention,  # noqa: E402
+                                       decode_attention_torch, rope_write, rope_write_torch, silu_mul,
+                                       silu_mul_torch)
+from fp4kit.nn.kv_cache import quantize_kv_fp8  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cache(Bmax, H, S, D, dtype, fp8=False):
+    k = torch.randn(Bmax, H, S, D, device=DEV) * 2
+    v = torch.randn(Bmax, H, S, D, device=DEV)
+    if not fp8:
+        return k.to(dtype), v.to(dtype), None, None
+    kq, ks = quantize_kv_fp8(k)
+    vq, vs = quantize_kv_fp8(v)
+    return kq, vq, ks, vs
+
+
+def _ulps(dtype, cuda_bf16):
+    """Allowed ulps: float32 outputs 4 (exp / rsqrt / mean differ in the last float32 bits); bf16 on CUDA
+    `cuda_bf16`; bf16 in the interpreter 3, because it truncates float32 -> bf16 casts instead of
+    rounding to nearest (up to one ulp per rounding; the GPU run checks the real rounding)."""
+    if dtype == torch.float32:
+        return 4
+    return cuda_bf16 if DEV == "cuda" else 3
+
+
+def _ulp_close(a, b, n=1):
+    # |a - b| <= n ulps of the dtype at b's magnitude
+    eps = torch.finfo(a.dtype).eps
+    tol = n * eps * b.float().abs().clamp_min(torch.finfo(a.dtype).tiny) + 1e-30
+    return bool(((a.float() - b.float()).abs() <= tol * 1.0001).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_matches_twin(dtype, window):
+    B, Hq, Hkv, S, D = 3, 6, 2, 40, 32  # G = 3 (padded to 16), odd kv_len, splits
+    k, v, _, _ = _cache(4, Hkv, S, D, dtype)
+    q = torch.randn(B, Hq, D, device=DEV).to(dtype)
+    pad = torch.tensor([0, 3, 11], device=DEV)
+    slot = torch.tensor([29], device=DEV)
+    args = (q, k, v, None, None, pad, slot, 33, window, 0.17)
+    got, ref = decode_attention(*args), decode_attention_torch(*args)
+    assert got.shape == ref.shape == (B, Hq * D) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+
+
+def test_attention_fp8_cache_matches_twin():
+    B, Hq, Hkv, S, D = 2, 4, 2, 48, 16
+    k, v, ks, vs = _cache(2, Hkv, S, D, None, fp8=True)
+    q = torch.randn(B, Hq, D, device=DEV)
+    pad = torch.tensor([2, 0], device=DEV)
+    slot = torch.tensor([44], device=DEV)
+    args = (q, k, v, ks, vs, pad, slot, 48, None, 0.25)
+    got, ref = decode_attention(*args), decode_attention_torch(*args)
+    # float32 q: the only difference is the factored scale (code . q) * s vs (code * s) . q
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_attention_ignores_keys_past_slot_and_in_padding():
+    B, Hq, Hkv, S, D = 2, 2, 1, 32, 16
+    k, v, _, _ = _cache(B, Hkv, S, D, torch.float32)
+    q = torch.randn(B, Hq, D, device=DEV)
+    pad, slot = torch.tensor([0, 4], device=DEV), torch.tensor([9], device=DEV)
+    before = decode_attention(q, k, v, None, None, pad, slot, 32, None, 0.3)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 10:] = 1e4  # past the slot
+    v2[1, :, :4] = -1e4  # row 1's padding
+    after = decode_attention(q, k2, v2, None, None, pad, slot, 32, None, 0.3)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rmsnorm_matches_twin(gemma, dtype):
+    h = torch.randn(5, 96, device=DEV).to(dtype)
+    d = torch.randn(5, 96, device=DEV).to(dtype)
+    w = (torch.rand(96, device=DEV) + 0.5).to(dtype)
+    for delta in (d, None):
+        h2, n = add_rmsnorm(h, delta, w, 1e-6, gemma)
+        h_ref, n_ref = add_rmsnorm_torch(h, delta, w, 1e-6, gemma)
+        assert _ulp_close(h2, h_ref, _ulps(dtype, 0) if dtype != torch.float32 else 0)  # one add, exact on GPU
+        assert _ulp_close(n, n_ref, _ulps(dtype, 1)), (gemma, dtype, (n.float() - n_ref.float()).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_twin(dtype):
+    gu = (torch.randn(3, 2, 2 * 300, device=DEV) * 3).to(dtype)
+    got, ref = silu_mul(gu), silu_mul_torch(gu)
+    assert got.shape == (3, 2, 300)
+    assert _ulp_close(got, ref, _ulps(dtype, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_matches_twin(dtype):
+    B, Hq, Hkv, D, S = 3, 4, 2, 16, 8
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, device=DEV).to(dtype).view(B, Hq + 2 * Hkv, D)
+    q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]  # strided views, as the engine passes
+    ang = torch.rand(B, D // 2, device=DEV) * 6
+    cos = torch.cat([ang.cos()] * 2, -1).to(dtype)
+    sin = torch.cat([ang.sin()] * 2, -1).to(dtype)
+    slot = torch.tensor([5], device=DEV)
+    caches = [torch.zeros(4, Hkv, S, D, device=DEV, dtype=dtype) for _ in range(4)]
+    got = rope_write(q, k, v, cos, sin, caches[0], caches[1], slot)
+    ref = rope_write_torch(q, k, v, cos, sin, caches[2], caches[3], slot)
+    if DEV == "cuda" or dtype == torch.float32:  # products and a sum rounded where torch rounds: exact
+        assert torch.equal(got, ref) and torch.equal(caches[0], caches[2])
+    else:  # the interpreter truncates the casts: within 3 bf16 ulps of the products' scale (|x| <= max |qkv|)
+        tol = 3 * 2 ** -7 * qkv.float().abs().max()
+        assert (got.float() - ref.float()).abs().max() <= tol
+        assert (caches[0].float() - caches[2].float()).abs().max() <= tol
+    assert torch.equal(caches[1], caches[3])  # v is copied
+    assert caches[0][:, :, 5].abs().sum() > 0 and caches[0][:, :, 4].abs().sum() == 0
