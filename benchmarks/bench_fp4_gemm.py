@@ -203,53 +203,68 @@ def run_gemm(bw, ms=MS):
     return rows
 
 
-def run_quantize(bw):
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)  # 64M elements
-    n = x.numel()
-    amax = x.abs().amax().float()
-    out = {}
-    cases = {
-        "nvfp4_static_amax": (lambda: quantize_nvfp4_triton(x, amax=amax), 2 * n + n // 2 + n // 16),
-        "nvfp4_with_amax_pass": (lambda: quantize_nvfp4_triton(x), 2 * n + n // 2 + n // 16),
-        "mxfp4": (lambda: quantize_mxfp4_triton(x), 2 * n + n // 2 + n // 32),
-    }
+def _with(fq, attrs: dict, fn):
+    """fn run with module attributes of fp4_quantize temporarily set (launch variants for comparison)."""
+    def run():
+        old = {k: getattr(fq, k) for k in attrs}
+        for k, v in attrs.items():
+            setattr(fq, k, v)
+        try:
+            return fn()
+        finally:
+            for k, v in old.items():
+                setattr(fq, k, v)
+    return run
+
+
+def run_quantize(bw, sweep=True):
+    """Quantize timings, eager (do_bench, host launch included) and in a CUDA graph (GPU time alone)."""
     from fp4kit.kernels import fp4_quantize as fq
 
-    def rcp():  # reciprocal + Markstein instead of the per-element IEEE division, for comparison
-        fq.NVFP4_RCP_DIV = True
-        try:
-            return quantize_nvfp4_triton(x, amax=amax)
-        finally:
-            fq.NVFP4_RCP_DIV = False
-
-    cases["nvfp4_static_amax_rcp_markstein"] = (rcp, 2 * n + n // 2 + n // 16)
-
-    def small_programs(fn):  # 1024 elements per program, as before this change
-        def run():
-            fq.QUANT_ELEMS_PER_PROGRAM[16] = fq.QUANT_ELEMS_PER_PROGRAM[32] = 1024
-            try:
-                return fn()
-            finally:
-                fq.QUANT_ELEMS_PER_PROGRAM[16] = fq.QUANT_ELEMS_PER_PROGRAM[32] = 4096
-        return run
-
-    cases["nvfp4_static_amax_1024_per_program"] = (small_programs(lambda: quantize_nvfp4_triton(x, amax=amax)),
-                                                   2 * n + n // 2 + n // 16)
-    cases["mxfp4_1024_per_program"] = (small_programs(lambda: quantize_mxfp4_triton(x)), 2 * n + n // 2 + n // 32)
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)  # 64M elements
+    n = x.numel()
+    amax = x.abs().amax().float()  # a static, calibrated amax: float32 on the device
+    amax_f = float(amax)
+    nv_bytes, mx_bytes = 2 * n + n // 2 + n // 16, 2 * n + n // 2 + n // 32
+    out = {}
+    cases = {
+        "nvfp4_static_amax": (lambda: quantize_nvfp4_triton(x, amax=amax), nv_bytes),
+        "nvfp4_static_amax_python_float": (lambda: quantize_nvfp4_triton(x, amax=amax_f), nv_bytes),
+        "nvfp4_static_amax_rcp_markstein": (_with(fq, {"NVFP4_RCP_DIV": True},
+                                                  lambda: quantize_nvfp4_triton(x, amax=amax)), nv_bytes),
+        "nvfp4_amax_pass_only": (lambda: fq.nvfp4_amax(x.reshape(-1)), 2 * n),
+        "nvfp4_with_amax_pass": (lambda: quantize_nvfp4_triton(x), nv_bytes),
+        "mxfp4": (lambda: quantize_mxfp4_triton(x), mx_bytes),
+    }
+    if sweep:
+        for elems in (2048, 8192, 16384):
+            for rcp in (False, True):
+                cases[f"nvfp4_static_amax_{elems}_per_program{'_rcp' if rcp else ''}"] = (
+                    _with(fq, {"QUANT_ELEMS_PER_PROGRAM": {16: elems, 32: 4096}, "NVFP4_RCP_DIV": rcp},
+                          lambda: quantize_nvfp4_triton(x, amax=amax)), nv_bytes)
+        for elems in (4096, 65536):
+            cases[f"nvfp4_with_amax_pass_amax_{elems}"] = (
+                _with(fq, {"AMAX_ELEMS_PER_PROGRAM": elems}, lambda: quantize_nvfp4_triton(x)), nv_bytes)
     for name, (fn, nbytes) in cases.items():
+        fn()  # compile
         us = bench(fn)
-        out[name] = dict(us=us, bytes=nbytes, roofline_us=nbytes / bw * 1e6, bw_frac=nbytes / (us * 1e-6) / bw)
-        print(f"quantize {name:22s} {us:8.1f} us  roofline {out[name]['roofline_us']:7.1f} us  "
-              f"{100 * out[name]['bw_frac']:5.1f}% of copy BW", flush=True)
+        g_us = bench_graph(fn)
+        out[name] = dict(us=us, graph_us=g_us, bytes=nbytes, roofline_us=nbytes / bw * 1e6,
+                         bw_frac=nbytes / (us * 1e-6) / bw, graph_bw_frac=nbytes / (g_us * 1e-6) / bw)
+        print(f"quantize {name:44s} {us:8.1f} us eager ({100 * out[name]['bw_frac']:5.1f}% BW)  "
+              f"{g_us:8.1f} us graph ({100 * out[name]['graph_bw_frac']:5.1f}%)  "
+              f"roofline {out[name]['roofline_us']:7.1f} us", flush=True)
     for name in ("nvfp4_static_amax", "nvfp4_static_amax_rcp_markstein") * 2:
         out[name].setdefault("us_repeats", []).append(bench(cases[name][0]))  # the two orders interleaved
-        print(f"quantize {name:22s} again {out[name]['us_repeats'][-1]:8.1f} us", flush=True)
+        print(f"quantize {name:44s} again {out[name]['us_repeats'][-1]:8.1f} us", flush=True)
     # bit-exactness: the benchmark tensor itself, and every finite bf16 value (shuffled into blocks,
     # so blocks get all kinds of scales) under several tensor amaxes (several global scales)
     from fp4kit.formats import quantize_mxfp4, quantize_nvfp4
 
     def same(a, b):
-        return bool(torch.equal(a.data, b.data) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8)))
+        return bool(torch.equal(a.data, b.data) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
+                    and (a.global_scale is None or torch.equal(a.global_scale.view(torch.int32),
+                                                               b.global_scale.view(torch.int32))))
 
     allbf = torch.arange(-32768, 32768, dtype=torch.int32, device="cuda").to(torch.int16).view(torch.bfloat16)
     allbf = allbf[torch.isfinite(allbf)]
@@ -259,8 +274,11 @@ def run_quantize(bw):
                        .reshape(-1, 512) for _ in range(4)]
     checks = {}
     for i, xt in enumerate(xs):
-        for amax in (None, 1.0, 3e-3, 7e5):
-            checks[f"nvfp4_{i}_{amax}"] = same(quantize_nvfp4_triton(xt, amax=amax), quantize_nvfp4(xt, amax=amax))
+        for amax in (None, 1.0, 3e-3, 7e5, "device_0.37"):
+            amax_arg = torch.tensor(0.37, device="cuda") if amax == "device_0.37" else amax
+            for cfg_name, cfg in (("ct", NVFP4Config()), ("torchao", NVFP4Config.torchao())):
+                checks[f"nvfp4_{cfg_name}_{i}_{amax}"] = same(quantize_nvfp4_triton(xt, cfg, amax=amax_arg),
+                                                              quantize_nvfp4(xt, cfg, amax=amax_arg))
         checks[f"mxfp4_{i}"] = same(quantize_mxfp4_triton(xt), quantize_mxfp4(xt))
     bad = [k for k, v in checks.items() if not v]
     out["bit_exact"] = not bad
@@ -290,6 +308,7 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--quantize-only", action="store_true")
     p.add_argument("--skip-quantize", action="store_true")
+    p.add_argument("--quantize-sweep", action="store_true", help="also time elements-per-program variants")
     p.add_argument("--ms", type=int, nargs="+", default=list(MS))
     p.add_argument("--out", default="benchmarks/results/fp4_gemm_h100.json")
     args = p.parse_args(argv)
@@ -298,10 +317,16 @@ def main(argv=None):
     if args.sweep:
         return run_sweep(out_dir)
     if args.quantize_only:
-        return run_quantize(copy_bandwidth())
+        bw = copy_bandwidth()
+        quant = run_quantize(bw, sweep=args.quantize_sweep)
+        path = os.path.join(out_dir, os.path.basename(args.out))
+        with open(path, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                           copy_bw_bytes_per_s=bw, quantize=quant), f, indent=1)
+        return 0
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-    quant = None if args.skip_quantize else run_quantize(bw)
+    quant = None if args.skip_quantize else run_quantize(bw, sweep=args.quantize_sweep)
     rows = run_gemm(bw, tuple(args.ms))
     summary = summarize(rows, bw)
     for k, v in summary.items():

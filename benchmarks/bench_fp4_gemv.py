@@ -112,9 +112,10 @@ def gemv_sass(N, K, M, bs, cfg) -> dict:
            "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "constexpr",
            "K": "constexpr", "PAIRED": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
            "BLOCK_N": "constexpr", "L": "constexpr", "SPLIT_K": "constexpr", "PREFETCH": "constexpr",
-           "INTERPRET": "constexpr"}
+           "INTERPRET": "constexpr", "CACHE": "constexpr", "EVICT": "constexpr", "STAGES": "constexpr"}
     const = dict(N=N, K=K, PAIRED=bs == 32, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=cfg.block_n, L=lanes,
-                 SPLIT_K=cfg.split_k, PREFETCH=cfg.prefetch, INTERPRET=False)
+                 SPLIT_K=cfg.split_k, PREFETCH=cfg.prefetch, INTERPRET=False, CACHE=cfg.cache, EVICT=cfg.evict,
+                 STAGES=cfg.stages)
     k = _compile(_fp4_gemv.fp4_gemv_kernel, sig, const, cfg.num_warps, 1)
     lines = _sass(k)
     body = _loop_body(lines)
@@ -208,20 +209,28 @@ def _prepared_set(w, fcfg, nbytes):
 
 
 def sweep_candidates(M, N, K, lanes):
-    """A few GEMV launch shapes around the default: rows per program, K split, prefetch."""
+    """GEMV launch shapes around the default (round 4 levers, one at a time): the weight loads' cache
+    modifier / eviction policy, and a grid of rows per program x K split x software-pipelining depth
+    (stages > 1: cp.async into shared memory, needs >= stages chunks per split), 4 or 8 warps."""
     import dataclasses
 
     from fp4kit.kernels.fp4_gemm import GemvConfig, _gemv_config
 
-    default = _gemv_config(M, N, K, lanes, torch.cuda.get_device_properties(0).multi_processor_count)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    default = _gemv_config(M, N, K, lanes, sms)
     chunks = (K // 8) // (16 * lanes)
-    cands = [default, dataclasses.replace(default, prefetch=not default.prefetch)]
-    other_bn = 32 if default.block_n == 64 else 64
-    for bn, split in ((default.block_n, default.split_k * 2), (default.block_n, max(default.split_k // 2, 1)),
-                      (other_bn, default.split_k)):
-        cfg = GemvConfig(bn, split, 4, default.prefetch)
-        if chunks % split == 0 and cfg not in cands:
-            cands.append(cfg)
+    cands = [default, dataclasses.replace(default, evict="evict_first"), dataclasses.replace(default, cache=".cg")]
+    for warps, bn in ((4, 16), (4, 32), (8, 32), (8, 64)):
+        programs = -(-N // bn)
+        for split in (d for d in range(1, chunks + 1) if chunks % d == 0):
+            if not 1.5 * sms <= programs * split <= 28 * sms:
+                continue
+            for stages in (1, 2, 3, 4):
+                if stages > 1 and chunks // split < stages:
+                    continue
+                cfg = GemvConfig(bn, split, warps, stages=stages)
+                if cfg not in cands:
+                    cands.append(cfg)
     return default, cands
 
 
@@ -254,8 +263,8 @@ def run_sweep(bw, shapes, ms=(1, 4)):
                                  bw_frac=nbytes / (us * 1e-6) / bw, max_err=max_err))
                 res.append((us, cfg))
             print(f"sweep {name:8s} M={M} default {res[0][0]:6.1f} us | " + "  ".join(
-                f"{us:6.1f} bn{c.block_n} sk{c.split_k}{' pf' if c.prefetch else ''}"
-                for us, c in sorted(res, key=lambda r: r[0])), flush=True)
+                f"{us:6.1f} bn{c.block_n} w{c.num_warps} sk{c.split_k} st{c.stages}{c.cache}{' ' + c.evict if c.evict else ''}"
+                for us, c in sorted(res, key=lambda r: r[0])[:8]), flush=True)
         del preps
     return rows
 

@@ -112,17 +112,20 @@ def _token(acc, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, x_ptrs, mask
 
 @triton.jit
 def _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, mask, N: tl.constexpr, L: tl.constexpr, SROW: tl.constexpr,
-                PAIRED: tl.constexpr):
-    """Chunk ch of the program's rows: the four word runs [L, BLOCK_N, 4] and the scale codes [L, BLOCK_N, 8]."""
+                PAIRED: tl.constexpr, CACHE: tl.constexpr = "", EVICT: tl.constexpr = ""):
+    """Chunk ch of the program's rows: the four word runs [L, BLOCK_N, 4] and the scale codes [L, BLOCK_N, 8].
+
+    CACHE / EVICT: Triton's cache_modifier / eviction_policy for these streamed-once loads (e.g. ".cg":
+    L2 only; "evict_first")."""
     wp = w_ptrs + ch * (16 * L)
-    w0 = tl.load(wp, mask=mask, other=0)
-    w1 = tl.load(wp + 4 * L, mask=mask, other=0)
-    w2 = tl.load(wp + 8 * L, mask=mask, other=0)
-    w3 = tl.load(wp + 12 * L, mask=mask, other=0)
+    w0 = tl.load(wp, mask=mask, other=0, cache_modifier=CACHE, eviction_policy=EVICT)
+    w1 = tl.load(wp + 4 * L, mask=mask, other=0, cache_modifier=CACHE, eviction_policy=EVICT)
+    w2 = tl.load(wp + 8 * L, mask=mask, other=0, cache_modifier=CACHE, eviction_policy=EVICT)
+    w3 = tl.load(wp + 12 * L, mask=mask, other=0, cache_modifier=CACHE, eviction_policy=EVICT)
     g = ch * L + l3
     if PAIRED:
         g = g // 2
-    codes = tl.load(s_ptr + n3 * SROW + g * 8 + e3, mask=mask, other=0)
+    codes = tl.load(s_ptr + n3 * SROW + g * 8 + e3, mask=mask, other=0, cache_modifier=CACHE, eviction_policy=EVICT)
     return w0, w1, w2, w3, codes
 
 
@@ -130,7 +133,8 @@ def _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, mask, N: tl.constexpr, L: tl.cons
 def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                     N: tl.constexpr, K: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr, SPLIT_K: tl.constexpr,
-                    PREFETCH: tl.constexpr, INTERPRET: tl.constexpr):
+                    PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, CACHE: tl.constexpr = "",
+                    EVICT: tl.constexpr = "", STAGES: tl.constexpr = 1):
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), W in the plane layout (module docstring).
 
     Grid: (tiles of BLOCK_N rows, tiles of BLOCK_M <= 4 tokens, SPLIT_K). Split s covers chunks
@@ -145,6 +149,8 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
     over rows for free). Each token has its own accumulator (BLOCK_M <= 4, unrolled).
     PREFETCH: the next chunk's words and scale codes are loaded (into registers) before this
     chunk is decoded, so a program keeps its loads in flight while it computes.
+    CACHE / EVICT: cache modifier and eviction policy of the weight loads; STAGES: Triton's software
+    pipelining depth of the K loop (`tl.range(..., num_stages=STAGES)`; 1 = none).
     """
     K8: tl.constexpr = K // 8
     CHUNK: tl.constexpr = 16 * L
@@ -168,15 +174,16 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
     acc2 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
     if PREFETCH:
-        nw0, nw1, nw2, nw3, ncodes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, pid_k * CPS, wmask, N, L, SROW, PAIRED)
-    for ci in range(CPS):
+        nw0, nw1, nw2, nw3, ncodes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, pid_k * CPS, wmask, N, L, SROW, PAIRED,
+                                                 CACHE, EVICT)
+    for ci in tl.range(CPS, num_stages=STAGES):
         ch = pid_k * CPS + ci
         if PREFETCH:
             w0, w1, w2, w3, codes = nw0, nw1, nw2, nw3, ncodes
             nw0, nw1, nw2, nw3, ncodes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch + 1, wmask & (ci + 1 < CPS), N,
-                                                     L, SROW, PAIRED)
+                                                     L, SROW, PAIRED, CACHE, EVICT)
         else:
-            w0, w1, w2, w3, codes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, wmask, N, L, SROW, PAIRED)
+            w0, w1, w2, w3, codes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, wmask, N, L, SROW, PAIRED, CACHE, EVICT)
         scales = _split8(tl.load(table_ptr + codes.to(tl.int32)))  # float32 s_eff * 2^14, 8 x [L, BLOCK_N]
         xc = x_ptrs + ch * CHUNK
         for J in tl.static_range(4):

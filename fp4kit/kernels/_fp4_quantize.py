@@ -48,20 +48,68 @@ def _div_by_block(x, denom, BLOCKS: tl.constexpr):
 
 
 @triton.jit
-def nvfp4_quantize_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, nblocks,
-                          GS_ENCODE: tl.constexpr, MIN_BLOCK_SCALE: tl.constexpr, ZERO_SCALE_CODE: tl.constexpr,
-                          SIGNED_ZERO: tl.constexpr, BLOCKS: tl.constexpr, INTERPRET: tl.constexpr,
+def nvfp4_global_scale(amax, GS_ENCODE: tl.constexpr, DECODE_BY_RECIPROCAL: tl.constexpr):
+    """`formats.nvfp4_global_scale` for MAX6 on a float32 amax ([1]), as torch evaluates it:
+
+    ENCODE  g = 2688 / max(amax, FLT_MIN): a Python number over a tensor is `reciprocal() * 2688` in
+            torch (`Tensor.__rtruediv__`), so RN(RN(1 / a) * 2688), not one division;
+    DECODE  g = amax / 2688: a true division on the CPU, but on CUDA torch divides by a CPU scalar as
+            a multiplication by its float32 reciprocal, RN(a * RN(1 / 2688)): DECODE_BY_RECIPROCAL
+            follows the device on which the twin computes g (that of the amax tensor).
+    448 * 6 = 2688 is exact. A g that is not finite or is 0 becomes 1 (a NaN amax ends there too:
+    the max below drops NaN and RN(1 / FLT_MIN) * 2688 overflows to inf)."""
+    a = tl.full((1,), 1.0, tl.float32) * amax
+    one = tl.full((1,), 1.0, tl.float32)
+    if GS_ENCODE:
+        g = tl.math.div_rn(one, tl.maximum(a, 1.1754943508222875e-38)) * 2688.0
+    elif DECODE_BY_RECIPROCAL:
+        g = a * tl.math.div_rn(one, tl.full((1,), 2688.0, tl.float32))
+    else:
+        g = tl.math.div_rn(a, tl.full((1,), 2688.0, tl.float32))
+    ok = (tl.abs(g) < float("inf")) & (g != 0.0)
+    return tl.where(ok, g, 1.0)
+
+
+@triton.jit
+def abs_max_kernel(x_ptr, amax_ptr, n, ELEMS: tl.constexpr, TILE: tl.constexpr):
+    """amax_ptr[0] (float32, zeroed by the caller) = max |x| over n elements: each program reduces
+    ELEMS elements in tiles of TILE and folds its max in with one atomic max on the float's bits
+    (non-negative floats order like their int32 bits; NaN bits order above inf, so a NaN wins)."""
+    base = tl.program_id(0).to(tl.int64) * ELEMS
+    m = tl.zeros((TILE,), dtype=tl.float32)
+    for t in tl.static_range(ELEMS // TILE):
+        offs = base + t * TILE + tl.arange(0, TILE)
+        m = tl.maximum(m, tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)))
+    bits = tl.max(m.to(tl.int32, bitcast=True), axis=0)
+    tl.atomic_max(amax_ptr.to(tl.pointer_type(tl.int32)), bits, sem="relaxed")
+
+
+@triton.jit
+def nvfp4_quantize_kernel(x_ptr, amax_ptr, amax_value, gs_out_ptr, packed_ptr, scale_ptr, nblocks,
+                          AMAX_FROM_PTR: tl.constexpr, GS_ENCODE: tl.constexpr, MIN_BLOCK_SCALE: tl.constexpr,
+                          ZERO_SCALE_CODE: tl.constexpr, SIGNED_ZERO: tl.constexpr, BLOCKS: tl.constexpr,
+                          INTERPRET: tl.constexpr, DECODE_BY_RECIPROCAL: tl.constexpr = False,
                           RCP_DIV: tl.constexpr = False):
     """NVFP4 (blocks of 16, MAX6) in the arithmetic order of `formats.nvfp4._encode_blocks`.
 
+    The global scale g is computed here, in every program, from the tensor amax (`amax_ptr[0]`, a
+    float32 on the device, when AMAX_FROM_PTR; else the float32 scalar `amax_value`): a few
+    instructions per program instead of ~8 torch launches on the host. Program 0 writes g to
+    `gs_out_ptr` (the QuantizedTensor's global_scale).
     RCP_DIV replaces the per-element IEEE division x / denom by `_div_by_block` (one division per
     block, then a multiply and two fma per element), which yields the same codes.
     """
-    blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    pid = tl.program_id(0)
+    blk = pid * BLOCKS + tl.arange(0, BLOCKS)
     e = tl.arange(0, 16)
     bmask = blk < nblocks
     x = tl.load(x_ptr + blk[:, None] * 16 + e[None, :], mask=bmask[:, None], other=0.0).to(tl.float32)
-    g = tl.load(gs_ptr)
+    if AMAX_FROM_PTR:
+        g1 = nvfp4_global_scale(tl.load(amax_ptr + tl.arange(0, 1)), GS_ENCODE, DECODE_BY_RECIPROCAL)  # [1]
+    else:
+        g1 = nvfp4_global_scale(amax_value, GS_ENCODE, DECODE_BY_RECIPROCAL)
+    tl.store(gs_out_ptr + tl.arange(0, 1), g1, mask=(tl.arange(0, 1) == 0) & (pid == 0))
+    g = tl.sum(g1, axis=0)  # the scalar
     amax = tl.max(tl.abs(x), axis=1)
     s = tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32))
     if GS_ENCODE:

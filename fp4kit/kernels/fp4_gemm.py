@@ -473,8 +473,19 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     prefetch: bool = False
+    cache: str = ""  # cache_modifier of the weight loads: "", ".ca", ".cg" (L2 only), ".cv"
+    evict: str = ""  # eviction_policy of the weight loads: "", "evict_first", "evict_last"
+    stages: int = 1  # software pipelining depth of the K loop (tl.range num_stages)
 
     def __post_init__(self):
+        if self.cache not in ("", ".ca", ".cg", ".cv"):
+            raise ValueError(f"GemvConfig.cache must be '', '.ca', '.cg' or '.cv', got {self.cache!r}")
+        if self.cache == ".cg" and self.evict:
+            raise ValueError("GemvConfig: ptxas rejects an eviction policy together with the .cg cache modifier")
+        if self.evict not in ("", "evict_first", "evict_last"):
+            raise ValueError(f"GemvConfig.evict must be '', 'evict_first' or 'evict_last', got {self.evict!r}")
+        if self.stages < 1:
+            raise ValueError(f"GemvConfig.stages must be >= 1, got {self.stages}")
         for name in ("block_n", "num_warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -555,7 +566,7 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
         ws, cnt = y, y
     args = (x2, lay.words, lay.scales, prepared.table, x2 if bias is None else bias, y, ws, cnt, M, N, K,
             prepared.block_size == 32, bias is not None, block_m, cfg.block_n, lay.lanes, cfg.split_k,
-            cfg.prefetch, _interpreting())
+            cfg.prefetch, _interpreting(), cfg.cache, cfg.evict, cfg.stages)
     key = ("gemv", cfg, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index)
     _launch_cached(prepared, key, _fp4_gemv.fp4_gemv_kernel, grid, stream, args, num_warps=cfg.num_warps,

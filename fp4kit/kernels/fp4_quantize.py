@@ -24,10 +24,12 @@ host sync): such inputs produce unspecified codes.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fp4kit.formats import (BlockChoice, GlobalScale, MXFP4Config, NVFP4Config, QuantizedTensor, ScaleRule,
-                            nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4)
+                            quantize_mxfp4, quantize_nvfp4)
 from fp4kit.formats.checks import check_blocks, check_float
 
 from .fp4_gemm import HAS_TRITON, _interpreting, use_triton
@@ -61,23 +63,60 @@ def _flat(x: torch.Tensor, block_size: int, name: str, fmt: str) -> torch.Tensor
     return x.contiguous().reshape(-1)
 
 
+@functools.lru_cache(maxsize=None)
+def _ue4m3_code(value: float) -> int:
+    """The UE4M3 byte of a config constant (cached: a torch cast per call was one of the host ops)."""
+    return int(torch.tensor(value).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+AMAX_ELEMS_PER_PROGRAM = 16384  # abs-max pass: elements per program (one atomic each)
+
+
+def nvfp4_amax(flat: torch.Tensor) -> torch.Tensor:
+    """max |x| of a flat tensor as a float32 [1] on its device: a memset and one reduction launch
+    (each program folds its max in with an atomic max), no host sync."""
+    amax = torch.zeros(1, dtype=torch.float32, device=flat.device)
+    elems = 1024 if _interpreting() else AMAX_ELEMS_PER_PROGRAM
+    _fp4_quantize.abs_max_kernel[(triton.cdiv(flat.numel(), elems),)](
+        flat, amax, flat.numel(), ELEMS=elems, TILE=min(elems, 4096), num_warps=8)
+    return amax
+
+
+def _amax_args(amax, flat: torch.Tensor):
+    """(pointer tensor, float32 scalar, read-from-pointer flag) for the kernel, without a host sync.
+
+    A float32 tensor on x's device is read by the kernel (no torch op); a Python number or a CPU
+    tensor travels as a float32 kernel argument (rounded to float32 as the twin's as_tensor does)."""
+    if isinstance(amax, torch.Tensor):
+        if amax.numel() != 1:
+            raise ValueError(f"amax must hold one value, got shape {tuple(amax.shape)}")
+        if amax.device == flat.device:
+            return (amax if amax.dtype == torch.float32 else amax.float()), 0.0, True
+        amax = float(amax.float())
+    return flat, float(torch.tensor(float(amax), dtype=torch.float32)), False
+
+
 def quantize_nvfp4_triton(x: torch.Tensor, config: NVFP4Config = NVFP4Config(), *, amax=None,
                           name: str = "tensor") -> QuantizedTensor:
-    """`formats.quantize_nvfp4` in one kernel (plus an amax reduction when `amax` is None)."""
+    """`formats.quantize_nvfp4` in one kernel (plus the `nvfp4_amax` pass when `amax` is None).
+
+    The global scale is computed inside the kernel from `amax` (a float32 device tensor, a number,
+    or None for the tensor's own max), so a call is three `torch.empty`s and one launch."""
     if config.block_choice is not BlockChoice.MAX6:
         raise NotImplementedError(f"{name}: the NVFP4 quantize kernel does MAX6 blocks only, not {config.block_choice}")
     flat = _flat(x, config.block_size, name, "NVFP4")
-    tensor_amax = flat.abs().amax().float() if amax is None else torch.as_tensor(amax, dtype=torch.float32)
-    g = nvfp4_global_scale(tensor_amax, config).to(x.device).reshape(1)
+    amax_t, amax_v, from_ptr = _amax_args(nvfp4_amax(flat) if amax is None else amax, flat)
     nblocks = flat.numel() // 16
     packed = torch.empty(flat.numel() // 2, dtype=torch.uint8, device=x.device)
     scale = torch.empty(nblocks, dtype=torch.uint8, device=x.device)
-    zero_code = int(torch.tensor(config.zero_block_scale).to(torch.float8_e4m3fn).view(torch.uint8))
+    g = torch.empty(1, dtype=torch.float32, device=x.device)
     blocks = _blocks_per_program(16)
     _fp4_quantize.nvfp4_quantize_kernel[(triton.cdiv(nblocks, blocks),)](
-        flat, g, packed, scale, nblocks, GS_ENCODE=config.global_scale is GlobalScale.ENCODE,
-        MIN_BLOCK_SCALE=float(config.min_block_scale), ZERO_SCALE_CODE=zero_code, SIGNED_ZERO=config.signed_zero,
-        BLOCKS=blocks, INTERPRET=_interpreting(), RCP_DIV=NVFP4_RCP_DIV, num_warps=4)
+        flat, amax_t, amax_v, g, packed, scale, nblocks, AMAX_FROM_PTR=from_ptr,
+        GS_ENCODE=config.global_scale is GlobalScale.ENCODE, MIN_BLOCK_SCALE=float(config.min_block_scale),
+        ZERO_SCALE_CODE=_ue4m3_code(config.zero_block_scale), SIGNED_ZERO=config.signed_zero,
+        BLOCKS=blocks, INTERPRET=_interpreting(), DECODE_BY_RECIPROCAL=from_ptr and amax_t.is_cuda,
+        RCP_DIV=NVFP4_RCP_DIV, num_warps=4)
     shape = tuple(x.shape)
     return QuantizedTensor(packed.reshape(*shape[:-1], shape[-1] // 2),
                            scale.view(torch.float8_e4m3fn).reshape(*shape[:-1], shape[-1] // 16), g, shape, config)

@@ -160,6 +160,26 @@ def test_gemv_split_k_and_prefetch(split, prefetch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("cfg", [GemvConfig(block_n=16, split_k=1, stages=2),
+                                 GemvConfig(block_n=16, split_k=1, stages=4, evict="evict_first"),
+                                 GemvConfig(block_n=16, split_k=2, cache=".cg")],
+                         ids=["stages2", "stages4_evict_first", "split2_cg"])
+def test_gemv_load_levers_same_result(cfg):
+    """Round-4 launch levers (software pipelining of the K loop, cache modifier, eviction policy) change
+    how the words are loaded, not the arithmetic: bit-identical to the plain launch. Four K chunks
+    (lanes = 2 at K = 1024), so stages = 4 has a full pipeline; 40 rows leave a ragged tile."""
+    qt = quantize(_weight(40, 1024), NVFP4Config())
+    prepared = prepare_fp4_weight(qt)
+    prepared.gemv = gemv_layout(qt, lanes=2)
+    x = torch.randn(1, 1024, device=DEVICE, dtype=torch.bfloat16)
+    want = _launch_gemv(x, prepared, None, config=GemvConfig(block_n=16, split_k=cfg.split_k))
+    got = _launch_gemv(x, prepared, None, config=cfg)
+    assert torch.equal(got, want)
+    max_err, rms_err = _errors(got, x, qt, None)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+
+
+@needs_kernels
 def test_gemv_split_must_divide_chunks():
     qt = quantize(_weight(16, 256), NVFP4Config())
     prepared = prepare_fp4_weight(qt)
@@ -211,6 +231,12 @@ def test_gemv_layout_rebuilt_after_in_place_update():
 def test_gemv_config_validates():
     with pytest.raises(ValueError, match="power of two"):
         GemvConfig(block_n=24)
+    with pytest.raises(ValueError, match="stages"):
+        GemvConfig(block_n=16, stages=0)
+    with pytest.raises(ValueError, match="cache"):
+        GemvConfig(block_n=16, cache=".cs")
+    with pytest.raises(ValueError, match="eviction policy together"):
+        GemvConfig(block_n=16, cache=".cg", evict="evict_first")
 
 
 # ----------------------------------------------------------------------------------------------

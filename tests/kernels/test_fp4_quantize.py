@@ -115,3 +115,71 @@ def test_four_over_six_uses_twin():
 def test_rejects_bad_last_dim():
     with pytest.raises(ValueError, match="divisible by 16"):
         quantize_nvfp4_triton(torch.randn(2, 24, device=DEVICE))
+
+
+# ---- the global scale computed in the kernel (round 4): every way of passing amax, edge amaxes
+
+
+def _amax_forms(value: float):
+    """The same amax as a Python float, a CPU float32 tensor and a float32 tensor on the kernel's device."""
+    return {"float": value, "cpu_tensor": torch.tensor(value), "device_tensor": torch.tensor(value, device=DEVICE)}
+
+
+@pytest.mark.parametrize("cfg", ["compressed_tensors", "torchao"])
+def test_nvfp4_in_kernel_global_scale_many_amaxes(cfg):
+    """g from 48 random amaxes (30 decades) in each form: ENCODE is reciprocal * 2688 in torch, DECODE a
+    division (CPU) or a multiplication by RN(1/2688) (CUDA); a one-ulp slip in g fails the int32 compare."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 32, generator=gen).to(DEVICE).bfloat16()
+    amaxes = (torch.rand(48, generator=gen) * torch.pow(10.0, torch.randint(-15, 15, (48,), generator=gen))).tolist()
+    for value in amaxes:
+        for form, amax in _amax_forms(value).items():
+            got = quantize_nvfp4_triton(x, NV_CONFIGS[cfg], amax=amax)
+            want = quantize_nvfp4(x, NV_CONFIGS[cfg], amax=amax)
+            assert torch.equal(got.global_scale.view(torch.int32), want.global_scale.view(torch.int32)), (value, form)
+            assert torch.equal(got.data, want.data) and torch.equal(got.scale.view(torch.uint8),
+                                                                    want.scale.view(torch.uint8)), (value, form)
+
+
+@pytest.mark.parametrize("value", [0.0, 1e-45, 1e-38, 3e38, float("inf")],
+                         ids=["zero", "subnormal", "near_tiny", "near_max", "inf"])
+@pytest.mark.parametrize("cfg", ["compressed_tensors", "torchao"])
+def test_nvfp4_in_kernel_global_scale_edges(cfg, value):
+    """amax 0 / inf / subnormal: g not finite or 0 falls back to 1, as in `nvfp4_global_scale`."""
+    x = INPUTS["randn_bf16_17x160"][:2, :32]
+    for form, amax in _amax_forms(value).items():
+        _assert_same(quantize_nvfp4_triton(x, NV_CONFIGS[cfg], amax=amax), quantize_nvfp4(x, NV_CONFIGS[cfg], amax=amax))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nvfp4_amax_pass_exact(dtype):
+    """The abs-max reduction kernel equals torch's, on a length that leaves a ragged last program."""
+    from fp4kit.kernels.fp4_quantize import nvfp4_amax
+
+    x = _wide((3 * 1024 + 48,), -20, 20).to(dtype)
+    x[1234] = -7e20 if dtype == torch.float32 else -3e20  # the max, negative, in the middle
+    got = nvfp4_amax(x)
+    assert got.dtype == torch.float32 and got.shape == (1,)
+    assert torch.equal(got.view(torch.int32), x.abs().amax().float().reshape(1).view(torch.int32))
+
+
+def test_nvfp4_amax_pass_odd_shape_bit_exact():
+    """No amax: the fused reduction + quantize equals the twin (which takes the max itself)."""
+    x = _wide((7, 3 * 1024 + 48), -8, 8).bfloat16()
+    for cfg in ("compressed_tensors", "torchao"):
+        _assert_same(quantize_nvfp4_triton(x, NV_CONFIGS[cfg]), quantize_nvfp4(x, NV_CONFIGS[cfg]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_nvfp4_static_amax_graph_capturable():
+    """A device amax: the call makes no host sync (capture would fail) and replays bit-exact."""
+    x = torch.randn(64, 256, device="cuda").bfloat16()
+    amax = x.abs().amax().float()
+    quantize_nvfp4_triton(x, amax=amax)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        qt = quantize_nvfp4_triton(x, amax=amax)
+    x.copy_(torch.randn_like(x) * 3)
+    amax.copy_(x.abs().amax().float())
+    graph.replay()
+    _assert_same(qt, quantize_nvfp4(x, amax=amax))
