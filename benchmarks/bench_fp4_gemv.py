@@ -220,7 +220,7 @@ def sweep_candidates(M, N, K, lanes):
     default = _gemv_config(M, N, K, lanes, sms)
     chunks = (K // 8) // (16 * lanes)
     cands = [default, dataclasses.replace(default, evict="evict_first"), dataclasses.replace(default, cache=".cg")]
-    for warps, bn in ((4, 16), (4, 32), (8, 32), (8, 64)):
+    for warps, bn in ((4, 16), (4, 32), (8, 64)):
         programs = -(-N // bn)
         for split in (d for d in range(1, chunks + 1) if chunks % d == 0):
             if not 1.5 * sms <= programs * split <= 28 * sms:
