@@ -62,13 +62,25 @@ except ImportError:  # CPU installs without triton use the torch twins
 # (positions per program, warps) of the scan kernel per key format on a GPU; benchmarks/bench_sparse_select.py
 # sweeps these on the device and reports the best
 SCAN_TILE = {"bf16": (128, 4), "fp8": (128, 4), "mxfp4": (128, 4), "nvfp4": (128, 4)}  # best on the H100
-SELECT_BLOCK = 2048  # positions per program in the radix select's histogram / count / write passes
+SELECT_BLOCK = 2048  # positions per program of the unfused select passes (the fused select picks its own)
 # MXFP4 keys: bf16-pair decode + tl.dot (see _fp4_topk; bit-exact on the H100 but 108 us against the FMA path's
 # 72 us for 128K x 8 keys, 2026-11-22), so off by default
 MXFP4_TENSOR_CORES = False
-# the scan kernel builds the high-byte histogram with atomics (False: a separate pass over the 2-byte scores,
-# which was faster on the H100 for MXFP4: 62 against 72 us, and within noise for bf16 / FP8)
-HIST_IN_SCAN = False
+# MXFP4 keys: packed-half2 products when the query is MXFP4 (checked per program, float32 otherwise)
+MXFP4_PACKED_HALF = True
+# the whole radix select in one launch (per-row barriers; cooperative launch so every program is resident)
+FUSED_SELECT = True
+
+
+class CoarseHist(enum.Enum):
+    """Where the 256-bin histogram of the scores' high byte is built."""
+
+    SCAN = "scan"  # atomics inside the scan kernel
+    PASS = "pass"  # a separate pass over the 2-byte scores
+    FUSED = "fused"  # inside the fused select (the scores are in its registers already); PASS when unfused
+
+
+COARSE_HIST = CoarseHist.FUSED
 
 
 def _pair_order(D: int, device) -> torch.Tensor:
@@ -221,18 +233,11 @@ def _fp4_args(keys: KeyCacheView):
     return cfg.block_size, keys.scale.view(torch.uint8), gs, enc
 
 
-def index_score_bits(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: int | None = None,
-                     hist: torch.Tensor | None = None) -> torch.Tensor:
-    """The scan alone: monotone int16 bf16 scores [R, L_pad] (L_pad: L rounded up to the tile),
-    -32768 outside [lo, hi). `hist` (int32 [R, 512], zeroed) receives the high-byte histogram."""
-    hi = _check(q, keys, lo, hi)
-    R, L, D = keys.rows, keys.length, keys.head_dim
-    if D & (D - 1) or D < 32:
-        raise ValueError(f"index kernels need a power-of-two head dim >= 32, got {D}")
-    block_t, warps = (16, 4) if _interpreting() else SCAN_TILE[keys.format.value]
-    n_out = triton.cdiv(L, block_t) * block_t
+def _scan(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torch.Tensor, n_out: int, block_t: int,
+          warps: int, hist_in_scan: bool) -> torch.Tensor:
+    """The scan kernel: monotone int16 scores [R, n_out]; the coarse histogram into ws[:, 0:256] if asked."""
+    R, D = keys.rows, keys.head_dim
     out = torch.empty(R, n_out, dtype=torch.int16, device=q.device)
-    hist = torch.zeros(R, 512, dtype=torch.int32, device=q.device) if hist is None else hist
     fmt = _FMT_CODE[keys.format]
     qk = q
     if keys.format is KeyFormat.MXFP4 and MXFP4_TENSOR_CORES:
@@ -240,7 +245,10 @@ def index_score_bits(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: in
         data = keys.data.view(torch.int32)  # 8 codes per word
         qk = _bf16_parts(q)[:, :, _pair_order(D, q.device)].contiguous()
         fmt = 4
-    elif keys.format in (KeyFormat.MXFP4, KeyFormat.NVFP4):
+    elif keys.format is KeyFormat.MXFP4:
+        bs, s, gs, enc = _fp4_args(keys)
+        data = keys.data.view(torch.int32)  # 8 codes per word
+    elif keys.format is KeyFormat.NVFP4:
         bs, s, gs, enc = _fp4_args(keys)
         data = keys.data
     else:
@@ -248,15 +256,43 @@ def index_score_bits(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: in
         data = keys.data.view(torch.uint8) if keys.format is KeyFormat.FP8 else keys.data
         s = keys.scale if keys.scale is not None else q
     grid = (R, n_out // block_t)
-    _fp4_topk.index_score_kernel[grid](qk, data, s, gs, out, hist, lo, hi, n_out, qk.stride(0), data.stride(0),
+    _fp4_topk.index_score_kernel[grid](qk, data, s, gs, out, ws, lo, hi, n_out, qk.stride(0), data.stride(0),
                                        data.stride(1), s.stride(0), s.stride(1) if s.dim() > 1 else 0,
-                                       out.stride(0), D=D, FMT=fmt, BS=bs, GS_ENCODE=enc, BLOCK_T=block_t,
-                                       HIST=HIST_IN_SCAN, INTERPRET=_interpreting(), num_warps=warps)
-    if not HIST_IN_SCAN:
-        block = 64 if _interpreting() else SELECT_BLOCK
-        _fp4_topk.coarse_hist_kernel[(R, triton.cdiv(n_out, block))](out, hist, out.stride(0), n_out, BLOCK=block,
-                                                                     num_warps=4)
+                                       out.stride(0), ws.stride(0), D=D, FMT=fmt, BS=bs, GS_ENCODE=enc,
+                                       BLOCK_T=block_t, HIST=hist_in_scan, PACKED=MXFP4_PACKED_HALF,
+                                       INTERPRET=_interpreting(), num_warps=warps)
     return out
+
+
+def _coarse_pass(m: torch.Tensor, ws: torch.Tensor) -> None:
+    R, n_out = m.shape
+    block = 64 if _interpreting() else SELECT_BLOCK
+    _fp4_topk.coarse_hist_kernel[(R, triton.cdiv(n_out, block))](m, ws, m.stride(0), ws.stride(0), n_out,
+                                                                 BLOCK=block, num_warps=4)
+
+
+def _scan_tile(keys: KeyCacheView) -> tuple[int, int, int]:
+    """(block_t, warps, n_out): the scan's tile and the padded score length."""
+    D = keys.head_dim
+    if D & (D - 1) or D < 32:
+        raise ValueError(f"index kernels need a power-of-two head dim >= 32, got {D}")
+    block_t, warps = (16, 4) if _interpreting() else SCAN_TILE[keys.format.value]
+    return block_t, warps, triton.cdiv(keys.length, block_t) * block_t
+
+
+def index_score_bits(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: int | None = None,
+                     hist: torch.Tensor | None = None) -> torch.Tensor:
+    """The scan alone: monotone int16 bf16 scores [R, L_pad] (L_pad: L rounded up to the tile),
+    -32768 outside [lo, hi). `hist` (int32 [R, >= 512], zeroed) receives the high-byte histogram in
+    hist[:, 0:256] (inside the scan with `COARSE_HIST` SCAN, else by a pass over the scores)."""
+    hi = _check(q, keys, lo, hi)
+    block_t, warps, n_out = _scan_tile(keys)
+    hist = torch.zeros(keys.rows, 512, dtype=torch.int32, device=q.device) if hist is None else hist
+    in_scan = COARSE_HIST is CoarseHist.SCAN
+    m = _scan(q, keys, lo, hi, hist, n_out, block_t, warps, in_scan)
+    if not in_scan:
+        _coarse_pass(m, hist)
+    return m
 
 
 def bits_to_bf16(m: torch.Tensor) -> torch.Tensor:
@@ -264,22 +300,67 @@ def bits_to_bf16(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m < 0, m ^ 0x7FFF, m).view(torch.bfloat16)
 
 
-def _radix_select(m: torch.Tensor, hist: torch.Tensor, n: int) -> torch.Tensor:
-    """Positions [R, n] (ascending) of the n largest m per row, ties to the lower position."""
+_FUSED_PLAN: dict = {}
+
+
+def _resident_programs(block: int, tiles: int, coarse: bool, warps: int, device) -> int:
+    """How many programs of the fused select fit on the device at once (registers, shared memory, warps)."""
+    key = (block, tiles, coarse, warps, device.index)
+    if key not in _FUSED_PLAN:
+        k = _fp4_topk.fused_select_kernel.warmup(torch.empty(1, block, dtype=torch.int16, device=device),
+                                                 torch.empty(1, 516 + tiles, dtype=torch.int32, device=device),
+                                                 torch.empty(1, 1, dtype=torch.int64, device=device),
+                                                 1, 1, 1, 1, 1, 1, BLOCK=block, TILES=tiles, COARSE=coarse,
+                                                 PHASE=0, MAX_SPINS=_MAX_SPINS, num_warps=warps, grid=(1,),
+                                                 launch_cooperative_grid=True)
+        props = torch.cuda.get_device_properties(device)
+        regs = max(1, k.n_regs) * 32 * warps
+        smem = k.metadata.shared + 1024
+        per_sm = min(32, 64 // warps, 65536 // regs, props.shared_memory_per_multiprocessor // smem)
+        _FUSED_PLAN[key] = per_sm * props.multi_processor_count
+    return _FUSED_PLAN[key]
+
+
+_MAX_SPINS = 1 << 22  # a barrier that waits longer than this (~tens of ms) gives up: a wrong selection, not a hang
+
+
+def _fused_block(R: int, n_out: int, coarse: bool, device) -> tuple[int, int] | None:
+    """(BLOCK, warps) of the fused select whose R x tiles programs are all resident, or None."""
+    if _interpreting():
+        return 64, 4
+    for block, warps in ((2048, 4), (4096, 4), (8192, 8), (16384, 16)):
+        tiles = triton.next_power_of_2(triton.cdiv(n_out, block))
+        if R * triton.cdiv(n_out, block) <= _resident_programs(block, tiles, coarse, warps, device):
+            return block, warps
+    return None
+
+
+def _radix_select(m: torch.Tensor, ws: torch.Tensor, n: int, fused: tuple[int, int] | None,
+                  coarse: bool) -> torch.Tensor:
+    """Positions [R, n] (ascending) of the n largest m per row, ties to the lower position. ws: the zeroed
+    workspace (coarse histogram already in ws[:, 0:256] unless `coarse`, which the fused kernel builds)."""
     R, n_out = m.shape
+    out = torch.empty(R, n, dtype=torch.int64, device=m.device)
+    if fused is not None:
+        block, warps = fused
+        n_tiles = triton.cdiv(n_out, block)
+        args = (m, ws, out, m.stride(0), ws.stride(0), out.stride(0), n_out, n, n_tiles)
+        meta = dict(BLOCK=block, TILES=triton.next_power_of_2(n_tiles), COARSE=coarse, MAX_SPINS=_MAX_SPINS,
+                    num_warps=warps)
+        if _interpreting():  # programs run one after another: the phases the barriers separate, in turn
+            for phase in (1, 2, 3, 4):
+                _fp4_topk.fused_select_kernel[(R, n_tiles)](*args, PHASE=phase, **meta)
+        else:
+            _fp4_topk.fused_select_kernel[(R, n_tiles)](*args, PHASE=0, launch_cooperative_grid=True, **meta)
+        return out
     block = 64 if _interpreting() else SELECT_BLOCK
     n_tiles = triton.cdiv(n_out, block)
     tiles = triton.next_power_of_2(n_tiles)
-    state = torch.empty(R, 4, dtype=torch.int32, device=m.device)
-    counts = torch.empty(R, 2, tiles, dtype=torch.int32, device=m.device)
-    out = torch.empty(R, n, dtype=torch.int64, device=m.device)
-    _fp4_topk.coarse_threshold_kernel[(R,)](hist, state, n)
-    _fp4_topk.fine_hist_kernel[(R, n_tiles)](m, hist, state, m.stride(0), n_out, BLOCK=block, num_warps=4)
-    _fp4_topk.fine_threshold_kernel[(R,)](hist, state, n)
-    _fp4_topk.tile_count_kernel[(R, n_tiles)](m, state, counts, m.stride(0), counts.stride(0), n_out, BLOCK=block,
-                                              num_warps=4)
-    _fp4_topk.tile_write_kernel[(R, n_tiles)](m, state, counts, out, m.stride(0), counts.stride(0), out.stride(0),
-                                              n_out, n_tiles, BLOCK=block, TILES=tiles, num_warps=4)
+    common = (m.stride(0), ws.stride(0))
+    _fp4_topk.fine_hist_kernel[(R, n_tiles)](m, ws, *common, n_out, n, BLOCK=block, num_warps=4)
+    _fp4_topk.tile_count_kernel[(R, n_tiles)](m, ws, *common, n_out, n, BLOCK=block, num_warps=4)
+    _fp4_topk.tile_write_kernel[(R, n_tiles)](m, ws, out, *common, out.stride(0), n_out, n, BLOCK=block,
+                                              TILES=tiles, num_warps=4)
     return out
 
 
@@ -288,13 +369,25 @@ def index_topk(q: torch.Tensor, keys: KeyCacheView, n: int, *, lo: int = 0, hi: 
     ascending position order: int64 [R, min(n, hi - lo)].
 
     q: [R, D] float32 (already rotated/quantized as the keys were); keys: `KeyCacheView`. Runs the
-    Triton kernels on CUDA (or under TRITON_INTERPRET=1): the scan, then the radix select."""
+    Triton kernels on CUDA (or under TRITON_INTERPRET=1): the scan, then the radix select (one fused
+    launch when `FUSED_SELECT` and its programs fit on the device at once)."""
     hi = _check(q, keys, lo, hi)
     n = min(n, hi - lo)
     if not use_triton(q) or n == 0:
         return index_topk_torch(q, keys, n, lo=lo, hi=hi)
-    hist = torch.zeros(keys.rows, 512, dtype=torch.int32, device=q.device)
-    return _radix_select(index_score_bits(q, keys, lo=lo, hi=hi, hist=hist), hist, n)
+    block_t, warps, n_out = _scan_tile(keys)
+    R = keys.rows
+    coarse_fused = COARSE_HIST is CoarseHist.FUSED
+    fused = _fused_block(R, n_out, coarse_fused, q.device) if FUSED_SELECT else None
+    fused_block = fused[0] if fused is not None else (64 if _interpreting() else SELECT_BLOCK)
+    ws = torch.zeros(R, 516 + triton.next_power_of_2(triton.cdiv(n_out, fused_block)), dtype=torch.int32,
+                     device=q.device)
+    in_scan = COARSE_HIST is CoarseHist.SCAN
+    m = _scan(q, keys, lo, hi, ws, n_out, block_t, warps, in_scan)
+    build_in_select = coarse_fused and fused is not None
+    if not in_scan and not build_in_select:
+        _coarse_pass(m, ws)
+    return _radix_select(m, ws, n, fused, build_in_select)
 
 
 # ----------------------------------------------------------------------------------------------

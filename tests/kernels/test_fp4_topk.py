@@ -130,17 +130,18 @@ def test_mxfp4_tensor_core_path_with_a_float32_query(monkeypatch):
     assert bool(((s - want).abs() <= tol).all())
 
 
-def test_histogram_in_scan_or_separate_selects_the_same(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_every_histogram_place_and_select_path_selects_the_same(fused, monkeypatch):
     import fp4kit.kernels.fp4_topk as m
 
     k = torch.randn(2, 150, 64)
     q = mx_query(torch.randn(2, 64))
     keys = mx_keys(k)
-    monkeypatch.setattr(m, "HIST_IN_SCAN", True)
-    want = index_topk(q, keys, 30, lo=2)
-    monkeypatch.setattr(m, "HIST_IN_SCAN", False)
-    assert torch.equal(index_topk(q, keys, 30, lo=2), want)
-    assert torch.equal(want, index_topk_torch(q, keys, 30, lo=2))
+    want = index_topk_torch(q, keys, 30, lo=2)
+    monkeypatch.setattr(m, "FUSED_SELECT", fused)
+    for place in m.CoarseHist:
+        monkeypatch.setattr(m, "COARSE_HIST", place)
+        assert torch.equal(index_topk(q, keys, 30, lo=2), want), place
 
 
 def test_strided_cache_slice_reads_in_place():
