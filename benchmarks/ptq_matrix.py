@@ -55,11 +55,17 @@ def variants(spec: str) -> list[tuple[str, str, str]]:
 
 
 def calibration(tok, folder: pathlib.Path, samples: int, seq_len: int, device) -> list[torch.Tensor]:
+    """`samples` windows [1, seq_len] of tiny-shakespeare after character 200,000. A tokenizer that adds BOS
+    (Gemma-3) gets BOS at the start of every window, as every evaluated sequence has it; SmolLM2's adds none."""
+    from fp4kit.eval import bos_prefix
+
     text = (folder / "shakespeare.txt").read_text()[200_000:]
-    ids = tok(text, return_tensors="pt").input_ids[0]
-    if ids.numel() < samples * seq_len:
-        raise ValueError(f"{folder}/shakespeare.txt: {ids.numel()} calibration tokens < {samples} x {seq_len}")
-    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0).to(device) for i in range(samples)]
+    ids, bos = bos_prefix(tok, tok(text, return_tensors="pt").input_ids[0])
+    span = seq_len - (bos is not None)  # text tokens per window
+    if ids.numel() < samples * span:
+        raise ValueError(f"{folder}/shakespeare.txt: {ids.numel()} calibration tokens < {samples} x {span}")
+    prefix = ids.new_tensor([bos] if bos is not None else [])
+    return [torch.cat([prefix, ids[i * span:(i + 1) * span]]).unsqueeze(0).to(device) for i in range(samples)]
 
 
 def quantize(model, fmt: str, method: str, act: str, batches):
@@ -97,13 +103,16 @@ def run(a) -> None:
         old = [json.loads(line) for line in a.out.read_text().splitlines() if line.strip()]
         done = {(r["format"], r["method"]) for r in old if r.get("model") == a.label}
     todo = [("bf16", "none", "none")] + variants(a.variants)
+    took: dict[str, float] = {}  # method -> seconds its last variant took (quantize + evaluate)
     for fmt, method, act in todo:
         label_method = method if act == "none" else f"{method}+a4"
         if (fmt, label_method) in done:
             continue
-        if a.deadline and time.time() - t0 > a.deadline:
-            print(f"deadline {a.deadline}s reached; stopping before {fmt} {label_method}", flush=True)
-            break
+        guess = took.get(method, max(took.values(), default=0.0))  # a variant of the same method costs about the same
+        if a.deadline and time.time() - t0 + guess > a.deadline:
+            print(f"deadline {a.deadline}s: {time.time() - t0:.0f}s spent, {fmt} {label_method} needs ~{guess:.0f}s; "
+                  "skipped", flush=True)
+            continue  # a cheaper variant later in the list may still fit
         t1 = time.time()
         model = copy.deepcopy(base_model) if fmt != "bf16" else base_model
         seconds_q = 0.0
@@ -124,6 +133,7 @@ def run(a) -> None:
         ppl = {r["task"]: r["value"] for r in records if r["metric"] == "perplexity"}
         print(f"{fmt:>5} {label_method:<11} quant {seconds_q:5.1f}s total {time.time() - t1:5.1f}s  "
               f"avg {sum(main) / len(main):.4f}  " + "  ".join(f"{k} {v:.2f}" for k, v in ppl.items()), flush=True)
+        took[method] = time.time() - t1
         if model is not base_model:
             del model
         if device.type == "cuda":
@@ -191,7 +201,9 @@ def main(argv=None):
     r.add_argument("--calib-seq-len", type=int, default=512)
     r.add_argument("--upcycle", metavar="E,K,NOISE",
                    help="evaluate the model upcycled to a Mixtral with E experts, top-K routing, expert noise NOISE")
-    r.add_argument("--deadline", type=float, default=0, help="stop starting new variants after this many seconds")
+    r.add_argument("--deadline", type=float, default=0,
+                   help="start no variant that would end (at the last same-method variant's duration) after this many "
+                        "seconds from the start")
     s = sub.add_parser("report")
     s.add_argument("files", type=pathlib.Path, nargs="+")
     s.add_argument("--json", type=pathlib.Path, help="also write the summary rows here")

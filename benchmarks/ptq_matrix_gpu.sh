@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# One lent-GPU call of the PTQ matrix (benchmarks/ptq_matrix.py): assemble the staged GGUF, run some
-# variants with a deadline, keep the JSONL in /root/stash (resumed by the next call), copy it to $OUT.
-#   bash benchmarks/ptq_matrix_gpu.sh STAGE_NAME LABEL [ptq_matrix.py run options...]
+# One lent-GPU call of the PTQ matrix (benchmarks/ptq_matrix.py): assemble the staged GGUF, run some variants
+# with a deadline, appending to $OUT/<basename of RESULTS> seeded from the repo's RESULTS (so the next call
+# resumes from what you copied back, and a call killed at its limit still returns every finished variant).
+#   bash benchmarks/ptq_matrix_gpu.sh STAGE_NAME LABEL RESULTS.jsonl [ptq_matrix.py run options...]
+# SRC=DIR runs fp4kit and the benchmark scripts from DIR (a carried snapshot of a commit, so other people's
+# uncommitted edits in the working tree do not change the measurement), default the working tree.
 set -uo pipefail
-name=$1 label=$2; shift 2
+name=$1 label=$2 results=$3; shift 3
+src=${SRC:-.}
 bash benchmarks/gpu_stage.sh "$name" || exit 0
-log=/root/stash/ptq_matrix_$label.jsonl
-PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 benchmarks/ptq_matrix.py run "/root/stash/$name.gguf" .stage/items \
-  --out "$log" --label "$label" "$@" 2>&1 | grep -v -E "Converting and de-quantizing|Loading weights|Warning"
-cp "$log" "$OUT/"
+out="$OUT/$(basename "$results")"
+[ -f "$results" ] && cp "$results" "$out"
+PYTHONPATH=/tmp/site:$src PYTHONUNBUFFERED=1 python3 "$src/benchmarks/ptq_matrix.py" run "/root/stash/$name.gguf" \
+  .stage/items --out "$out" --label "$label" "$@" 2>&1 \
+  | grep --line-buffered -v -E "Converting and de-quantizing|Loading weights|Warning|W1123|torchao"
