@@ -27,6 +27,11 @@ its caches and graphs. If the model's weights change in place (a training step),
 rebuilding: graphs read the same tensors. FP4Linear weights prepared for the decode kernel are
 re-prepared by fp4_linear when their version changes, which cannot happen inside a replay, so
 call `eng.reset_graphs()` after changing FP4 weights in place.
+
+`fused=True` (default) runs the fused forward of model.py (one GEMM for q/k/v and for gate/up,
+fused norm / rope / attention kernels on CUDA). Its fused weights are copies: `prefill` checks
+their sources' versions and rebuilds them (and the graphs) when a source changed in place, and
+`reset_graphs()` drops them too. `fused=False` is the module-by-module torch path.
 """
 
 from __future__ import annotations
@@ -65,11 +70,11 @@ def eos_ids(model: nn.Module, tokenizer) -> set[int]:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, *, max_batch: int = 32, max_seq_len: int = 2048,
                  kv_dtype: torch.dtype | None = None, cuda_graphs: bool = True, seq_bucket: int = 256,
-                 progress: bool = False):
+                 progress: bool = False, fused: bool = True):
         if max_batch < 1 or max_seq_len < 2 or seq_bucket < 1:
             raise ValueError(f"Engine needs max_batch >= 1, max_seq_len >= 2, seq_bucket >= 1; got "
                              f"{max_batch}, {max_seq_len}, {seq_bucket}")
-        self.runner = DecoderRunner(model)
+        self.runner = DecoderRunner(model, fused=fused)
         self.model, self.tokenizer = self.runner.model, tokenizer
         embed = self.model.get_input_embeddings().weight
         self.device, self.dtype = embed.device, embed.dtype
@@ -108,6 +113,8 @@ class Engine:
 
     def prefill(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Left-pad and run the prompts: (logits [B, V], pad [B], P)."""
+        if self.runner.refresh():  # a fused weight's source changed in place: graphs point at the old copy
+            self.reset_graphs()
         B, P = len(ids), max(len(x) for x in ids)
         pad = torch.tensor([P - len(x) for x in ids], device=self.device)
         tokens = torch.zeros(B, P, dtype=torch.long, device=self.device)
@@ -184,9 +191,10 @@ class Engine:
         return graph, logits
 
     def reset_graphs(self) -> None:
-        """Drop captured graphs (they are recaptured on demand)."""
+        """Drop captured graphs and the fused weights (both are rebuilt on demand)."""
         self._graphs.clear()
         self._pool = None
+        self.runner.drop_fused()
 
     # ------------------------------------------------------------------ generation
 

@@ -18,6 +18,20 @@ Batched prompts are left-padded to a common length P, so all rows share slot num
 token at slot s has position s - pad[b]. A padded query sees only itself (no empty softmax rows);
 its output is never used.
 
+Fused mode (`fused=True`, the default). The same forward with fewer, larger kernels (the torch
+path above stays as `fused=False`, and is the twin the fused path is tested against):
+
+    q/k/v and gate/up   one GEMM each where `fused.fuse_linears` allows (plain nn.Linear or plain
+                        FP4Linear with a shared format and global scale), then silu * up in one kernel
+    norms               residual add + RMSNorm in one kernel for transformers' RMSNorm classes
+                        (the residual add of the previous block is carried into the next norm)
+    decode (T = 1)      rope on q and k plus the cache write in one kernel (bf16 cache), and
+                        `decode_attention` reading the cache directly (bf16 or FP8 with its scales
+                        applied in registers): no mask tensor, no dequantized copy of the cache
+
+Kernels run on CUDA (`fp4kit.kernels.decode_ops`); elsewhere their torch twins run, unless
+`use_kernels` is set (the tests do, under the Triton interpreter).
+
 Supported families (`config.model_type`): llama, mistral, qwen2, qwen3 (pre-norm blocks, qwen3 with
 q/k norms), gemma3_text (sandwich norms, q/k norms, scaled embedding, query_pre_attn_scalar,
 sliding-window layers with their own rope), and MoE models whose block is the model's own module
@@ -33,7 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp4kit.kernels import decode_ops
 from fp4kit.nn.kv_cache import KVCache
+
+from .fused import GATED_MLPS, FusedLinear, NormKind, fuse_linears, is_silu, norm_kind
 
 DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 MOE = ("qwen2_moe", "qwen3_moe", "mixtral")
@@ -126,15 +143,27 @@ def gqa_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
     return out.reshape(B, Hq, T, D).transpose(1, 2).reshape(B, T, Hq * D)
 
 
+@dataclass
+class LayerPlan:
+    """What the fused forward runs for one layer (None: call the model's modules)."""
+    qkv: FusedLinear | None
+    gate_up: FusedLinear | None
+    silu: bool  # the MLP's activation is SiLU: silu * up in one kernel
+
+
 class DecoderRunner:
     """The forward pass over a HF causal LM's modules with static caches (see the module docstring)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fused: bool = True):
         self.model = unwrap(model)
         self.spec = arch_spec(self.model)
         rot = self.model.model.rotary_emb
         self._rope_takes_type = "layer_type" in inspect.signature(rot.forward).parameters
         self.rope_types = sorted({s.rope_type for s in self.spec.layers})
+        self.fused = fused
+        self.use_kernels: bool | None = None  # None: the Triton kernels on CUDA, their twins elsewhere
+        self._plans: list[LayerPlan] | None = None
+        self._norms: dict[int, NormKind | None] = {}
 
     @property
     def n_layers(self) -> int:
@@ -186,6 +215,131 @@ class DecoderRunner:
         out = getattr(layer, self.spec.mlp_attr)(x)
         return out[0] if isinstance(out, tuple) else out  # some MoE blocks also return router logits
 
+    # ------------------------------------------------------------------ fused mode
+
+    def plans(self) -> list[LayerPlan]:
+        """The fused projections of every layer, built on first use (a copy of the fused weights)."""
+        if self._plans is None:
+            self._plans = [self._plan(layer) for layer in self.model.model.layers]
+        return self._plans
+
+    def _plan(self, layer: nn.Module) -> LayerPlan:
+        a = layer.self_attn
+        qkv = fuse_linears((a.q_proj, a.k_proj, a.v_proj)) if all(
+            hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj")) else None
+        mlp = getattr(layer, self.spec.mlp_attr)
+        gate_up, silu = None, False
+        if type(mlp).__name__ in GATED_MLPS and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            gate_up = fuse_linears((mlp.gate_proj, mlp.up_proj))
+            silu = is_silu(getattr(mlp, "act_fn", None))
+        return LayerPlan(qkv, gate_up, silu)
+
+    def refresh(self) -> bool:
+        """Rebuild the fused weights if a source changed in place or was replaced; True when rebuilt
+        (captured graphs then point at dropped tensors: the engine recaptures)."""
+        if self._plans is None:
+            return False
+        for plan, layer in zip(self._plans, self.model.model.layers):
+            a, mlp = layer.self_attn, getattr(layer, self.spec.mlp_attr)
+            stale = (plan.qkv is not None and not plan.qkv.is_current((a.q_proj, a.k_proj, a.v_proj))) or (
+                plan.gate_up is not None and not plan.gate_up.is_current((mlp.gate_proj, mlp.up_proj)))
+            if stale:
+                self.drop_fused()
+                return True
+        return False
+
+    def drop_fused(self) -> None:
+        self._plans = None
+        self._norms.clear()
+
+    def kernels_on(self, x: torch.Tensor) -> bool:
+        return x.is_cuda if self.use_kernels is None else self.use_kernels
+
+    def _ops(self, x: torch.Tensor, name: str):
+        return getattr(decode_ops, name if self.kernels_on(x) else name + "_torch")
+
+    def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.add_norm(x, None, module)[1]
+
+    def add_norm(self, h, delta, module: nn.Module):
+        """(h + delta, norm(h + delta)); delta None: (h, norm(h)). One kernel for known RMSNorm classes."""
+        key = id(module)
+        if key not in self._norms:
+            self._norms[key] = norm_kind(module)
+        kind = self._norms[key]
+        if kind is None:
+            if delta is not None:
+                h = h + delta
+            return h, module(h)
+        return self._ops(h, "add_rmsnorm")(h, delta, module.weight, kind.eps, kind.gemma)
+
+    def attention_fused(self, i: int, attn: nn.Module, plan: LayerPlan, x, rope, masks, pad, slots, kv_len: int,
+                        cache: KVCache):
+        # x: [B, T, hidden]
+        B, T, _ = x.shape
+        s = self.spec
+        if plan.qkv is not None:
+            q, k, v = plan.qkv.split(plan.qkv(x))
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(B, T, s.n_heads, s.head_dim)  # views of the fused output: no copy
+        k = k.view(B, T, s.n_kv_heads, s.head_dim)
+        v = v.view(B, T, s.n_kv_heads, s.head_dim)
+        if hasattr(attn, "q_norm"):
+            q, k = self.norm(attn.q_norm, q.contiguous()), self.norm(attn.k_norm, k.contiguous())
+        layer = s.layers[i]
+        cos, sin = rope[layer.rope_type]  # [B, T, D]
+        if T > 1:  # prefill: the torch path (SDPA over the mask)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cache.write(k, v, slots)
+            keys, values = cache.read(B, kv_len)
+            return attn.o_proj(gqa_attention(q, keys, values, masks[layer.window], layer.scaling))
+        k_store, v_store, k_scale, v_scale = cache.storage()
+        q, k, v, cos, sin = q[:, 0], k[:, 0], v[:, 0], cos[:, 0].contiguous(), sin[:, 0].contiguous()  # [B, H, D]
+        rope_write = self._ops(x, "rope_write")
+        if cache.is_fp8:  # rope into a [B, Hkv, 1, D] buffer, then the cache's own FP8 write
+            k_new = torch.empty(B, s.n_kv_heads, 1, s.head_dim, dtype=x.dtype, device=x.device)
+            v_new = torch.empty_like(k_new)
+            q = rope_write(q, k, v, cos, sin, k_new, v_new, torch.zeros_like(slots))
+            cache.write(k_new, v_new, slots)
+        else:
+            q = rope_write(q, k, v, cos, sin, k_store, v_store, slots)
+        out = self._ops(x, "decode_attention")(q, k_store, v_store, k_scale, v_scale, pad, slots, kv_len,
+                                               layer.window, layer.scaling)  # [B, Hq * D]
+        return attn.o_proj(out[:, None])
+
+    def mlp_fused(self, layer: nn.Module, plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
+        if plan.gate_up is None:
+            return self.mlp(layer, x)
+        mlp = getattr(layer, self.spec.mlp_attr)
+        gu = plan.gate_up(x)  # [..., 2 I]
+        if plan.silu:
+            return mlp.down_proj(self._ops(x, "silu_mul")(gu))
+        gate, up = plan.gate_up.split(gu)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def forward_fused(self, tokens, positions, pad, slots, kv_len: int, caches, last_only: bool) -> torch.Tensor:
+        inner = self.model.model
+        plans = self.plans()
+        h = inner.embed_tokens(tokens)  # [B, T, hidden]
+        T = tokens.shape[1]
+        rope = self.rope(h, positions)
+        masks = self.masks(pad, slots, kv_len) if T > 1 else None
+        pending = None  # the block output not yet added to the residual stream
+        for i, layer in enumerate(inner.layers):
+            h, x = self.add_norm(h, pending, layer.input_layernorm)
+            a = self.attention_fused(i, layer.self_attn, plans[i], x, rope, masks, pad, slots, kv_len, caches[i])
+            if self.spec.sandwich_norms:
+                h, x = self.add_norm(h, self.norm(layer.post_attention_layernorm, a), layer.pre_feedforward_layernorm)
+                pending = self.norm(layer.post_feedforward_layernorm, self.mlp_fused(layer, plans[i], x))
+            else:
+                h, x = self.add_norm(h, a, layer.post_attention_layernorm)
+                pending = self.mlp_fused(layer, plans[i], x)
+        if last_only:
+            h, pending = h[:, -1:].contiguous(), pending[:, -1:].contiguous()
+        return self.model.lm_head(self.add_norm(h, pending, inner.norm)[1])
+
     def block(self, i: int, layer: nn.Module, h, rope, masks, slots, kv_len, cache):
         a = self.attention(i, layer.self_attn, layer.input_layernorm(h), rope, masks, slots, kv_len, cache)
         if self.spec.sandwich_norms:
@@ -199,13 +353,16 @@ class DecoderRunner:
                 kv_len: int, caches: list[KVCache], last_only: bool = True) -> torch.Tensor:
         """tokens, positions [B, T]; pad [B]; slots [T]; keys 0..kv_len-1 -> float32 logits [B, V] of the last
         position (the only ones generation needs), or [B, T, V] with last_only=False (perplexity)."""
-        inner = self.model.model
-        h = inner.embed_tokens(tokens)  # [B, T, hidden]
-        rope = self.rope(h, positions)
-        masks = self.masks(pad, slots, kv_len)
-        for i, layer in enumerate(inner.layers):
-            h = self.block(i, layer, h, rope, masks, slots, kv_len, caches[i])
-        logits = self.model.lm_head(inner.norm(h[:, -1:] if last_only else h)).float()
+        if self.fused:
+            logits = self.forward_fused(tokens, positions, pad, slots, kv_len, caches, last_only).float()
+        else:
+            inner = self.model.model
+            h = inner.embed_tokens(tokens)  # [B, T, hidden]
+            rope = self.rope(h, positions)
+            masks = self.masks(pad, slots, kv_len)
+            for i, layer in enumerate(inner.layers):
+                h = self.block(i, layer, h, rope, masks, slots, kv_len, caches[i])
+            logits = self.model.lm_head(inner.norm(h[:, -1:] if last_only else h)).float()
         logits = logits[:, 0] if last_only else logits
         if self.spec.final_softcap:
             logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap

@@ -24,8 +24,9 @@ calibration pass and nothing can saturate (a static scale clips outlier tokens),
 4 bytes per head_dim bytes (3% at head_dim 128). E4M3 keeps 3 mantissa bits, so each element's
 relative error is at most 2^-4 (half an ulp) above the subnormal range; the attention output
 error is measured in tests/nn/test_kv_cache.py. The FP8 path halves the cache's memory; its speed
-depends on who reads it: here `read` dequantizes to the compute dtype in torch (no fused FP8
-attention kernel yet), so it saves memory, not time.
+depends on who reads it: `read` dequantizes to the compute dtype in torch (what prefill uses);
+the engine's decode attention (`fp4kit.kernels.decode_ops.decode_attention`) reads `storage()` in
+place and applies the scales in registers, so there it moves about half the bytes of bf16.
 """
 
 from __future__ import annotations
@@ -106,6 +107,13 @@ class KVCache(nn.Module):
             return (dequantize_kv_fp8(k, self.k_scale[:batch, :, :length], self.compute_dtype),
                     dequantize_kv_fp8(v, self.v_scale[:batch, :, :length], self.compute_dtype))
         return k.to(self.compute_dtype), v.to(self.compute_dtype)
+
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The raw buffers for a kernel that reads the cache in place: (k, v, k_scale, v_scale), the scales
+        None unless FP8. Shapes and dtypes as in the module docstring; the full allocation, not a prefix."""
+        if self.is_fp8:
+            return self.k, self.v, self.k_scale, self.v_scale
+        return self.k, self.v, None, None
 
     def extra_repr(self) -> str:
         b, h, s, d = self.k.shape

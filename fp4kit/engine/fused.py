@@ -1,0 +1,142 @@
+"""What the engine fuses: one GEMM for q/k/v and one for gate/up, and which norms have a kernel.
+
+Fused projections. Three linear layers reading the same input cost three launches and three
+passes of Python dispatch; one GEMM over the concatenated weight [Nq + Nk + Nv, K] costs one,
+and at M = 1 it is also faster on the GPU (one longer pass over memory). `fuse_linears` builds a
+`FusedLinear` only when the layers compute exactly what one GEMM computes:
+
+    all plain nn.Linear (exact type): same in_features, dtype, device, all with or all without bias
+    all plain FP4Linear (exact type): the same format config, no online rotation, no input
+        quantization, and for NVFP4 the same global scale (quantize_ shares it across q/k/v and
+        across gate/up, as vLLM needs), so the concatenated codes and block scales decode to the
+        rows of each weight exactly
+
+Anything else (LoRA wrappers, rotated or W4A4 layers, mixed types) returns None and the engine
+calls the modules one by one. The fused weight is a copy (the concatenation): bf16 adds the size
+of the q/k/v and gate/up weights, FP4 adds their packed size, and FP4's GEMV layout is built once
+from the concatenation (`prepare_fp4_weight`, kept here and passed as `prepared=`, so no
+per-module prepared copy is made by the engine). `is_current` notices when a source tensor was
+changed in place (or a module replaced); the engine then rebuilds (at prefill, never inside a graph).
+
+Known norms. `norm_kind` says whether a norm module is one of transformers' RMSNorm classes whose
+arithmetic `fp4kit.kernels.decode_ops.add_rmsnorm` reproduces (Llama form or Gemma form), by exact
+class; anything else is called as a module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp4kit.formats import NVFP4Config, QuantizedTensor
+from fp4kit.kernels import PreparedFP4Weight, fp4_linear, prepare_fp4_weight
+from fp4kit.nn import FP4Linear
+
+LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen2MoeRMSNorm",
+               "Qwen3MoeRMSNorm", "MixtralRMSNorm")
+GEMMA_NORMS = ("Gemma3RMSNorm",)
+# MLPs computing down(act(gate(x)) * up(x)): gate/up can be one GEMM (silu * up one kernel when act is SiLU)
+GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP", "Qwen2MoeMLP", "Qwen3MoeMLP")
+
+
+@dataclass(frozen=True)
+class NormKind:
+    gemma: bool  # (1 + w) * x_hat in float32, else w * x_hat.to(dtype)
+    eps: float
+
+
+def norm_kind(module: nn.Module) -> NormKind | None:
+    """The kernel form of a transformers RMSNorm (exact class, float eps, 1-D weight), else None."""
+    cls = type(module)
+    if not cls.__module__.startswith("transformers."):
+        return None
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        return None
+    if cls.__name__ in LLAMA_NORMS and isinstance(getattr(module, "variance_epsilon", None), float):
+        return NormKind(False, module.variance_epsilon)
+    if cls.__name__ in GEMMA_NORMS and isinstance(getattr(module, "eps", None), float):
+        return NormKind(True, module.eps)
+    return None
+
+
+def is_silu(act: nn.Module) -> bool:
+    return type(act) is nn.SiLU
+
+
+def _tensors(m: nn.Module) -> tuple:
+    if isinstance(m, FP4Linear):
+        return (m.weight_packed, m.weight_scale, m.weight_global_scale, m.bias)
+    return (m.weight, m.bias)
+
+
+def _versions(mods) -> tuple:
+    return tuple((id(t), t._version) if t is not None else None for m in mods for t in _tensors(m))
+
+
+@dataclass
+class FusedLinear:
+    """y = x @ cat(W_i).T (+ cat(b_i)); `split(y)` gives each source's output (views)."""
+    sources: tuple[nn.Module, ...]
+    sizes: tuple[int, ...]
+    versions: tuple
+    weight: torch.Tensor | None = None  # nn.Linear sources: [sum N_i, K]
+    qt: QuantizedTensor | None = None  # FP4Linear sources
+    bias: torch.Tensor | None = None
+    prepared: PreparedFP4Weight | None = field(default=None, repr=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., sum N_i]
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.is_cuda:  # FP4Linear.forward's two paths
+            if self.prepared is None and x.dtype in (torch.bfloat16, torch.float16):
+                self.prepared = prepare_fp4_weight(self.qt)
+            return fp4_linear(x, self.qt, bias, prepared=self.prepared)
+        return F.linear(x, self.qt.dequantize(x.dtype), bias)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return y.split(self.sizes, dim=-1)
+
+    def is_current(self, modules) -> bool:
+        return all(a is b for a, b in zip(modules, self.sources)) and _versions(modules) == self.versions
+
+
+def _same(values) -> bool:
+    return all(v == values[0] for v in values[1:])
+
+
+def fuse_linears(modules) -> FusedLinear | None:
+    """A FusedLinear over `modules` when one GEMM computes exactly what they compute (module docstring), else None."""
+    mods = tuple(modules)
+    if not mods or not _same([type(m) for m in mods]) or not _same([m.in_features for m in mods]):
+        return None
+    if not _same([m.bias is None for m in mods]):
+        return None
+    sizes = tuple(m.out_features for m in mods)
+    with torch.no_grad():
+        bias = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
+        if type(mods[0]) is nn.Linear:
+            w = [m.weight.detach() for m in mods]
+            if not (_same([t.dtype for t in w]) and _same([t.device for t in w])):
+                return None
+            return FusedLinear(mods, sizes, _versions(mods), weight=torch.cat(w), bias=bias)
+        if type(mods[0]) is not FP4Linear:
+            return None
+        if any(m.rotation is not None or m.input_config is not None for m in mods):
+            return None
+        if not (_same([m.config for m in mods]) and _same([m.dtype for m in mods])):
+            return None
+        gs = None
+        if isinstance(mods[0].config, NVFP4Config):
+            gs = mods[0].weight_global_scale
+            if not all(torch.equal(m.weight_global_scale, gs) for m in mods[1:]):
+                return None
+            gs = gs.clone()
+        qt = QuantizedTensor(torch.cat([m.weight_packed for m in mods]), torch.cat([m.weight_scale for m in mods]),
+                             gs, (sum(sizes), mods[0].in_features), mods[0].config)
+        return FusedLinear(mods, sizes, _versions(mods), qt=qt, bias=bias)

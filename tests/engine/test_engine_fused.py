@@ -1,0 +1,113 @@
+"""The fused forward: fused projections (when allowed, and only then), the decode kernels inside the engine
+(Triton interpreter on the CPU), the FP8 cache read in place, rebuilds after in-place weight changes."""
+
+import copy
+
+import pytest
+import torch
+from engine_models import hf_greedy, tiny
+from torch import nn
+
+from fp4kit.engine import Engine, SamplingParams
+from fp4kit.engine.fused import FusedLinear, fuse_linears, norm_kind
+
+PROMPTS = [[1, 5, 9, 20, 3], [7, 8], [50, 3, 4, 5, 6, 7, 8, 11, 12]]
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+
+
+def _kernel_engine(model, **kw):
+    eng = Engine(model, max_batch=4, max_seq_len=48, seq_bucket=16, **kw)
+    eng.runner.use_kernels = True  # the Triton kernels even on the CPU (interpreter)
+    return eng
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_unfused_path_still_equals_hf(kind):
+    model = tiny(kind)
+    outs = Engine(model, max_batch=4, max_seq_len=48, fused=False).generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [hf_greedy(model, p, 10) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
+def test_decode_kernels_equal_hf_generate(kind):
+    """Fused projections + add_rmsnorm + rope_write + decode_attention (float32: the attention kernel's
+    IEEE float32 dots) give HF generate's greedy tokens; gemma3 exercises windows and the (1 + w) norm."""
+    model = tiny(kind)
+    eng = _kernel_engine(model)
+    outs = eng.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [hf_greedy(model, p, 10) for p in PROMPTS]
+    assert all(p.qkv is not None and p.gate_up is not None for p in eng.runner.plans())
+
+
+def test_fp8_cache_kernel_equals_twin():
+    """The FP8 cache read in place by the kernel (scales in registers) gives the twin's tokens (which
+    dequantize the prefix and run SDPA)."""
+    model = tiny("llama")
+    kw = {"kv_dtype": torch.float8_e4m3fn}
+    twin = Engine(model, max_batch=4, max_seq_len=48, seq_bucket=16, **kw).generate(PROMPTS, GREEDY)
+    kern = _kernel_engine(model, **kw).generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in kern] == [o.token_ids for o in twin]
+
+
+def test_fused_linear_equals_modules():
+    from fp4kit.formats import NVFP4Config
+    from fp4kit.nn import quantize_
+
+    model = tiny("llama")
+    q4 = copy.deepcopy(model)
+    quantize_(q4, NVFP4Config(), progress=False)
+    x = torch.randn(3, 5, 64)
+    for m in (model, q4):
+        a = m.model.layers[0].self_attn
+        mods = (a.q_proj, a.k_proj, a.v_proj)
+        fused = fuse_linears(mods)
+        assert isinstance(fused, FusedLinear)
+        for got, mod in zip(fused.split(fused(x)), mods):
+            torch.testing.assert_close(got, mod(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fusion_falls_back_when_layers_differ():
+    from fp4kit.formats import NVFP4Config
+    from fp4kit.nn import add_lora, quantize_
+
+    model = tiny("llama")
+    quantize_(model, NVFP4Config(), progress=False)
+    a = model.model.layers[0].self_attn
+    with torch.no_grad():
+        a.k_proj.weight_global_scale.mul_(2)  # a global scale q/k/v do not share
+    assert fuse_linears((a.q_proj, a.k_proj, a.v_proj)) is None
+    mlp = model.model.layers[1].mlp
+    assert fuse_linears((mlp.gate_proj, mlp.up_proj)) is not None
+    assert fuse_linears((mlp.gate_proj, nn.Linear(64, 96))) is None  # mixed types
+    add_lora(model, targets=("gate_proj",), rank=2, alpha=4)
+    assert fuse_linears((mlp.gate_proj, mlp.up_proj)) is None  # a LoRA wrapper is called as it is
+    eng = Engine(model, max_batch=4, max_seq_len=48)
+    eng.generate(PROMPTS[:1], GREEDY)
+    plans = eng.runner.plans()
+    assert plans[0].qkv is None and plans[1].qkv is not None and all(p.gate_up is None for p in plans)
+
+
+def test_in_place_weight_change_rebuilds_fused_weights():
+    model = tiny("llama")
+    eng = Engine(model, max_batch=4, max_seq_len=48)
+    before = [o.token_ids for o in eng.generate(PROMPTS, GREEDY)]
+    old = eng.runner.plans()[0].qkv
+    with torch.no_grad():  # a training step on a plain linear layer
+        model.model.layers[0].self_attn.k_proj.weight.mul_(-1.5)
+    after = [o.token_ids for o in eng.generate(PROMPTS, GREEDY)]
+    assert eng.runner.plans()[0].qkv is not old
+    assert after != before and after == [hf_greedy(model, p, 10) for p in PROMPTS]
+
+
+def test_norm_kind_only_for_known_classes():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    assert norm_kind(LlamaRMSNorm(8, eps=1e-5)).gemma is False
+    assert norm_kind(Gemma3RMSNorm(8, eps=1e-6)).gemma is True
+
+    class MyNorm(LlamaRMSNorm):  # a subclass may compute something else: called as a module
+        pass
+
+    assert norm_kind(MyNorm(8)) is None
+    assert norm_kind(nn.LayerNorm(8)) is None
