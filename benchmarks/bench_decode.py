@@ -18,7 +18,14 @@ Perplexity: non-overlapping 512-token windows of the text, logits through the en
 (`prompt_logits`), bf16 vs FP8 KV cache, for bf16 and NVFP4 weights.
 
 `speed`. `fp4kit bench`'s measurement (fp4kit.engine.bench) on `llama3-8b-random`: bf16 weights, then
-NVFP4 weights in the same process (quantized on the GPU), KV cache bf16 and FP8.
+NVFP4 weights in the same process (quantized on the GPU), KV cache bf16 and FP8. `--unfused` runs the
+engine's module-by-module torch path (`Engine(fused=False)`) instead of the fused kernels.
+
+`profile`. Where one decode step's GPU time goes: the same model and configurations, one prompt batch
+prefilled, then `--steps` decode steps (CUDA graph replays) under torch.profiler; kernels are summed by
+name and divided by the steps (count per step, microseconds per step), largest first.
+
+    python benchmarks/bench_decode.py profile --batch 1 --out decode_profile.json
 """
 
 from __future__ import annotations
@@ -165,7 +172,7 @@ def run_speed(args) -> dict:
             print(f"quantized in {time.time() - t0:.0f} s", flush=True)
         for kv in (("bf16", "fp8") if weights == "nvfp4" else ("bf16",)):
             eng = Engine(model, max_batch=max(cfg.batches), max_seq_len=cfg.prompt_len + cfg.gen_len,
-                         kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn)
+                         kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn, fused=not args.unfused)
             for r in bench_engine(eng, cfg, bw):
                 r = {"weights": weights, "kv": kv, **r}
                 out["results"].append(r)
@@ -181,6 +188,60 @@ def run_speed(args) -> dict:
         print(f"| {r['weights']} | {r['kv']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} "
               f"| {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
               f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
+    return out
+
+
+def profile_step(eng, batch: int, prompt_len: int, steps: int) -> dict:
+    """GPU kernels of `steps` decode steps after a prefill: {kernels: [{name, per_step, us_per_step}], ...}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(100, 1000, (batch, prompt_len)).tolist()
+    logits, pad, P = eng.prefill(ids)
+    tokens = logits.argmax(-1)
+    for _ in range(3):  # capture and warm up (the step rewrites the same slot)
+        eng.decode(tokens, pad, P)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.decode(tokens, pad, P)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if us > 0:
+            rows.append({"name": e.key[:160], "per_step": e.count / steps, "us_per_step": us / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    return {"batch": batch, "prompt_len": prompt_len, "steps": steps, "gpu_us_per_step": total,
+            "kernels_per_step": sum(r["per_step"] for r in rows), "kernels": rows[:40]}
+
+
+def run_profile(args) -> dict:
+    from fp4kit.engine import Engine
+    from fp4kit.engine.random_model import random_llama
+    from fp4kit.formats import NVFP4Config
+    from fp4kit.nn import quantize_
+
+    small = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1024} if args.small else {}
+    model = random_llama(args.device, torch.bfloat16, **small)
+    out = {"device": torch.cuda.get_device_name(), "results": []}
+    for weights in ("bf16", "nvfp4"):
+        if weights == "nvfp4":
+            quantize_(model, NVFP4Config(), progress=False)
+        for kv in (("bf16", "fp8") if weights == "nvfp4" else ("bf16",)):
+            for fused in ((True, False) if args.unfused_too else (True,)):
+                eng = Engine(model, max_batch=args.batch, max_seq_len=args.prompt_len + 64, fused=fused,
+                             kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn)
+                r = {"weights": weights, "kv": kv, "fused": fused, **profile_step(eng, args.batch, args.prompt_len,
+                                                                                   args.steps)}
+                out["results"].append(r)
+                print(f"{weights} kv {kv} fused {fused}: {r['gpu_us_per_step']:.0f} us GPU per step, "
+                      f"{r['kernels_per_step']:.0f} kernels", flush=True)
+                for k in r["kernels"][:12]:
+                    print(f"   {k['us_per_step']:8.1f} us  x{k['per_step']:5.1f}  {k['name'][:90]}", flush=True)
+                del eng
+                torch.cuda.empty_cache()
     return out
 
 
@@ -202,9 +263,19 @@ def main():
     f.add_argument("--out", required=True)
     f.add_argument("--device", default="cuda")
     f.add_argument("--small", action="store_true", help="a 2-layer model of the same family (smoke test)")
+    f.add_argument("--unfused", action="store_true", help="the module-by-module torch path (Engine(fused=False))")
+    r = sub.add_parser("profile")
+    r.add_argument("--batch", type=int, default=1)
+    r.add_argument("--prompt-len", type=int, default=512)
+    r.add_argument("--steps", type=int, default=5)
+    r.add_argument("--unfused-too", action="store_true", help="also profile Engine(fused=False)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--device", default="cuda")
+    r.add_argument("--small", action="store_true")
     args = p.parse_args()
-    res = run_smollm2(args) if args.what == "smollm2" else run_speed(args)
-    res["date"] = "2026-11-22"
+    run = {"smollm2": run_smollm2, "speed": run_speed, "profile": run_profile}[args.what]
+    res = run(args)
+    res["date"] = "2026-11-23"
     with open(args.out, "w") as fh:
         json.dump(res, fh, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k not in ("results",)}, indent=1)[:6000])

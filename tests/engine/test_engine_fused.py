@@ -111,3 +111,21 @@ def test_norm_kind_only_for_known_classes():
 
     assert norm_kind(MyNorm(8)) is None
     assert norm_kind(nn.LayerNorm(8)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode kernels run for real only on CUDA")
+@pytest.mark.parametrize("scheme", ["none", "nvfp4"])
+@pytest.mark.parametrize("kv", [torch.bfloat16, torch.float8_e4m3fn])
+def test_cuda_fused_equals_unfused(scheme, kv):
+    """bf16 on the GPU: the fused kernels' greedy tokens equal the module-by-module torch path's."""
+    from fp4kit.formats import NVFP4Config
+    from fp4kit.nn import quantize_
+
+    model = tiny("llama", hidden_size=128, intermediate_size=256).to("cuda", torch.bfloat16)
+    if scheme == "nvfp4":
+        quantize_(model, NVFP4Config(), progress=False)
+    kw = {"max_batch": 4, "max_seq_len": 96, "kv_dtype": kv, "seq_bucket": 16}
+    params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    fused = [o.token_ids for o in Engine(model, fused=True, **kw).generate(PROMPTS, params)]
+    plain = [o.token_ids for o in Engine(model, fused=False, **kw).generate(PROMPTS, params)]
+    assert fused == plain
