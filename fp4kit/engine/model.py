@@ -288,7 +288,7 @@ class DecoderRunner:
         if hasattr(attn, "q_norm"):
             q, k = self.norm(attn.q_norm, q.contiguous()), self.norm(attn.k_norm, k.contiguous())
         layer = s.layers[i]
-        cos, sin = rope[layer.rope_type]  # [B, T, D]
+        cos, sin = rope[layer.rope_type]  # [B, T, D], or [B, D] contiguous when T = 1
         if T > 1:  # prefill: the torch path (SDPA over the mask)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -296,7 +296,7 @@ class DecoderRunner:
             keys, values = cache.read(B, kv_len)
             return attn.o_proj(gqa_attention(q, keys, values, masks[layer.window], layer.scaling))
         k_store, v_store, k_scale, v_scale = cache.storage()
-        q, k, v, cos, sin = q[:, 0], k[:, 0], v[:, 0], cos[:, 0].contiguous(), sin[:, 0].contiguous()  # [B, H, D]
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, H, D]; cos, sin are already [B, D] (forward_fused)
         rope_write = self._ops(x, "rope_write")
         if cache.is_fp8:  # rope into a [B, Hkv, 1, D] buffer, then the cache's own FP8 write
             k_new = torch.empty(B, s.n_kv_heads, 1, s.head_dim, dtype=x.dtype, device=x.device)
@@ -325,6 +325,8 @@ class DecoderRunner:
         h = inner.embed_tokens(tokens)  # [B, T, hidden]
         T = tokens.shape[1]
         rope = self.rope(h, positions)
+        if T == 1:  # once per step, not per layer
+            rope = {t: (cos[:, 0].contiguous(), sin[:, 0].contiguous()) for t, (cos, sin) in rope.items()}
         masks = self.masks(pad, slots, kv_len) if T > 1 else None
         pending = None  # the block output not yet added to the residual stream
         for i, layer in enumerate(inner.layers):
