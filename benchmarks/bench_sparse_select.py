@@ -67,7 +67,12 @@ def selection(method: str, s: dict, k: int):
 
 def bytes_moved(method: str, R: int, L: int, k: int) -> int:
     per_key = {"torch_bf16": 2 * D, "bf16": 2 * D, "fp8": D + 4, "fp4": D // 2 + D // 32, "fp4_2stage": D // 2 + D // 32}
-    sort_keys = 0 if method == "torch_bf16" else 8  # int16 score written once, read by 3 select passes
+    # int16 score written once, read once by the fused select (+1 by a separate coarse-histogram pass), or by
+    # the 3 (+1) passes of the unfused select
+    reads = 1 if fp4_topk.FUSED_SELECT else 3
+    reads += fp4_topk.COARSE_HIST is fp4_topk.CoarseHist.PASS or (not fp4_topk.FUSED_SELECT and
+                                                                  fp4_topk.COARSE_HIST is fp4_topk.CoarseHist.FUSED)
+    sort_keys = 0 if method == "torch_bf16" else 2 + 2 * reads
     total = R * L * (per_key[method] + sort_keys)
     if method == "torch_bf16":
         total += R * L * 4  # bf16 scores written and read
@@ -119,19 +124,52 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
     torch.manual_seed(1)
     s = make_keys(4, L, device)
     out["checks"] = {}
-    for tc in (False, True):
-        fp4_topk.MXFP4_TENSOR_CORES = tc
-        same = all(torch.equal(index_topk(s["q_fp4"], s["fp4"], n, lo=1), index_topk_torch(s["q_fp4"], s["fp4"], n, lo=1))
-                   for n in (64, 1000))
+    for packed in (False, True):  # float32 products, or packed half2 for the MXFP4 query
+        fp4_topk.MXFP4_PACKED_HALF = packed
         want = index_scores_torch(s["q_fp4"], s["fp4"]).float()
         want = torch.where(want == 0, 0.0, want)  # -0 -> +0, as the kernel writes it
         bits_same = torch.equal(bits_to_bf16(index_score_bits(s["q_fp4"], s["fp4"])[:, :L]).float(), want)
-        out["checks"][f"mxfp4_{'tc' if tc else 'fma'}_topk_equal"] = same
-        out["checks"][f"mxfp4_{'tc' if tc else 'fma'}_scores_bit_exact"] = bits_same
-        print(f"MXFP4 tensor_cores={tc}: top-k equal {same}, scores bit-exact {bits_same}")
-    if not (out["checks"]["mxfp4_tc_topk_equal"] and out["checks"]["mxfp4_tc_scores_bit_exact"]):
-        fp4_topk.MXFP4_TENSOR_CORES = False
-    assert out["checks"]["mxfp4_fma_topk_equal"], "MXFP4 top-k differs from its twin"
+        out["checks"][f"mxfp4_{'half2' if packed else 'f32'}_scores_bit_exact"] = bits_same
+        print(f"MXFP4 packed_half={packed}: scores bit-exact {bits_same}")
+    # a float32 (not FP4) query takes the float32 path: within 1 bf16 ulp + the float32 summation error
+    sc = bits_to_bf16(index_score_bits(s["q"], s["fp4"])[:, :L]).float()
+    want = index_scores_torch(s["q"], s["fp4"]).float()
+    mag = torch.einsum("rd,rld->rl", s["q"].abs(), s["fp4"].dequantize().abs())
+    out["checks"]["mxfp4_f32_query_within_tol"] = bool(((sc - want).abs() <= want.abs() * 2**-7 + mag * 2**-16).all())
+    if not out["checks"]["mxfp4_half2_scores_bit_exact"]:
+        fp4_topk.MXFP4_PACKED_HALF = False
+    assert out["checks"]["mxfp4_f32_scores_bit_exact"], "MXFP4 scores differ from the twin"
+    # every select path against the twin (n = 64 and 1000; ties at lo), the fused one also under graph capture
+    sel_ok = {}
+    for fused in (True, False):
+        for place in fp4_topk.CoarseHist:
+            fp4_topk.FUSED_SELECT, fp4_topk.COARSE_HIST = fused, place
+            try:
+                same = all(torch.equal(index_topk(s["q_fp4"], s["fp4"], n, lo=1),
+                                       index_topk_torch(s["q_fp4"], s["fp4"], n, lo=1)) for n in (64, 1000))
+            except Exception as e:  # noqa: BLE001 - a path that fails on the device is reported and left off
+                print(f"select fused={fused} {place.name}: {type(e).__name__}: {str(e)[:300]}")
+                same = False
+            sel_ok[(fused, place)] = same
+            out["checks"][f"select_fused{int(fused)}_{place.value}_equal"] = same
+    fp4_topk.FUSED_SELECT, fp4_topk.COARSE_HIST = True, fp4_topk.CoarseHist.FUSED
+    if sel_ok[(True, fp4_topk.CoarseHist.FUSED)] and device.type != "cuda":
+        out["checks"]["fused_graph_equal"] = True  # nothing to capture in the interpreter
+    elif sel_ok[(True, fp4_topk.CoarseHist.FUSED)]:
+        try:
+            g = torch.cuda.CUDAGraph()
+            res = {}
+            with torch.cuda.graph(g):
+                res["t"] = index_topk(s["q_fp4"], s["fp4"], 1000, lo=1)
+            g.replay()
+            torch.cuda.synchronize()
+            out["checks"]["fused_graph_equal"] = torch.equal(res["t"], index_topk_torch(s["q_fp4"], s["fp4"], 1000, lo=1))
+        except Exception as e:  # noqa: BLE001
+            print(f"fused select under graph capture: {type(e).__name__}: {str(e)[:300]}")
+            out["checks"]["fused_graph_equal"] = False
+    if not (sel_ok[(True, fp4_topk.CoarseHist.FUSED)] and out["checks"].get("fused_graph_equal")):
+        fp4_topk.FUSED_SELECT, fp4_topk.COARSE_HIST = False, fp4_topk.CoarseHist.PASS
+    assert sel_ok[(False, fp4_topk.CoarseHist.PASS)], "the unfused select differs from its twin"
     for k in (64, 300):
         got, want = (index_topk(s["q_fp4"], s["fp4"], k, lo=3, hi=L - 10),
                      index_topk_torch(s["q_fp4"], s["fp4"], k, lo=3, hi=L - 10))
@@ -151,57 +189,117 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
         b = make_keys(2, big, device)  # > one 65,536-position chunk: the merge path
         assert torch.equal(index_topk(b["q_fp4"], b["fp4"], 512), index_topk_torch(b["q_fp4"], b["fp4"], 512))
     out["checks"]["mxfp4_topk_bit_exact"] = True
+    out["checks"]["rerank_exact_k300"] = out["checks"]["rerank_equal_k300"] == 1.0
     print("checks:", out["checks"])
+
+
+def _scan_only(q, view):
+    """The scan kernel alone (no histogram, no select): what the decode costs."""
+    block_t, warps, n_out = fp4_topk._scan_tile(view)
+    ws = torch.zeros(view.rows, 512, dtype=torch.int32, device=q.device)
+    return fp4_topk._scan(q, view, 0, view.length, ws, n_out, block_t, warps, False)
 
 
 def _time_scan(sets, fmt):
     q = "q_fp4" if fmt == "fp4" else "q"
-    return time_fn(None, cycle=[(lambda s=s: index_score_bits(s[q], s[fmt])) for s in sets], reps=60)
+    return time_fn(None, cycle=[(lambda s=s: _scan_only(s[q], s[fmt])) for s in sets], reps=60)
+
+
+def scan_sass(s: dict, out_dir: str | None, out: dict) -> None:
+    """SASS of the chosen MXFP4 scan kernel (both product paths): instruction counts per opcode, the
+    listing to out_dir. What the decode costs per element, read off the machine code."""
+    from triton.tools.disasm import get_sass
+
+    view, q = s["fp4"], s["q_fp4"]
+    block_t, warps, n_out = fp4_topk._scan_tile(view)
+    ws = torch.zeros(view.rows, 512, dtype=torch.int32, device=q.device)
+    m = torch.empty(view.rows, n_out, dtype=torch.int16, device=q.device)
+    out["sass"] = {}
+    keep = fp4_topk.MXFP4_PACKED_HALF
+    for packed in (False, True):
+        fp4_topk.MXFP4_PACKED_HALF = packed
+        grid, args, meta = fp4_topk._scan_launch(q, view, 0, view.length, ws, m, block_t, warps, False)
+        try:
+            k = fp4_topk._fp4_topk.index_score_kernel.warmup(*args, grid=grid, **meta)
+            sass = get_sass(k.asm["cubin"])
+        except Exception as e:  # noqa: BLE001 - no cuobjdump: report, go on
+            print(f"SASS unavailable: {type(e).__name__}: {e}")
+            break
+        ops = {}
+        for line in sass.splitlines():
+            parts = line.split("*/")
+            if len(parts) < 2 or not parts[1].strip():
+                continue
+            op = parts[1].strip().split()[0].rstrip(";")
+            if op.startswith("@"):
+                op = parts[1].strip().split()[1]
+            ops[op.split(".")[0]] = ops.get(op.split(".")[0], 0) + 1
+        elements = block_t * D  # per program
+        out["sass"]["half2" if packed else "f32"] = {"per_program_elements": elements, "n_regs": k.n_regs,
+                                                     "ops": dict(sorted(ops.items(), key=lambda x: -x[1]))}
+        print(f"SASS packed={packed} ({k.n_regs} regs, {elements} elements per program): "
+              + ", ".join(f"{o} {c}" for o, c in sorted(ops.items(), key=lambda x: -x[1])[:14]))
+        if out_dir:
+            pathlib.Path(out_dir, f"scan_mxfp4_{'half2' if packed else 'f32'}.sass").write_text(sass)
+    fp4_topk.MXFP4_PACKED_HALF = keep
 
 
 def sweep_tiles(device, out: dict, bw: float) -> None:
-    """Scan kernel alone (+ its histogram) at L = 128K, batch 8: pick the tile, the MXFP4 decode path
-    (tensor cores or float32 FMA) and where the histogram is built; record every variant."""
+    """Scan kernel alone at L = 128K, batch 8: pick the tile and the MXFP4 product path (packed half2 or
+    float32); then the select path (fused or not, where the coarse histogram is built) on the whole
+    single-stage FP4 selection at batch 1 and 8. Every variant is recorded."""
     sets = [make_keys(8, 131072, device) for _ in range(2)]
     out["tile_sweep"] = []
     per_key = {"bf16": 2 * D, "fp8": D + 4, "fp4": D // 2 + D // 32}
-    variants = [("bf16", "bf16", None, t, w) for t, w in ((64, 4), (128, 4))]
+    variants = [("bf16", "bf16", None, 128, 4)]
     variants += [("fp8", "fp8", None, t, w) for t, w in ((128, 4), (256, 4))]
-    variants += [("fp4", "mxfp4", True, t, w) for t in (64, 128, 256) for w in (4, 8)]
-    variants += [("fp4", "mxfp4", False, 128, 4)]
+    variants += [("fp4", "mxfp4", p, t, w) for p in (True, False) for t, w in ((64, 4), (128, 4), (256, 8))]
     best = {}
-    for fmt, name, tc, block_t, warps in variants:
+    half2_ok = fp4_topk.MXFP4_PACKED_HALF
+    for fmt, name, packed, block_t, warps in variants:
+        if packed and not half2_ok:
+            continue
         fp4_topk.SCAN_TILE[name] = (block_t, warps)
-        fp4_topk.MXFP4_TENSOR_CORES = bool(tc)
+        fp4_topk.MXFP4_PACKED_HALF = bool(packed)
         try:
             t = _time_scan(sets, fmt)
         except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
-            print(f"scan {fmt} tc={tc} {block_t}x{warps}: {type(e).__name__}: {str(e)[:200]}")
+            print(f"scan {fmt} packed={packed} {block_t}x{warps}: {type(e).__name__}: {str(e)[:200]}")
             continue
         nbytes = 8 * 131072 * (per_key[fmt] + 2)
-        row = {"format": fmt, "tensor_cores": tc, "block_t": block_t, "warps": warps, "hist_in_scan": True, **t,
+        row = {"format": fmt, "packed_half": packed, "block_t": block_t, "warps": warps, **t,
                "roofline_us": nbytes / bw * 1e6}
         out["tile_sweep"].append(row)
-        print(f"scan {fmt:4s} tc={tc} tile {block_t}x{warps}: {t['median_us']:.1f} us (roofline {row['roofline_us']:.1f})")
+        print(f"scan {fmt:4s} packed={packed} tile {block_t}x{warps}: {t['median_us']:.1f} us "
+              f"(roofline {row['roofline_us']:.1f})")
         if fmt not in best or t["median_us"] < best[fmt][0]:
-            best[fmt] = (t["median_us"], name, tc, block_t, warps)
-    for fmt, (_, name, tc, block_t, warps) in best.items():
+            best[fmt] = (t["median_us"], name, packed, block_t, warps)
+    for fmt, (_, name, packed, block_t, warps) in best.items():
         fp4_topk.SCAN_TILE[name] = (block_t, warps)
         if fmt == "fp4":
-            fp4_topk.MXFP4_TENSOR_CORES = bool(tc)
-            fp4_topk.SCAN_TILE["nvfp4"] = (128, 4)
-    # histogram inside the scan (atomics) or a separate pass over the 2-byte scores: scan + histogram time
-    hist_times = {True: 0.0, False: 0.0}
-    for flag in (True, False):
-        fp4_topk.HIST_IN_SCAN = flag
-        for fmt in best:
-            t = _time_scan(sets, fmt)
-            hist_times[flag] += t["median_us"]
-            out["tile_sweep"].append({"format": fmt, "best_tile": True, "hist_in_scan": flag, **t})
-            print(f"scan {fmt:4s} best tile, hist_in_scan={flag}: {t['median_us']:.1f} us")
-    fp4_topk.HIST_IN_SCAN = hist_times[True] <= hist_times[False]
-    out["scan_config"] = {"tile": dict(fp4_topk.SCAN_TILE), "mxfp4_tensor_cores": fp4_topk.MXFP4_TENSOR_CORES,
-                          "hist_in_scan": fp4_topk.HIST_IN_SCAN}
+            fp4_topk.MXFP4_PACKED_HALF = bool(packed)
+    out["select_sweep"] = []
+    paths = [(True, fp4_topk.CoarseHist.FUSED), (True, fp4_topk.CoarseHist.SCAN), (True, fp4_topk.CoarseHist.PASS),
+             (False, fp4_topk.CoarseHist.SCAN), (False, fp4_topk.CoarseHist.PASS)]
+    if not fp4_topk.FUSED_SELECT:  # the check found the fused select wrong on this device
+        paths = paths[3:]
+    total = {}
+    for B in (1, 8):
+        bsets = [make_keys(B, 131072, device) for _ in range(4 if B == 1 else 2)]
+        for fused, place in paths:
+            fp4_topk.FUSED_SELECT, fp4_topk.COARSE_HIST = fused, place
+            for fmt in ("fp8", "fp4"):
+                q = "q_fp4" if fmt == "fp4" else "q"
+                t = time_fn(None, cycle=[(lambda s=s: index_topk(s[q], s[fmt], 2048)) for s in bsets], reps=100)
+                out["select_sweep"].append({"batch": B, "format": fmt, "fused": fused, "coarse_hist": place.value, **t})
+                print(f"select B={B} {fmt} fused={fused} coarse={place.value}: {t['median_us']:.1f} us")
+                if fmt == "fp4":
+                    total[(fused, place)] = total.get((fused, place), 0.0) + t["median_us"]
+        del bsets
+    fused, place = min(total, key=total.get)
+    fp4_topk.FUSED_SELECT, fp4_topk.COARSE_HIST = fused, place
+    out["scan_config"] = {"tile": dict(fp4_topk.SCAN_TILE), "mxfp4_packed_half": fp4_topk.MXFP4_PACKED_HALF,
+                          "fused_select": fused, "coarse_hist": place.value}
     print("chosen:", out["scan_config"])
     del sets
     torch.cuda.empty_cache()
@@ -211,6 +309,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, no timing (CPU interpreter check)")
+    p.add_argument("--sass-dir", default=None, help="write the MXFP4 scan kernel's SASS here")
+    p.add_argument("--sweep-only", action="store_true", help="checks and the scan / select sweeps, no table")
     args = p.parse_args()
     if args.smoke:  # run as TRITON_INTERPRET=1 python ... --smoke on a CPU machine
         out = {}
@@ -225,7 +325,10 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     methods = ["torch_bf16", "bf16", "fp8", "fp4", "fp4_2stage"]
     sweep_tiles(device, out, bw)
-    for L in (32768, 65536, 131072):
+    scan_sass(make_keys(2, 4096, device), args.sass_dir, out)
+    if args.sweep_only:
+        methods, out["rows"] = [], []
+    for L in (32768, 65536, 131072) if methods else ():
         for B in (1, 8):
             fp4_set = B * L * (D // 2 + D // 32)  # the smallest format decides: 2x L2 of FP4 keys per cycle
             n_sets = max(1, min(64, -(-2 * L2_BYTES // fp4_set)))
@@ -250,6 +353,9 @@ def main() -> None:
                           f"  roofline {row['roofline_us']:6.1f} us")
             del sets
             torch.cuda.empty_cache()
+    if not methods:
+        _save(out, args.out)
+        return
     print("\n| L | batch | k | torch bf16 | bf16 | fp8 | fp4 | fp4 two-stage | fp8 / fp4 two-stage |")
     print("|---|---|---|---|---|---|---|---|---|")
     for L in (32768, 65536, 131072):
@@ -259,8 +365,12 @@ def main() -> None:
                 cells = [f"{r[m]['median_us']:.1f} ({r[m]['roofline_us']:.1f})" for m in methods]
                 ratio = r["fp8"]["median_us"] / r["fp4_2stage"]["median_us"]
                 print(f"| {L // 1024}K | {B} | {k} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
-    if args.out:
-        path = pathlib.Path(args.out)
+    _save(out, args.out)
+
+
+def _save(out: dict, where: str | None) -> None:
+    if where:
+        path = pathlib.Path(where)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as f:

@@ -233,11 +233,11 @@ def _fp4_args(keys: KeyCacheView):
     return cfg.block_size, keys.scale.view(torch.uint8), gs, enc
 
 
-def _scan(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torch.Tensor, n_out: int, block_t: int,
-          warps: int, hist_in_scan: bool) -> torch.Tensor:
-    """The scan kernel: monotone int16 scores [R, n_out]; the coarse histogram into ws[:, 0:256] if asked."""
+def _scan_launch(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torch.Tensor, out: torch.Tensor,
+                 block_t: int, warps: int, hist_in_scan: bool):
+    """(grid, args, meta) of the scan kernel writing monotone int16 scores into out [R, n_out]."""
     R, D = keys.rows, keys.head_dim
-    out = torch.empty(R, n_out, dtype=torch.int16, device=q.device)
+    n_out = out.shape[1]
     fmt = _FMT_CODE[keys.format]
     qk = q
     if keys.format is KeyFormat.MXFP4 and MXFP4_TENSOR_CORES:
@@ -256,11 +256,19 @@ def _scan(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torch.Tenso
         data = keys.data.view(torch.uint8) if keys.format is KeyFormat.FP8 else keys.data
         s = keys.scale if keys.scale is not None else q
     grid = (R, n_out // block_t)
-    _fp4_topk.index_score_kernel[grid](qk, data, s, gs, out, ws, lo, hi, n_out, qk.stride(0), data.stride(0),
-                                       data.stride(1), s.stride(0), s.stride(1) if s.dim() > 1 else 0,
-                                       out.stride(0), ws.stride(0), D=D, FMT=fmt, BS=bs, GS_ENCODE=enc,
-                                       BLOCK_T=block_t, HIST=hist_in_scan, PACKED=MXFP4_PACKED_HALF,
-                                       INTERPRET=_interpreting(), num_warps=warps)
+    args = (qk, data, s, gs, out, ws, lo, hi, n_out, qk.stride(0), data.stride(0), data.stride(1), s.stride(0),
+            s.stride(1) if s.dim() > 1 else 0, out.stride(0), ws.stride(0))
+    meta = dict(D=D, FMT=fmt, BS=bs, GS_ENCODE=enc, BLOCK_T=block_t, HIST=hist_in_scan, PACKED=MXFP4_PACKED_HALF,
+                INTERPRET=_interpreting(), num_warps=warps)
+    return grid, args, meta
+
+
+def _scan(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torch.Tensor, n_out: int, block_t: int,
+          warps: int, hist_in_scan: bool) -> torch.Tensor:
+    """The scan kernel: monotone int16 scores [R, n_out]; the coarse histogram into ws[:, 0:256] if asked."""
+    out = torch.empty(keys.rows, n_out, dtype=torch.int16, device=q.device)
+    grid, args, meta = _scan_launch(q, keys, lo, hi, ws, out, block_t, warps, hist_in_scan)
+    _fp4_topk.index_score_kernel[grid](*args, **meta)
     return out
 
 

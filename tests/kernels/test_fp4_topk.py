@@ -189,3 +189,47 @@ def test_bad_query_shape_names_it():
     keys = mx_keys(torch.randn(2, 10, 64))
     with pytest.raises(ValueError, match=r"\[R=2, D=64\]"):
         index_topk(torch.randn(3, 64), keys, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# the MXFP4 word scan: packed-half2 products for MXFP4 queries, float32 products otherwise
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_mxfp4_word_scan_bit_exact_with_block_scales_apart(packed, monkeypatch):
+    import fp4kit.kernels.fp4_topk as m
+
+    monkeypatch.setattr(m, "MXFP4_PACKED_HALF", packed)
+    # query blocks 2^-6 .. 2^3 apart, keys with per-block magnitudes apart too: still exact (< 10 binades)
+    q = mx_query(torch.randn(2, 128) * torch.tensor([2.0**-6, 1.0, 8.0, 0.25]).repeat_interleave(32))
+    k = torch.randn(2, 40, 128) * torch.tensor([1.0, 4.0, 0.125, 2.0]).repeat_interleave(32)
+    keys = mx_keys(k)
+    want = index_scores_torch(q, keys).float()
+    got = bits_to_bf16(index_score_bits(q, keys)[:, :40]).float()
+    assert torch.equal(got, torch.where(want == 0, 0.0, want))
+
+
+def test_mxfp4_word_scan_with_a_non_fp4_query_takes_the_float32_path():
+    # q1 = q0 (1 + 2^-12) is off the FP4 grid (and below float16's precision): against the key (1, -1, 0, ...)
+    # the score is q0 - q1 = -q0 2^-12 in float32, while packed-half products would give 0. The per-program
+    # check must send this query to the float32 path.
+    q = mx_query(torch.randn(2, 64))
+    q[:, 0] = 2.0
+    q[:, 1] = 2.0 * (1 + 2**-12)
+    k = torch.zeros(2, 10, 64)
+    k[:, 4, 0], k[:, 4, 1] = 1.0, -1.0
+    keys = mx_keys(k)
+    got = bits_to_bf16(index_score_bits(q, keys)[:, :10]).float()
+    want = index_scores_torch(q, keys).float()
+    assert want[0, 4].item() == -(2**-11)
+    assert torch.equal(got, torch.where(want == 0, 0.0, want))
+
+
+def test_mxfp4_word_scan_zero_query_block_and_zero_keys():
+    q = mx_query(torch.randn(1, 64))
+    q[:, 32:] = 0  # an all-zero block (its exponent is taken as 0)
+    k = torch.randn(1, 20, 64)
+    k[:, 3] = 0
+    keys = mx_keys(k)
+    want = index_scores_torch(q, keys).float()
+    assert torch.equal(bits_to_bf16(index_score_bits(q, keys)[:, :20]).float(), torch.where(want == 0, 0.0, want))
