@@ -170,6 +170,8 @@ def main(argv=None):
     p.add_argument("--ms", type=int, nargs="+", default=list(MS))
     p.add_argument("--sweep-shapes", nargs="*", default=["gate_up", "down"])
     p.add_argument("--sweep-ms", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--sweep-stages", type=int, nargs="+", default=[1, 2, 3, 4])
+    p.add_argument("--sweep-evict", default="", help="eviction policy of the grid candidates ('' or evict_first)")
     args = p.parse_args(argv)
     if args.sass:
         rep = sass_report()
@@ -208,7 +210,7 @@ def _prepared_set(w, fcfg, nbytes):
     return rotating(make, nbytes)
 
 
-def sweep_candidates(M, N, K, lanes):
+def sweep_candidates(M, N, K, lanes, stages_list=(1, 2, 3, 4), evict=""):
     """GEMV launch shapes around the default (round 4 levers, one at a time): the weight loads' cache
     modifier / eviction policy, and a grid of rows per program x K split x software-pipelining depth
     (stages > 1: cp.async into shared memory, needs >= stages chunks per split), 4 or 8 warps."""
@@ -225,16 +227,16 @@ def sweep_candidates(M, N, K, lanes):
         for split in (d for d in range(1, chunks + 1) if chunks % d == 0):
             if not 1.5 * sms <= programs * split <= 28 * sms:
                 continue
-            for stages in (1, 2, 3, 4):
+            for stages in stages_list:
                 if stages > 1 and chunks // split < stages:
                     continue
-                cfg = GemvConfig(bn, split, warps, stages=stages)
+                cfg = GemvConfig(bn, split, warps, stages=stages, evict=evict)
                 if cfg not in cands:
                     cands.append(cfg)
     return default, cands
 
 
-def run_sweep(bw, shapes, ms=(1, 4)):
+def run_sweep(bw, shapes, ms=(1, 4), stages_list=(1, 2, 3, 4), evict=""):
     """GEMV launch shapes, NVFP4, GPU time in a CUDA graph with rotated weights."""
     from bench_fp4_gemm import bench_graph, check
 
@@ -249,7 +251,7 @@ def run_sweep(bw, shapes, ms=(1, 4)):
         preps, nxt = _prepared_set(w, NVFP4Config(), qt0.nbytes)
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            default, cands = sweep_candidates(M, N, K, preps[0].gemv.lanes)
+            default, cands = sweep_candidates(M, N, K, preps[0].gemv.lanes, stages_list, evict)
             res = []
             for cfg in cands:
                 try:
@@ -352,7 +354,8 @@ def run_gpu(args):
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-    sweep = run_sweep(bw, args.sweep_shapes, tuple(args.sweep_ms)) if args.sweep_shapes else []
+    sweep = run_sweep(bw, args.sweep_shapes, tuple(args.sweep_ms), tuple(args.sweep_stages),
+                      args.sweep_evict) if args.sweep_shapes else []
     rows = run_compare(bw, tuple(args.ms))
     summary = summarize(rows)
     for k, v in summary.items():

@@ -9,7 +9,7 @@ elements, and writes bs/2 bytes plus one scale byte per block.
 import triton
 import triton.language as tl
 
-from ._fp4_bits import ceil_log2_f32, f32_to_e2m1_code, f32_to_ue4m3_code, floor_log2_f32, pow2_f32, ue4m3_to_f32
+from ._fp4_bits import ceil_log2_f32, e2m1_code_from_mag, f32_to_e2m1_code, f32_to_ue4m3_code, floor_log2_f32, pow2_f32, ue4m3_to_f32
 
 
 @triton.jit
@@ -22,29 +22,37 @@ def _pack_store(out_ptr, codes, blk, nblocks, BLOCKS: tl.constexpr, BS: tl.const
 
 
 @triton.jit
-def _div_by_block(x, denom, BLOCKS: tl.constexpr):
-    """x [BLOCKS, 16] / denom [BLOCKS] correctly rounded, with one division per block (Markstein).
+def e_neg(v):
+    return -v
+
+
+@triton.jit
+def _div_by_block(x, denom, s32):
+    """x [2, BLOCKS, 8] (the two halves of each block) / denom [BLOCKS], correctly rounded wherever the E2M1 code depends on it, with one
+    IEEE division per block instead of one per element (`div_rn` expands to ~10 instructions with a
+    MUFU.RCP each; this is 1 FMUL + 2 FFMA per element).
 
     r = RN(1 / d) (div_rn, per block); q0 = RN(x r) is within 1 ulp of x / d; the residual
     e = x - q0 d is exact in one fma; q = RN(q0 + e r) is then RN(x / d) (Markstein's theorem:
-    r correctly rounded, q0 within an ulp, no underflow or overflow in e). Underflow is kept out
-    by scaling a block whose denom is below 2^-60 by 2^64 on both sides (exact; an x that then
-    overflows gives inf where the twin gives a finite quotient far above 6: both clamp to code 7).
-    Quotients that underflow are far below the first E2M1 threshold (0.25), so any error there
-    cannot change a code; where |q0| >= 8 the quotient is above 6 and clamps to code 7 whatever
-    its rounding, so q0 is kept (x r overflowing to inf would otherwise make e = inf - inf = NaN;
-    that overflow is what the first GPU check, with a static amax far below the tensor's max, hit). The sign is taken from x: the fma steps turn -0 / d into +0.
+    r correctly rounded, q0 within an ulp, no underflow or overflow in e). Underflow: a program
+    whose smallest live denominator is below 2^-60 (only under extreme global scales) takes the
+    per-element division instead, a branch uniform over the program; with d >= 2^-60, a residual
+    can underflow only for |x| far below d / 4, whose code is 0 whatever the rounding. Overflow:
+    where x r overflows, q0 = inf makes e = -inf and q = NaN; the caller's `min(|q|, 6)` returns
+    6 for NaN (PTX min.f32), i.e. code 7, which is what any quotient above 6 gets. The sign of the
+    code is taken from x by the caller (the fma steps turn -0 / d into +0).
+    Needs a fused fma: the interpreter uses the per-element division.
     """
-    small = denom < 8.673617379884035e-19  # 2^-60
-    d = tl.where(small, denom * 18446744073709551616.0, denom)  # 2^64
-    r = tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d)
-    xs = tl.where(small[:, None], x * 18446744073709551616.0, x)
-    q0 = xs * r[:, None]
-    e = tl.fma(-q0, tl.broadcast_to(d[:, None], (BLOCKS, 16)), xs)
-    q = tl.fma(e, tl.broadcast_to(r[:, None], (BLOCKS, 16)), q0)
-    q = tl.where(tl.abs(q0) < 8.0, q, q0)  # |x / d| > 6 clamps to code 7 anyway; q0 = inf would make e NaN
-    sign = x.to(tl.int32, bitcast=True) & -2147483648
-    return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    dmin = tl.min(tl.where(s32 > 0, denom, 1.0), axis=0)
+    d3 = tl.broadcast_to(denom[None, :, None], x.shape)
+    if dmin >= 8.673617379884035e-19:  # 2^-60
+        r3 = tl.broadcast_to(tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)[None, :, None], x.shape)
+        q0 = x * r3
+        q = tl.fma(e_neg(q0), d3, x)
+        q = tl.fma(q, r3, q0)
+    else:
+        q = tl.math.div_rn(x, d3)
+    return q
 
 
 @triton.jit
@@ -97,20 +105,25 @@ def nvfp4_quantize_kernel(x_ptr, amax_ptr, amax_value, gs_out_ptr, packed_ptr, s
     instructions per program instead of ~8 torch launches on the host. Program 0 writes g to
     `gs_out_ptr` (the QuantizedTensor's global_scale).
     RCP_DIV replaces the per-element IEEE division x / denom by `_div_by_block` (one division per
-    block, then a multiply and two fma per element), which yields the same codes.
+    block, then a multiply and two fma per element), which yields the same codes (GPU only).
     """
     pid = tl.program_id(0)
     blk = pid * BLOCKS + tl.arange(0, BLOCKS)
-    e = tl.arange(0, 16)
     bmask = blk < nblocks
-    x = tl.load(x_ptr + blk[:, None] * 16 + e[None, :], mask=bmask[:, None], other=0.0).to(tl.float32)
+    # x as [2 (half), BLOCKS, 8]: Triton gives each thread 8 contiguous elements (16 bytes) of dim 2,
+    # lanes and warps along the blocks, and both halves in registers: one thread owns a whole block,
+    # so its max and scale need no shuffle and are computed once per 16 elements, not per 8.
+    h3 = tl.arange(0, 2)[:, None, None]
+    b3 = blk[None, :, None]
+    e3 = tl.arange(0, 8)[None, None, :]
+    x = tl.load(x_ptr + b3 * 16 + h3 * 8 + e3, mask=b3 < nblocks, other=0.0).to(tl.float32)
     if AMAX_FROM_PTR:
         g1 = nvfp4_global_scale(tl.load(amax_ptr + tl.arange(0, 1)), GS_ENCODE, DECODE_BY_RECIPROCAL)  # [1]
     else:
         g1 = nvfp4_global_scale(amax_value, GS_ENCODE, DECODE_BY_RECIPROCAL)
     tl.store(gs_out_ptr + tl.arange(0, 1), g1, mask=(tl.arange(0, 1) == 0) & (pid == 0))
     g = tl.sum(g1, axis=0)  # the scalar
-    amax = tl.max(tl.abs(x), axis=1)
+    amax = tl.max(tl.max(tl.abs(x), axis=2), axis=0)  # [BLOCKS]
     s = tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32))
     if GS_ENCODE:
         s = s * g
@@ -124,16 +137,21 @@ def nvfp4_quantize_kernel(x_ptr, amax_ptr, amax_value, gs_out_ptr, packed_ptr, s
     s32 = ue4m3_to_f32(code)
     if GS_ENCODE:
         denom = tl.math.div_rn(s32, tl.full(s32.shape, 1.0, tl.float32) * g)
-        if RCP_DIV:
-            scaled = _div_by_block(x, denom, BLOCKS)
+        if RCP_DIV and not INTERPRET:
+            mag = tl.minimum(tl.abs(_div_by_block(x, denom, s32)), 6.0)  # NaN (overflow) -> 6
         else:
-            scaled = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], (BLOCKS, 16)))
+            mag = tl.minimum(tl.abs(tl.math.div_rn(x, tl.broadcast_to(denom[None, :, None], x.shape))), 6.0)
     else:
         inv_g = tl.math.div_rn(tl.full(s32.shape, 1.0, tl.float32), tl.full(s32.shape, 1.0, tl.float32) * g)
-        scaled = x * tl.math.div_rn(inv_g, s32)[:, None]
-    scaled = tl.where((s32 == 0)[:, None], 0.0, scaled)
-    codes = f32_to_e2m1_code(tl.minimum(tl.maximum(scaled, -6.0), 6.0), SIGNED_ZERO)
-    _pack_store(packed_ptr, codes, blk, nblocks, BLOCKS, 16)
+        mag = tl.abs(tl.minimum(tl.maximum(x * tl.math.div_rn(inv_g, s32)[None, :, None], -6.0), 6.0))
+    sign_src = x  # s / g > 0, so the quotient has x's sign (-0 included)
+    if ZERO_SCALE_CODE == 0:  # a block whose scale is 0 is flushed to +0, as the twin's where(zero, 0, .)
+        mag = tl.where((s32 == 0)[None, :, None], 0.0, mag)
+        sign_src = tl.where((s32 == 0)[None, :, None], 0.0, x)
+    codes = e2m1_code_from_mag(mag, sign_src, SIGNED_ZERO)  # [2, BLOCKS, 8]
+    lo, hi = tl.split(tl.reshape(codes, (2, BLOCKS, 4, 2)))
+    j3 = tl.arange(0, 4)[None, None, :]
+    tl.store(packed_ptr + b3 * 8 + h3 * 4 + j3, lo | (hi << 4), mask=b3 < nblocks)
     tl.store(scale_ptr + blk, code, mask=bmask)
 
 

@@ -40,11 +40,11 @@ if HAS_TRITON:
     from . import _fp4_quantize
 
 # NVFP4 ENCODE: True divides each element by its block's s / g through a per-block reciprocal and
-# a Markstein correction (`_fp4_quantize._div_by_block`) instead of an IEEE division per element.
-# Bit-exact with the twin on the H100 (every finite bf16 value under four global scales, and the
-# kernel tests), but not measurably faster there (146 vs 151 us on 64M elements: the NVFP4 call is
-# dominated by its host-side global-scale ops, see BENCHMARKS.md), so the plain division stays.
-NVFP4_RCP_DIV = False
+# a Markstein correction (`_fp4_quantize._div_by_block`: 1 FMUL + 2 FFMA per element) instead of an
+# IEEE division per element (~10 SASS instructions with a MUFU.RCP each). Bit-exact with the twin on
+# the H100 (kernel tests, and every finite bf16 value under several global scales in
+# bench_fp4_gemm.py); the interpreter, which does not fuse fma, always divides.
+NVFP4_RCP_DIV = True
 
 _RULES = {ScaleRule.FLOOR: 0, ScaleRule.EVEN: 1, ScaleRule.CEIL: 2, ScaleRule.RCEIL: 3}
 

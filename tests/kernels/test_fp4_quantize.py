@@ -74,12 +74,13 @@ def test_nvfp4_rcp_div_static_amax_overflow():
     from fp4kit.kernels import fp4_quantize as fq
 
     x = torch.tensor([3e38, -3e38, 1.0, -0.0] * 16, device=DEVICE).reshape(4, 16)
+    default = fq.NVFP4_RCP_DIV
     for rcp in (False, True):
         fq.NVFP4_RCP_DIV = rcp
         try:
             _assert_same(quantize_nvfp4_triton(x, amax=1.0), quantize_nvfp4(x, amax=1.0))
         finally:
-            fq.NVFP4_RCP_DIV = False
+            fq.NVFP4_RCP_DIV = default
 
 
 def test_nvfp4_static_amax_saturates_like_twin():
