@@ -508,8 +508,12 @@ class GemvLaunchRule:
 # 42.7 -> 35.3 us, down 21.7 -> 19.9 us against 4 rows and 4 programs per SM). M = 2: the same rule
 # (gate_up 53.5 -> 44.3 us; down 28.6 -> 29.7 us). M >= 3: 2 rows (4 rows spill at M = 4), 4
 # programs per SM; the GEMV loses to the skinny kernel there and is not the default.
-GEMV_LAUNCH = {1: GemvLaunchRule(2, 12), 2: GemvLaunchRule(2, 12)}
+# Round 4 (results/fp4_gemv_round4_sweep2_h100.json): the weight loads with L1::evict_first took
+# gate_up M = 1 from 35.8 to 32.2 us and helped every shape by 0-0.7 us at M = 1 (GEMV_EVICT); at
+# M = 2 fewer K splits won (qkv 15.0 -> 12.4, down 29.1 -> 24.9, o 10.9 -> 10.6 us): 2 programs per SM.
+GEMV_LAUNCH = {1: GemvLaunchRule(2, 12), 2: GemvLaunchRule(2, 2)}
 GEMV_LAUNCH_DEFAULT = GemvLaunchRule(2, 4)
+GEMV_EVICT = "evict_first"  # eviction policy of the streamed weight loads (keeps x in L1)
 
 
 def _gemv_config(M: int, N: int, K: int, lanes: int, sm_count: int = 132) -> GemvConfig:
@@ -528,7 +532,7 @@ def _gemv_config(M: int, N: int, K: int, lanes: int, sm_count: int = 132) -> Gem
     programs = triton.cdiv(N, block_n)
     target = rule.programs_per_sm * sm_count
     split = next((d for d in range(1, chunks + 1) if chunks % d == 0 and programs * d >= target), chunks)
-    return GemvConfig(block_n, split, num_warps)
+    return GemvConfig(block_n, split, num_warps, evict=GEMV_EVICT)
 
 
 def _gemv_layout_for(prepared: PreparedFP4Weight) -> GemvLayout:

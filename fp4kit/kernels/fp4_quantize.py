@@ -49,7 +49,7 @@ NVFP4_RCP_DIV = True
 _RULES = {ScaleRule.FLOOR: 0, ScaleRule.EVEN: 1, ScaleRule.CEIL: 2, ScaleRule.RCEIL: 3}
 
 
-QUANT_ELEMS_PER_PROGRAM = {16: 4096, 32: 4096}  # by block size; H100 measurement in benchmarks/NOTES_fp4_gemm.md
+QUANT_ELEMS_PER_PROGRAM = {16: 2048, 32: 4096}  # by block size; H100 measurements in benchmarks/NOTES_fp4_gemm.md
 
 
 def _blocks_per_program(block_size: int) -> int:
