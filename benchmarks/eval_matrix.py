@@ -55,8 +55,12 @@ def load_items(folder: pathlib.Path) -> dict:
 
 
 def evaluate_items(model, tok, folder: pathlib.Path, tasks: dict, base: dict, batch_size: int, ppl_tokens: int,
-                   context: int) -> list[dict]:
-    """Records (base + task, metric, value, n, stderr) for the corpora and the frozen task items."""
+                   context: int, gen_batch_size: int | None = None) -> list[dict]:
+    """Records (base + task, metric, value, n, stderr) for the corpora and the frozen task items.
+
+    `gen_batch_size` (default `batch_size`): prompts per `generate` call. Each call rebuilds transformers'
+    stop-string tables over the whole vocabulary (3.7 s for Gemma-3's 262K tokens on one CPU core), so a large
+    vocabulary wants few, large calls."""
     from fp4kit.eval import bos_prefix, mean_stderr, perplexity, score_multiple_choice
     from fp4kit.eval.generation import score_generation
     from fp4kit.eval.runner import MAX_NEW_TOKENS
@@ -70,7 +74,7 @@ def evaluate_items(model, tok, folder: pathlib.Path, tasks: dict, base: dict, ba
                                "stderr": None, "context": context})
     for t, (d, items) in tasks.items():
         if d["kind"] == "Generation":
-            per = score_generation(model, tok, t, items, batch_size=batch_size, progress=False,
+            per = score_generation(model, tok, t, items, batch_size=gen_batch_size or batch_size, progress=False,
                                    max_new_tokens=MAX_NEW_TOKENS.get(t, 256))
         else:
             per = score_multiple_choice(model, tok, items, batch_size=batch_size, progress=False)

@@ -78,6 +78,25 @@ def quantize(model, fmt: str, method: str, act: str, batches):
                      activations=config if act == "fp4" else None, progress=False)
 
 
+def load_with_tokenizer(spec: str, tokenizer_dir: pathlib.Path, dtype):
+    """Like fp4kit.io.load_model, with the tokenizer read from `tokenizer_dir` (a saved tokenizer.json) instead of
+    the GGUF. transformers 5.17 (the GPU image) rebuilds Gemma-3's GGUF tokenizer wrongly (merges guessed "on the
+    fly": 'Citizen' -> 'C','it','iz','en', no BOS; bf16 shakespeare perplexity 306 instead of 46); 5.23 reads it
+    right, and a tokenizer.json saved by 5.23 gives identical ids under both versions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fp4kit.io.models import resolve
+
+    src = resolve(spec)
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, **kwargs).eval()
+    if src.gguf_file:  # as load_model: plain floats now, forget the GGUF origin
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    return model, AutoTokenizer.from_pretrained(tokenizer_dir), src
+
+
 def run(a) -> None:
     from fp4kit.eval import model_hash
     from fp4kit.io import load_model
@@ -89,7 +108,12 @@ def run(a) -> None:
     if a.limit:
         tasks = {t: (d, items[: a.limit]) for t, (d, items) in tasks.items()}
     t0 = time.time()
-    base_model, tok, src = load_model(a.model, dtype=dtype)
+    if a.tokenizer:
+        base_model, tok, src = load_with_tokenizer(a.model, a.tokenizer, dtype)
+    else:
+        base_model, tok, src = load_model(a.model, dtype=dtype)
+    probe = tok("First Citizen: 12 + 34 = 46").input_ids
+    print(f"tokenizer {type(tok).__name__} bos={tok.bos_token_id}: {probe}", flush=True)
     base_model = base_model.to(device).eval()
     if a.upcycle:
         from fp4kit.io.upcycle import MixtralUpcycle, upcycle_to_mixtral
@@ -124,9 +148,11 @@ def run(a) -> None:
         base = {"model": a.label or src.label, "checkpoint_hash": model_hash(model), "format": fmt,
                 "method": label_method, "activations": act, "device": dev_name,
                 "date": datetime.date.today().isoformat(), "calib": f"{a.calib_samples}x{a.calib_seq_len}",
-                "seconds_quantize": round(seconds_q, 2)}
+                "seconds_quantize": round(seconds_q, 2), "gen_batch_size": a.gen_batch_size or a.batch_size,
+                "tokenizer": str(a.tokenizer) if a.tokenizer else "model's"}
         with torch.no_grad():
-            records = evaluate_items(model, tok, a.folder, tasks, base, a.batch_size, a.ppl_tokens, a.context)
+            records = evaluate_items(model, tok, a.folder, tasks, base, a.batch_size, a.ppl_tokens, a.context,
+                                     a.gen_batch_size)
         with open(a.out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         main = [r["value"] for r in records if MAIN_METRIC.get(r["task"]) == r["metric"]]
@@ -191,10 +217,13 @@ def main(argv=None):
     r.add_argument("model")
     r.add_argument("folder", type=pathlib.Path)
     r.add_argument("--out", type=pathlib.Path, required=True)
+    r.add_argument("--tokenizer", type=pathlib.Path,
+                   help="read the tokenizer from this folder instead of the model (see load_with_tokenizer)")
     r.add_argument("--label", help="model name in the records (default: the model argument's label)")
     r.add_argument("--variants", default="all", help="'all' or FORMAT:METHOD:ACT,... (bf16 always runs)")
     r.add_argument("--limit", type=int, help="items per task (default: all exported)")
     r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--gen-batch-size", type=int, help="prompts per generate call (default --batch-size)")
     r.add_argument("--ppl-tokens", type=int, default=16384)
     r.add_argument("--context", type=int, default=1024)
     r.add_argument("--calib-samples", type=int, default=64)
