@@ -4,18 +4,22 @@ The torch twins are `fp4kit.formats.quantize_nvfp4` / `quantize_mxfp4`; the kern
 bit for bit (tests compare the uint8 views with no tolerance). What that takes, beyond copying the
 formulas:
 
-- every division the twin does is an IEEE division here (`div_rn`, div.rn.f32), in the same
-  order (NVFP4 ENCODE: `x / (s / g)`, never `x * (g / s)`). That per-element division is what
-  makes the NVFP4 kernel slower than the MXFP4 one (which multiplies by 2^-e). A reciprocal with
-  one fma correction was tried and differed from the twin in a few bytes per 10^4 on the H100;
-  `INTERPRET` is accepted for symmetry with the GEMM kernels;
+- every division the twin does is reproduced with its own rounding: torch's `2688 / amax` is
+  `amax.reciprocal() * 2688` (`Tensor.__rtruediv__`), and `amax / 2688` is a true division on the CPU
+  but a multiplication by RN(1/2688) on CUDA (a CPU-scalar divisor), so the kernel computes the
+  global scale by the rule of the device the twin would use (that of the amax tensor). The NVFP4
+  ENCODE per-element quotient x / (s / g) is RN(x / d) through a per-block reciprocal and one
+  Markstein correction on the GPU (`_fp4_quantize._div_by_block`), an IEEE division (`div_rn`) per
+  element in the interpreter (which does not fuse fma);
 - UE4M3 rounding of the block scale is done on the float32 bits (`_fp4_bits.f32_to_ue4m3_code`),
   not by a cast: the interpreter's fp8 cast is wrong, and the bits make the rule visible;
 - E8M0 exponents (floor/ceil log2) come from the exponent field, subnormals included.
 
-NVFP4 needs the tensor's absolute max for its global scale before any block can be encoded: pass
-`amax` (a calibrated, static value: the usual case for activations) to keep it one pass over x;
-without it `x.abs().amax()` is one more read of x.
+NVFP4 needs the tensor's absolute max for its global scale before any block can be encoded. Pass
+`amax` (a calibrated, static value: the usual case for activations) to keep it one pass over x: a
+float32 tensor on x's device is read by the kernel itself, a number travels as a kernel argument,
+so the call is three `torch.empty`s and one launch, with no host sync (CUDA-graph capturable).
+Without it, `nvfp4_amax` (a memset and one atomic-max reduction launch) reads x once more.
 
 Not covered by the kernels (the twin is used, see `fp4_quantize`): NVFP4's FOUR_OVER_SIX block
 choice. Unlike the twins, the kernels do not check x for NaN/Inf (that would cost a pass and a
