@@ -177,6 +177,11 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
         cand = index_topk(s["q_fp4"], s["fp4"], 2 * k)
         r1, r2 = rerank_topk(s["q"], s["keys"], cand, k), rerank_topk_torch(s["q"], s["keys"], cand, k)
         out["checks"][f"rerank_equal_k{k}"] = float((r1 == r2).float().mean())
+        # the fused rerank (scores + last-program select) must equal the two-launch one exactly (same sums)
+        fp4_topk.FUSED_RERANK = False
+        r3 = rerank_topk(s["q"], s["keys"], cand, k)
+        fp4_topk.FUSED_RERANK = True
+        out["checks"][f"fused_rerank_equal_k{k}"] = torch.equal(r1, r3)
     for fmt in ("bf16", "fp8"):
         sc = bits_to_bf16(index_score_bits(s["q"], s[fmt])[:, :L]).float()
         want = index_scores_torch(s["q"], s[fmt]).float()
@@ -188,6 +193,8 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
     if big:
         b = make_keys(2, big, device)  # > one 65,536-position chunk: the merge path
         assert torch.equal(index_topk(b["q_fp4"], b["fp4"], 512), index_topk_torch(b["q_fp4"], b["fp4"], 512))
+    if not all(out["checks"][f"fused_rerank_equal_k{k}"] for k in (64, 300)):
+        fp4_topk.FUSED_RERANK = False
     out["checks"]["mxfp4_topk_bit_exact"] = True
     out["checks"]["rerank_exact_k300"] = out["checks"]["rerank_equal_k300"] == 1.0
     print("checks:", out["checks"])
@@ -195,9 +202,9 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
 
 def _scan_only(q, view):
     """The scan kernel alone (no histogram, no select): what the decode costs."""
-    block_t, warps, n_out = fp4_topk._scan_tile(view)
+    block_t, warps, iters, n_out = fp4_topk._scan_tile(view)
     ws = torch.zeros(view.rows, 512, dtype=torch.int32, device=q.device)
-    return fp4_topk._scan(q, view, 0, view.length, ws, n_out, block_t, warps, False)
+    return fp4_topk._scan(q, view, 0, view.length, ws, n_out, block_t, warps, iters, False)
 
 
 def _time_scan(sets, fmt):
@@ -211,16 +218,17 @@ def scan_sass(s: dict, out_dir: str | None, out: dict) -> None:
     from triton.tools.disasm import get_sass
 
     view, q = s["fp4"], s["q_fp4"]
-    block_t, warps, n_out = fp4_topk._scan_tile(view)
+    block_t, warps, iters, n_out = fp4_topk._scan_tile(view)
     ws = torch.zeros(view.rows, 512, dtype=torch.int32, device=q.device)
     m = torch.empty(view.rows, n_out, dtype=torch.int16, device=q.device)
     out["sass"] = {}
     keep = fp4_topk.MXFP4_PACKED_HALF
     for packed in (False, True):
         fp4_topk.MXFP4_PACKED_HALF = packed
-        grid, args, meta = fp4_topk._scan_launch(q, view, 0, view.length, ws, m, block_t, warps, False)
+        grid, args, meta = fp4_topk._scan_launch(q, view, 0, view.length, ws, m, block_t, warps, iters, False)
         try:
             k = fp4_topk._fp4_topk.index_score_kernel.warmup(*args, grid=grid, **meta)
+            k._init_handles()
             sass = get_sass(k.asm["cubin"])
         except Exception as e:  # noqa: BLE001 - no cuobjdump: report, go on
             print(f"SASS unavailable: {type(e).__name__}: {e}")
@@ -251,31 +259,32 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
     sets = [make_keys(8, 131072, device) for _ in range(2)]
     out["tile_sweep"] = []
     per_key = {"bf16": 2 * D, "fp8": D + 4, "fp4": D // 2 + D // 32}
-    variants = [("bf16", "bf16", None, 128, 4)]
-    variants += [("fp8", "fp8", None, t, w) for t, w in ((128, 4), (256, 4))]
-    variants += [("fp4", "mxfp4", p, t, w) for p in (True, False) for t, w in ((64, 4), (128, 4), (256, 8))]
+    variants = [("bf16", "bf16", None, 128, 4, 1), ("bf16", "bf16", None, 128, 4, 4)]
+    variants += [("fp8", "fp8", None, t, w, i) for t, w, i in ((128, 4, 1), (128, 4, 4), (256, 4, 2))]
+    variants += [("fp4", "mxfp4", p, t, w, i) for p in (True, False)
+                 for t, w, i in ((128, 4, 1), (128, 4, 4), (128, 4, 8), (256, 8, 4), (64, 4, 8))]
     best = {}
     half2_ok = fp4_topk.MXFP4_PACKED_HALF
-    for fmt, name, packed, block_t, warps in variants:
+    for fmt, name, packed, block_t, warps, iters in variants:
         if packed and not half2_ok:
             continue
-        fp4_topk.SCAN_TILE[name] = (block_t, warps)
+        fp4_topk.SCAN_TILE[name] = (block_t, warps, iters)
         fp4_topk.MXFP4_PACKED_HALF = bool(packed)
         try:
             t = _time_scan(sets, fmt)
         except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
-            print(f"scan {fmt} packed={packed} {block_t}x{warps}: {type(e).__name__}: {str(e)[:200]}")
+            print(f"scan {fmt} packed={packed} {block_t}x{warps}x{iters}: {type(e).__name__}: {str(e)[:200]}")
             continue
         nbytes = 8 * 131072 * (per_key[fmt] + 2)
-        row = {"format": fmt, "packed_half": packed, "block_t": block_t, "warps": warps, **t,
+        row = {"format": fmt, "packed_half": packed, "block_t": block_t, "warps": warps, "iters": iters, **t,
                "roofline_us": nbytes / bw * 1e6}
         out["tile_sweep"].append(row)
-        print(f"scan {fmt:4s} packed={packed} tile {block_t}x{warps}: {t['median_us']:.1f} us "
+        print(f"scan {fmt:4s} packed={packed} tile {block_t}x{warps}x{iters}: {t['median_us']:.1f} us "
               f"(roofline {row['roofline_us']:.1f})")
         if fmt not in best or t["median_us"] < best[fmt][0]:
-            best[fmt] = (t["median_us"], name, packed, block_t, warps)
-    for fmt, (_, name, packed, block_t, warps) in best.items():
-        fp4_topk.SCAN_TILE[name] = (block_t, warps)
+            best[fmt] = (t["median_us"], name, packed, block_t, warps, iters)
+    for fmt, (_, name, packed, block_t, warps, iters) in best.items():
+        fp4_topk.SCAN_TILE[name] = (block_t, warps, iters)
         if fmt == "fp4":
             fp4_topk.MXFP4_PACKED_HALF = bool(packed)
     out["select_sweep"] = []

@@ -36,7 +36,8 @@ FMT_NVFP4 = 3
 FMT_MXFP4_TC = 4  # MXFP4 keys decoded to bf16 pairs, scored on the tensor cores
 INT32_MIN = -2147483648
 # the select's per-row int32 workspace (zeroed by one memset): [0:256] coarse histogram of u's high byte,
-# [256:512] fine histogram of the low byte, [WS_BARRIER:+2] the fused kernel's arrival counters, then
+# [256:512] fine histogram of the low byte, [WS_BARRIER:+3] the fused kernel's two arrival counters and its
+# departure counter, then
 # one word per tile: PUBLISHED | #(u > u*) << 15 | #(u == u*) (tiles of at most 2^15 - 1 positions)
 WS_BARRIER = tl.constexpr(512)
 WS_TILES = tl.constexpr(516)
@@ -167,18 +168,27 @@ def _half_bits(x):
 
 
 @triton.jit
-def _mxfp4_word_scores(q_row, w_ptr, s_ptr, offs_t, valid, row, stride_wr, stride_wt, stride_sr, stride_st,
-                       D: tl.constexpr, PACKED: tl.constexpr, INTERPRET: tl.constexpr):
-    """Scores [BLOCK_T] float32 of MXFP4 keys read as int32 words (see the comment above)."""
+def _f32_word_scores(h0, h1, h2, h3, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, scale14, INTERPRET: tl.constexpr):
+    """float32 products: pairs h_i [BLOCK_T, NB, 4] against q's elements 32b + 8w + i (ql_i) and + 4 (qh_i)."""
+    l0, u0 = _half_pair_to_f32(h0, INTERPRET)
+    l1, u1 = _half_pair_to_f32(h1, INTERPRET)
+    l2, u2 = _half_pair_to_f32(h2, INTERPRET)
+    l3, u3 = _half_pair_to_f32(h3, INTERPRET)
+    acc = l0 * ql0[None, :, :] + u0 * qh0[None, :, :]
+    acc += l1 * ql1[None, :, :] + u1 * qh1[None, :, :]
+    acc += l2 * ql2[None, :, :] + u2 * qh2[None, :, :]
+    acc += l3 * ql3[None, :, :] + u3 * qh3[None, :, :]
+    return tl.sum(tl.sum(acc, axis=2) * scale14, axis=1)
+
+
+@triton.jit
+def _mxfp4_query(q_row, D: tl.constexpr, PACKED: tl.constexpr):
+    """The query in the word layout, once per program: ql_i / qh_i [NB, 4] = q[32b + 8w + i] / q[... + 4];
+    with PACKED, whether every block is MXFP4 (ex), the block exponents e [NB] and the float16 pairs
+    p_i = (x_lo, x_hi) * 2^10 of x = q / 2^e (see the comment above)."""
     NB: tl.constexpr = D // 32
     offs_b = tl.arange(0, NB)
     offs_w = tl.arange(0, 4)
-    words = tl.load(w_ptr + row * stride_wr + offs_t[:, None, None] * stride_wt + offs_b[None, :, None] * 4
-                    + offs_w[None, None, :], mask=valid[:, None, None], other=0)  # [BLOCK_T, NB, 4] int32
-    h0 = _e2m1_half_pair(words, 0)
-    h1 = _e2m1_half_pair(words, 1)
-    h2 = _e2m1_half_pair(words, 2)
-    h3 = _e2m1_half_pair(words, 3)
     qp = q_row + offs_b[:, None] * 32 + offs_w[None, :] * 8  # [NB, 4]: element 32b + 8w (+ i)
     ql0 = tl.load(qp + 0)
     ql1 = tl.load(qp + 1)
@@ -188,10 +198,6 @@ def _mxfp4_word_scores(q_row, w_ptr, s_ptr, offs_t, valid, row, stride_wr, strid
     qh1 = tl.load(qp + 5)
     qh2 = tl.load(qp + 6)
     qh3 = tl.load(qp + 7)
-    code = tl.load(s_ptr + row * stride_sr + offs_t[:, None] * stride_st + offs_b[None, :], mask=valid[:, None],
-                   other=0)
-    scale14 = tl.where(valid[:, None], mxfp4_scale14(code), 0.0)  # [BLOCK_T, NB]
-    exact = 0
     if PACKED:
         amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(ql0), tl.abs(ql1)), tl.maximum(tl.abs(ql2), tl.abs(ql3))),
                           tl.maximum(tl.maximum(tl.abs(qh0), tl.abs(qh1)), tl.maximum(tl.abs(qh2), tl.abs(qh3))))
@@ -204,27 +210,50 @@ def _mxfp4_word_scores(q_row, w_ptr, s_ptr, offs_t, valid, row, stride_wr, strid
         good = ok[:, None] & _twice_int(ql0 * up) & _twice_int(ql1 * up) & _twice_int(ql2 * up)
         good = good & _twice_int(ql3 * up) & _twice_int(qh0 * up) & _twice_int(qh1 * up) & _twice_int(qh2 * up)
         good = good & _twice_int(qh3 * up)
-        exact = tl.min(tl.min(good.to(tl.int32), axis=1), axis=0)
-    if exact == 1:
+        ex = tl.min(tl.min(good.to(tl.int32), axis=1), axis=0)
         s10 = _pow2(10 - e)[:, None]
         p0 = _half_bits(ql0 * s10) | (_half_bits(qh0 * s10) << 16)  # [NB, 4] float16 pairs of x * 2^10
         p1 = _half_bits(ql1 * s10) | (_half_bits(qh1 * s10) << 16)
         p2 = _half_bits(ql2 * s10) | (_half_bits(qh2 * s10) << 16)
         p3 = _half_bits(ql3 * s10) | (_half_bits(qh3 * s10) << 16)
-        lo, hi = _hfma2_word(h0, h1, h2, h3, p0[None, :, :], p1[None, :, :], p2[None, :, :], p3[None, :, :],
-                             INTERPRET)
-        part = tl.sum(lo + hi, axis=2)  # [BLOCK_T, NB] exact
-        score = tl.sum(part * scale14 * _pow2(e - 10)[None, :], axis=1)
+        sq = _pow2(e - 10)
     else:
-        l0, u0 = _half_pair_to_f32(h0, INTERPRET)
-        l1, u1 = _half_pair_to_f32(h1, INTERPRET)
-        l2, u2 = _half_pair_to_f32(h2, INTERPRET)
-        l3, u3 = _half_pair_to_f32(h3, INTERPRET)
-        acc = l0 * ql0[None, :, :] + u0 * qh0[None, :, :]
-        acc += l1 * ql1[None, :, :] + u1 * qh1[None, :, :]
-        acc += l2 * ql2[None, :, :] + u2 * qh2[None, :, :]
-        acc += l3 * ql3[None, :, :] + u3 * qh3[None, :, :]
-        score = tl.sum(tl.sum(acc, axis=2) * scale14, axis=1)
+        ex = tl.full([], 0, tl.int32)
+        p0 = tl.zeros([NB, 4], tl.int32)
+        p1 = p0
+        p2 = p0
+        p3 = p0
+        sq = tl.zeros([NB], tl.float32)
+    return ex, sq, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3
+
+
+@triton.jit
+def _mxfp4_word_tile(w_ptr, s_ptr, offs_t, valid, row, stride_wr, stride_wt, stride_sr, stride_st, ex, sq,
+                     ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3,
+                     D: tl.constexpr, PACKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Scores [BLOCK_T] float32 of MXFP4 keys read as int32 words against the prepared query (`_mxfp4_query`)."""
+    NB: tl.constexpr = D // 32
+    offs_b = tl.arange(0, NB)
+    offs_w = tl.arange(0, 4)
+    words = tl.load(w_ptr + row * stride_wr + offs_t[:, None, None] * stride_wt + offs_b[None, :, None] * 4
+                    + offs_w[None, None, :], mask=valid[:, None, None], other=0)  # [BLOCK_T, NB, 4] int32
+    h0 = _e2m1_half_pair(words, 0)
+    h1 = _e2m1_half_pair(words, 1)
+    h2 = _e2m1_half_pair(words, 2)
+    h3 = _e2m1_half_pair(words, 3)
+    code = tl.load(s_ptr + row * stride_sr + offs_t[:, None] * stride_st + offs_b[None, :], mask=valid[:, None],
+                   other=0)
+    scale14 = tl.where(valid[:, None], mxfp4_scale14(code), 0.0)  # [BLOCK_T, NB]
+    if PACKED:
+        if ex == 1:  # uniform per program
+            lo, hi = _hfma2_word(h0, h1, h2, h3, p0[None, :, :], p1[None, :, :], p2[None, :, :], p3[None, :, :],
+                                 INTERPRET)
+            part = tl.sum(lo + hi, axis=2)  # [BLOCK_T, NB] exact
+            score = tl.sum(part * scale14 * sq[None, :], axis=1)
+        else:
+            score = _f32_word_scores(h0, h1, h2, h3, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, scale14, INTERPRET)
+    else:
+        score = _f32_word_scores(h0, h1, h2, h3, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, scale14, INTERPRET)
     return score
 
 
@@ -232,16 +261,35 @@ def _mxfp4_word_scores(q_row, w_ptr, s_ptr, offs_t, valid, row, stride_wr, strid
 def index_score_kernel(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out,
                        stride_qr, stride_kr, stride_kt, stride_sr, stride_st, stride_or, stride_hr,
                        D: tl.constexpr, FMT: tl.constexpr, BS: tl.constexpr, GS_ENCODE: tl.constexpr,
-                       BLOCK_T: tl.constexpr, HIST: tl.constexpr, PACKED: tl.constexpr, INTERPRET: tl.constexpr):
-    """One program: BLOCK_T positions of one row. Writes the monotone int16 score m (-32768 outside
-    [lo, hi)) and adds the tile's histogram of the high byte of u = m + 32768 to hist[row, 0:256]."""
+                       BLOCK_T: tl.constexpr, ITERS: tl.constexpr, HIST: tl.constexpr, PACKED: tl.constexpr,
+                       INTERPRET: tl.constexpr):
+    """One program: ITERS tiles of BLOCK_T positions of one row (the query prepared once). Writes the
+    monotone int16 score m (-32768 outside [lo, hi)) and, with HIST, adds each tile's histogram of the
+    high byte of u = m + 32768 to hist[row, 0:256]."""
     row = tl.program_id(0)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    valid = (offs_t >= lo) & (offs_t < hi)
     q_row = q_ptr + row * stride_qr
     if FMT == 2:
-        score = _mxfp4_word_scores(q_row, k_ptr, s_ptr, offs_t, valid, row, stride_kr, stride_kt, stride_sr, stride_st,
-                                   D, PACKED, INTERPRET)
+        ex, sq, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3 = _mxfp4_query(q_row, D, PACKED)
+    else:  # unused by the other formats
+        ex, sq, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3 = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, \
+            0.0, 0, 0, 0, 0
+    for it in range(ITERS):
+        offs_t = (tl.program_id(1) * ITERS + it) * BLOCK_T + tl.arange(0, BLOCK_T)
+        _score_tile(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out, stride_qr, stride_kr, stride_kt,
+                    stride_sr, stride_st, stride_or, stride_hr, row, q_row, offs_t, ex, sq, ql0, ql1, ql2, ql3,
+                    qh0, qh1, qh2, qh3, p0, p1, p2, p3, D, FMT, BS, GS_ENCODE, BLOCK_T, HIST, PACKED, INTERPRET)
+
+
+@triton.jit
+def _score_tile(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out, stride_qr, stride_kr, stride_kt,
+                stride_sr, stride_st, stride_or, stride_hr, row, q_row, offs_t, ex, sq, ql0, ql1, ql2, ql3,
+                qh0, qh1, qh2, qh3, p0, p1, p2, p3, D: tl.constexpr, FMT: tl.constexpr, BS: tl.constexpr,
+                GS_ENCODE: tl.constexpr, BLOCK_T: tl.constexpr, HIST: tl.constexpr, PACKED: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    valid = (offs_t >= lo) & (offs_t < hi)
+    if FMT == 2:
+        score = _mxfp4_word_tile(k_ptr, s_ptr, offs_t, valid, row, stride_kr, stride_kt, stride_sr, stride_st, ex, sq,
+                                 ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3, D, PACKED, INTERPRET)
     elif FMT == 3:
         score = _fp4_tile_scores(q_row, k_ptr, s_ptr, gs_ptr, offs_t, valid, row, stride_kr, stride_kt, stride_sr,
                                  stride_st, D, BS, True, GS_ENCODE, INTERPRET)
@@ -502,6 +550,11 @@ def fused_select_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or,
                 gt_eq = tl.load(ws + WS_TILES + offs_tiles, mask=before, other=PUBLISHED, volatile=True)
                 i += 1
         _write_selected(u, offs, ok, ws, out_ptr + row * stride_or, tile, gt_eq, ustar, need, TILES)
+        # the last program of the row to leave zeroes its workspace: the next launch on this stream finds it clean
+        if tl.atomic_add(ws + WS_BARRIER + 2, 1, sem="acq_rel") == n_tiles - 1:
+            tl.store(ws + tl.arange(0, 512), tl.zeros([512], tl.int32))
+            tl.store(ws + WS_BARRIER + tl.arange(0, 4), tl.zeros([4], tl.int32))
+            tl.store(ws + WS_TILES + tl.arange(0, TILES), tl.zeros([TILES], tl.int32))
 
 
 @triton.jit
@@ -522,23 +575,21 @@ def rerank_kernel(q_ptr, k_ptr, cand_ptr, out_ptr, n_cand, stride_qr, stride_kr,
 
 
 @triton.jit
-def select_kernel(score_ptr, cand_ptr, out_ptr, n_cand, k, stride_sr, stride_cr, stride_or, BLOCK: tl.constexpr):
-    """One program per row: the k best of n_cand float32 scores (candidates in ascending position, so
-    equal scores go to the earlier one), written in ascending position. The k-th best monotone 32-bit
-    key T is found a byte at a time (four 256-bin histograms over the keys that share T's higher bytes,
-    each followed by the suffix search of the radix select); then all keys above T and the first
-    (k - #above) equal to it."""
-    row = tl.program_id(0)
+def _select_row(score_row, cand_row, out_row, n_cand, k, BLOCK: tl.constexpr):
+    """The k best of n_cand float32 scores of one row (candidates in ascending position, so equal scores go
+    to the earlier one), written in ascending position. The k-th best monotone 32-bit key T is found a
+    byte at a time (four 256-bin histograms over the keys that share T's higher bytes, each followed by
+    the suffix search of the radix select); then all keys above T and the first (k - #above) equal to it."""
     offs = tl.arange(0, BLOCK)
     ok = offs < n_cand
-    s = tl.load(score_ptr + row * stride_sr + offs, mask=ok, other=float("-inf"))
+    s = tl.load(score_row + offs, mask=ok, other=float("-inf"), volatile=True)
     bits = s.to(tl.int32, bitcast=True)
     bits = tl.where(bits == -2147483648, 0, bits)  # -0 -> +0
     key = tl.where(bits < 0, ~bits, bits ^ -2147483648).to(tl.uint32, bitcast=True)  # unsigned, monotone
     prefix = tl.full([], 0, tl.uint32)  # T's bytes found so far
     above = tl.full([], 0, tl.int32)  # keys above the current prefix group
     for step in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * step
+        shift = 24 - 8 * step
         digit = ((key >> shift) & 255).to(tl.int32)
         if step == 0:
             same = ok
@@ -552,5 +603,36 @@ def select_kernel(score_ptr, cand_ptr, out_ptr, n_cand, k, stride_sr, stride_cr,
     need = k - above
     sel = gt | (eq & ((tl.cumsum(eq, 0) - eq) < need).to(tl.int32))
     slot = tl.cumsum(sel, 0) - sel
-    pos = tl.load(cand_ptr + row * stride_cr + offs, mask=ok, other=0)
-    tl.store(out_ptr + row * stride_or + slot, pos, mask=sel != 0)
+    pos = tl.load(cand_row + offs, mask=ok, other=0)
+    tl.store(out_row + slot, pos, mask=sel != 0)
+
+
+@triton.jit
+def select_kernel(score_ptr, cand_ptr, out_ptr, n_cand, k, stride_sr, stride_cr, stride_or, BLOCK: tl.constexpr):
+    """One program per row: `_select_row`."""
+    row = tl.program_id(0)
+    _select_row(score_ptr + row * stride_sr, cand_ptr + row * stride_cr, out_ptr + row * stride_or, n_cand, k, BLOCK)
+
+
+@triton.jit
+def rerank_select_kernel(q_ptr, k_ptr, cand_ptr, score_ptr, out_ptr, ticket_ptr, n_cand, k, stride_qr, stride_kr,
+                         stride_kt, stride_cr, stride_sr, stride_or, D: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """The rerank in one launch: each program scores BLOCK_C candidates (as `rerank_kernel`) and takes a
+    ticket; the row's last program (every score written: the ticket is acq_rel) selects the k best
+    (`_select_row`) and resets the ticket to 0 for the next launch on this stream."""
+    row = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_range = offs_c < n_cand
+    t = tl.load(cand_ptr + row * stride_cr + offs_c, mask=in_range, other=-1)
+    ok = in_range & (t >= 0)
+    offs_d = tl.arange(0, D)
+    kv = tl.load(k_ptr + row * stride_kr + t[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=ok[:, None],
+                 other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + row * stride_qr + offs_d)
+    score = tl.sum(kv * q[None, :], axis=1)
+    tl.store(score_ptr + row * stride_sr + offs_c, tl.where(ok, score, float("-inf")), mask=in_range)
+    if tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        tl.store(ticket_ptr + row, 0)
+        _select_row(score_ptr + row * stride_sr, cand_ptr + row * stride_cr, out_ptr + row * stride_or, n_cand, k,
+                    BLOCK)

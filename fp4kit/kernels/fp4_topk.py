@@ -59,9 +59,11 @@ try:
 except ImportError:  # CPU installs without triton use the torch twins
     HAS_TRITON = False
 
-# (positions per program, warps) of the scan kernel per key format on a GPU; benchmarks/bench_sparse_select.py
-# sweeps these on the device and reports the best
-SCAN_TILE = {"bf16": (128, 4), "fp8": (128, 4), "mxfp4": (128, 4), "nvfp4": (128, 4)}  # best on the H100
+# (positions per tile, warps, tiles per program) of the scan kernel per key format on a GPU (a program prepares
+# the query once and loops over its tiles; fewer tiles when the grid would not fill the device);
+# benchmarks/bench_sparse_select.py sweeps these on the device and reports the best
+SCAN_TILE = {"bf16": (128, 4, 1), "fp8": (128, 4, 1), "mxfp4": (128, 4, 4), "nvfp4": (128, 4, 1)}
+SCAN_MIN_PROGRAMS_PER_SM = 4
 SELECT_BLOCK = 2048  # positions per program of the unfused select passes (the fused select picks its own)
 # MXFP4 keys: bf16-pair decode + tl.dot (see _fp4_topk; bit-exact on the H100 but 108 us against the FMA path's
 # 72 us for 128K x 8 keys, 2026-11-22), so off by default
@@ -70,6 +72,8 @@ MXFP4_TENSOR_CORES = False
 MXFP4_PACKED_HALF = True
 # the whole radix select in one launch (per-row barriers; cooperative launch so every program is resident)
 FUSED_SELECT = True
+# the rerank's scoring and its top-k in one launch (the row's last program selects)
+FUSED_RERANK = True
 
 
 class CoarseHist(enum.Enum):
@@ -234,7 +238,7 @@ def _fp4_args(keys: KeyCacheView):
 
 
 def _scan_launch(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torch.Tensor, out: torch.Tensor,
-                 block_t: int, warps: int, hist_in_scan: bool):
+                 block_t: int, warps: int, iters: int, hist_in_scan: bool):
     """(grid, args, meta) of the scan kernel writing monotone int16 scores into out [R, n_out]."""
     R, D = keys.rows, keys.head_dim
     n_out = out.shape[1]
@@ -255,19 +259,19 @@ def _scan_launch(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torc
         bs, gs, enc = 1, q, True
         data = keys.data.view(torch.uint8) if keys.format is KeyFormat.FP8 else keys.data
         s = keys.scale if keys.scale is not None else q
-    grid = (R, n_out // block_t)
+    grid = (R, n_out // (block_t * iters))
     args = (qk, data, s, gs, out, ws, lo, hi, n_out, qk.stride(0), data.stride(0), data.stride(1), s.stride(0),
             s.stride(1) if s.dim() > 1 else 0, out.stride(0), ws.stride(0))
-    meta = dict(D=D, FMT=fmt, BS=bs, GS_ENCODE=enc, BLOCK_T=block_t, HIST=hist_in_scan, PACKED=MXFP4_PACKED_HALF,
+    meta = dict(D=D, FMT=fmt, BS=bs, GS_ENCODE=enc, BLOCK_T=block_t, ITERS=iters, HIST=hist_in_scan, PACKED=MXFP4_PACKED_HALF,
                 INTERPRET=_interpreting(), num_warps=warps)
     return grid, args, meta
 
 
 def _scan(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torch.Tensor, n_out: int, block_t: int,
-          warps: int, hist_in_scan: bool) -> torch.Tensor:
+          warps: int, iters: int, hist_in_scan: bool) -> torch.Tensor:
     """The scan kernel: monotone int16 scores [R, n_out]; the coarse histogram into ws[:, 0:256] if asked."""
     out = torch.empty(keys.rows, n_out, dtype=torch.int16, device=q.device)
-    grid, args, meta = _scan_launch(q, keys, lo, hi, ws, out, block_t, warps, hist_in_scan)
+    grid, args, meta = _scan_launch(q, keys, lo, hi, ws, out, block_t, warps, iters, hist_in_scan)
     _fp4_topk.index_score_kernel[grid](*args, **meta)
     return out
 
@@ -279,13 +283,20 @@ def _coarse_pass(m: torch.Tensor, ws: torch.Tensor) -> None:
                                                                  BLOCK=block, num_warps=4)
 
 
-def _scan_tile(keys: KeyCacheView) -> tuple[int, int, int]:
-    """(block_t, warps, n_out): the scan's tile and the padded score length."""
+def _scan_tile(keys: KeyCacheView) -> tuple[int, int, int, int]:
+    """(block_t, warps, iters, n_out): the scan's tile, tiles per program and the padded score length."""
     D = keys.head_dim
     if D & (D - 1) or D < 32:
         raise ValueError(f"index kernels need a power-of-two head dim >= 32, got {D}")
-    block_t, warps = (16, 4) if _interpreting() else SCAN_TILE[keys.format.value]
-    return block_t, warps, triton.cdiv(keys.length, block_t) * block_t
+    if _interpreting():
+        block_t, warps, iters = 16, 4, 2
+    else:
+        block_t, warps, iters = SCAN_TILE[keys.format.value]
+        sms = torch.cuda.get_device_properties(keys.data.device).multi_processor_count
+        while iters > 1 and keys.rows * triton.cdiv(keys.length, block_t * iters) < SCAN_MIN_PROGRAMS_PER_SM * sms:
+            iters //= 2
+    span = block_t * iters
+    return block_t, warps, iters, triton.cdiv(keys.length, span) * span
 
 
 def index_score_bits(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: int | None = None,
@@ -294,10 +305,10 @@ def index_score_bits(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: in
     -32768 outside [lo, hi). `hist` (int32 [R, >= 512], zeroed) receives the high-byte histogram in
     hist[:, 0:256] (inside the scan with `COARSE_HIST` SCAN, else by a pass over the scores)."""
     hi = _check(q, keys, lo, hi)
-    block_t, warps, n_out = _scan_tile(keys)
+    block_t, warps, iters, n_out = _scan_tile(keys)
     hist = torch.zeros(keys.rows, 512, dtype=torch.int32, device=q.device) if hist is None else hist
     in_scan = COARSE_HIST is CoarseHist.SCAN
-    m = _scan(q, keys, lo, hi, hist, n_out, block_t, warps, in_scan)
+    m = _scan(q, keys, lo, hi, hist, n_out, block_t, warps, iters, in_scan)
     if not in_scan:
         _coarse_pass(m, hist)
     return m
@@ -309,6 +320,23 @@ def bits_to_bf16(m: torch.Tensor) -> torch.Tensor:
 
 
 _FUSED_PLAN: dict = {}
+_STREAM_BUFFERS: dict = {}  # (device, stream, what) -> int32 buffer that starts zero; the kernels leave it zero
+_RETIRED: list = []  # outgrown buffers stay alive: CUDA graphs captured earlier may still point at them
+
+
+def _stream_buffer(device, what: str, rows: int, width: int = 1) -> torch.Tensor:
+    """A zeroed int32 [rows, width] workspace of this stream, left zero by the kernel that uses it (so no
+    memset per call). Per stream: launches on one stream run in order, so two never share it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream, what)
+    buf = _STREAM_BUFFERS.get(key)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] < width:
+        if buf is not None:
+            _RETIRED.append(buf)
+        old_r, old_w = (0, 0) if buf is None else buf.shape
+        buf = torch.zeros(max(rows, 64, old_r), max(width, old_w), dtype=torch.int32, device=device)
+        _STREAM_BUFFERS[key] = buf
+    return buf[:rows, :width]
 
 
 def _resident_programs(block: int, tiles: int, coarse: bool, warps: int, device) -> int:
@@ -321,6 +349,7 @@ def _resident_programs(block: int, tiles: int, coarse: bool, warps: int, device)
                                                  1, 1, 1, 1, 1, 1, BLOCK=block, TILES=tiles, COARSE=coarse,
                                                  PHASE=0, MAX_SPINS=_MAX_SPINS, num_warps=warps, grid=(1,),
                                                  launch_cooperative_grid=True)
+        k._init_handles()  # loads the binary: n_regs is known from here on
         props = torch.cuda.get_device_properties(device)
         regs = max(1, k.n_regs) * 32 * warps
         smem = k.metadata.shared + 1024
@@ -383,15 +412,18 @@ def index_topk(q: torch.Tensor, keys: KeyCacheView, n: int, *, lo: int = 0, hi: 
     n = min(n, hi - lo)
     if not use_triton(q) or n == 0:
         return index_topk_torch(q, keys, n, lo=lo, hi=hi)
-    block_t, warps, n_out = _scan_tile(keys)
+    block_t, warps, iters, n_out = _scan_tile(keys)
     R = keys.rows
     coarse_fused = COARSE_HIST is CoarseHist.FUSED
     fused = _fused_block(R, n_out, coarse_fused, q.device) if FUSED_SELECT else None
-    fused_block = fused[0] if fused is not None else (64 if _interpreting() else SELECT_BLOCK)
-    ws = torch.zeros(R, 516 + triton.next_power_of_2(triton.cdiv(n_out, fused_block)), dtype=torch.int32,
-                     device=q.device)
+    if fused is not None:  # the fused select leaves its workspace zero
+        ws = _stream_buffer(q.device, "select", R, 516 + triton.next_power_of_2(triton.cdiv(n_out, fused[0])))
+    else:
+        block = 64 if _interpreting() else SELECT_BLOCK
+        ws = torch.zeros(R, 516 + triton.next_power_of_2(triton.cdiv(n_out, block)), dtype=torch.int32,
+                         device=q.device)
     in_scan = COARSE_HIST is CoarseHist.SCAN
-    m = _scan(q, keys, lo, hi, ws, n_out, block_t, warps, in_scan)
+    m = _scan(q, keys, lo, hi, ws, n_out, block_t, warps, iters, in_scan)
     build_in_select = coarse_fused and fused is not None
     if not in_scan and not build_in_select:
         _coarse_pass(m, ws)
@@ -436,14 +468,21 @@ def rerank_topk(q: torch.Tensor, keys_bf16: torch.Tensor, cand: torch.Tensor, k:
         return rerank_topk_torch(q, keys_bf16, cand, k)
     R, n = cand.shape
     D = keys_bf16.shape[2]
-    out = torch.empty(R, n, dtype=torch.float32, device=q.device)
-    block_c = 16 if _interpreting() else 64
-    _fp4_topk.rerank_kernel[(R, triton.cdiv(n, block_c))](q, keys_bf16, cand, out, n, q.stride(0),
-                                                          keys_bf16.stride(0), keys_bf16.stride(1), cand.stride(0),
-                                                          out.stride(0), D=D, BLOCK_C=block_c, num_warps=4)
     k = min(k, n)
+    scores = torch.empty(R, n, dtype=torch.float32, device=q.device)
     chosen = torch.empty(R, k, dtype=torch.int64, device=q.device)
+    block_c = 16 if _interpreting() else 64
     block = triton.next_power_of_2(n)
-    _fp4_topk.select_kernel[(R,)](out, cand, chosen, n, k, out.stride(0), cand.stride(0), chosen.stride(0),
-                                  BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    warps = 4 if block <= 2048 else 8
+    if FUSED_RERANK:
+        tickets = _stream_buffer(q.device, "tickets", R)
+        _fp4_topk.rerank_select_kernel[(R, triton.cdiv(n, block_c))](
+            q, keys_bf16, cand, scores, chosen, tickets, n, k, q.stride(0), keys_bf16.stride(0), keys_bf16.stride(1),
+            cand.stride(0), scores.stride(0), chosen.stride(0), D=D, BLOCK_C=block_c, BLOCK=block, num_warps=warps)
+        return chosen
+    _fp4_topk.rerank_kernel[(R, triton.cdiv(n, block_c))](q, keys_bf16, cand, scores, n, q.stride(0),
+                                                          keys_bf16.stride(0), keys_bf16.stride(1), cand.stride(0),
+                                                          scores.stride(0), D=D, BLOCK_C=block_c, num_warps=4)
+    _fp4_topk.select_kernel[(R,)](scores, cand, chosen, n, k, scores.stride(0), cand.stride(0), chosen.stride(0),
+                                  BLOCK=block, num_warps=warps)
     return chosen

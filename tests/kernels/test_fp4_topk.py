@@ -233,3 +233,24 @@ def test_mxfp4_word_scan_zero_query_block_and_zero_keys():
     keys = mx_keys(k)
     want = index_scores_torch(q, keys).float()
     assert torch.equal(bits_to_bf16(index_score_bits(q, keys)[:, :20]).float(), torch.where(want == 0, 0.0, want))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_kernels_leave_their_workspaces_zero(fused, monkeypatch):
+    # the fused select and the fused rerank keep per-stream workspaces that they must leave zero: run each
+    # twice on different data, compare with the twins, then look at the buffers
+    import fp4kit.kernels.fp4_topk as m
+
+    monkeypatch.setattr(m, "FUSED_SELECT", fused)
+    monkeypatch.setattr(m, "FUSED_RERANK", fused)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        keys_f = torch.randn(2, 140, 64)
+        q = mx_query(torch.randn(2, 64))
+        keys = mx_keys(keys_f)
+        cand = index_topk(q, keys, 40, lo=1)
+        assert torch.equal(cand, index_topk_torch(q, keys, 40, lo=1))
+        assert torch.equal(rerank_topk(q, keys_f.bfloat16(), cand, 9),
+                           rerank_topk_torch(q, keys_f.bfloat16(), cand, 9))
+    for buf in m._STREAM_BUFFERS.values():
+        assert int(buf.abs().sum()) == 0
