@@ -64,7 +64,9 @@ def norm_kind(module: nn.Module) -> NormKind | None:
 
 
 def is_silu(act: nn.Module) -> bool:
-    return type(act) is nn.SiLU
+    """torch's SiLU, or transformers' SiLUActivation (`F.silu(x)`, what ACT2FN["silu"] gives)."""
+    cls = type(act)
+    return cls is nn.SiLU or (cls.__name__ == "SiLUActivation" and cls.__module__ == "transformers.activations")
 
 
 def _tensors(m: nn.Module) -> tuple:

@@ -297,14 +297,7 @@ class DecoderRunner:
             return attn.o_proj(gqa_attention(q, keys, values, masks[layer.window], layer.scaling))
         k_store, v_store, k_scale, v_scale = cache.storage()
         q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, H, D]; cos, sin are already [B, D] (forward_fused)
-        rope_write = self._ops(x, "rope_write")
-        if cache.is_fp8:  # rope into a [B, Hkv, 1, D] buffer, then the cache's own FP8 write
-            k_new = torch.empty(B, s.n_kv_heads, 1, s.head_dim, dtype=x.dtype, device=x.device)
-            v_new = torch.empty_like(k_new)
-            q = rope_write(q, k, v, cos, sin, k_new, v_new, torch.zeros_like(slots))
-            cache.write(k_new, v_new, slots)
-        else:
-            q = rope_write(q, k, v, cos, sin, k_store, v_store, slots)
+        q = self._ops(x, "rope_write")(q, k, v, cos, sin, k_store, v_store, slots, k_scale, v_scale)
         out = self._ops(x, "decode_attention")(q, k_store, v_store, k_scale, v_scale, pad, slots, kv_len,
                                                layer.window, layer.scaling)  # [B, Hq * D]
         return attn.o_proj(out[:, None])

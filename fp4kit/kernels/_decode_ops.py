@@ -4,7 +4,7 @@
     decode_attn_combine_kernel the split results merged with their running max and sum
     add_rmsnorm_kernel         h = h + delta (optional), n = RMSNorm(h), Llama or Gemma form
     silu_mul_kernel            silu(gate) * up from the fused gate_up output
-    rope_kernel                rotate_half rope on q and k; k and v written into the cache (bf16 cache)
+    rope_kernel                rotate_half rope on q and k; k and v written into the cache (bf16, or FP8 + scales)
 
 Arithmetic order follows the twins (each rounding to the activation dtype where torch rounds).
 """
@@ -144,11 +144,45 @@ def silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slot_ptr,
+def _e4m3_codes(y):
+    # float32 y, |y| <= 448 -> E4M3 codes (uint8), round to nearest even, in integer arithmetic: the same bits
+    # as a float -> float8_e4m3fn cast, also under the interpreter (whose cast rounds wrongly, shared/GPU.md).
+    # Normal range (|y| >= 2^-6): round the float32 mantissa to 3 bits (add 0x7FFFF + the kept lsb, clear
+    # the low 20 bits; a carry bumps the exponent), then rebias the exponent 127 -> 7.
+    # Subnormals (|y| < 2^-6, steps of 2^-9): the code is |y| * 512 rounded to nearest even (2^23 trick).
+    a = tl.abs(y)
+    bits = a.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20  # (biased exponent << 3) | 3 mantissa bits
+    normal = rounded - (120 << 3)
+    sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(a < 0.015625, sub, normal)
+    sign = (y.to(tl.int32, bitcast=True) >> 24) & 0x80
+    return (code | sign).to(tl.uint8)
+
+
+@triton.jit
+def _store_kv(dst_ptr, scale_ptr, dst, scale_off, x, dm, IS_FP8: tl.constexpr):
+    # one head vector x [BLOCK_D] into the cache: as it is, or as FP8 E4M3 codes (uint8 view) with its scale
+    # (KVCache.quantize_kv_fp8: scale = amax / 448, 1 when zero; codes = clamp(x / scale) -> e4m3, IEEE divisions)
+    if IS_FP8:
+        xf = tl.where(dm, x.to(tl.float32), 0.0)
+        scale = tl.math.div_rn(tl.max(tl.abs(xf), axis=0), 448.0)
+        scale = tl.where(scale > 0, scale, 1.0)
+        codes = _e4m3_codes(tl.clamp(tl.math.div_rn(xf, scale), -448.0, 448.0))
+        tl.store(dst_ptr + dst, codes, mask=dm)
+        tl.store(scale_ptr + scale_off, scale)
+    else:
+        tl.store(dst_ptr + dst, x.to(dst_ptr.dtype.element_ty), mask=dm)
+
+
+@triton.jit
+def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, ks_ptr, vs_ptr, slot_ptr,
                 stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-                stride_ob, stride_oh, stride_os, HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    # grid (B, HQ + HKV). Heads < HQ: q rotated into q_out [B, HQ, D]. Others: k rotated and v copied to
-    # k_out / v_out at [b, head, slot] with strides (stride_ob, stride_oh, stride_os) (the cache, or [B, HKV, 1, D])
+                stride_ob, stride_oh, stride_os, stride_sb, stride_sh,
+                HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP8: tl.constexpr):
+    # grid (B, HQ + HKV). Heads < HQ: q rotated into q_out [B, HQ, D]. Others: k rotated and v stored into the
+    # cache k_out / v_out [Bmax, HKV, S, D] at [b, head, slot] (FP8: codes through a uint8 view, scales into
+    # ks / vs [Bmax, HKV, S] with strides (stride_sb, stride_sh, 1))
     b = tl.program_id(0)
     hd = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
@@ -172,6 +206,7 @@ def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_o
         kh = hd - HQ
         slot = tl.load(slot_ptr)
         dst = b * stride_ob + kh * stride_oh + slot * stride_os + d
-        tl.store(k_out_ptr + dst, y.to(k_out_ptr.dtype.element_ty), mask=dm)
+        sc = b * stride_sb + kh * stride_sh + slot
+        _store_kv(k_out_ptr, ks_ptr, dst, sc, y, dm, IS_FP8)
         v = tl.load(v_ptr + b * stride_vb + kh * stride_vh + d, mask=dm, other=0.0)
-        tl.store(v_out_ptr + dst, v.to(v_out_ptr.dtype.element_ty), mask=dm)
+        _store_kv(v_out_ptr, vs_ptr, dst, sc, v, dm, IS_FP8)

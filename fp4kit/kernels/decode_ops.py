@@ -21,7 +21,9 @@ separate q/k/v and gate/up GEMMs. Here each piece of glue is one kernel:
                        `w * x_hat.to(dtype)` or Gemma's `(x_hat * (1 + w)).to(dtype)`
     silu_mul           silu(gate) * up from the fused gate_up GEMM's output [.., 2I]
     rope_write         rotate_half rope on q and k (each product rounded to the activation dtype, as
-                       torch's bf16 ops round), k and v stored straight into the cache at `slot`
+                       torch's bf16 ops round), k and v stored straight into the cache at `slot`, for
+                       an FP8 cache quantized per vector on the way (KVCache's arithmetic, IEEE
+                       divisions via div_rn so the codes and scales are KVCache.write's bit for bit)
 
 Twins are the specification (`*_torch`): the engine's previous torch path. The kernels follow
 their rounding points, except attention, whose float32 online softmax differs from SDPA by
@@ -210,34 +212,57 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_write_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Twin of `rope_write`: HF's apply_rotary_pos_emb on q, k [B, H, D] (cos, sin [B, D]); k and v stored
-    at `slot` of k_cache, v_cache [Bmax, Hkv, S, D]. Returns the rotated q [B, Hq, D]."""
+    at `slot` of k_cache, v_cache [Bmax, Hkv, S, D] (FP8: KVCache's per-vector quantization, scales into
+    k_scale, v_scale [Bmax, Hkv, S]). Returns the rotated q [B, Hq, D]."""
     B = q.shape[0]
     c, s = cos[:, None], sin[:, None]
     q_rot = q * c + rotate_half(q) * s
     k_rot = k * c + rotate_half(k) * s
-    k_cache[:B].index_copy_(2, slot, k_rot[:, :, None].to(k_cache.dtype))
-    v_cache[:B].index_copy_(2, slot, v[:, :, None].to(v_cache.dtype))
+    for x, cache, scale in ((k_rot, k_cache, k_scale), (v, v_cache, v_scale)):
+        if cache.dtype == torch.float8_e4m3fn:
+            codes, sc = _quantize_kv_fp8(x)
+            cache.view(torch.uint8)[:B].index_copy_(2, slot, codes[:, :, None].view(torch.uint8))
+            scale[:B].index_copy_(2, slot, sc[:, :, None])
+        else:
+            cache[:B].index_copy_(2, slot, x[:, :, None].to(cache.dtype))
     return q_rot
 
 
+def _quantize_kv_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp4kit.nn.kv_cache.quantize_kv_fp8` (kernels sit below nn, so the few lines are repeated; a test
+    checks the two agree bit for bit): x [..., D] -> (E4M3 codes, float32 scale [...])."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / 448.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (xf / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
+               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One kernel for rope on q [B, Hq, D] and k [B, Hkv, D], with the rotated k and v [B, Hkv, D] stored
-    at `slot` (long [1]) of k_cache, v_cache [Bmax, Hkv, S, D] (any float dtype: a cast on store).
-    q, k, v may be strided views of the fused qkv output (last dim contiguous). Returns q rotated,
-    [B, Hq, D] contiguous."""
+    at `slot` (long [1]) of k_cache, v_cache [Bmax, Hkv, S, D]: cast to the cache's dtype, or for a
+    float8_e4m3fn cache quantized per vector (scale = amax / 448, IEEE divisions, as KVCache.write)
+    with the scales stored in k_scale, v_scale [Bmax, Hkv, S]. q, k, v may be strided views of the
+    fused qkv output (last dim contiguous). Returns q rotated, [B, Hq, D] contiguous."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
     fits = (q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos.is_contiguous()
             and sin.is_contiguous() and cos.shape == (B, D) and k_cache.stride(-1) == 1 and D % 2 == 0
-            and k_cache.dtype != torch.float8_e4m3fn and cos.dtype == q.dtype)
+            and cos.dtype == q.dtype and (not fp8 or (k_scale is not None and v_scale is not None
+                                                      and k_scale.stride(-1) == 1)))
     if not use_triton(q) or not fits:
-        return rope_write_torch(q, k, v, cos, sin, k_cache, v_cache, slot)
+        return rope_write_torch(q, k, v, cos, sin, k_cache, v_cache, slot, k_scale, v_scale)
     q_out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)
+    ks, vs = (k_scale, v_scale) if fp8 else (q, q)
     _decode_ops.rope_kernel[(B, Hq + Hkv)](
-        q, k, v, cos, sin, q_out, k_cache, v_cache, slot, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q, k, v, cos, sin, q_out, kc, vc, ks, vs, slot, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HQ=Hq, D=D, BLOCK_D=triton.next_power_of_2(D), num_warps=1)
+        ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
+        HQ=Hq, D=D, BLOCK_D=triton.next_power_of_2(D), IS_FP8=fp8, num_warps=1)
     return q_out

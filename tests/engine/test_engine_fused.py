@@ -37,6 +37,7 @@ def test_decode_kernels_equal_hf_generate(kind):
     outs = eng.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == [hf_greedy(model, p, 10) for p in PROMPTS]
     assert all(p.qkv is not None and p.gate_up is not None for p in eng.runner.plans())
+    assert all(p.silu for p in eng.runner.plans()) == (kind != "gemma3")  # gemma's gelu is called as a module
 
 
 def test_fp8_cache_kernel_equals_twin():

@@ -10,13 +10,24 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from fp4kit.kernels import _decode_ops  # noqa: E402
 
 from fp4kit.kernels.decode_ops import (add_rmsnorm, add_rmsnorm_torch, decode_attention,  # noqa: E402
                                        decode_attention_torch, rope_write, rope_write_torch, silu_mul,
                                        silu_mul_torch)
-from fp4kit.nn.kv_cache import quantize_kv_fp8  # noqa: E402
+from fp4kit.kernels.decode_ops import _quantize_kv_fp8  # noqa: E402
+from fp4kit.nn.kv_cache import dequantize_kv_fp8, quantize_kv_fp8  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton.jit
+def _encode_e4m3(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(x_ptr + i, mask=i < N, other=0.0)
+    tl.store(out_ptr + i, _decode_ops._e4m3_codes(y), mask=i < N)
 
 
 def _cache(Bmax, H, S, D, dtype, fp8=False):
@@ -118,11 +129,68 @@ def test_rope_write_matches_twin(dtype):
     caches = [torch.zeros(4, Hkv, S, D, device=DEV, dtype=dtype) for _ in range(4)]
     got = rope_write(q, k, v, cos, sin, caches[0], caches[1], slot)
     ref = rope_write_torch(q, k, v, cos, sin, caches[2], caches[3], slot)
-    if DEV == "cuda" or dtype == torch.float32:  # products and a sum rounded where torch rounds: exact
+    if DEV == "cuda" and dtype == torch.bfloat16:  # products and a sum rounded where torch rounds: exact
         assert torch.equal(got, ref) and torch.equal(caches[0], caches[2])
-    else:  # the interpreter truncates the casts: within 3 bf16 ulps of the products' scale (|x| <= max |qkv|)
-        tol = 3 * 2 ** -7 * qkv.float().abs().max()
+    else:
+        # interpreter: it truncates casts to bf16 (3 ulps of the products' scale, |x| <= max |qkv|); float32
+        # on CUDA: the compiler contracts x * cos + r * sin into an FMA (one rounding fewer than torch)
+        eps = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -23
+        tol = 3 * eps * qkv.float().abs().max()
         assert (got.float() - ref.float()).abs().max() <= tol
         assert (caches[0].float() - caches[2].float()).abs().max() <= tol
     assert torch.equal(caches[1], caches[3])  # v is copied
     assert caches[0][:, :, 5].abs().sum() > 0 and caches[0][:, :, 4].abs().sum() == 0
+
+
+def test_twin_fp8_quantizer_is_kv_caches():
+    x = torch.randn(3, 4, 64, device=DEV) * torch.logspace(-3, 3, 64, device=DEV)
+    x[0, 0] = 0  # an all-zero vector: scale 1
+    a, b = _quantize_kv_fp8(x), quantize_kv_fp8(x)
+    assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)) and torch.equal(a[1], b[1])
+
+
+def test_rope_write_fp8_cache():
+    """FP8 cache: codes and scales equal KVCache.write's bit for bit (IEEE divisions; the codes are rounded in
+    integer arithmetic, so the interpreter's broken float -> e4m3 cast is not involved). bf16 on CUDA; float32
+    in the interpreter (its bf16 casts truncate, which would change k before it is quantized)."""
+    B, Hq, Hkv, D, S = 2, 4, 2, 32, 8
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    qkv = torch.randn(B, Hq + 2 * Hkv, D, device=DEV) * torch.logspace(-4, 2, D, device=DEV)  # subnormal codes too
+    qkv[1, Hq + Hkv] = 0  # row 1's first v head all zero: scale 1
+    qkv[0, Hq + Hkv, 5] = 1e4  # one outlier: the rest of its vector goes subnormal
+    qkv = qkv.to(dtype)
+    q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
+    ang = torch.rand(B, D // 2, device=DEV) * 6
+    cos = torch.cat([ang.cos()] * 2, -1).to(dtype)
+    sin = torch.cat([ang.sin()] * 2, -1).to(dtype)
+    slot = torch.tensor([3], device=DEV)
+
+    def cache():
+        return (torch.zeros(B, Hkv, S, D, device=DEV, dtype=torch.float8_e4m3fn),
+                torch.zeros(B, Hkv, S, D, device=DEV, dtype=torch.float8_e4m3fn),
+                torch.ones(B, Hkv, S, device=DEV), torch.ones(B, Hkv, S, device=DEV))
+
+    a, b = cache(), cache()
+    got = rope_write(q, k, v, cos, sin, *a[:2], slot, *a[2:])
+    ref = rope_write_torch(q, k, v, cos, sin, *b[:2], slot, *b[2:])
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, ref)
+    assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+    assert b[3][1, 0, 3] == 1 and b[2][0, 0, 3] != 1
+    assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8))
+    assert torch.equal(a[1].view(torch.uint8), b[1].view(torch.uint8))
+    sub = b[1].view(torch.uint8)[0, 0, 3] & 0x78
+    assert (sub == 0).any() and (sub != 0).any()  # both subnormal and normal codes were produced
+
+
+def test_e4m3_encoder_matches_torch_cast_at_ties():
+    """The integer E4M3 encoder of the FP8 cache write: every code, every midpoint between neighbours (ties to
+    even) and the floats just either side of each midpoint, both signs, equal torch's float -> e4m3 cast."""
+    vals = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (vals[1:] + vals[:-1]) / 2
+    x = torch.cat([vals, mid, mid.nextafter(torch.tensor(0.0)), mid.nextafter(torch.tensor(1e9))])
+    x = torch.cat([x, -x]).to(DEV)
+    out = torch.empty(x.shape, dtype=torch.uint8, device=DEV)
+    _encode_e4m3[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), BLOCK=256)
+    ref = x.to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(out, ref)
