@@ -10,15 +10,21 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
+import triton.language as tl
 
-from fp4kit.kernels import _decode_ops  # noqa: E402
-
-from fp4kit.kernels.decode_ops import (add_rmsnorm, add_rmsnorm_torch, decode_attention,  # noqa: E402
-                                       decode_attention_torch, rope_write, rope_write_torch, silu_mul,
-                                       silu_mul_torch)
-from fp4kit.kernels.decode_ops import _quantize_kv_fp8  # noqa: E402
-from fp4kit.nn.kv_cache import dequantize_kv_fp8, quantize_kv_fp8  # noqa: E402
+from fp4kit.kernels import _decode_ops
+from fp4kit.kernels.decode_ops import (
+    _quantize_kv_fp8,
+    add_rmsnorm,
+    add_rmsnorm_torch,
+    decode_attention,
+    decode_attention_torch,
+    rope_write,
+    rope_write_torch,
+    silu_mul,
+    silu_mul_torch,
+)
+from fp4kit.nn.kv_cache import quantize_kv_fp8
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
