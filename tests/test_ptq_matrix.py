@@ -1,0 +1,108 @@
+"""benchmarks/ptq_matrix.py: calibration windows (BOS handling, text mixes), the deadline estimate and the
+recovery summary, on a character-level fake tokenizer and synthetic records (no model needed)."""
+
+import importlib.util
+import pathlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("ptq_matrix_script", ROOT / "benchmarks" / "ptq_matrix.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+pm = _load()
+
+
+class CharTokenizer:
+    """ids = code points; with `bos` set, a leading BOS like Gemma-3's tokenizer (SmolLM2's adds none)."""
+
+    def __init__(self, bos=None):
+        self.bos_token_id = bos
+
+    def __call__(self, text, return_tensors=None):
+        ids = ([self.bos_token_id] if self.bos_token_id is not None else []) + [ord(c) for c in text]
+        return SimpleNamespace(input_ids=torch.tensor([ids]))
+
+
+TEXT = "".join(chr(97 + i % 26) for i in range(1000))
+
+
+def test_windows_without_bos_are_consecutive_slices():
+    w = pm.windows(CharTokenizer(), TEXT, 4, 50, "t")
+    ids = torch.tensor([ord(c) for c in TEXT])
+    assert [x.shape for x in w] == [torch.Size([1, 50])] * 4
+    for i, x in enumerate(w):
+        assert torch.equal(x[0], ids[i * 50:(i + 1) * 50])
+
+
+def test_windows_with_bos_start_with_bos_and_cover_the_text_without_overlap():
+    w = pm.windows(CharTokenizer(bos=2), TEXT, 3, 50, "t")
+    assert all(x.shape == (1, 50) and int(x[0, 0]) == 2 for x in w)
+    text_ids = torch.cat([x[0, 1:] for x in w])  # 3 x 49 text tokens, in order
+    assert torch.equal(text_ids, torch.tensor([ord(c) for c in TEXT[:147]]))
+
+
+def test_windows_refuse_short_text_naming_it():
+    with pytest.raises(ValueError, match="drop: 1000 calibration tokens < 30 x 50"):
+        pm.windows(CharTokenizer(), TEXT, 30, 50, "drop")
+
+
+def test_mix_alternates_sources(tmp_path):
+    (tmp_path / "shakespeare.txt").write_text("s" * 200_000 + "S" * 1000)
+    (tmp_path / "drop.txt").write_text("D" * 1000)
+    w = pm.calibration(CharTokenizer(), tmp_path, 5, 40, "cpu", "mix")
+    assert [chr(int(x[0, 0])) for x in w] == ["S", "D", "S", "D", "S"]  # 3 shakespeare, 2 drop
+    only = pm.calibration(CharTokenizer(), tmp_path, 2, 40, "cpu")
+    assert all(chr(int(x[0, 0])) == "S" for x in only)  # shakespeare after character 200,000
+
+
+def test_expected_seconds():
+    assert pm.expected_seconds({}, "gptq") == 0.0
+    took = {"none": 30.0, "rtn": 33.0}
+    assert pm.expected_seconds(took, "rtn") == 33.0
+    assert pm.expected_seconds(took, "gptq") == 33.0  # no GPTQ-family history: the slowest so far
+    took["mr-gptq"] = 120.0
+    took["mse"] = 40.0
+    assert pm.expected_seconds(took, "gptq") == 120.0  # the other GPTQ method
+    assert pm.expected_seconds(took, "mse") == 40.0
+
+
+def _records(fmt, method, values, ppl, calib="64x512", se=0.02):
+    base = {"model": "m", "format": fmt, "method": method, "calib": calib}
+    recs = [base | {"task": t, "metric": pm.MAIN_METRIC[t], "value": v, "stderr": se} for t, v in values.items()]
+    recs.append(base | {"task": "ppl:shakespeare", "metric": "perplexity", "value": ppl, "stderr": None})
+    return recs
+
+
+def test_summarize_recovery_gap_and_stderr():
+    tasks = list(pm.MAIN_METRIC)
+    bf16 = dict(zip(tasks, [0.4, 0.4, 0.3, 0.6, 0.5, 0.2]))
+    rtn = dict(bf16, basic_arithmetic=0.1)
+    gptq = dict(bf16, basic_arithmetic=0.15)
+    recs = (_records("bf16", "none", bf16, 40.0) + _records("nvfp4", "rtn", rtn, 50.0)
+            + _records("nvfp4", "gptq", gptq, 44.0) + _records("nvfp4", "gptq", bf16, 41.0, calib="64x512 drop"))
+    rows = {(r["format"], r["method"], r["calib"]): r for r in pm.summarize(recs)}
+    b, g = rows[("bf16", "none", "")], rows[("nvfp4", "gptq", "64x512")]
+    assert b["avg"] == pytest.approx(2.4 / 6)
+    assert b["avg_se"] == pytest.approx((6 * 0.02 ** 2) ** 0.5 / 6)
+    assert g["recovery"] == pytest.approx(2.35 / 2.4)
+    assert g["recovery5"] == pytest.approx(1.0)
+    assert g["ppl_gap_closed"] == pytest.approx(0.6)  # (50 - 44) / (50 - 40)
+    d = rows[("nvfp4", "gptq", "64x512 drop")]  # other calibration: own row, RTN of any calibration as reference
+    assert d["recovery"] == pytest.approx(1.0) and d["ppl_gap_closed"] == pytest.approx(0.9)
+    assert "ppl_gap_closed" not in rows[("nvfp4", "rtn", "64x512")]
+
+
+def test_variants_parse_and_reject():
+    assert pm.variants("nvfp4:gptq:none,mxfp4:rtn:fp4") == [("nvfp4", "gptq", "none"), ("mxfp4", "rtn", "fp4")]
+    assert len(pm.variants("all")) == 16
+    with pytest.raises(ValueError, match="bad variant 'nvfp4:awq:none'"):
+        pm.variants("nvfp4:awq:none")
