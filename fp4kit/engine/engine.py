@@ -146,8 +146,8 @@ class Engine:
         """tokens [B] at `slot` -> logits [B, V]."""
         B, kv_len = tokens.shape[0], self.kv_len(slot)
         positions = (slot - pad)[:, None]
-        slot_t = torch.tensor([slot], device=self.device)
         if not self.use_graphs:
+            slot_t = torch.full((1,), slot, dtype=torch.long, device=self.device)  # a fill, not a host copy
             return self._decode_eager(tokens[:, None], positions, pad, slot_t, kv_len)
         Bb = min(batch_bucket(B), self.max_batch)
         st = self._static_inputs()
@@ -157,7 +157,7 @@ class Engine:
         st["positions"][:B] = positions
         st["pad"][:Bb].zero_()
         st["pad"][:B] = pad
-        st["slot"].copy_(slot_t)
+        st["slot"].fill_(slot)
         key = (Bb, kv_len)
         if key not in self._graphs:
             self._graphs[key] = self._capture(Bb, kv_len)
