@@ -34,7 +34,7 @@ workspace, a per-tile ticket elects the last split, which sums the partials in s
 two codes are placed as bf16 bits and multiplied by the power-of-two block scale with one
 `mul.rn.bf16x2` (exact), in a k order shared with x so each result is an MMA operand register
 (`MXFP4_BF16_DECODE`). Either way the weights are the twin's bit for bit, so the GEMM tolerance
-argument above is unchanged. At M = 1 (and M = 2 for NVFP4, `GEMV_AUTO_MAX_M`) the CUDA-core GEMV
+argument above is unchanged. At M = 1 and 2 (`GEMV_AUTO_MAX_M`) the CUDA-core GEMV
 of `_fp4_gemv` runs instead, on a re-laid copy of the weight (`gemv_layout`: K split into 8 planes
 so each plane of a word run meets a contiguous run of x; built once, kept on the prepared weight):
 float32 FFMAs, the block scale applied once per 16 products, and no rounding of the decoded weight
@@ -580,10 +580,12 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
 
 # AUTO takes the GEMV up to this many rows, per format (0 turns it off). Measured on the H100
 # (BENCHMARKS.md, "CUDA-core FP4 GEMV"): at M = 1 the GEMV beats the skinny kernel on all four
-# Llama-3-8B shapes in both formats; at M = 2 only for NVFP4 (MXFP4's bf16-decode skinny kernel is
-# as fast or faster); at M = 4 it loses (4 float32 FFMAs per weight make it issue-bound). Cost: the
+# Llama-3-8B shapes in both formats; at M = 2 it did for NVFP4 only until round 4 (evict_first loads,
+# 2 programs per SM at M = 2), after which MXFP4 wins there too: 1.74x vs the skinny kernel's 1.49x
+# cuBLAS mean in a graph, every shape (results/fp4_gemv_round4_h100.json); at M = 4 it loses (4 float32
+# FFMAs per weight make it issue-bound). Cost: the
 # plane layout is a second copy of the packed weight and scales, kept on the PreparedFP4Weight.
-GEMV_AUTO_MAX_M = {NVFP4Config: 2, MXFP4Config: 1}
+GEMV_AUTO_MAX_M = {NVFP4Config: 2, MXFP4Config: 2}
 
 
 def _auto_path(M: int, qt: QuantizedTensor) -> DecodePath:

@@ -200,9 +200,10 @@ def test_gemv_path_rejects_what_it_cannot_run():
 
 @needs_kernels
 @pytest.mark.parametrize("name,m,want_gemv", [("nvfp4", 1, True), ("nvfp4", 2, True), ("nvfp4", 3, False),
-                                              ("mxfp4", 1, True), ("mxfp4", 2, False)])
+                                              ("mxfp4", 1, True), ("mxfp4", 2, True),
+                                              ("mxfp4", 3, False)])
 def test_auto_path_takes_gemv_where_it_won(name, m, want_gemv):
-    """The default rule (GEMV_AUTO_MAX_M): GEMV at M = 1 (both formats) and M = 2 (NVFP4), bit-identical
+    """The default rule (GEMV_AUTO_MAX_M): GEMV at M = 1 and 2 (both formats), bit-identical
     to asking for it; the skinny kernel otherwise, and whenever K does not line up (K = 160)."""
     from fp4kit.kernels.fp4_gemm import _prepared_for
 
