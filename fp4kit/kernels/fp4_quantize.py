@@ -67,7 +67,7 @@ def _flat(x: torch.Tensor, block_size: int, name: str, fmt: str) -> torch.Tensor
     return x.contiguous().reshape(-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ue4m3_code(value: float) -> int:
     """The UE4M3 byte of a config constant (cached: a torch cast per call was one of the host ops)."""
     return int(torch.tensor(value).to(torch.float8_e4m3fn).view(torch.uint8))
