@@ -166,7 +166,7 @@ def test_nvfp4_amax_pass_exact(dtype):
 
 def test_nvfp4_amax_pass_odd_shape_bit_exact():
     """No amax: the fused reduction + quantize equals the twin (which takes the max itself)."""
-    x = _wide((7, 3 * 1024 + 48), -8, 8).bfloat16()
+    x = _wide((2, 3 * 1024 + 48), -8, 8).bfloat16()  # 6240 elements: the last amax program is ragged
     for cfg in ("compressed_tensors", "torchao"):
         _assert_same(quantize_nvfp4_triton(x, NV_CONFIGS[cfg]), quantize_nvfp4(x, NV_CONFIGS[cfg]))
 
