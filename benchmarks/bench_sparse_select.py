@@ -212,6 +212,27 @@ def _time_scan(sets, fmt):
     return time_fn(None, cycle=[(lambda s=s: _scan_only(s[q], s[fmt])) for s in sets], reps=60)
 
 
+def _sass_blocks(sass: str) -> list:
+    """Opcode counts per labelled stretch of Triton's SASS listing ("ctrl<TAB>OPCODE operands")."""
+    blocks, cur = [], {"label": "entry", "ops": {}}
+    for line in sass.splitlines():
+        if line.strip().endswith(":"):
+            blocks.append(cur)
+            cur = {"label": line.strip()[:-1], "ops": {}}
+            continue
+        if "\t" not in line:
+            continue
+        t = line.split("\t", 1)[1].split()
+        if not t:
+            continue
+        op = (t[1] if t[0].startswith("@") and len(t) > 1 else t[0]).rstrip(";").split(".")[0]
+        cur["ops"][op] = cur["ops"].get(op, 0) + 1
+    blocks.append(cur)
+    for blk in blocks:
+        blk["count"] = sum(blk["ops"].values())
+    return [blk for blk in blocks if blk["count"]]
+
+
 def scan_sass(s: dict, out_dir: str | None, out: dict) -> None:
     """SASS of the chosen MXFP4 scan kernel (both product paths): instruction counts per opcode, the
     listing to out_dir. What the decode costs per element, read off the machine code."""
@@ -233,20 +254,15 @@ def scan_sass(s: dict, out_dir: str | None, out: dict) -> None:
         except Exception as e:  # noqa: BLE001 - no cuobjdump: report, go on
             print(f"SASS unavailable: {type(e).__name__}: {e}")
             break
-        ops = {}
-        for line in sass.splitlines():
-            parts = line.split("*/")
-            if len(parts) < 2 or not parts[1].strip():
-                continue
-            op = parts[1].strip().split()[0].rstrip(";")
-            if op.startswith("@"):
-                op = parts[1].strip().split()[1]
-            ops[op.split(".")[0]] = ops.get(op.split(".")[0], 0) + 1
-        elements = block_t * D  # per program
-        out["sass"]["half2" if packed else "f32"] = {"per_program_elements": elements, "n_regs": k.n_regs,
-                                                     "ops": dict(sorted(ops.items(), key=lambda x: -x[1]))}
-        print(f"SASS packed={packed} ({k.n_regs} regs, {elements} elements per program): "
-              + ", ".join(f"{o} {c}" for o, c in sorted(ops.items(), key=lambda x: -x[1])[:14]))
+        blocks = _sass_blocks(sass)
+        elements = block_t * D // (32 * warps)  # per thread and tile
+        out["sass"]["half2" if packed else "f32"] = {"elements_per_thread_per_tile": elements, "n_regs": k.n_regs,
+                                                     "blocks": blocks}
+        print(f"SASS packed={packed}: {k.n_regs} regs, {elements} elements per thread and tile; basic blocks:")
+        for blk in blocks:
+            top = sorted(blk["ops"].items(), key=lambda x: -x[1])[:10]
+            print(f"  {blk['label']}: {blk['count']} instr ({blk['count'] / elements:.2f} per element) "
+                  + ", ".join(f"{o} {c}" for o, c in top))
         if out_dir:
             pathlib.Path(out_dir, f"scan_mxfp4_{'half2' if packed else 'f32'}.sass").write_text(sass)
     fp4_topk.MXFP4_PACKED_HALF = keep
@@ -262,7 +278,7 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
     variants = [("bf16", "bf16", None, 128, 4, 1), ("bf16", "bf16", None, 128, 4, 4)]
     variants += [("fp8", "fp8", None, t, w, i) for t, w, i in ((128, 4, 1), (128, 4, 4), (256, 4, 2))]
     variants += [("fp4", "mxfp4", p, t, w, i) for p in (True, False)
-                 for t, w, i in ((128, 4, 1), (128, 4, 4), (128, 4, 8), (256, 8, 4), (64, 4, 8))]
+                 for t, w, i in ((128, 4, 1), (128, 4, 4), (128, 4, 8), (256, 4, 4), (256, 8, 4), (64, 4, 8))]
     best = {}
     half2_ok = fp4_topk.MXFP4_PACKED_HALF
     for fmt, name, packed, block_t, warps, iters in variants:
@@ -307,8 +323,27 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
         del bsets
     fused, place = min(total, key=total.get)
     fp4_topk.FUSED_SELECT, fp4_topk.COARSE_HIST = fused, place
+    if fused:  # positions per program of the fused select: fewer, larger programs mean fewer at each barrier
+        every = fp4_topk.FUSED_BLOCKS
+        best_blocks = (every, total[(fused, place)])
+        for first in every[1:]:
+            fp4_topk.FUSED_BLOCKS = tuple(b for b in every if b[0] >= first[0])
+            t_sum = 0.0
+            for B in (1, 8):
+                bsets = [make_keys(B, 131072, device) for _ in range(4 if B == 1 else 2)]
+                t = time_fn(None, cycle=[(lambda s=s: index_topk(s["q_fp4"], s["fp4"], 2048)) for s in bsets],
+                            reps=100)
+                t_sum += t["median_us"]
+                out["select_sweep"].append({"batch": B, "format": "fp4", "fused": True, "coarse_hist": place.value,
+                                            "fused_block_min": first[0], **t})
+                print(f"select B={B} fp4 fused, blocks >= {first[0]}: {t['median_us']:.1f} us")
+                del bsets
+            if t_sum < best_blocks[1]:
+                best_blocks = (fp4_topk.FUSED_BLOCKS, t_sum)
+        fp4_topk.FUSED_BLOCKS = best_blocks[0]
     out["scan_config"] = {"tile": dict(fp4_topk.SCAN_TILE), "mxfp4_packed_half": fp4_topk.MXFP4_PACKED_HALF,
-                          "fused_select": fused, "coarse_hist": place.value}
+                          "fused_select": fused, "coarse_hist": place.value, "fused_blocks": fp4_topk.FUSED_BLOCKS,
+                          "fused_rerank": fp4_topk.FUSED_RERANK}
     print("chosen:", out["scan_config"])
     del sets
     torch.cuda.empty_cache()

@@ -169,16 +169,16 @@ def _half_bits(x):
 
 @triton.jit
 def _f32_word_scores(h0, h1, h2, h3, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, scale14, INTERPRET: tl.constexpr):
-    """float32 products: pairs h_i [BLOCK_T, NB, 4] against q's elements 32b + 8w + i (ql_i) and + 4 (qh_i)."""
+    """float32 products: pairs h_i [NB, BLOCK_T, 4] against q's elements 32b + 8w + i (ql_i) and + 4 (qh_i)."""
     l0, u0 = _half_pair_to_f32(h0, INTERPRET)
     l1, u1 = _half_pair_to_f32(h1, INTERPRET)
     l2, u2 = _half_pair_to_f32(h2, INTERPRET)
     l3, u3 = _half_pair_to_f32(h3, INTERPRET)
-    acc = l0 * ql0[None, :, :] + u0 * qh0[None, :, :]
-    acc += l1 * ql1[None, :, :] + u1 * qh1[None, :, :]
-    acc += l2 * ql2[None, :, :] + u2 * qh2[None, :, :]
-    acc += l3 * ql3[None, :, :] + u3 * qh3[None, :, :]
-    return tl.sum(tl.sum(acc, axis=2) * scale14, axis=1)
+    acc = l0 * ql0[:, None, :] + u0 * qh0[:, None, :]
+    acc += l1 * ql1[:, None, :] + u1 * qh1[:, None, :]
+    acc += l2 * ql2[:, None, :] + u2 * qh2[:, None, :]
+    acc += l3 * ql3[:, None, :] + u3 * qh3[:, None, :]
+    return tl.sum(tl.sum(acc, axis=2) * scale14, axis=0)
 
 
 @triton.jit
@@ -235,21 +235,23 @@ def _mxfp4_word_tile(w_ptr, s_ptr, offs_t, valid, row, stride_wr, stride_wt, str
     NB: tl.constexpr = D // 32
     offs_b = tl.arange(0, NB)
     offs_w = tl.arange(0, 4)
-    words = tl.load(w_ptr + row * stride_wr + offs_t[:, None, None] * stride_wt + offs_b[None, :, None] * 4
-                    + offs_w[None, None, :], mask=valid[:, None, None], other=0)  # [BLOCK_T, NB, 4] int32
+    # [NB, BLOCK_T, 4]: blocks outermost, so a thread's words all belong to one block and it needs only that
+    # block's 32 query values (positions-outermost put a whole key, hence all of q, in each thread)
+    words = tl.load(w_ptr + row * stride_wr + offs_b[:, None, None] * 4 + offs_t[None, :, None] * stride_wt
+                    + offs_w[None, None, :], mask=valid[None, :, None], other=0)
     h0 = _e2m1_half_pair(words, 0)
     h1 = _e2m1_half_pair(words, 1)
     h2 = _e2m1_half_pair(words, 2)
     h3 = _e2m1_half_pair(words, 3)
-    code = tl.load(s_ptr + row * stride_sr + offs_t[:, None] * stride_st + offs_b[None, :], mask=valid[:, None],
+    code = tl.load(s_ptr + row * stride_sr + offs_b[:, None] + offs_t[None, :] * stride_st, mask=valid[None, :],
                    other=0)
-    scale14 = tl.where(valid[:, None], mxfp4_scale14(code), 0.0)  # [BLOCK_T, NB]
+    scale14 = tl.where(valid[None, :], mxfp4_scale14(code), 0.0)  # [NB, BLOCK_T]
     if PACKED:
         if ex == 1:  # uniform per program
-            lo, hi = _hfma2_word(h0, h1, h2, h3, p0[None, :, :], p1[None, :, :], p2[None, :, :], p3[None, :, :],
+            lo, hi = _hfma2_word(h0, h1, h2, h3, p0[:, None, :], p1[:, None, :], p2[:, None, :], p3[:, None, :],
                                  INTERPRET)
-            part = tl.sum(lo + hi, axis=2)  # [BLOCK_T, NB] exact
-            score = tl.sum(part * scale14 * sq[None, :], axis=1)
+            part = tl.sum(lo + hi, axis=2)  # [NB, BLOCK_T] exact
+            score = tl.sum(part * scale14 * sq[:, None], axis=0)
         else:
             score = _f32_word_scores(h0, h1, h2, h3, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, scale14, INTERPRET)
     else:
@@ -500,11 +502,14 @@ def _row_barrier(counter, n_tiles, MAX_SPINS: tl.constexpr):
     arrived. Needs every program of the grid resident at once (the launcher checks the occupancy); the
     spin is bounded so a broken assumption gives a wrong selection (caught by the checks), never a hang."""
     tl.atomic_add(counter, 1, sem="release")
-    v = tl.atomic_add(counter, 0, sem="acquire")
+    # spin on plain volatile loads (served by L2 without serialising like same-address atomics), then one
+    # acquire atomic, which orders this program's later reads after every arrival it has seen
+    v = tl.load(counter, volatile=True)
     i = tl.full([], 0, tl.int32)
     while (v < n_tiles) & (i < MAX_SPINS):
-        v = tl.atomic_add(counter, 0, sem="acquire")
+        v = tl.load(counter, volatile=True)
         i += 1
+    tl.atomic_add(counter, 0, sem="acquire")
 
 
 @triton.jit

@@ -72,6 +72,8 @@ MXFP4_TENSOR_CORES = False
 MXFP4_PACKED_HALF = True
 # the whole radix select in one launch (per-row barriers; cooperative launch so every program is resident)
 FUSED_SELECT = True
+# (positions per program, warps) the fused select tries in turn: the first whose grid fits on the device at once
+FUSED_BLOCKS = ((2048, 4), (4096, 4), (8192, 8), (16384, 16))
 # the rerank's scoring and its top-k in one launch (the row's last program selects)
 FUSED_RERANK = True
 
@@ -365,7 +367,7 @@ def _fused_block(R: int, n_out: int, coarse: bool, device) -> tuple[int, int] | 
     """(BLOCK, warps) of the fused select whose R x tiles programs are all resident, or None."""
     if _interpreting():
         return 64, 4
-    for block, warps in ((2048, 4), (4096, 4), (8192, 8), (16384, 16)):
+    for block, warps in FUSED_BLOCKS:
         tiles = triton.next_power_of_2(triton.cdiv(n_out, block))
         if R * triton.cdiv(n_out, block) <= _resident_programs(block, tiles, coarse, warps, device):
             return block, warps
