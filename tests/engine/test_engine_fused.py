@@ -114,11 +114,25 @@ def test_norm_kind_only_for_known_classes():
     assert norm_kind(nn.LayerNorm(8)) is None
 
 
+def _forced_logits(eng, prompts, tokens) -> torch.Tensor:
+    """float32 logits [steps + 1, B, V]: prefill, then decode steps fed `tokens` [B][steps] (teacher forcing,
+    so two engines see the same inputs even where their greedy choices would part at a near-tie)."""
+    logits, pad, P = eng.prefill(prompts)
+    out = [logits]
+    for step in range(len(tokens[0])):
+        t = torch.tensor([row[step] for row in tokens], device=logits.device)
+        out.append(eng.decode(t, pad, P + step))
+    return torch.stack(out)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode kernels run for real only on CUDA")
 @pytest.mark.parametrize("scheme", ["none", "nvfp4"])
 @pytest.mark.parametrize("kv", [torch.bfloat16, torch.float8_e4m3fn])
 def test_cuda_fused_equals_unfused(scheme, kv):
-    """bf16 on the GPU: the fused kernels' greedy tokens equal the module-by-module torch path's."""
+    """bf16 on the GPU: the fused kernels' logits over 24 teacher-forced decode steps stay within bf16
+    rounding of the module-by-module torch path's (normalised error < 2^-5: GEMMs of other shapes and
+    an online softmax round differently; greedy tokens can then part at near-ties, which the H100 run
+    showed on this random tiny model, so tokens are not compared)."""
     from fp4kit.formats import NVFP4Config
     from fp4kit.nn import quantize_
 
@@ -127,6 +141,9 @@ def test_cuda_fused_equals_unfused(scheme, kv):
         quantize_(model, NVFP4Config(), progress=False)
     kw = {"max_batch": 4, "max_seq_len": 96, "kv_dtype": kv, "seq_bucket": 16}
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
-    fused = [o.token_ids for o in Engine(model, fused=True, **kw).generate(PROMPTS, params)]
-    plain = [o.token_ids for o in Engine(model, fused=False, **kw).generate(PROMPTS, params)]
-    assert fused == plain
+    plain_eng = Engine(model, fused=False, **kw)
+    tokens = [o.token_ids for o in plain_eng.generate(PROMPTS, params)]
+    ref = _forced_logits(plain_eng, PROMPTS, tokens)
+    got = _forced_logits(Engine(model, fused=True, **kw), PROMPTS, tokens)
+    err = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+    assert err < 2 ** -5, err
