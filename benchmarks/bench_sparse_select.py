@@ -178,10 +178,14 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
         r1, r2 = rerank_topk(s["q"], s["keys"], cand, k), rerank_topk_torch(s["q"], s["keys"], cand, k)
         out["checks"][f"rerank_equal_k{k}"] = float((r1 == r2).float().mean())
         # the fused rerank (scores + last-program select) must equal the two-launch one exactly (same sums)
-        fp4_topk.FUSED_RERANK = False
-        r3 = rerank_topk(s["q"], s["keys"], cand, k)
-        fp4_topk.FUSED_RERANK = True
-        out["checks"][f"fused_rerank_equal_k{k}"] = torch.equal(r1, r3)
+        keep = fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX
+        same = True
+        for fused_rr in (False, True):
+            for radix in (False, True):
+                fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX = fused_rr, radix
+                same = same and torch.equal(r1, rerank_topk(s["q"], s["keys"], cand, k))
+        fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX = keep
+        out["checks"][f"fused_rerank_equal_k{k}"] = same
     for fmt in ("bf16", "fp8"):
         sc = bits_to_bf16(index_score_bits(s["q"], s[fmt])[:, :L]).float()
         want = index_scores_torch(s["q"], s[fmt]).float()
@@ -341,9 +345,24 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
             if t_sum < best_blocks[1]:
                 best_blocks = (fp4_topk.FUSED_BLOCKS, t_sum)
         fp4_topk.FUSED_BLOCKS = best_blocks[0]
+    # the rerank: one launch or two, byte-radix or bitwise k-th-key search (two-stage FP4, k = 2048)
+    rr = {}
+    for B in (1, 8):
+        bsets = [make_keys(B, 131072, device) for _ in range(4 if B == 1 else 2)]
+        for fused_rr in (False, True):
+            for radix in (False, True):
+                fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX = fused_rr, radix
+                t = time_fn(None, cycle=[selection("fp4_2stage", s, 2048) for s in bsets], reps=100)
+                rr[(fused_rr, radix)] = rr.get((fused_rr, radix), 0.0) + t["median_us"]
+                out["select_sweep"].append({"batch": B, "method": "fp4_2stage", "fused_rerank": fused_rr,
+                                            "byte_radix": radix, **t})
+                print(f"two-stage B={B} k=2048 fused_rerank={fused_rr} byte_radix={radix}: {t['median_us']:.1f} us")
+        del bsets
+    fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX = min(rr, key=rr.get)
     out["scan_config"] = {"tile": dict(fp4_topk.SCAN_TILE), "mxfp4_packed_half": fp4_topk.MXFP4_PACKED_HALF,
                           "fused_select": fused, "coarse_hist": place.value, "fused_blocks": fp4_topk.FUSED_BLOCKS,
-                          "fused_rerank": fp4_topk.FUSED_RERANK}
+                          "fused_rerank": fp4_topk.FUSED_RERANK,
+                          "rerank_byte_radix": fp4_topk.RERANK_BYTE_RADIX}
     print("chosen:", out["scan_config"])
     del sets
     torch.cuda.empty_cache()

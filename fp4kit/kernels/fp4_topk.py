@@ -62,20 +62,25 @@ except ImportError:  # CPU installs without triton use the torch twins
 # (positions per tile, warps, tiles per program) of the scan kernel per key format on a GPU (a program prepares
 # the query once and loops over its tiles; fewer tiles when the grid would not fill the device);
 # benchmarks/bench_sparse_select.py sweeps these on the device and reports the best
-SCAN_TILE = {"bf16": (128, 4, 1), "fp8": (128, 4, 1), "mxfp4": (128, 4, 4), "nvfp4": (128, 4, 1)}
+SCAN_TILE = {"bf16": (128, 4, 1), "fp8": (256, 4, 2), "mxfp4": (128, 4, 1), "nvfp4": (128, 4, 1)}  # H100 best
 SCAN_MIN_PROGRAMS_PER_SM = 4
 SELECT_BLOCK = 2048  # positions per program of the unfused select passes (the fused select picks its own)
 # MXFP4 keys: bf16-pair decode + tl.dot (see _fp4_topk; bit-exact on the H100 but 108 us against the FMA path's
 # 72 us for 128K x 8 keys, 2026-11-22), so off by default
 MXFP4_TENSOR_CORES = False
-# MXFP4 keys: packed-half2 products when the query is MXFP4 (checked per program, float32 otherwise)
-MXFP4_PACKED_HALF = True
+# MXFP4 keys: packed-half2 products when the query is MXFP4 (checked per program, float32 otherwise). Bit-exact on
+# the H100 but slower there (48 against 40 us for 128K x 8 keys, 2026-11-23: 127 registers against 48), so off
+MXFP4_PACKED_HALF = False
 # the whole radix select in one launch (per-row barriers; cooperative launch so every program is resident)
 FUSED_SELECT = True
 # (positions per program, warps) the fused select tries in turn: the first whose grid fits on the device at once
 FUSED_BLOCKS = ((2048, 4), (4096, 4), (8192, 8), (16384, 16))
-# the rerank's scoring and its top-k in one launch (the row's last program selects)
-FUSED_RERANK = True
+# the rerank's scoring and its top-k in one launch (the row's last program selects); measured on the H100 only with
+# the byte-radix search, which was slower than the two launches with the bitwise search, so off
+FUSED_RERANK = False
+# the rerank's k-th-key search: four 256-bin histograms (True) or the 32-step bitwise search (False). The byte radix
+# made two-stage FP4 at k = 2048 slower on the H100 (+30 us over single stage against +18 us, 2026-11-23)
+RERANK_BYTE_RADIX = False
 
 
 class CoarseHist(enum.Enum):
@@ -480,11 +485,12 @@ def rerank_topk(q: torch.Tensor, keys_bf16: torch.Tensor, cand: torch.Tensor, k:
         tickets = _stream_buffer(q.device, "tickets", R)
         _fp4_topk.rerank_select_kernel[(R, triton.cdiv(n, block_c))](
             q, keys_bf16, cand, scores, chosen, tickets, n, k, q.stride(0), keys_bf16.stride(0), keys_bf16.stride(1),
-            cand.stride(0), scores.stride(0), chosen.stride(0), D=D, BLOCK_C=block_c, BLOCK=block, num_warps=warps)
+            cand.stride(0), scores.stride(0), chosen.stride(0), D=D, BLOCK_C=block_c, BLOCK=block,
+            BYTE_RADIX=RERANK_BYTE_RADIX, num_warps=warps)
         return chosen
     _fp4_topk.rerank_kernel[(R, triton.cdiv(n, block_c))](q, keys_bf16, cand, scores, n, q.stride(0),
                                                           keys_bf16.stride(0), keys_bf16.stride(1), cand.stride(0),
                                                           scores.stride(0), D=D, BLOCK_C=block_c, num_warps=4)
     _fp4_topk.select_kernel[(R,)](scores, cand, chosen, n, k, scores.stride(0), cand.stride(0), chosen.stride(0),
-                                  BLOCK=block, num_warps=warps)
+                                  BLOCK=block, BYTE_RADIX=RERANK_BYTE_RADIX, num_warps=warps)
     return chosen

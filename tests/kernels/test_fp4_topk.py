@@ -177,7 +177,12 @@ def test_radix_select_beyond_one_tile_and_odd_lengths():
         assert torch.equal(index_topk(q, keys, n, lo=lo, hi=hi), index_topk_torch(q, keys, n, lo=lo, hi=hi))
 
 
-def test_rerank_select_with_ties_and_fp32_keys():
+@pytest.mark.parametrize("fused,byte_radix", [(False, False), (True, True)])
+def test_rerank_select_with_ties_and_fp32_keys(fused, byte_radix, monkeypatch):
+    import fp4kit.kernels.fp4_topk as m
+
+    monkeypatch.setattr(m, "FUSED_RERANK", fused)
+    monkeypatch.setattr(m, "RERANK_BYTE_RADIX", byte_radix)
     keys = torch.randint(-1, 2, (3, 200, 32)).bfloat16()  # many exact ties
     q = torch.randint(-1, 2, (3, 32)).float()
     cand = torch.stack([torch.randperm(200)[:130].sort().values for _ in range(3)])
