@@ -161,12 +161,18 @@ def _e4m3_codes(y):
 
 
 @triton.jit
-def _store_kv(dst_ptr, scale_ptr, dst, scale_off, x, dm, IS_FP8: tl.constexpr):
+def _store_kv(dst_ptr, scale_ptr, dst, scale_off, x, dm, IS_FP8: tl.constexpr, RECIP_448: tl.constexpr):
     # one head vector x [BLOCK_D] into the cache: as it is, or as FP8 E4M3 codes (uint8 view) with its scale
-    # (KVCache.quantize_kv_fp8: scale = amax / 448, 1 when zero; codes = clamp(x / scale) -> e4m3, IEEE divisions)
+    # (KVCache.quantize_kv_fp8: scale = amax / 448, 1 when zero; codes = clamp(x / scale) -> e4m3). torch
+    # divides a tensor by a Python scalar with IEEE division on the CPU but as a product with the float32
+    # reciprocal on CUDA (RECIP_448 follows the device); x / scale is an IEEE division on both.
     if IS_FP8:
         xf = tl.where(dm, x.to(tl.float32), 0.0)
-        scale = tl.math.div_rn(tl.max(tl.abs(xf), axis=0), 448.0)
+        amax = tl.max(tl.abs(xf), axis=0)
+        if RECIP_448:
+            scale = amax * (1.0 / 448.0)
+        else:
+            scale = tl.math.div_rn(amax, 448.0)
         scale = tl.where(scale > 0, scale, 1.0)
         codes = _e4m3_codes(tl.clamp(tl.math.div_rn(xf, scale), -448.0, 448.0))
         tl.store(dst_ptr + dst, codes, mask=dm)
@@ -179,7 +185,8 @@ def _store_kv(dst_ptr, scale_ptr, dst, scale_off, x, dm, IS_FP8: tl.constexpr):
 def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, ks_ptr, vs_ptr, slot_ptr,
                 stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                 stride_ob, stride_oh, stride_os, stride_sb, stride_sh,
-                HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP8: tl.constexpr):
+                HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP8: tl.constexpr,
+                RECIP_448: tl.constexpr):
     # grid (B, HQ + HKV). Heads < HQ: q rotated into q_out [B, HQ, D]. Others: k rotated and v stored into the
     # cache k_out / v_out [Bmax, HKV, S, D] at [b, head, slot] (FP8: codes through a uint8 view, scales into
     # ks / vs [Bmax, HKV, S] with strides (stride_sb, stride_sh, 1))
@@ -207,6 +214,6 @@ def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_o
         slot = tl.load(slot_ptr)
         dst = b * stride_ob + kh * stride_oh + slot * stride_os + d
         sc = b * stride_sb + kh * stride_sh + slot
-        _store_kv(k_out_ptr, ks_ptr, dst, sc, y, dm, IS_FP8)
+        _store_kv(k_out_ptr, ks_ptr, dst, sc, y, dm, IS_FP8, RECIP_448)
         v = tl.load(v_ptr + b * stride_vb + kh * stride_vh + d, mask=dm, other=0.0)
-        _store_kv(v_out_ptr, vs_ptr, dst, sc, v, dm, IS_FP8)
+        _store_kv(v_out_ptr, vs_ptr, dst, sc, v, dm, IS_FP8, RECIP_448)

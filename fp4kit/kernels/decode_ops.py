@@ -22,8 +22,9 @@ separate q/k/v and gate/up GEMMs. Here each piece of glue is one kernel:
     silu_mul           silu(gate) * up from the fused gate_up GEMM's output [.., 2I]
     rope_write         rotate_half rope on q and k (each product rounded to the activation dtype, as
                        torch's bf16 ops round), k and v stored straight into the cache at `slot`, for
-                       an FP8 cache quantized per vector on the way (KVCache's arithmetic, IEEE
-                       divisions via div_rn so the codes and scales are KVCache.write's bit for bit)
+                       an FP8 cache quantized per vector on the way (KVCache's arithmetic as torch
+                       runs it on the device: amax / 448 is a product with the float32 reciprocal on
+                       CUDA and an IEEE division on the CPU; x / scale an IEEE division via div_rn)
 
 Twins are the specification (`*_torch`): the engine's previous torch path. The kernels follow
 their rounding points, except attention, whose float32 online softmax differs from SDPA by
@@ -264,5 +265,5 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         q, k, v, cos, sin, q_out, kc, vc, ks, vs, slot, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
-        HQ=Hq, D=D, BLOCK_D=triton.next_power_of_2(D), IS_FP8=fp8, num_warps=1)
+        HQ=Hq, D=D, BLOCK_D=triton.next_power_of_2(D), IS_FP8=fp8, RECIP_448=q.is_cuda, num_warps=1)
     return q_out

@@ -132,7 +132,9 @@ def test_cuda_fused_equals_unfused(scheme, kv):
     """bf16 on the GPU: the fused kernels' logits over 24 teacher-forced decode steps stay within bf16
     rounding of the module-by-module torch path's (normalised error < 2^-5: GEMMs of other shapes and
     an online softmax round differently; greedy tokens can then part at near-ties, which the H100 run
-    showed on this random tiny model, so tokens are not compared)."""
+    showed on this random tiny model, so tokens are not compared). FP8 cache: < 2^-4, E4M3's per-element
+    bound, since a one-ulp difference in a rotated key can move its code by a whole E4M3 step (measured
+    on the H100: 0.042, before the kernel's scale followed torch's CUDA reciprocal)."""
     from fp4kit.formats import NVFP4Config
     from fp4kit.nn import quantize_
 
@@ -146,4 +148,4 @@ def test_cuda_fused_equals_unfused(scheme, kv):
     ref = _forced_logits(plain_eng, PROMPTS, tokens)
     got = _forced_logits(Engine(model, fused=True, **kw), PROMPTS, tokens)
     err = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
-    assert err < 2 ** -5, err
+    assert err < (2 ** -5 if kv == torch.bfloat16 else 2 ** -4), err
