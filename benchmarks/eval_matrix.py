@@ -26,6 +26,7 @@ import torch
 
 TASKS = ["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "basic_arithmetic"]
 CORPORA = ["shakespeare", "coqa"]
+CALIBRATION_CORPORA = ["drop"]  # exported for ptq_matrix.py --calib-text, never evaluated
 
 
 def export_items(folder: pathlib.Path, limit: int, seed: int) -> None:
@@ -39,6 +40,8 @@ def export_items(folder: pathlib.Path, limit: int, seed: int) -> None:
                                                       "items": [dataclasses.asdict(i) for i in items]}))
     for c in CORPORA:
         (folder / f"{c}.txt").write_text(load_corpus(c)[:400_000])
+    for c in CALIBRATION_CORPORA:
+        (folder / f"{c}.txt").write_text(load_corpus(c))
     print("exported", sorted(p.name for p in folder.iterdir()))
 
 

@@ -145,8 +145,8 @@ def run(a) -> None:
     tasks = load_items(a.folder)
     if a.tasks:
         tasks = {t: tasks[t] for t in a.tasks.split(",")}
-    if a.limit:
-        tasks = {t: (d, items[: a.limit]) for t, (d, items) in tasks.items()}
+    if a.limit or a.skip:
+        tasks = {t: (d, items[a.skip: a.skip + a.limit if a.limit else None]) for t, (d, items) in tasks.items()}
     t0 = time.time()
     if a.tokenizer:
         base_model, tok, src = load_with_tokenizer(a.model, a.tokenizer, dtype)
@@ -189,7 +189,7 @@ def run(a) -> None:
         base = {"model": a.label or src.label, "checkpoint_hash": model_hash(model), "format": fmt,
                 "method": label_method, "activations": act, "device": dev_name,
                 "date": datetime.date.today().isoformat(), "calib": calib_label(a),
-                "seconds_quantize": round(seconds_q, 2), "gen_batch_size": a.gen_batch_size or a.batch_size,
+                "seconds_quantize": round(seconds_q, 2), "gen_batch_size": a.gen_batch_size or a.batch_size, "skip": a.skip,
                 "tokenizer": str(a.tokenizer) if a.tokenizer else "model's"}
         with torch.no_grad():
             records = evaluate_items(model, tok, a.folder, tasks, base, a.batch_size, a.ppl_tokens, a.context,
@@ -303,6 +303,8 @@ def main(argv=None):
     r.add_argument("--label", help="model name in the records (default: the model argument's label)")
     r.add_argument("--variants", default="all", help="'all' or FORMAT:METHOD:ACT,... (bf16 always runs)")
     r.add_argument("--limit", type=int, help="items per task (default: all exported)")
+    r.add_argument("--skip", type=int, default=0, help="leave out each task's first SKIP items (fresh items for a "
+                   "confirmation run)")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--gen-batch-size", type=int, help="prompts per generate call (default --batch-size)")
     r.add_argument("--ppl-tokens", type=int, default=16384)
