@@ -163,7 +163,8 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
                 res["t"] = index_topk(s["q_fp4"], s["fp4"], 1000, lo=1)
             g.replay()
             torch.cuda.synchronize()
-            out["checks"]["fused_graph_equal"] = torch.equal(res["t"], index_topk_torch(s["q_fp4"], s["fp4"], 1000, lo=1))
+            want = index_topk_torch(s["q_fp4"], s["fp4"], 1000, lo=1)
+            out["checks"]["fused_graph_equal"] = torch.equal(res["t"], want)
         except Exception as e:  # noqa: BLE001
             print(f"fused select under graph capture: {type(e).__name__}: {str(e)[:300]}")
             out["checks"]["fused_graph_equal"] = False
@@ -319,7 +320,8 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
             fp4_topk.FUSED_SELECT, fp4_topk.COARSE_HIST = fused, place
             for fmt in ("fp8", "fp4"):
                 q = "q_fp4" if fmt == "fp4" else "q"
-                t = time_fn(None, cycle=[(lambda s=s: index_topk(s[q], s[fmt], 2048)) for s in bsets], reps=100)
+                fns = [(lambda s=s, q=q, fmt=fmt: index_topk(s[q], s[fmt], 2048)) for s in bsets]
+                t = time_fn(None, cycle=fns, reps=100)
                 out["select_sweep"].append({"batch": B, "format": fmt, "fused": fused, "coarse_hist": place.value, **t})
                 print(f"select B={B} {fmt} fused={fused} coarse={place.value}: {t['median_us']:.1f} us")
                 if fmt == "fp4":

@@ -3,9 +3,10 @@
 Read `fp4_topk.py` first: it holds the launchers, the torch twins (the specification) and the
 layouts. Here the arithmetic follows the twins:
 
-- FP4 keys: a [BLOCK_T, NB, BS/2] tile of packed bytes decodes to (low, high) E2M1 values times
-  2^-14 (`e2m1_pair_to_f32`), each multiplied by the even / odd query elements and summed inside a
-  scale block; the block sums are multiplied by the block scale times 2^14 and summed over blocks.
+- MXFP4 keys: int32 words, two nibbles at a time placed as a float16 pair (the "word" section
+  below); NVFP4 keys: a [BLOCK_T, NB, BS/2] tile of packed bytes decodes to (low, high) E2M1 values
+  times 2^-14 (`e2m1_pair_to_f32`). Each value is multiplied by its query element and summed inside
+  a scale block; the block sums are multiplied by the block scale times 2^14 and summed over blocks.
   For MXFP4 (power-of-two scales) with an FP4-dequantized query every product is exact and so is
   every partial sum while the block exponents of a vector span less than ~10 binades, so the
   float32 score equals the twin's float64 score rounded once: bit for bit, in any summation order.
@@ -17,11 +18,12 @@ The score is rounded to bf16, -0 is turned into +0, and written as the monotone 
     m = bf16 bits as int16, with m ^ 0x7FFF when m < 0         (-32768 outside [lo, hi))
 
 so a larger m is a larger score. Selection is a two-level radix select on u = m + 32768 (0..65535):
-a 256-bin histogram of u's high byte (built by the scan kernel with atomics), the bin holding the
-n-th best, a histogram of the low byte inside that bin, then u* (the n-th best score) and
-need = n - #(u > u*). A counting pass and a writing pass (each tile adds up the counts of the tiles
-before it) write every position with u > u* and the first `need` with u == u*, in ascending
-position: ties go to the lower position, and nothing is sorted.
+a 256-bin histogram of u's high byte, the bin holding the n-th best, a histogram of the low byte
+inside that bin, then u* (the n-th best score) and need = n - #(u > u*). Each tile counts its
+positions above and equal to u*, and writes every position with u > u* and the first `need` with
+u == u* at offsets summed from the tiles before it, in ascending position: ties go to the lower
+position, and nothing is sorted. `fused_select_kernel` runs all of it in one launch (per-row
+barriers); `fine_hist_kernel` / `tile_count_kernel` / `tile_write_kernel` are the unfused passes.
 """
 
 import triton
@@ -442,7 +444,7 @@ def fine_hist_kernel(m_ptr, ws_ptr, stride_mr, stride_wr, n_out, n, BLOCK: tl.co
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     u = tl.load(m_ptr + row * stride_mr + offs, mask=offs < n_out, other=-32768).to(tl.int32) + 32768
     ws = ws_ptr + row * stride_wr
-    b1, above = _coarse_bin(ws, n)
+    b1, _above = _coarse_bin(ws, n)
     sel = (offs < n_out) & ((u >> 8) == b1)
     h = tl.histogram(u & 255, 256, mask=sel)
     tl.atomic_add(ws + 256 + tl.arange(0, 256), h, mask=h > 0, sem="relaxed")
@@ -456,7 +458,7 @@ def tile_count_kernel(m_ptr, ws_ptr, stride_mr, stride_wr, n_out, n, BLOCK: tl.c
     offs = tile * BLOCK + tl.arange(0, BLOCK)
     u = tl.load(m_ptr + row * stride_mr + offs, mask=offs < n_out, other=-32768).to(tl.int32) + 32768
     ws = ws_ptr + row * stride_wr
-    ustar, need = _threshold(ws, n)
+    ustar, _need = _threshold(ws, n)
     ok = offs < n_out
     _publish(ws, tile, tl.sum((ok & (u > ustar)).to(tl.int32), 0), tl.sum((ok & (u == ustar)).to(tl.int32), 0))
 
@@ -536,7 +538,7 @@ def fused_select_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or,
         if PHASE == 0:
             _row_barrier(ws + WS_BARRIER, n_tiles, MAX_SPINS)
     if PHASE == 0 or PHASE == 2:
-        b1, above = _coarse_bin(ws, n)
+        b1, _above = _coarse_bin(ws, n)
         hf = tl.histogram(u & 255, 256, mask=ok & ((u >> 8) == b1))
         tl.atomic_add(ws + 256 + offs_h, hf, mask=hf > 0, sem="relaxed")
         if PHASE == 0:

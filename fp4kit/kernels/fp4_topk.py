@@ -14,21 +14,35 @@ That total order is what `topk_order_torch` implements with a stable descending 
 is a set: both stages return positions in ascending order (what a gather of K/V wants, too).
 
 How the kernels select without sorting (a radix select, all on the GPU, graph-capturable):
-    1. scan: score every position, write its bf16 score as a monotone int16 m (2 bytes); a per-row
-       256-bin histogram of m's high byte is built by a pass over m (or inside the scan with atomics:
-       `HIST_IN_SCAN`)
-    2. per row: the high-byte bin b1 that holds the n-th best score
-    3. histogram of the low byte over the positions in bin b1; per row: the n-th best score u* and
+    1. scan: score every position, write its bf16 score as a monotone int16 m (2 bytes)
+    2. a per-row 256-bin histogram of m's high byte (where: `COARSE_HIST`), the bin b1 holding the
+       n-th best score
+    3. histogram of the low byte over the positions in bin b1: the n-th best score u* and
        need = n - #(score > u*)
     4. per tile: #(> u*) and #(== u*); then each tile writes its positions with score > u* and its
        ties whose rank among all ties is < need, at offsets summed from the tiles before it
-The rerank's final top-k (n <= 8192 candidates) runs in one program per row: a 32-step bitwise
-search for the k-th best float32 key, then the same ">, then the first ties" write.
+With `FUSED_SELECT` (default) steps 2-4 are ONE launch: each program keeps its tile of scores in
+registers and meets the row's other programs at two barriers (arrival counters; a cooperative
+launch guarantees every program is resident, the launcher sizes the tiles so they fit); it then
+waits only for the tiles before it to publish their counts. Its int32 workspace belongs to the
+stream and is zeroed again by the row's last program, so a selection is two launches (scan +
+select) and no memset. Unfused, steps 2-4 are three launches (each program recomputes the
+thresholds from the histograms, so no per-row threshold launches).
+The rerank scores n <= 8192 candidates (many programs) and takes the k best in one program per row:
+a 32-step bitwise search for the k-th best float32 key, then the same ">, then the first ties" write
+(`FUSED_RERANK`: both in one launch, the row's last program selecting; `RERANK_BYTE_RADIX`: the
+search by four byte histograms instead; both off, see BENCHMARKS.md round 2).
 
 Bytes per key (head dim D): bf16 2D; FP8 D + 4 (a float32 scale per position, as
 `fp4kit.nn.kv_cache`); MXFP4 D/2 + D/32; NVFP4 D/2 + D/16; plus the 2-byte score written once and
-read three times by the select. At D = 128 that is 256 / 132 / 68 / 72 bytes of keys: FP4 moves
-1.9x fewer than FP8. The rerank reads only n bf16 keys (n = 2k: 1 MB per row at k = 2048, D = 128).
+read once by the fused select (three times unfused). At D = 128 that is 256 / 132 / 68 / 72 bytes of
+keys: FP4 moves 1.9x fewer than FP8. The rerank reads only n bf16 keys (n = 2k: 1 MB per row at
+k = 2048, D = 128).
+
+The MXFP4 scan reads int32 words (8 codes) and places nibbles i and i + 4, which sit 16 bits apart,
+as one float16 pair with two shifts and two logic ops (`_fp4_topk`); then a float32 FFMA per
+element, or (`MXFP4_PACKED_HALF`, off: slower on the H100 for its registers) packed half2 FMAs when
+the query is MXFP4, checked per program.
 
 Layout: `KeyCacheView` holds [R, L, ...] tensors of any row stride (a slice of a preallocated cache
 with capacity > L is read in place); the last two dims must be contiguous.
@@ -36,8 +50,10 @@ with capacity > L is read in place); the last two dims must be contiguous.
 Exactness (tests/kernels/test_fp4_topk.py): with MXFP4 keys and an MXFP4-dequantized query every
 product and partial sum is exact in float32 (power-of-two scales, 3-bit significands) while a
 vector's block exponents span fewer than ~10 binades, so the kernel's scores equal the twin's bit for
-bit and so do the selected positions. bf16, FP8 and NVFP4 keys round inside the float32 sum, so their
-scores can differ from the twin's by the summation order (1 bf16 ulp, rarely).
+bit and so do the selected positions (the packed-half2 path too: its float16 sums are exact, see
+`_fp4_topk`). A query that is not MXFP4 against MXFP4 keys, and bf16, FP8 and NVFP4 keys, round
+inside the float32 sum, so their scores can differ from the twin's by the summation order (1 bf16
+ulp, rarely).
 """
 
 from __future__ import annotations
@@ -269,8 +285,8 @@ def _scan_launch(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torc
     grid = (R, n_out // (block_t * iters))
     args = (qk, data, s, gs, out, ws, lo, hi, n_out, qk.stride(0), data.stride(0), data.stride(1), s.stride(0),
             s.stride(1) if s.dim() > 1 else 0, out.stride(0), ws.stride(0))
-    meta = dict(D=D, FMT=fmt, BS=bs, GS_ENCODE=enc, BLOCK_T=block_t, ITERS=iters, HIST=hist_in_scan, PACKED=MXFP4_PACKED_HALF,
-                INTERPRET=_interpreting(), num_warps=warps)
+    meta = {"D": D, "FMT": fmt, "BS": bs, "GS_ENCODE": enc, "BLOCK_T": block_t, "ITERS": iters, "HIST": hist_in_scan,
+            "PACKED": MXFP4_PACKED_HALF, "INTERPRET": _interpreting(), "num_warps": warps}
     return grid, args, meta
 
 
@@ -389,8 +405,8 @@ def _radix_select(m: torch.Tensor, ws: torch.Tensor, n: int, fused: tuple[int, i
         block, warps = fused
         n_tiles = triton.cdiv(n_out, block)
         args = (m, ws, out, m.stride(0), ws.stride(0), out.stride(0), n_out, n, n_tiles)
-        meta = dict(BLOCK=block, TILES=triton.next_power_of_2(n_tiles), COARSE=coarse, MAX_SPINS=_MAX_SPINS,
-                    num_warps=warps)
+        meta = {"BLOCK": block, "TILES": triton.next_power_of_2(n_tiles), "COARSE": coarse, "MAX_SPINS": _MAX_SPINS,
+                "num_warps": warps}
         if _interpreting():  # programs run one after another: the phases the barriers separate, in turn
             for phase in (1, 2, 3, 4):
                 _fp4_topk.fused_select_kernel[(R, n_tiles)](*args, PHASE=phase, **meta)
