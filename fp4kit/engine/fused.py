@@ -115,7 +115,9 @@ def _same(values) -> bool:
 def fuse_linears(modules) -> FusedLinear | None:
     """A FusedLinear over `modules` when one GEMM computes exactly what they compute (module docstring), else None."""
     mods = tuple(modules)
-    if not mods or not _same([type(m) for m in mods]) or not _same([m.in_features for m in mods]):
+    if not mods or not _same([type(m) for m in mods]) or type(mods[0]) not in (nn.Linear, FP4Linear):
+        return None  # exact types only: wrappers (LoRA, ...) and subclasses are called as they are
+    if not _same([m.in_features for m in mods]):
         return None
     if not _same([m.bias is None for m in mods]):
         return None
@@ -127,8 +129,6 @@ def fuse_linears(modules) -> FusedLinear | None:
             if not (_same([t.dtype for t in w]) and _same([t.device for t in w])):
                 return None
             return FusedLinear(mods, sizes, _versions(mods), weight=torch.cat(w), bias=bias)
-        if type(mods[0]) is not FP4Linear:
-            return None
         if any(m.rotation is not None or m.input_config is not None for m in mods):
             return None
         if not (_same([m.config for m in mods]) and _same([m.dtype for m in mods])):
