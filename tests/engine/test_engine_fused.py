@@ -67,6 +67,23 @@ def test_fused_linear_equals_modules():
             torch.testing.assert_close(got, mod(x), rtol=1e-6, atol=1e-6)
 
 
+def test_fused_linear_with_bias_and_mxfp4():
+    from fp4kit.formats import MXFP4Config
+    from fp4kit.nn import FP4Linear
+
+    lins = [nn.Linear(64, n, bias=True) for n in (32, 16, 16)]  # Qwen2-style q/k/v biases
+    x = torch.randn(4, 64)
+    fused = fuse_linears(lins)
+    for got, mod in zip(fused.split(fused(x)), lins):
+        torch.testing.assert_close(got, mod(x), rtol=1e-6, atol=1e-6)
+    fp4 = [FP4Linear.from_linear(m, MXFP4Config()) for m in lins]
+    fused = fuse_linears(fp4)
+    assert fused.qt.global_scale is None
+    for got, mod in zip(fused.split(fused(x)), fp4):
+        torch.testing.assert_close(got, mod(x), rtol=1e-6, atol=1e-6)
+    assert fuse_linears([lins[0], nn.Linear(64, 8, bias=False)]) is None  # bias on one only
+
+
 def test_fusion_falls_back_when_layers_differ():
     from fp4kit.formats import NVFP4Config
     from fp4kit.nn import add_lora, quantize_
