@@ -97,15 +97,7 @@ def f32_to_e2m1_code(x, SIGNED_ZERO: tl.constexpr):
     bit) = r - (126 << 1). |x| < 1: the value is k * 0.5 with k = rne(2|x|) in 0..2, and adding 2^23
     makes the float unit round it (its low mantissa bits are k). k = 2 is 1.0, code 2 in both forms.
     """
-    mag = tl.abs(x)
-    bits = mag.to(tl.int32, bitcast=True)
-    normal = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - (126 << 1)
-    k = (mag * 2.0 + 8388608.0).to(tl.int32, bitcast=True) & 3
-    code = tl.where(mag >= 1.0, normal, k)
-    neg = (x.to(tl.int32, bitcast=True) >> 31) & 1
-    if not SIGNED_ZERO:
-        neg = tl.where(code != 0, neg, 0)
-    return (code | (neg << 3)).to(tl.uint8)
+    return e2m1_code_from_mag(tl.abs(x), x, SIGNED_ZERO)
 
 
 @triton.jit
@@ -191,3 +183,18 @@ def e2m1_word_pair_bf16(words, J: tl.constexpr):
     else:
         h = ((words >> 6) & 0x01C001C0) | (words & -2147450880)
     return h
+
+
+@triton.jit
+def half_pair_to_f32(h, INTERPRET: tl.constexpr):
+    """int32 holding a float16 pair -> (low, high) float32. On the GPU one `cvt.f32.f16` per half, read
+    straight from the pair's register (Triton's own int16 split would re-pack halves first); the
+    interpreter takes the bitcast route."""
+    if INTERPRET:
+        lo = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 a, b; mov.b32 {a, b}, $2; cvt.f32.f16 $0, a; cvt.f32.f16 $1, b; }",
+            "=f,=f,r", [h], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)

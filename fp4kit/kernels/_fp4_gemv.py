@@ -41,7 +41,7 @@ tests/kernels/test_fp4_gemv.py states the bounds.
 import triton
 import triton.language as tl
 
-from ._fp4_bits import cast_rne
+from ._fp4_bits import cast_rne, half_pair_to_f32
 
 
 @triton.jit
@@ -81,14 +81,7 @@ def _code_pair(words, J: tl.constexpr, INTERPRET: tl.constexpr):
         h = ((words << 9) & 0x0E000E00) | ((words << 2) & -2147450880)
     else:
         h = ((words << 6) & 0x0E000E00) | ((words << 1) & -2147450880)
-    if INTERPRET:
-        lo = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return lo, hi
-    else:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b16 a, b; mov.b32 {a, b}, $2; cvt.f32.f16 $0, a; cvt.f32.f16 $1, b; }",
-            "=f,=f,r", [h], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    return half_pair_to_f32(h, INTERPRET)
 
 
 @triton.jit

@@ -29,7 +29,14 @@ barriers); `fine_hist_kernel` / `tile_count_kernel` / `tile_write_kernel` are th
 import triton
 import triton.language as tl
 
-from ._fp4_bits import cast_rne, e2m1_pair_to_f32, e2m1_word_pair_bf16, mxfp4_scale14, nvfp4_scale14
+from ._fp4_bits import (
+    cast_rne,
+    e2m1_pair_to_f32,
+    e2m1_word_pair_bf16,
+    half_pair_to_f32,
+    mxfp4_scale14,
+    nvfp4_scale14,
+)
 
 FMT_BF16 = 0
 FMT_FP8 = 1
@@ -116,31 +123,18 @@ def _e2m1_half_pair(words, I: tl.constexpr):
 
 
 @triton.jit
-def _half_pair_to_f32(h, INTERPRET: tl.constexpr):
-    """int32 holding a float16 pair -> (low, high) float32 (one cvt.f32.f16 each on the GPU)."""
-    if INTERPRET:
-        lo = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return lo, hi
-    else:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b16 a, b; mov.b32 {a, b}, $2; cvt.f32.f16 $0, a; cvt.f32.f16 $1, b; }",
-            "=f,=f,r", [h], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-
-
-@triton.jit
 def _hfma2_word(h0, h1, h2, h3, q0, q1, q2, q3, INTERPRET: tl.constexpr):
     """sum_i h_i * q_i over four float16 pairs in packed half2 arithmetic -> (low lane, high lane) float32.
     Exact in the domain the module comment states, so the interpreter's float32 emulation is identical."""
     if INTERPRET:
-        a0, b0 = _half_pair_to_f32(h0, True)
-        a1, b1 = _half_pair_to_f32(h1, True)
-        a2, b2 = _half_pair_to_f32(h2, True)
-        a3, b3 = _half_pair_to_f32(h3, True)
-        c0, d0 = _half_pair_to_f32(q0, True)
-        c1, d1 = _half_pair_to_f32(q1, True)
-        c2, d2 = _half_pair_to_f32(q2, True)
-        c3, d3 = _half_pair_to_f32(q3, True)
+        a0, b0 = half_pair_to_f32(h0, True)
+        a1, b1 = half_pair_to_f32(h1, True)
+        a2, b2 = half_pair_to_f32(h2, True)
+        a3, b3 = half_pair_to_f32(h3, True)
+        c0, d0 = half_pair_to_f32(q0, True)
+        c1, d1 = half_pair_to_f32(q1, True)
+        c2, d2 = half_pair_to_f32(q2, True)
+        c3, d3 = half_pair_to_f32(q3, True)
         return a0 * c0 + a1 * c1 + a2 * c2 + a3 * c3, b0 * d0 + b1 * d1 + b2 * d2 + b3 * d3
     else:
         return tl.inline_asm_elementwise(
@@ -172,10 +166,10 @@ def _half_bits(x):
 @triton.jit
 def _f32_word_scores(h0, h1, h2, h3, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, scale14, INTERPRET: tl.constexpr):
     """float32 products: pairs h_i [NB, BLOCK_T, 4] against q's elements 32b + 8w + i (ql_i) and + 4 (qh_i)."""
-    l0, u0 = _half_pair_to_f32(h0, INTERPRET)
-    l1, u1 = _half_pair_to_f32(h1, INTERPRET)
-    l2, u2 = _half_pair_to_f32(h2, INTERPRET)
-    l3, u3 = _half_pair_to_f32(h3, INTERPRET)
+    l0, u0 = half_pair_to_f32(h0, INTERPRET)
+    l1, u1 = half_pair_to_f32(h1, INTERPRET)
+    l2, u2 = half_pair_to_f32(h2, INTERPRET)
+    l3, u3 = half_pair_to_f32(h3, INTERPRET)
     acc = l0 * ql0[:, None, :] + u0 * qh0[:, None, :]
     acc += l1 * ql1[:, None, :] + u1 * qh1[:, None, :]
     acc += l2 * ql2[:, None, :] + u2 * qh2[:, None, :]
@@ -568,6 +562,14 @@ def fused_select_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or,
 def rerank_kernel(q_ptr, k_ptr, cand_ptr, out_ptr, n_cand, stride_qr, stride_kr, stride_kt, stride_cr, stride_or,
                   D: tl.constexpr, BLOCK_C: tl.constexpr):
     """One program: BLOCK_C candidates of one row. out = float32(q . k_bf16), -inf for padding (-1)."""
+    _rerank_scores(q_ptr, k_ptr, cand_ptr, out_ptr, n_cand, stride_qr, stride_kr, stride_kt, stride_cr, stride_or,
+                   D, BLOCK_C)
+
+
+@triton.jit
+def _rerank_scores(q_ptr, k_ptr, cand_ptr, out_ptr, n_cand, stride_qr, stride_kr, stride_kt, stride_cr, stride_or,
+                   D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's BLOCK_C candidates of row program_id(0): out = float32(q . k_bf16), -inf for padding (-1)."""
     row = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_range = offs_c < n_cand
@@ -642,16 +644,8 @@ def rerank_select_kernel(q_ptr, k_ptr, cand_ptr, score_ptr, out_ptr, ticket_ptr,
     ticket; the row's last program (every score written: the ticket is acq_rel) selects the k best
     (`_select_row`) and resets the ticket to 0 for the next launch on this stream."""
     row = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_range = offs_c < n_cand
-    t = tl.load(cand_ptr + row * stride_cr + offs_c, mask=in_range, other=-1)
-    ok = in_range & (t >= 0)
-    offs_d = tl.arange(0, D)
-    kv = tl.load(k_ptr + row * stride_kr + t[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=ok[:, None],
-                 other=0.0).to(tl.float32)
-    q = tl.load(q_ptr + row * stride_qr + offs_d)
-    score = tl.sum(kv * q[None, :], axis=1)
-    tl.store(score_ptr + row * stride_sr + offs_c, tl.where(ok, score, float("-inf")), mask=in_range)
+    _rerank_scores(q_ptr, k_ptr, cand_ptr, score_ptr, n_cand, stride_qr, stride_kr, stride_kt, stride_cr, stride_sr,
+                   D, BLOCK_C)
     if tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel") == tl.num_programs(1) - 1:
         tl.store(ticket_ptr + row, 0)
         _select_row(score_ptr + row * stride_sr, cand_ptr + row * stride_cr, out_ptr + row * stride_or, n_cand, k,
