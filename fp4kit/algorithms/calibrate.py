@@ -23,9 +23,17 @@ swap with scale-searched weights and no calibration.
 A `RotatedLinear` (MR-GPTQ, `rotations.rotate_model_`) holds W R and rotates its input online: the
 hooks add (x R)^T (x R) = R^T H R, the Hessian of the weight GPTQ quantizes.
 
+Siblings that read the same input (q/k/v, gate/up) have the same Hessian. When their Hessians are
+equal (bit for bit, and from the same token count: not so when each has its own random-sign
+rotation), `apply_gptq` runs GPTQ once on the rows stacked [N_q + N_k + N_v, K] and splits the
+result: GPTQ's updates act on each row independently (the column sweep is the same for all rows,
+and the block scales and the shared NVFP4 global scale are per row block), so the codes are those
+of three separate runs up to the float32 summation order of the lazy-batch matmul, for one column
+sweep instead of three (the sweep's per-column Python work dominates GPTQ's time).
+
 Simplifications (left for the full driver of issue 6): Hessians are taken from the float model in
-one pass, not layer by layer on the outputs of already-quantized layers; siblings that read the
-same input (q/k/v) each keep their own copy of the same Hessian; no resuming of a killed run.
+one pass, not layer by layer on the outputs of already-quantized layers; siblings each keep their
+own copy of the same Hessian during collection; no resuming of a killed run (`sequential_gptq` has it).
 """
 
 from __future__ import annotations
@@ -39,7 +47,12 @@ from tqdm.auto import tqdm
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, quantize
 from fp4kit.nn import DEFAULT_IGNORE, FP4Experts, QuantizeReport, quantize_
-from fp4kit.nn.quantize import exclusion_reason, is_plain_linear, shared_amax
+from fp4kit.nn.quantize import (
+    FUSED_GROUPS,
+    exclusion_reason,
+    is_plain_linear,
+    shared_amax,
+)
 from fp4kit.nn.rotation import RotatedLinear
 
 from .gptq import GPTQConfig, gptq, output_error
@@ -146,9 +159,9 @@ class GPTQResult:
         return "\n".join(lines)
 
 
-def quantize_layer(name: str, linear: nn.Linear, config, hessian: Hessian | None, opts: GPTQConfig, amax,
+def quantize_layer(name: str, W: torch.Tensor, config, hessian: Hessian | None, opts: GPTQConfig, amax,
                    result: GPTQResult) -> QuantizedTensor:
-    W = linear.weight.detach()
+    """GPTQ of one weight W [N, K] (RTN or scale search when no token reached it); records its output error."""
     if hessian is None or hessian.tokens == 0:
         result.weight_only[name] = "no calibration tokens reached it"
         if opts.scale_search is None:
@@ -161,6 +174,54 @@ def quantize_layer(name: str, linear: nn.Linear, config, hessian: Hessian | None
     return qt
 
 
+def sibling_groups(layers: dict[str, nn.Module], hessians: dict) -> list[list[str]]:
+    """Layers that GPTQ can quantize in one sweep: fused siblings (`FUSED_GROUPS`, same parent), all
+    eligible, of the same input width and with equal Hessians from the same number of tokens. Every
+    other layer is a group of one. Order follows `layers`."""
+    grouped, out = set(), []
+    for name in layers:
+        if name in grouped:
+            continue
+        parent, _, child = name.rpartition(".")
+        group = [name]
+        for members in FUSED_GROUPS:
+            if child != members[0]:
+                continue
+            names = [f"{parent}.{c}" if parent else c for c in members]
+            hs = [hessians.get(n) for n in names]
+            if (all(n in layers for n in names) and all(isinstance(h, Hessian) and h.tokens > 0 for h in hs)
+                    and len({layers[n].in_features for n in names}) == 1
+                    and all(h.tokens == hs[0].tokens and torch.equal(h.sum, hs[0].sum) for h in hs[1:])):
+                group = names
+        grouped.update(group)
+        out.append(group)
+    return out
+
+
+def quantize_group(names: list[str], layers: dict[str, nn.Module], config, hessians: dict, opts: GPTQConfig,
+                   amax: dict, result: GPTQResult) -> dict[str, QuantizedTensor]:
+    """GPTQ of a sibling group in one sweep over the stacked rows, split back per layer."""
+    if len(names) == 1:
+        name = names[0]
+        return {name: quantize_layer(name, layers[name].weight.detach(), config, hessians.get(name), opts,
+                                     amax.get(name), result)}
+    parent = names[0].rpartition(".")[0]
+    label = f"{parent}.{{{','.join(n.rpartition('.')[2] for n in names)}}}"  # e.g. model.layers.0.self_attn.{q_proj,...}
+    stacked = torch.cat([layers[n].weight.detach() for n in names])  # [sum N, K]
+    qt = quantize_layer(label, stacked, config, hessians[names[0]], opts, amax.get(names[0]), result)
+    H = hessians[names[0]]
+    del result.output_error[label]  # recorded per layer below
+    out, start = {}, 0
+    for n in names:
+        rows = layers[n].out_features
+        out[n] = QuantizedTensor(qt.data[start:start + rows], qt.scale[start:start + rows], qt.global_scale,
+                                 (rows, qt.shape[1]), config)
+        W = layers[n].weight.detach().float()
+        result.output_error[n] = output_error(W, out[n].dequantize(), H.sum.to(W.device).float()) / H.tokens
+        start += rows
+    return out
+
+
 def apply_gptq(model: nn.Module, config: NVFP4Config | MXFP4Config, hessians: dict[str, Hessian],
                gptq_config: GPTQConfig = GPTQConfig(), *, filter_fn: Callable[[nn.Module, str], bool] | None = None,
                ignore: tuple[str, ...] = DEFAULT_IGNORE, progress: bool = True, **quantize_kwargs) -> GPTQResult:
@@ -171,8 +232,10 @@ def apply_gptq(model: nn.Module, config: NVFP4Config | MXFP4Config, hessians: di
     layers = eligible_linears(model, config, filter_fn, ignore)
     amax = shared_amax(list(layers.items())) if isinstance(config, NVFP4Config) else {}
     result = GPTQResult(QuantizeReport())
-    qts = {name: quantize_layer(name, m, config, hessians.get(name), gptq_config, amax.get(name), result)
-           for name, m in tqdm(layers.items(), desc=f"gptq {config.name}", disable=not progress, leave=False)}
+    qts = {}
+    for group in tqdm(sibling_groups(layers, hessians), desc=f"gptq {config.name}", disable=not progress,
+                      leave=False):
+        qts |= quantize_group(group, layers, config, hessians, gptq_config, amax, result)
     from .moe_gptq import ExpertHessians, eligible_experts, gptq_experts
 
     for name, m in eligible_experts(model, config, filter_fn, ignore).items():  # fused MoE experts

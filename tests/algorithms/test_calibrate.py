@@ -19,9 +19,12 @@ from helpers import tiny_llama
 from torch import nn
 
 from fp4kit.algorithms import GPTQConfig, ScaleSearchConfig
-from fp4kit.algorithms.calibrate import CalibrationConfig, apply_gptq, apply_scale_search, collect_hessians
+from fp4kit.algorithms.calibrate import (CalibrationConfig, Hessian, apply_gptq, apply_scale_search, collect_hessians,
+                                        eligible_linears, sibling_groups)
+from fp4kit.algorithms.gptq import gptq
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
 from fp4kit.nn import FP4Linear, quantize_
+from fp4kit.nn.quantize import shared_amax
 
 RATIO_CEILING = {"nvfp4": 0.80, "mxfp4": 0.85}
 
@@ -132,3 +135,38 @@ def test_apply_scale_search_logits_closer_than_rtn(llama_and_data):
     assert report.excluded == {"lm_head": "matches ignore pattern 'lm_head'"} and len(report.quantized) == 14
     ratio = logit_error(model, test, ref) / logit_error(rtn, test, ref)
     assert ratio < 0.88, ratio
+
+
+def test_siblings_with_equal_hessians_are_grouped(llama_and_data):
+    base, hessians, _, _ = llama_and_data
+    layers = eligible_linears(base, NVFP4Config())
+    groups = sibling_groups(layers, hessians)
+    p = "model.layers.0."
+    assert [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"] in groups
+    assert [p + "mlp.gate_proj", p + "mlp.up_proj"] in groups and [p + "self_attn.o_proj"] in groups
+    assert sorted(n for g in groups for n in g) == sorted(layers) and len(groups) == 2 * 4
+    changed = dict(hessians)  # a sibling whose Hessian differs (e.g. its own random-sign rotation) stands alone
+    changed[p + "self_attn.k_proj"] = Hessian(hessians[p + "self_attn.k_proj"].sum * 2, hessians[p + "self_attn.k_proj"].tokens)
+    groups = sibling_groups(layers, changed)
+    assert [p + "self_attn.q_proj"] in groups and [p + "self_attn.k_proj"] in groups
+
+
+@pytest.mark.parametrize("opts", [GPTQConfig(), GPTQConfig(act_order=True, scale_search=ScaleSearchConfig())],
+                         ids=["rtn-scales", "act-order+mse"])
+@pytest.mark.parametrize("config", [NVFP4Config(), MXFP4Config()], ids=["nvfp4", "mxfp4"])
+def test_group_gptq_equals_one_gptq_per_layer(llama_and_data, config, opts):
+    """One sweep over the stacked q/k/v (gate/up) rows gives each layer the codes, scales and global scale
+    of its own GPTQ run with the group's shared amax (rows are independent in GPTQ)."""
+    base, hessians, _, _ = llama_and_data
+    model = copy.deepcopy(base)
+    layers = eligible_linears(base, config)
+    amax = shared_amax(list(layers.items())) if isinstance(config, NVFP4Config) else {}
+    expect = {n: gptq(m.weight.detach(), hessians[n].sum, config, act_order=opts.act_order,
+                      scale_search_config=opts.scale_search, amax=amax.get(n), name=n) for n, m in layers.items()}
+    apply_gptq(model, config, hessians, opts, progress=False)
+    for n, qt in expect.items():
+        got = model.get_submodule(n)
+        assert torch.equal(got.weight_packed, qt.data), n
+        assert torch.equal(got.weight_scale, qt.scale), n
+        if qt.global_scale is not None:
+            assert torch.equal(got.weight_global_scale.reshape(()), qt.global_scale.reshape(())), n
