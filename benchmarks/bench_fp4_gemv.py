@@ -14,6 +14,16 @@ do_bench_cudagraph) and eager (do_bench); weights rotated through >= 256 MB of c
 never holds the next call's weight; the roofline (bytes moved / measured copy bandwidth) beside each;
 accuracy of each path against a float64 reference. A small sweep of GEMV launch shapes at M = 1 and 4
 comes first. Baselines and helpers come from bench_fp4_gemm so the two benchmarks never drift.
+
+    python benchmarks/bench_fp4_gemv.py --chain-only --out benchmarks/results/fp4_gemv_pdl_h100.json
+
+--chain (round 5) measures programmatic dependent launch (PDL, `fp4_gemm.PDL`) at M = 1, NVFP4, with
+and without it in the same process, two ways:
+    same-shape   do_bench_cudagraph: many launches of one shape back to back in a graph, weights
+                 rotated (the round-3/4 "graph" method): per launch, us
+    layer chain  the decode order qkv, o, gate_up, down over `--chain-layers` layers with distinct
+                 weights (no L2 reuse), captured once, median replay: per layer and per launch, us,
+                 against cuBLAS bf16 in the same order and the roofline (FP4 bytes / copy bandwidth)
 """
 
 from __future__ import annotations
@@ -172,6 +182,9 @@ def main(argv=None):
     p.add_argument("--sweep-ms", type=int, nargs="+", default=[1, 4])
     p.add_argument("--sweep-stages", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--sweep-evict", default="", help="eviction policy of the grid candidates ('' or evict_first)")
+    p.add_argument("--chain", action="store_true", help="also the PDL on/off chain measurements (round 5)")
+    p.add_argument("--chain-only", action="store_true", help="only the PDL chain measurements")
+    p.add_argument("--chain-layers", type=int, default=16)
     args = p.parse_args(argv)
     if args.sass:
         rep = sass_report()
@@ -354,6 +367,13 @@ def run_gpu(args):
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    if args.chain or args.chain_only:
+        chain = run_chain(bw, args.chain_layers)
+        if args.chain_only:
+            _write(args, dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                              torch=torch.__version__, triton=triton.__version__, copy_bw_bytes_per_s=bw,
+                              chain=chain))
+            return 0
     sweep = run_sweep(bw, args.sweep_shapes, tuple(args.sweep_ms), tuple(args.sweep_stages),
                       args.sweep_evict) if args.sweep_shapes else []
     rows = run_compare(bw, tuple(args.ms))
@@ -363,12 +383,116 @@ def run_gpu(args):
     result = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                   torch=torch.__version__, triton=triton.__version__, copy_bw_bytes_per_s=bw,
                   sweep=sweep, compare=rows, summary=summary)
+    if args.chain:
+        result["chain"] = chain
+    _write(args, result)
+    return 0
+
+
+def _write(args, result):
     out_dir = os.environ.get("OUT", os.path.dirname(args.out))
     for path in {args.out, os.path.join(out_dir, os.path.basename(args.out))}:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
-    return 0
+
+
+def _graph_median_us(fn, replays=50) -> float:
+    """Capture fn once (after one eager call), replay it: median GPU time of a replay in us (events)."""
+    import statistics
+
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(5):
+        g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def run_chain(bw, layers=16):
+    """PDL off / on at M = 1, NVFP4: same-shape launches (do_bench_cudagraph) and the decode-order layer chain."""
+    from bench_fp4_gemm import bench_graph
+
+    from fp4kit.formats import NVFP4Config, quantize
+    from fp4kit.kernels import fp4_gemm
+    from fp4kit.kernels.fp4_gemm import DecodePath, fp4_matmul, prepare_fp4_weight
+
+    order = ("qkv", "o", "gate_up", "down")
+    weights = {name: [] for name in order}
+    for name in order:
+        N, K = SHAPES[name]
+        for _ in range(layers):
+            p = prepare_fp4_weight(quantize(torch.randn(N, K, device="cuda") * 0.02, NVFP4Config()))
+            fp4_gemm._gemv_layout_for(p)
+            weights[name].append(p)
+    xs = {K: torch.randn(1, K, device="cuda", dtype=torch.bfloat16) for K in (4096, 14336)}
+    fp4_bytes = {name: weights[name][0].qt.nbytes for name in order}
+    out = {"layers": layers, "same_shape": {}, "layer_chain": {}}
+    old = fp4_gemm.PDL
+    try:
+        for pdl in (False, True):
+            fp4_gemm.PDL = pdl
+            tag = "pdl" if pdl else "no_pdl"
+            for name in order:
+                K = SHAPES[name][1]
+                state = {"i": 0}
+
+                def call(name=name, K=K, state=state):
+                    state["i"] = (state["i"] + 1) % layers
+                    p = weights[name][state["i"]]
+                    return fp4_matmul(xs[K], p.qt, prepared=p, path=DecodePath.GEMV)
+
+                us = bench_graph(call)
+                out["same_shape"].setdefault(name, {})[tag] = us
+                out["same_shape"][name]["roofline_us"] = fp4_bytes[name] / bw * 1e6
+
+            def chain():
+                for i in range(layers):
+                    for name in order:
+                        p = weights[name][i]
+                        fp4_matmul(xs[SHAPES[name][1]], p.qt, prepared=p, path=DecodePath.GEMV)
+
+            us = _graph_median_us(chain)
+            out["layer_chain"][tag] = {"total_us": us, "per_layer_us": us / layers, "per_launch_us": us / (4 * layers)}
+    finally:
+        fp4_gemm.PDL = old
+    bf16 = {name: [torch.randn(*SHAPES[name], device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+            for name in order}
+
+    def chain_bf16():
+        for i in range(layers):
+            for name in order:
+                torch.matmul(xs[SHAPES[name][1]], bf16[name][i].T)
+
+    us = _graph_median_us(chain_bf16)
+    out["layer_chain"]["cublas_bf16"] = {"total_us": us, "per_layer_us": us / layers}
+    layer_bytes = sum(fp4_bytes.values())
+    out["layer_chain"]["roofline_per_layer_us"] = layer_bytes / bw * 1e6
+    for tag in ("no_pdl", "pdl"):
+        r = out["layer_chain"][tag]
+        r["bw_frac"] = out["layer_chain"]["roofline_per_layer_us"] / r["per_layer_us"]
+        r["x_cublas"] = out["layer_chain"]["cublas_bf16"]["per_layer_us"] / r["per_layer_us"]
+    print("| shape | same-shape no PDL us | same-shape PDL us | roofline us |", flush=True)
+    for name in order:
+        r = out["same_shape"][name]
+        print(f"| {name} | {r['no_pdl']:.1f} | {r['pdl']:.1f} | {r['roofline_us']:.1f} |", flush=True)
+    lc = out["layer_chain"]
+    print(f"layer chain ({layers} layers, 4 GEMVs each): per layer no PDL {lc['no_pdl']['per_layer_us']:.1f} us, "
+          f"PDL {lc['pdl']['per_layer_us']:.1f} us, cuBLAS bf16 {lc['cublas_bf16']['per_layer_us']:.1f} us, "
+          f"roofline {lc['roofline_per_layer_us']:.1f} us; x cuBLAS {lc['no_pdl']['x_cublas']:.2f} / "
+          f"{lc['pdl']['x_cublas']:.2f}, % copy BW {100 * lc['no_pdl']['bw_frac']:.0f} / {100 * lc['pdl']['bw_frac']:.0f}",
+          flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -7,10 +7,25 @@
     rope_kernel                rotate_half rope on q and k; k and v written into the cache (bf16, or FP8 + scales)
 
 Arithmetic order follows the twins (each rounding to the activation dtype where torch rounds).
+
+PDL (constexpr, set by the launchers on Hopper and later, never under the interpreter): each kernel
+first lets the next kernel of the chain launch (`griddepcontrol.launch_dependents`), loads what no
+earlier kernel writes (the norm weight), then waits for the previous kernel to complete
+(`griddepcontrol.wait`) before it reads activations, the cache or the slot, or writes anything; see
+`_fp4_gemv`'s docstring for the rules. Every program waits, so completion stays ordered along the chain.
 """
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _chain_wait(PDL: tl.constexpr):
+    """PDL: let the next kernel launch, then wait for the previous one (no-op without PDL)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit
@@ -19,8 +34,10 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
                              window, qk_scale,
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_L: tl.constexpr, ITERS: tl.constexpr, N_SPLITS: tl.constexpr,
-                             IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr):
+                             IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
+                             PDL: tl.constexpr = False):
     # grid (B, Hkv, N_SPLITS): row b, kv head h, keys [s * ITERS * BLOCK_L, (s + 1) * ITERS * BLOCK_L)
+    _chain_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -89,8 +106,9 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
 @triton.jit
 def decode_attn_combine_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, n_kv,
                                G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                               N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                               N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     # grid (B, Hq): out[b, hq D + d] = sum_s 2^(m_s - M) acc_s[d] / sum_s 2^(m_s - M) l_s, hq = h G + gi
+    _chain_wait(PDL)
     b = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
@@ -110,11 +128,16 @@ def decode_attn_combine_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, n_kv,
 
 @triton.jit
 def add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, h_out_ptr, n_out_ptr, N, eps,
-                       HAS_DELTA: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_DELTA: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     # one program per row of N features
     r = tl.program_id(0)
     c = tl.arange(0, BLOCK)
     cm = c < N
+    if PDL:
+        gdc_launch_dependents()
+    w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)  # the norm weight: no earlier kernel writes it
+    if PDL:
+        gdc_wait()
     x = tl.load(h_ptr + r * N + c, mask=cm, other=0.0)
     if HAS_DELTA:
         x = (x.to(tl.float32) + tl.load(delta_ptr + r * N + c, mask=cm, other=0.0).to(tl.float32)).to(x.dtype)
@@ -122,7 +145,6 @@ def add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, h_out_ptr, n_out_ptr, N, eps,
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
     y = xf * (1.0 / tl.sqrt(var + eps))
-    w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
     if GEMMA:
         out = y * (1.0 + w)  # Gemma: float32 throughout, one rounding
     else:
@@ -131,8 +153,9 @@ def add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, h_out_ptr, n_out_ptr, N, eps,
 
 
 @triton.jit
-def silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr):
+def silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     # gu [R, 2N] (gate | up) -> out [R, N]; grid (R, cdiv(N, BLOCK))
+    _chain_wait(PDL)
     r = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cm = c < N
@@ -186,10 +209,11 @@ def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_o
                 stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                 stride_ob, stride_oh, stride_os, stride_sb, stride_sh,
                 HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP8: tl.constexpr,
-                RECIP_448: tl.constexpr):
+                RECIP_448: tl.constexpr, PDL: tl.constexpr = False):
     # grid (B, HQ + HKV). Heads < HQ: q rotated into q_out [B, HQ, D]. Others: k rotated and v stored into the
     # cache k_out / v_out [Bmax, HKV, S, D] at [b, head, slot] (FP8: codes through a uint8 view, scales into
     # ks / vs [Bmax, HKV, S] with strides (stride_sb, stride_sh, 1))
+    _chain_wait(PDL)
     b = tl.program_id(0)
     hd = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)

@@ -31,6 +31,18 @@ the 4 contiguous words (16 bytes) of c in one thread, the L lanes of a warp alon
 of 16 L bytes, the warps along rows, and r in registers: each thread holds the 16 words of one
 group for each of its rows, every warp load instruction reads 512 contiguous bytes (L = 32).
 
+Programmatic dependent launch (PDL, `PDL=True`, Hopper and later; the launcher sets Triton's
+`launch_pdl`). In a chain of decode kernels each launch normally starts only after the previous one
+has finished: its programs ramp up while the GPU idles (~2-5 us per launch at batch 1). With PDL a
+kernel may start while its predecessor still runs; `griddepcontrol.launch_dependents` (called first
+thing) lets the next kernel launch, and `griddepcontrol.wait` blocks until the previous kernel has
+completed and its writes are visible. So a program here issues its first chunk of weight loads
+(weights never change during a chain) BEFORE the wait, then reads x and writes y, the split-K
+partials and the tickets only after it: a launch must not read what the previous kernel writes, nor
+write what it may still read (the workspace and tickets are shared by consecutive launches on a
+stream), before the wait. Every program waits, so kernel completion stays transitive along the
+chain. The interpreter cannot run the inline PTX: the launcher passes PDL=False there.
+
 Numerics. The decoded weight e2m1 * s_eff is never rounded to x's dtype: the result is the
 float32 sum of x * e2m1 * s_eff in a different order and with the products exact, then one
 rounding to x's dtype. Against the twin (which rounds each weight to x's dtype first) it differs
@@ -40,6 +52,7 @@ tests/kernels/test_fp4_gemv.py states the bounds.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._fp4_bits import cast_rne, half_pair_to_f32
 
@@ -123,11 +136,34 @@ def _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, mask, N: tl.constexpr, L: tl.cons
 
 
 @triton.jit
+def _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, ch, m0, M, K: tl.constexpr,
+           BLOCK_M: tl.constexpr, L: tl.constexpr, INTERPRET: tl.constexpr):
+    """Chunk ch of the K loop: decode its words and scales and add each token's products to its accumulator."""
+    K8: tl.constexpr = K // 8
+    scales = _split8(tl.load(table_ptr + codes.to(tl.int32)))  # float32 s_eff * 2^14, 8 x [L, BLOCK_N]
+    xc = x_ptrs + ch * (16 * L)
+    for J in tl.static_range(4):
+        lo0, hi0 = _code_pair(w0, J, INTERPRET)  # codes J and J + 4 times 2^-14, float32 [L, BLOCK_N, 4]
+        lo1, hi1 = _code_pair(w1, J, INTERPRET)
+        lo2, hi2 = _code_pair(w2, J, INTERPRET)
+        lo3, hi3 = _code_pair(w3, J, INTERPRET)
+        s_lo = scales[J]
+        s_hi = scales[J + 4]
+        acc0 = _token(acc0, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc, m0 < M, J, K8)
+        if BLOCK_M > 1:
+            acc1 = _token(acc1, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc + K, m0 + 1 < M, J, K8)
+        if BLOCK_M > 2:
+            acc2 = _token(acc2, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc + 2 * K, m0 + 2 < M, J, K8)
+            acc3 = _token(acc3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc + 3 * K, m0 + 3 < M, J, K8)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                     N: tl.constexpr, K: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr, SPLIT_K: tl.constexpr,
                     PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, CACHE: tl.constexpr = "",
-                    EVICT: tl.constexpr = "", STAGES: tl.constexpr = 1):
+                    EVICT: tl.constexpr = "", STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), W in the plane layout (module docstring).
 
     Grid: (tiles of BLOCK_N rows, tiles of BLOCK_M <= 4 tokens, SPLIT_K). Split s covers chunks
@@ -146,8 +182,7 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
     pipelining depth of the K loop (`tl.range(..., num_stages=STAGES)`; 1 = none).
     """
     K8: tl.constexpr = K // 8
-    CHUNK: tl.constexpr = 16 * L
-    NCH: tl.constexpr = K8 // CHUNK
+    NCH: tl.constexpr = K8 // (16 * L)
     CPS: tl.constexpr = NCH // SPLIT_K
     SROW: tl.constexpr = (K // 256 if PAIRED else K // 128) * 8
     pid_n = tl.program_id(0)
@@ -166,34 +201,32 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
     acc1 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+    first = pid_k * CPS
+    START: tl.constexpr = 1 if PDL else 0  # with PDL the first chunk is peeled off the loop
+    if PDL:
+        # Programmatic dependent launch (module docstring): let the next kernel's programs launch, put this
+        # program's first chunk of weights in flight (weights never depend on an earlier kernel), then wait
+        # for the previous kernel to complete before reading x or writing anything (y, and the split-K
+        # partials and tickets, which the previous launch may still be using until it completes).
+        gdc_launch_dependents()
+        w0, w1, w2, w3, codes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, first, wmask, N, L, SROW, PAIRED,
+                                            CACHE, EVICT)
+        gdc_wait()
+        acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, first,
+                                        m0, M, K, BLOCK_M, L, INTERPRET)
     if PREFETCH:
-        nw0, nw1, nw2, nw3, ncodes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, pid_k * CPS, wmask, N, L, SROW, PAIRED,
-                                                 CACHE, EVICT)
-    for ci in tl.range(CPS, num_stages=STAGES):
-        ch = pid_k * CPS + ci
+        nw0, nw1, nw2, nw3, ncodes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, first + START, wmask & (START < CPS),
+                                                 N, L, SROW, PAIRED, CACHE, EVICT)
+    for ci in tl.range(START, CPS, num_stages=STAGES):
+        ch = first + ci
         if PREFETCH:
             w0, w1, w2, w3, codes = nw0, nw1, nw2, nw3, ncodes
             nw0, nw1, nw2, nw3, ncodes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch + 1, wmask & (ci + 1 < CPS), N,
                                                      L, SROW, PAIRED, CACHE, EVICT)
         else:
             w0, w1, w2, w3, codes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, wmask, N, L, SROW, PAIRED, CACHE, EVICT)
-        scales = _split8(tl.load(table_ptr + codes.to(tl.int32)))  # float32 s_eff * 2^14, 8 x [L, BLOCK_N]
-        xc = x_ptrs + ch * CHUNK
-        for J in tl.static_range(4):
-            lo0, hi0 = _code_pair(w0, J, INTERPRET)  # codes J and J + 4 times 2^-14, float32 [L, BLOCK_N, 4]
-            lo1, hi1 = _code_pair(w1, J, INTERPRET)
-            lo2, hi2 = _code_pair(w2, J, INTERPRET)
-            lo3, hi3 = _code_pair(w3, J, INTERPRET)
-            s_lo = scales[J]
-            s_hi = scales[J + 4]
-            acc0 = _token(acc0, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc, m0 < M, J, K8)
-            if BLOCK_M > 1:
-                acc1 = _token(acc1, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc + K, m0 + 1 < M, J, K8)
-            if BLOCK_M > 2:
-                acc2 = _token(acc2, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc + 2 * K, m0 + 2 < M,
-                              J, K8)
-                acc3 = _token(acc3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, s_lo, s_hi, xc + 3 * K, m0 + 3 < M,
-                              J, K8)
+        acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, ch,
+                                        m0, M, K, BLOCK_M, L, INTERPRET)
     # per token: [BLOCK_N] sums over lanes (the one exchange between threads), then y or the split partials
     _finish(tl.sum(acc0, axis=0), m0, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
     if BLOCK_M > 1:

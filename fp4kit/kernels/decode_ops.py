@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fp4_gemm import _interpreting, use_triton
+from .fp4_gemm import _interpreting, use_pdl, use_triton
 
 try:
     import triton
@@ -130,15 +130,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         window if window is not None else 0, scaling * LOG2E,
         G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_L=block_l, ITERS=iters, N_SPLITS=splits,
         IS_FP8=fp8, HAS_WINDOW=window is not None, DOT_F32=interp or q.dtype == torch.float32,
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2, **_pdl_args(q))
     _decode_ops.decode_attn_combine_kernel[(B, Hq)](
         part, ml, out, out.stride(0), Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, N_SPLITS=splits,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4, **_pdl_args(q))
     return out
 
 
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pdl_args(t: torch.Tensor) -> dict:
+    """The kernel's PDL constexpr and Triton's launch option (programmatic dependent launch, `fp4_gemm.PDL`)."""
+    return {"PDL": True, "launch_pdl": True} if use_pdl(t) else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +181,8 @@ def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     block = triton.next_power_of_2(N)
     _decode_ops.add_rmsnorm_kernel[(rows,)](h, h if delta is None else delta, weight, h_out, n_out, N, eps,
                                             HAS_DELTA=delta is not None, GEMMA=gemma, BLOCK=block,
-                                            num_warps=1 if _interpreting() else min(16, max(1, block // 512)))
+                                            num_warps=1 if _interpreting() else min(16, max(1, block // 512)),
+                                            **_pdl_args(h))
     return h_out, n_out
 
 
@@ -199,7 +205,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows = gate_up.numel() // I2
     out = torch.empty(*gate_up.shape[:-1], N, dtype=gate_up.dtype, device=gate_up.device)
     block = 256 if _interpreting() else 1024
-    _decode_ops.silu_mul_kernel[(rows, triton.cdiv(N, block))](gate_up, out, N, BLOCK=block, num_warps=4)
+    _decode_ops.silu_mul_kernel[(rows, triton.cdiv(N, block))](gate_up, out, N, BLOCK=block, num_warps=4,
+                                                                       **_pdl_args(gate_up))
     return out
 
 
@@ -265,5 +272,6 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         q, k, v, cos, sin, q_out, kc, vc, ks, vs, slot, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
-        HQ=Hq, D=D, BLOCK_D=triton.next_power_of_2(D), IS_FP8=fp8, RECIP_448=q.is_cuda, num_warps=1)
+        HQ=Hq, D=D, BLOCK_D=triton.next_power_of_2(D), IS_FP8=fp8, RECIP_448=q.is_cuda, num_warps=1,
+        **_pdl_args(q))
     return q_out

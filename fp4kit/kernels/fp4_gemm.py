@@ -145,6 +145,24 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Programmatic dependent launch (see `_fp4_gemv`'s docstring) for the decode-chain kernels: the GEMV here
+# and the kernels of `decode_ops`. Read at every launch, so a benchmark can compare both in one process
+# (`FP4KIT_PDL=0` in the environment turns it off). Needs compute capability 9.0 (Hopper) or later.
+PDL = os.environ.get("FP4KIT_PDL", "1") != "0"
+_PDL_DEVICES: dict = {}
+
+
+def use_pdl(t: torch.Tensor) -> bool:
+    """Whether a decode-chain kernel on `t`'s device launches with PDL: `PDL` on, CUDA (not the interpreter),
+    compute capability >= 9.0."""
+    if not PDL or not t.is_cuda or _interpreting():
+        return False
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_DEVICES:
+        _PDL_DEVICES[idx] = torch.cuda.get_device_capability(idx) >= (9, 0)
+    return _PDL_DEVICES[idx]
+
+
 def _config(M: int, N: int, K: int, device) -> GemmConfig:
     """Tile shapes, from the H100 sweep in benchmarks/bench_fp4_gemm.py --sweep (2026-11-22).
 
@@ -568,13 +586,14 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
         ws, cnt = _splitk_buffers(x2.device, stream, cfg.split_k * M * N, grid[0] * grid[1])
     else:
         ws, cnt = y, y
+    pdl = use_pdl(x2)
     args = (x2, lay.words, lay.scales, prepared.table, x2 if bias is None else bias, y, ws, cnt, M, N, K,
             prepared.block_size == 32, bias is not None, block_m, cfg.block_n, lay.lanes, cfg.split_k,
-            cfg.prefetch, _interpreting(), cfg.cache, cfg.evict, cfg.stages)
+            cfg.prefetch, _interpreting(), cfg.cache, cfg.evict, cfg.stages, pdl)
     key = ("gemv", cfg, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
-           bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index)
+           bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index, pdl)
     _launch_cached(prepared, key, _fp4_gemv.fp4_gemv_kernel, grid, stream, args, num_warps=cfg.num_warps,
-                   num_stages=1)
+                   num_stages=1, **({"launch_pdl": True} if pdl else {}))
     return y
 
 

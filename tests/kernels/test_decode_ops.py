@@ -200,3 +200,58 @@ def test_e4m3_encoder_matches_torch_cast_at_ties():
     _encode_e4m3[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), BLOCK=256)
     ref = x.to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(out, ref)
+
+
+def _decode_layer_chain(h, w_norm, k_cache, v_cache, pad, slot, cos, sin, layers):
+    """`layers` rounds of the fused decode glue, each reading what the previous kernels wrote:
+    add_rmsnorm -> rope_write (cache at `slot`) -> decode_attention -> silu_mul -> add_rmsnorm."""
+    B, Hkv, S, D = k_cache.shape
+    delta = None
+    for _ in range(layers):
+        h, n = add_rmsnorm(h, delta, w_norm, 1e-5)
+        q = n.view(B, -1, D)
+        kv = n.view(B, -1, D)[:, :Hkv]
+        q = rope_write(q, kv, kv, cos, sin, k_cache, v_cache, slot)
+        att = decode_attention(q, k_cache, v_cache, None, None, pad, slot, S, None, D ** -0.5)  # [B, Hq D]
+        delta = silu_mul(torch.cat((att, att), dim=-1))
+    return add_rmsnorm(h, delta, w_norm, 1e-5)[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs a Hopper (sm_90+) GPU")
+def test_decode_ops_pdl_chain_in_a_graph_equals_serial():
+    from fp4kit.kernels import fp4_gemm
+
+    B, Hq, Hkv, S, D = 2, 8, 2, 128, 64
+    h = torch.randn(B, Hq * D, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(Hq * D, device="cuda", dtype=torch.bfloat16) + 0.5
+    kc0, vc0, _, _ = _cache(B, Hkv, S, D, torch.bfloat16)
+    pad = torch.tensor([0, 3], device="cuda")
+    slot = torch.tensor([S - 1], device="cuda")
+    ang = torch.randn(B, D, device="cuda")
+    cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+    old = fp4_gemm.PDL
+    results = {}
+    try:
+        for pdl in (False, True):
+            fp4_gemm.PDL = pdl
+            kc, vc = kc0.clone(), vc0.clone()
+            ref = _decode_layer_chain(h, w, kc, vc, pad, slot, cos, sin, 6)  # eager (compiles)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = _decode_layer_chain(h, w, kc, vc, pad, slot, cos, sin, 6)
+            reps = []
+            for _ in range(10):
+                out.fill_(float("nan"))
+                g.replay()
+                reps.append(out.clone())
+            torch.cuda.synchronize()
+            results[pdl] = (ref, reps, kc.clone())
+    finally:
+        fp4_gemm.PDL = old
+    serial = results[False][0]
+    for pdl, (ref, reps, kc) in results.items():
+        assert torch.equal(ref, serial), pdl
+        assert torch.equal(kc, results[False][2]), pdl
+        for r in reps:
+            assert torch.equal(r, serial), pdl

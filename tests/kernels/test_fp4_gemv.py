@@ -266,3 +266,47 @@ def test_gemv_gpu_cuda_graph_replay():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager)
+
+
+def _gemv_chain(x, weights, n_rep):
+    """x through the weights n_rep times (each output the next input): consecutive launches share the
+    split-K workspace and tickets of the stream, the case PDL must keep ordered."""
+    for _ in range(n_rep):
+        for qt in weights:
+            x = fp4_matmul(x, qt, path=DecodePath.GEMV)
+    return x
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs a Hopper (sm_90+) GPU")
+def test_gemv_gpu_pdl_chain_in_a_graph_equals_serial():
+    from fp4kit.kernels import fp4_gemm
+
+    K = 4096
+    weights = [quantize(torch.randn(K, K, device="cuda") / K**0.5, NVFP4Config()) for _ in range(3)]
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    old = fp4_gemm.PDL
+    try:
+        fp4_gemm.PDL = False
+        serial = _gemv_chain(x, weights, 4)  # eager, no PDL: the reference
+        outs = {}
+        for pdl in (False, True):
+            fp4_gemm.PDL = pdl
+            _gemv_chain(x, weights, 4)  # compiles this variant outside the capture
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                y = _gemv_chain(x, weights, 4)
+            reps = []
+            for _ in range(10):
+                y.fill_(float("nan"))
+                g.replay()
+                reps.append(y.clone())
+            torch.cuda.synchronize()
+            outs[pdl] = reps
+        launches = [c for w in weights for c in fp4_gemm._prepared_for(w).launches.values()]
+        assert any(c.metadata.launch_pdl for c in launches) and any(not c.metadata.launch_pdl for c in launches)
+    finally:
+        fp4_gemm.PDL = old
+    for pdl, reps in outs.items():
+        for r in reps:
+            assert torch.equal(r, serial), pdl
