@@ -315,3 +315,90 @@ def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, c
             acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + offs_m[:, None] * N + rows[None, :]
         tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
+
+
+@triton.jit
+def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
+                   N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                   MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias) for 3 <= M <= 64, with the MMA's operands swapped.
+
+    The skinny kernel computes acc[BLOCK_M, BLOCK_N] = x @ w.T: the tokens are the MMA's M side, so
+    on Hopper the product is an `mma.sync` m16n8k16 per warp (wgmma needs 64 rows per warpgroup).
+    Here the weight tile is the M side instead: acc[BLOCK_N, BLOCK_M] = w @ x.T with BLOCK_N = 64 or
+    128 weight rows, the tokens the MMA's N side (8..256 on Hopper). Every row of every MMA is then a
+    useful weight row, and the dot qualifies for `wgmma` with its A operand (the weights, decoded in
+    registers) read from registers and B (x.T, small) from shared memory. The decode is the skinny
+    kernel's (`decode_weight_tile`): the weights the MMA sees are the twin's, bit for bit; only the
+    float32 summation order differs.
+
+    Grid (tiles of N, tiles of M, SPLIT_K) and the split-K ticket reduction are the skinny kernel's
+    (see `fp4_skinny_kernel`); the workspace holds [SPLIT_K, M, N] partials as there.
+    EVICT: eviction policy of the streamed weight loads ("" or "evict_first": the weights are read
+    once, x is re-read by every program). PDL: wait on the previous grid (`griddepcontrol.wait`)
+    before touching x, y or the split-K buffers, and let the next grid launch once this program's
+    K loop is done; the launcher then launches with programmatic dependent launch. The interpreter
+    has no inline PTX, so PDL must be False there.
+    """
+    W: tl.constexpr = BLOCK_K // 8
+    NB: tl.constexpr = BLOCK_K // BS
+    K_SPLIT: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
+    EVEN_K: tl.constexpr = K % (BLOCK_K * SPLIT_K) == 0
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows = output columns
+    rmask = rows[:, None] < N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m[:, None] < M
+    wcol = tl.arange(0, W)
+    bcol = tl.arange(0, NB)
+    kcol = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * K_SPLIT
+    w_ptrs = w_ptr + rows[:, None] * (K // 8) + wcol[None, :] + k_lo // 8  # [BLOCK_N, W]
+    s_ptrs = s_ptr + rows[:, None] * (K // BS) + bcol[None, :] + k_lo // BS  # [BLOCK_N, NB]
+    x_ptrs = x_ptr + offs_m[:, None] * K + kcol[None, :] + k_lo  # [BLOCK_M, BLOCK_K]
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kk in range(0, K_SPLIT, BLOCK_K):
+        if EVEN_K:
+            words = tl.load(w_ptrs + kk // 8, mask=rmask, other=0, eviction_policy=EVICT)
+            codes = tl.load(s_ptrs + kk // BS, mask=rmask, other=0, eviction_policy=EVICT)
+            x = tl.load(x_ptrs + kk, mask=mmask, other=0.0)
+        else:
+            left = K - k_lo - kk  # may be <= 0 in the last split: everything masked
+            words = tl.load(w_ptrs + kk // 8, mask=rmask & (wcol[None, :] < left // 8), other=0,
+                            eviction_policy=EVICT)
+            codes = tl.load(s_ptrs + kk // BS, mask=rmask & (bcol[None, :] < left // BS), other=0,
+                            eviction_policy=EVICT)
+            x = tl.load(x_ptrs + kk, mask=mmask & (kcol[None, :] < left), other=0.0)
+        w = decode_weight_tile(words, codes, table_ptr, x.dtype, BLOCK_N, BLOCK_K, BS, MX_BF16, ONE_MUL, INTERPRET)
+        xt = tl.trans(pair_order_x(x, MX_BF16))  # [BLOCK_K, BLOCK_M]
+        if INTERPRET:  # the interpreter multiplies bf16 bit patterns in tl.dot: give it float32
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    part = offs_m[None, :] * N + rows[:, None]  # [BLOCK_N, BLOCK_M]: y[m, n] = acc[n, m]
+    ymask = (offs_m[None, :] < M) & (rows[:, None] < N)
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + pid_k * M * N + part, acc, mask=ymask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        tile = pid_m * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:  # the last split of this tile: reduce in split order
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(ws_ptr + s * M * N + part, mask=ymask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + part, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
+            tl.store(cnt_ptr + tile, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + part, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)

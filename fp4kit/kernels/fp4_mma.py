@@ -1,0 +1,164 @@
+"""Skinny FP4 weight GEMM with the weight tile as the MMA's M side (`fp4_mma_matmul`), for 3 <= M <= 64.
+
+Decoding with a batch of M = 16..64 tokens is still a pass over the weights: the bytes are the
+same as at M = 1 (NVFP4: 0.5625 byte per weight), and the arithmetic (2 M flops per weight) is far
+below what the tensor cores do. So the kernel's job is the GEMV's: keep enough weight bytes in flight
+to stream at the copy bandwidth, and decode them cheaply.
+
+What changes against `fp4_gemm`'s skinny kernel (`_fp4_gemm.fp4_skinny_kernel`):
+
+    skinny:  acc[BLOCK_M, BLOCK_N] = x[BLOCK_M, K] @ w[BLOCK_N, K].T     tokens on the MMA's M side
+    here:    acc[BLOCK_N, BLOCK_M] = w[BLOCK_N, K] @ x[BLOCK_M, K].T     weight rows on the M side
+
+On Hopper a warpgroup MMA (`wgmma`) has 64 rows on its M side and 8..256 on N; the M = 16..64 tokens
+fit N, the 64 or 128 weight rows of a tile fit M. The decoded weights are the A operand, which wgmma
+reads from registers (where the decode leaves them), and x.T is the B operand in shared memory.
+With the tokens on M (the skinny kernel) Triton emits `mma.sync` m16n8k16 per warp. The decode
+(`_fp4_gemm.decode_weight_tile`) is the same: the weights the MMA multiplies are the torch twin's
+(`fp4_matmul_torch`: `qt.dequantize(x.dtype)`) bit for bit, and the result differs from the twin only
+by float32 summation order and the final rounding, as for the skinny kernel.
+
+Launch levers (`MmaConfig`, chosen per shape by `mma_config` from the H100 sweep of
+benchmarks/bench_fp4_gemm.py --mma-sweep): tile rows, K width, K split with the skinny kernel's
+in-launch ticket reduction, software-pipelining depth (cp.async stages), warps, the weight loads'
+eviction policy, and programmatic dependent launch (PDL: the next kernel's programs start while
+this one drains). Weights are prepared once as for the skinny kernel (`PreparedFP4Weight`: int32
+words, scale table) and the compiled kernel is launched directly after the first call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fp4kit.formats import QuantizedTensor
+
+from .fp4_gemm import (MXFP4_BF16_DECODE, PreparedFP4Weight, _check_fp4, _interpreting, _launch_cached,
+                       _prepared_for, _raw_stream, _sm_count, _splitk_buffers, use_triton)
+
+try:
+    import triton
+
+    from . import _fp4_gemm
+except ImportError:  # CPU installs without triton: fp4_mma_matmul is not available there
+    triton = None
+
+MMA_MIN_M = 3  # below this the CUDA-core GEMV is the faster path (fp4_gemm.GEMV_AUTO_MAX_M)
+MMA_MAX_M = 64
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """Launch shape of `fp4_mma_kernel`.
+
+    block_n: weight rows per program (the MMA's M side; wgmma needs 64 per warpgroup), block_m: tokens
+    per program (the MMA's N side), block_k: K per loop step, split_k: K splits reduced in the launch,
+    num_stages: cp.async pipelining depth (1: plain loads into registers), evict: the weight loads'
+    eviction policy, pdl: programmatic dependent launch.
+    """
+    block_n: int = 64
+    block_m: int = 16
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+    evict: str = "evict_first"
+    pdl: bool = False
+
+    def __post_init__(self):
+        for name in ("block_n", "block_m", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"MmaConfig.{name} must be a power of two >= 1, got {v}")
+        if self.split_k < 1:
+            raise ValueError(f"MmaConfig.split_k must be >= 1, got {self.split_k}")
+        if self.block_m < 16 or self.block_n < 16 or self.block_k < 32:
+            raise ValueError(f"MmaConfig: block_m and block_n must be >= 16 and block_k >= 32 (tl.dot's minimum "
+                             f"and one MXFP4 block), got {self.block_m}, {self.block_n}, {self.block_k}")
+        if self.num_stages < 1:
+            raise ValueError(f"MmaConfig.num_stages must be >= 1, got {self.num_stages}")
+        if self.evict not in ("", "evict_first", "evict_last"):
+            raise ValueError(f"MmaConfig.evict must be '', 'evict_first' or 'evict_last', got {self.evict!r}")
+
+
+# Split K (doubling, at most MMA_MAX_SPLIT) while the grid has fewer than this many programs per SM and
+# each split keeps at least MMA_MIN_STEPS K steps. Set from the H100 sweep (see mma_config).
+MMA_PROGRAMS_PER_SM = 4
+MMA_MAX_SPLIT = 8
+MMA_MIN_STEPS = 2
+
+
+def mma_config(M: int, N: int, K: int, block_size: int, sm_count: int = 132, mx_bf16: bool = False) -> MmaConfig:
+    """The default launch for one call (rule from the H100 sweep, benchmarks/NOTES_fp4_gemm.md round 5)."""
+    if _interpreting():
+        return MmaConfig(block_n=16, block_m=16, block_k=64, num_warps=1, num_stages=1, evict="")
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    block_n, block_k, stages = 64, (256 if mx_bf16 else 128), 4
+    programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    split = 1
+    while (split < MMA_MAX_SPLIT and programs * split < MMA_PROGRAMS_PER_SM * sm_count
+           and K // (block_k * split * 2) >= MMA_MIN_STEPS):
+        split *= 2
+    return MmaConfig(block_n, block_m, block_k, split, num_warps=4, num_stages=stages)
+
+
+def _launch_mma(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None,
+                config: MmaConfig | None = None) -> torch.Tensor:
+    """One launch of fp4_mma_kernel; the compiled kernel is cached on `prepared` per launch key."""
+    M = x2.shape[0]
+    N, K = prepared.N, prepared.K
+    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    mx_bf16 = MXFP4_BF16_DECODE and prepared.table_bf16x2 is not None and x2.dtype == torch.bfloat16
+    cfg = config or prepared.configs.get(("mma", M, mx_bf16)) or prepared.configs.setdefault(
+        ("mma", M, mx_bf16), mma_config(M, N, K, prepared.block_size,
+                                        132 if _interpreting() else _sm_count(x2.device), mx_bf16))
+    if cfg.pdl and _interpreting():
+        raise ValueError("MmaConfig.pdl needs a GPU: the interpreter cannot run griddepcontrol")
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
+    stream = 0 if _interpreting() else _raw_stream(x2.device.index)
+    if cfg.split_k > 1:
+        ws, cnt = _splitk_buffers(x2.device, stream, cfg.split_k * M * N, grid[0] * grid[1])
+    else:
+        ws, cnt = y, y
+    table = prepared.table_bf16x2 if mx_bf16 else prepared.table
+    args = (x2, prepared.words, prepared.scale_codes, table, x2 if bias is None else bias, y, ws, cnt, M,
+            N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
+            mx_bf16, prepared.one_mul, cfg.evict, cfg.pdl, _interpreting())
+    key = ("mma", cfg, mx_bf16, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
+           bias is None or bias.data_ptr() % 16 == 0, M % 16 == 0, x2.device.index)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.pdl:
+        launch["launch_pdl"] = True
+    _launch_cached(prepared, key, _fp4_gemm.fp4_mma_kernel, grid, stream, args, **launch)
+    return y
+
+
+def fp4_mma_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None, *,
+                   config: MmaConfig | None = None, prepared: PreparedFP4Weight | None = None) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ dequant(qt)[N, K].T (+ bias) with the swapped-operand tensor-core kernel.
+
+    x: bfloat16 or float16 with 1 <= M <= MMA_MAX_M rows (the kernel is meant for MMA_MIN_M..MMA_MAX_M);
+    qt: a 2-D NVFP4 or MXFP4 weight. `prepared` (from `fp4_gemm.prepare_fp4_weight`) skips the cache
+    lookup on qt.data; `config` forces a launch shape.
+    """
+    N, K = qt.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"fp4_mma_matmul: x has {x.shape[-1]} features, the weight expects {K}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"fp4_mma_matmul: x must be bfloat16 or float16, got {x.dtype}")
+    if not use_triton(x) or triton is None:
+        raise RuntimeError("fp4_mma_matmul needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if not 0 < M <= MMA_MAX_M:
+        raise ValueError(f"fp4_mma_matmul: M (rows of x) must be in 1..{MMA_MAX_M}, got {M}")
+    if prepared is None or not prepared.is_current(qt):
+        _check_fp4(qt, "fp4_mma_matmul")
+        prepared = _prepared_for(qt)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        bias = bias.to(x.dtype).contiguous()
+    return _launch_mma(x2, prepared, bias, config).reshape(*lead, N)

@@ -1,0 +1,181 @@
+"""The swapped-operand skinny kernel (`fp4_mma_matmul`) against the float64 reference and the formats' dequantizer.
+
+Runs on CUDA when present, else in Triton's interpreter on small grids (see conftest.py).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'fp4kit[test]')")
+
+from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor, ScaleRule, quantize  # noqa: E402
+from fp4kit.kernels import prepare_fp4_weight  # noqa: E402
+from fp4kit.kernels.fp4_gemm import use_triton  # noqa: E402
+from fp4kit.kernels.fp4_mma import MMA_MAX_M, MmaConfig, _launch_mma, fp4_mma_matmul, mma_config  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+GPU = DEVICE.type == "cuda"
+pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
+                                reason="no CUDA and TRITON_INTERPRET != 1: the kernels cannot run here")
+
+CONFIGS = {
+    "nvfp4": NVFP4Config(),
+    "nvfp4_torchao": NVFP4Config.torchao(),
+    "mxfp4_rceil": MXFP4Config(),
+    "mxfp4_floor": MXFP4Config(scale_rule=ScaleRule.FLOOR),
+}
+# The output cast's half ulp with 10% for float32 summation (max), the cast bound (RMS): as test_fp4_gemm.
+TOL = {torch.bfloat16: (1.1 * 2**-8, 2**-8), torch.float16: (1.1 * 2**-11, 2**-11)}
+
+
+def _weight(n, k, scale=0.05):
+    """Rows of different magnitudes, so block scales differ along N and K."""
+    return torch.randn(n, k, device=DEVICE) * scale * torch.logspace(-2, 2, n, device=DEVICE)[:, None]
+
+
+def _errors(y, x, qt, bias):
+    """(max |y - ref| / max |ref|, ||y - ref|| / ||ref||), ref in float64 on the dtype-rounded weight."""
+    ref = x.double() @ qt.dequantize(x.dtype).double().T
+    if bias is not None:
+        ref = ref + bias.double()
+    err = y.double() - ref
+    return (err.abs().max() / ref.abs().max()).item(), (err.norm() / ref.norm()).item()
+
+
+def _assert_close(y, x, qt, bias):
+    max_err, rms_err = _errors(y, x, qt, bias)
+    tol = TOL[x.dtype]
+    assert max_err <= tol[0] and rms_err <= tol[1], (max_err, rms_err)
+
+
+def _cfg(**kw):
+    """A small launch for the interpreter (one warp, no pipelining), the GPU's usual 4 warps otherwise."""
+    base = dict(block_n=16, block_m=16, block_k=32, num_warps=4 if GPU else 1, num_stages=2 if GPU else 1,
+                evict="evict_first" if GPU else "")
+    base.update(kw)
+    return MmaConfig(**base)
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("m", [3, 16, 17, 33])
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4_rceil"])
+def test_mma_odd_shapes(name, m, has_bias):
+    """Default launch; K = 160 leaves a K tail, N = 40 a row tail, M = 17 and 33 a token tail."""
+    qt = quantize(_weight(40, 160), CONFIGS[name])
+    x = torch.randn(m, 160, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(40, device=DEVICE, dtype=torch.bfloat16) if has_bias else None
+    y = fp4_mma_matmul(x, qt, bias)
+    assert y.shape == (m, 40) and y.dtype == torch.bfloat16 and not torch.isnan(y).any()
+    _assert_close(y, x, qt, bias)
+
+
+@pytest.mark.parametrize("name", ["nvfp4_torchao", "mxfp4_floor"])
+def test_mma_fp16_and_3d_input(name):
+    """float16 x (MXFP4 then takes the float32 decode) and a leading batch shape."""
+    qt = quantize(_weight(32, 96), CONFIGS[name])
+    x = torch.randn(2, 5, 96, device=DEVICE, dtype=torch.float16)
+    y = fp4_mma_matmul(x, qt)
+    assert y.shape == (2, 5, 32) and y.dtype == torch.float16
+    _assert_close(y.reshape(10, 32), x.reshape(10, 96), qt, None)
+
+
+@pytest.mark.parametrize("m,split,block_k,has_bias", [(16, 2, 32, False), (17, 3, 32, True), (5, 4, 64, True)],
+                         ids=["even_split2", "uneven_split3_two_m_tiles", "split4_last_split_empty"])
+def test_mma_split_k(m, split, block_k, has_bias):
+    """Split-K with the in-launch ticket reduction: K = 160 split unevenly (block_k = 64, 4 splits: the last
+    split has no K), two token tiles, bias added once; called twice: the tickets were reset to zero and the
+    result is bit-identical (the reduction runs in split order)."""
+    qt = quantize(_weight(40, 160), NVFP4Config())
+    x = torch.randn(m, 160, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(40, device=DEVICE, dtype=torch.bfloat16) if has_bias else None
+    prepared = prepare_fp4_weight(qt)
+    cfg = _cfg(block_k=block_k, split_k=split)
+    first = _launch_mma(x, prepared, bias, config=cfg)
+    second = _launch_mma(x, prepared, bias, config=cfg)
+    assert torch.equal(first, second)
+    _assert_close(first, x, qt, bias)
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "nvfp4_torchao", "mxfp4_rceil"])
+def test_mma_weights_bit_exact_through_gemm(name):
+    """One-hot rows of x make y[m, n] = W[n, k_m] exactly (one product by 1.0 per output), so the weights the
+    MMA multiplied are compared bit for bit with the formats' dequantizer, across three 32-wide K steps and
+    two token tiles (M = 48 one-hot rows, in the k order the MXFP4 bfloat16 decode permutes)."""
+    N, K = 32, 96
+    qt = quantize(_weight(N, K), CONFIGS[name])
+    ks = torch.arange(48, device=DEVICE) * 2 % K
+    x = torch.zeros(48, K, device=DEVICE, dtype=torch.bfloat16)
+    x[torch.arange(48, device=DEVICE), ks] = 1.0
+    y = fp4_mma_matmul(x, qt, config=_cfg(block_m=32))
+    want = qt.dequantize(torch.bfloat16)[:, ks].T + 0.0  # a sum turns -0 into +0; everything else is exact
+    if not GPU:  # the interpreter's dot flushes subnormal outputs: compare those as zero
+        tiny = want.abs() < torch.finfo(torch.bfloat16).tiny
+        want = torch.where(tiny, torch.zeros_like(want), want)
+    assert torch.equal(y.view(torch.int16), want.contiguous().view(torch.int16))
+
+
+def test_mma_mxfp4_two_multiply_scales_bit_exact():
+    """E8M0 codes above 128 take the two-multiply bfloat16 decode (x identity: y = W.T exactly)."""
+    N, K = 16, 64
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
+    codes = torch.tensor((2, 3, 127, 129, 200, 240), dtype=torch.uint8)
+    scale = codes[torch.randint(0, len(codes), (N, K // 32), generator=gen)]
+    qt = QuantizedTensor(data.to(DEVICE), scale.to(DEVICE), None, (N, K), MXFP4Config())
+    x = torch.eye(K, device=DEVICE, dtype=torch.bfloat16)[:MMA_MAX_M]
+    y = fp4_mma_matmul(x, qt, config=_cfg(block_m=64 if GPU else 16))
+    want = qt.dequantize(torch.bfloat16)[:, :MMA_MAX_M].T + 0.0
+    if not GPU:
+        tiny = want.abs() < torch.finfo(torch.bfloat16).tiny
+        want = torch.where(tiny, torch.zeros_like(want), want)
+    assert torch.equal(y.view(torch.int16), want.contiguous().view(torch.int16))
+
+
+def test_mma_config_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        MmaConfig(block_n=48)
+    with pytest.raises(ValueError, match="block_m and block_n must be >= 16"):
+        MmaConfig(block_m=8)
+    with pytest.raises(ValueError, match="num_stages"):
+        MmaConfig(num_stages=0)
+    with pytest.raises(ValueError, match="evict"):
+        MmaConfig(evict="first")
+
+
+def test_mma_default_config_rule():
+    """Token tiles follow M; few-tile layers split K (within MMA_MAX_SPLIT, >= 2 K steps per split)."""
+    if not GPU:
+        pytest.skip("the interpreter always takes its small launch")
+    assert mma_config(16, 4096, 4096, 16).block_m == 16 and mma_config(33, 4096, 4096, 16).block_m == 64
+    small, large = mma_config(16, 4096, 4096, 16), mma_config(16, 28672, 4096, 16)
+    assert small.split_k >= large.split_k and 4096 // (small.block_k * small.split_k) >= 2
+
+
+def test_mma_rejects_bad_input():
+    qt = quantize(_weight(16, 64), NVFP4Config())
+    with pytest.raises(ValueError, match="features"):
+        fp4_mma_matmul(torch.randn(4, 32, device=DEVICE, dtype=torch.bfloat16), qt)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        fp4_mma_matmul(torch.randn(4, 64, device=DEVICE), qt)
+    with pytest.raises(ValueError, match="M \\(rows of x\\)"):
+        fp4_mma_matmul(torch.randn(MMA_MAX_M + 1, 64, device=DEVICE, dtype=torch.bfloat16), qt)
+    if not GPU:
+        with pytest.raises(ValueError, match="pdl needs a GPU"):
+            fp4_mma_matmul(torch.randn(4, 64, device=DEVICE, dtype=torch.bfloat16), qt, config=_cfg(pdl=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")
+def test_mma_pdl_in_a_cuda_graph():
+    """PDL launches back to back in a CUDA graph (each reading the previous output) give the eager results."""
+    qt = quantize(_weight(4096, 512), NVFP4Config())
+    qt2 = quantize(_weight(512, 4096), NVFP4Config())
+    cfg = MmaConfig(block_n=64, block_m=16, block_k=128, split_k=2, pdl=True)
+    x = torch.randn(16, 512, device=DEVICE, dtype=torch.bfloat16)
+    want = fp4_mma_matmul(fp4_mma_matmul(x, qt, config=cfg), qt2, config=cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = fp4_mma_matmul(fp4_mma_matmul(x, qt, config=cfg), qt2, config=cfg)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
