@@ -11,8 +11,9 @@ random_model.py the random-weight Llama-3-8B-shaped model for speed runs.
 
 from .chat import chat_ids
 from .engine import Engine, batch_bucket
+from .fused import HeadFormat
 from .model import DecoderRunner, UnsupportedModel, arch_spec
 from .sampling import Completion, FinishReason, SamplingParams, filter_logits, sample
 
-__all__ = ["Completion", "DecoderRunner", "Engine", "FinishReason", "SamplingParams", "UnsupportedModel",
+__all__ = ["Completion", "DecoderRunner", "Engine", "FinishReason", "HeadFormat", "SamplingParams", "UnsupportedModel",
            "arch_spec", "batch_bucket", "chat_ids", "filter_logits", "sample"]

@@ -43,18 +43,29 @@ class BenchConfig:
             raise ValueError(f"BenchConfig needs batches >= 1, prompt_len >= 1, gen_len >= 2, repeats >= 1; got {self}")
 
 
-def weight_bytes(model) -> int:
-    """Bytes a decode step reads from the weights (see the module docstring)."""
+def weight_bytes(model, head_copy=None) -> int:
+    """Bytes a decode step reads from the weights (see the module docstring). `head_copy`: the
+    QuantizedTensor the engine runs instead of lm_head's weight (Engine(lm_head="nvfp4")): its packed
+    bytes and scales count, lm_head's own weight does not (nor a tied embedding, read only per row)."""
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    tied = head is not None and getattr(head, "weight", None) is embed
+    head_w = getattr(head, "weight", None)
+    tied = head is not None and head_w is embed
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen or (t is embed and not tied):
+        if id(t) in seen or (t is embed and not tied) or (head_copy is not None and t is head_w):
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
+    if head_copy is not None:
+        total += head_copy.nbytes
     return total
+
+
+def engine_weight_bytes(engine: Engine) -> int:
+    """`weight_bytes` of what this engine's decode step reads (its FP4 head copy, when it runs one)."""
+    fp4 = engine.runner.fp4_head()
+    return weight_bytes(engine.model, None if fp4 is None else fp4.qt)
 
 
 def copy_bandwidth(device, nbytes: int | None = None, repeats: int = 20) -> float:
@@ -112,7 +123,7 @@ def bench_batch(engine: Engine, batch: int, cfg: BenchConfig, bandwidth: float) 
     ttft = statistics.median(r[0] for r in runs)
     full = statistics.median(r[1] for r in runs)
     step = (full - ttft) / (cfg.gen_len - 1)
-    wbytes = weight_bytes(engine.model)
+    wbytes = engine_weight_bytes(engine)
     kv = kv_bytes_per_step(engine, batch, engine.kv_len(cfg.prompt_len + cfg.gen_len - 2))
     return {"batch": batch, "prompt_len": cfg.prompt_len, "gen_len": cfg.gen_len, "ttft_ms": ttft * 1e3,
             "step_ms": step * 1e3, "decode_tok_s": batch / step, "e2e_tok_s": batch * cfg.gen_len / full,

@@ -32,6 +32,9 @@ call `eng.reset_graphs()` after changing FP4 weights in place.
 fused norm / rope / attention kernels on CUDA). Its fused weights are copies: `prefill` checks
 their sources' versions and rebuilds them (and the graphs) when a source changed in place, and
 `reset_graphs()` drops them too. `fused=False` is the module-by-module torch path.
+
+`lm_head=HeadFormat.NVFP4` (or "nvfp4") runs the output head as an NVFP4 copy of `lm_head.weight`
+through the FP4 GEMV (fused.py says why and what it costs); the default runs the model's own head.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .fused import HeadFormat
 from .model import DecoderRunner
 from .sampling import Completion, FinishReason, SamplingParams, sample
 from .text import TextTracker
@@ -70,11 +74,11 @@ def eos_ids(model: nn.Module, tokenizer) -> set[int]:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, *, max_batch: int = 32, max_seq_len: int = 2048,
                  kv_dtype: torch.dtype | None = None, cuda_graphs: bool = True, seq_bucket: int = 256,
-                 progress: bool = False, fused: bool = True):
+                 progress: bool = False, fused: bool = True, lm_head: HeadFormat | str = HeadFormat.MODEL):
         if max_batch < 1 or max_seq_len < 2 or seq_bucket < 1:
             raise ValueError(f"Engine needs max_batch >= 1, max_seq_len >= 2, seq_bucket >= 1; got "
                              f"{max_batch}, {max_seq_len}, {seq_bucket}")
-        self.runner = DecoderRunner(model, fused=fused)
+        self.runner = DecoderRunner(model, fused=fused, head=HeadFormat(lm_head))
         self.model, self.tokenizer = self.runner.model, tokenizer
         embed = self.model.get_input_embeddings().weight
         self.device, self.dtype = embed.device, embed.dtype

@@ -18,6 +18,13 @@ from the concatenation (`prepare_fp4_weight`, kept here and passed as `prepared=
 per-module prepared copy is made by the engine). `is_current` notices when a source tensor was
 changed in place (or a module replaced); the engine then rebuilds (at prefill, never inside a graph).
 
+FP4 output head (`quantize_head`, `Engine(lm_head=HeadFormat.NVFP4)`). At batch 1 the bf16 lm_head of
+Llama-3-8B (128256 x 4096, 1.05 GB) is ~20% of the bytes of an NVFP4 step; as NVFP4 it moves 0.30 GB.
+The engine quantizes a COPY of `lm_head.weight` (RTN NVFP4, a per-tensor global scale) for the head
+only: with tied embeddings (SmolLM2) the input embedding stays as it is, and the model itself is
+never changed. It is opt-in because it changes the model's logits (the perplexity cost is measured
+in BENCHMARKS.md, "Decode chain round 5"); a head that already is an FP4Linear is used as it is.
+
 Known norms. `norm_kind` says whether a norm module is one of transformers' RMSNorm classes whose
 arithmetic `fp4kit.kernels.decode_ops.add_rmsnorm` reproduces (Llama form or Gemma form), by exact
 class; anything else is called as a module.
@@ -25,13 +32,14 @@ class; anything else is called as a module.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp4kit.formats import NVFP4Config, QuantizedTensor
+from fp4kit.formats import NVFP4Config, QuantizedTensor, quantize
 from fp4kit.kernels import PreparedFP4Weight, fp4_linear, prepare_fp4_weight
 from fp4kit.nn import FP4Linear
 
@@ -142,3 +150,24 @@ def fuse_linears(modules) -> FusedLinear | None:
         qt = QuantizedTensor(torch.cat([m.weight_packed for m in mods]), torch.cat([m.weight_scale for m in mods]),
                              gs, (sum(sizes), mods[0].in_features), mods[0].config)
         return FusedLinear(mods, sizes, _versions(mods), qt=qt, bias=bias)
+
+
+class HeadFormat(enum.Enum):
+    """What the engine runs as the output head: the model's own `lm_head` (MODEL, the default), or an
+    NVFP4 copy of its weight through the FP4 GEMV (NVFP4)."""
+    MODEL = "model"
+    NVFP4 = "nvfp4"
+
+
+def quantize_head(head: nn.Module, config: NVFP4Config = NVFP4Config()) -> FusedLinear | None:
+    """An NVFP4 copy of a plain nn.Linear head (RTN, global scale from the weight's amax) as a one-source
+    FusedLinear, or None when the head is not a plain nn.Linear (an FP4Linear head already is FP4)."""
+    if type(head) is not nn.Linear:
+        if isinstance(head, FP4Linear):
+            return None
+        raise TypeError(f"quantize_head: lm_head is a {type(head).__name__}; an FP4 copy needs a plain nn.Linear")
+    with torch.no_grad():
+        w = head.weight.detach()
+        qt = quantize(w, config, name="lm_head.weight")
+        bias = None if head.bias is None else head.bias.detach().clone()
+    return FusedLinear((head,), (head.out_features,), _versions((head,)), qt=qt, bias=bias)

@@ -50,7 +50,7 @@ from torch import nn
 from fp4kit.kernels import decode_ops
 from fp4kit.nn.kv_cache import KVCache
 
-from .fused import GATED_MLPS, FusedLinear, NormKind, fuse_linears, is_silu, norm_kind
+from .fused import GATED_MLPS, FusedLinear, HeadFormat, NormKind, fuse_linears, is_silu, norm_kind, quantize_head
 
 DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 MOE = ("qwen2_moe", "qwen3_moe", "mixtral")
@@ -154,8 +154,10 @@ class LayerPlan:
 class DecoderRunner:
     """The forward pass over a HF causal LM's modules with static caches (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, fused: bool = True):
+    def __init__(self, model: nn.Module, fused: bool = True, head: HeadFormat = HeadFormat.MODEL):
         self.model = unwrap(model)
+        self.head_format = HeadFormat(head)
+        self._head: FusedLinear | None = None
         self.spec = arch_spec(self.model)
         rot = self.model.model.rotary_emb
         self._rope_takes_type = "layer_type" in inspect.signature(rot.forward).parameters
@@ -234,9 +236,23 @@ class DecoderRunner:
             silu = is_silu(getattr(mlp, "act_fn", None))
         return LayerPlan(qkv, gate_up, silu)
 
+    def fp4_head(self) -> FusedLinear | None:
+        """The NVFP4 copy of lm_head this runner runs (HeadFormat.NVFP4; built on first use), else None."""
+        if self.head_format is HeadFormat.NVFP4 and self._head is None:
+            self._head = quantize_head(self.model.lm_head)
+        return self._head
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., hidden] -> logits [..., V]: the model's lm_head, or its NVFP4 copy
+        fp4 = self.fp4_head()
+        return self.model.lm_head(x) if fp4 is None else fp4(x)
+
     def refresh(self) -> bool:
         """Rebuild the fused weights if a source changed in place or was replaced; True when rebuilt
         (captured graphs then point at dropped tensors: the engine recaptures)."""
+        if self._head is not None and not self._head.is_current((self.model.lm_head,)):
+            self.drop_fused()
+            return True
         if self._plans is None:
             return False
         for plan, layer in zip(self._plans, self.model.model.layers):
@@ -250,6 +266,7 @@ class DecoderRunner:
 
     def drop_fused(self) -> None:
         self._plans = None
+        self._head = None
         self._norms.clear()
 
     def kernels_on(self, x: torch.Tensor) -> bool:
@@ -333,7 +350,7 @@ class DecoderRunner:
                 pending = self.mlp_fused(layer, plans[i], x)
         if last_only:
             h, pending = h[:, -1:].contiguous(), pending[:, -1:].contiguous()
-        return self.model.lm_head(self.add_norm(h, pending, inner.norm)[1])
+        return self.head(self.add_norm(h, pending, inner.norm)[1])
 
     def block(self, i: int, layer: nn.Module, h, rope, masks, slots, kv_len, cache):
         a = self.attention(i, layer.self_attn, layer.input_layernorm(h), rope, masks, slots, kv_len, cache)
@@ -357,7 +374,7 @@ class DecoderRunner:
             masks = self.masks(pad, slots, kv_len)
             for i, layer in enumerate(inner.layers):
                 h = self.block(i, layer, h, rope, masks, slots, kv_len, caches[i])
-            logits = self.model.lm_head(inner.norm(h[:, -1:] if last_only else h)).float()
+            logits = self.head(inner.norm(h[:, -1:] if last_only else h)).float()
         logits = logits[:, 0] if last_only else logits
         if self.spec.final_softcap:
             logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
