@@ -256,14 +256,15 @@ def _mxfp4_word_tile(w_ptr, s_ptr, offs_t, valid, row, stride_wr, stride_wt, str
 
 
 @triton.jit
-def index_score_kernel(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out,
-                       stride_qr, stride_kr, stride_kt, stride_sr, stride_st, stride_or, stride_hr,
+def index_score_kernel(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, mx_ptr, lo, hi, n_out,
+                       stride_qr, stride_kr, stride_kt, stride_sr, stride_st, stride_or, stride_hr, stride_xr,
                        D: tl.constexpr, FMT: tl.constexpr, BS: tl.constexpr, GS_ENCODE: tl.constexpr,
                        BLOCK_T: tl.constexpr, ITERS: tl.constexpr, HIST: tl.constexpr, PACKED: tl.constexpr,
-                       INTERPRET: tl.constexpr):
+                       G: tl.constexpr, INTERPRET: tl.constexpr):
     """One program: ITERS tiles of BLOCK_T positions of one row (the query prepared once). Writes the
-    monotone int16 score m (-32768 outside [lo, hi)) and, with HIST, adds each tile's histogram of the
-    high byte of u = m + 32768 to hist[row, 0:256]."""
+    monotone int16 score m (-32768 outside [lo, hi)); with HIST, adds each tile's histogram of the
+    high byte of u = m + 32768 to hist[row, 0:256]; with G > 0, the maximum m of every G consecutive
+    positions to mx[row, t // G] (the threshold select's lower bound, see below)."""
     row = tl.program_id(0)
     q_row = q_ptr + row * stride_qr
     if FMT == 2:
@@ -273,9 +274,21 @@ def index_score_kernel(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n
             0.0, 0, 0, 0, 0
     for it in range(ITERS):
         offs_t = (tl.program_id(1) * ITERS + it) * BLOCK_T + tl.arange(0, BLOCK_T)
-        _score_tile(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out, stride_qr, stride_kr, stride_kt,
+        m = _score_tile(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out, stride_qr, stride_kr, stride_kt,
                     stride_sr, stride_st, stride_or, stride_hr, row, q_row, offs_t, ex, sq, ql0, ql1, ql2, ql3,
                     qh0, qh1, qh2, qh3, p0, p1, p2, p3, D, FMT, BS, GS_ENCODE, BLOCK_T, HIST, PACKED, INTERPRET)
+        if G > 0:
+            _store_maxima(mx_ptr + row * stride_xr, m, (tl.program_id(1) * ITERS + it) * BLOCK_T, BLOCK_T, G)
+
+
+@triton.jit
+def _store_maxima(mx_row, m, start, BLOCK_T: tl.constexpr, G: tl.constexpr):
+    """mx[t // G] = max of m over the G positions of group t // G (groups inside this tile)."""
+    if G == BLOCK_T:
+        tl.store(mx_row + start // G, tl.max(m, 0).to(tl.int16))
+    else:
+        mg = tl.max(tl.reshape(m, (BLOCK_T // G, G)), 1)
+        tl.store(mx_row + start // G + tl.arange(0, BLOCK_T // G), mg.to(tl.int16))
 
 
 @triton.jit
@@ -318,6 +331,7 @@ def _score_tile(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out, s
         hist = tl.histogram((m + 32768) >> 8, 256, mask=valid)
         offs_h = tl.arange(0, 256)
         tl.atomic_add(hist_ptr + row * stride_hr + offs_h, hist, mask=hist > 0, sem="relaxed")
+    return m
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,13 +598,15 @@ def _rerank_scores(q_ptr, k_ptr, cand_ptr, out_ptr, n_cand, stride_qr, stride_kr
 
 
 @triton.jit
-def _select_row(score_row, cand_row, out_row, n_cand, k, BLOCK: tl.constexpr, BYTE_RADIX: tl.constexpr):
+def _select_row(score_row, cand_row, out_row, n_cand, k, BLOCK: tl.constexpr, BYTE_RADIX: tl.constexpr,
+                DIGITS: tl.constexpr):
     """The k best of n_cand float32 scores of one row (candidates in ascending position, so equal scores go
     to the earlier one), written in ascending position. The k-th best monotone 32-bit key T is found by
     a 32-step bitwise search (count the keys >= each candidate prefix), or with BYTE_RADIX a byte at a
     time (four 256-bin histograms over the keys that share T's higher bytes, each followed by the suffix
-    search of the radix select: measured slower on the H100 at 4096 candidates, 2026-11-23); then all
-    keys above T and the first (k - #above) equal to it."""
+    search of the radix select: measured slower on the H100 at 4096 candidates, 2026-11-23), or with
+    DIGITS four bits at a time (8 steps of 16 prefixes counted at once, `_kth_largest`); then all keys
+    above T and the first (k - #above) equal to it."""
     offs = tl.arange(0, BLOCK)
     ok = offs < n_cand
     s = tl.load(score_row + offs, mask=ok, other=float("-inf"), volatile=True)
@@ -610,6 +626,9 @@ def _select_row(score_row, cand_row, out_row, n_cand, k, BLOCK: tl.constexpr, BY
             b, above = _suffix_threshold(tl.histogram(digit, 256, mask=same), above, k)
             prefix = prefix | (b.to(tl.uint32) << shift)
         key = tl.where(ok, key, 0)
+    elif DIGITS:  # 8 steps of 16 candidate prefixes (`_kth_largest`)
+        key = tl.where(ok, key, 0)
+        prefix = _kth_largest(key, k, 32)
     else:
         key = tl.where(ok, key, 0)
         t = tl.zeros([1], dtype=tl.uint32)
@@ -629,17 +648,17 @@ def _select_row(score_row, cand_row, out_row, n_cand, k, BLOCK: tl.constexpr, BY
 
 @triton.jit
 def select_kernel(score_ptr, cand_ptr, out_ptr, n_cand, k, stride_sr, stride_cr, stride_or, BLOCK: tl.constexpr,
-                  BYTE_RADIX: tl.constexpr):
+                  BYTE_RADIX: tl.constexpr, DIGITS: tl.constexpr):
     """One program per row: `_select_row`."""
     row = tl.program_id(0)
     _select_row(score_ptr + row * stride_sr, cand_ptr + row * stride_cr, out_ptr + row * stride_or, n_cand, k, BLOCK,
-                BYTE_RADIX)
+                BYTE_RADIX, DIGITS)
 
 
 @triton.jit
 def rerank_select_kernel(q_ptr, k_ptr, cand_ptr, score_ptr, out_ptr, ticket_ptr, n_cand, k, stride_qr, stride_kr,
                          stride_kt, stride_cr, stride_sr, stride_or, D: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK: tl.constexpr, BYTE_RADIX: tl.constexpr):
+                         BLOCK: tl.constexpr, BYTE_RADIX: tl.constexpr, DIGITS: tl.constexpr):
     """The rerank in one launch: each program scores BLOCK_C candidates (as `rerank_kernel`) and takes a
     ticket; the row's last program (every score written: the ticket is acq_rel) selects the k best
     (`_select_row`) and resets the ticket to 0 for the next launch on this stream."""
@@ -649,4 +668,179 @@ def rerank_select_kernel(q_ptr, k_ptr, cand_ptr, score_ptr, out_ptr, ticket_ptr,
     if tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel") == tl.num_programs(1) - 1:
         tl.store(ticket_ptr + row, 0)
         _select_row(score_ptr + row * stride_sr, cand_ptr + row * stride_cr, out_ptr + row * stride_or, n_cand, k,
-                    BLOCK, BYTE_RADIX)
+                    BLOCK, BYTE_RADIX, DIGITS)
+
+
+# ----------------------------------------------------------------------------------------------
+# the threshold select (`fp4_topk.SelectMethod.THRESHOLD`)
+#
+# No histograms. The scan also writes mx[g] = max of m over each group of G consecutive positions
+# (M = n_out / G >= 2n groups). Let T be the n-th largest group maximum: n groups hold a score >= T,
+# so at least n positions do, so T <= u* (the n-th best score) and every selected position has
+# u >= T. For scores that do not cluster by position, #(u >= T) is about 1.4 n at M = 2n (the
+# chance that a group's maximum passes T is n/M = 1/2, so a score passes with p ~ ln 2 / G).
+#   1. `maxima_threshold_kernel` (one program per row): T by a 4-bit digit search over the M maxima.
+#   2. `compact_select_kernel` (many programs per row): each counts its positions with u >= T,
+#      publishes the count, adds the counts of the tiles before it (a look-back: tile ids are taken
+#      from a per-row atomic counter, so a tile only waits on tiles that have started), and writes
+#      those positions and their u, in ascending position, into a per-row candidate buffer. The
+#      row's last program to leave takes the exact n best of the c candidates (digit search for u*,
+#      then all above and the first `need` ties, which the ascending order makes the lowest
+#      positions), writes them ascending, and zeroes the workspace for the next launch.
+# If c exceeds the buffer (scores that cluster: many groups above T), the last program selects from
+# all the row's scores instead, in chunks: exact, slow (tens of us), never wrong.
+#
+# The digit search finds the largest t with #(u >= t) >= n four bits at a time: 16 candidate
+# prefixes per step counted at once (a [16, BLOCK] compare and one reduction), 4 steps for 16-bit u,
+# 8 for the rerank's 32-bit float keys (the bitwise search needs 16 / 32 serial reductions).
+
+WS_T = tl.constexpr(0)  # threshold-select workspace: [0] T, [1] departures, [2] tile-id counter, [4:] tile counts
+WS_TICKET = tl.constexpr(1)
+WS_TILE_ID = tl.constexpr(2)
+WS_COUNTS = tl.constexpr(4)
+
+
+@triton.jit
+def _digit_step(cnt, t, shift, n):
+    """cnt[j] = #(u >= t + j << shift), j = 0..15 (cnt[0] >= n): the new prefix t."""
+    d = tl.arange(0, 16)
+    j = tl.max(tl.where(cnt >= n, d, 0), 0)
+    return t + (j << shift)
+
+
+@triton.jit
+def _count_above(u, t, shift):
+    """[16] counts of u (1-D, int32 or uint32) >= t + j << shift."""
+    d = tl.arange(0, 16).to(u.dtype)
+    thr = t + (d << shift)
+    return tl.sum((u[None, :] >= thr[:, None]).to(tl.int32), 1)
+
+
+@triton.jit
+def _kth_largest(u, n, BITS: tl.constexpr):
+    """The largest t with #(u >= t) >= n (u: 1-D int32 >= 0 or uint32, BITS wide; n <= #(u >= 0))."""
+    t = tl.zeros([], u.dtype)
+    for s in tl.static_range(BITS // 4):
+        shift = BITS - 4 * (s + 1)
+        t = _digit_step(_count_above(u, t, shift), t, shift, n).to(u.dtype)
+    return t
+
+
+@triton.jit
+def _load_u(src, idx, count, FROM_M: tl.constexpr):
+    """u = m + 32768 of entries idx < count: from the int16 scores (FROM_M) or the int32 candidate buffer."""
+    ok = idx < count
+    if FROM_M:
+        return tl.load(src + idx, mask=ok, other=-32768, volatile=True).to(tl.int32) + 32768
+    return tl.load(src + idx, mask=ok, other=0, volatile=True)
+
+
+@triton.jit
+def _kth_chunked(src, count, n, FROM_M: tl.constexpr, CH: tl.constexpr):
+    """`_kth_largest` over `count` entries read CH at a time (each step re-reads them)."""
+    t = tl.zeros([], tl.int32)
+    for s in tl.static_range(4):
+        shift = 12 - 4 * s
+        cnt = tl.zeros([16], tl.int32)
+        for start in range(0, count, CH):
+            cnt += _count_above(_load_u(src, start + tl.arange(0, CH), count, FROM_M), t, shift)
+        t = _digit_step(cnt, t, shift, n)
+    return t
+
+
+@triton.jit
+def _write_best(u, pos, ok, ustar, need, eq_before, sel_before, out_row):
+    """Write the positions with u > u* and the ties whose rank (eq_before + rank here) < need at
+    slots sel_before + rank; returns the updated (eq_before, sel_before)."""
+    gt = (ok & (u > ustar)).to(tl.int32)
+    eq = (ok & (u == ustar)).to(tl.int32)
+    sel = gt | (eq & ((eq_before + tl.cumsum(eq, 0) - eq) < need).to(tl.int32))
+    slot = sel_before + tl.cumsum(sel, 0) - sel
+    tl.store(out_row + slot, pos.to(tl.int64), mask=sel != 0)
+    return eq_before + tl.sum(eq, 0), sel_before + tl.sum(sel, 0)
+
+
+@triton.jit
+def _select_chunked(src, pos_src, count, n, out_row, FROM_M: tl.constexpr, CH: tl.constexpr):
+    """The n best of `count` entries (in ascending position) read CH at a time: u*, #(u > u*), the writes."""
+    ustar = _kth_chunked(src, count, n, FROM_M, CH)
+    gt = tl.zeros([], tl.int32)
+    for start in range(0, count, CH):
+        gt += tl.sum((_load_u(src, start + tl.arange(0, CH), count, FROM_M) > ustar).to(tl.int32), 0)
+    eq_before = tl.zeros([], tl.int32)
+    sel_before = tl.zeros([], tl.int32)
+    for start in range(0, count, CH):
+        idx = start + tl.arange(0, CH)
+        u = _load_u(src, idx, count, FROM_M)
+        if FROM_M:
+            pos = idx
+        else:
+            pos = tl.load(pos_src + idx, mask=idx < count, other=0, volatile=True)
+        eq_before, sel_before = _write_best(u, pos, idx < count, ustar, n - gt, eq_before, sel_before, out_row)
+
+
+@triton.jit
+def maxima_threshold_kernel(mx_ptr, ws_ptr, M, n, stride_xr, stride_wr, BLOCK: tl.constexpr,
+                            CHUNKED: tl.constexpr):
+    """One program per row: T = the n-th largest of the M group maxima (as u = m + 32768) into ws[row, 0]."""
+    row = tl.program_id(0)
+    src = mx_ptr + row * stride_xr
+    if CHUNKED:
+        t = _kth_chunked(src, M, n, True, BLOCK)
+    else:
+        t = _kth_largest(_load_u(src, tl.arange(0, BLOCK), M, True), n, 16)
+    tl.store(ws_ptr + row * stride_wr + WS_T, t)
+
+
+@triton.jit
+def compact_select_kernel(m_ptr, ws_ptr, cu_ptr, cp_ptr, out_ptr, stride_mr, stride_wr, stride_cr, stride_or, n_out,
+                          n, n_tiles, cap, BLOCK: tl.constexpr, TILES: tl.constexpr, FB: tl.constexpr,
+                          CH: tl.constexpr, PHASE: tl.constexpr, MAX_SPINS: tl.constexpr):
+    """Compaction of the positions with u >= T (ws[row, 0]) and, in the row's last program, the exact
+    n best of them (see the section comment). PHASE 0 on the GPU; the interpreter runs PHASE 1 (counts)
+    then PHASE 2 (the rest) as two launches, tile = program id."""
+    row = tl.program_id(0)
+    ws = ws_ptr + row * stride_wr
+    if PHASE == 0:  # tiles in the order programs start, so a tile never waits on one that is not running
+        tile = tl.atomic_add(ws + WS_TILE_ID, 1, sem="relaxed")
+    else:
+        tile = tl.program_id(1)
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_out
+    u = tl.load(m_ptr + row * stride_mr + offs, mask=ok, other=-32768).to(tl.int32) + 32768
+    thr = tl.maximum(tl.load(ws + WS_T, volatile=True), 1)  # u = 0: outside [lo, hi)
+    cand = (ok & (u >= thr)).to(tl.int32)
+    if PHASE == 0 or PHASE == 1:
+        tl.atomic_xchg(ws + WS_COUNTS + tile, PUBLISHED | tl.sum(cand, 0), sem="release")
+    if PHASE == 0 or PHASE == 2:
+        offs_tiles = tl.arange(0, TILES)
+        before = offs_tiles < tile
+        words = tl.load(ws + WS_COUNTS + offs_tiles, mask=before, other=PUBLISHED, volatile=True)
+        if PHASE == 0:
+            i = tl.full([], 0, tl.int32)
+            while (tl.min(words & PUBLISHED, 0) == 0) & (i < MAX_SPINS):
+                words = tl.load(ws + WS_COUNTS + offs_tiles, mask=before, other=PUBLISHED, volatile=True)
+                i += 1
+        slot = tl.sum(tl.where(before, words & (PUBLISHED - 1), 0), 0) + tl.cumsum(cand, 0) - cand
+        keep = (cand != 0) & (slot < cap)
+        tl.store(cu_ptr + row * stride_cr + slot, u, mask=keep)
+        tl.store(cp_ptr + row * stride_cr + slot, offs, mask=keep)
+        if tl.atomic_add(ws + WS_TICKET, 1, sem="acq_rel") == n_tiles - 1:  # every tile has written
+            words = tl.load(ws + WS_COUNTS + offs_tiles, mask=offs_tiles < n_tiles, other=0, volatile=True)
+            c = tl.sum(words & (PUBLISHED - 1), 0)
+            out_row = out_ptr + row * stride_or
+            cu_row = cu_ptr + row * stride_cr
+            cp_row = cp_ptr + row * stride_cr
+            if c <= FB:  # the usual case: the candidates in registers
+                idx = tl.arange(0, FB)
+                uc = _load_u(cu_row, idx, c, False)
+                ustar = _kth_largest(uc, n, 16)
+                need = n - tl.sum((uc > ustar).to(tl.int32), 0)
+                pos = tl.load(cp_row + idx, mask=idx < c, other=0, volatile=True)
+                _write_best(uc, pos, idx < c, ustar, need, 0, 0, out_row)
+            elif c <= cap:
+                _select_chunked(cu_row, cp_row, c, n, out_row, False, CH)
+            else:  # the candidates overflowed: select from all the row's scores
+                _select_chunked(m_ptr + row * stride_mr, cp_row, n_out, n, out_row, True, CH)
+            tl.store(ws + tl.arange(0, 4), tl.zeros([4], tl.int32))
+            tl.store(ws + WS_COUNTS + offs_tiles, tl.zeros([TILES], tl.int32), mask=offs_tiles < n_tiles)

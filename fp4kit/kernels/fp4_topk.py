@@ -110,6 +110,25 @@ class CoarseHist(enum.Enum):
 COARSE_HIST = CoarseHist.FUSED
 
 
+class SelectMethod(enum.Enum):
+    """How the n best positions are found from the scan's int16 scores."""
+
+    RADIX = "radix"  # two 256-bin histograms (tl.histogram), fused into one launch with `FUSED_SELECT`
+    THRESHOLD = "threshold"  # group maxima from the scan -> a lower bound T -> compaction -> exact select
+
+
+SELECT_METHOD = SelectMethod.THRESHOLD
+# the threshold select: the scan writes one maximum per group of G positions, with G the largest power of two
+# (<= the scan tile) leaving at least MAXIMA_PER_N * n groups; candidates (u >= T) go to a buffer of
+# next_power_of_2(CAND_PER_N * n) entries, the first THRESH_REGISTERS of them selected in registers
+MAXIMA_PER_N = 2
+CAND_PER_N = 4
+THRESH_REGISTERS = 4096
+THRESH_BLOCK = (2048, 8)  # (positions per compaction program, warps)
+# the rerank's k-th-key search four bits at a time (8 steps of 16 prefixes) instead of 32 bitwise steps
+RERANK_DIGITS = True
+
+
 def _pair_order(D: int, device) -> torch.Tensor:
     """perm[p] = the element at pair-order position p = 8w + 2J + a: element 8w + J + 4a."""
     p = torch.arange(D, device=device)
@@ -261,8 +280,10 @@ def _fp4_args(keys: KeyCacheView):
 
 
 def _scan_launch(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torch.Tensor, out: torch.Tensor,
-                 block_t: int, warps: int, iters: int, hist_in_scan: bool):
-    """(grid, args, meta) of the scan kernel writing monotone int16 scores into out [R, n_out]."""
+                 block_t: int, warps: int, iters: int, hist_in_scan: bool, mx: torch.Tensor | None = None,
+                 group: int = 0):
+    """(grid, args, meta) of the scan kernel writing monotone int16 scores into out [R, n_out] (and, with
+    group > 0, the maximum of every `group` positions into mx [R, n_out // group])."""
     R, D = keys.rows, keys.head_dim
     n_out = out.shape[1]
     fmt = _FMT_CODE[keys.format]
@@ -283,18 +304,20 @@ def _scan_launch(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torc
         data = keys.data.view(torch.uint8) if keys.format is KeyFormat.FP8 else keys.data
         s = keys.scale if keys.scale is not None else q
     grid = (R, n_out // (block_t * iters))
-    args = (qk, data, s, gs, out, ws, lo, hi, n_out, qk.stride(0), data.stride(0), data.stride(1), s.stride(0),
-            s.stride(1) if s.dim() > 1 else 0, out.stride(0), ws.stride(0))
+    mx = out if mx is None else mx
+    args = (qk, data, s, gs, out, ws, mx, lo, hi, n_out, qk.stride(0), data.stride(0), data.stride(1), s.stride(0),
+            s.stride(1) if s.dim() > 1 else 0, out.stride(0), ws.stride(0), mx.stride(0))
     meta = {"D": D, "FMT": fmt, "BS": bs, "GS_ENCODE": enc, "BLOCK_T": block_t, "ITERS": iters, "HIST": hist_in_scan,
-            "PACKED": MXFP4_PACKED_HALF, "INTERPRET": _interpreting(), "num_warps": warps}
+            "PACKED": MXFP4_PACKED_HALF, "G": group, "INTERPRET": _interpreting(), "num_warps": warps}
     return grid, args, meta
 
 
 def _scan(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torch.Tensor, n_out: int, block_t: int,
-          warps: int, iters: int, hist_in_scan: bool) -> torch.Tensor:
-    """The scan kernel: monotone int16 scores [R, n_out]; the coarse histogram into ws[:, 0:256] if asked."""
+          warps: int, iters: int, hist_in_scan: bool, mx: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
+    """The scan kernel: monotone int16 scores [R, n_out]; the coarse histogram into ws[:, 0:256] if asked;
+    group maxima into mx if group > 0."""
     out = torch.empty(keys.rows, n_out, dtype=torch.int16, device=q.device)
-    grid, args, meta = _scan_launch(q, keys, lo, hi, ws, out, block_t, warps, iters, hist_in_scan)
+    grid, args, meta = _scan_launch(q, keys, lo, hi, ws, out, block_t, warps, iters, hist_in_scan, mx, group)
     _fp4_topk.index_score_kernel[grid](*args, **meta)
     return out
 
@@ -424,6 +447,45 @@ def _radix_select(m: torch.Tensor, ws: torch.Tensor, n: int, fused: tuple[int, i
     return out
 
 
+def _group_size(n: int, n_out: int, block_t: int) -> int:
+    """G of the threshold select: the largest power of two <= block_t with n_out / G >= MAXIMA_PER_N * n (0: none)."""
+    most = n_out // (MAXIMA_PER_N * n)
+    if most < 1:
+        return 0
+    return min(block_t, 1 << (most.bit_length() - 1))
+
+
+def _threshold_select(q: torch.Tensor, keys: KeyCacheView, n: int, lo: int, hi: int, block_t: int, warps: int,
+                      iters: int, n_out: int, group: int) -> torch.Tensor:
+    """Scan (with group maxima) -> threshold T per row -> compaction + exact select (`SelectMethod.THRESHOLD`)."""
+    R, dev = keys.rows, q.device
+    M = n_out // group
+    mx = torch.empty(R, M, dtype=torch.int16, device=dev)
+    interp = _interpreting()
+    block, warps_c = (64, 4) if interp else THRESH_BLOCK
+    n_tiles = triton.cdiv(n_out, block)
+    tiles = triton.next_power_of_2(n_tiles)
+    ws = _stream_buffer(dev, "threshold", R, 4 + tiles)
+    m = _scan(q, keys, lo, hi, ws, n_out, block_t, warps, iters, False, mx, group)
+    bm = min(triton.next_power_of_2(M), 64 if interp else 8192)
+    _fp4_topk.maxima_threshold_kernel[(R,)](mx, ws, M, n, mx.stride(0), ws.stride(0), BLOCK=bm, CHUNKED=M > bm,
+                                            num_warps=4 if bm <= 1024 else (8 if bm <= 4096 else 16))
+    cap = triton.next_power_of_2(CAND_PER_N * n)
+    cu = torch.empty(R, cap, dtype=torch.int32, device=dev)
+    cp = torch.empty(R, cap, dtype=torch.int32, device=dev)
+    out = torch.empty(R, n, dtype=torch.int64, device=dev)
+    fb = min(cap, 64 if interp else THRESH_REGISTERS)
+    args = (m, ws, cu, cp, out, m.stride(0), ws.stride(0), cu.stride(0), out.stride(0), n_out, n, n_tiles, cap)
+    meta = {"BLOCK": block, "TILES": tiles, "FB": fb, "CH": 64 if interp else 4096, "MAX_SPINS": _MAX_SPINS,
+            "num_warps": warps_c}
+    if interp:  # programs run one after another: counts first, then the rest
+        for phase in (1, 2):
+            _fp4_topk.compact_select_kernel[(R, n_tiles)](*args, PHASE=phase, **meta)
+    else:
+        _fp4_topk.compact_select_kernel[(R, n_tiles)](*args, PHASE=0, **meta)
+    return out
+
+
 def index_topk(q: torch.Tensor, keys: KeyCacheView, n: int, *, lo: int = 0, hi: int | None = None) -> torch.Tensor:
     """The n best positions in [lo, hi) by bf16 index score (ties to the lower position), returned in
     ascending position order: int64 [R, min(n, hi - lo)].
@@ -436,6 +498,9 @@ def index_topk(q: torch.Tensor, keys: KeyCacheView, n: int, *, lo: int = 0, hi: 
     if not use_triton(q) or n == 0:
         return index_topk_torch(q, keys, n, lo=lo, hi=hi)
     block_t, warps, iters, n_out = _scan_tile(keys)
+    group = _group_size(n, n_out, block_t) if SELECT_METHOD is SelectMethod.THRESHOLD else 0
+    if group:
+        return _threshold_select(q, keys, n, lo, hi, block_t, warps, iters, n_out, group)
     R = keys.rows
     coarse_fused = COARSE_HIST is CoarseHist.FUSED
     fused = _fused_block(R, n_out, coarse_fused, q.device) if FUSED_SELECT else None
@@ -502,11 +567,11 @@ def rerank_topk(q: torch.Tensor, keys_bf16: torch.Tensor, cand: torch.Tensor, k:
         _fp4_topk.rerank_select_kernel[(R, triton.cdiv(n, block_c))](
             q, keys_bf16, cand, scores, chosen, tickets, n, k, q.stride(0), keys_bf16.stride(0), keys_bf16.stride(1),
             cand.stride(0), scores.stride(0), chosen.stride(0), D=D, BLOCK_C=block_c, BLOCK=block,
-            BYTE_RADIX=RERANK_BYTE_RADIX, num_warps=warps)
+            BYTE_RADIX=RERANK_BYTE_RADIX, DIGITS=RERANK_DIGITS, num_warps=warps)
         return chosen
     _fp4_topk.rerank_kernel[(R, triton.cdiv(n, block_c))](q, keys_bf16, cand, scores, n, q.stride(0),
                                                           keys_bf16.stride(0), keys_bf16.stride(1), cand.stride(0),
                                                           scores.stride(0), D=D, BLOCK_C=block_c, num_warps=4)
     _fp4_topk.select_kernel[(R,)](scores, cand, chosen, n, k, scores.stride(0), cand.stride(0), chosen.stride(0),
-                                  BLOCK=block, BYTE_RADIX=RERANK_BYTE_RADIX, num_warps=warps)
+                                  BLOCK=block, BYTE_RADIX=RERANK_BYTE_RADIX, DIGITS=RERANK_DIGITS, num_warps=warps)
     return chosen

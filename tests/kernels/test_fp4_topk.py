@@ -92,8 +92,12 @@ def test_topk_ties_deterministic_in_kernel():
     assert got.tolist() == [[3, 4, 5, 6, 7, 8]] * 2
 
 
-def test_topk_many_ties_at_the_threshold():
+@pytest.mark.parametrize("method", ["RADIX", "THRESHOLD"])
+def test_topk_many_ties_at_the_threshold(method, monkeypatch):
     # keys from a set of 3 vectors: scores take 3 values, so the n-th best sits in a large tie
+    import fp4kit.kernels.fp4_topk as m
+
+    monkeypatch.setattr(m, "SELECT_METHOD", m.SelectMethod[method])
     base = torch.randn(3, 64)
     k = base[torch.randint(0, 3, (2, 150))]
     q = mx_query(torch.randn(2, 64))
@@ -138,6 +142,7 @@ def test_every_histogram_place_and_select_path_selects_the_same(fused, monkeypat
     q = mx_query(torch.randn(2, 64))
     keys = mx_keys(k)
     want = index_topk_torch(q, keys, 30, lo=2)
+    monkeypatch.setattr(m, "SELECT_METHOD", m.SelectMethod.RADIX)
     monkeypatch.setattr(m, "FUSED_SELECT", fused)
     for place in m.CoarseHist:
         monkeypatch.setattr(m, "COARSE_HIST", place)
@@ -240,12 +245,13 @@ def test_mxfp4_word_scan_zero_query_block_and_zero_keys():
     assert torch.equal(bits_to_bf16(index_score_bits(q, keys)[:, :20]).float(), torch.where(want == 0, 0.0, want))
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_fused_kernels_leave_their_workspaces_zero(fused, monkeypatch):
-    # the fused select and the fused rerank keep per-stream workspaces that they must leave zero: run each
-    # twice on different data, compare with the twins, then look at the buffers
+@pytest.mark.parametrize("fused,method", [(True, "RADIX"), (False, "RADIX"), (True, "THRESHOLD")])
+def test_fused_kernels_leave_their_workspaces_zero(fused, method, monkeypatch):
+    # the fused select, the threshold select and the fused rerank keep per-stream workspaces that they must
+    # leave zero: run each twice on different data, compare with the twins, then look at the buffers
     import fp4kit.kernels.fp4_topk as m
 
+    monkeypatch.setattr(m, "SELECT_METHOD", m.SelectMethod[method])
     monkeypatch.setattr(m, "FUSED_SELECT", fused)
     monkeypatch.setattr(m, "FUSED_RERANK", fused)
     for seed in (0, 1):
@@ -259,3 +265,91 @@ def test_fused_kernels_leave_their_workspaces_zero(fused, monkeypatch):
                            rerank_topk_torch(q, keys_f.bfloat16(), cand, 9))
     for buf in m._STREAM_BUFFERS.values():
         assert int(buf.abs().sum()) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the threshold select: group maxima -> lower bound T -> compaction -> exact select (every tier)
+
+
+def _candidates_twin(m: torch.Tensor, n: int, group: int) -> torch.Tensor:
+    """#(u >= max(T, 1)) per row, T = the n-th largest maximum of `group` consecutive u = m + 32768."""
+    u = m.int() + 32768
+    t = u.view(u.shape[0], -1, group).amax(-1).sort(-1, descending=True).values[:, n - 1]
+    return (u >= t.clamp(min=1).unsqueeze(-1)).sum(-1)
+
+
+def _monotone_keys(R, L, D=64):
+    """Keys whose scores rise with position (clustered at the end: many groups pass T)."""
+    v = torch.randn(D)
+    q = mx_query(v.expand(R, D).contiguous())
+    k = torch.linspace(0.1, 4.0, L).view(1, L, 1) * v.view(1, 1, D) + 0.01 * torch.randn(R, L, D)
+    return q, mx_keys(k)
+
+
+@pytest.mark.parametrize("L,n,tier", [(200, 8, "overflow"), (250, 20, "chunked"), (97, 8, "registers")])
+def test_threshold_select_every_tier_equals_twin(L, n, tier, monkeypatch):
+    import fp4kit.kernels.fp4_topk as m
+
+    monkeypatch.setattr(m, "SELECT_METHOD", m.SelectMethod.THRESHOLD)
+    q, keys = _monotone_keys(2, L) if tier != "registers" else (mx_query(torch.randn(2, 64)),
+                                                                 mx_keys(torch.randn(2, L, 64)))
+    if not torch.cuda.is_available():  # the interpreter's sizes: buffer next_pow2(4n), first 64 in registers
+        bits = index_score_bits(q, keys)
+        block_t, _, _, n_out = m._scan_tile(keys)
+        c = _candidates_twin(bits, n, m._group_size(n, n_out, block_t))
+        cap = 1 << (4 * n - 1).bit_length()
+        want_tier = ["registers" if x <= min(cap, 64) else "chunked" if x <= cap else "overflow" for x in c.tolist()]
+        assert want_tier == [tier] * 2, (c, want_tier)
+    assert torch.equal(index_topk(q, keys, n, lo=1), index_topk_torch(q, keys, n, lo=1))
+
+
+def test_threshold_select_lower_bound_holds_with_few_valid_groups(monkeypatch):
+    # a window narrower than n groups: T is 0 (fewer than n groups hold a valid score), every valid position is
+    # a candidate, and positions outside [lo, hi) are never written
+    import fp4kit.kernels.fp4_topk as m
+
+    monkeypatch.setattr(m, "SELECT_METHOD", m.SelectMethod.THRESHOLD)
+    q, keys = mx_query(torch.randn(2, 64)), mx_keys(torch.randn(2, 200, 64))
+    for lo, hi, n in ((100, 120, 15), (5, 200, 40), (190, 200, 10)):
+        assert torch.equal(index_topk(q, keys, n, lo=lo, hi=hi), index_topk_torch(q, keys, n, lo=lo, hi=hi))
+
+
+@pytest.mark.parametrize("fmt", [KeyFormat.FP8, KeyFormat.BF16])
+def test_threshold_select_exact_on_the_kernels_own_scores(fmt, monkeypatch):
+    # bf16 / FP8 scores may differ from the twin's by summation order: the selection must still be exactly the
+    # top-n of the scores the scan wrote (ties to the lower position)
+    import fp4kit.kernels.fp4_topk as m
+
+    monkeypatch.setattr(m, "SELECT_METHOD", m.SelectMethod.THRESHOLD)
+    q, keys = torch.randn(2, 64), keys_of(fmt, torch.randn(2, 180, 64))
+    s = bits_to_bf16(index_score_bits(q, keys)[:, 3:170]).float()
+    want = (topk_order_torch(s, 33) + 3).sort(-1).values
+    assert torch.equal(index_topk(q, keys, 33, lo=3, hi=170), want)
+
+
+def test_scan_group_maxima_equal_torch():
+    # the scan's group maxima (both the whole-tile max and the reshaped groups) against torch on its own scores
+    import fp4kit.kernels.fp4_topk as m
+
+    q, keys = mx_query(torch.randn(2, 64)), mx_keys(torch.randn(2, 90, 64))
+    block_t, warps, iters, n_out = m._scan_tile(keys)
+    for group in (block_t, 4, 1):
+        mx = torch.zeros(2, n_out // group, dtype=torch.int16)
+        ws = torch.zeros(2, 8, dtype=torch.int32)
+        bits = m._scan(q, keys, 2, 85, ws, n_out, block_t, warps, iters, False, mx, group)
+        assert torch.equal(mx, bits.view(2, -1, group).amax(-1)), group
+
+
+@pytest.mark.parametrize("digits", [True, False])
+def test_rerank_digit_search_equals_bitwise_and_twin(digits, monkeypatch):
+    import fp4kit.kernels.fp4_topk as m
+
+    monkeypatch.setattr(m, "RERANK_DIGITS", digits)
+    monkeypatch.setattr(m, "FUSED_RERANK", False)
+    keys = torch.randn(3, 300, 32).bfloat16()
+    keys[:, ::7] = keys[:, :1]  # exact ties
+    q = torch.randn(3, 32)
+    q[2] = -q[2]
+    cand = torch.stack([torch.randperm(300)[:180].sort().values for _ in range(3)])
+    for k in (1, 50, 180):
+        assert torch.equal(rerank_topk(q, keys, cand, k), rerank_topk_torch(q, keys, cand, k))
