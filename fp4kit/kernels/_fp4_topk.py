@@ -178,23 +178,111 @@ def _f32_word_scores(h0, h1, h2, h3, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, sca
 
 
 @triton.jit
-def _mxfp4_query(q_row, D: tl.constexpr, PACKED: tl.constexpr):
-    """The query in the word layout, once per program: ql_i / qh_i [NB, 4] = q[32b + 8w + i] / q[... + 4];
-    with PACKED, whether every block is MXFP4 (ex), the block exponents e [NB] and the float16 pairs
-    p_i = (x_lo, x_hi) * 2^10 of x = q / 2^e (see the comment above)."""
+def _query_words(q_row, D: tl.constexpr):
+    """ql_i / qh_i [NB, 4] = q[32b + 8w + i] / q[32b + 8w + i + 4], i = 0..3 (the word layout)."""
     NB: tl.constexpr = D // 32
     offs_b = tl.arange(0, NB)
     offs_w = tl.arange(0, 4)
     qp = q_row + offs_b[:, None] * 32 + offs_w[None, :] * 8  # [NB, 4]: element 32b + 8w (+ i)
-    ql0 = tl.load(qp + 0)
-    ql1 = tl.load(qp + 1)
-    ql2 = tl.load(qp + 2)
-    ql3 = tl.load(qp + 3)
-    qh0 = tl.load(qp + 4)
-    qh1 = tl.load(qp + 5)
-    qh2 = tl.load(qp + 6)
-    qh3 = tl.load(qp + 7)
-    if PACKED:
+    return (tl.load(qp + 0), tl.load(qp + 1), tl.load(qp + 2), tl.load(qp + 3), tl.load(qp + 4), tl.load(qp + 5),
+            tl.load(qp + 6), tl.load(qp + 7))
+
+
+@triton.jit
+def _pack_i8(a, b, c, d):
+    """Four int32 in [-128, 127] as the bytes (low to high) of one int32."""
+    return (a & 255) | ((b & 255) << 8) | ((c & 255) << 16) | ((d & 255) << 24)
+
+
+@triton.jit
+def _mxfp4_query_i8(q_row, D: tl.constexpr):
+    """The dp4a query: per block e = floor(log2 max|q_b|) - 2 and the integers y = q * 2^(1 - e) (|y| < 16,
+    integers exactly when the block is an MXFP4 vector: ex), packed four to a word as the key bytes come:
+    qa = y[8w + 0..3], qb = y[8w + 4..7] and their negatives nqa, nqb [NB, 4]; sq = 2^(e - 16) [NB]."""
+    ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = _query_words(q_row, D)
+    amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(ql0), tl.abs(ql1)), tl.maximum(tl.abs(ql2), tl.abs(ql3))),
+                      tl.maximum(tl.maximum(tl.abs(qh0), tl.abs(qh1)), tl.maximum(tl.abs(qh2), tl.abs(qh3))))
+    amax = tl.max(amax, axis=1)  # [NB]
+    field = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = tl.where(amax == 0, 0, field - 129)  # floor(log2 amax) - 2 for normal amax
+    ok = (amax == 0) | ((e >= -100) & (e <= 100))
+    e = tl.where(ok, e, 0)
+    up = _pow2(1 - e)[:, None]
+    y0, y1, y2, y3 = ql0 * up, ql1 * up, ql2 * up, ql3 * up
+    y4, y5, y6, y7 = qh0 * up, qh1 * up, qh2 * up, qh3 * up
+    good = ok[:, None] & _is_int(y0) & _is_int(y1) & _is_int(y2) & _is_int(y3)
+    good = good & _is_int(y4) & _is_int(y5) & _is_int(y6) & _is_int(y7)
+    ex = tl.min(tl.min(good.to(tl.int32), axis=1), axis=0)
+    i0, i1, i2, i3 = y0.to(tl.int32), y1.to(tl.int32), y2.to(tl.int32), y3.to(tl.int32)
+    i4, i5, i6, i7 = y4.to(tl.int32), y5.to(tl.int32), y6.to(tl.int32), y7.to(tl.int32)
+    qa = _pack_i8(i0, i1, i2, i3)
+    qb = _pack_i8(i4, i5, i6, i7)
+    nqa = _pack_i8(-i0, -i1, -i2, -i3)
+    nqb = _pack_i8(-i4, -i5, -i6, -i7)
+    return ex, _pow2(e - 16), qa, qb, nqa, nqb
+
+
+@triton.jit
+def _is_int(y):
+    """y is an integer with |y| < 16 (so it fits a signed byte and its products stay exact)."""
+    return (y.to(tl.int32).to(tl.float32) == y) & (tl.abs(y) < 16)
+
+
+@triton.jit
+def _prmt_emul(sel):
+    """The interpreter's `prmt.b32 d, 0x03020100, 0x0C080604, sel`: byte i = table[nibble i & 7] (2 x the E2M1
+    magnitude: 0 1 2 3 4 6 8 12), or 0 when nibble i's bit 3 (the sign) is set (sign replication of a byte < 128)."""
+    out = tl.zeros(sel.shape, tl.int32)
+    for i in tl.static_range(4):
+        nib = (sel >> (4 * i)) & 15
+        j = nib & 7
+        mag = tl.where(j < 2, j, (2 | (j & 1)) << tl.maximum((j >> 1) - 1, 0))
+        out = out | (tl.where(nib >= 8, 0, mag) << (8 * i))
+    return out
+
+
+@triton.jit
+def _dp4a_emul(a, b, c):
+    """The interpreter's `dp4a.s32.s32`: c + sum over the 4 bytes of a_i * b_i, both as signed bytes."""
+    for i in tl.static_range(4):
+        c += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+    return c
+
+
+@triton.jit
+def _dp4a_word(words, qa, qb, nqa, nqb, INTERPRET: tl.constexpr):
+    """int32 sum over a word's 8 elements of (2 x E2M1 key) * y: PRMT looks up the magnitudes of the positive
+    nibbles (negative ones give 0) and, on the word with flipped signs, of the negative ones; four dp4a
+    multiply them with y and -y. 4 PRMT + 4 IDP4A + 1 LOP3 + 2 SHF per 8 elements, exact in int32."""
+    if INTERPRET:
+        wf = words ^ -2004318072  # 0x88888888
+        acc = _dp4a_emul(_prmt_emul(words), qa, tl.zeros(words.shape, tl.int32))
+        acc = _dp4a_emul(_prmt_emul(wf), nqa, acc)
+        acc = _dp4a_emul(_prmt_emul((words >> 16) & 0xFFFF), qb, acc)
+        return _dp4a_emul(_prmt_emul((wf >> 16) & 0xFFFF), nqb, acc)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 ta, tb, wf, s, p, acc; mov.b32 ta, 0x03020100; mov.b32 tb, 0x0C080604; "
+            "xor.b32 wf, $1, 0x88888888; "
+            "prmt.b32 p, ta, tb, $1; dp4a.s32.s32 acc, p, $2, 0; "
+            "prmt.b32 p, ta, tb, wf; dp4a.s32.s32 acc, p, $4, acc; "
+            "shr.u32 s, $1, 16; prmt.b32 p, ta, tb, s; dp4a.s32.s32 acc, p, $3, acc; "
+            "shr.u32 s, wf, 16; prmt.b32 p, ta, tb, s; dp4a.s32.s32 acc, p, $5, acc; mov.b32 $0, acc; }",
+            "=r,r,r,r,r,r", [words, qa, qb, nqa, nqb], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mxfp4_query(q_row, D: tl.constexpr, PACKED: tl.constexpr):
+    """The query in the word layout, once per program: ql_i / qh_i [NB, 4] = q[32b + 8w + i] / q[... + 4];
+    with PACKED 1, whether every block is MXFP4 (ex), the block exponents e [NB] and the float16 pairs
+    p_i = (x_lo, x_hi) * 2^10 of x = q / 2^e (see the comment above); with PACKED 2 the dp4a words
+    (`_mxfp4_query_i8`: p0..p3 = qa, qb, nqa, nqb) and no float32 query (its fallback reloads it)."""
+    NB: tl.constexpr = D // 32
+    if PACKED == 2:
+        ex, sq, p0, p1, p2, p3 = _mxfp4_query_i8(q_row, D)
+        return ex, sq, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, p0, p1, p2, p3
+    ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = _query_words(q_row, D)
+    if PACKED == 1:
         amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(ql0), tl.abs(ql1)), tl.maximum(tl.abs(ql2), tl.abs(ql3))),
                           tl.maximum(tl.maximum(tl.abs(qh0), tl.abs(qh1)), tl.maximum(tl.abs(qh2), tl.abs(qh3))))
         amax = tl.max(amax, axis=1)  # [NB]
@@ -224,7 +312,7 @@ def _mxfp4_query(q_row, D: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _mxfp4_word_tile(w_ptr, s_ptr, offs_t, valid, row, stride_wr, stride_wt, stride_sr, stride_st, ex, sq,
+def _mxfp4_word_tile(w_ptr, s_ptr, q_row, offs_t, valid, row, stride_wr, stride_wt, stride_sr, stride_st, ex, sq,
                      ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3,
                      D: tl.constexpr, PACKED: tl.constexpr, INTERPRET: tl.constexpr):
     """Scores [BLOCK_T] float32 of MXFP4 keys read as int32 words against the prepared query (`_mxfp4_query`)."""
@@ -235,14 +323,25 @@ def _mxfp4_word_tile(w_ptr, s_ptr, offs_t, valid, row, stride_wr, stride_wt, str
     # block's 32 query values (positions-outermost put a whole key, hence all of q, in each thread)
     words = tl.load(w_ptr + row * stride_wr + offs_b[:, None, None] * 4 + offs_t[None, :, None] * stride_wt
                     + offs_w[None, None, :], mask=valid[None, :, None], other=0)
+    code = tl.load(s_ptr + row * stride_sr + offs_b[:, None] + offs_t[None, :] * stride_st, mask=valid[None, :],
+                   other=0)
+    scale14 = tl.where(valid[None, :], mxfp4_scale14(code), 0.0)  # [NB, BLOCK_T]
+    if PACKED == 2:
+        if ex == 1:  # uniform per program: integer products
+            acc = _dp4a_word(words, p0[:, None, :], p1[:, None, :], p2[:, None, :], p3[:, None, :], INTERPRET)
+            part = tl.sum(acc, axis=2).to(tl.float32)  # [NB, BLOCK_T] exact (|part| < 2^13)
+            score = tl.sum(part * scale14 * sq[:, None], axis=0)
+        else:  # not an MXFP4 query: float32 products, the query reloaded (not kept live through the loop)
+            ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = _query_words(q_row, D)
+            score = _f32_word_scores(_e2m1_half_pair(words, 0), _e2m1_half_pair(words, 1), _e2m1_half_pair(words, 2),
+                                     _e2m1_half_pair(words, 3), ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, scale14,
+                                     INTERPRET)
+        return score
     h0 = _e2m1_half_pair(words, 0)
     h1 = _e2m1_half_pair(words, 1)
     h2 = _e2m1_half_pair(words, 2)
     h3 = _e2m1_half_pair(words, 3)
-    code = tl.load(s_ptr + row * stride_sr + offs_b[:, None] + offs_t[None, :] * stride_st, mask=valid[None, :],
-                   other=0)
-    scale14 = tl.where(valid[None, :], mxfp4_scale14(code), 0.0)  # [NB, BLOCK_T]
-    if PACKED:
+    if PACKED == 1:
         if ex == 1:  # uniform per program
             lo, hi = _hfma2_word(h0, h1, h2, h3, p0[:, None, :], p1[:, None, :], p2[:, None, :], p3[:, None, :],
                                  INTERPRET)
@@ -299,7 +398,7 @@ def _score_tile(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out, s
                 INTERPRET: tl.constexpr):
     valid = (offs_t >= lo) & (offs_t < hi)
     if FMT == 2:
-        score = _mxfp4_word_tile(k_ptr, s_ptr, offs_t, valid, row, stride_kr, stride_kt, stride_sr, stride_st, ex, sq,
+        score = _mxfp4_word_tile(k_ptr, s_ptr, q_row, offs_t, valid, row, stride_kr, stride_kt, stride_sr, stride_st, ex, sq,
                                  ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3, D, PACKED, INTERPRET)
     elif FMT == 3:
         score = _fp4_tile_scores(q_row, k_ptr, s_ptr, gs_ptr, offs_t, valid, row, stride_kr, stride_kt, stride_sr,

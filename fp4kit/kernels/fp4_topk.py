@@ -87,6 +87,10 @@ MXFP4_TENSOR_CORES = False
 # MXFP4 keys: packed-half2 products when the query is MXFP4 (checked per program, float32 otherwise). Bit-exact on
 # the H100 but slower there (48 against 40 us for 128K x 8 keys, 2026-11-23: 127 registers against 48), so off
 MXFP4_PACKED_HALF = False
+# MXFP4 keys: integer products when the query is MXFP4 (checked per program, float32 otherwise): PRMT looks up
+# 2 x E2M1 magnitudes as bytes, IDP4A multiplies four at a time with the query's integers (see _fp4_topk).
+# ~1.4 instructions per element against ~6 (takes precedence over MXFP4_PACKED_HALF)
+MXFP4_DP4A = True
 # the whole radix select in one launch (per-row barriers; cooperative launch so every program is resident)
 FUSED_SELECT = True
 # (positions per program, warps) the fused select tries in turn: the first whose grid fits on the device at once
@@ -308,7 +312,7 @@ def _scan_launch(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torc
     args = (qk, data, s, gs, out, ws, mx, lo, hi, n_out, qk.stride(0), data.stride(0), data.stride(1), s.stride(0),
             s.stride(1) if s.dim() > 1 else 0, out.stride(0), ws.stride(0), mx.stride(0))
     meta = {"D": D, "FMT": fmt, "BS": bs, "GS_ENCODE": enc, "BLOCK_T": block_t, "ITERS": iters, "HIST": hist_in_scan,
-            "PACKED": MXFP4_PACKED_HALF, "G": group, "INTERPRET": _interpreting(), "num_warps": warps}
+            "PACKED": 2 if MXFP4_DP4A else int(MXFP4_PACKED_HALF), "G": group, "INTERPRET": _interpreting(), "num_warps": warps}
     return grid, args, meta
 
 

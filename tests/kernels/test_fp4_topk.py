@@ -202,14 +202,22 @@ def test_bad_query_shape_names_it():
 
 
 # ----------------------------------------------------------------------------------------------
-# the MXFP4 word scan: packed-half2 products for MXFP4 queries, float32 products otherwise
+# the MXFP4 word scan: integer (dp4a) or packed-half2 products for MXFP4 queries, float32 products otherwise
+
+PRODUCT_PATHS = {"dp4a": (True, False), "half2": (False, True), "f32": (False, False)}
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_mxfp4_word_scan_bit_exact_with_block_scales_apart(packed, monkeypatch):
+def _product_path(m, monkeypatch, path):
+    dp4a, half2 = PRODUCT_PATHS[path]
+    monkeypatch.setattr(m, "MXFP4_DP4A", dp4a)
+    monkeypatch.setattr(m, "MXFP4_PACKED_HALF", half2)
+
+
+@pytest.mark.parametrize("path", list(PRODUCT_PATHS))
+def test_mxfp4_word_scan_bit_exact_with_block_scales_apart(path, monkeypatch):
     import fp4kit.kernels.fp4_topk as m
 
-    monkeypatch.setattr(m, "MXFP4_PACKED_HALF", packed)
+    _product_path(m, monkeypatch, path)
     # query blocks 2^-6 .. 2^3 apart, keys with per-block magnitudes apart too: still exact (< 10 binades)
     q = mx_query(torch.randn(2, 128) * torch.tensor([2.0**-6, 1.0, 8.0, 0.25]).repeat_interleave(32))
     k = torch.randn(2, 40, 128) * torch.tensor([1.0, 4.0, 0.125, 2.0]).repeat_interleave(32)
@@ -219,10 +227,14 @@ def test_mxfp4_word_scan_bit_exact_with_block_scales_apart(packed, monkeypatch):
     assert torch.equal(got, torch.where(want == 0, 0.0, want))
 
 
-def test_mxfp4_word_scan_with_a_non_fp4_query_takes_the_float32_path():
+@pytest.mark.parametrize("path", list(PRODUCT_PATHS))
+def test_mxfp4_word_scan_with_a_non_fp4_query_takes_the_float32_path(path, monkeypatch):
     # q1 = q0 (1 + 2^-12) is off the FP4 grid (and below float16's precision): against the key (1, -1, 0, ...)
     # the score is q0 - q1 = -q0 2^-12 in float32, while packed-half products would give 0. The per-program
-    # check must send this query to the float32 path.
+    # check must send this query to the float32 path (and so must dp4a's: q1 * 2^(1 - e) is no integer).
+    import fp4kit.kernels.fp4_topk as m
+
+    _product_path(m, monkeypatch, path)
     q = mx_query(torch.randn(2, 64))
     q[:, 0] = 2.0
     q[:, 1] = 2.0 * (1 + 2**-12)
@@ -353,3 +365,21 @@ def test_rerank_digit_search_equals_bitwise_and_twin(digits, monkeypatch):
     cand = torch.stack([torch.randperm(300)[:180].sort().values for _ in range(3)])
     for k in (1, 50, 180):
         assert torch.equal(rerank_topk(q, keys, cand, k), rerank_topk_torch(q, keys, cand, k))
+
+
+def test_dp4a_scan_every_e2m1_code_and_sign(monkeypatch):
+    # keys holding every 4-bit code (both zeros, all magnitudes, both signs) in every nibble slot, against a
+    # query with every E2M1 value and mixed block scales: the integer products must equal the twin bit for bit
+    import fp4kit.kernels.fp4_topk as m
+
+    _product_path(m, monkeypatch, "dp4a")
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    k = torch.stack([grid.roll(s).repeat(8) for s in range(16)]).view(1, 16, 128) * 2.0
+    k = k * torch.tensor([1.0, 0.25, 8.0, 2.0**-5]).repeat_interleave(32)
+    q = grid.roll(3).repeat(8).view(1, 128) * torch.tensor([2.0**-3, 1.0, 4.0, 0.5]).repeat_interleave(32)
+    q = mx_query(q)
+    keys = mx_keys(k)
+    want = index_scores_torch(q, keys).float()
+    got = bits_to_bf16(index_score_bits(q, keys)[:, :16]).float()
+    assert torch.equal(got, torch.where(want == 0, 0.0, want))
+    assert torch.equal(index_topk(q, keys, 5), index_topk_torch(q, keys, 5))
