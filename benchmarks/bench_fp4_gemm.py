@@ -13,6 +13,13 @@ What is measured, on one GPU in one run:
 - for M <= 16 also the GPU time alone, with the calls captured in a CUDA graph (launch overhead out).
 
 --sweep times a grid of tile configs per (shape, M) instead, to choose `fp4_gemm._config`.
+
+--mma-sweep (round 5): the swapped-operand kernel `fp4_mma.fp4_mma_matmul` over a grid of launch
+configs (tile rows, K width, K split, pipelining stages, warps, eviction policy, PDL) at M = 16 and 32
+(`--ms`), GPU time in a CUDA graph, weights rotated; cuBLAS bf16 and the skinny kernel's default in the
+same run as baselines. The kernels are compiled first by a pool of worker processes (Triton's disk
+cache is shared), so the sweep costs little compile time on the device. With 3 <= M <= 64 the plain
+run also times `fp4_mma_matmul` (default rule) beside the `fp4_linear` default.
 """
 
 from __future__ import annotations
@@ -30,13 +37,15 @@ import torch
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
 from fp4kit.kernels.fp4_gemm import (DEQUANT_CUBLAS_MIN_M, SKINNY_MAX_M, GemmConfig, _config, _launch_skinny,
                                      _skinny_config, fp4_linear, fp4_matmul, prepare_fp4_weight)
+from fp4kit.kernels.fp4_mma import MMA_MAX_M, MMA_MIN_M, MmaConfig, _launch_mma, fp4_mma_matmul, mma_config
 from fp4kit.kernels.fp4_quantize import quantize_mxfp4_triton, quantize_nvfp4_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 MS = (1, 16, 256, 4096)
 FORMATS = {"nvfp4": NVFP4Config(), "mxfp4": MXFP4Config()}
 ROTATE_BYTES = 256 << 20
-FUSED_LARGE_M = False  # also time the tiled kernel at M >= DEQUANT_CUBLAS_MIN_M (slow; see BENCHMARKS.md)
+FUSED_LARGE_M = False
+GRAPH_MAX_M = 64  # rows up to which the GPU time in a CUDA graph is measured too  # also time the tiled kernel at M >= DEQUANT_CUBLAS_MIN_M (slow; see BENCHMARKS.md)
 
 
 def bench(fn, rep=100):
@@ -156,6 +165,136 @@ def run_sweep(out_dir):
         json.dump(rows, f, indent=1)
 
 
+# ----------------------------------------------------------------------------------------------
+# round 5: the swapped-operand kernel (fp4_mma)
+
+MMA_TILES = ((64, 128, 4, 4), (64, 128, 1, 4), (64, 128, 2, 4), (64, 128, 3, 4), (64, 128, 6, 4),
+             (64, 256, 3, 4), (64, 256, 1, 4), (128, 128, 3, 4), (128, 128, 3, 8), (128, 128, 1, 8),
+             (128, 256, 2, 8))  # (block_n, block_k, stages, warps)
+MMA_TILES_M64 = ((64, 128, 4, 4), (64, 128, 2, 4), (128, 128, 3, 8))
+MMA_TILES_MX = ((64, 256, 4, 4), (64, 256, 2, 4), (64, 128, 4, 4), (128, 256, 2, 8), (64, 256, 1, 4))
+
+
+def _block_m(M):
+    return 16 if M <= 16 else 32 if M <= 32 else 64
+
+
+def mma_candidates(N, K, M, fmt):
+    """Launch configs of the round-5 sweep for one (shape, M, format): the default rule first, then the
+    grid, then the default without evict_first and without PDL (the two levers' ablations)."""
+    bs = FORMATS[fmt].block_size
+    default = mma_config(M, N, K, bs, 132, fmt == "mxfp4")
+    tiles = MMA_TILES_MX if fmt == "mxfp4" else MMA_TILES_M64 if M > 32 else MMA_TILES
+    splits = (1, 2, 4) if N > 16384 else (2, 4, 8)
+    out = [default]
+    for (bn, bk, st, w), sp in itertools.product(tiles, splits):
+        if K // (bk * sp) < 1:
+            continue
+        out.append(MmaConfig(bn, _block_m(M), bk, sp, num_warps=w, num_stages=st))
+    out += [MmaConfig(**{**default.__dict__, "evict": ""}), MmaConfig(**{**default.__dict__, "pdl": False})]
+    seen, uniq = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append(c)
+    return uniq
+
+
+_WORKER_WEIGHTS: dict = {}
+
+
+def _precompile(task):
+    """Worker: run one launch config once on a small-M input, so Triton compiles it into the disk cache."""
+    N, K, fmt, M, cfg = task
+    key = (N, K, fmt)
+    if key not in _WORKER_WEIGHTS:
+        _WORKER_WEIGHTS.clear()
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        _WORKER_WEIGHTS[key] = quantize(w, FORMATS[fmt])
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    try:
+        fp4_mma_matmul(x, _WORKER_WEIGHTS[key], config=MmaConfig(**cfg))
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # out of shared memory, etc.: the main process reports it again
+        return f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def precompile(tasks, workers):
+    """Compile every (shape, format, M, config) in a pool of spawned processes (they share the disk cache)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import time
+
+    t0 = time.time()
+    tasks = sorted(tasks, key=lambda t: (t[0], t[1], t[2]))  # a worker reuses its quantized weight
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        errors = [e for e in ex.map(_precompile, tasks, chunksize=4) if e]
+    print(f"precompiled {len(tasks)} configs in {time.time() - t0:.0f} s with {workers} workers, "
+          f"{len(errors)} failed", flush=True)
+
+
+def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), workers=14):
+    """Round-5 sweep: every candidate of `mma_candidates`, cuBLAS and the skinny default, GPU time in a graph."""
+    shapes = shapes or list(SHAPES)
+    plan = []
+    for name in shapes:
+        N, K = SHAPES[name]
+        for fmt in fmts:
+            for M in ms:
+                if fmt == "mxfp4" and M != ms[0]:
+                    continue
+                plan.append((name, fmt, M, mma_candidates(N, K, M, fmt)))
+    precompile([(SHAPES[n][0], SHAPES[n][1], f, M, c.__dict__) for n, f, M, cands in plan for c in cands], workers)
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    rows = []
+    for name in shapes:
+        N, K = SHAPES[name]
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        _, nxt_bf16 = rotating(lambda: torch.randn_like(w) * 0.02, w.numel() * 2)
+        for fmt in fmts:
+            fcfg = FORMATS[fmt]
+            qt0 = quantize(w, fcfg)
+            preps, nxt = rotating(lambda: prepare_fp4_weight(quantize(torch.randn_like(w) * 0.02, fcfg)),
+                                  fp4_bytes(qt0))
+            for pname, pfmt, M, cands in plan:
+                if (pname, pfmt) != (name, fmt):
+                    continue
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                nbytes = fp4_bytes(qt0) + 2 * M * K + 2 * M * N
+                t_cublas = bench_graph(lambda: torch.matmul(x, nxt_bf16().T))
+                skinny_cfg = _skinny_config(M, N, K, fcfg.block_size, 132, fmt == "mxfp4")
+                t_skinny = bench_graph(lambda: _launch_skinny(x, nxt(), None))
+                base = dict(shape=name, fmt=fmt, M=M, cublas_graph_us=t_cublas, skinny_graph_us=t_skinny,
+                            skinny_cfg=skinny_cfg.__dict__, roofline_us=nbytes / bw * 1e6)
+                res = []
+                for i, cfg in enumerate(cands):
+                    try:
+                        y = _launch_mma(x, preps[0], None, cfg)
+                        max_err, rms_err = check(x, preps[0].qt, y)
+                        us = bench_graph(lambda: _launch_mma(x, nxt(), None, cfg))
+                    except Exception as e:
+                        print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                        continue
+                    rows.append(dict(base, cfg=cfg.__dict__, default=i == 0, graph_us=us, max_err=max_err,
+                                     rms_err=rms_err, vs_cublas=t_cublas / us, bw_frac=nbytes / (us * 1e-6) / bw))
+                    res.append((us, cfg, max_err))
+                d_us = res[0][0]
+                best = sorted(res, key=lambda r: r[0])
+                print(f"{name:8s} {fmt} M={M:2d} cuBLAS {t_cublas:6.1f} skinny {t_skinny:6.1f} ({t_cublas / t_skinny:4.2f}x) "
+                      f"mma default {d_us:6.1f} ({t_cublas / d_us:4.2f}x) roof {nbytes / bw * 1e6:5.1f} | best: " +
+                      "  ".join(f"{us:6.1f} bn{c.block_n} bk{c.block_k} sk{c.split_k} s{c.num_stages} w{c.num_warps}"
+                                f"{'' if c.evict else ' noevict'}{'' if c.pdl else ' nopdl'}"
+                                for us, c, _ in best[:5]) + f" | max err {max(r[2] for r in res):.1e}", flush=True)
+            del preps
+    path = os.path.join(out_dir, "fp4_mma_sweep_h100.json")
+    with open(path, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                       copy_bw_bytes_per_s=bw, rows=rows), f, indent=1)
+    return rows
+
+
 def path(M):
     return "skinny" if M <= SKINNY_MAX_M else "tiled" if M < DEQUANT_CUBLAS_MIN_M else "dequant+cuBLAS"
 
@@ -173,7 +312,7 @@ def run_gemm(bw, ms=MS):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             t_cublas = bench(lambda: torch.matmul(x, nxt_bf16().T))
             row = dict(shape=name, N=N, K=K, M=M, cublas_us=t_cublas,
-                       cublas_graph_us=bench_graph(lambda: torch.matmul(x, nxt_bf16().T)) if M <= 16 else None,
+                       cublas_graph_us=bench_graph(lambda: torch.matmul(x, nxt_bf16().T)) if M <= GRAPH_MAX_M else None,
                        cublas_roofline_us=(2 * N * K + 2 * M * K + 2 * M * N) / bw * 1e6)
             for fmt, (qt0, nxt) in fp4.items():
                 y = fp4_linear(x, qt0)
@@ -186,10 +325,20 @@ def run_gemm(bw, ms=MS):
                                 path=path(M), config=(_skinny_config(M, N, K, qt0.config.block_size, 132,
                                                                      fmt == "mxfp4")
                                                       if M <= SKINNY_MAX_M else _config(M, N, K, x.device)).__dict__)
-                if M <= 16:
+                if M <= GRAPH_MAX_M:
                     row[fmt]["graph_us"] = bench_graph(lambda: fp4_linear(x, nxt()))
                     row[fmt]["graph_speedup"] = row["cublas_graph_us"] / row[fmt]["graph_us"]
                     row[fmt]["graph_bw_frac"] = nbytes / (row[fmt]["graph_us"] * 1e-6) / bw
+                if MMA_MIN_M <= M <= MMA_MAX_M:  # round 5: the swapped-operand kernel, default rule
+                    y = fp4_mma_matmul(x, qt0)
+                    m_err, r_err = check(x, qt0, y)
+                    t_mma = bench(lambda: fp4_mma_matmul(x, nxt()))
+                    g_mma = bench_graph(lambda: fp4_mma_matmul(x, nxt()))
+                    row[fmt]["mma"] = dict(us=t_mma, speedup=t_cublas / t_mma, bw_frac=nbytes / (t_mma * 1e-6) / bw,
+                                           graph_us=g_mma, graph_speedup=row["cublas_graph_us"] / g_mma,
+                                           graph_bw_frac=nbytes / (g_mma * 1e-6) / bw, max_err=m_err, rms_err=r_err,
+                                           config=mma_config(M, N, K, qt0.config.block_size, 132,
+                                                             fmt == "mxfp4").__dict__)
                 if M >= DEQUANT_CUBLAS_MIN_M and FUSED_LARGE_M:  # what the tiled kernel alone does there
                     cfg = _config(M, N, K, x.device)
                     row[fmt]["fused_us"] = bench(lambda: fp4_matmul(x, nxt(), config=cfg))
@@ -198,8 +347,12 @@ def run_gemm(bw, ms=MS):
                 f"{f} {row[f]['us']:7.1f} us {row[f]['speedup']:5.2f}x {100 * row[f]['bw_frac']:5.1f}%BW "
                 f"roof {row[f]['roofline_us']:6.1f} err {row[f]['max_err']:.1e}"
                 + (f" graph {row[f]['graph_us']:6.1f} us {row[f]['graph_speedup']:4.2f}x "
-                   f"{100 * row[f]['graph_bw_frac']:4.1f}%BW" if M <= 16 else f" fused {row[f]['fused_us']:7.1f}"
-                   if "fused_us" in row[f] else "") for f in FORMATS), flush=True)
+                   f"{100 * row[f]['graph_bw_frac']:4.1f}%BW" if M <= GRAPH_MAX_M else f" fused {row[f]['fused_us']:7.1f}"
+                   if "fused_us" in row[f] else "")
+                + (f" || mma {row[f]['mma']['us']:6.1f} us {row[f]['mma']['speedup']:4.2f}x graph "
+                   f"{row[f]['mma']['graph_us']:6.1f} us {row[f]['mma']['graph_speedup']:4.2f}x "
+                   f"{100 * row[f]['mma']['graph_bw_frac']:4.1f}%BW" if "mma" in row[f] else "")
+                for f in FORMATS), flush=True)
     return rows
 
 
@@ -294,18 +447,27 @@ def summarize(rows, bw):
         for M in sorted({r["M"] for r in rows}):
             sp = [r[fmt]["speedup"] for r in rows if r["M"] == M]
             s[f"{fmt}_M{M}_mean_speedup"] = sum(sp) / len(sp)
-            if M <= 16:
+            if M <= GRAPH_MAX_M:
                 sp = [r[fmt]["graph_speedup"] for r in rows if r["M"] == M]
                 s[f"{fmt}_M{M}_mean_speedup_cudagraph"] = sum(sp) / len(sp)
-        gu = next(r for r in rows if r["M"] == 1 and r["shape"] == "gate_up")
-        s[f"{fmt}_M1_gate_up_bw_frac"] = gu[fmt]["bw_frac"]
-        s[f"{fmt}_M1_gate_up_bw_frac_cudagraph"] = gu[fmt]["graph_bw_frac"]
+            mma = [r[fmt]["mma"] for r in rows if r["M"] == M and "mma" in r[fmt]]
+            if mma:
+                s[f"{fmt}_M{M}_mma_mean_speedup"] = sum(m["speedup"] for m in mma) / len(mma)
+                s[f"{fmt}_M{M}_mma_mean_speedup_cudagraph"] = sum(m["graph_speedup"] for m in mma) / len(mma)
+        gu = next((r for r in rows if r["M"] == 1 and r["shape"] == "gate_up"), None)
+        if gu is not None:
+            s[f"{fmt}_M1_gate_up_bw_frac"] = gu[fmt]["bw_frac"]
+            s[f"{fmt}_M1_gate_up_bw_frac_cudagraph"] = gu[fmt]["graph_bw_frac"]
     return s
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--mma-sweep", action="store_true", help="round 5: launch configs of fp4_mma_matmul")
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="only these shapes (--mma-sweep)")
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), help="(--mma-sweep)")
+    p.add_argument("--workers", type=int, default=14, help="compile processes (--mma-sweep)")
     p.add_argument("--quantize-only", action="store_true")
     p.add_argument("--skip-quantize", action="store_true")
     p.add_argument("--quantize-sweep", action="store_true", help="also time elements-per-program variants")
@@ -316,6 +478,9 @@ def main(argv=None):
     out_dir = os.environ.get("OUT", os.path.dirname(args.out))
     if args.sweep:
         return run_sweep(out_dir)
+    if args.mma_sweep:
+        run_mma_sweep(out_dir, tuple(args.ms), args.shapes, tuple(args.formats), args.workers)
+        return 0
     if args.quantize_only:
         bw = copy_bandwidth()
         quant = run_quantize(bw, sweep=args.quantize_sweep)

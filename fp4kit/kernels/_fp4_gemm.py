@@ -318,6 +318,36 @@ def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, c
 
 
 @triton.jit
+def _mma_weights(w_ptrs, s_ptrs, kk, left, rmask, wcol, bcol, BS: tl.constexpr, EVEN_K: tl.constexpr,
+                 EVICT: tl.constexpr):
+    """One K step's packed words [BLOCK_N, BLOCK_K/8] and scale codes [BLOCK_N, BLOCK_K/BS] (left: K left)."""
+    if EVEN_K:
+        words = tl.load(w_ptrs + kk // 8, mask=rmask, other=0, eviction_policy=EVICT)
+        codes = tl.load(s_ptrs + kk // BS, mask=rmask, other=0, eviction_policy=EVICT)
+    else:
+        words = tl.load(w_ptrs + kk // 8, mask=rmask & (wcol[None, :] < left // 8), other=0, eviction_policy=EVICT)
+        codes = tl.load(s_ptrs + kk // BS, mask=rmask & (bcol[None, :] < left // BS), other=0, eviction_policy=EVICT)
+    return words, codes
+
+
+@triton.jit
+def _mma_step(acc, words, codes, x_ptrs, kk, left, mmask, kcol, table_ptr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, BS: tl.constexpr, EVEN_K: tl.constexpr, MX_BF16: tl.constexpr,
+              ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc[BLOCK_N, BLOCK_M] += decode(words, codes) @ x[:, kk:kk + BLOCK_K].T."""
+    if EVEN_K:
+        x = tl.load(x_ptrs + kk, mask=mmask, other=0.0)
+    else:
+        x = tl.load(x_ptrs + kk, mask=mmask & (kcol[None, :] < left), other=0.0)
+    w = decode_weight_tile(words, codes, table_ptr, x.dtype, BLOCK_N, BLOCK_K, BS, MX_BF16, ONE_MUL, INTERPRET)
+    xt = tl.trans(pair_order_x(x, MX_BF16))  # [BLOCK_K, BLOCK_M]
+    if INTERPRET:  # the interpreter multiplies bf16 bit patterns in tl.dot: give it float32
+        return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(w, xt, acc)
+
+
+@triton.jit
 def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                    N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -330,22 +360,23 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
     Here the weight tile is the M side instead: acc[BLOCK_N, BLOCK_M] = w @ x.T with BLOCK_N = 64 or
     128 weight rows, the tokens the MMA's N side (8..256 on Hopper). Every row of every MMA is then a
     useful weight row, and the dot qualifies for `wgmma` with its A operand (the weights, decoded in
-    registers) read from registers and B (x.T, small) from shared memory. The decode is the skinny
-    kernel's (`decode_weight_tile`): the weights the MMA sees are the twin's, bit for bit; only the
-    float32 summation order differs.
+    registers) read from registers and B (x.T, small) from shared memory (checked in the TTGIR:
+    `warp_group_dot` with a `dot_op` A). The decode is the skinny kernel's (`decode_weight_tile`): the
+    weights the MMA sees are the twin's, bit for bit; only the float32 summation order differs.
 
     Grid (tiles of N, tiles of M, SPLIT_K) and the split-K ticket reduction are the skinny kernel's
     (see `fp4_skinny_kernel`); the workspace holds [SPLIT_K, M, N] partials as there.
     EVICT: eviction policy of the streamed weight loads ("" or "evict_first": the weights are read
-    once, x is re-read by every program). PDL: wait on the previous grid (`griddepcontrol.wait`)
-    before touching x, y or the split-K buffers, and let the next grid launch once this program's
-    K loop is done; the launcher then launches with programmatic dependent launch. The interpreter
-    has no inline PTX, so PDL must be False there.
+    once, x is re-read by every program). PDL (programmatic dependent launch, as in `_fp4_gemv`): let
+    the next kernel launch first thing, put the first K step's weights in flight (weights never
+    depend on an earlier kernel), then `griddepcontrol.wait` for the previous kernel before reading x
+    or writing y, the partials or the tickets. The interpreter has no inline PTX: PDL is False there.
     """
     W: tl.constexpr = BLOCK_K // 8
     NB: tl.constexpr = BLOCK_K // BS
     K_SPLIT: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
     EVEN_K: tl.constexpr = K % (BLOCK_K * SPLIT_K) == 0
+    START: tl.constexpr = BLOCK_K if PDL else 0  # with PDL the first K step is peeled off the loop
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -360,29 +391,18 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
     w_ptrs = w_ptr + rows[:, None] * (K // 8) + wcol[None, :] + k_lo // 8  # [BLOCK_N, W]
     s_ptrs = s_ptr + rows[:, None] * (K // BS) + bcol[None, :] + k_lo // BS  # [BLOCK_N, NB]
     x_ptrs = x_ptr + offs_m[:, None] * K + kcol[None, :] + k_lo  # [BLOCK_M, BLOCK_K]
-    if PDL:
-        tl.extra.cuda.gdc_wait()
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kk in range(0, K_SPLIT, BLOCK_K):
-        if EVEN_K:
-            words = tl.load(w_ptrs + kk // 8, mask=rmask, other=0, eviction_policy=EVICT)
-            codes = tl.load(s_ptrs + kk // BS, mask=rmask, other=0, eviction_policy=EVICT)
-            x = tl.load(x_ptrs + kk, mask=mmask, other=0.0)
-        else:
-            left = K - k_lo - kk  # may be <= 0 in the last split: everything masked
-            words = tl.load(w_ptrs + kk // 8, mask=rmask & (wcol[None, :] < left // 8), other=0,
-                            eviction_policy=EVICT)
-            codes = tl.load(s_ptrs + kk // BS, mask=rmask & (bcol[None, :] < left // BS), other=0,
-                            eviction_policy=EVICT)
-            x = tl.load(x_ptrs + kk, mask=mmask & (kcol[None, :] < left), other=0.0)
-        w = decode_weight_tile(words, codes, table_ptr, x.dtype, BLOCK_N, BLOCK_K, BS, MX_BF16, ONE_MUL, INTERPRET)
-        xt = tl.trans(pair_order_x(x, MX_BF16))  # [BLOCK_K, BLOCK_M]
-        if INTERPRET:  # the interpreter multiplies bf16 bit patterns in tl.dot: give it float32
-            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, xt, acc)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+        words, codes = _mma_weights(w_ptrs, s_ptrs, 0, K - k_lo, rmask, wcol, bcol, BS, EVEN_K, EVICT)
+        tl.extra.cuda.gdc_wait()
+        acc = _mma_step(acc, words, codes, x_ptrs, 0, K - k_lo, mmask, kcol, table_ptr, BLOCK_N, BLOCK_K, BS,
+                        EVEN_K, MX_BF16, ONE_MUL, INTERPRET)
+    for kk in range(START, K_SPLIT, BLOCK_K):
+        left = K - k_lo - kk  # may be <= 0 in the last split: everything masked
+        words, codes = _mma_weights(w_ptrs, s_ptrs, kk, left, rmask, wcol, bcol, BS, EVEN_K, EVICT)
+        acc = _mma_step(acc, words, codes, x_ptrs, kk, left, mmask, kcol, table_ptr, BLOCK_N, BLOCK_K, BS,
+                        EVEN_K, MX_BF16, ONE_MUL, INTERPRET)
     part = offs_m[None, :] * N + rows[:, None]  # [BLOCK_N, BLOCK_M]: y[m, n] = acc[n, m]
     ymask = (offs_m[None, :] < M) & (rows[:, None] < N)
     if SPLIT_K > 1:

@@ -34,8 +34,19 @@ import torch
 
 from fp4kit.formats import QuantizedTensor
 
-from .fp4_gemm import (MXFP4_BF16_DECODE, PreparedFP4Weight, _check_fp4, _interpreting, _launch_cached,
-                       _prepared_for, _raw_stream, _sm_count, _splitk_buffers, use_triton)
+from . import fp4_gemm
+from .fp4_gemm import (
+    PreparedFP4Weight,
+    _check_fp4,
+    _interpreting,
+    _launch_cached,
+    _prepared_for,
+    _raw_stream,
+    _sm_count,
+    _splitk_buffers,
+    use_pdl,
+    use_triton,
+)
 
 try:
     import triton
@@ -55,7 +66,8 @@ class MmaConfig:
     block_n: weight rows per program (the MMA's M side; wgmma needs 64 per warpgroup), block_m: tokens
     per program (the MMA's N side), block_k: K per loop step, split_k: K splits reduced in the launch,
     num_stages: cp.async pipelining depth (1: plain loads into registers), evict: the weight loads'
-    eviction policy, pdl: programmatic dependent launch.
+    eviction policy, pdl: programmatic dependent launch where `fp4_gemm.use_pdl` allows it (CUDA, sm_90+,
+    `fp4_gemm.PDL` on; never in the interpreter).
     """
     block_n: int = 64
     block_m: int = 16
@@ -64,7 +76,7 @@ class MmaConfig:
     num_warps: int = 4
     num_stages: int = 4
     evict: str = "evict_first"
-    pdl: bool = False
+    pdl: bool = True
 
     def __post_init__(self):
         for name in ("block_n", "block_m", "block_k", "num_warps"):
@@ -109,12 +121,12 @@ def _launch_mma(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tenso
     M = x2.shape[0]
     N, K = prepared.N, prepared.K
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    mx_bf16 = MXFP4_BF16_DECODE and prepared.table_bf16x2 is not None and x2.dtype == torch.bfloat16
+    # fp4_gemm.MXFP4_BF16_DECODE is read per call: tests and benchmarks toggle it
+    mx_bf16 = fp4_gemm.MXFP4_BF16_DECODE and prepared.table_bf16x2 is not None and x2.dtype == torch.bfloat16
     cfg = config or prepared.configs.get(("mma", M, mx_bf16)) or prepared.configs.setdefault(
         ("mma", M, mx_bf16), mma_config(M, N, K, prepared.block_size,
                                         132 if _interpreting() else _sm_count(x2.device), mx_bf16))
-    if cfg.pdl and _interpreting():
-        raise ValueError("MmaConfig.pdl needs a GPU: the interpreter cannot run griddepcontrol")
+    pdl = cfg.pdl and use_pdl(x2)
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
     stream = 0 if _interpreting() else _raw_stream(x2.device.index)
     if cfg.split_k > 1:
@@ -124,11 +136,11 @@ def _launch_mma(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tenso
     table = prepared.table_bf16x2 if mx_bf16 else prepared.table
     args = (x2, prepared.words, prepared.scale_codes, table, x2 if bias is None else bias, y, ws, cnt, M,
             N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
-            mx_bf16, prepared.one_mul, cfg.evict, cfg.pdl, _interpreting())
-    key = ("mma", cfg, mx_bf16, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
+            mx_bf16, prepared.one_mul, cfg.evict, pdl, _interpreting())
+    key = ("mma", cfg, pdl, mx_bf16, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M % 16 == 0, x2.device.index)
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.pdl:
+    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if pdl:
         launch["launch_pdl"] = True
     _launch_cached(prepared, key, _fp4_gemm.fp4_mma_kernel, grid, stream, args, **launch)
     return y
