@@ -21,6 +21,15 @@ Perplexity: non-overlapping 512-token windows of the text, logits through the en
 NVFP4 weights in the same process (quantized on the GPU), KV cache bf16 and FP8. `--unfused` runs the
 engine's module-by-module torch path (`Engine(fused=False)`) instead of the fused kernels.
 
+`lmhead`. The perplexity cost of the NVFP4 output head (`Engine(lm_head="nvfp4")`) on SmolLM2 (tied
+embeddings: the head is a quantized copy, the input embedding stays bf16): 512-token windows of the
+text through the engine's cache, the model's head vs the NVFP4 head, with bf16 and NVFP4 (RTN) layer
+weights. Runs on any device (the CPU in BENCHMARKS.md):
+
+    python benchmarks/bench_decode.py lmhead --gguf FILE.gguf --text input.txt --device cpu --out decode_lmhead.json
+
+`speed --lm-head model nvfp4` and `profile --lm-head nvfp4` add rows with the NVFP4 head (NVFP4 weights).
+
 `profile`. Where one decode step's GPU time goes: the same model and configurations, one prompt batch
 prefilled, then `--steps` decode steps (CUDA graph replays) under torch.profiler; kernels are summed by
 name and divided by the steps (count per step, microseconds per step), largest first.
@@ -147,6 +156,46 @@ def run_smollm2(args) -> dict:
     return res
 
 
+def _load_smollm2(args):
+    import pathlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = pathlib.Path(args.gguf)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
+    return model.to(args.device).eval(), tok
+
+
+def run_lmhead(args) -> dict:
+    import pathlib
+
+    from fp4kit.engine import Engine
+    from fp4kit.formats import NVFP4Config
+    from fp4kit.nn import quantize_
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, tok = _load_smollm2(args)
+    ids = tok(pathlib.Path(args.text).read_text())["input_ids"]
+    windows = [ids[i:i + 512] for i in range(0, 512 * args.ppl_windows, 512)]
+    res = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> bf16), tied embeddings", "device": args.device,
+           "ppl_windows": len(windows), "ppl_window": 512, "results": []}
+    for weights in ("bf16", "nvfp4"):
+        if weights == "nvfp4":
+            quantize_(model, NVFP4Config(), progress=False)  # layers only: lm_head (tied) is not an FP4Linear
+        for head in ("model", "nvfp4"):
+            t0 = time.time()
+            eng = Engine(model, tok, max_batch=1, max_seq_len=520, lm_head=head)
+            ppl = perplexity(eng, windows)
+            r = {"weights": weights, "lm_head": head, "ppl": ppl, "seconds": time.time() - t0}
+            res["results"].append(r)
+            print(json.dumps(r), flush=True)
+    for r in res["results"]:
+        base = next(b for b in res["results"] if b["weights"] == r["weights"] and b["lm_head"] == "model")
+        r["ppl_change"] = r["ppl"] / base["ppl"] - 1
+    return res
+
+
 def run_speed(args) -> dict:
     from fp4kit.engine import Engine
     from fp4kit.engine.bench import BenchConfig, bench_engine, copy_bandwidth
@@ -170,22 +219,25 @@ def run_speed(args) -> dict:
             if on_gpu:
                 torch.cuda.synchronize()
             print(f"quantized in {time.time() - t0:.0f} s", flush=True)
-        for kv in (("bf16", "fp8") if weights == "nvfp4" else ("bf16",)):
+        variants = [(kv, head) for kv in ("bf16", "fp8") for head in args.lm_head] if weights == "nvfp4" else [
+            ("bf16", "model")]
+        for kv, head in variants:
             eng = Engine(model, max_batch=max(cfg.batches), max_seq_len=cfg.prompt_len + cfg.gen_len,
-                         kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn, fused=not args.unfused)
+                         kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn, fused=not args.unfused,
+                         lm_head=head)
             for r in bench_engine(eng, cfg, bw):
-                r = {"weights": weights, "kv": kv, **r}
+                r = {"weights": weights, "kv": kv, "lm_head": head, **r}
                 out["results"].append(r)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
             del eng
             if on_gpu:
                 torch.cuda.empty_cache()
     base = {r["batch"]: r["decode_tok_s"] for r in out["results"] if r["weights"] == "bf16"}
-    print("| weights | kv | batch | decode tok/s | TTFT ms | step ms | weight roofline tok/s | % roofline "
-          "| % roofline w+kv | vs bf16 |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("| weights | kv | head | batch | decode tok/s | TTFT ms | step ms | weight roofline tok/s | % roofline "
+          "| % roofline w+kv | vs bf16 |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out["results"]:
         r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
-        print(f"| {r['weights']} | {r['kv']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} "
+        print(f"| {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} "
               f"| {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
               f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
     return out
@@ -229,14 +281,16 @@ def run_profile(args) -> dict:
     for weights in ("bf16", "nvfp4"):
         if weights == "nvfp4":
             quantize_(model, NVFP4Config(), progress=False)
-        for kv in (("bf16", "fp8") if weights == "nvfp4" else ("bf16",)):
+        variants = [(kv, head) for kv in ("bf16", "fp8") for head in args.lm_head] if weights == "nvfp4" else [
+            ("bf16", "model")]
+        for kv, head in variants:
             for fused in ((True, False) if args.unfused_too else (True,)):
                 eng = Engine(model, max_batch=args.batch, max_seq_len=args.prompt_len + 64, fused=fused,
-                             kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn)
-                r = {"weights": weights, "kv": kv, "fused": fused, **profile_step(eng, args.batch, args.prompt_len,
-                                                                                   args.steps)}
+                             kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn, lm_head=head)
+                r = {"weights": weights, "kv": kv, "fused": fused, "lm_head": head,
+                     **profile_step(eng, args.batch, args.prompt_len, args.steps)}
                 out["results"].append(r)
-                print(f"{weights} kv {kv} fused {fused}: {r['gpu_us_per_step']:.0f} us GPU per step, "
+                print(f"{weights} kv {kv} head {head} fused {fused}: {r['gpu_us_per_step']:.0f} us GPU per step, "
                       f"{r['kernels_per_step']:.0f} kernels", flush=True)
                 for k in r["kernels"][:12]:
                     print(f"   {k['us_per_step']:8.1f} us  x{k['per_step']:5.1f}  {k['name'][:90]}", flush=True)
@@ -264,16 +318,25 @@ def main():
     f.add_argument("--device", default="cuda")
     f.add_argument("--small", action="store_true", help="a 2-layer model of the same family (smoke test)")
     f.add_argument("--unfused", action="store_true", help="the module-by-module torch path (Engine(fused=False))")
+    f.add_argument("--lm-head", nargs="+", default=["model"], choices=["model", "nvfp4"],
+                   help="output heads for the NVFP4-weight rows (the bf16 row keeps the model's head)")
     r = sub.add_parser("profile")
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--prompt-len", type=int, default=512)
     r.add_argument("--steps", type=int, default=5)
     r.add_argument("--unfused-too", action="store_true", help="also profile Engine(fused=False)")
+    r.add_argument("--lm-head", nargs="+", default=["model"], choices=["model", "nvfp4"])
     r.add_argument("--out", required=True)
     r.add_argument("--device", default="cuda")
     r.add_argument("--small", action="store_true")
+    h = sub.add_parser("lmhead")
+    h.add_argument("--gguf", required=True)
+    h.add_argument("--text", required=True)
+    h.add_argument("--ppl-windows", type=int, default=8)
+    h.add_argument("--out", required=True)
+    h.add_argument("--device", default="cpu")
     args = p.parse_args()
-    run = {"smollm2": run_smollm2, "speed": run_speed, "profile": run_profile}[args.what]
+    run = {"smollm2": run_smollm2, "speed": run_speed, "profile": run_profile, "lmhead": run_lmhead}[args.what]
     res = run(args)
     res["date"] = "2026-11-23"
     with open(args.out, "w") as fh:

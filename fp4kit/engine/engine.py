@@ -11,13 +11,20 @@ One `generate` call, per chunk of at most `max_batch` prompts (static batching):
     3. decode: sample a token per row, stop rows that hit EOS / a stop string / their budget, and run
        one forward over [B, 1] at slot P + step, until every row is done
 
-Decode steps have fixed shapes, so each is a CUDA graph replay. A graph is captured lazily per
-(batch bucket, cache-length bucket): the batch is rounded up to 1, 2, 4, 8, 16, 32, ... (rows past
-B compute garbage nobody reads) and attention reads only the first `kv_len` slots, rounded up to a
-multiple of `seq_bucket`, so short contexts do not pay for the whole cache. All graphs share one
-memory pool. Capture happens on a side stream after two warm-up runs (which also let fp4_linear
-prepare its FP4 weights). Sampling, stop checks and streaming run eagerly between replays; each
-step reads the sampled tokens back to the host (one sync per step).
+A decode step has fixed shapes and no host work (`_step`): the forward at the state's slot, the
+sampler (greedy, or temperature / top-k / top-p with the counter-based RNG of sampling.py, keyed by
+seed, slot and prompt index held on the device), the sampled tokens written back as the next step's
+input, positions and slot advanced. So each step is one CUDA graph replay with nothing between
+replays: the host enqueues step t+1 before it reads step t's tokens (a non-blocking copy into a
+pinned buffer, an event), then checks stops and streams while the GPU runs (no host gap). Rows
+that finish keep computing until all are done; at most one step past the last is computed.
+
+A graph is captured lazily per (batch bucket, cache-length bucket, sampler): the batch is rounded
+up to 1, 2, 4, 8, 16, 32, ... (rows past B compute garbage nobody reads) and attention reads only
+the first `kv_len` slots, rounded up to a multiple of `seq_bucket`, so short contexts do not pay
+for the whole cache. All graphs share one memory pool and one step state. Capture happens on a
+side stream after two warm-up runs from a saved state (which also let fp4_linear prepare its FP4
+weights). Without graphs (CPU, MoE) the same step runs eagerly on B rows.
 
 Models with MoE blocks run decode eagerly (`cuda_graphs` is ignored): transformers' MoE modules
 route with data-dependent shapes that a graph cannot hold.
@@ -51,6 +58,12 @@ from .sampling import Completion, FinishReason, SamplingParams, sample
 from .text import TextTracker
 
 StreamFn = Callable[[int, int, str], None]  # (prompt index, token id, text delta)
+GREEDY_STEP = SamplingParams(temperature=0)
+
+
+def _sampler_key(params: SamplingParams) -> tuple:
+    """What a captured step bakes in of the sampling parameters (seed, rows and slot are device state)."""
+    return ("greedy",) if params.greedy else (params.temperature, params.top_k, params.top_p)
 
 
 def batch_bucket(n: int) -> int:
@@ -91,6 +104,7 @@ class Engine:
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
         self._static: dict[str, torch.Tensor] = {}
+        self._host: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ prompts
 
@@ -143,55 +157,85 @@ class Engine:
         n = slot + 1
         return min(-(-n // self.seq_bucket) * self.seq_bucket, self.max_seq_len)
 
-    def _decode_eager(self, tokens, positions, pad, slot, kv_len):
-        return self.runner.forward(tokens, positions, pad, slot, kv_len, self.caches)
-
-    def decode(self, tokens: torch.Tensor, pad: torch.Tensor, slot: int) -> torch.Tensor:
-        """tokens [B] at `slot` -> logits [B, V]."""
-        B, kv_len = tokens.shape[0], self.kv_len(slot)
-        positions = (slot - pad)[:, None]
-        if not self.use_graphs:
-            slot_t = torch.full((1,), slot, dtype=torch.long, device=self.device)  # a fill, not a host copy
-            return self._decode_eager(tokens[:, None], positions, pad, slot_t, kv_len)
-        Bb = min(batch_bucket(B), self.max_batch)
-        st = self._static_inputs()
-        st["tokens"][:Bb].zero_()
-        st["tokens"][:B, 0] = tokens
-        st["positions"][:Bb] = slot
-        st["positions"][:B] = positions
-        st["pad"][:Bb].zero_()
-        st["pad"][:B] = pad
-        st["slot"].fill_(slot)
-        key = (Bb, kv_len)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(Bb, kv_len)
-        graph, logits = self._graphs[key]
-        graph.replay()
-        return logits[:B]
+    # ------------------------------------------------------------------ the decode step (device side)
 
     def _static_inputs(self) -> dict[str, torch.Tensor]:
+        """The step's device state, read and advanced by each step (graph or eager):
+        tokens [Bmax, 1] (this step's input; the step writes the next token here), positions [Bmax, 1],
+        pad [Bmax], slot [1] (the query's cache slot), seed [1] and rows [Bmax] (the sampler's keys)."""
         if not self._static:
             n, d = self.max_batch, self.device
             self._static = {"tokens": torch.zeros(n, 1, dtype=torch.long, device=d),
                             "positions": torch.zeros(n, 1, dtype=torch.long, device=d),
                             "pad": torch.zeros(n, dtype=torch.long, device=d),
-                            "slot": torch.zeros(1, dtype=torch.long, device=d)}
+                            "slot": torch.zeros(1, dtype=torch.long, device=d),
+                            "seed": torch.zeros(1, dtype=torch.long, device=d),
+                            "rows": torch.zeros(n, dtype=torch.long, device=d)}
         return self._static
 
-    def _capture(self, Bb: int, kv_len: int):
+    def _rows(self, B: int) -> int:
+        """Rows a step computes for B prompts: the batch bucket with graphs (one graph per bucket), else B."""
+        return min(batch_bucket(B), self.max_batch) if self.use_graphs else B
+
+    def _load_state(self, tokens: torch.Tensor, pad: torch.Tensor, slot: int, seed: int, first_row: int) -> None:
+        """Fill the step state for B rows at `slot` (rows past B up to the bucket: token 0, no padding)."""
+        B, Bb, st = tokens.shape[0], self._rows(tokens.shape[0]), self._static_inputs()
+        st["tokens"][:Bb].zero_()
+        st["tokens"][:B, 0] = tokens
+        st["positions"][:Bb] = slot
+        st["positions"][:B, 0] = slot - pad
+        st["pad"][:Bb].zero_()
+        st["pad"][:B] = pad
+        st["slot"].fill_(slot)
+        st["seed"].fill_(seed)
+        torch.arange(first_row, first_row + Bb, out=st["rows"][:Bb])
+
+    def _step(self, Bb: int, kv_len: int, params: SamplingParams) -> torch.Tensor:
+        """One decode step on the state: logits of tokens at `slot`, the next tokens sampled (keyed by seed,
+        slot, rows) and written back as the next input, positions and slot advanced. Fixed shapes, no
+        host work: this is what a CUDA graph captures. Returns logits [Bb, V]."""
         st = self._static
-        args = (st["tokens"][:Bb], st["positions"][:Bb], st["pad"][:Bb], st["slot"], kv_len)
+        logits = self.runner.forward(st["tokens"][:Bb], st["positions"][:Bb], st["pad"][:Bb], st["slot"], kv_len,
+                                     self.caches)
+        st["tokens"][:Bb, 0] = sample(logits, params, st["seed"], st["slot"], st["rows"][:Bb])
+        st["positions"][:Bb] += 1
+        st["slot"] += 1
+        return logits
+
+    def _run_step(self, B: int, slot: int, params: SamplingParams) -> torch.Tensor:
+        """The step at `slot` for B rows: a graph replay (captured on first use per bucket, cache length
+        and sampler), or eagerly. Returns the logits [B, V] (with graphs: a view of the graph's output)."""
+        Bb, kv_len = self._rows(B), self.kv_len(slot)
+        if not self.use_graphs:
+            return self._step(Bb, kv_len, params)[:B]
+        key = (Bb, kv_len, _sampler_key(params))
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(Bb, kv_len, params)
+        graph, logits = self._graphs[key]
+        graph.replay()
+        return logits[:B]
+
+    def decode(self, tokens: torch.Tensor, pad: torch.Tensor, slot: int) -> torch.Tensor:
+        """tokens [B] at `slot` -> logits [B, V] (one greedy step; the step state is set from the arguments)."""
+        self._load_state(tokens, pad, slot, 0, 0)
+        return self._run_step(tokens.shape[0], slot, GREEDY_STEP)
+
+    def _capture(self, Bb: int, kv_len: int, params: SamplingParams):
+        st = self._static
+        saved = {k: v.clone() for k, v in st.items()}
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: same inputs, so its cache writes are the real step's
-                self._decode_eager(*args)
+            for _ in range(2):  # warm-up from the same state, so its cache writes are the real step's
+                self._step(Bb, kv_len, params)
+                for k, v in saved.items():
+                    st[k].copy_(v)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_eager(*args)
+        with torch.cuda.graph(graph, pool=self._pool):  # captured, not run: the state is untouched
+            logits = self._step(Bb, kv_len, params)
         return graph, logits
 
     def reset_graphs(self) -> None:
@@ -210,38 +254,69 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         ids = self.encode(prompts)
-        gen = None
-        if not params.greedy and params.seed is not None:
-            gen = torch.Generator(self.device).manual_seed(params.seed)
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         out = []
         for start in range(0, len(ids), self.max_batch):
-            out += self._generate_batch(ids[start:start + self.max_batch], params, stream, start, gen)
+            out += self._generate_batch(ids[start:start + self.max_batch], params, stream, start, seed)
         return out
 
-    def _generate_batch(self, ids, params: SamplingParams, stream, offset: int, gen) -> list[Completion]:
+    def _host_tokens(self, steps: int, B: int) -> torch.Tensor:
+        """long [steps, B] host buffer the sampled tokens are copied into (pinned on CUDA; grown on demand)."""
+        buf = self._host
+        if buf is None or buf.shape[0] < steps or buf.shape[1] < B:
+            rows, cols = max(steps, self.max_seq_len), max(B, self.max_batch)
+            buf = torch.empty(rows, cols, dtype=torch.long, pin_memory=self.device.type == "cuda")
+            self._host = buf
+        return buf
+
+    def _fetch(self, dst: torch.Tensor, B: int):
+        """Copy the step state's tokens [B] to the host row `dst` without waiting (an event marks the copy)."""
+        if self.device.type != "cuda":
+            dst[:B].copy_(self._static["tokens"][:B, 0])
+            return None
+        dst[:B].copy_(self._static["tokens"][:B, 0], non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+    def _generate_batch(self, ids, params: SamplingParams, stream, offset: int, seed: int) -> list[Completion]:
+        """Prefill, then decode with the host one step behind the device: step t+1 is enqueued (it reads
+        the token step t sampled on the device) before the host reads step t's tokens (pinned buffer,
+        non-blocking copy, an event), checks stops and streams. Rows that finish keep computing until
+        every row is done (their tokens are dropped); at most one step past the last one is enqueued."""
         B = len(ids)
         done = [Completion(prompt_ids=list(x)) for x in ids]
         trackers = [TextTracker(self.tokenizer, params.stop, stream is not None) if self.tokenizer else None
                     for _ in ids]
         logits, pad, P = self.prefill(ids)
         budget = min(params.max_new_tokens, self.max_seq_len - P)
+        rows = torch.arange(offset, offset + B, device=self.device)
+        first = sample(logits, params, seed, P - 1, rows)  # token of slot P, keyed by the prompt's last slot
+        self._load_state(first, pad, P, seed, offset)
+        host = self._host_tokens(budget, B)
+        events = [self._fetch(host[0], B)]
         live = list(range(B))
         bar = tqdm(total=budget, desc="decode", disable=not self.progress, leave=False)
         for step in range(budget):
-            tokens = sample(logits, params, gen)
-            host = tokens.tolist()
+            if step + 1 < budget:  # enqueue the next step before reading this one's tokens
+                self._run_step(B, P + step, params)
+                events.append(self._fetch(host[step + 1], B))
+            if events[step] is not None:
+                events[step].synchronize()
+            tokens = host[step, :B].tolist()
             for b in list(live):
-                reason = self._push(b, host[b], done[b], trackers[b], params, step + 1 == budget)
+                reason = self._push(b, tokens[b], done[b], trackers[b], params, step + 1 == budget)
                 if stream is not None:
-                    self._emit(stream, offset + b, host[b], trackers[b], reason is not None)
+                    self._emit(stream, offset + b, tokens[b], trackers[b], reason is not None)
                 if reason is not None:
                     done[b].finish_reason = reason
                     live.remove(b)
             bar.update(1)
             if not live:
                 break
-            logits = self.decode(tokens, pad, P + step)
         bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the host buffer is reused by the next call
         for b in range(B):
             if trackers[b] is not None and trackers[b].text is None:
                 trackers[b].finish(False)

@@ -151,6 +151,31 @@ def test_cuda_graph_decode_equals_eager(scheme, kv):
     assert again == a
 
 
+@CUDA
+@pytest.mark.parametrize("head", ["model", "nvfp4"])
+def test_cuda_graph_sampling_equals_eager(head):
+    """Temperature / top-k / top-p sampling inside the graph (counter-based RNG keyed by seed, slot and row on
+    the device, next token fed back on the device): the same tokens as the eager loop, rows stopping at
+    different steps (EOS), the same again on a second call; another seed differs."""
+    from fp4kit.formats import NVFP4Config
+    from fp4kit.nn import quantize_
+
+    model = tiny("llama", hidden_size=128, intermediate_size=256).to("cuda", torch.bfloat16)
+    quantize_(model, NVFP4Config(), progress=False)
+    prompts = [[1, 5, 9, 20, 3], [7, 8], [50, 3, 4, 5, 6, 7, 8, 11, 12], [9, 9, 4]]
+    params = SamplingParams(max_new_tokens=40, temperature=0.8, top_k=20, top_p=0.9, seed=11)
+    kw = {"max_batch": 4, "max_seq_len": 128, "seq_bucket": 16, "lm_head": head}
+    graphed = Engine(model, cuda_graphs=True, **kw)
+    eager = Engine(model, cuda_graphs=False, **kw)
+    graphed.eos = eager.eos = {17}  # some rows end early, at different steps
+    a = [(o.token_ids, o.finish_reason) for o in graphed.generate(prompts, params)]
+    b = [(o.token_ids, o.finish_reason) for o in eager.generate(prompts, params)]
+    assert a == b
+    assert a == [(o.token_ids, o.finish_reason) for o in graphed.generate(prompts, params)]
+    other = [o.token_ids for o in graphed.generate(prompts, SamplingParams(max_new_tokens=40, seed=12))]
+    assert other != [t for t, _ in a]
+
+
 def test_lora_over_fp4_is_used_as_is(llama):
     """LoRA wrappers around FP4 layers: the engine calls the wrappers (its tokens follow the adapter) and
     equals HF generate over the same modules."""

@@ -140,7 +140,7 @@ def _forced_logits(eng, prompts, tokens) -> torch.Tensor:
     out = [logits]
     for step in range(len(tokens[0])):
         t = torch.tensor([row[step] for row in tokens], device=logits.device)
-        out.append(eng.decode(t, pad, P + step))
+        out.append(eng.decode(t, pad, P + step).clone())  # with graphs: a view of the graph's output
     return torch.stack(out)
 
 

@@ -5,6 +5,7 @@ import torch
 from engine_models import V, hf_greedy, tiny
 
 from fp4kit.engine import Engine, SamplingParams, filter_logits, sample
+from fp4kit.engine.sampling import hash32
 from fp4kit.engine.text import held_back
 
 ALPHABET = "abcdefghij\n .,"
@@ -96,10 +97,40 @@ def test_filter_logits_top_k_top_p():
 
 
 def test_sample_frequencies_follow_temperature():
+    """20000 rows (each its own key) of one distribution: the Gumbel-max draws follow softmax(logits / T)."""
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(20000, 1)
-    g = torch.Generator().manual_seed(0)
-    freq = torch.bincount(sample(logits, SamplingParams(temperature=1.0), g), minlength=3) / 20000
+    freq = torch.bincount(sample(logits, SamplingParams(temperature=1.0), seed=0, slot=3), minlength=3) / 20000
     torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.015, rtol=0)
+    hot = torch.softmax(torch.log(torch.tensor([0.7, 0.2, 0.1])) / 0.5, 0)  # temperature 0.5 sharpens
+    freq = torch.bincount(sample(logits, SamplingParams(temperature=0.5), seed=1, slot=3), minlength=3) / 20000
+    torch.testing.assert_close(freq, hot, atol=0.015, rtol=0)
+    freq = torch.bincount(sample(logits, SamplingParams(temperature=1.0, top_k=2), seed=2, slot=3), minlength=3)
+    torch.testing.assert_close(freq / 20000, torch.tensor([0.7 / 0.9, 0.2 / 0.9, 0.0]), atol=0.015, rtol=0)
+
+
+def test_sampler_draws_are_a_function_of_seed_slot_and_row():
+    logits = torch.randn(64, 500)
+    p = SamplingParams(temperature=1.0)
+    a = sample(logits, p, seed=5, slot=9)
+    assert torch.equal(a, sample(logits, p, seed=torch.tensor([5]), slot=torch.tensor([9])))  # ints or tensors
+    assert not torch.equal(a, sample(logits, p, seed=5, slot=10))  # each step draws afresh
+    assert not torch.equal(a, sample(logits, p, seed=6, slot=9))
+    rows = torch.arange(100, 164)
+    b = sample(logits, p, seed=5, slot=9, rows=rows)
+    assert torch.equal(b[10:20], sample(logits[10:20], p, seed=5, slot=9, rows=rows[10:20]))  # rows are independent
+
+
+def test_hash32_is_lowbias32():
+    def ref(v):  # the C reference in uint32 arithmetic
+        m = 0xFFFFFFFF
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & m
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & m
+        return v ^ (v >> 16)
+
+    xs = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789, 3735928559]
+    assert hash32(torch.tensor(xs)).tolist() == [ref(x) for x in xs]
 
 
 def test_bad_sampling_params_are_named():
