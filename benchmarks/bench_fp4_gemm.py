@@ -170,9 +170,11 @@ def run_sweep(out_dir):
 
 MMA_TILES = ((64, 128, 4, 4), (64, 128, 1, 4), (64, 128, 2, 4), (64, 128, 3, 4), (64, 128, 6, 4),
              (64, 256, 3, 4), (64, 256, 1, 4), (128, 128, 3, 4), (128, 128, 3, 8), (128, 128, 1, 8),
-             (128, 256, 2, 8))  # (block_n, block_k, stages, warps)
-MMA_TILES_M64 = ((64, 128, 4, 4), (64, 128, 2, 4), (128, 128, 3, 8))
-MMA_TILES_MX = ((64, 256, 4, 4), (64, 256, 2, 4), (64, 128, 4, 4), (128, 256, 2, 8), (64, 256, 1, 4))
+             (128, 256, 2, 8))  # (block_n, block_k, stages, warps), table (LUT) decode
+MMA_TILES_F32 = ((64, 128, 4, 4), (64, 128, 1, 4), (128, 128, 3, 8))  # the skinny kernel's decode
+MMA_TILES_M64 = ((64, 128, 4, 4), (64, 128, 2, 4), (64, 128, 1, 4), (128, 128, 3, 8))
+MMA_TILES_MX = ((64, 128, 4, 4), (64, 128, 1, 4), (64, 256, 3, 4), (128, 128, 3, 8))
+MMA_TILES_MX_BF16 = ((64, 256, 4, 4), (64, 128, 4, 4))  # MXFP4's bf16x2-multiply decode
 
 
 def _block_m(M):
@@ -181,16 +183,22 @@ def _block_m(M):
 
 def mma_candidates(N, K, M, fmt):
     """Launch configs of the round-5 sweep for one (shape, M, format): the default rule first, then the
-    grid, then the default without evict_first and without PDL (the two levers' ablations)."""
+    grid with the table decode, a few tiles with the skinny kernel's decode, and the default without
+    evict_first and without PDL (the two levers' ablations)."""
     bs = FORMATS[fmt].block_size
     default = mma_config(M, N, K, bs, 132, fmt == "mxfp4")
-    tiles = MMA_TILES_MX if fmt == "mxfp4" else MMA_TILES_M64 if M > 32 else MMA_TILES
+    if fmt == "mxfp4":
+        grid = [(t, True) for t in MMA_TILES_MX] + [(t, False) for t in MMA_TILES_MX_BF16]
+    elif M > 32:
+        grid = [(t, True) for t in MMA_TILES_M64] + [(MMA_TILES_F32[0], False)]
+    else:
+        grid = [(t, True) for t in MMA_TILES] + [(t, False) for t in MMA_TILES_F32]
     splits = (1, 2, 4) if N > 16384 else (2, 4, 8)
     out = [default]
-    for (bn, bk, st, w), sp in itertools.product(tiles, splits):
+    for ((bn, bk, st, w), lut), sp in itertools.product(grid, splits):
         if K // (bk * sp) < 1:
             continue
-        out.append(MmaConfig(bn, _block_m(M), bk, sp, num_warps=w, num_stages=st))
+        out.append(MmaConfig(bn, _block_m(M), bk, sp, num_warps=w, num_stages=st, lut=lut))
     out += [MmaConfig(**{**default.__dict__, "evict": ""}), MmaConfig(**{**default.__dict__, "pdl": False})]
     seen, uniq = set(), []
     for c in out:
@@ -285,8 +293,13 @@ def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), wo
                 print(f"{name:8s} {fmt} M={M:2d} cuBLAS {t_cublas:6.1f} skinny {t_skinny:6.1f} ({t_cublas / t_skinny:4.2f}x) "
                       f"mma default {d_us:6.1f} ({t_cublas / d_us:4.2f}x) roof {nbytes / bw * 1e6:5.1f} | best: " +
                       "  ".join(f"{us:6.1f} bn{c.block_n} bk{c.block_k} sk{c.split_k} s{c.num_stages} w{c.num_warps}"
-                                f"{'' if c.evict else ' noevict'}{'' if c.pdl else ' nopdl'}"
+                                f"{'' if c.lut else ' f32dec'}{'' if c.evict else ' noevict'}{'' if c.pdl else ' nopdl'}"
                                 for us, c, _ in best[:5]) + f" | max err {max(r[2] for r in res):.1e}", flush=True)
+                f32 = [r for r in best if not r[1].lut]
+                if f32:
+                    c = f32[0][1]
+                    print(f"{'':8s} best without the table decode {f32[0][0]:6.1f} bn{c.block_n} bk{c.block_k} "
+                          f"sk{c.split_k} s{c.num_stages} w{c.num_warps}", flush=True)
             del preps
     path = os.path.join(out_dir, "fp4_mma_sweep_h100.json")
     with open(path, "w") as f:

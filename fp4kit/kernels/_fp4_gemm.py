@@ -318,6 +318,86 @@ def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, c
 
 
 @triton.jit
+def _prmt_byte(a, b, nib):
+    """Interpreter model of one output byte of PTX `prmt.b32` (default mode): nibble bits 2..0 pick byte
+    0..7 of {b, a} (a holds bytes 0..3), bit 3 replicates that byte's sign bit into all eight bits."""
+    idx = nib & 7
+    byte = (tl.where(idx < 4, a, b) >> ((idx & 3) * 8)) & 0xFF
+    return tl.where((nib & 8) != 0, tl.where((byte & 0x80) != 0, 0xFF, 0), byte)
+
+
+@triton.jit
+def _prmt(a, b, sel, INTERPRET: tl.constexpr):
+    """PTX `prmt.b32 d, a, b, sel`: byte i of d is chosen by nibble i of sel (see `_prmt_byte`); int32."""
+    if INTERPRET:
+        return (_prmt_byte(a, b, sel & 15) | (_prmt_byte(a, b, (sel >> 4) & 15) << 8)
+                | (_prmt_byte(a, b, (sel >> 8) & 15) << 16) | (_prmt_byte(a, b, (sel >> 12) & 15) << 24))
+    else:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _lut_pair(lo, hi, words, w4, VSEL: tl.constexpr, SSEL: tl.constexpr, INTERPRET: tl.constexpr):
+    """One register of two decoded 16-bit weights: the magnitudes' low and high bytes interleaved (VSEL),
+    OR the two codes' sign bits (SSEL picks, with sign replication, the byte of w4 = words << 4 or of
+    words whose bit 7 is the code's sign, into bytes 1 and 3; the mask keeps bits 15 and 31)."""
+    mag = _prmt(lo, hi, tl.full(lo.shape, VSEL, tl.int32), INTERPRET)
+    sign = _prmt(w4, words, tl.full(lo.shape, SSEL, tl.int32), INTERPRET)
+    return mag | (sign & -2147450880)  # 0x80008000 as a signed int32
+
+
+@triton.jit
+def decode_weight_tile_lut(words, codes, lut_ptr, x_dtype: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Packed words [BLOCK_N, BLOCK_K/8] + scale codes [BLOCK_N, BLOCK_K/BS] -> weights [BLOCK_N, BLOCK_K] in
+    x_dtype by byte permutes from a per-scale-code table (any FP4 format, bfloat16 or float16 x).
+
+    The table (`fp4_mma.lut_table`, int32 [256, 4]) holds, for each scale code c, the eight magnitudes
+    x_dtype(e2m1(j) * s_eff(c)), j = 0..7, computed by torch exactly as the twin computes its weights
+    (one float32 product, one rounding), as four registers: the low bytes of entries 0..3 and 4..7, then
+    the high bytes. A code's magnitude bits are a byte index 0..7, so `prmt` with the word's nibbles
+    (sign bits masked off) as selectors looks up four weights' low bytes (or high bytes) at once: per
+    word of 8 codes, 4 look-ups, 4 permutes interleaving low and high bytes into pairs of weights, and
+    the sign of each code (bit 3 of its nibble) moved to bit 15 of its half by a sign-replicating
+    permute and an AND/OR: ~2.5 instructions per weight and no float arithmetic, against ~5 for the
+    float16-pair decode with its float32 scale multiply. The weights are the twin's bit for bit for
+    every scale code (NaN and overflow included), and come out in natural k order (x is not permuted).
+    """
+    W: tl.constexpr = BLOCK_K // 8
+    NB: tl.constexpr = BLOCK_K // BS
+    WPB: tl.constexpr = BS // 8
+    base = codes.to(tl.int32) * 4  # [BLOCK_N, NB]
+    t0 = tl.reshape(tl.broadcast_to(tl.load(lut_ptr + base)[:, :, None], (BLOCK_N, NB, WPB)), (BLOCK_N, W))
+    t1 = tl.reshape(tl.broadcast_to(tl.load(lut_ptr + base + 1)[:, :, None], (BLOCK_N, NB, WPB)), (BLOCK_N, W))
+    t2 = tl.reshape(tl.broadcast_to(tl.load(lut_ptr + base + 2)[:, :, None], (BLOCK_N, NB, WPB)), (BLOCK_N, W))
+    t3 = tl.reshape(tl.broadcast_to(tl.load(lut_ptr + base + 3)[:, :, None], (BLOCK_N, NB, WPB)), (BLOCK_N, W))
+    sel_a = words & 0x7777  # nibbles of codes 0..3, sign bits off
+    sel_b = (words >> 16) & 0x7777  # codes 4..7
+    lo_a = _prmt(t0, t1, sel_a, INTERPRET)  # low bytes of weights 0..3
+    hi_a = _prmt(t2, t3, sel_a, INTERPRET)  # high bytes
+    lo_b = _prmt(t0, t1, sel_b, INTERPRET)
+    hi_b = _prmt(t2, t3, sel_b, INTERPRET)
+    w4 = words << 4  # bit 7 of byte i: the sign of code 2i (bit 7 of words' byte i: code 2i + 1)
+    p0 = _lut_pair(lo_a, hi_a, words, w4, 0x5140, 0xC080, INTERPRET)  # weights 0, 1
+    p1 = _lut_pair(lo_a, hi_a, words, w4, 0x7362, 0xD090, INTERPRET)  # weights 2, 3
+    p2 = _lut_pair(lo_b, hi_b, words, w4, 0x5140, 0xE0A0, INTERPRET)  # weights 4, 5
+    p3 = _lut_pair(lo_b, hi_b, words, w4, 0x7362, 0xF0B0, INTERPRET)  # weights 6, 7
+    q0 = tl.join(_halves(p0, x_dtype), _halves(p1, x_dtype))  # [BLOCK_N, W, 2 (half h), 2 (pair p)]
+    q1 = tl.join(_halves(p2, x_dtype), _halves(p3, x_dtype))
+    w = tl.join(q0, q1)  # [BLOCK_N, W, h, p, q]: element 8w + 4q + 2p + h (joins add the last axis)
+    return tl.reshape(tl.permute(w, (0, 1, 4, 3, 2)), (BLOCK_N, BLOCK_K))  # natural k order
+
+
+@triton.jit
+def _halves(h, x_dtype: tl.constexpr):
+    """int32 holding two 16-bit floats -> [..., 2] tensor of x_dtype (low half first)."""
+    lo = h.to(tl.int16).to(x_dtype, bitcast=True)
+    hi = (h >> 16).to(tl.int16).to(x_dtype, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
 def _mma_weights(w_ptrs, s_ptrs, kk, left, rmask, wcol, bcol, BS: tl.constexpr, EVEN_K: tl.constexpr,
                  EVICT: tl.constexpr):
     """One K step's packed words [BLOCK_N, BLOCK_K/8] and scale codes [BLOCK_N, BLOCK_K/BS] (left: K left)."""
@@ -333,14 +413,18 @@ def _mma_weights(w_ptrs, s_ptrs, kk, left, rmask, wcol, bcol, BS: tl.constexpr, 
 @triton.jit
 def _mma_step(acc, words, codes, x_ptrs, kk, left, mmask, kcol, table_ptr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, BS: tl.constexpr, EVEN_K: tl.constexpr, MX_BF16: tl.constexpr,
-              ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr):
+              ONE_MUL: tl.constexpr, LUT: tl.constexpr, INTERPRET: tl.constexpr):
     """acc[BLOCK_N, BLOCK_M] += decode(words, codes) @ x[:, kk:kk + BLOCK_K].T."""
     if EVEN_K:
         x = tl.load(x_ptrs + kk, mask=mmask, other=0.0)
     else:
         x = tl.load(x_ptrs + kk, mask=mmask & (kcol[None, :] < left), other=0.0)
-    w = decode_weight_tile(words, codes, table_ptr, x.dtype, BLOCK_N, BLOCK_K, BS, MX_BF16, ONE_MUL, INTERPRET)
-    xt = tl.trans(pair_order_x(x, MX_BF16))  # [BLOCK_K, BLOCK_M]
+    if LUT:
+        w = decode_weight_tile_lut(words, codes, table_ptr, x.dtype, BLOCK_N, BLOCK_K, BS, INTERPRET)
+        xt = tl.trans(x)  # [BLOCK_K, BLOCK_M]
+    else:
+        w = decode_weight_tile(words, codes, table_ptr, x.dtype, BLOCK_N, BLOCK_K, BS, MX_BF16, ONE_MUL, INTERPRET)
+        xt = tl.trans(pair_order_x(x, MX_BF16))
     if INTERPRET:  # the interpreter multiplies bf16 bit patterns in tl.dot: give it float32
         return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -351,8 +435,8 @@ def _mma_step(acc, words, codes, x_ptrs, kk, left, mmask, kcol, table_ptr, BLOCK
 def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                    N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                   MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr,
-                   INTERPRET: tl.constexpr):
+                   MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, LUT: tl.constexpr, EVICT: tl.constexpr,
+                   PDL: tl.constexpr, INTERPRET: tl.constexpr):
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias) for 3 <= M <= 64, with the MMA's operands swapped.
 
     The skinny kernel computes acc[BLOCK_M, BLOCK_N] = x @ w.T: the tokens are the MMA's M side, so
@@ -361,8 +445,10 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
     128 weight rows, the tokens the MMA's N side (8..256 on Hopper). Every row of every MMA is then a
     useful weight row, and the dot qualifies for `wgmma` with its A operand (the weights, decoded in
     registers) read from registers and B (x.T, small) from shared memory (checked in the TTGIR:
-    `warp_group_dot` with a `dot_op` A). The decode is the skinny kernel's (`decode_weight_tile`): the
-    weights the MMA sees are the twin's, bit for bit; only the float32 summation order differs.
+    `warp_group_dot` with a `dot_op` A). The decode is the skinny kernel's (`decode_weight_tile`), or
+    with LUT the byte-permute table decode (`decode_weight_tile_lut`; table_ptr is then the int32
+    [256, 4] table): either way the weights the MMA sees are the twin's, bit for bit; only the float32
+    summation order differs.
 
     Grid (tiles of N, tiles of M, SPLIT_K) and the split-K ticket reduction are the skinny kernel's
     (see `fp4_skinny_kernel`); the workspace holds [SPLIT_K, M, N] partials as there.
@@ -397,12 +483,12 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
         words, codes = _mma_weights(w_ptrs, s_ptrs, 0, K - k_lo, rmask, wcol, bcol, BS, EVEN_K, EVICT)
         tl.extra.cuda.gdc_wait()
         acc = _mma_step(acc, words, codes, x_ptrs, 0, K - k_lo, mmask, kcol, table_ptr, BLOCK_N, BLOCK_K, BS,
-                        EVEN_K, MX_BF16, ONE_MUL, INTERPRET)
+                        EVEN_K, MX_BF16, ONE_MUL, LUT, INTERPRET)
     for kk in range(START, K_SPLIT, BLOCK_K):
         left = K - k_lo - kk  # may be <= 0 in the last split: everything masked
         words, codes = _mma_weights(w_ptrs, s_ptrs, kk, left, rmask, wcol, bcol, BS, EVEN_K, EVICT)
         acc = _mma_step(acc, words, codes, x_ptrs, kk, left, mmask, kcol, table_ptr, BLOCK_N, BLOCK_K, BS,
-                        EVEN_K, MX_BF16, ONE_MUL, INTERPRET)
+                        EVEN_K, MX_BF16, ONE_MUL, LUT, INTERPRET)
     part = offs_m[None, :] * N + rows[:, None]  # [BLOCK_N, BLOCK_M]: y[m, n] = acc[n, m]
     ymask = (offs_m[None, :] < M) & (rows[:, None] < N)
     if SPLIT_K > 1:

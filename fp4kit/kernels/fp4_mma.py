@@ -32,7 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fp4kit.formats import QuantizedTensor
+from fp4kit.formats import NVFP4Config, QuantizedTensor
+from fp4kit.formats.e2m1 import e2m1_codes_to_float
+from fp4kit.formats.scales import e8m0_to_float
 
 from . import fp4_gemm
 from .fp4_gemm import (
@@ -67,7 +69,8 @@ class MmaConfig:
     per program (the MMA's N side), block_k: K per loop step, split_k: K splits reduced in the launch,
     num_stages: cp.async pipelining depth (1: plain loads into registers), evict: the weight loads'
     eviction policy, pdl: programmatic dependent launch where `fp4_gemm.use_pdl` allows it (CUDA, sm_90+,
-    `fp4_gemm.PDL` on; never in the interpreter).
+    `fp4_gemm.PDL` on; never in the interpreter), lut: the byte-permute table decode
+    (`_fp4_gemm.decode_weight_tile_lut`) instead of the skinny kernel's float16-pair decode.
     """
     block_n: int = 64
     block_m: int = 16
@@ -77,6 +80,7 @@ class MmaConfig:
     num_stages: int = 4
     evict: str = "evict_first"
     pdl: bool = True
+    lut: bool = True
 
     def __post_init__(self):
         for name in ("block_n", "block_m", "block_k", "num_warps"):
@@ -97,6 +101,7 @@ class MmaConfig:
 # Split K (doubling, at most MMA_MAX_SPLIT) while the grid has fewer than this many programs per SM and
 # each split keeps at least MMA_MIN_STEPS K steps. Set from the H100 sweep (see mma_config).
 MMA_PROGRAMS_PER_SM = 4
+LUT_DECODE = True  # the default decode: byte-permute table (True) or the skinny kernel's (False)
 MMA_MAX_SPLIT = 8
 MMA_MIN_STEPS = 2
 
@@ -104,15 +109,48 @@ MMA_MIN_STEPS = 2
 def mma_config(M: int, N: int, K: int, block_size: int, sm_count: int = 132, mx_bf16: bool = False) -> MmaConfig:
     """The default launch for one call (rule from the H100 sweep, benchmarks/NOTES_fp4_gemm.md round 5)."""
     if _interpreting():
-        return MmaConfig(block_n=16, block_m=16, block_k=64, num_warps=1, num_stages=1, evict="")
+        return MmaConfig(block_n=16, block_m=16, block_k=64, num_warps=1, num_stages=1, evict="", lut=LUT_DECODE)
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    block_n, block_k, stages = 64, (256 if mx_bf16 else 128), 4
+    block_n, block_k, stages = 64, (256 if mx_bf16 and not LUT_DECODE else 128), 4
     programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     split = 1
     while (split < MMA_MAX_SPLIT and programs * split < MMA_PROGRAMS_PER_SM * sm_count
            and K // (block_k * split * 2) >= MMA_MIN_STEPS):
         split *= 2
-    return MmaConfig(block_n, block_m, block_k, split, num_warps=4, num_stages=stages)
+    return MmaConfig(block_n, block_m, block_k, split, num_warps=4, num_stages=stages, lut=LUT_DECODE)
+
+
+def lut_table(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [256, 4]: for each scale code c the eight magnitudes dtype(e2m1(j) * s_eff(c)), j = 0..7, as the
+    bytes `decode_weight_tile_lut` permutes: [c, 0] low bytes of entries 0..3 (entry j in byte j), [c, 1]
+    low bytes of 4..7, [c, 2] and [c, 3] the high bytes. s_eff and the product are the formats' own
+    (`effective_block_scale`, `e8m0_to_float`; one float32 product rounded once to dtype), so a weight
+    looked up here is the twin's (`qt.dequantize(dtype)`) bit for bit; the kernel adds the code's sign."""
+    device = qt.data.device
+    codes = torch.arange(256, dtype=torch.uint8, device=device)
+    if isinstance(qt.config, NVFP4Config):
+        eff = qt.config.effective_block_scale(codes.view(torch.float8_e4m3fn), qt.global_scale.float().reshape(()))
+    else:
+        eff = e8m0_to_float(codes).float()
+    mags = e2m1_codes_to_float(torch.arange(8, dtype=torch.uint8, device=device))  # [8] float32
+    bits = (mags[None, :] * eff[:, None]).to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF  # [256, 8]
+    lo, hi = bits & 0xFF, bits >> 8
+    shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=device)
+    regs = torch.stack([(t[:, 4 * i:4 * i + 4] << shifts).sum(-1) for t in (lo, hi) for i in (0, 1)], dim=1)
+    return (regs - ((regs >> 31) << 32)).to(torch.int32).contiguous()  # the same 32 bits as signed int32
+
+
+def _lut_for(prepared: PreparedFP4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The weight's LUT for x's dtype, built on first use and kept in the prepared weight's per-weight cache
+    (`configs`, keyed ("mma_lut", dtype)); the prepared weight is rebuilt when the QuantizedTensor changes."""
+    key = ("mma_lut", dtype)
+    lut = prepared.configs.get(key)
+    if lut is None:
+        if prepared.qt.data.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fp4_mma_matmul: this weight's decode table was not built before CUDA graph "
+                               "capture; call it once eagerly first")
+        lut = prepared.configs[key] = lut_table(prepared.qt, dtype)
+    return lut
 
 
 def _launch_mma(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None,
@@ -133,10 +171,13 @@ def _launch_mma(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tenso
         ws, cnt = _splitk_buffers(x2.device, stream, cfg.split_k * M * N, grid[0] * grid[1])
     else:
         ws, cnt = y, y
-    table = prepared.table_bf16x2 if mx_bf16 else prepared.table
+    if cfg.lut:
+        table, mx_bf16 = _lut_for(prepared, x2.dtype), False
+    else:
+        table = prepared.table_bf16x2 if mx_bf16 else prepared.table
     args = (x2, prepared.words, prepared.scale_codes, table, x2 if bias is None else bias, y, ws, cnt, M,
             N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
-            mx_bf16, prepared.one_mul, cfg.evict, pdl, _interpreting())
+            mx_bf16, prepared.one_mul, cfg.lut, cfg.evict, pdl, _interpreting())
     key = ("mma", cfg, pdl, mx_bf16, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M % 16 == 0, x2.device.index)
     launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

@@ -81,12 +81,13 @@ def test_mma_odd_shapes(name, m, has_bias):
     _assert_close(y, x, qt, bias)
 
 
+@pytest.mark.parametrize("lut", [True, False], ids=["table_decode", "pair_decode"])
 @pytest.mark.parametrize("name", ["nvfp4_torchao", "mxfp4_floor"])
-def test_mma_fp16_and_3d_input(name):
-    """float16 x (MXFP4 then takes the float32 decode) and a leading batch shape."""
+def test_mma_fp16_and_3d_input(name, lut):
+    """float16 x (a float16 table; without it MXFP4 takes the float32 decode) and a leading batch shape."""
     qt = quantize(_weight(32, 96), CONFIGS[name])
     x = torch.randn(2, 5, 96, device=DEVICE, dtype=torch.float16)
-    y = fp4_mma_matmul(x, qt)
+    y = fp4_mma_matmul(x, qt, config=_cfg(lut=lut))
     assert y.shape == (2, 5, 32) and y.dtype == torch.float16
     _assert_close(y.reshape(10, 32), x.reshape(10, 96), qt, None)
 
@@ -108,8 +109,9 @@ def test_mma_split_k(m, split, block_k, has_bias):
     _assert_close(first, x, qt, bias)
 
 
+@pytest.mark.parametrize("lut", [True, False], ids=["table_decode", "pair_decode"])
 @pytest.mark.parametrize("name", ["nvfp4", "nvfp4_torchao", "mxfp4_rceil"])
-def test_mma_weights_bit_exact_through_gemm(name):
+def test_mma_weights_bit_exact_through_gemm(name, lut):
     """One-hot rows of x make y[m, n] = W[n, k_m] exactly (one product by 1.0 per output), so the weights the
     MMA multiplied are compared bit for bit with the formats' dequantizer, across three 32-wide K steps and
     two token tiles (M = 48 one-hot rows, in the k order the MXFP4 bfloat16 decode permutes)."""
@@ -118,7 +120,7 @@ def test_mma_weights_bit_exact_through_gemm(name):
     ks = torch.arange(48, device=DEVICE) * 2 % K
     x = torch.zeros(48, K, device=DEVICE, dtype=torch.bfloat16)
     x[torch.arange(48, device=DEVICE), ks] = 1.0
-    y = fp4_mma_matmul(x, qt, config=_cfg(block_m=32))
+    y = fp4_mma_matmul(x, qt, config=_cfg(block_m=32, lut=lut))
     want = qt.dequantize(torch.bfloat16)[:, ks].T + 0.0  # a sum turns -0 into +0; everything else is exact
     if not GPU:  # the interpreter's dot flushes subnormal outputs: compare those as zero
         tiny = want.abs() < torch.finfo(torch.bfloat16).tiny
@@ -126,8 +128,10 @@ def test_mma_weights_bit_exact_through_gemm(name):
     assert torch.equal(y.view(torch.int16), want.contiguous().view(torch.int16))
 
 
-def test_mma_mxfp4_two_multiply_scales_bit_exact():
-    """E8M0 codes above 128 take the two-multiply bfloat16 decode (x identity: y = W.T exactly)."""
+@pytest.mark.parametrize("lut", [True, False], ids=["table_decode", "bf16x2_decode"])
+def test_mma_mxfp4_two_multiply_scales_bit_exact(lut):
+    """E8M0 codes above 128 (the two-multiply bfloat16 decode without the table; every code's magnitudes
+    with it) with x = identity: y = W.T exactly."""
     N, K = 16, 64
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
@@ -135,7 +139,7 @@ def test_mma_mxfp4_two_multiply_scales_bit_exact():
     scale = codes[torch.randint(0, len(codes), (N, K // 32), generator=gen)]
     qt = QuantizedTensor(data.to(DEVICE), scale.to(DEVICE), None, (N, K), MXFP4Config())
     x = torch.eye(K, device=DEVICE, dtype=torch.bfloat16)[:MMA_MAX_M]
-    y = fp4_mma_matmul(x, qt, config=_cfg(block_m=64 if GPU else 16))
+    y = fp4_mma_matmul(x, qt, config=_cfg(block_m=64 if GPU else 16, lut=lut))
     want = qt.dequantize(torch.bfloat16)[:, :MMA_MAX_M].T + 0.0
     if not GPU:
         tiny = want.abs() < torch.finfo(torch.bfloat16).tiny
@@ -190,3 +194,27 @@ def test_mma_pdl_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4_rceil"])
+def test_lut_table_holds_the_twins_weights(name, dtype):
+    """Every scale code's eight magnitudes, read back out of the table's byte planes, equal the formats'
+    dequantizer on a weight that uses that code (all 256 codes; NaN codes compared as NaN)."""
+    from fp4kit.kernels.fp4_mma import lut_table
+
+    cfg = CONFIGS[name]
+    bs = cfg.block_size
+    qt0 = quantize(_weight(16, 64), cfg)
+    data = torch.tensor([0x10, 0x32, 0x54, 0x76], dtype=torch.uint8, device=DEVICE).repeat(256, bs // 8)
+    scale = torch.arange(256, dtype=torch.uint8, device=DEVICE)[:, None].view(qt0.scale.dtype)
+    qt = QuantizedTensor(data, scale.contiguous(), qt0.global_scale, (256, bs), cfg)  # row c: codes 0..7, scale c
+    regs = lut_table(qt, dtype).to(torch.int64) & 0xFFFFFFFF  # [256, 4]
+    byte = torch.stack([(regs >> (8 * i)) & 0xFF for i in range(4)], dim=-1)  # [256, reg, byte]
+    lo = torch.cat((byte[:, 0], byte[:, 1]), dim=1)  # entry j's low byte
+    hi = torch.cat((byte[:, 2], byte[:, 3]), dim=1)
+    got = (lo | (hi << 8)).to(torch.int32).to(torch.int16).view(dtype)
+    want = qt.dequantize(dtype)[:, :8]
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
