@@ -301,10 +301,10 @@ def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), wo
                     print(f"{'':8s} best without the table decode {f32[0][0]:6.1f} bn{c.block_n} bk{c.block_k} "
                           f"sk{c.split_k} s{c.num_stages} w{c.num_warps}", flush=True)
             del preps
-    path = os.path.join(out_dir, "fp4_mma_sweep_h100.json")
-    with open(path, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
-                       copy_bw_bytes_per_s=bw, rows=rows), f, indent=1)
+        path = os.path.join(out_dir, "fp4_mma_sweep_h100.json")  # rewritten after each shape
+        with open(path, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                           copy_bw_bytes_per_s=bw, rows=rows), f, indent=1)
     return rows
 
 
