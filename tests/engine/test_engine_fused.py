@@ -168,3 +168,32 @@ def test_cuda_fused_equals_unfused(scheme, kv):
     got = _forced_logits(Engine(model, fused=True, **kw), PROMPTS, tokens)
     err = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
     assert err < (2 ** -5 if kv == torch.bfloat16 else 2 ** -4), err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs a Hopper (sm_90+) GPU")
+@pytest.mark.parametrize("kv", [torch.bfloat16, torch.float8_e4m3fn])
+def test_cuda_fused_pdl_equals_serial(kv):
+    """The fused engine's decode graphs with programmatic dependent launch (GEMV and decode kernels
+    overlapping their predecessors' tails) give bit for bit the logits of the same graphs without it."""
+    from fp4kit.formats import NVFP4Config
+    from fp4kit.kernels import fp4_gemm
+    from fp4kit.nn import quantize_
+
+    model = tiny("llama", hidden_size=128, intermediate_size=256).to("cuda", torch.bfloat16)
+    quantize_(model, NVFP4Config(), progress=False)
+    kw = {"max_batch": 4, "max_seq_len": 96, "kv_dtype": kv, "seq_bucket": 16, "lm_head": "nvfp4"}
+    params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    old = fp4_gemm.PDL
+    try:
+        fp4_gemm.PDL = False
+        eng = Engine(model, **kw)
+        tokens = [o.token_ids for o in eng.generate(PROMPTS, params)]
+        serial = _forced_logits(eng, PROMPTS, tokens)
+        fp4_gemm.PDL = True
+        pdl_eng = Engine(model, **kw)
+        with_pdl = _forced_logits(pdl_eng, PROMPTS, tokens)
+        assert [o.token_ids for o in pdl_eng.generate(PROMPTS, params)] == tokens
+    finally:
+        fp4_gemm.PDL = old
+    assert torch.equal(with_pdl, serial)
