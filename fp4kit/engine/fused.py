@@ -159,7 +159,7 @@ class HeadFormat(enum.Enum):
     NVFP4 = "nvfp4"
 
 
-def quantize_head(head: nn.Module, config: NVFP4Config = NVFP4Config()) -> FusedLinear | None:
+def quantize_head(head: nn.Module, config: NVFP4Config | None = None) -> FusedLinear | None:
     """An NVFP4 copy of a plain nn.Linear head (RTN, global scale from the weight's amax) as a one-source
     FusedLinear, or None when the head is not a plain nn.Linear (an FP4Linear head already is FP4)."""
     if type(head) is not nn.Linear:
@@ -168,6 +168,6 @@ def quantize_head(head: nn.Module, config: NVFP4Config = NVFP4Config()) -> Fused
         raise TypeError(f"quantize_head: lm_head is a {type(head).__name__}; an FP4 copy needs a plain nn.Linear")
     with torch.no_grad():
         w = head.weight.detach()
-        qt = quantize(w, config, name="lm_head.weight")
+        qt = quantize(w, config or NVFP4Config(), name="lm_head.weight")
         bias = None if head.bias is None else head.bias.detach().clone()
     return FusedLinear((head,), (head.out_features,), _versions((head,)), qt=qt, bias=bias)

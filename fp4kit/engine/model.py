@@ -50,7 +50,16 @@ from torch import nn
 from fp4kit.kernels import decode_ops
 from fp4kit.nn.kv_cache import KVCache
 
-from .fused import GATED_MLPS, FusedLinear, HeadFormat, NormKind, fuse_linears, is_silu, norm_kind, quantize_head
+from .fused import (
+    GATED_MLPS,
+    FusedLinear,
+    HeadFormat,
+    NormKind,
+    fuse_linears,
+    is_silu,
+    norm_kind,
+    quantize_head,
+)
 
 DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 MOE = ("qwen2_moe", "qwen3_moe", "mixtral")
