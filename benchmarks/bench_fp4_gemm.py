@@ -37,7 +37,7 @@ import torch
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
 from fp4kit.kernels.fp4_gemm import (DEQUANT_CUBLAS_MIN_M, SKINNY_MAX_M, GemmConfig, _config, _launch_skinny,
                                      _skinny_config, fp4_linear, fp4_matmul, prepare_fp4_weight)
-from fp4kit.kernels.fp4_mma import MMA_MAX_M, MMA_MIN_M, MmaConfig, _launch_mma, fp4_mma_matmul, mma_config
+from fp4kit.kernels.fp4_mma import MMA_MAX_M, MMA_MIN_M, MmaConfig, _launch_mma, _lut_for, fp4_mma_matmul, mma_config
 from fp4kit.kernels.fp4_quantize import quantize_mxfp4_triton, quantize_nvfp4_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -168,13 +168,10 @@ def run_sweep(out_dir):
 # ----------------------------------------------------------------------------------------------
 # round 5: the swapped-operand kernel (fp4_mma)
 
-MMA_TILES = ((64, 128, 4, 4), (64, 128, 1, 4), (64, 128, 2, 4), (64, 128, 3, 4), (64, 128, 6, 4),
-             (64, 256, 3, 4), (64, 256, 1, 4), (128, 128, 3, 4), (128, 128, 3, 8), (128, 128, 1, 8),
-             (128, 256, 2, 8))  # (block_n, block_k, stages, warps), table (LUT) decode
-MMA_TILES_F32 = ((64, 128, 4, 4), (64, 128, 1, 4), (128, 128, 3, 8))  # the skinny kernel's decode
-MMA_TILES_M64 = ((64, 128, 4, 4), (64, 128, 2, 4), (64, 128, 1, 4), (128, 128, 3, 8))
-MMA_TILES_MX = ((64, 128, 4, 4), (64, 128, 1, 4), (64, 256, 3, 4), (128, 128, 3, 8))
-MMA_TILES_MX_BF16 = ((64, 256, 4, 4), (64, 128, 4, 4))  # MXFP4's bf16x2-multiply decode
+MMA_TILES = ((64, 128, 1, 4), (64, 128, 2, 4), (64, 128, 4, 4), (128, 128, 1, 8), (128, 128, 3, 8),
+             (64, 256, 1, 4))  # (block_n, block_k, stages, warps); each with both decodes
+MMA_TILES_MX_BF16 = ((64, 256, 4, 4), (64, 256, 1, 4), (64, 128, 1, 4))  # MXFP4's bf16x2-multiply decode
+MMA_TILES_MX = ((64, 128, 1, 4), (64, 128, 2, 4), (128, 128, 3, 8))  # MXFP4, table decode
 
 
 def _block_m(M):
@@ -189,11 +186,9 @@ def mma_candidates(N, K, M, fmt):
     default = mma_config(M, N, K, bs, 132, fmt == "mxfp4")
     if fmt == "mxfp4":
         grid = [(t, True) for t in MMA_TILES_MX] + [(t, False) for t in MMA_TILES_MX_BF16]
-    elif M > 32:
-        grid = [(t, True) for t in MMA_TILES_M64] + [(MMA_TILES_F32[0], False)]
     else:
-        grid = [(t, True) for t in MMA_TILES] + [(t, False) for t in MMA_TILES_F32]
-    splits = (1, 2, 4) if N > 16384 else (2, 4, 8)
+        grid = [(t, lut) for t in MMA_TILES for lut in (True, False)]
+    splits = (2, 4, 8) if N > 16384 else (4, 8, 16)
     out = [default]
     for ((bn, bk, st, w), lut), sp in itertools.product(grid, splits):
         if K // (bk * sp) < 1:
@@ -266,6 +261,8 @@ def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), wo
             qt0 = quantize(w, fcfg)
             preps, nxt = rotating(lambda: prepare_fp4_weight(quantize(torch.randn_like(w) * 0.02, fcfg)),
                                   fp4_bytes(qt0))
+            for p in preps:  # the table decode's tables, built before any graph capture
+                _lut_for(p, torch.bfloat16)
             for pname, pfmt, M, cands in plan:
                 if (pname, pfmt) != (name, fmt):
                     continue
@@ -281,6 +278,9 @@ def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), wo
                     try:
                         y = _launch_mma(x, preps[0], None, cfg)
                         max_err, rms_err = check(x, preps[0].qt, y)
+                        for p in preps:  # warm: every rotated weight once, eagerly, before the graph
+                            _launch_mma(x, p, None, cfg)
+                        torch.cuda.synchronize()
                         us = bench_graph(lambda: _launch_mma(x, nxt(), None, cfg))
                     except Exception as e:
                         print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
