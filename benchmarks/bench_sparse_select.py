@@ -31,6 +31,7 @@ import tempfile
 import time
 
 import torch
+import triton
 
 from fp4kit.formats import MXFP4Config, ScaleRule, quantize_mxfp4
 from fp4kit.kernels import fp4_topk
@@ -69,9 +70,12 @@ def bytes_moved(method: str, R: int, L: int, k: int) -> int:
     per_key = {"torch_bf16": 2 * D, "bf16": 2 * D, "fp8": D + 4, "fp4": D // 2 + D // 32, "fp4_2stage": D // 2 + D // 32}
     # int16 score written once, read once by the fused select (+1 by a separate coarse-histogram pass), or by
     # the 3 (+1) passes of the unfused select
-    reads = 1 if fp4_topk.FUSED_SELECT else 3
-    reads += fp4_topk.COARSE_HIST is fp4_topk.CoarseHist.PASS or (not fp4_topk.FUSED_SELECT and
-                                                                  fp4_topk.COARSE_HIST is fp4_topk.CoarseHist.FUSED)
+    if fp4_topk.SELECT_METHOD is fp4_topk.SelectMethod.THRESHOLD:
+        reads = 1  # the compaction reads the scores once (the group maxima: 2 bytes per group, not counted)
+    else:
+        reads = 1 if fp4_topk.FUSED_SELECT else 3
+        reads += fp4_topk.COARSE_HIST is fp4_topk.CoarseHist.PASS or (not fp4_topk.FUSED_SELECT and
+                                                                      fp4_topk.COARSE_HIST is fp4_topk.CoarseHist.FUSED)
     sort_keys = 0 if method == "torch_bf16" else 2 + 2 * reads
     total = R * L * (per_key[method] + sort_keys)
     if method == "torch_bf16":
@@ -124,23 +128,25 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
     torch.manual_seed(1)
     s = make_keys(4, L, device)
     out["checks"] = {}
-    for packed in (False, True):  # float32 products, or packed half2 for the MXFP4 query
-        fp4_topk.MXFP4_PACKED_HALF = packed
+    for name, (dp4a, packed) in PRODUCT_PATHS.items():  # float32, packed half2 or integer (dp4a) products
+        fp4_topk.MXFP4_DP4A, fp4_topk.MXFP4_PACKED_HALF = dp4a, packed
         want = index_scores_torch(s["q_fp4"], s["fp4"]).float()
         want = torch.where(want == 0, 0.0, want)  # -0 -> +0, as the kernel writes it
         bits_same = torch.equal(bits_to_bf16(index_score_bits(s["q_fp4"], s["fp4"])[:, :L]).float(), want)
-        out["checks"][f"mxfp4_{'half2' if packed else 'f32'}_scores_bit_exact"] = bits_same
-        print(f"MXFP4 packed_half={packed}: scores bit-exact {bits_same}")
+        out["checks"][f"mxfp4_{name}_scores_bit_exact"] = bits_same
+        print(f"MXFP4 {name} products: scores bit-exact {bits_same}")
+    fp4_topk.MXFP4_DP4A = out["checks"]["mxfp4_dp4a_scores_bit_exact"]
+    fp4_topk.MXFP4_PACKED_HALF = False
     # a float32 (not FP4) query takes the float32 path: within 1 bf16 ulp + the float32 summation error
     sc = bits_to_bf16(index_score_bits(s["q"], s["fp4"])[:, :L]).float()
     want = index_scores_torch(s["q"], s["fp4"]).float()
     mag = torch.einsum("rd,rld->rl", s["q"].abs(), s["fp4"].dequantize().abs())
     out["checks"]["mxfp4_f32_query_within_tol"] = bool(((sc - want).abs() <= want.abs() * 2**-7 + mag * 2**-16).all())
-    if not out["checks"]["mxfp4_half2_scores_bit_exact"]:
-        fp4_topk.MXFP4_PACKED_HALF = False
     assert out["checks"]["mxfp4_f32_scores_bit_exact"], "MXFP4 scores differ from the twin"
+    check_threshold(device, out, s)
     # every select path against the twin (n = 64 and 1000; ties at lo), the fused one also under graph capture
     sel_ok = {}
+    fp4_topk.SELECT_METHOD = fp4_topk.SelectMethod.RADIX
     for fused in (True, False):
         for place in fp4_topk.CoarseHist:
             fp4_topk.FUSED_SELECT, fp4_topk.COARSE_HIST = fused, place
@@ -171,6 +177,8 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
     if not (sel_ok[(True, fp4_topk.CoarseHist.FUSED)] and out["checks"].get("fused_graph_equal")):
         fp4_topk.FUSED_SELECT, fp4_topk.COARSE_HIST = False, fp4_topk.CoarseHist.PASS
     assert sel_ok[(False, fp4_topk.CoarseHist.PASS)], "the unfused select differs from its twin"
+    if out["checks"]["threshold_select_equal"]:
+        fp4_topk.SELECT_METHOD = fp4_topk.SelectMethod.THRESHOLD
     for k in (64, 300):
         got, want = (index_topk(s["q_fp4"], s["fp4"], k, lo=3, hi=L - 10),
                      index_topk_torch(s["q_fp4"], s["fp4"], k, lo=3, hi=L - 10))
@@ -179,13 +187,13 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
         r1, r2 = rerank_topk(s["q"], s["keys"], cand, k), rerank_topk_torch(s["q"], s["keys"], cand, k)
         out["checks"][f"rerank_equal_k{k}"] = float((r1 == r2).float().mean())
         # the fused rerank (scores + last-program select) must equal the two-launch one exactly (same sums)
-        keep = fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX
+        keep = fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX, fp4_topk.RERANK_DIGITS
         same = True
         for fused_rr in (False, True):
-            for radix in (False, True):
-                fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX = fused_rr, radix
+            for radix, digits in ((False, False), (True, False), (False, True)):
+                fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX, fp4_topk.RERANK_DIGITS = fused_rr, radix, digits
                 same = same and torch.equal(r1, rerank_topk(s["q"], s["keys"], cand, k))
-        fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX = keep
+        fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX, fp4_topk.RERANK_DIGITS = keep
         out["checks"][f"fused_rerank_equal_k{k}"] = same
     for fmt in ("bf16", "fp8"):
         sc = bits_to_bf16(index_score_bits(s["q"], s[fmt])[:, :L]).float()
@@ -197,12 +205,96 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
         out["checks"][f"{fmt}_scores_equal"] = float((sc == want).float().mean())
     if big:
         b = make_keys(2, big, device)  # > one 65,536-position chunk: the merge path
-        assert torch.equal(index_topk(b["q_fp4"], b["fp4"], 512), index_topk_torch(b["q_fp4"], b["fp4"], 512))
+        for n in (512, 4096):
+            assert torch.equal(index_topk(b["q_fp4"], b["fp4"], n), index_topk_torch(b["q_fp4"], b["fp4"], n))
     if not all(out["checks"][f"fused_rerank_equal_k{k}"] for k in (64, 300)):
         fp4_topk.FUSED_RERANK = False
     out["checks"]["mxfp4_topk_bit_exact"] = True
     out["checks"]["rerank_exact_k300"] = out["checks"]["rerank_equal_k300"] == 1.0
     print("checks:", out["checks"])
+
+
+PRODUCT_PATHS = {"f32": (False, False), "half2": (False, True), "dp4a": (True, False)}  # (MXFP4_DP4A, PACKED_HALF)
+
+
+def _monotone_set(R, L, device):
+    """MXFP4 keys whose scores rise with position: scores cluster, so the threshold select's candidates
+    overflow its buffer and the row's last program selects from all scores (the exact fallback)."""
+    v = torch.randn(128, device=device)
+    k = torch.linspace(0.1, 4.0, L, device=device).view(1, L, 1) * v + 0.01 * torch.randn(R, L, 128, device=device)
+    qt = quantize_mxfp4(k, MX)
+    q = quantize_mxfp4(v.expand(R, 128).contiguous(), MX).dequantize()
+    return q, KeyCacheView(KeyFormat.MXFP4, qt.data, qt.scale, fp4_config=MX)
+
+
+def check_threshold(device, out: dict, s: dict) -> None:
+    """The threshold select against the twin: every tier (registers, chunked, overflow), every format, under
+    graph capture, twice in a row (its workspace must come back zero)."""
+    keep = fp4_topk.SELECT_METHOD
+    fp4_topk.SELECT_METHOD = fp4_topk.SelectMethod.THRESHOLD
+    ok = True
+    try:
+        for n in (64, 1000, 2000) if device.type == "cuda" else (20, 100):  # the register tier (the big set in `check` reaches the chunked one)
+            for _ in range(2):
+                ok &= torch.equal(index_topk(s["q_fp4"], s["fp4"], n, lo=1), index_topk_torch(s["q_fp4"], s["fp4"],
+                                                                                               n, lo=1))
+        hi = s["keys"].shape[1] - 7
+        for fmt in ("bf16", "fp8"):  # exact top-n of the kernel's own scores
+            sc = bits_to_bf16(index_score_bits(s["q"], s[fmt])[:, 5:hi]).float()
+            want = (fp4_topk.topk_order_torch(sc, 30) + 5).sort(-1).values
+            ok &= torch.equal(index_topk(s["q"], s[fmt], 30, lo=5, hi=hi), want)
+        q, view = _monotone_set(2, 20000 if device.type == "cuda" else 600, device)
+        ok &= torch.equal(index_topk(q, view, 256), index_topk_torch(q, view, 256))
+        out["checks"]["threshold_overflow_equal"] = bool(ok)
+        if device.type == "cuda":
+            g = torch.cuda.CUDAGraph()
+            res = {}
+            with torch.cuda.graph(g):
+                res["t"] = index_topk(s["q_fp4"], s["fp4"], 1000, lo=1)
+            g.replay()
+            torch.cuda.synchronize()
+            ok &= torch.equal(res["t"], index_topk_torch(s["q_fp4"], s["fp4"], 1000, lo=1))
+        zero = all(int(b.abs().sum()) == 0 for b in fp4_topk._STREAM_BUFFERS.values())
+        out["checks"]["threshold_workspace_zero"] = zero
+        ok &= zero
+    except Exception as e:  # noqa: BLE001 - a path that fails on the device is reported and left off
+        print(f"threshold select: {type(e).__name__}: {str(e)[:500]}")
+        ok = False
+    out["checks"]["threshold_select_equal"] = bool(ok)
+    print(f"threshold select equal to the twin (all tiers, graph): {bool(ok)}")
+    fp4_topk.SELECT_METHOD = keep
+
+
+def _select_alone(m, n, method):
+    """The select kernels alone on fixed scores m [R, n_out] (and group maxima): what the select costs."""
+    R, n_out = m.shape
+    if method == "threshold":
+        block_t = 128
+        group = fp4_topk._group_size(n, n_out, block_t)
+        mx = m.view(R, -1, group).amax(-1).contiguous()
+        M = mx.shape[1]
+        block, warps_c = fp4_topk.THRESH_BLOCK
+        n_tiles = triton.cdiv(n_out, block)
+        ws = fp4_topk._stream_buffer(m.device, "threshold", R, 4 + triton.next_power_of_2(n_tiles))
+        cap = triton.next_power_of_2(fp4_topk.CAND_PER_N * n)
+        cu = torch.empty(R, cap, dtype=torch.int32, device=m.device)
+        cp = torch.empty_like(cu)
+        out = torch.empty(R, n, dtype=torch.int64, device=m.device)
+        bm = min(triton.next_power_of_2(M), 8192)
+
+        def run():
+            fp4_topk._fp4_topk.maxima_threshold_kernel[(R,)](mx, ws, M, n, mx.stride(0), ws.stride(0), BLOCK=bm,
+                                                             CHUNKED=M > bm,
+                                                             num_warps=4 if bm <= 1024 else (8 if bm <= 4096 else 16))
+            fp4_topk._fp4_topk.compact_select_kernel[(R, n_tiles)](
+                m, ws, cu, cp, out, m.stride(0), ws.stride(0), cu.stride(0), out.stride(0), n_out, n, n_tiles, cap,
+                BLOCK=block, TILES=triton.next_power_of_2(n_tiles), FB=min(cap, fp4_topk.THRESH_REGISTERS), CH=4096,
+                PHASE=0, MAX_SPINS=fp4_topk._MAX_SPINS, num_warps=warps_c)
+            return out
+        return run
+    fused = fp4_topk._fused_block(R, n_out, True, m.device)
+    ws = fp4_topk._stream_buffer(m.device, "select", R, 516 + triton.next_power_of_2(triton.cdiv(n_out, fused[0])))
+    return lambda: fp4_topk._radix_select(m, ws, n, fused, True)
 
 
 def _scan_only(q, view):
@@ -239,7 +331,7 @@ def _sass_blocks(sass: str) -> list:
 
 
 def scan_sass(s: dict, out_dir: str | None, out: dict) -> None:
-    """SASS of the chosen MXFP4 scan kernel (both product paths): instruction counts per opcode, the
+    """SASS of the chosen MXFP4 scan kernel (float32 and dp4a products): instruction counts per opcode, the
     listing to out_dir. What the decode costs per element, read off the machine code."""
     from triton.tools.disasm import get_sass
 
@@ -248,9 +340,9 @@ def scan_sass(s: dict, out_dir: str | None, out: dict) -> None:
     ws = torch.zeros(view.rows, 512, dtype=torch.int32, device=q.device)
     m = torch.empty(view.rows, n_out, dtype=torch.int16, device=q.device)
     out["sass"] = {}
-    keep = fp4_topk.MXFP4_PACKED_HALF
-    for packed in (False, True):
-        fp4_topk.MXFP4_PACKED_HALF = packed
+    keep = fp4_topk.MXFP4_DP4A, fp4_topk.MXFP4_PACKED_HALF
+    for path in ("f32", "dp4a"):
+        fp4_topk.MXFP4_DP4A, fp4_topk.MXFP4_PACKED_HALF = PRODUCT_PATHS[path]
         grid, args, meta = fp4_topk._scan_launch(q, view, 0, view.length, ws, m, block_t, warps, iters, False)
         try:
             k = fp4_topk._fp4_topk.index_score_kernel.warmup(*args, grid=grid, **meta)
@@ -261,113 +353,137 @@ def scan_sass(s: dict, out_dir: str | None, out: dict) -> None:
             break
         blocks = _sass_blocks(sass)
         elements = block_t * D // (32 * warps)  # per thread and tile
-        out["sass"]["half2" if packed else "f32"] = {"elements_per_thread_per_tile": elements, "n_regs": k.n_regs,
+        out["sass"][path] = {"elements_per_thread_per_tile": elements, "n_regs": k.n_regs,
                                                      "blocks": blocks}
-        print(f"SASS packed={packed}: {k.n_regs} regs, {elements} elements per thread and tile; basic blocks:")
+        print(f"SASS {path}: {k.n_regs} regs, {elements} elements per thread and tile; basic blocks:")
         for blk in blocks:
             top = sorted(blk["ops"].items(), key=lambda x: -x[1])[:10]
             print(f"  {blk['label']}: {blk['count']} instr ({blk['count'] / elements:.2f} per element) "
                   + ", ".join(f"{o} {c}" for o, c in top))
         if out_dir:
-            pathlib.Path(out_dir, f"scan_mxfp4_{'half2' if packed else 'f32'}.sass").write_text(sass)
-    fp4_topk.MXFP4_PACKED_HALF = keep
+            pathlib.Path(out_dir, f"scan_mxfp4_{path}.sass").write_text(sass)
+    fp4_topk.MXFP4_DP4A, fp4_topk.MXFP4_PACKED_HALF = keep
 
 
 def sweep_tiles(device, out: dict, bw: float) -> None:
-    """Scan kernel alone at L = 128K, batch 8: pick the tile and the MXFP4 product path (packed half2 or
-    float32); then the select path (fused or not, where the coarse histogram is built) on the whole
-    single-stage FP4 selection at batch 1 and 8. Every variant is recorded."""
+    """Scan kernel alone at L = 128K, batch 8: pick the tile and the MXFP4 product path (dp4a, packed half2 or
+    float32); then the select (radix, or threshold with its knobs) on single-stage FP8 and FP4 selections at
+    batch 1 and 8, the select kernels alone, and the rerank's variants. Every variant is recorded."""
     sets = [make_keys(8, 131072, device) for _ in range(2)]
     out["tile_sweep"] = []
     per_key = {"bf16": 2 * D, "fp8": D + 4, "fp4": D // 2 + D // 32}
-    variants = [("bf16", "bf16", None, 128, 4, 1), ("bf16", "bf16", None, 128, 4, 4)]
-    variants += [("fp8", "fp8", None, t, w, i) for t, w, i in ((128, 4, 1), (128, 4, 4), (256, 4, 2))]
-    variants += [("fp4", "mxfp4", p, t, w, i) for p in (True, False)
-                 for t, w, i in ((128, 4, 1), (128, 4, 4), (128, 4, 8), (256, 4, 4), (256, 8, 4), (64, 4, 8))]
+    variants = [("bf16", "bf16", None, 128, 4, 1)]
+    variants += [("fp8", "fp8", None, t, w, i) for t, w, i in ((128, 4, 4), (256, 4, 2))]
+    variants += [("fp4", "mxfp4", "dp4a", t, w, i)
+                 for t, w, i in ((128, 4, 1), (128, 4, 4), (256, 4, 2), (256, 8, 4), (512, 8, 2), (64, 4, 8))]
+    variants += [("fp4", "mxfp4", "f32", 128, 4, 1), ("fp4", "mxfp4", "half2", 128, 4, 8)]
     best = {}
-    half2_ok = fp4_topk.MXFP4_PACKED_HALF
-    for fmt, name, packed, block_t, warps, iters in variants:
-        if packed and not half2_ok:
+    for fmt, name, path, block_t, warps, iters in variants:
+        if path is not None and not out["checks"].get(f"mxfp4_{path}_scores_bit_exact"):
             continue
         fp4_topk.SCAN_TILE[name] = (block_t, warps, iters)
-        fp4_topk.MXFP4_PACKED_HALF = bool(packed)
+        fp4_topk.MXFP4_DP4A, fp4_topk.MXFP4_PACKED_HALF = PRODUCT_PATHS[path or "f32"]
         try:
             t = _time_scan(sets, fmt)
         except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
-            print(f"scan {fmt} packed={packed} {block_t}x{warps}x{iters}: {type(e).__name__}: {str(e)[:200]}")
+            print(f"scan {fmt} {path} {block_t}x{warps}x{iters}: {type(e).__name__}: {str(e)[:200]}")
             continue
         nbytes = 8 * 131072 * (per_key[fmt] + 2)
-        row = {"format": fmt, "packed_half": packed, "block_t": block_t, "warps": warps, "iters": iters, **t,
+        row = {"format": fmt, "products": path, "block_t": block_t, "warps": warps, "iters": iters, **t,
                "roofline_us": nbytes / bw * 1e6}
         out["tile_sweep"].append(row)
-        print(f"scan {fmt:4s} packed={packed} tile {block_t}x{warps}x{iters}: {t['median_us']:.1f} us "
+        print(f"scan {fmt:4s} {path} tile {block_t}x{warps}x{iters}: {t['median_us']:.1f} us "
               f"(roofline {row['roofline_us']:.1f})")
         if fmt not in best or t["median_us"] < best[fmt][0]:
-            best[fmt] = (t["median_us"], name, packed, block_t, warps, iters)
-    for fmt, (_, name, packed, block_t, warps, iters) in best.items():
+            best[fmt] = (t["median_us"], name, path, block_t, warps, iters)
+    for fmt, (_, name, path, block_t, warps, iters) in best.items():
         fp4_topk.SCAN_TILE[name] = (block_t, warps, iters)
         if fmt == "fp4":
-            fp4_topk.MXFP4_PACKED_HALF = bool(packed)
+            fp4_topk.MXFP4_DP4A, fp4_topk.MXFP4_PACKED_HALF = PRODUCT_PATHS[path]
+    del sets
+    # the select: radix (the fused one-launch kernel) against the threshold select and its knobs
     out["select_sweep"] = []
-    paths = [(True, fp4_topk.CoarseHist.FUSED), (True, fp4_topk.CoarseHist.SCAN), (True, fp4_topk.CoarseHist.PASS),
-             (False, fp4_topk.CoarseHist.SCAN), (False, fp4_topk.CoarseHist.PASS)]
-    if not fp4_topk.FUSED_SELECT:  # the check found the fused select wrong on this device
-        paths = paths[3:]
+    configs = [("radix", None, None)]
+    if out["checks"].get("threshold_select_equal"):
+        configs += [("threshold", blk, regs) for blk, regs in (((2048, 8), 4096), ((1024, 4), 4096), ((4096, 8), 4096),
+                                                               ((2048, 8), 8192), ((2048, 16), 8192))]
     total = {}
     for B in (1, 8):
         bsets = [make_keys(B, 131072, device) for _ in range(4 if B == 1 else 2)]
-        for fused, place in paths:
-            fp4_topk.FUSED_SELECT, fp4_topk.COARSE_HIST = fused, place
+        for cfg in configs:
+            method, blk, regs = cfg
+            fp4_topk.SELECT_METHOD = fp4_topk.SelectMethod(method)
+            if blk:
+                fp4_topk.THRESH_BLOCK, fp4_topk.THRESH_REGISTERS = blk, regs
             for fmt in ("fp8", "fp4"):
-                q = "q_fp4" if fmt == "fp4" else "q"
-                fns = [(lambda s=s, q=q, fmt=fmt: index_topk(s[q], s[fmt], 2048)) for s in bsets]
-                t = time_fn(None, cycle=fns, reps=100)
-                out["select_sweep"].append({"batch": B, "format": fmt, "fused": fused, "coarse_hist": place.value, **t})
-                print(f"select B={B} {fmt} fused={fused} coarse={place.value}: {t['median_us']:.1f} us")
-                if fmt == "fp4":
-                    total[(fused, place)] = total.get((fused, place), 0.0) + t["median_us"]
+                for n in (512, 4096):
+                    q = "q_fp4" if fmt == "fp4" else "q"
+                    fns = [(lambda s=s, q=q, fmt=fmt, n=n: index_topk(s[q], s[fmt], n)) for s in bsets]
+                    try:
+                        t = time_fn(None, cycle=fns, reps=60)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"select {cfg}: {type(e).__name__}: {str(e)[:300]}")
+                        total[cfg] = float("inf")
+                        continue
+                    out["select_sweep"].append({"batch": B, "format": fmt, "n": n, "method": method,
+                                                "thresh_block": blk, "thresh_registers": regs, **t})
+                    print(f"select B={B} {fmt} n={n} {method} {blk} {regs}: {t['median_us']:.1f} us")
+                    total[cfg] = total.get(cfg, 0.0) + t["median_us"]
         del bsets
-    fused, place = min(total, key=total.get)
-    fp4_topk.FUSED_SELECT, fp4_topk.COARSE_HIST = fused, place
-    if fused:  # positions per program of the fused select: fewer, larger programs mean fewer at each barrier
-        every = fp4_topk.FUSED_BLOCKS
-        best_blocks = (every, total[(fused, place)])
-        for first in every[1:]:
-            fp4_topk.FUSED_BLOCKS = tuple(b for b in every if b[0] >= first[0])
-            t_sum = 0.0
-            for B in (1, 8):
-                bsets = [make_keys(B, 131072, device) for _ in range(4 if B == 1 else 2)]
-                t = time_fn(None, cycle=[(lambda s=s: index_topk(s["q_fp4"], s["fp4"], 2048)) for s in bsets],
-                            reps=100)
-                t_sum += t["median_us"]
-                out["select_sweep"].append({"batch": B, "format": "fp4", "fused": True, "coarse_hist": place.value,
-                                            "fused_block_min": first[0], **t})
-                print(f"select B={B} fp4 fused, blocks >= {first[0]}: {t['median_us']:.1f} us")
-                del bsets
-            if t_sum < best_blocks[1]:
-                best_blocks = (fp4_topk.FUSED_BLOCKS, t_sum)
-        fp4_topk.FUSED_BLOCKS = best_blocks[0]
-    # the rerank: one launch or two, byte-radix or bitwise k-th-key search (two-stage FP4, k = 2048)
+    method, blk, regs = min(total, key=total.get)
+    fp4_topk.SELECT_METHOD = fp4_topk.SelectMethod(method)
+    if blk:
+        fp4_topk.THRESH_BLOCK, fp4_topk.THRESH_REGISTERS = blk, regs
+    # the select kernels alone on fixed scores (what the select costs without the scan)
+    out["select_alone"] = []
+    for B in (1, 8):
+        s = make_keys(B, 131072, device)
+        m = _scan_only(s["q_fp4"], s["fp4"])
+        for n in (512, 4096):
+            for how in ("radix", "threshold"):
+                if how == "threshold" and not out["checks"].get("threshold_select_equal"):
+                    continue
+                t = time_fn(_select_alone(m, n, how), reps=100)
+                out["select_alone"].append({"batch": B, "n": n, "method": how, **t})
+                print(f"select alone B={B} n={n} {how}: {t['median_us']:.1f} us")
+        del s, m
+    # the rerank: one launch or two; bitwise, byte-radix or 4-bit-digit k-th-key search (two-stage FP4)
     rr = {}
     for B in (1, 8):
         bsets = [make_keys(B, 131072, device) for _ in range(4 if B == 1 else 2)]
         for fused_rr in (False, True):
-            for radix in (False, True):
-                fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX = fused_rr, radix
-                t = time_fn(None, cycle=[selection("fp4_2stage", s, 2048) for s in bsets], reps=100)
-                rr[(fused_rr, radix)] = rr.get((fused_rr, radix), 0.0) + t["median_us"]
-                out["select_sweep"].append({"batch": B, "method": "fp4_2stage", "fused_rerank": fused_rr,
-                                            "byte_radix": radix, **t})
-                print(f"two-stage B={B} k=2048 fused_rerank={fused_rr} byte_radix={radix}: {t['median_us']:.1f} us")
+            for radix, digits in ((False, False), (False, True)):
+                fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX, fp4_topk.RERANK_DIGITS = fused_rr, radix, digits
+                for k in (256, 2048):
+                    t = time_fn(None, cycle=[selection("fp4_2stage", s, k) for s in bsets], reps=60)
+                    rr[(fused_rr, radix, digits)] = rr.get((fused_rr, radix, digits), 0.0) + t["median_us"]
+                    out["select_sweep"].append({"batch": B, "method": "fp4_2stage", "k": k, "fused_rerank": fused_rr,
+                                                "byte_radix": radix, "digits": digits, **t})
+                    print(f"two-stage B={B} k={k} fused_rerank={fused_rr} digits={digits}: {t['median_us']:.1f} us")
         del bsets
-    fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX = min(rr, key=rr.get)
-    out["scan_config"] = {"tile": dict(fp4_topk.SCAN_TILE), "mxfp4_packed_half": fp4_topk.MXFP4_PACKED_HALF,
-                          "fused_select": fused, "coarse_hist": place.value, "fused_blocks": fp4_topk.FUSED_BLOCKS,
-                          "fused_rerank": fp4_topk.FUSED_RERANK,
-                          "rerank_byte_radix": fp4_topk.RERANK_BYTE_RADIX}
+    fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX, fp4_topk.RERANK_DIGITS = min(rr, key=rr.get)
+    out["scan_config"] = {"tile": dict(fp4_topk.SCAN_TILE), "mxfp4_dp4a": fp4_topk.MXFP4_DP4A,
+                          "mxfp4_packed_half": fp4_topk.MXFP4_PACKED_HALF,
+                          "select_method": fp4_topk.SELECT_METHOD.value, "thresh_block": fp4_topk.THRESH_BLOCK,
+                          "thresh_registers": fp4_topk.THRESH_REGISTERS, "fused_select": fp4_topk.FUSED_SELECT,
+                          "coarse_hist": fp4_topk.COARSE_HIST.value, "fused_rerank": fp4_topk.FUSED_RERANK,
+                          "rerank_byte_radix": fp4_topk.RERANK_BYTE_RADIX, "rerank_digits": fp4_topk.RERANK_DIGITS}
     print("chosen:", out["scan_config"])
-    del sets
     torch.cuda.empty_cache()
+
+
+def apply_config(cfg: dict, out: dict) -> None:
+    """Use the knobs a sweep chose (those the on-device checks passed)."""
+    fp4_topk.SCAN_TILE.update({k: tuple(v) for k, v in cfg["tile"].items()})
+    fp4_topk.MXFP4_DP4A = cfg["mxfp4_dp4a"] and out["checks"]["mxfp4_dp4a_scores_bit_exact"]
+    fp4_topk.MXFP4_PACKED_HALF = cfg["mxfp4_packed_half"] and out["checks"]["mxfp4_half2_scores_bit_exact"]
+    threshold = cfg["select_method"] == "threshold" and out["checks"]["threshold_select_equal"]
+    fp4_topk.SELECT_METHOD = fp4_topk.SelectMethod.THRESHOLD if threshold else fp4_topk.SelectMethod.RADIX
+    fp4_topk.THRESH_BLOCK, fp4_topk.THRESH_REGISTERS = tuple(cfg["thresh_block"]), cfg["thresh_registers"]
+    fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX = cfg["fused_rerank"], cfg["rerank_byte_radix"]
+    fp4_topk.RERANK_DIGITS = cfg["rerank_digits"]
+    out["scan_config"] = dict(cfg, applied_from="--config")
+    print("config:", out["scan_config"])
 
 
 def main() -> None:
@@ -376,6 +492,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, no timing (CPU interpreter check)")
     p.add_argument("--sass-dir", default=None, help="write the MXFP4 scan kernel's SASS here")
     p.add_argument("--sweep-only", action="store_true", help="checks and the scan / select sweeps, no table")
+    p.add_argument("--config", default=None, help="a results JSON whose scan_config to use instead of sweeping")
     args = p.parse_args()
     if args.smoke:  # run as TRITON_INTERPRET=1 python ... --smoke on a CPU machine
         out = {}
@@ -389,7 +506,10 @@ def main() -> None:
     out["copy_bandwidth_GBps"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     methods = ["torch_bf16", "bf16", "fp8", "fp4", "fp4_2stage"]
-    sweep_tiles(device, out, bw)
+    if args.config:
+        apply_config(json.loads(pathlib.Path(args.config).read_text())["scan_config"], out)
+    else:
+        sweep_tiles(device, out, bw)
     scan_sass(make_keys(2, 4096, device), args.sass_dir, out)
     if args.sweep_only:
         methods, out["rows"] = [], []
@@ -402,13 +522,13 @@ def main() -> None:
                 for m in methods:
                     fns = [selection(m, s, k) for s in sets]
                     try:
-                        t = time_fn(None, cycle=fns, reps=200)
+                        t = time_fn(None, cycle=fns, reps=100)
                         mode = "graph"
                     except Exception as e:  # noqa: BLE001 - report and fall back to eager timing
                         print(f"graph capture failed for {m}: {type(e).__name__}: {e}")
-                        t = time_fn(None, cycle=fns, reps=200, graph=False)
+                        t = time_fn(None, cycle=fns, reps=100, graph=False)
                         mode = "eager"
-                    te = time_fn(None, cycle=fns, reps=100, graph=False)
+                    te = time_fn(None, cycle=fns, reps=30, graph=False)
                     nbytes = bytes_moved(m, B, L, k)
                     row = {"L": L, "batch": B, "k": k, "method": m, "mode": mode, **t,
                            "eager_median_us": te["median_us"], "bytes": nbytes,

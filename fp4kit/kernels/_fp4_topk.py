@@ -280,9 +280,9 @@ def _mxfp4_query(q_row, D: tl.constexpr, PACKED: tl.constexpr):
     NB: tl.constexpr = D // 32
     if PACKED == 2:
         ex, sq, p0, p1, p2, p3 = _mxfp4_query_i8(q_row, D)
-        return ex, sq, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, p0, p1, p2, p3
-    ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = _query_words(q_row, D)
-    if PACKED == 1:
+        ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    elif PACKED == 1:
+        ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = _query_words(q_row, D)
         amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(ql0), tl.abs(ql1)), tl.maximum(tl.abs(ql2), tl.abs(ql3))),
                           tl.maximum(tl.maximum(tl.abs(qh0), tl.abs(qh1)), tl.maximum(tl.abs(qh2), tl.abs(qh3))))
         amax = tl.max(amax, axis=1)  # [NB]
@@ -302,6 +302,7 @@ def _mxfp4_query(q_row, D: tl.constexpr, PACKED: tl.constexpr):
         p3 = _half_bits(ql3 * s10) | (_half_bits(qh3 * s10) << 16)
         sq = _pow2(e - 10)
     else:
+        ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = _query_words(q_row, D)
         ex = tl.full([], 0, tl.int32)
         p0 = tl.zeros([NB, 4], tl.int32)
         p1 = p0
@@ -332,10 +333,9 @@ def _mxfp4_word_tile(w_ptr, s_ptr, q_row, offs_t, valid, row, stride_wr, stride_
             part = tl.sum(acc, axis=2).to(tl.float32)  # [NB, BLOCK_T] exact (|part| < 2^13)
             score = tl.sum(part * scale14 * sq[:, None], axis=0)
         else:  # not an MXFP4 query: float32 products, the query reloaded (not kept live through the loop)
-            ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = _query_words(q_row, D)
+            f0, f1, f2, f3, f4, f5, f6, f7 = _query_words(q_row, D)
             score = _f32_word_scores(_e2m1_half_pair(words, 0), _e2m1_half_pair(words, 1), _e2m1_half_pair(words, 2),
-                                     _e2m1_half_pair(words, 3), ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, scale14,
-                                     INTERPRET)
+                                     _e2m1_half_pair(words, 3), f0, f1, f2, f3, f4, f5, f6, f7, scale14, INTERPRET)
         return score
     h0 = _e2m1_half_pair(words, 0)
     h1 = _e2m1_half_pair(words, 1)
@@ -830,8 +830,10 @@ def _load_u(src, idx, count, FROM_M: tl.constexpr):
     """u = m + 32768 of entries idx < count: from the int16 scores (FROM_M) or the int32 candidate buffer."""
     ok = idx < count
     if FROM_M:
-        return tl.load(src + idx, mask=ok, other=-32768, volatile=True).to(tl.int32) + 32768
-    return tl.load(src + idx, mask=ok, other=0, volatile=True)
+        u = tl.load(src + idx, mask=ok, other=-32768, volatile=True).to(tl.int32) + 32768
+    else:
+        u = tl.load(src + idx, mask=ok, other=0, volatile=True)
+    return u
 
 
 @triton.jit
