@@ -178,6 +178,18 @@ def _block_m(M):
     return 16 if M <= 16 else 32 if M <= 32 else 64
 
 
+def mma_final_candidates(N, K, M, fmt):
+    """The default rule, then with the register prefetch, with half and twice its K split, and with 128-row
+    tiles of 8 warps (the last sweep's runner-up on down)."""
+    d = mma_config(M, N, K, FORMATS[fmt].block_size, 132, fmt == "mxfp4")
+    out = [d, MmaConfig(**{**d.__dict__, "prefetch": True})]
+    for sp in (d.split_k // 2, d.split_k * 2):
+        if sp >= 1 and K // (d.block_k * sp) >= 1:
+            out += [MmaConfig(**{**d.__dict__, "split_k": sp}), MmaConfig(**{**d.__dict__, "split_k": sp, "prefetch": True})]
+    out.append(MmaConfig(**{**d.__dict__, "block_n": 128, "num_warps": 8}))
+    return out
+
+
 def mma_candidates(N, K, M, fmt):
     """Launch configs of the round-5 sweep for one (shape, M, format): the default rule first, then the
     grid with the table decode, a few tiles with the skinny kernel's decode, and the default without
@@ -237,8 +249,10 @@ def precompile(tasks, workers):
           f"{len(errors)} failed", flush=True)
 
 
-def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), workers=14):
-    """Round-5 sweep: every candidate of `mma_candidates`, cuBLAS and the skinny default, GPU time in a graph."""
+def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), workers=14, grid="full"):
+    """Round-5 sweep: every candidate of `mma_candidates` (grid "full") or `mma_final_candidates` ("final"),
+    cuBLAS and the skinny default, GPU time in a graph."""
+    candidates = mma_candidates if grid == "full" else mma_final_candidates
     shapes = shapes or list(SHAPES)
     plan = []
     for name in shapes:
@@ -247,7 +261,7 @@ def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), wo
             for M in ms:
                 if fmt == "mxfp4" and M != ms[0]:
                     continue
-                plan.append((name, fmt, M, mma_candidates(N, K, M, fmt)))
+                plan.append((name, fmt, M, candidates(N, K, M, fmt)))
     precompile([(SHAPES[n][0], SHAPES[n][1], f, M, c.__dict__) for n, f, M, cands in plan for c in cands], workers)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
@@ -293,7 +307,8 @@ def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), wo
                 print(f"{name:8s} {fmt} M={M:2d} cuBLAS {t_cublas:6.1f} skinny {t_skinny:6.1f} ({t_cublas / t_skinny:4.2f}x) "
                       f"mma default {d_us:6.1f} ({t_cublas / d_us:4.2f}x) roof {nbytes / bw * 1e6:5.1f} | best: " +
                       "  ".join(f"{us:6.1f} bn{c.block_n} bk{c.block_k} sk{c.split_k} s{c.num_stages} w{c.num_warps}"
-                                f"{'' if c.lut else ' f32dec'}{'' if c.evict else ' noevict'}{'' if c.pdl else ' nopdl'}"
+                                f"{'' if c.lut else ' f32dec'}{' pf' if c.prefetch else ''}{'' if c.evict else ' noevict'}"
+                                f"{'' if c.pdl else ' nopdl'}"
                                 for us, c, _ in best[:5]) + f" | max err {max(r[2] for r in res):.1e}", flush=True)
                 f32 = [r for r in best if not r[1].lut]
                 if f32:
@@ -301,7 +316,7 @@ def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), wo
                     print(f"{'':8s} best without the table decode {f32[0][0]:6.1f} bn{c.block_n} bk{c.block_k} "
                           f"sk{c.split_k} s{c.num_stages} w{c.num_warps}", flush=True)
             del preps
-        path = os.path.join(out_dir, "fp4_mma_sweep_h100.json")  # rewritten after each shape
+        path = os.path.join(out_dir, f"fp4_mma_sweep_{grid}_h100.json")  # rewritten after each shape
         with open(path, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                            copy_bw_bytes_per_s=bw, rows=rows), f, indent=1)
@@ -481,6 +496,7 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="only these shapes (--mma-sweep)")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), help="(--mma-sweep)")
     p.add_argument("--workers", type=int, default=14, help="compile processes (--mma-sweep)")
+    p.add_argument("--mma-grid", default="full", choices=["full", "final"], help="(--mma-sweep)")
     p.add_argument("--quantize-only", action="store_true")
     p.add_argument("--skip-quantize", action="store_true")
     p.add_argument("--quantize-sweep", action="store_true", help="also time elements-per-program variants")
@@ -492,7 +508,7 @@ def main(argv=None):
     if args.sweep:
         return run_sweep(out_dir)
     if args.mma_sweep:
-        run_mma_sweep(out_dir, tuple(args.ms), args.shapes, tuple(args.formats), args.workers)
+        run_mma_sweep(out_dir, tuple(args.ms), args.shapes, tuple(args.formats), args.workers, args.mma_grid)
         return 0
     if args.quantize_only:
         bw = copy_bandwidth()

@@ -400,7 +400,8 @@ def _halves(h, x_dtype: tl.constexpr):
 @triton.jit
 def _mma_weights(w_ptrs, s_ptrs, kk, left, rmask, wcol, bcol, BS: tl.constexpr, EVEN_K: tl.constexpr,
                  EVICT: tl.constexpr):
-    """One K step's packed words [BLOCK_N, BLOCK_K/8] and scale codes [BLOCK_N, BLOCK_K/BS] (left: K left)."""
+    """One K step's packed words [BLOCK_N, BLOCK_K/8] and scale codes [BLOCK_N, BLOCK_K/BS] (left: K left;
+    rmask may carry a scalar condition that switches the whole step off)."""
     if EVEN_K:
         words = tl.load(w_ptrs + kk // 8, mask=rmask, other=0, eviction_policy=EVICT)
         codes = tl.load(s_ptrs + kk // BS, mask=rmask, other=0, eviction_policy=EVICT)
@@ -436,7 +437,7 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
                    N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                    MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, LUT: tl.constexpr, EVICT: tl.constexpr,
-                   PDL: tl.constexpr, INTERPRET: tl.constexpr):
+                   PDL: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr):
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias) for 3 <= M <= 64, with the MMA's operands swapped.
 
     The skinny kernel computes acc[BLOCK_M, BLOCK_N] = x @ w.T: the tokens are the MMA's M side, so
@@ -457,6 +458,9 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
     the next kernel launch first thing, put the first K step's weights in flight (weights never
     depend on an earlier kernel), then `griddepcontrol.wait` for the previous kernel before reading x
     or writing y, the partials or the tickets. The interpreter has no inline PTX: PDL is False there.
+    PREFETCH (meant for num_stages=1, plain loads into registers): the next K step's words and scale
+    codes are loaded before this step's are decoded (a register double buffer: one step of weight
+    bytes more in flight per program, without the shared-memory round trip of Triton's pipelining).
     """
     W: tl.constexpr = BLOCK_K // 8
     NB: tl.constexpr = BLOCK_K // BS
@@ -480,15 +484,28 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    if PREFETCH or PDL:  # the first step's weights, before the wait (they never depend on an earlier kernel)
         words, codes = _mma_weights(w_ptrs, s_ptrs, 0, K - k_lo, rmask, wcol, bcol, BS, EVEN_K, EVICT)
+    if PDL:
         tl.extra.cuda.gdc_wait()
-        acc = _mma_step(acc, words, codes, x_ptrs, 0, K - k_lo, mmask, kcol, table_ptr, BLOCK_N, BLOCK_K, BS,
-                        EVEN_K, MX_BF16, ONE_MUL, LUT, INTERPRET)
-    for kk in range(START, K_SPLIT, BLOCK_K):
-        left = K - k_lo - kk  # may be <= 0 in the last split: everything masked
-        words, codes = _mma_weights(w_ptrs, s_ptrs, kk, left, rmask, wcol, bcol, BS, EVEN_K, EVICT)
-        acc = _mma_step(acc, words, codes, x_ptrs, kk, left, mmask, kcol, table_ptr, BLOCK_N, BLOCK_K, BS,
-                        EVEN_K, MX_BF16, ONE_MUL, LUT, INTERPRET)
+    if PREFETCH:
+        for kk in range(0, K_SPLIT, BLOCK_K):
+            left = K - k_lo - kk  # may be <= 0 in the last split: everything masked
+            live = rmask & (kk + BLOCK_K < K_SPLIT)  # the next step exists in this split
+            nwords, ncodes = _mma_weights(w_ptrs, s_ptrs, kk + BLOCK_K, left - BLOCK_K, live, wcol, bcol, BS,
+                                          EVEN_K, EVICT)
+            acc = _mma_step(acc, words, codes, x_ptrs, kk, left, mmask, kcol, table_ptr, BLOCK_N, BLOCK_K, BS,
+                            EVEN_K, MX_BF16, ONE_MUL, LUT, INTERPRET)
+            words, codes = nwords, ncodes
+    else:
+        if PDL:
+            acc = _mma_step(acc, words, codes, x_ptrs, 0, K - k_lo, mmask, kcol, table_ptr, BLOCK_N, BLOCK_K, BS,
+                            EVEN_K, MX_BF16, ONE_MUL, LUT, INTERPRET)
+        for kk in range(START, K_SPLIT, BLOCK_K):
+            left = K - k_lo - kk  # may be <= 0 in the last split: everything masked
+            words, codes = _mma_weights(w_ptrs, s_ptrs, kk, left, rmask, wcol, bcol, BS, EVEN_K, EVICT)
+            acc = _mma_step(acc, words, codes, x_ptrs, kk, left, mmask, kcol, table_ptr, BLOCK_N, BLOCK_K, BS,
+                            EVEN_K, MX_BF16, ONE_MUL, LUT, INTERPRET)
     part = offs_m[None, :] * N + rows[:, None]  # [BLOCK_N, BLOCK_M]: y[m, n] = acc[n, m]
     ymask = (offs_m[None, :] < M) & (rows[:, None] < N)
     if SPLIT_K > 1:

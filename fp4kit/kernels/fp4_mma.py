@@ -70,7 +70,8 @@ class MmaConfig:
     num_stages: cp.async pipelining depth (1: plain loads into registers), evict: the weight loads'
     eviction policy, pdl: programmatic dependent launch where `fp4_gemm.use_pdl` allows it (CUDA, sm_90+,
     `fp4_gemm.PDL` on; never in the interpreter), lut: the byte-permute table decode
-    (`_fp4_gemm.decode_weight_tile_lut`) instead of the skinny kernel's float16-pair decode.
+    (`_fp4_gemm.decode_weight_tile_lut`) instead of the skinny kernel's float16-pair decode, prefetch: the
+    next K step's weights loaded into registers before this step's decode (for num_stages=1).
     """
     block_n: int = 64
     block_m: int = 16
@@ -80,7 +81,8 @@ class MmaConfig:
     num_stages: int = 4
     evict: str = "evict_first"
     pdl: bool = True
-    lut: bool = True
+    lut: bool = False
+    prefetch: bool = False
 
     def __post_init__(self):
         for name in ("block_n", "block_m", "block_k", "num_warps"):
@@ -98,26 +100,32 @@ class MmaConfig:
             raise ValueError(f"MmaConfig.evict must be '', 'evict_first' or 'evict_last', got {self.evict!r}")
 
 
-# Split K (doubling, at most MMA_MAX_SPLIT) while the grid has fewer than this many programs per SM and
-# each split keeps at least MMA_MIN_STEPS K steps. Set from the H100 sweep (see mma_config).
-MMA_PROGRAMS_PER_SM = 4
-LUT_DECODE = True  # the default decode: byte-permute table (True) or the skinny kernel's (False)
-MMA_MAX_SPLIT = 8
-MMA_MIN_STEPS = 2
+# The default launch, from the H100 sweep of 2026-11-23 (benchmarks/results/fp4_mma_sweep2_h100.*, GPU time in a
+# graph, NVFP4 and MXFP4 at M = 16 and 32): the float16-pair decode (the table decode was slower in every
+# column: its four gathered table loads per block cost more than the instructions they save), plain loads
+# (num_stages 1: cp.async pipelining was slower at every split), 64 weight rows x 128 K with 4 warps, and K
+# split until the grid has MMA_PROGRAMS_PER_SM programs per SM while each split keeps MMA_MIN_STEPS K steps
+# (best splits found: qkv 8, o 16 (M = 16) / 8 (M = 32), gate_up 4, down 16; this rule gives 8, 8, 4, 16).
+MMA_PROGRAMS_PER_SM = 12
+MMA_MAX_SPLIT = 16
+MMA_MIN_STEPS = 4
+LUT_DECODE = False  # the default decode: byte-permute table (True) or the skinny kernel's (False)
+PREFETCH = False  # register double buffer of the next K step's weights (see fp4_mma_kernel)
 
 
 def mma_config(M: int, N: int, K: int, block_size: int, sm_count: int = 132, mx_bf16: bool = False) -> MmaConfig:
-    """The default launch for one call (rule from the H100 sweep, benchmarks/NOTES_fp4_gemm.md round 5)."""
+    """The default launch for one call (the rule above; mx_bf16 is MXFP4's bf16x2 decode, same launch)."""
     if _interpreting():
         return MmaConfig(block_n=16, block_m=16, block_k=64, num_warps=1, num_stages=1, evict="", lut=LUT_DECODE)
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    block_n, block_k, stages = 64, (256 if mx_bf16 and not LUT_DECODE else 128), 4
+    block_n, block_k = 64, 128
     programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    steps = triton.cdiv(K, block_k)
     split = 1
     while (split < MMA_MAX_SPLIT and programs * split < MMA_PROGRAMS_PER_SM * sm_count
-           and K // (block_k * split * 2) >= MMA_MIN_STEPS):
+           and steps // (split * 2) >= MMA_MIN_STEPS):
         split *= 2
-    return MmaConfig(block_n, block_m, block_k, split, num_warps=4, num_stages=stages, lut=LUT_DECODE)
+    return MmaConfig(block_n, block_m, block_k, split, num_warps=4, num_stages=1, lut=LUT_DECODE, prefetch=PREFETCH)
 
 
 def lut_table(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
@@ -177,7 +185,7 @@ def _launch_mma(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tenso
         table = prepared.table_bf16x2 if mx_bf16 else prepared.table
     args = (x2, prepared.words, prepared.scale_codes, table, x2 if bias is None else bias, y, ws, cnt, M,
             N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
-            mx_bf16, prepared.one_mul, cfg.lut, cfg.evict, pdl, _interpreting())
+            mx_bf16, prepared.one_mul, cfg.lut, cfg.evict, pdl, cfg.prefetch, _interpreting())
     key = ("mma", cfg, pdl, mx_bf16, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M % 16 == 0, x2.device.index)
     launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

@@ -92,17 +92,19 @@ def test_mma_fp16_and_3d_input(name, lut):
     _assert_close(y.reshape(10, 32), x.reshape(10, 96), qt, None)
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 @pytest.mark.parametrize("m,split,block_k,has_bias", [(16, 2, 32, False), (17, 3, 32, True), (5, 4, 64, True)],
                          ids=["even_split2", "uneven_split3_two_m_tiles", "split4_last_split_empty"])
-def test_mma_split_k(m, split, block_k, has_bias):
+def test_mma_split_k(m, split, block_k, has_bias, prefetch):
     """Split-K with the in-launch ticket reduction: K = 160 split unevenly (block_k = 64, 4 splits: the last
     split has no K), two token tiles, bias added once; called twice: the tickets were reset to zero and the
-    result is bit-identical (the reduction runs in split order)."""
+    result is bit-identical (the reduction runs in split order). With the register prefetch the last step
+    of each split must not load past the split (or past the last row)."""
     qt = quantize(_weight(40, 160), NVFP4Config())
     x = torch.randn(m, 160, device=DEVICE, dtype=torch.bfloat16)
     bias = torch.randn(40, device=DEVICE, dtype=torch.bfloat16) if has_bias else None
     prepared = prepare_fp4_weight(qt)
-    cfg = _cfg(block_k=block_k, split_k=split)
+    cfg = _cfg(block_k=block_k, split_k=split, prefetch=prefetch, num_stages=1)
     first = _launch_mma(x, prepared, bias, config=cfg)
     second = _launch_mma(x, prepared, bias, config=cfg)
     assert torch.equal(first, second)
@@ -158,13 +160,17 @@ def test_mma_config_validation():
         MmaConfig(evict="first")
 
 
-def test_mma_default_config_rule():
-    """Token tiles follow M; few-tile layers split K (within MMA_MAX_SPLIT, >= 2 K steps per split)."""
-    if not GPU:
-        pytest.skip("the interpreter always takes its small launch")
+def test_mma_default_config_rule(monkeypatch):
+    """Token tiles follow M; the K split reaches MMA_PROGRAMS_PER_SM programs per SM unless a split would keep
+    fewer than MMA_MIN_STEPS K steps (the sweep's best splits on the Llama-3-8B shapes)."""
+    from fp4kit.kernels import fp4_mma
+
+    monkeypatch.setattr(fp4_mma, "_interpreting", lambda: False)
     assert mma_config(16, 4096, 4096, 16).block_m == 16 and mma_config(33, 4096, 4096, 16).block_m == 64
-    small, large = mma_config(16, 4096, 4096, 16), mma_config(16, 28672, 4096, 16)
-    assert small.split_k >= large.split_k and 4096 // (small.block_k * small.split_k) >= 2
+    splits = {n: mma_config(16, N, K, 16, 132).split_k
+              for n, (N, K) in {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+                                "down": (4096, 14336)}.items()}
+    assert splits == {"qkv": 8, "o": 8, "gate_up": 4, "down": 16}
 
 
 def test_mma_rejects_bad_input():
