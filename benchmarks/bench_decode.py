@@ -201,6 +201,7 @@ def run_speed(args) -> dict:
     from fp4kit.engine.bench import BenchConfig, bench_engine, copy_bandwidth
     from fp4kit.engine.random_model import random_llama
     from fp4kit.formats import NVFP4Config
+    from fp4kit.kernels import fp4_gemm
     from fp4kit.nn import quantize_
 
     cfg = BenchConfig(tuple(args.batch), args.prompt_len, args.gen_len, args.repeats)
@@ -210,7 +211,8 @@ def run_speed(args) -> dict:
     model = random_llama(args.device, torch.bfloat16, **small)
     bw = copy_bandwidth(args.device)
     on_gpu = torch.device(args.device).type == "cuda"
-    out = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "bandwidth_Bps": bw, "config": {k: v for k, v in vars(args).items()}, "results": []}
+    out = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "bandwidth_Bps": bw,
+           "config": dict(vars(args)), "results": [], "no_pdl": []}
     print(f"built in {time.time() - t0:.0f} s; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     for weights in ("bf16", "nvfp4"):
         if weights == "nvfp4":
@@ -226,10 +228,21 @@ def run_speed(args) -> dict:
                          kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn, fused=not args.unfused,
                          lm_head=head)
             for r in bench_engine(eng, cfg, bw):
-                r = {"weights": weights, "kv": kv, "lm_head": head, **r}
+                r = {"weights": weights, "kv": kv, "lm_head": head, "pdl": fp4_gemm.PDL, **r}
                 out["results"].append(r)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
             del eng
+            if args.pdl_off_too and on_gpu:  # the same engine without programmatic dependent launch, batch 1
+                fp4_gemm.PDL = False
+                eng = Engine(model, max_batch=1, max_seq_len=cfg.prompt_len + cfg.gen_len, fused=not args.unfused,
+                             kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn, lm_head=head)
+                one = BenchConfig((1,), cfg.prompt_len, cfg.gen_len, cfg.repeats)
+                r = {"weights": weights, "kv": kv, "lm_head": head, "pdl": False, **bench_engine(eng, one, bw)[0]}
+                out["no_pdl"].append(r)
+                print("no PDL", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
+                      flush=True)
+                fp4_gemm.PDL = True
+                del eng
             if on_gpu:
                 torch.cuda.empty_cache()
     base = {r["batch"]: r["decode_tok_s"] for r in out["results"] if r["weights"] == "bf16"}
@@ -239,6 +252,11 @@ def run_speed(args) -> dict:
         r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
         print(f"| {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} "
               f"| {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
+              f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
+    for r in out["no_pdl"]:
+        r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
+        print(f"| no PDL: {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
+              f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
               f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
     return out
 
@@ -320,6 +338,8 @@ def main():
     f.add_argument("--unfused", action="store_true", help="the module-by-module torch path (Engine(fused=False))")
     f.add_argument("--lm-head", nargs="+", default=["model"], choices=["model", "nvfp4"],
                    help="output heads for the NVFP4-weight rows (the bf16 row keeps the model's head)")
+    f.add_argument("--pdl-off-too", action="store_true",
+                   help="also each configuration at batch 1 without programmatic dependent launch (FP4KIT_PDL=0)")
     r = sub.add_parser("profile")
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--prompt-len", type=int, default=512)
