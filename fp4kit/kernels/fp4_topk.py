@@ -131,6 +131,8 @@ THRESH_REGISTERS = 4096
 THRESH_BLOCK = (2048, 8)  # (positions per compaction program, warps)
 # the rerank's k-th-key search four bits at a time (8 steps of 16 prefixes) instead of 32 bitwise steps
 RERANK_DIGITS = True
+# the interpreter runs the threshold select with the GPU's block sizes (tests: size-dependent paths)
+INTERPRETER_GPU_SIZES = False
 
 
 def _pair_order(D: int, device) -> torch.Tensor:
@@ -465,7 +467,7 @@ def _threshold_select(q: torch.Tensor, keys: KeyCacheView, n: int, lo: int, hi: 
     R, dev = keys.rows, q.device
     M = n_out // group
     mx = torch.empty(R, M, dtype=torch.int16, device=dev)
-    interp = _interpreting()
+    interp = _interpreting() and not INTERPRETER_GPU_SIZES
     block, warps_c = (64, 4) if interp else THRESH_BLOCK
     n_tiles = triton.cdiv(n_out, block)
     tiles = triton.next_power_of_2(n_tiles)
@@ -482,7 +484,7 @@ def _threshold_select(q: torch.Tensor, keys: KeyCacheView, n: int, lo: int, hi: 
     args = (m, ws, cu, cp, out, m.stride(0), ws.stride(0), cu.stride(0), out.stride(0), n_out, n, n_tiles, cap)
     meta = {"BLOCK": block, "TILES": tiles, "FB": fb, "CH": 64 if interp else 4096, "MAX_SPINS": _MAX_SPINS,
             "num_warps": warps_c}
-    if interp:  # programs run one after another: counts first, then the rest
+    if _interpreting():  # programs run one after another: counts first, then the rest
         for phase in (1, 2):
             _fp4_topk.compact_select_kernel[(R, n_tiles)](*args, PHASE=phase, **meta)
     else:

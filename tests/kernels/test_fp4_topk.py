@@ -315,6 +315,18 @@ def test_threshold_select_every_tier_equals_twin(L, n, tier, monkeypatch):
     assert torch.equal(index_topk(q, keys, n, lo=1), index_topk_torch(q, keys, n, lo=1))
 
 
+@pytest.mark.parametrize("L,n,lo", [(50, 6, 3), (300, 20, 0)])
+def test_threshold_select_at_gpu_block_sizes_with_all_ties(L, n, lo, monkeypatch):
+    # every score equal (identical keys), the GPU's compaction block and chunk sizes in the interpreter too
+    import fp4kit.kernels.fp4_topk as m
+
+    monkeypatch.setattr(m, "SELECT_METHOD", m.SelectMethod.THRESHOLD)
+    monkeypatch.setattr(m, "INTERPRETER_GPU_SIZES", True)
+    k = torch.randn(1, 1, 64).expand(2, L, 64).contiguous()
+    q, keys = mx_query(torch.randn(2, 64)), mx_keys(k)
+    assert index_topk(q, keys, n, lo=lo).tolist() == [list(range(lo, lo + n))] * 2
+
+
 def test_threshold_select_lower_bound_holds_with_few_valid_groups(monkeypatch):
     # a window narrower than n groups: T is 0 (fewer than n groups hold a valid score), every valid position is
     # a candidate, and positions outside [lo, hi) are never written
