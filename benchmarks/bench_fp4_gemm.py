@@ -190,6 +190,13 @@ def mma_final_candidates(N, K, M, fmt):
     return out
 
 
+def mma_occupancy_candidates(N, K, M, fmt):
+    """The default rule with register caps (more programs per SM) and with the prefetch under a cap."""
+    d = mma_config(M, N, K, FORMATS[fmt].block_size, 132, fmt == "mxfp4")
+    return [d] + [MmaConfig(**{**d.__dict__, "maxnreg": r}) for r in (56, 64, 72)] + [
+        MmaConfig(**{**d.__dict__, "maxnreg": 80, "prefetch": True})]
+
+
 def mma_candidates(N, K, M, fmt):
     """Launch configs of the round-5 sweep for one (shape, M, format): the default rule first, then the
     grid with the table decode, a few tiles with the skinny kernel's decode, and the default without
@@ -252,7 +259,7 @@ def precompile(tasks, workers):
 def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), workers=14, grid="full"):
     """Round-5 sweep: every candidate of `mma_candidates` (grid "full") or `mma_final_candidates` ("final"),
     cuBLAS and the skinny default, GPU time in a graph."""
-    candidates = mma_candidates if grid == "full" else mma_final_candidates
+    candidates = {"full": mma_candidates, "final": mma_final_candidates, "occupancy": mma_occupancy_candidates}[grid]
     shapes = shapes or list(SHAPES)
     plan = []
     for name in shapes:
@@ -307,7 +314,8 @@ def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), wo
                 print(f"{name:8s} {fmt} M={M:2d} cuBLAS {t_cublas:6.1f} skinny {t_skinny:6.1f} ({t_cublas / t_skinny:4.2f}x) "
                       f"mma default {d_us:6.1f} ({t_cublas / d_us:4.2f}x) roof {nbytes / bw * 1e6:5.1f} | best: " +
                       "  ".join(f"{us:6.1f} bn{c.block_n} bk{c.block_k} sk{c.split_k} s{c.num_stages} w{c.num_warps}"
-                                f"{'' if c.lut else ' f32dec'}{' pf' if c.prefetch else ''}{'' if c.evict else ' noevict'}"
+                                f"{'' if c.lut else ' f32dec'}{' pf' if c.prefetch else ''}{f' r{c.maxnreg}' if c.maxnreg else ''}"
+                                f"{'' if c.evict else ' noevict'}"
                                 f"{'' if c.pdl else ' nopdl'}"
                                 for us, c, _ in best[:5]) + f" | max err {max(r[2] for r in res):.1e}", flush=True)
                 f32 = [r for r in best if not r[1].lut]
@@ -496,7 +504,7 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="only these shapes (--mma-sweep)")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), help="(--mma-sweep)")
     p.add_argument("--workers", type=int, default=14, help="compile processes (--mma-sweep)")
-    p.add_argument("--mma-grid", default="full", choices=["full", "final"], help="(--mma-sweep)")
+    p.add_argument("--mma-grid", default="full", choices=["full", "final", "occupancy"], help="(--mma-sweep)")
     p.add_argument("--quantize-only", action="store_true")
     p.add_argument("--skip-quantize", action="store_true")
     p.add_argument("--quantize-sweep", action="store_true", help="also time elements-per-program variants")

@@ -71,7 +71,8 @@ class MmaConfig:
     eviction policy, pdl: programmatic dependent launch where `fp4_gemm.use_pdl` allows it (CUDA, sm_90+,
     `fp4_gemm.PDL` on; never in the interpreter), lut: the byte-permute table decode
     (`_fp4_gemm.decode_weight_tile_lut`) instead of the skinny kernel's float16-pair decode, prefetch: the
-    next K step's weights loaded into registers before this step's decode (for num_stages=1).
+    next K step's weights loaded into registers before this step's decode (for num_stages=1), maxnreg: a
+    register cap per thread (ptxas .maxnreg; more programs per SM, possibly spills), None for none.
     """
     block_n: int = 64
     block_m: int = 16
@@ -83,6 +84,7 @@ class MmaConfig:
     pdl: bool = True
     lut: bool = False
     prefetch: bool = False
+    maxnreg: int | None = None
 
     def __post_init__(self):
         for name in ("block_n", "block_m", "block_k", "num_warps"):
@@ -189,6 +191,8 @@ def _launch_mma(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tenso
     key = ("mma", cfg, pdl, mx_bf16, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M % 16 == 0, x2.device.index)
     launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.maxnreg is not None and not _interpreting():
+        launch["maxnreg"] = cfg.maxnreg
     if pdl:
         launch["launch_pdl"] = True
     _launch_cached(prepared, key, _fp4_gemm.fp4_mma_kernel, grid, stream, args, **launch)
