@@ -24,6 +24,10 @@ in-launch ticket reduction, software-pipelining depth (cp.async stages), warps, 
 eviction policy, and programmatic dependent launch (PDL: the next kernel's programs start while
 this one drains). Weights are prepared once as for the skinny kernel (`PreparedFP4Weight`: int32
 words, scale table) and the compiled kernel is launched directly after the first call.
+
+Measured (H100, 2026-11-23, BENCHMARKS.md "Skinny FP4 GEMM round 5"): about as fast as the skinny kernel
+on average (M = 16: 1.36x cuBLAS bf16 vs 1.39x; M = 32: 1.12x vs 1.14x; faster on some shapes, slower on
+others), so `fp4_gemm.fp4_matmul` does not dispatch here; the swap was never the limit (see the notes).
 """
 
 from __future__ import annotations
