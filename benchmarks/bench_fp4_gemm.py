@@ -331,6 +331,51 @@ def run_mma_sweep(out_dir, ms=(16, 32), shapes=None, fmts=("nvfp4", "mxfp4"), wo
     return rows
 
 
+def mma_sass(N=28672, K=4096, M=16) -> dict:
+    """Offline (no GPU): compile fp4_mma_kernel for sm_90 for the decode / pipelining / prefetch / register-cap
+    variants of the round-5 notes and count the K loop's SASS per weight (helpers of bench_fp4_gemv --sass),
+    whether the MMA is HGMMA (wgmma) or HMMA, registers, shared memory and local-memory traffic in the loop."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_fp4_gemv import _loop_body, _opcodes, _regs, _sass
+
+    from fp4kit.kernels import _fp4_gemm
+
+    names = ("x_ptr", "w_ptr", "s_ptr", "table_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M")
+    out = {}
+    variants = {"pair_decode_s1": dict(lut=False, stages=1), "pair_decode_s4": dict(lut=False, stages=4),
+                "table_decode_s1": dict(lut=True, stages=1), "table_decode_s4": dict(lut=True, stages=4),
+                "pair_decode_s1_prefetch": dict(lut=False, stages=1, prefetch=True),
+                "pair_decode_s1_maxnreg72": dict(lut=False, stages=1, maxnreg=72),
+                "pair_decode_s1_maxnreg64": dict(lut=False, stages=1, maxnreg=64)}
+    for name, v in variants.items():
+        types = ("*bf16", "*i32", "*u8", "*i32" if v["lut"] else "*fp32", "*bf16", "*bf16", "*fp32", "*i32", "i32")
+        sig = dict(zip(names, types))
+        const = dict(N=N, K=K, BS=16, HAS_BIAS=False, BLOCK_M=_block_m(M), BLOCK_N=64, BLOCK_K=128, SPLIT_K=4,
+                     MX_BF16=False, ONE_MUL=True, LUT=v["lut"], EVICT="evict_first", PDL=True,
+                     PREFETCH=v.get("prefetch", False), INTERPRET=False)
+        sig.update({k: "constexpr" for k in const})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types) if t.startswith("*")}
+        opts = dict(num_warps=4, num_stages=v["stages"])
+        if "maxnreg" in v:
+            opts["maxnreg"] = v["maxnreg"]
+        k = triton.compile(ASTSource(_fp4_gemm.fp4_mma_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=opts)
+        body = _loop_body(_sass(k))
+        ops = _opcodes(body)
+        per_w = 128 / (64 * 128)  # threads / weights per K step
+        out[name] = dict(loop_instr=len(body), per_weight=len(body) * per_w, regs=_regs(k), smem=k.metadata.shared,
+                         hgmma=ops.get("HGMMA", 0), hmma=ops.get("HMMA", 0), local=ops.get("LDL", 0) + ops.get("STL", 0),
+                         top={op: round(n * per_w, 3) for op, n in ops.most_common(10)})
+        print(f"{name:26s} {out[name]['per_weight']:5.2f} SASS/weight  regs {out[name]['regs']}  smem "
+              f"{out[name]['smem']}  HGMMA {out[name]['hgmma']} HMMA {out[name]['hmma']}  LDL+STL {out[name]['local']}"
+              f"\n    {out[name]['top']}", flush=True)
+    return out
+
+
 def path(M):
     return "skinny" if M <= SKINNY_MAX_M else "tiled" if M < DEQUANT_CUBLAS_MIN_M else "dequant+cuBLAS"
 
@@ -501,6 +546,7 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--mma-sweep", action="store_true", help="round 5: launch configs of fp4_mma_matmul")
+    p.add_argument("--mma-sass", action="store_true", help="round 5, offline: SASS of fp4_mma_kernel variants")
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="only these shapes (--mma-sweep)")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), help="(--mma-sweep)")
     p.add_argument("--workers", type=int, default=14, help="compile processes (--mma-sweep)")
@@ -515,6 +561,11 @@ def main(argv=None):
     out_dir = os.environ.get("OUT", os.path.dirname(args.out))
     if args.sweep:
         return run_sweep(out_dir)
+    if args.mma_sass:
+        rep = mma_sass(M=args.ms[0] if args.ms != list(MS) else 16)
+        with open(os.path.join(os.path.dirname(args.out), "fp4_mma_sass_sm90.json"), "w") as f:
+            json.dump(rep, f, indent=1)
+        return 0
     if args.mma_sweep:
         run_mma_sweep(out_dir, tuple(args.ms), args.shapes, tuple(args.formats), args.workers, args.mma_grid)
         return 0
