@@ -284,12 +284,12 @@ def _select_alone(m, n, method):
 
         def run():
             fp4_topk._fp4_topk.maxima_threshold_kernel[(R,)](mx, ws, M, n, mx.stride(0), ws.stride(0), BLOCK=bm,
-                                                             CHUNKED=M > bm,
+                                                             CHUNKED=M > bm, STEP=fp4_topk.THRESH_SEARCH_STEP,
                                                              num_warps=4 if bm <= 1024 else (8 if bm <= 4096 else 16))
             fp4_topk._fp4_topk.compact_select_kernel[(R, n_tiles)](
                 m, ws, cu, cp, out, m.stride(0), ws.stride(0), cu.stride(0), out.stride(0), n_out, n, n_tiles, cap,
                 BLOCK=block, TILES=triton.next_power_of_2(n_tiles), FB=min(cap, fp4_topk.THRESH_REGISTERS), CH=4096,
-                PHASE=0, MAX_SPINS=fp4_topk._MAX_SPINS, num_warps=warps_c)
+                STEP=fp4_topk.THRESH_SEARCH_STEP, PHASE=0, MAX_SPINS=fp4_topk._MAX_SPINS, num_warps=warps_c)
             return out
         return run
     fused = fp4_topk._fused_block(R, n_out, True, m.device)
@@ -403,18 +403,18 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
     del sets
     # the select: radix (the fused one-launch kernel) against the threshold select and its knobs
     out["select_sweep"] = []
-    configs = [("radix", None, None)]
+    configs = [("radix", None, None, None)]
     if out["checks"].get("threshold_select_equal"):
-        configs += [("threshold", blk, regs) for blk, regs in (((2048, 8), 4096), ((1024, 4), 4096), ((4096, 8), 4096),
-                                                               ((2048, 8), 8192), ((2048, 16), 8192))]
+        configs += [("threshold", blk, regs, step) for blk, regs in (((2048, 8), 4096), ((4096, 8), 4096),
+                                                                     ((2048, 16), 8192)) for step in (4, 1)]
     total = {}
     for B in (1, 8):
         bsets = [make_keys(B, 131072, device) for _ in range(4 if B == 1 else 2)]
         for cfg in configs:
-            method, blk, regs = cfg
+            method, blk, regs, step = cfg
             fp4_topk.SELECT_METHOD = fp4_topk.SelectMethod(method)
             if blk:
-                fp4_topk.THRESH_BLOCK, fp4_topk.THRESH_REGISTERS = blk, regs
+                fp4_topk.THRESH_BLOCK, fp4_topk.THRESH_REGISTERS, fp4_topk.THRESH_SEARCH_STEP = blk, regs, step
             for fmt in ("fp8", "fp4"):
                 for n in (512, 4096):
                     q = "q_fp4" if fmt == "fp4" else "q"
@@ -426,26 +426,30 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
                         total[cfg] = float("inf")
                         continue
                     out["select_sweep"].append({"batch": B, "format": fmt, "n": n, "method": method,
-                                                "thresh_block": blk, "thresh_registers": regs, **t})
-                    print(f"select B={B} {fmt} n={n} {method} {blk} {regs}: {t['median_us']:.1f} us")
+                                                "thresh_block": blk, "thresh_registers": regs, "search_step": step,
+                                                **t})
+                    print(f"select B={B} {fmt} n={n} {method} {blk} {regs} step {step}: {t['median_us']:.1f} us")
                     total[cfg] = total.get(cfg, 0.0) + t["median_us"]
         del bsets
-    method, blk, regs = min(total, key=total.get)
+    method, blk, regs, step = min(total, key=total.get)
     fp4_topk.SELECT_METHOD = fp4_topk.SelectMethod(method)
     if blk:
-        fp4_topk.THRESH_BLOCK, fp4_topk.THRESH_REGISTERS = blk, regs
+        fp4_topk.THRESH_BLOCK, fp4_topk.THRESH_REGISTERS, fp4_topk.THRESH_SEARCH_STEP = blk, regs, step
     # the select kernels alone on fixed scores (what the select costs without the scan)
     out["select_alone"] = []
     for B in (1, 8):
         s = make_keys(B, 131072, device)
         m = _scan_only(s["q_fp4"], s["fp4"])
         for n in (512, 4096):
-            for how in ("radix", "threshold"):
+            for how, step in (("radix", None), ("threshold", 4), ("threshold", 1)):
                 if how == "threshold" and not out["checks"].get("threshold_select_equal"):
                     continue
+                keep_step = fp4_topk.THRESH_SEARCH_STEP
+                fp4_topk.THRESH_SEARCH_STEP = step or keep_step
                 t = time_fn(_select_alone(m, n, how), reps=100)
-                out["select_alone"].append({"batch": B, "n": n, "method": how, **t})
-                print(f"select alone B={B} n={n} {how}: {t['median_us']:.1f} us")
+                fp4_topk.THRESH_SEARCH_STEP = keep_step
+                out["select_alone"].append({"batch": B, "n": n, "method": how, "search_step": step, **t})
+                print(f"select alone B={B} n={n} {how} step {step}: {t['median_us']:.1f} us")
         del s, m
     # the rerank: one launch or two; bitwise, byte-radix or 4-bit-digit k-th-key search (two-stage FP4)
     rr = {}
@@ -465,7 +469,8 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
     out["scan_config"] = {"tile": dict(fp4_topk.SCAN_TILE), "mxfp4_dp4a": fp4_topk.MXFP4_DP4A,
                           "mxfp4_packed_half": fp4_topk.MXFP4_PACKED_HALF,
                           "select_method": fp4_topk.SELECT_METHOD.value, "thresh_block": fp4_topk.THRESH_BLOCK,
-                          "thresh_registers": fp4_topk.THRESH_REGISTERS, "fused_select": fp4_topk.FUSED_SELECT,
+                          "thresh_registers": fp4_topk.THRESH_REGISTERS,
+                          "thresh_search_step": fp4_topk.THRESH_SEARCH_STEP, "fused_select": fp4_topk.FUSED_SELECT,
                           "coarse_hist": fp4_topk.COARSE_HIST.value, "fused_rerank": fp4_topk.FUSED_RERANK,
                           "rerank_byte_radix": fp4_topk.RERANK_BYTE_RADIX, "rerank_digits": fp4_topk.RERANK_DIGITS}
     print("chosen:", out["scan_config"])
@@ -480,6 +485,7 @@ def apply_config(cfg: dict, out: dict) -> None:
     threshold = cfg["select_method"] == "threshold" and out["checks"]["threshold_select_equal"]
     fp4_topk.SELECT_METHOD = fp4_topk.SelectMethod.THRESHOLD if threshold else fp4_topk.SelectMethod.RADIX
     fp4_topk.THRESH_BLOCK, fp4_topk.THRESH_REGISTERS = tuple(cfg["thresh_block"]), cfg["thresh_registers"]
+    fp4_topk.THRESH_SEARCH_STEP = cfg.get("thresh_search_step", 4)
     fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX = cfg["fused_rerank"], cfg["rerank_byte_radix"]
     fp4_topk.RERANK_DIGITS = cfg["rerank_digits"]
     out["scan_config"] = dict(cfg, applied_from="--config")

@@ -830,12 +830,18 @@ def _count_above(u, t, shift):
 
 
 @triton.jit
-def _kth_largest(u, n, BITS: tl.constexpr):
-    """The largest t with #(u >= t) >= n (u: 1-D int32 >= 0 or uint32, BITS wide; n <= #(u >= 0))."""
+def _kth_largest(u, n, BITS: tl.constexpr, STEP: tl.constexpr = 4):
+    """The largest t with #(u >= t) >= n (u: 1-D int32 >= 0 or uint32, BITS wide; n <= #(u >= 0)): STEP 4,
+    16 prefixes counted per step; STEP 1 (int32 u only), one prefix per step (BITS serial reductions)."""
     t = tl.zeros([], u.dtype)
-    for s in tl.static_range(BITS // 4):
-        shift = BITS - 4 * (s + 1)
-        t = _digit_step(_count_above(u, t, shift), t, shift, n).to(u.dtype)
+    if STEP == 1:
+        for s in tl.static_range(BITS):
+            cand = t + (1 << (BITS - 1 - s))
+            t = tl.where(tl.sum((u >= cand).to(tl.int32), 0) >= n, cand, t)
+    else:
+        for s in tl.static_range(BITS // 4):
+            shift = BITS - 4 * (s + 1)
+            t = _digit_step(_count_above(u, t, shift), t, shift, n).to(u.dtype)
     return t
 
 
@@ -851,15 +857,23 @@ def _load_u(src, idx, count, FROM_M: tl.constexpr):
 
 
 @triton.jit
-def _kth_chunked(src, count, n, FROM_M: tl.constexpr, CH: tl.constexpr):
-    """`_kth_largest` over `count` entries read CH at a time (each step re-reads them)."""
+def _kth_chunked(src, count, n, FROM_M: tl.constexpr, CH: tl.constexpr, STEP: tl.constexpr):
+    """`_kth_largest` (16-bit u) over `count` entries read CH at a time (each step re-reads them)."""
     t = tl.zeros([], tl.int32)
-    for s in tl.static_range(4):
-        shift = 12 - 4 * s
-        cnt = tl.zeros([16], tl.int32)
-        for start in range(0, count, CH):
-            cnt += _count_above(_load_u(src, start + tl.arange(0, CH), count, FROM_M), t, shift)
-        t = _digit_step(cnt, t, shift, n)
+    if STEP == 1:
+        for s in tl.static_range(16):
+            cand = t + (1 << (15 - s))
+            cnt = tl.zeros([], tl.int32)
+            for start in range(0, count, CH):
+                cnt += tl.sum((_load_u(src, start + tl.arange(0, CH), count, FROM_M) >= cand).to(tl.int32), 0)
+            t = tl.where(cnt >= n, cand, t)
+    else:
+        for s in tl.static_range(4):
+            shift = 12 - 4 * s
+            cnt = tl.zeros([16], tl.int32)
+            for start in range(0, count, CH):
+                cnt += _count_above(_load_u(src, start + tl.arange(0, CH), count, FROM_M), t, shift)
+            t = _digit_step(cnt, t, shift, n)
     return t
 
 
@@ -876,9 +890,9 @@ def _write_best(u, pos, ok, ustar, need, eq_before, sel_before, out_row):
 
 
 @triton.jit
-def _select_chunked(src, pos_src, count, n, out_row, FROM_M: tl.constexpr, CH: tl.constexpr):
+def _select_chunked(src, pos_src, count, n, out_row, FROM_M: tl.constexpr, CH: tl.constexpr, STEP: tl.constexpr):
     """The n best of `count` entries (in ascending position) read CH at a time: u*, #(u > u*), the writes."""
-    ustar = _kth_chunked(src, count, n, FROM_M, CH)
+    ustar = _kth_chunked(src, count, n, FROM_M, CH, STEP)
     gt = tl.zeros([], tl.int32)
     for start in range(0, count, CH):
         gt += tl.sum((_load_u(src, start + tl.arange(0, CH), count, FROM_M) > ustar).to(tl.int32), 0)
@@ -896,21 +910,21 @@ def _select_chunked(src, pos_src, count, n, out_row, FROM_M: tl.constexpr, CH: t
 
 @triton.jit
 def maxima_threshold_kernel(mx_ptr, ws_ptr, M, n, stride_xr, stride_wr, BLOCK: tl.constexpr,
-                            CHUNKED: tl.constexpr):
+                            CHUNKED: tl.constexpr, STEP: tl.constexpr):
     """One program per row: T = the n-th largest of the M group maxima (as u = m + 32768) into ws[row, 0]."""
     row = tl.program_id(0)
     src = mx_ptr + row * stride_xr
     if CHUNKED:
-        t = _kth_chunked(src, M, n, True, BLOCK)
+        t = _kth_chunked(src, M, n, True, BLOCK, STEP)
     else:
-        t = _kth_largest(_load_u(src, tl.arange(0, BLOCK), M, True), n, 16)
+        t = _kth_largest(_load_u(src, tl.arange(0, BLOCK), M, True), n, 16, STEP)
     tl.store(ws_ptr + row * stride_wr + WS_T, t)
 
 
 @triton.jit
 def compact_select_kernel(m_ptr, ws_ptr, cu_ptr, cp_ptr, out_ptr, stride_mr, stride_wr, stride_cr, stride_or, n_out,
                           n, n_tiles, cap, BLOCK: tl.constexpr, TILES: tl.constexpr, FB: tl.constexpr,
-                          CH: tl.constexpr, PHASE: tl.constexpr, MAX_SPINS: tl.constexpr):
+                          CH: tl.constexpr, STEP: tl.constexpr, PHASE: tl.constexpr, MAX_SPINS: tl.constexpr):
     """Compaction of the positions with u >= T (ws[row, 0]) and, in the row's last program, the exact
     n best of them (see the section comment). PHASE 0 on the GPU; the interpreter runs PHASE 1 (counts)
     then PHASE 2 (the rest) as two launches, tile = program id."""
@@ -949,13 +963,13 @@ def compact_select_kernel(m_ptr, ws_ptr, cu_ptr, cp_ptr, out_ptr, stride_mr, str
             if c <= FB:  # the usual case: the candidates in registers
                 idx = tl.arange(0, FB)
                 uc = _load_u(cu_row, idx, c, False)
-                ustar = _kth_largest(uc, n, 16)
+                ustar = _kth_largest(uc, n, 16, STEP)
                 need = n - tl.sum((uc > ustar).to(tl.int32), 0)
                 pos = tl.load(cp_row + idx, mask=idx < c, other=0, volatile=True)
                 _write_best(uc, pos, idx < c, ustar, need, 0, 0, out_row)
             elif c <= cap:
-                _select_chunked(cu_row, cp_row, c, n, out_row, False, CH)
+                _select_chunked(cu_row, cp_row, c, n, out_row, False, CH, STEP)
             else:  # the candidates overflowed: select from all the row's scores
-                _select_chunked(m_ptr + row * stride_mr, cp_row, n_out, n, out_row, True, CH)
+                _select_chunked(m_ptr + row * stride_mr, cp_row, n_out, n, out_row, True, CH, STEP)
             tl.store(ws + tl.arange(0, 4), tl.zeros([4], tl.int32))
             tl.store(ws + WS_COUNTS + offs_tiles, tl.zeros([TILES], tl.int32), mask=offs_tiles < n_tiles)

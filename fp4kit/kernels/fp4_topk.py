@@ -141,6 +141,9 @@ MAXIMA_PER_N = 2
 CAND_PER_N = 4
 THRESH_REGISTERS = 4096
 THRESH_BLOCK = (2048, 8)  # (positions per compaction program, warps)
+# bits the threshold select's k-th searches resolve per step: 4 (16 prefixes counted at once, 4 steps; measured
+# ~10 us per 1,024 maxima on the H100) or 1 (16 steps of one count each; not yet measured on a GPU)
+THRESH_SEARCH_STEP = 4
 # the rerank's k-th-key search four bits at a time (8 steps of 16 prefixes) instead of 32 bitwise steps: exact, but
 # slower on the H100 at k = 2048 (two-stage FP4 at 128K x 8: 116 against 79 us), so off
 RERANK_DIGITS = False
@@ -488,6 +491,7 @@ def _threshold_select(q: torch.Tensor, keys: KeyCacheView, n: int, lo: int, hi: 
     m = _scan(q, keys, lo, hi, ws, n_out, block_t, warps, iters, False, mx, group)
     bm = min(triton.next_power_of_2(M), 64 if interp else 8192)
     _fp4_topk.maxima_threshold_kernel[(R,)](mx, ws, M, n, mx.stride(0), ws.stride(0), BLOCK=bm, CHUNKED=M > bm,
+                                            STEP=THRESH_SEARCH_STEP,
                                             num_warps=4 if bm <= 1024 else (8 if bm <= 4096 else 16))
     cap = triton.next_power_of_2(CAND_PER_N * n)
     cu = torch.empty(R, cap, dtype=torch.int32, device=dev)
@@ -495,8 +499,8 @@ def _threshold_select(q: torch.Tensor, keys: KeyCacheView, n: int, lo: int, hi: 
     out = torch.empty(R, n, dtype=torch.int64, device=dev)
     fb = min(cap, 64 if interp else THRESH_REGISTERS)
     args = (m, ws, cu, cp, out, m.stride(0), ws.stride(0), cu.stride(0), out.stride(0), n_out, n, n_tiles, cap)
-    meta = {"BLOCK": block, "TILES": tiles, "FB": fb, "CH": 64 if interp else 4096, "MAX_SPINS": _MAX_SPINS,
-            "num_warps": warps_c}
+    meta = {"BLOCK": block, "TILES": tiles, "FB": fb, "CH": 64 if interp else 4096, "STEP": THRESH_SEARCH_STEP,
+            "MAX_SPINS": _MAX_SPINS, "num_warps": warps_c}
     if _interpreting():  # programs run one after another: counts first, then the rest
         for phase in (1, 2):
             _fp4_topk.compact_select_kernel[(R, n_tiles)](*args, PHASE=phase, **meta)
