@@ -132,7 +132,7 @@ class SelectMethod(enum.Enum):
 
 # the threshold select is exact on the H100 in every check but one (all scores tied with c > its buffer: see
 # BENCHMARKS.md round 3) and slower there (select alone at 128K x 1: 24.6 against 20.5 us at n = 512, 49.5 against
-# 20.2 at n = 4096; its 4-bit digit searches cost ~10 us per 1,024 maxima), so off
+# 20.2 at n = 4096; its threshold kernel alone, a 4-bit-per-step search over 1,024 maxima, measures 10.2 us), so off
 SELECT_METHOD = SelectMethod.RADIX
 # the threshold select: the scan writes one maximum per group of G positions, with G the largest power of two
 # (<= the scan tile) leaving at least MAXIMA_PER_N * n groups; candidates (u >= T) go to a buffer of
@@ -141,8 +141,8 @@ MAXIMA_PER_N = 2
 CAND_PER_N = 4
 THRESH_REGISTERS = 4096
 THRESH_BLOCK = (2048, 8)  # (positions per compaction program, warps)
-# bits the threshold select's k-th searches resolve per step: 4 (16 prefixes counted at once, 4 steps; measured
-# ~10 us per 1,024 maxima on the H100) or 1 (16 steps of one count each; not yet measured on a GPU)
+# bits the threshold select's k-th searches resolve per step: 4 (16 prefixes counted at once, 4 steps; its threshold
+# kernel over 1,024 maxima measured 10.2 us on the H100) or 1 (16 steps of one count each; not yet measured on a GPU)
 THRESH_SEARCH_STEP = 4
 # the rerank's k-th-key search four bits at a time (8 steps of 16 prefixes) instead of 32 bitwise steps: exact, but
 # slower on the H100 at k = 2048 (two-stage FP4 at 128K x 8: 116 against 79 us), so off
