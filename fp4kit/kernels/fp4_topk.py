@@ -30,8 +30,9 @@ select) and no memset. Unfused, steps 2-4 are three launches (each program recom
 thresholds from the histograms, so no per-row threshold launches).
 The rerank scores n <= 8192 candidates (many programs) and takes the k best in one program per row:
 a 32-step bitwise search for the k-th best float32 key, then the same ">, then the first ties" write
-(`FUSED_RERANK`: both in one launch, the row's last program selecting; `RERANK_BYTE_RADIX`: the
-search by four byte histograms instead; both off, see BENCHMARKS.md round 2).
+(`FUSED_RERANK`, on since round 3: both in one launch, the row's last program selecting;
+`RERANK_BYTE_RADIX` / `RERANK_DIGITS`: the search by four byte histograms or 4 bits per step instead,
+both off: slower on the H100, see BENCHMARKS.md rounds 2 and 3).
 
 Bytes per key (head dim D): bf16 2D; FP8 D + 4 (a float32 scale per position, as
 `fp4kit.nn.kv_cache`); MXFP4 D/2 + D/32; NVFP4 D/2 + D/16; plus the 2-byte score written once and
