@@ -84,3 +84,19 @@ def test_bench_runs_both_weight_formats(folder, capsys, tmp_path):
     rows = json.loads(path.read_text())["results"]
     assert len(rows) == 4, rows
     assert all(r["decode_tok_s"] > 0 and r["roofline_frac"] > 0 and r["ttft_ms"] > 0 for r in rows), rows
+
+
+def test_bench_fp4_head_and_unfused(folder, capsys, tmp_path):
+    """--lm-head nvfp4 applies to the FP4 run only (the baseline keeps the model's head); --unfused is recorded."""
+    path = tmp_path / "b.json"
+    assert main(["bench", folder, "--batch", "1", "--prompt-len", "8", "--gen-len", "6", "--repeats", "1",
+                 "--lm-head", "nvfp4", "--unfused", "--json", str(path)]) == 0
+    assert "FP4 run's head nvfp4, unfused" in capsys.readouterr().out
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["weights"], r["lm_head"], r["fused"]) for r in rows] == [("fp32", "model", False),
+                                                                       ("nvfp4", "nvfp4", False)]
+
+
+def test_generate_with_fp4_head(folder, capsys):
+    assert main(["generate", folder, "--prompt", "hello", "--max-new-tokens", "6", "--lm-head", "nvfp4"]) == 0
+    assert capsys.readouterr().out.strip()

@@ -36,12 +36,14 @@ def quantize(model, scheme: str) -> None:
               file=sys.stderr)
 
 
-def engine_for(model, tok, args, max_batch: int, max_seq_len: int):
+def engine_for(model, tok, args, max_batch: int, max_seq_len: int, lm_head: str | None = None):
+    """The engine the flags ask for; `lm_head` overrides --lm-head (bench keeps the baseline's own head)."""
     from fp4kit.engine import Engine
 
     kv = KV_CACHE[args.kv_cache]
     return Engine(model, tok, max_batch=max_batch, max_seq_len=max_seq_len,
-                  kv_dtype=kv or model.get_input_embeddings().weight.dtype, cuda_graphs=not args.no_graphs)
+                  kv_dtype=kv or model.get_input_embeddings().weight.dtype, cuda_graphs=not args.no_graphs,
+                  fused=not args.unfused, lm_head=lm_head or args.lm_head)
 
 
 def sampling(args):
@@ -114,13 +116,17 @@ def cmd_bench(args) -> int:
             if args.scheme == "none":
                 break
             quantize(model, args.scheme)
-        eng = engine_for(model, tok, args, max_batch=max(cfg.batches), max_seq_len=cfg.prompt_len + cfg.gen_len)
+        head = args.lm_head if label == args.scheme else "model"
+        eng = engine_for(model, tok, args, max_batch=max(cfg.batches), max_seq_len=cfg.prompt_len + cfg.gen_len,
+                         lm_head=head)
         for r in bench_engine(eng, cfg, bw):
-            results.append({"weights": label, "kv_cache": args.kv_cache, "model": args.model, **r})
+            results.append({"weights": label, "kv_cache": args.kv_cache, "lm_head": head, "fused": not args.unfused,
+                            "model": args.model, **r})
         del eng
     base = {r["batch"]: r["decode_tok_s"] for r in results if r["weights"] == results[0]["weights"]}
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"copy bandwidth {bw / 1e12:.2f} TB/s, prompt {cfg.prompt_len}, gen {cfg.gen_len}, kv {args.kv_cache}")
+          f"copy bandwidth {bw / 1e12:.2f} TB/s, prompt {cfg.prompt_len}, gen {cfg.gen_len}, kv {args.kv_cache}, "
+          f"FP4 run's head {args.lm_head}, {'unfused' if args.unfused else 'fused'}")
     print("| weights | batch | decode tok/s | TTFT ms | step ms | roofline tok/s | % of roofline | vs first |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -131,6 +137,14 @@ def cmd_bench(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "bandwidth": bw, "results": results}, f, indent=1)
     return 0
+
+
+def _engine_flags(p) -> None:
+    p.add_argument("--lm-head", choices=("model", "nvfp4"), default="model",
+                   help="output head: the model's own (default) or an NVFP4 copy run by the FP4 GEMV "
+                        "(about 0.25 ms less per token on an 8B model on the H100; +10%% perplexity on SmolLM2)")
+    p.add_argument("--unfused", action="store_true",
+                   help="call the model's modules one by one instead of the fused decode step (for comparison)")
 
 
 def _common(p, max_new_tokens: int = 128) -> None:
@@ -146,6 +160,7 @@ def _common(p, max_new_tokens: int = 128) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _engine_flags(p)
 
 
 def register(sub) -> None:
@@ -169,5 +184,6 @@ def register(sub) -> None:
     b.add_argument("--kv-cache", choices=tuple(KV_CACHE), default="bf16")
     b.add_argument("--device")
     b.add_argument("--no-graphs", action="store_true")
+    _engine_flags(b)
     b.add_argument("--json", help="write the results here")
     b.set_defaults(func=cmd_bench)
