@@ -209,11 +209,10 @@ def _pack_i8(a, b, c, d):
 
 
 @triton.jit
-def _mxfp4_query_i8(q_row, D: tl.constexpr):
-    """The dp4a query: per block e = floor(log2 max|q_b|) - 2 and the integers y = q * 2^(1 - e) (|y| < 16,
-    integers exactly when the block is an MXFP4 vector: ex), packed four to a word as the key bytes come:
-    qa = y[8w + 0..3], qb = y[8w + 4..7] and their negatives nqa, nqb [NB, 4]; sq = 2^(e - 16) [NB]."""
-    ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = _query_words(q_row, D)
+def _query_block_exponents(ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3):
+    """Per 32-element block of the query words [NB, 4]: e = floor(log2 max|q_b|) - 2 (0 for an all-zero block or
+    one out of range), ok = the block's exponent is in range, and up = 2^(1 - e) [NB, 1]: an MXFP4 block scaled
+    by `up` holds integers (twice its E2M1 values)."""
     amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(ql0), tl.abs(ql1)), tl.maximum(tl.abs(ql2), tl.abs(ql3))),
                       tl.maximum(tl.maximum(tl.abs(qh0), tl.abs(qh1)), tl.maximum(tl.abs(qh2), tl.abs(qh3))))
     amax = tl.max(amax, axis=1)  # [NB]
@@ -221,7 +220,16 @@ def _mxfp4_query_i8(q_row, D: tl.constexpr):
     e = tl.where(amax == 0, 0, field - 129)  # floor(log2 amax) - 2 for normal amax
     ok = (amax == 0) | ((e >= -100) & (e <= 100))
     e = tl.where(ok, e, 0)
-    up = _pow2(1 - e)[:, None]
+    return e, ok, _pow2(1 - e)[:, None]
+
+
+@triton.jit
+def _mxfp4_query_i8(q_row, D: tl.constexpr):
+    """The dp4a query: per block e = floor(log2 max|q_b|) - 2 and the integers y = q * 2^(1 - e) (|y| < 16,
+    integers exactly when the block is an MXFP4 vector: ex), packed four to a word as the key bytes come:
+    qa = y[8w + 0..3], qb = y[8w + 4..7] and their negatives nqa, nqb [NB, 4]; sq = 2^(e - 16) [NB]."""
+    ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = _query_words(q_row, D)
+    e, ok, up = _query_block_exponents(ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3)
     y0, y1, y2, y3 = ql0 * up, ql1 * up, ql2 * up, ql3 * up
     y4, y5, y6, y7 = qh0 * up, qh1 * up, qh2 * up, qh3 * up
     good = ok[:, None] & _is_int(y0) & _is_int(y1) & _is_int(y2) & _is_int(y3)
@@ -297,14 +305,7 @@ def _mxfp4_query(q_row, D: tl.constexpr, PACKED: tl.constexpr):
         ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     elif PACKED == 1:
         ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3 = _query_words(q_row, D)
-        amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(ql0), tl.abs(ql1)), tl.maximum(tl.abs(ql2), tl.abs(ql3))),
-                          tl.maximum(tl.maximum(tl.abs(qh0), tl.abs(qh1)), tl.maximum(tl.abs(qh2), tl.abs(qh3))))
-        amax = tl.max(amax, axis=1)  # [NB]
-        field = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
-        e = tl.where(amax == 0, 0, field - 129)  # floor(log2 amax) - 2 for normal amax
-        ok = (amax == 0) | ((e >= -100) & (e <= 100))
-        e = tl.where(ok, e, 0)
-        up = _pow2(1 - e)[:, None]  # x * 2 must be an integer, |x| < 8
+        e, ok, up = _query_block_exponents(ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3)  # x * 2 must be an integer
         good = ok[:, None] & _twice_int(ql0 * up) & _twice_int(ql1 * up) & _twice_int(ql2 * up)
         good = good & _twice_int(ql3 * up) & _twice_int(qh0 * up) & _twice_int(qh1 * up) & _twice_int(qh2 * up)
         good = good & _twice_int(qh3 * up)
