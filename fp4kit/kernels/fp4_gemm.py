@@ -346,6 +346,16 @@ def _splitk_buffers(device: torch.device, stream: int, ws_elems: int, tiles: int
     return ws, cnt
 
 
+def _launch_workspace(x2: torch.Tensor, y: torch.Tensor, split_k: int, grid: tuple):
+    """(stream, workspace, tickets) of one split-K launch writing y [M, N] on `grid` (n tiles x m tiles x splits);
+    without a split the kernel never touches them, so y stands in for both."""
+    stream = 0 if _interpreting() else _raw_stream(x2.device.index)
+    if split_k > 1:
+        ws, cnt = _splitk_buffers(x2.device, stream, split_k * y.shape[0] * y.shape[1], grid[0] * grid[1])
+        return stream, ws, cnt
+    return stream, y, y
+
+
 def _launch_cached(prepared: PreparedFP4Weight, key: tuple, kernel, grid, stream: int, args: tuple, **launch) -> None:
     """Launch `kernel` on `grid`; after the first (compiling) launch, run the cached compiled kernel directly,
     skipping Triton's Python dispatch (a few microseconds per call that decode cannot afford)."""
@@ -371,11 +381,7 @@ def _launch_skinny(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Te
         (M, mx_bf16), _skinny_config(M, N, K, prepared.block_size,
                                      132 if _interpreting() else _sm_count(x2.device), mx_bf16))
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
-    stream = 0 if _interpreting() else _raw_stream(x2.device.index)
-    if cfg.split_k > 1:
-        ws, cnt = _splitk_buffers(x2.device, stream, cfg.split_k * M * N, grid[0] * grid[1])
-    else:
-        ws, cnt = y, y
+    stream, ws, cnt = _launch_workspace(x2, y, cfg.split_k, grid)
     table = prepared.table_bf16x2 if mx_bf16 else prepared.table
     args = (x2, prepared.words, prepared.scale_codes, table, x2 if bias is None else bias, y, ws, cnt, M,
             N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
@@ -581,11 +587,7 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
         raise ValueError(f"GemvConfig.split_k={cfg.split_k} must divide the {chunks} chunks of K = {K}")
     block_m = triton.next_power_of_2(M)
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, block_m), cfg.split_k)
-    stream = 0 if _interpreting() else _raw_stream(x2.device.index)
-    if cfg.split_k > 1:
-        ws, cnt = _splitk_buffers(x2.device, stream, cfg.split_k * M * N, grid[0] * grid[1])
-    else:
-        ws, cnt = y, y
+    stream, ws, cnt = _launch_workspace(x2, y, cfg.split_k, grid)
     pdl = use_pdl(x2)
     args = (x2, lay.words, lay.scales, prepared.table, x2 if bias is None else bias, y, ws, cnt, M, N, K,
             prepared.block_size == 32, bias is not None, block_m, cfg.block_n, lay.lanes, cfg.split_k,

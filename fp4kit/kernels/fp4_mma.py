@@ -46,10 +46,9 @@ from .fp4_gemm import (
     _check_fp4,
     _interpreting,
     _launch_cached,
+    _launch_workspace,
     _prepared_for,
-    _raw_stream,
     _sm_count,
-    _splitk_buffers,
     use_pdl,
     use_triton,
 )
@@ -180,11 +179,7 @@ def _launch_mma(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tenso
                                         132 if _interpreting() else _sm_count(x2.device), mx_bf16))
     pdl = cfg.pdl and use_pdl(x2)
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
-    stream = 0 if _interpreting() else _raw_stream(x2.device.index)
-    if cfg.split_k > 1:
-        ws, cnt = _splitk_buffers(x2.device, stream, cfg.split_k * M * N, grid[0] * grid[1])
-    else:
-        ws, cnt = y, y
+    stream, ws, cnt = _launch_workspace(x2, y, cfg.split_k, grid)
     if cfg.lut:
         table, mx_bf16 = _lut_for(prepared, x2.dtype), False
     else:
