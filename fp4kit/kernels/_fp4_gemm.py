@@ -296,25 +296,36 @@ def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, c
         else:
             acc = tl.dot(x, tl.trans(w), acc)
     ymask = mmask & (rows[None, :] < N)
+    _splitk_store(acc, offs_m[:, None] * N + rows[None, :], ymask, rows[None, :], bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+                  pid_k * M * N, M * N, pid_m * tl.num_programs(0) + pid_n, N, SPLIT_K, HAS_BIAS, INTERPRET)
+
+
+@triton.jit
+def _splitk_store(acc, part, ymask, cols, bias_ptr, y_ptr, ws_ptr, cnt_ptr, ws_off, ws_stride, tile, N,
+                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Write a float32 output tile: y[part] = acc (+ bias[cols]), rounded once to y's dtype.
+
+    With SPLIT_K > 1 the tile is one split's partial: it goes to the workspace at ws_off, then the
+    split takes a ticket for its tile; the last one to arrive sums the SPLIT_K partials in split
+    order (deterministic, whatever order the splits finished in), adds the bias, writes y and puts
+    the ticket back to zero for the next launch. `cols` is the output column of each acc element
+    (broadcastable to acc; the skinny kernel's acc is [M, N], fp4_mma's [N, M])."""
     if SPLIT_K > 1:
-        part = offs_m[:, None] * N + rows[None, :]
-        tl.store(ws_ptr + pid_k * M * N + part, acc, mask=ymask)
+        tl.store(ws_ptr + ws_off + part, acc, mask=ymask)
         tl.debug_barrier()  # every thread's partial is written before the ticket is taken
-        tile = pid_m * tl.num_programs(0) + pid_n
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if ticket == SPLIT_K - 1:  # the last split of this tile: reduce in split order
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros_like(acc)
             for s in tl.static_range(SPLIT_K):
-                acc += tl.load(ws_ptr + s * M * N + part, mask=ymask, other=0.0, cache_modifier=".cg")
+                acc += tl.load(ws_ptr + s * ws_stride + part, mask=ymask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
-                acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+                acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
             tl.store(y_ptr + part, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
             tl.store(cnt_ptr + tile, 0)
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * N + rows[None, :]
-        tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + part, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
 
 
 @triton.jit
@@ -508,20 +519,5 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
                             EVEN_K, MX_BF16, ONE_MUL, LUT, INTERPRET)
     part = offs_m[None, :] * N + rows[:, None]  # [BLOCK_N, BLOCK_M]: y[m, n] = acc[n, m]
     ymask = (offs_m[None, :] < M) & (rows[:, None] < N)
-    if SPLIT_K > 1:
-        tl.store(ws_ptr + pid_k * M * N + part, acc, mask=ymask)
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
-        tile = pid_m * tl.num_programs(0) + pid_n
-        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if ticket == SPLIT_K - 1:  # the last split of this tile: reduce in split order
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                acc += tl.load(ws_ptr + s * M * N + part, mask=ymask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptr + part, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
-            tl.store(cnt_ptr + tile, 0)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + part, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
+    _splitk_store(acc, part, ymask, rows[:, None], bias_ptr, y_ptr, ws_ptr, cnt_ptr, pid_k * M * N, M * N,
+                  pid_m * tl.num_programs(0) + pid_n, N, SPLIT_K, HAS_BIAS, INTERPRET)
