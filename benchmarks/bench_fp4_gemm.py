@@ -470,15 +470,16 @@ def run_quantize(bw, sweep=True):
         "nvfp4_with_amax_pass": (lambda: quantize_nvfp4_triton(x), nv_bytes),
         "mxfp4": (lambda: quantize_mxfp4_triton(x), mx_bytes),
     }
-    if sweep:
-        for elems in (1024, 2048, 8192):
-            for rcp in (False, True):
-                cases[f"nvfp4_static_amax_{elems}_per_program{'_rcp' if rcp else '_ieee'}"] = (
-                    _with(fq, {"QUANT_ELEMS_PER_PROGRAM": {16: elems, 32: 4096}, "NVFP4_RCP_DIV": rcp},
-                          lambda: quantize_nvfp4_triton(x, amax=amax)), nv_bytes)
-        for elems in (4096, 65536):
-            cases[f"nvfp4_with_amax_pass_amax_{elems}"] = (
-                _with(fq, {"AMAX_ELEMS_PER_PROGRAM": elems}, lambda: quantize_nvfp4_triton(x)), nv_bytes)
+    if sweep:  # round 6: one block per thread, so warps = elements per program / 512
+        for elems in (1024, 2048, 4096):
+            for evict in ("", "evict_first"):
+                cases[f"nvfp4_static_amax_{elems}_per_program{'_evict_first' if evict else ''}"] = (
+                    _with(fq, {"QUANT_ELEMS_PER_PROGRAM": {16: elems, 32: 4096}, "QUANT_WARPS": elems // 512,
+                               "NVFP4_EVICT": evict}, lambda: quantize_nvfp4_triton(x, amax=amax)), nv_bytes)
+        cases["nvfp4_with_amax_pass_forward_order"] = (
+            _with(fq, {"NVFP4_REVERSE_AFTER_AMAX": False}, lambda: quantize_nvfp4_triton(x)), nv_bytes)
+        cases["nvfp4_with_amax_pass_evict_first"] = (
+            _with(fq, {"NVFP4_EVICT": "evict_first"}, lambda: quantize_nvfp4_triton(x)), nv_bytes)
     for name, (fn, nbytes) in cases.items():
         fn()  # compile
         us = bench(fn)

@@ -111,14 +111,18 @@ SWEEP = [MoEGemmConfig(bn, bk, num_warps=w, num_stages=st) for bn, bk, w, st in
           (128, 128, 8, 4)]]
 
 
+def _rotation_and_inputs(T, gen):
+    """N_ROUTINGS random routings of T tokens taken in turn, x [T, H] and the down input h [T * TOP_K, I]."""
+    nxt = Rotation([make_case(T, gen) for _ in range(N_ROUTINGS)])
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    return nxt, x, torch.randn(T * TOP_K, I, device="cuda", dtype=torch.bfloat16)
+
+
 def run_sweep(fp4, gen, out_dir, tokens=(1, 8, 64)):
     """Tile configs of the grouped kernel per token count, gate_up and down, GPU time in a CUDA graph."""
     rows = []
     for T in tokens:
-        cases = [make_case(T, gen) for _ in range(N_ROUTINGS)]
-        nxt = Rotation(cases)
-        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-        h = torch.randn(T * TOP_K, I, device="cuda", dtype=torch.bfloat16)
+        nxt, x, h = _rotation_and_inputs(T, gen)
         for f, (gu, dn, _, _) in fp4.items():
             for op, prep, inp, kw in (("gate_up", gu, x, dict(swiglu=True)), ("down", dn, h, dict(x_per_pair=True))):
                 N_out = 2 * I // 2 if op == "gate_up" else H
@@ -139,12 +143,123 @@ def run_sweep(fp4, gen, out_dir, tokens=(1, 8, 64)):
         json.dump(rows, fh, indent=1)
 
 
+def round6_lut_configs(default: MoEGemmConfig) -> list[MoEGemmConfig]:
+    """Round 6, third call: the table decode (lut) at the default tile and at shallower pipelines."""
+    import dataclasses
+
+    out = [default, dataclasses.replace(default, lut=True)]
+    for st in (3, 2):
+        cfg = dataclasses.replace(default, lut=True, num_stages=st)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def round6_configs(default: MoEGemmConfig, second: bool = False) -> list[MoEGemmConfig]:
+    """Round 6: the default, evict_first on its weight loads, and neighbouring tiles with evict_first.
+    second: the second sweep (defaults now with evict_first): pipelining depths around the default."""
+    import dataclasses
+
+    if second:
+        out = [default, dataclasses.replace(default, evict="")]
+        for st in (2, 3, 4, 5, 6):
+            cfg = dataclasses.replace(default, num_stages=st)
+            if cfg not in out:
+                out.append(cfg)
+        return out
+    out = [default, dataclasses.replace(default, evict="evict_first")]
+    for bn, bk, w, st in [(64, 128, 4, 3), (64, 256, 4, 3), (32, 128, 4, 5), (128, 128, 8, 4), (64, 128, 8, 5)]:
+        cfg = MoEGemmConfig(bn, bk, num_warps=w, num_stages=st, split_k=default.split_k, evict="evict_first")
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+LAYER_VARIANTS = {  # fp4_moe module attributes per layer variant
+    "torch_combine": dict(MOE_PDL=False, MOE_COMBINE_KERNEL=False, MOE_FUSED_COMBINE=False),
+    "combine_kernel": dict(MOE_PDL=False, MOE_COMBINE_KERNEL=True, MOE_FUSED_COMBINE=False),
+    "pdl_combine_kernel": dict(MOE_PDL=True, MOE_COMBINE_KERNEL=True, MOE_FUSED_COMBINE=False),
+    "fused": dict(MOE_PDL=False, MOE_COMBINE_KERNEL=True, MOE_FUSED_COMBINE=True),
+    "pdl_fused": dict(MOE_PDL=True, MOE_COMBINE_KERNEL=True, MOE_FUSED_COMBINE=True),
+    "default": {}, "lut": dict(MOE_LUT_NVFP4=True)}
+
+
+def run_round6(fp4, gen, gmm, gu_t, dn_t, out_dir, tokens=(2, 8, 16, 64), layer_tokens=(1, 2, 4, 8, 16, 32, 64),
+               second=False, variants=("torch_combine", "combine_kernel", "pdl_combine_kernel"), repeats=1,
+               lut=False):
+    """Round 6 exploration, GPU time in a CUDA graph: per-GEMM configs (evict_first, tiles) at a few T; the
+    layer with and without PDL and the combine kernel, against the bf16 layer; the routing launch alone."""
+    from fp4kit.kernels import fp4_moe
+
+    rows = []
+    for T in tokens:
+        nxt, x, h = _rotation_and_inputs(T, gen)
+        for f, (gu, dn, _, _) in fp4.items():
+            for op, prep, inp, kw in (("gate_up", gu, x, dict(swiglu=True)), ("down", dn, h, dict(x_per_pair=True))):
+                N_out = I if op == "gate_up" else H
+                default = _moe_config(N_out, inp.shape[1], op == "gate_up", f == "mxfp4", T * TOP_K, E)
+                res = []
+                if lut and f != "nvfp4":
+                    continue
+                for cfg in (round6_lut_configs(default) if lut else round6_configs(default, second)):
+                    try:
+                        us = bench_graph(lambda: fp4_moe_gemm(inp, prep, nxt()["routing"], config=cfg, **kw))
+                    except Exception as exc:  # shared memory etc.
+                        print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                        continue
+                    rows.append(dict(kind="gemm", T=T, fmt=f, op=op, cfg=cfg.__dict__, default=cfg == default,
+                                     graph_us=us))
+                    res.append((us, cfg))
+                print(f"r6 T={T:3d} {f} {op:8s} default {res[0][0]:6.1f}us | " + "  ".join(
+                    f"{us:6.1f} bn{c.block_n} bk{c.block_k} w{c.num_warps} s{c.num_stages} k{c.split_k}"
+                    f"{' ef' if c.evict else ''}{' lut' if c.lut else ''}"
+                    for us, c in sorted(res[1:], key=lambda r: r[0])), flush=True)
+    for T in layer_tokens:
+        cases = [make_case(T, gen) for _ in range(N_ROUTINGS)]
+        nxt = Rotation(cases)
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        line = {"bf16": bench_graph(lambda: bf16_layer(x, nxt(), gu_t, dn_t, gmm))}
+        line["route"] = bench_graph(lambda: route_topk(nxt()["ids"], E))
+        for f, (gu, dn, _, _) in fp4.items():
+            for rep in range(repeats):
+                for name in variants:
+                    saved = {k: getattr(fp4_moe, k) for k in LAYER_VARIANTS[name]}
+                    for k, v in LAYER_VARIANTS[name].items():
+                        setattr(fp4_moe, k, v)
+
+                    def layer(gu=gu, dn=dn):
+                        c = nxt()
+                        return fp4_moe_mlp(x, gu, dn, c["ids"], c["w"])
+
+                    layer()
+                    key = f"{f}_{name}" + (f"_{rep}" if repeats > 1 else "")
+                    line[key] = bench_graph(layer)
+                    for k, v in saved.items():
+                        setattr(fp4_moe, k, v)
+        rows.append(dict(kind="layer", T=T, **line))
+        print(f"r6 layer T={T:3d} " + "  ".join(f"{k} {v:6.1f}" for k, v in line.items())
+              + "  | x bf16: " + "  ".join(f"{k} {line['bf16'] / v:4.2f}" for k, v in line.items()
+                                          if k not in ("bf16", "route")), flush=True)
+    name = "3" if lut else "2" if second else ""
+    with open(os.path.join(out_dir, f"fp4_moe_round6_sweep{name}_h100.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+
+
+LAYER_DEFAULT_VARIANTS = {  # fp4_moe module attributes changed from the round-6 defaults
+    "no_pdl": {"MOE_PDL": False}, "no_prefetch": {"MOE_PREFETCH": False},
+    "pdl_at_t1": {"MOE_PDL_MIN_TOKENS": 1}, "fused": {"MOE_FUSED_COMBINE": True}}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--formats", nargs="+", default=list(FORMATS))
     p.add_argument("--out", default="benchmarks/results/fp4_moe_h100.json")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--round6", action="store_true", help="round 6 exploration (evict, tiles, PDL, combine)")
+    p.add_argument("--round6-second", action="store_true", help="round 6 second sweep (stages; fused combine)")
+    p.add_argument("--layer-variants", action="store_true", help="also time the layer without each round-6 default")
+    p.add_argument("--round6-lut", action="store_true", help="round 6 third call: the table decode for NVFP4")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -163,6 +278,16 @@ def main(argv=None):
     print(f"baseline: {gmm_name}", flush=True)
     if args.sweep:
         return run_sweep(fp4, gen, os.environ.get("OUT", os.path.dirname(args.out)))
+    if args.round6:
+        return run_round6(fp4, gen, gmm, gu_t, dn_t, os.environ.get("OUT", os.path.dirname(args.out)))
+    if args.round6_lut:
+        return run_round6(fp4, gen, gmm, gu_t, dn_t, os.environ.get("OUT", os.path.dirname(args.out)),
+                          tokens=(4, 8, 16, 64), layer_tokens=(4, 8, 16, 32, 64), lut=True,
+                          variants=("default", "lut"), repeats=2)
+    if args.round6_second:
+        return run_round6(fp4, gen, gmm, gu_t, dn_t, os.environ.get("OUT", os.path.dirname(args.out)),
+                          tokens=(4, 16, 64), second=True, repeats=2,
+                          variants=("combine_kernel", "pdl_combine_kernel", "fused", "pdl_fused"))
     rows = []
     for T in args.tokens:
         cases = [make_case(T, gen) for _ in range(N_ROUTINGS)]
@@ -213,6 +338,28 @@ def main(argv=None):
                              grouped_mm_loop).float()
             row[f"{f}_layer_rel_err"] = ((got - ref).norm() / ref.norm()).item()
             row[f"{f}_layer_max_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
+        if args.layer_variants:  # each round-6 default against its absence, same run (graph only)
+            from fp4kit.kernels import fp4_moe as fm
+
+            for f, (gu, dn, _, _) in fp4.items():
+                for var, attrs in LAYER_DEFAULT_VARIANTS.items():
+                    if var == "pdl_at_t1" and T != 1:
+                        continue
+                    old = {k: getattr(fm, k) for k in attrs}
+                    for k, v in attrs.items():
+                        setattr(fm, k, v)
+                    try:
+                        def lay(gu=gu, dn=dn):
+                            c = nxt()
+                            return fp4_moe_mlp(x, gu, dn, c["ids"], c["w"])
+
+                        lay()
+                        row[f"layer_{f}_{var}"] = dict(graph_us=bench_graph(lay))
+                    finally:
+                        for k, v in old.items():
+                            setattr(fm, k, v)
+            print(f"T={T:3d} layer variants (graph us): " + "  ".join(
+                f"{k[6:]} {v['graph_us']:.1f}" for k, v in row.items() if k.startswith("layer_")), flush=True)
         for op, fns in timed.items():
             for name, fn in fns.items():
                 us = bench(fn)

@@ -103,7 +103,7 @@ def f32_to_e2m1_code(x, SIGNED_ZERO: tl.constexpr):
 @triton.jit
 def e2m1_code_from_mag(mag, sign_src, SIGNED_ZERO: tl.constexpr):
     """`f32_to_e2m1_code` split: the magnitude (already |.| and <= 6) and the float whose sign bit the
-    code takes (so a quotient's sign can come from its dividend, see `_fp4_quantize._div_by_block`)."""
+    code takes (so a quotient's sign can come from its dividend rather than from the quotient)."""
     bits = mag.to(tl.int32, bitcast=True)
     normal = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - (126 << 1)
     k = (mag * 2.0 + 8388608.0).to(tl.int32, bitcast=True) & 3

@@ -1,25 +1,53 @@
-"""Triton kernel behind `fp4_moe`: the grouped W4A16 GEMM over routed (token, slot) pairs. Math in `fp4_moe`."""
+"""Triton kernels behind `fp4_moe`: the routing map, the grouped W4A16 GEMM over routed (token, slot)
+pairs, and the slot combine. Math in `fp4_moe`.
+
+PDL (programmatic dependent launch, `_fp4_gemv`'s docstring has the rules): the layer is a chain of four
+launches (route -> gate_up -> down -> combine) in which each reads what the previous one wrote. Every
+program calls `griddepcontrol.wait` before its first read or write of anything a launch writes (routing
+tables, x, y, the split-K workspace and tickets), and `griddepcontrol.launch_dependents` right after it
+(the next kernel's programs may then launch and wait on the SM). Waiting first makes a stronger
+promise to the next launch: when it starts, every program here has passed its wait, so the launch
+before this one is complete. The down projection uses that to read the routing (two launches back)
+and load its first weights before its own wait (`fp4_moe_kernel`'s PREFETCH). What overlaps is the
+next launch's ramp-up (and those first loads) with this one's tail: the ~2 us per launch that a CUDA
+graph does not hide. The interpreter cannot run the PTX: the launchers pass PDL=False there.
+"""
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._fp4_bits import cast_rne
-from ._fp4_gemm import decode_weight_tile, pair_order_x
+from ._fp4_gemm import decode_weight_tile, decode_weight_tile_lut, pair_order_x
 
 
 @triton.jit
-def _expert_tile_dot(acc, x, w_ptrs, s_ptrs, table, k0, rmask, wcol, bcol, K: tl.constexpr, BS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MX_BF16: tl.constexpr,
-                     ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] @ dequant(W[rows, k0:k0+BLOCK_K]).T (the skinny kernel's
-    decode, `_fp4_gemm.decode_weight_tile`). EVEN_K: no K masks (every split's K steps are inside K)."""
+def _expert_tile_load(w_ptrs, s_ptrs, k0, rmask, wcol, bcol, K: tl.constexpr, BS: tl.constexpr, EVEN_K: tl.constexpr,
+                      EVICT: tl.constexpr = ""):
+    """The packed words [BLOCK_N, BLOCK_K/8] and scale codes [BLOCK_N, BLOCK_K/BS] of one K step. EVEN_K: no K
+    masks (every split's K steps are inside K). EVICT: eviction policy of these streamed-once loads
+    ("evict_first" keeps L2 for x)."""
     if EVEN_K:
-        words = tl.load(w_ptrs + k0 // 8, mask=rmask, other=0)
-        codes = tl.load(s_ptrs + k0 // BS, mask=rmask, other=0)
+        words = tl.load(w_ptrs + k0 // 8, mask=rmask, other=0, eviction_policy=EVICT)
+        codes = tl.load(s_ptrs + k0 // BS, mask=rmask, other=0, eviction_policy=EVICT)
     else:
-        words = tl.load(w_ptrs + k0 // 8, mask=rmask & (wcol[None, :] < (K - k0) // 8), other=0)
-        codes = tl.load(s_ptrs + k0 // BS, mask=rmask & (bcol[None, :] < (K - k0) // BS), other=0)
-    w = decode_weight_tile(words, codes, table, x.dtype, BLOCK_N, BLOCK_K, BS, MX_BF16, ONE_MUL, INTERPRET)
+        words = tl.load(w_ptrs + k0 // 8, mask=rmask & (wcol[None, :] < (K - k0) // 8), other=0,
+                        eviction_policy=EVICT)
+        codes = tl.load(s_ptrs + k0 // BS, mask=rmask & (bcol[None, :] < (K - k0) // BS), other=0,
+                        eviction_policy=EVICT)
+    return words, codes
+
+
+@triton.jit
+def _tile_dot(acc, x, words, codes, table, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr, LUT: tl.constexpr = False):
+    """acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] @ dequant(words, codes).T (the skinny kernel's decode,
+    `_fp4_gemm.decode_weight_tile`; LUT: fp4_mma's byte-permute table decode, `decode_weight_tile_lut`, with
+    the expert's [256, 4] table; both give the twin's weights bit for bit)."""
+    if LUT:
+        w = decode_weight_tile_lut(words, codes, table, x.dtype, BLOCK_N, BLOCK_K, BS, INTERPRET)
+    else:
+        w = decode_weight_tile(words, codes, table, x.dtype, BLOCK_N, BLOCK_K, BS, MX_BF16, ONE_MUL, INTERPRET)
     if INTERPRET:  # the interpreter multiplies bf16 bit patterns in tl.dot: give it float32
         return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
     else:
@@ -28,10 +56,12 @@ def _expert_tile_dot(acc, x, w_ptrs, s_ptrs, table, k0, rmask, wcol, bcol, K: tl
 
 @triton.jit
 def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, pairs_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-                   pw_ptr, y_ptr, ws_ptr, cnt_ptr, E, P, N_OUT: tl.constexpr, K: tl.constexpr, X_DIV: tl.constexpr,
+                   pw_ptr, y_ptr, ws_ptr, cnt_ptr, out_ptr, tcnt_ptr, E, P, N_OUT: tl.constexpr, K: tl.constexpr,
+                   X_DIV: tl.constexpr,
                    BS: tl.constexpr, SWIGLU: tl.constexpr, HAS_PW: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MX_BF16: tl.constexpr,
-                   ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr):
+                   ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr, EVICT: tl.constexpr = "", PDL: tl.constexpr = False,
+                   COMBINE_K: tl.constexpr = 0, PREFETCH: tl.constexpr = False, LUT: tl.constexpr = False):
     """y[p, n] = act(x[p // X_DIV] @ dequant(W[e(p)])[n].T) (* pw[p]) for every routed pair p, in one launch.
 
     Grid: (tiles of N_OUT, M tiles, SPLIT_K). M tile t holds up to BLOCK_M consecutive entries
@@ -49,12 +79,40 @@ def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, pairs_ptr, tile_expert_ptr, t
     writes its float32 partials (gate and up) to ws[s, p, {gate, up}, n], takes a ticket of its
     (M tile, N tile), and the last split sums the partials in split order, applies the epilogue,
     writes y and resets the ticket.
+
+    EVICT: eviction policy of the weight loads. PDL: wait for the previous launch before the first read,
+    then let the next launch's programs start (griddepcontrol.wait, then launch_dependents: in this
+    order, a launch that follows this one starts only once every program here has passed its wait, so
+    whatever the launch before this one wrote is complete when the next one starts: what PREFETCH needs).
+    PREFETCH (with PDL; the down projection inside `fp4_moe_mlp`, two launches after the routing): the
+    tile map is read and the first K step's weights and scales are prefetched into L2 BEFORE the wait
+    (the routing was written two launches back, complete by the rule above; weights never change), so
+    they stream in while the previous launch (gate_up) finishes; x (h, the previous launch's output) is
+    read after it. A prefetch hint, not a load: a peeled first step held in registers took the kernel
+    from 88 to 118 registers (offline sm_90 compile), fewer programs per SM.
+
+    LUT: decode through per-expert byte-plane tables (`fp4_moe.lut_tables`) instead of the float16-pair
+    decode: fewer instructions per weight, gathered table loads (see fp4_mma).
+
+    COMBINE_K = top_k > 0 (the down projection, pairs p = token * top_k + slot): the slot combine in the
+    epilogue instead of a separate launch. After writing its y rows, a program takes one ticket per
+    (row's token, N tile) (tcnt[token, pid_n]); the program that takes a token's last (top_k-th) ticket
+    has every slot's row written (the same barrier + acq_rel ticket as the split-K reduction), sums
+    the token's top_k rows of y in float32 in slot order, writes out[token] and resets the ticket:
+    the arithmetic of `moe_combine_kernel`, so the result is the same bit for bit.
     """
+    WAIT_FIRST: tl.constexpr = PDL and not PREFETCH
+    if WAIT_FIRST:
+        gdc_wait()
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_k = tl.program_id(2)
     e = tl.load(tile_expert_ptr + pid_t)
     if e >= E:
+        if PREFETCH:
+            gdc_wait()  # every program waits: completion stays transitive along the chain
+            gdc_launch_dependents()
         return
     W: tl.constexpr = BLOCK_K // 8
     NB: tl.constexpr = BLOCK_K // BS
@@ -78,26 +136,31 @@ def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, pairs_ptr, tile_expert_ptr, t
     k_lo = pid_k * K_SPLIT
     w_base = w_ptr + e64 * (N_W * (K // 8))
     s_base = s_ptr + e64 * (N_W * (K // BS))
-    table = table_ptr + e64 * 256
+    table = table_ptr + e64 * (1024 if LUT else 256)  # LUT: [E, 256, 4] byte-plane tables
     g_w = w_base + rows[:, None] * (K // 8) + wcol[None, :]
     g_s = s_base + rows[:, None] * (K // BS) + bcol[None, :]
     x_ptrs = x_ptr + xrow[:, None] * K + kcol[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:  # the first K step's weights and scales into L2 (no registers), then wait for the previous launch
+        _prefetch_l2(tl.where(rmask, g_w + k_lo // 8, w_base))
+        _prefetch_l2(tl.where(rmask, g_s + k_lo // BS, s_base))
+        if SWIGLU:
+            _prefetch_l2(tl.where(rmask, g_w + N_OUT * (K // 8) + k_lo // 8, w_base))
+            _prefetch_l2(tl.where(rmask, g_s + N_OUT * (K // BS) + k_lo // BS, s_base))
+        gdc_wait()
+        gdc_launch_dependents()
     for kk in range(0, K_SPLIT, BLOCK_K):
         k0 = k_lo + kk
-        if EVEN_K:
-            x = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
-        else:
-            x = tl.load(x_ptrs + k0, mask=mmask[:, None] & (kcol[None, :] < K - k0), other=0.0)
-        x = pair_order_x(x, MX_BF16)
-        acc = _expert_tile_dot(acc, x, g_w, g_s, table, k0, rmask, wcol, bcol, K, BS, BLOCK_N, BLOCK_K, EVEN_K,
-                               MX_BF16, ONE_MUL, INTERPRET)
+        x = pair_order_x(_x_step(x_ptrs, k0, mmask, kcol, K, EVEN_K), MX_BF16)
+        words, codes = _expert_tile_load(g_w, g_s, k0, rmask, wcol, bcol, K, BS, EVEN_K, EVICT)
+        acc = _tile_dot(acc, x, words, codes, table, BS, BLOCK_N, BLOCK_K, MX_BF16, ONE_MUL, INTERPRET, LUT)
         if SWIGLU:
-            acc_up = _expert_tile_dot(acc_up, x, g_w + N_OUT * (K // 8), g_s + N_OUT * (K // BS), table, k0,
-                                      rmask, wcol, bcol, K, BS, BLOCK_N, BLOCK_K, EVEN_K, MX_BF16, ONE_MUL,
-                                      INTERPRET)
+            words, codes = _expert_tile_load(g_w + N_OUT * (K // 8), g_s + N_OUT * (K // BS), k0, rmask, wcol,
+                                             bcol, K, BS, EVEN_K, EVICT)
+            acc_up = _tile_dot(acc_up, x, words, codes, table, BS, BLOCK_N, BLOCK_K, MX_BF16, ONE_MUL, INTERPRET,
+                               LUT)
     ymask = mmask[:, None] & (rows[None, :] < N_OUT)
     last = True
     if SPLIT_K > 1:
@@ -126,11 +189,52 @@ def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, pairs_ptr, tile_expert_ptr, t
             acc = acc * tl.load(pw_ptr + pairs, mask=mmask, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + pairs.to(tl.int64)[:, None] * N_OUT + rows[None, :]
         tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ymask)
+        if COMBINE_K > 0:
+            _combine_last(y_ptr, out_ptr, tcnt_ptr, pairs, mmask, rows, pid_n, N_OUT, COMBINE_K, INTERPRET)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """`prefetch.global.L2` of every address in ptrs (a hint: no registers held, nothing waits on it)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _x_step(x_ptrs, k0, mmask, kcol, K: tl.constexpr, EVEN_K: tl.constexpr):
+    """x rows of the tile's pairs [BLOCK_M, BLOCK_K] at K offset k0 (masked past K unless EVEN_K)."""
+    if EVEN_K:
+        return tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
+    else:
+        return tl.load(x_ptrs + k0, mask=mmask[:, None] & (kcol[None, :] < K - k0), other=0.0)
+
+
+@triton.jit
+def _combine_last(y_ptr, out_ptr, tcnt_ptr, pairs, mmask, rows, pid_n, N_OUT: tl.constexpr, TOP_K: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """The fused slot combine of `fp4_moe_kernel` (COMBINE_K): tickets per (token, N tile); the last
+    program of a token sums its TOP_K rows of y (float32, slot order; L2 loads) into out[token]."""
+    tl.debug_barrier()  # every thread's y rows are written before the tickets are taken
+    tok = pairs // TOP_K  # [BLOCK_M]
+    tix = tok * tl.num_programs(0) + pid_n
+    tickets = tl.atomic_add(tcnt_ptr + tix, 1, mask=mmask, sem="acq_rel")
+    done = mmask & (tickets == TOP_K - 1)
+    cmask = done[:, None] & (rows[None, :] < N_OUT)
+    base = tok.to(tl.int64) * TOP_K
+    tot = tl.load(y_ptr + base[:, None] * N_OUT + rows[None, :], mask=cmask, other=0.0, cache_modifier=".cg")
+    tot = tot.to(tl.float32)
+    for slot in tl.static_range(1, TOP_K):
+        tot += tl.load(y_ptr + (base + slot)[:, None] * N_OUT + rows[None, :], mask=cmask, other=0.0,
+                       cache_modifier=".cg").to(tl.float32)
+    tl.store(out_ptr + tok.to(tl.int64)[:, None] * N_OUT + rows[None, :], cast_rne(tot, out_ptr.dtype.element_ty,
+                                                                                    INTERPRET), mask=cmask)
+    tl.store(tcnt_ptr + tix, 0, mask=done)
 
 
 @triton.jit
 def moe_route_kernel(ids_ptr, pairs_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, P, E, N_TILES,
-                     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr):
+                     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """`route_topk` in one program (one launch instead of ~20 small torch ops): expert ids [P] ->
     expert-sorted pair ids (stable) and the M-tile map, exactly as `route_topk_torch` builds them.
 
@@ -139,6 +243,9 @@ def moe_route_kernel(ids_ptr, pairs_ptr, tile_expert_ptr, tile_start_ptr, tile_e
     by exclusive prefix sums; every tile slot is first marked unused (expert E), then each expert
     writes its own tiles (after a barrier, so the two writes to a slot are ordered).
     """
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     p = tl.arange(0, BLOCK_P)
     valid = p < P
     ids = tl.load(ids_ptr + p, mask=valid, other=0).to(tl.int32)
@@ -158,3 +265,21 @@ def moe_route_kernel(ids_ptr, pairs_ptr, tile_expert_ptr, tile_start_ptr, tile_e
         tl.store(tile_expert_ptr + first + j, e, mask=m)
         tl.store(tile_start_ptr + first + j, offsets + j * BM, mask=m)
         tl.store(tile_end_ptr + first + j, offsets + counts, mask=m)
+
+
+@triton.jit
+def moe_combine_kernel(y_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """out[t, h] = cast(sum over slots s in order of float32(y[t * TOP_K + s, h])): one launch for what was
+    three torch ops (to float32, sum, cast). Grid: (tokens, H tiles). The order is the twin's
+    (`fp4_moe._combine`: a running float32 sum over the slots), so the two are bit-identical."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = h < H
+    acc = tl.load(y_ptr + (t * TOP_K) * H + h, mask=mask, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, TOP_K):
+        acc += tl.load(y_ptr + (t * TOP_K + s) * H + h, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + h, cast_rne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)

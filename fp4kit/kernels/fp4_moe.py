@@ -48,7 +48,8 @@ from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor
 from fp4kit.formats.scales import e8m0_to_float
 
 from . import fp4_gemm
-from .fp4_gemm import HAS_TRITON, _bf16x2_pow2_table, _interpreting, _raw_stream, use_triton
+from .fp4_gemm import HAS_TRITON, _bf16x2_pow2_table, _interpreting, _raw_stream, use_pdl, use_triton
+from .fp4_mma import lut_table
 
 if HAS_TRITON:
     import triton
@@ -172,6 +173,18 @@ def default_block_m(num_pairs: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
 
 
+# Programmatic dependent launch for the layer's chain of launches (route, gate_up, down, combine; see
+# `_fp4_moe`'s docstring), where `fp4_gemm.use_pdl` allows it (CUDA, sm_90+, FP4KIT_PDL not 0), from
+# MOE_PDL_MIN_TOKENS tokens: on the H100 (round 6, graph) PDL took 1-5 us off the layer at T = 2..64
+# but added 1-6 us at T = 1. Read at every call, so a benchmark can compare both in one process.
+MOE_PDL = True
+MOE_PDL_MIN_TOKENS = 2
+
+
+def _moe_pdl(t: torch.Tensor, tokens: int) -> bool:
+    return MOE_PDL and tokens >= MOE_PDL_MIN_TOKENS and use_pdl(t)
+
+
 # Up to this many pairs (and experts) `route_topk` is one Triton program (`_fp4_moe.moe_route_kernel`).
 ROUTE_KERNEL_MAX_PAIRS = 4096
 ROUTE_KERNEL_MAX_EXPERTS = 1024
@@ -199,14 +212,16 @@ def route_topk(topk_ids: torch.Tensor, num_experts: int, block_m: int | None = N
     pairs = torch.empty(P, dtype=i32, device=dev)
     tile_expert, tile_start, tile_end = (torch.empty(n_tiles, dtype=i32, device=dev) for _ in range(3))
     BLOCK_P, BLOCK_E, BLOCK_T = (triton.next_power_of_2(v) for v in (P, num_experts, n_tiles))
-    args = (flat, pairs, tile_expert, tile_start, tile_end, P, num_experts, n_tiles, BLOCK_P, BLOCK_E, BLOCK_T, block_m)
-    key = (BLOCK_P, BLOCK_E, BLOCK_T, block_m, P == 1, num_experts == 1, n_tiles == 1, dev.index)
+    pdl = _moe_pdl(flat, T)
+    args = (flat, pairs, tile_expert, tile_start, tile_end, P, num_experts, n_tiles, BLOCK_P, BLOCK_E, BLOCK_T, block_m,
+            pdl)
+    key = (BLOCK_P, BLOCK_E, BLOCK_T, block_m, P == 1, num_experts == 1, n_tiles == 1, dev.index, pdl)
     compiled = _ROUTE_LAUNCHES.get(key)
     if compiled is not None and _knobs.runtime.launch_enter_hook is None:
         compiled.run(1, 1, 1, _raw_stream(dev.index), compiled.function, compiled.packed_metadata,
                      None, None, None, *args)
     else:
-        compiled = _fp4_moe.moe_route_kernel[(1,)](*args, num_warps=4)
+        compiled = _fp4_moe.moe_route_kernel[(1,)](*args, num_warps=4, **({"launch_pdl": True} if pdl else {}))
         if not _interpreting() and compiled is not None:
             _ROUTE_LAUNCHES[key] = compiled
     return MoERouting(flat, pairs, tile_expert, tile_start, tile_end, num_experts, top_k, block_m)
@@ -282,6 +297,24 @@ def prepare_fp4_experts(ex: FP4Experts) -> PreparedFP4Experts:
     return PreparedFP4Experts(ex, packed.view(torch.int32), codes, _scale_tables(ex), table2, one_mul)
 
 
+def lut_tables(ex: FP4Experts, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [E, 256, 4]: each expert's byte-plane decode table for x's dtype (`fp4_mma.lut_table`: the eight
+    magnitudes dtype(e2m1(j) * s_eff(c)) per scale code, as the twin rounds them)."""
+    return torch.stack([lut_table(ex.expert(e), dtype) for e in range(ex.shape[0])]).contiguous()
+
+
+def _lut_for(prep: "PreparedFP4Experts", dtype: torch.dtype) -> torch.Tensor:
+    """The experts' decode tables for dtype, built on first use and kept in `prep.configs`."""
+    key = ("lut", dtype)
+    lut = prep.configs.get(key)
+    if lut is None:
+        if prep.words.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fp4 MoE (lut=True): the decode tables were not built before CUDA graph capture; "
+                               "call it once eagerly first")
+        lut = prep.configs[key] = lut_tables(prep.experts, dtype)
+    return lut
+
+
 @dataclass(frozen=True)
 class MoEGemmConfig:
     block_n: int
@@ -289,10 +322,14 @@ class MoEGemmConfig:
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 1
+    evict: str = ""  # eviction policy of the weight loads: "" or "evict_first"
+    lut: bool = False  # byte-permute table decode (`lut_tables`) instead of the float16-pair decode
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_k < 32 or self.block_k % 32 or self.split_k < 1:
             raise ValueError(f"MoEGemmConfig: block_n >= 16, block_k a multiple of 32, split_k >= 1; got {self}")
+        if self.evict not in ("", "evict_first", "evict_last"):
+            raise ValueError(f"MoEGemmConfig.evict must be '', 'evict_first' or 'evict_last', got {self.evict!r}")
 
 
 # Split K (doubling, at most MOE_MAX_SPLIT) while the expected programs (N tiles x touched experts) are
@@ -303,10 +340,17 @@ MOE_MAX_SPLIT = 4
 
 def _moe_config(N_out: int, K: int, swiglu: bool, mx_bf16: bool = False, num_pairs: int = 0, num_experts: int = 1,
                 sm_count: int = 132) -> MoEGemmConfig:
-    """H100 sweep (2026-11-22, Qwen3-30B-A3B shapes, T = 1, 8, 64; results/fp4_moe_sweep_h100.json): 64-row
-    tiles won everywhere; 128-wide K tiles with 5 stages for the float32 decode, 256-wide with 3 stages
-    for the MXFP4 bfloat16 decode (T = 64 gate_up: 189 -> 144 us NVFP4, 165 -> 128 us MXFP4, against
-    the first 32 x 256 x 4 default). The interpreter gets small tiles."""
+    """H100 sweeps, Qwen3-30B-A3B shapes (GPU time in a CUDA graph).
+
+    2026-11-22 (T = 1, 8, 64; results/fp4_moe_sweep_h100.json): 64-row tiles won everywhere; 128-wide K
+    tiles with 5 stages for the float32 decode, 256-wide with 3 stages for the MXFP4 bfloat16 decode.
+    2026-11-23 round 6 (T = 2, 8, 16, 64; results/fp4_moe_round6_sweep_h100.json): evict_first weight
+    loads at or slightly below the plain loads everywhere (T = 64 NVFP4 down 83.0 -> 78.1 us with 3
+    stages); the down projection (K = 768) prefers 128-wide K tiles with 3 stages (NVFP4 T = 16 55.2 ->
+    52.7 us; MXFP4 T = 64 82.7 -> 81.3) except MXFP4 with few programs (T = 2: 12.8 us at 256 vs 15.4 at
+    128); second sweep (T = 4, 16, 64; results/fp4_moe_round6_sweep2_h100.json): MXFP4 down 2 stages
+    (T = 16 54.6 -> 53.9, T = 64 81.0 -> 80.0), MXFP4 gate_up with few programs 5 stages (T = 4
+    43.9 -> 41.5). The interpreter gets small tiles."""
     if _interpreting():
         return MoEGemmConfig(16, 64, num_warps=1, num_stages=1)
     block_n, block_k, stages = (64, 256, 3) if mx_bf16 and K >= 256 else (64, 128, 5)
@@ -315,7 +359,19 @@ def _moe_config(N_out: int, K: int, swiglu: bool, mx_bf16: bool = False, num_pai
     while (split < MOE_MAX_SPLIT and programs * split < MOE_SPLIT_PROGRAMS_PER_SM * sm_count
            and K // (block_k * split * 2) >= 2):
         split *= 2
-    return MoEGemmConfig(block_n, block_k, num_warps=4, num_stages=stages, split_k=split)
+    few = programs < MOE_SPLIT_PROGRAMS_PER_SM * sm_count  # few tokens: few experts, few programs
+    if not swiglu and not (mx_bf16 and few):
+        block_k, stages = 128, 2 if mx_bf16 else 3
+    elif swiglu and mx_bf16 and few:
+        stages = 5
+    lut = MOE_LUT_NVFP4 and not mx_bf16  # only where the float16-pair decode would run
+    return MoEGemmConfig(block_n, block_k, num_warps=4, num_stages=stages, split_k=split, evict=MOE_EVICT, lut=lut)
+
+
+# Eviction policy of the grouped GEMM's weight loads (round 6 sweep: evict_first at or below plain loads).
+MOE_EVICT = "evict_first"
+# The table decode (MoEGemmConfig.lut) by default where the float16-pair decode would run (NVFP4).
+MOE_LUT_NVFP4 = False
 
 
 def _check_call(x: torch.Tensor, ex: FP4Experts, routing: MoERouting, swiglu: bool, x_per_pair: bool) -> int:
@@ -337,59 +393,76 @@ def _check_call(x: torch.Tensor, ex: FP4Experts, routing: MoERouting, swiglu: bo
 
 def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, routing: MoERouting, *,
                  swiglu: bool = False, pair_weights: torch.Tensor | None = None, x_per_pair: bool = False,
-                 config: MoEGemmConfig | None = None) -> torch.Tensor:
+                 config: MoEGemmConfig | None = None, combine: bool = False, _prefetch: bool = False
+                 ) -> torch.Tensor:
     """y [P, N_out]: y[p] = act(x[row(p)] @ dequant(W[expert(p)]).T) (* pair_weights[p]); see the module docstring.
 
     x is [T, K] (row(p) = p // top_k) or, with x_per_pair, [P, K] (row(p) = p). Pass a
     PreparedFP4Experts (from `prepare_fp4_experts`) to skip the per-call preparation. Runs the
     Triton kernel on CUDA (or under TRITON_INTERPRET=1), the torch twin elsewhere.
+    combine: return [T, N_out], each token's top_k rows summed as `_combine` does, fused into the
+    kernel's epilogue (the last program of each token sums; no extra launch).
+    _prefetch (internal, `fp4_moe_mlp`'s down projection): with PDL, read the routing and the first
+    weights before waiting for the previous launch; only valid when that launch is an fp4 MoE GEMM
+    (which waits before letting this one start) and the routing was written before it.
     """
     ex = experts.experts if isinstance(experts, PreparedFP4Experts) else experts
     N_out = _check_call(x, ex, routing, swiglu, x_per_pair)
     if not use_triton(x):
-        return fp4_moe_gemm_torch(x, ex, routing, swiglu=swiglu, pair_weights=pair_weights, x_per_pair=x_per_pair)
+        y = fp4_moe_gemm_torch(x, ex, routing, swiglu=swiglu, pair_weights=pair_weights, x_per_pair=x_per_pair)
+        return _combine(y, routing.num_pairs // routing.top_k, routing.top_k) if combine else y
     prep = experts if isinstance(experts, PreparedFP4Experts) else prepare_fp4_experts(ex)
     x = x.contiguous()
     P = routing.num_pairs
     y = torch.empty(P, N_out, dtype=x.dtype, device=x.device)
+    T = P // routing.top_k
+    out = torch.empty(T, N_out, dtype=x.dtype, device=x.device) if combine else y
     if P == 0:
-        return y
+        return out
     if pair_weights is not None:
         pair_weights = pair_weights.reshape(-1).contiguous()
         if pair_weights.numel() != P:
             raise ValueError(f"fp4 MoE: pair_weights has {pair_weights.numel()} entries for {P} pairs")
     E, _, K = ex.shape
     mx_bf16 = fp4_gemm.MXFP4_BF16_DECODE and prep.tables_bf16x2 is not None and x.dtype == torch.bfloat16
-    cfg = config or prep.configs.get((P, N_out, swiglu, mx_bf16)) or prep.configs.setdefault(
-        (P, N_out, swiglu, mx_bf16), _moe_config(N_out, K, swiglu, mx_bf16, P, E,
+    if config is not None and config.lut:
+        mx_bf16 = False  # the table decode gives the weights in natural k order, for any format
+    cfg = config or prep.configs.get((P, N_out, swiglu, mx_bf16, MOE_LUT_NVFP4)) or prep.configs.setdefault(
+        (P, N_out, swiglu, mx_bf16, MOE_LUT_NVFP4), _moe_config(N_out, K, swiglu, mx_bf16, P, E,
                                                  132 if _interpreting() else fp4_gemm._sm_count(x.device)))
     grid = (triton.cdiv(N_out, cfg.block_n), routing.tile_expert.numel(), cfg.split_k)
     stream = 0 if _interpreting() else _raw_stream(x.device.index)
-    if cfg.split_k > 1:
+    split_tiles = grid[0] * grid[1] if cfg.split_k > 1 else 0
+    if cfg.split_k > 1 or combine:  # split-K tickets first, then the combine's tickets [T, N tiles]
         ws, cnt = fp4_gemm._splitk_buffers(x.device, stream, cfg.split_k * P * (2 if swiglu else 1) * N_out,
-                                           grid[0] * grid[1])
+                                           split_tiles + (T * grid[0] if combine else 0))
     else:
         ws, cnt = y, y
-    table = prep.tables_bf16x2 if mx_bf16 else prep.tables
+    tcnt = cnt[split_tiles:] if combine else cnt
+    table = _lut_for(prep, x.dtype) if cfg.lut else prep.tables_bf16x2 if mx_bf16 else prep.tables
+    pdl = _moe_pdl(x, T)
+    prefetch = _prefetch and pdl
     args = (x, prep.words, prep.scale_codes, table, routing.pairs, routing.tile_expert, routing.tile_start,
-            routing.tile_end, x if pair_weights is None else pair_weights, y, ws, cnt, E, P, N_out, K,
+            routing.tile_end, x if pair_weights is None else pair_weights, y, ws, cnt, out, tcnt, E, P, N_out, K,
             1 if x_per_pair else routing.top_k, ex.config.block_size, swiglu, pair_weights is not None,
-            routing.block_m, cfg.block_n, cfg.block_k, cfg.split_k, mx_bf16, prep.one_mul, _interpreting())
+            routing.block_m, cfg.block_n, cfg.block_k, cfg.split_k, mx_bf16, prep.one_mul, _interpreting(),
+            cfg.evict, pdl, routing.top_k if combine else 0, prefetch, cfg.lut)
     _launch(prep, grid, args, cfg, (cfg, mx_bf16, routing.block_m, x.dtype, x.data_ptr() % 16 == 0, swiglu,
                                     x_per_pair, routing.top_k, None if pair_weights is None else
                                     (pair_weights.dtype, pair_weights.data_ptr() % 16 == 0), x.device.index,
-                                    P == 1, P % 16 == 0), stream)
-    return y
+                                    P == 1, P % 16 == 0, pdl, combine, prefetch), stream, pdl)
+    return out
 
 
-def _launch(prep: PreparedFP4Experts, grid, args, cfg: MoEGemmConfig, key, stream: int) -> None:
+def _launch(prep: PreparedFP4Experts, grid, args, cfg: MoEGemmConfig, key, stream: int, pdl: bool = False) -> None:
     """Launch fp4_moe_kernel; after the first call per key the compiled kernel is launched directly."""
     compiled = prep.launches.get(key)
     if compiled is not None and _knobs.runtime.launch_enter_hook is None:
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
                      compiled.packed_metadata, None, None, None, *args)
         return
-    compiled = _fp4_moe.fp4_moe_kernel[grid](*args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    compiled = _fp4_moe.fp4_moe_kernel[grid](*args, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                             **({"launch_pdl": True} if pdl else {}))
     if not _interpreting() and compiled is not None:
         prep.launches[key] = compiled
 
@@ -421,8 +494,53 @@ def fp4_moe_gemm_torch(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts
 
 
 def _combine(y: torch.Tensor, T: int, top_k: int) -> torch.Tensor:
-    """[P, H] pair rows -> [T, H]: each token's top_k rows summed in float32 (slot order), one rounding."""
-    return y.view(T, top_k, -1).float().sum(1).to(y.dtype)
+    """[P, H] pair rows -> [T, H]: each token's top_k rows summed in float32 (a running sum in slot order),
+    one rounding. The twin of `_fp4_moe.moe_combine_kernel`, bit for bit."""
+    y3 = y.view(T, top_k, -1)
+    acc = y3[:, 0].float()
+    for s in range(1, top_k):
+        acc = acc + y3[:, s].float()
+    return acc.to(y.dtype)
+
+
+# The combine as one Triton launch (`_fp4_moe.moe_combine_kernel`) where the kernels run; False: torch ops.
+MOE_COMBINE_KERNEL = True
+# `fp4_moe_mlp`: the combine fused into the down GEMM's epilogue (tickets per token; no extra launch).
+# Off: on the H100 (round 6, graph) it was 1-10 us slower than the separate combine launch at T >= 4
+# (the ticket atomics and the last program's reads sit on the down GEMM's critical tail).
+MOE_FUSED_COMBINE = False
+# `fp4_moe_mlp`, with PDL, up to MOE_PREFETCH_MAX_TOKENS tokens: the down GEMM reads the routing and
+# prefetches its first K step of weights into L2 before waiting for gate_up (`_fp4_moe.fp4_moe_kernel`'s
+# PREFETCH). H100, final round-6 run (layer in a graph, same run): T = 2 NVFP4 46.0 -> 44.6 us, MXFP4
+# 40.9 -> 39.4; T = 4 -0.3 us; from T = 8 it cost 0-5 us (MXFP4 T = 64 213.3 -> 218.3: the prefetches of
+# ~2000 programs compete with gate_up's last loads), hence the limit.
+MOE_PREFETCH = True
+MOE_PREFETCH_MAX_TOKENS = 4
+_COMBINE_LAUNCHES: dict = {}
+COMBINE_BLOCK_H = 1024
+
+
+def combine_slots(y: torch.Tensor, T: int, top_k: int) -> torch.Tensor:
+    """`_combine` in one launch on CUDA (or the interpreter): [P, H] -> [T, H]."""
+    if not (MOE_COMBINE_KERNEL and use_triton(y)) or T == 0:
+        return _combine(y, T, top_k)
+    H = y.shape[1]
+    y = y.contiguous()
+    out = torch.empty(T, H, dtype=y.dtype, device=y.device)
+    block_h = min(COMBINE_BLOCK_H, triton.next_power_of_2(H))
+    grid = (T, triton.cdiv(H, block_h))
+    pdl = _moe_pdl(y, T)
+    args = (y, out, H, top_k, block_h, _interpreting(), pdl)
+    key = (y.dtype, top_k, block_h, H % 16 == 0, y.device.index, pdl)
+    compiled = _COMBINE_LAUNCHES.get(key)
+    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
+        compiled.run(grid[0], grid[1], 1, _raw_stream(y.device.index), compiled.function, compiled.packed_metadata,
+                     None, None, None, *args)
+        return out
+    compiled = _fp4_moe.moe_combine_kernel[grid](*args, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+    if not _interpreting() and compiled is not None:
+        _COMBINE_LAUNCHES[key] = compiled
+    return out
 
 
 def fp4_moe_mlp(x: torch.Tensor, gate_up: FP4Experts | PreparedFP4Experts, down: FP4Experts | PreparedFP4Experts,
@@ -438,8 +556,12 @@ def fp4_moe_mlp(x: torch.Tensor, gate_up: FP4Experts | PreparedFP4Experts, down:
     ex = gate_up.experts if isinstance(gate_up, PreparedFP4Experts) else gate_up
     routing = routing or route_topk(topk_ids, ex.shape[0])
     h = fp4_moe_gemm(x, gate_up, routing, swiglu=True)  # [P, I]
-    y = fp4_moe_gemm(h, down, routing, x_per_pair=True, pair_weights=topk_weights)  # [P, H]
-    return _combine(y, T, routing.top_k)
+    prefetch = MOE_PREFETCH and T <= MOE_PREFETCH_MAX_TOKENS
+    if MOE_FUSED_COMBINE:  # the combine in the down GEMM's epilogue: [T, H]
+        return fp4_moe_gemm(h, down, routing, x_per_pair=True, pair_weights=topk_weights, combine=True,
+                            _prefetch=prefetch)
+    y = fp4_moe_gemm(h, down, routing, x_per_pair=True, pair_weights=topk_weights, _prefetch=prefetch)  # [P, H]
+    return combine_slots(y, T, routing.top_k)
 
 
 def fp4_moe_mlp_torch(x: torch.Tensor, gate_up: FP4Experts, down: FP4Experts, topk_ids: torch.Tensor,

@@ -9,11 +9,14 @@ formulas:
   but a multiplication by RN(1/2688) on CUDA (a CPU-scalar divisor), so the kernel computes the
   global scale by the rule of the device the twin would use (that of the amax tensor). The NVFP4
   ENCODE per-element quotient x / (s / g) is RN(x / d) through a per-block reciprocal and one
-  Markstein correction on the GPU (`_fp4_quantize._div_by_block`), an IEEE division (`div_rn`) per
+  Markstein correction on the GPU (`_fp4_quantize._quotient`), an IEEE division (`div_rn`) per
   element in the interpreter (which does not fuse fma);
 - UE4M3 rounding of the block scale is done on the float32 bits (`_fp4_bits.f32_to_ue4m3_code`),
   not by a cast: the interpreter's fp8 cast is wrong, and the bits make the rule visible;
 - E8M0 exponents (floor/ceil log2) come from the exponent field, subnormals included.
+
+The NVFP4 kernel gives each thread whole blocks (`_fp4_quantize.nvfp4_quantize_kernel`): on the
+H100 it runs at ~90% of the copy bandwidth in a CUDA graph (64.2 us for 64M bf16 elements, 2026-11-23).
 
 NVFP4 needs the tensor's absolute max for its global scale before any block can be encoded. Pass
 `amax` (a calibrated, static value: the usual case for activations) to keep it one pass over x: a
@@ -44,7 +47,7 @@ if HAS_TRITON:
     from . import _fp4_quantize
 
 # NVFP4 ENCODE: True divides each element by its block's s / g through a per-block reciprocal and
-# a Markstein correction (`_fp4_quantize._div_by_block`: 1 FMUL + 2 FFMA per element) instead of an
+# a Markstein correction (`_fp4_quantize._quotient`: 1 FMUL + 2 FFMA per element) instead of an
 # IEEE division per element (~10 SASS instructions with a MUFU.RCP each). Bit-exact with the twin on
 # the H100 (kernel tests, and every finite bf16 value under several global scales in
 # bench_fp4_gemm.py); the interpreter, which does not fuse fma, always divides.
@@ -54,6 +57,13 @@ _RULES = {ScaleRule.FLOOR: 0, ScaleRule.EVEN: 1, ScaleRule.CEIL: 2, ScaleRule.RC
 
 
 QUANT_ELEMS_PER_PROGRAM = {16: 2048, 32: 4096}  # by block size; H100 measurements in benchmarks/NOTES_fp4_gemm.md
+QUANT_WARPS = 4  # NVFP4 kernel: warps per program (one thread per block; 2048 elements = 1 block per thread)
+# Eviction policy of the NVFP4 kernel's x loads ("" or "evict_first"). Round 6 on the H100: evict_first
+# was 2-3 us faster eager but not in a CUDA graph (64.5 vs 64.2 us), so it stays off.
+NVFP4_EVICT = ""
+# No amax given: the quantize launch takes x from the end (what the amax pass read last is still in L2):
+# 106.7 vs 112.9 us in a graph on the H100 (round 6).
+NVFP4_REVERSE_AFTER_AMAX = True
 
 
 def _blocks_per_program(block_size: int) -> int:
@@ -116,11 +126,12 @@ def quantize_nvfp4_triton(x: torch.Tensor, config: NVFP4Config = NVFP4Config(), 
     g = torch.empty(1, dtype=torch.float32, device=x.device)
     blocks = _blocks_per_program(16)
     _fp4_quantize.nvfp4_quantize_kernel[(triton.cdiv(nblocks, blocks),)](
-        flat, amax_t, amax_v, g, packed, scale, nblocks, AMAX_FROM_PTR=from_ptr,
+        flat, amax_t, amax_v, g, packed.view(torch.int32), scale, nblocks, AMAX_FROM_PTR=from_ptr,
         GS_ENCODE=config.global_scale is GlobalScale.ENCODE, MIN_BLOCK_SCALE=float(config.min_block_scale),
         ZERO_SCALE_CODE=_ue4m3_code(config.zero_block_scale), SIGNED_ZERO=config.signed_zero,
         BLOCKS=blocks, INTERPRET=_interpreting(), DECODE_BY_RECIPROCAL=from_ptr and amax_t.is_cuda,
-        RCP_DIV=NVFP4_RCP_DIV, num_warps=4)
+        RCP_DIV=NVFP4_RCP_DIV, REVERSE=amax is None and NVFP4_REVERSE_AFTER_AMAX, EVICT=NVFP4_EVICT,
+        num_warps=QUANT_WARPS)
     shape = tuple(x.shape)
     return QuantizedTensor(packed.reshape(*shape[:-1], shape[-1] // 2),
                            scale.view(torch.float8_e4m3fn).reshape(*shape[:-1], shape[-1] // 16), g, shape, config)

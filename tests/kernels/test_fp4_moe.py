@@ -218,3 +218,126 @@ def test_route_kernel_matches_torch_twin(T, top_k, E, bm, skew):
     real = want.tile_expert < E
     assert torch.equal(got.tile_start[real], want.tile_start[real])
     assert torch.equal(got.tile_end[real], want.tile_end[real])
+
+
+# ---- round 6: the combine kernel, evict_first weight loads, PDL through the layer's chain of launches
+
+
+@needs_kernels
+@pytest.mark.parametrize("T,top_k,H", [(1, 8, 2048), (5, 3, 160), (3, 1, 48)])
+def test_combine_kernel_equals_twin(T, top_k, H):
+    """The one-launch slot combine equals its torch twin bit for bit (a running float32 sum in slot order)."""
+    from fp4kit.kernels.fp4_moe import _combine, combine_slots
+
+    y = (torch.randn(T * top_k, H, device=DEVICE) * torch.logspace(-3, 3, H, device=DEVICE)).bfloat16()
+    got = combine_slots(y, T, top_k)
+    want = _combine(y, T, top_k)
+    assert got.dtype == y.dtype and torch.equal(got.view(torch.int16), want.view(torch.int16))
+    # and within float32 rounding of a float64 sum
+    ref = y.double().view(T, top_k, H).sum(1)
+    assert ((got.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-30).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_moe_gemm_evict_first_same_result(name):
+    """evict_first on the weight loads changes where bytes live in L2, never the result: bit-identical."""
+    from fp4kit.kernels.fp4_moe import MoEGemmConfig
+
+    E, I, K, T, top_k = 4, 32, 128, 6, 2
+    ex = _experts(E, 2 * I, K, name, seed=11)
+    ids = _routing_ids(T, top_k, E, seed=12)
+    x = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16)
+    r = route_topk(ids, E, block_m=16)
+    prep = prepare_fp4_experts(ex)
+    w, st = (1, 1) if DEVICE.type == "cpu" else (4, 3)
+    plain = fp4_moe_gemm(x, prep, r, swiglu=True, config=MoEGemmConfig(16, 64, num_warps=w, num_stages=st))
+    evict = fp4_moe_gemm(x, prep, r, swiglu=True, config=MoEGemmConfig(16, 64, num_warps=w, num_stages=st,
+                                                                       evict="evict_first"))
+    assert torch.equal(plain, evict)
+    max_err, rms_err = _errors(evict, _reference(x, ex, ids, swiglu=True))
+    assert max_err <= TOL_MAX and rms_err <= TOL_RMS, (max_err, rms_err)
+
+
+def test_moe_gemm_config_rejects_bad_evict():
+    from fp4kit.kernels.fp4_moe import MoEGemmConfig
+
+    with pytest.raises(ValueError, match="evict"):
+        MoEGemmConfig(16, 64, evict="first")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PDL and CUDA graphs need a GPU")
+@pytest.mark.parametrize("fused", [False, True], ids=["combine_launch", "fused_combine"])
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_moe_mlp_pdl_graph_equals_eager_without_pdl(name, fused, monkeypatch):
+    """The layer's launches with PDL (and the down GEMM's routing read + weight prefetch before its wait),
+    captured in a CUDA graph and replayed over changing inputs, equal the same layer launched eagerly
+    without PDL, bit for bit (a missing wait would read stale routing tables, h or y)."""
+    from fp4kit.kernels import fp4_moe
+
+    monkeypatch.setattr(fp4_moe, "MOE_FUSED_COMBINE", fused)
+    monkeypatch.setattr(fp4_moe, "MOE_PREFETCH", True)
+
+    E, H, I, T, top_k = 16, 256, 128, 4, 4
+    gate_up, down = _experts(E, 2 * I, H, name, seed=13), _experts(E, H, I, name, seed=14)
+    gu, dn = prepare_fp4_experts(gate_up), prepare_fp4_experts(down)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids = _routing_ids(T, top_k, E, seed=15)
+    pw = torch.softmax(torch.randn(T, top_k, device="cuda"), -1)
+    monkeypatch.setattr(fp4_moe, "MOE_PDL", True)
+    fp4_moe.fp4_moe_mlp(x, gu, dn, ids, pw)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp4_moe.fp4_moe_mlp(x, gu, dn, ids, pw)
+    for seed in range(3):
+        x.copy_(torch.randn_like(x))
+        ids.copy_(_routing_ids(T, top_k, E, seed=16 + seed))
+        pw.copy_(torch.softmax(torch.randn_like(pw), -1))
+        graph.replay()
+        monkeypatch.setattr(fp4_moe, "MOE_PDL", False)
+        want = fp4_moe.fp4_moe_mlp(x, gu, dn, ids, pw)
+        monkeypatch.setattr(fp4_moe, "MOE_PDL", True)
+        assert torch.equal(out, want), seed
+
+
+@needs_kernels
+@pytest.mark.parametrize("name,split", [("nvfp4", 1), ("mxfp4", 1), ("nvfp4", 2)])
+def test_moe_gemm_fused_combine_equals_separate(name, split):
+    """The combine fused into the down GEMM's epilogue (tickets per token) equals the GEMM followed by
+    the separate combine, bit for bit, twice in a row (the tickets are left at zero), split-K included."""
+    from fp4kit.kernels.fp4_moe import MoEGemmConfig, _combine
+
+    E, H, I, T, top_k = 6, 48, 64, 7, 3
+    down = _experts(E, H, I, name, seed=17)
+    ids = _routing_ids(T, top_k, E, seed=18, skew=True)
+    h = torch.randn(T * top_k, I, device=DEVICE, dtype=torch.bfloat16)
+    pw = torch.rand(T, top_k, device=DEVICE)
+    r = route_topk(ids, E, block_m=16)
+    prep = prepare_fp4_experts(down)
+    cfg = MoEGemmConfig(16, 32, num_warps=1 if DEVICE.type == "cpu" else 4, num_stages=1, split_k=split)
+    y = fp4_moe_gemm(h, prep, r, x_per_pair=True, pair_weights=pw, config=cfg)
+    want = _combine(y, T, top_k)
+    for _ in range(2):
+        got = fp4_moe_gemm(h, prep, r, x_per_pair=True, pair_weights=pw, config=cfg, combine=True)
+        assert got.shape == (T, H) and torch.equal(got, want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_moe_gemm_lut_decode_same_weights(name, monkeypatch):
+    """The table decode (MoEGemmConfig.lut) feeds the MMA the same weights in the same k order as the float
+    decode: bit-identical outputs (MXFP4 against its float decode; the bf16 decode permutes k)."""
+    from fp4kit.kernels import fp4_gemm
+    from fp4kit.kernels.fp4_moe import MoEGemmConfig
+
+    monkeypatch.setattr(fp4_gemm, "MXFP4_BF16_DECODE", False)
+    E, I, K, T, top_k = 4, 32, 128, 6, 2
+    ex = _experts(E, 2 * I, K, name, seed=19)
+    ids = _routing_ids(T, top_k, E, seed=20, skew=True)
+    x = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16)
+    r = route_topk(ids, E, block_m=16)
+    prep = prepare_fp4_experts(ex)
+    w, st = (1, 1) if DEVICE.type == "cpu" else (4, 3)
+    plain = fp4_moe_gemm(x, prep, r, swiglu=True, config=MoEGemmConfig(16, 64, num_warps=w, num_stages=st))
+    lut = fp4_moe_gemm(x, prep, r, swiglu=True, config=MoEGemmConfig(16, 64, num_warps=w, num_stages=st, lut=True))
+    assert torch.equal(plain, lut)

@@ -149,7 +149,8 @@ def test_nvfp4_in_kernel_global_scale_edges(cfg, value):
     """amax 0 / inf / subnormal: g not finite or 0 falls back to 1, as in `nvfp4_global_scale`."""
     x = INPUTS["randn_bf16_17x160"][:2, :32]
     for amax in _amax_forms(value).values():
-        _assert_same(quantize_nvfp4_triton(x, NV_CONFIGS[cfg], amax=amax), quantize_nvfp4(x, NV_CONFIGS[cfg], amax=amax))
+        _assert_same(quantize_nvfp4_triton(x, NV_CONFIGS[cfg], amax=amax),
+                     quantize_nvfp4(x, NV_CONFIGS[cfg], amax=amax))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -184,3 +185,42 @@ def test_nvfp4_static_amax_graph_capturable():
     amax.copy_(x.abs().amax().float())
     graph.replay()
     _assert_same(qt, quantize_nvfp4(x, amax=amax))
+
+
+# ---- round 6: one thread per block, the one-add E2M1 encode, the launch-wide Markstein guard
+
+
+def _all_finite_bf16(seed: int) -> torch.Tensor:
+    """Every finite bfloat16 value once, shuffled into rows of 512 (blocks of 16 get every kind of scale)."""
+    allbf = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    allbf = allbf[torch.isfinite(allbf)]
+    allbf = allbf[torch.randperm(allbf.numel(), generator=torch.Generator().manual_seed(seed))]
+    n = (allbf.numel() // 512) * 512
+    return allbf[:n].reshape(-1, 512).to(DEVICE)
+
+
+@pytest.mark.parametrize("amax", [None, 1.0, 7e5], ids=["own_amax", "amax_1", "amax_7e5"])
+@pytest.mark.parametrize("cfg", ["compressed_tensors", "torchao"])
+def test_nvfp4_every_finite_bf16(cfg, amax, monkeypatch):
+    """Every finite bf16 value through the kernel (CUDA: the Markstein quotient; interpreter: the division),
+    in large programs so the interpreter runs few of them."""
+    from fp4kit.kernels import fp4_quantize as fq
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(fq, "_blocks_per_program", lambda bs: 1024)
+    x = _all_finite_bf16(6)
+    _assert_same(quantize_nvfp4_triton(x, NV_CONFIGS[cfg], amax=amax), quantize_nvfp4(x, NV_CONFIGS[cfg], amax=amax))
+
+
+@pytest.mark.parametrize("side", [0.5, 1.0, 2.0], ids=["g_below_2^51", "g_at_2^51", "g_above_2^51"])
+def test_nvfp4_markstein_guard_boundary(side):
+    """g = 2688 / amax around MARKSTEIN_MAX_G = 2^51 (amax ~1.2e-12): the launch takes the Markstein quotient
+    at and below it and the IEEE division above; both sides equal the twin on data near that amax."""
+    from fp4kit.kernels._fp4_quantize import MARKSTEIN_MAX_G
+
+    amax = 2688.0 / MARKSTEIN_MAX_G / side
+    gen = torch.Generator().manual_seed(51)
+    x = (torch.randn(8, 64, generator=gen) * amax * torch.pow(10.0, torch.empty(8, 64).uniform_(-3, 0, generator=gen)))
+    x = x.to(DEVICE)
+    for value in (amax, float(x.abs().max())):
+        _assert_same(quantize_nvfp4_triton(x, amax=value), quantize_nvfp4(x, amax=value))
