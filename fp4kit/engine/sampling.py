@@ -5,19 +5,27 @@
                         the top_k most likely tokens (top_k = 0: no limit), then to the smallest set
                         whose probability reaches top_p (nucleus; the most likely token always stays),
                         renormalised, and drawn by the Gumbel-max trick:
-                            token = argmax_v (logits_v / temperature + g_v),  g_v = -log(-log u_v)
-                        which draws v with probability p_v exactly (u uniform in (0, 1)).
+                            token = argmax_v (logits_v * inv_t + g_v),  g_v = -log(-log u_v)
+                        which draws v with probability p_v exactly (u uniform in (0, 1));
+                        inv_t = float32(1 / temperature).
 
 The uniforms are a pure function of (seed, slot, row, v): 32-bit integer hashes (`hash32`, Wellons'
 "lowbias32" finaliser) of the four, no generator state. So sampling has fixed shapes and no host
 work, and runs inside the engine's CUDA graph (the slot, the seed and the rows are device tensors
-that the graph reads), like a Philox seed + offset; the same call with the same seed gives the same
-tokens on any device, graph or eager; and a prompt's draws do not depend on the other prompts in
-its batch (`row` is the prompt's index in the `generate` call), nor on the batch size. The slot
-(the cache slot of the query whose logits are sampled) is the offset: every step draws fresh
-uniforms. 24 bits of each hash make u = (h + 0.5) / 2^24, so the Gumbel noise is resolved to
-~2^-24 in u: draws are exact to that resolution (tests/engine/test_stops_sampling.py checks the
-frequencies).
+that the graph reads), like a Philox seed + offset; a prompt's draws do not depend on the other
+prompts in its batch (`row` is the prompt's index in the `generate` call), nor on the batch size.
+The slot (the cache slot of the query whose logits are sampled) is the offset: every step draws
+fresh uniforms. 23 bits of each hash make u = (m + 0.5) / 2^23 (exact in float32, never 0 or 1), so
+the Gumbel noise is resolved to ~2^-23 in u: draws are exact to that resolution
+(tests/engine/test_stops_sampling.py checks the frequencies).
+
+The arithmetic is defined to the bit in `fp4kit.kernels.sampling` (its log is built from IEEE
+float32 ops, not a library log), where a fused Triton kernel (temperature, hash, noise and argmax
+in one pass over the logits) sits beside its torch twin. `sample` runs the kernel on CUDA and the
+twin elsewhere, both comparing against one top-k / top-p threshold (`keep_threshold`): given the
+same logits, a seed gives the same tokens on either path, graph or eager
+(tests/kernels/test_sampling_kernel.py), except that on CUDA top-p's boundary comes from a radix
+select whose float32 sums may round a token differently from the CPU's sorted cumsum.
 """
 
 from __future__ import annotations
@@ -26,6 +34,15 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
+
+from fp4kit.kernels.sampling import (  # noqa: F401
+    gumbel_argmax,
+    gumbel_argmax_torch,
+    gumbel_noise,
+    hash32,
+    inverse_temperature,
+    keep_threshold,
+)
 
 
 class FinishReason(str, enum.Enum):
@@ -73,59 +90,27 @@ class Completion:
     finish_reason: FinishReason | None = None
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits [B, V] -> logits with the tokens outside top-k / the top-p nucleus set to -inf."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+GREEDY_KERNEL_MAX_B = 32
 
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for int64 x in [0, 2^32): in 16-bit halves, so no int64 product overflows."""
-    lo, hi = x & 0xFFFF, x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK32
-
-
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """Wellons' lowbias32 integer hash of int64 x in [0, 2^32) -> int64 in [0, 2^32) (any device)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def gumbel_noise(shape: tuple[int, int], seed, slot, rows: torch.Tensor, device) -> torch.Tensor:
-    """float32 [B, V] Gumbel(0, 1) noise, a pure function of (seed, slot, row, v) (module docstring).
-    seed, slot: ints or int64 tensors of one element; rows: int64 [B]."""
-    B, V = shape
-    seed = torch.as_tensor(seed, dtype=torch.long, device=device).reshape(1, 1) & _MASK32
-    slot = torch.as_tensor(slot, dtype=torch.long, device=device).reshape(1, 1) & _MASK32
-    key = hash32(hash32(hash32(seed) ^ slot) ^ (rows.reshape(B, 1) & _MASK32))  # [B, 1]
-    v = torch.arange(V, device=device, dtype=torch.long)[None, :]
-    h = hash32(hash32((key + v) & _MASK32) ^ key)  # [B, V]; the outer key breaks shifts between rows' keys
-    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1), never 0 or 1
-    return -torch.log(-torch.log(u))
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, temperature: float = 1.0) -> torch.Tensor:
+    """logits [B, V] -> logits with the tokens outside top-k / the top-p nucleus of softmax(logits / T)
+    set to -inf (`keep_threshold`: ties with the threshold stay)."""
+    thr = keep_threshold(logits, top_k, top_p, inverse_temperature(temperature))
+    return logits if thr is None else logits.masked_fill(logits < thr[:, None].to(logits.dtype), float("-inf"))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, seed=0, slot=0, rows: torch.Tensor | None = None
            ) -> torch.Tensor:
     """logits float32 [B, V] -> token ids long [B]. seed, slot (ints or one-element int64 tensors) and rows
-    (int64 [B], default 0..B-1) key the random draws (module docstring); greedy ignores them."""
-    if params.greedy:
-        return logits.argmax(-1)
-    B, V = logits.shape
+    (int64 [B], default 0..B-1) key the random draws (module docstring); greedy ignores them. On CUDA the
+    fused Triton kernel draws the tokens, elsewhere its torch twin: the same tokens either way."""
+    B = logits.shape[0]
+    if params.greedy:  # the kernel's plain argmax beats torch's up to B = 32 on the H100 (BENCHMARKS.md)
+        return gumbel_argmax(logits, None) if logits.is_cuda and B <= GREEDY_KERNEL_MAX_B else logits.argmax(-1)
     if rows is None:
         rows = torch.arange(B, device=logits.device)
-    scores = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    return (scores + gumbel_noise((B, V), seed, slot, rows, logits.device)).argmax(-1)
+    inv_t = inverse_temperature(params.temperature)
+    thr = keep_threshold(logits, params.top_k, params.top_p, inv_t)
+    draw = gumbel_argmax if logits.is_cuda else gumbel_argmax_torch
+    return draw(logits, inv_t, thr, seed, slot, rows)

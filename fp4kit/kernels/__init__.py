@@ -16,6 +16,7 @@ from .fp4_moe import (FP4Experts, MoERouting, PreparedFP4Experts, experts_from_q
                       fp4_moe_gemm_torch, fp4_moe_mlp, fp4_moe_mlp_torch, prepare_fp4_experts, quantize_experts,
                       route_topk, stack_experts)
 from .fp4_topk import KeyCacheView, KeyFormat, index_topk, rerank_topk  # noqa: F401
+from .sampling import gumbel_argmax, gumbel_argmax_torch, keep_threshold  # noqa: F401
 
 __all__ = ["GemmConfig", "PreparedFP4Weight", "prepare_fp4_weight", "fp4_dequantize", "fp4_dequantize_torch",
            "fp4_linear", "fp4_matmul", "fp4_matmul_torch",
