@@ -43,8 +43,15 @@ _THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, F
 
 
 def e2m1_table(device=None) -> torch.Tensor:
-    """The 16 code values as float32, indexed by code."""
-    return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    """The 16 code values as float32, indexed by code.
+
+    Built on the device from the code bits (sign = bit 3, exponent = bits 2-1, mantissa = bit 0; exponent 0 is
+    subnormal: 0.5 * m, else (1 + m / 2) * 2^(e - 1)) rather than copied from the host, so that a dequantize inside
+    CUDA-graph capture needs no host-to-device copy. Equal to E2M1_VALUES (tested)."""
+    c = torch.arange(16, dtype=torch.int32, device=device)
+    e, m = (c >> 1) & 3, (c & 1).float()
+    mag = torch.where(e == 0, 0.5 * m, torch.ldexp(1.0 + 0.5 * m, e - 1))
+    return torch.where(c >= 8, -mag, mag)
 
 
 def round_to_e2m1_codes(x: torch.Tensor, *, signed_zero: bool = True) -> torch.Tensor:

@@ -48,8 +48,8 @@ def e8m0_to_float(codes: torch.Tensor) -> torch.Tensor:
     """E8M0 codes (uint8) -> float32 powers of two; 255 -> NaN. Built from bits, so exact."""
     c = codes.to(torch.int32)
     normal = (c << 23).view(torch.float32)  # c in 1..254 is a normal float32 exponent field
-    out = torch.where(c == 0, torch.tensor(2.0**-127, device=codes.device), normal)
-    return torch.where(c == E8M0_NAN, torch.tensor(float("nan"), device=codes.device), out)
+    out = torch.where(c == 0, 2.0**-127, normal)  # Python scalars: no host-to-device copy (graph capture)
+    return torch.where(c == E8M0_NAN, float("nan"), out)
 
 
 def exponent_to_e8m0(exponent: torch.Tensor) -> torch.Tensor:

@@ -144,25 +144,32 @@ def _forced_logits(eng, prompts, tokens) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (got - ref).norm(dim=-1) / ref.norm(dim=-1)  # [steps + 1, B]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode kernels run for real only on CUDA")
 @pytest.mark.parametrize("scheme", ["none", "nvfp4"])
 @pytest.mark.parametrize("kv", [torch.bfloat16, torch.float8_e4m3fn])
-def test_cuda_fused_equals_unfused(scheme, kv, request):
-    """bf16 on the GPU: the fused kernels' logits over 24 teacher-forced decode steps stay within bf16
-    rounding of the module-by-module torch path's (normalised error < 2^-5: GEMMs of other shapes and
-    an online softmax round differently; greedy tokens can then part at near-ties, which the H100 run
-    showed on this random tiny model, so tokens are not compared). FP8 cache: < 2^-4, E4M3's per-element
-    bound, since a one-ulp difference in a rotated key can move its code by a whole E4M3 step (measured
-    on the H100: 0.042, before the kernel's scale followed torch's CUDA reciprocal)."""
+def test_cuda_fused_equals_unfused(scheme, kv):
+    """bf16 on the GPU, logits over 24 teacher-forced decode steps (tokens are not compared: greedy choices can
+    part at near-ties on this random tiny model).
+
+    bf16 cache: the fused kernels stay within bf16 rounding of the module-by-module torch path (normalised error
+    < 2^-5: GEMMs of other shapes and an online softmax round differently).
+
+    FP8 cache: a one-ulp bf16 difference in a key or value can move its E4M3 code by a whole step (6%), and such
+    flips persist in the cache, so the two bf16 paths drift apart by about as much as either drifts from a
+    float32 model with the same FP8 cache. The judge is that float32 run: the fused path must be no farther from it
+    than the module path (H100, 2026-11-23, NVFP4: fused vs module 0.103 max / 0.030 mean, fused vs float32
+    0.128 / 0.056, module vs float32 0.125 / 0.055; no quantization: 0.061 / 0.022 vs 0.124 / 0.042 and
+    0.143 / 0.044). A wrong scale or a misplaced code would show as a multiple, not a few percent."""
+    import copy
+
     from fp4kit.formats import NVFP4Config
     from fp4kit.nn import quantize_
 
-    if scheme == "nvfp4" and kv == torch.float8_e4m3fn:
-        # Known (H100, 2026-11-23, with and without PDL alike): 0.103. Until round 5 `_forced_logits` stacked
-        # views of the graphs' static output, so only the last step of each cache bucket was compared;
-        # over all 24 steps the FP8 cache's code flips (a 1-ulp difference in a rotated key) accumulate past
-        # E4M3's per-element bound on this tiny random NVFP4 model. Strict: the test fails once it passes.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="FP8 cache + NVFP4: 0.103 > 2^-4 over 24 steps"))
+    torch.manual_seed(0)
     model = tiny("llama", hidden_size=128, intermediate_size=256).to("cuda", torch.bfloat16)
     if scheme == "nvfp4":
         quantize_(model, NVFP4Config(), progress=False)
@@ -172,8 +179,14 @@ def test_cuda_fused_equals_unfused(scheme, kv, request):
     tokens = [o.token_ids for o in plain_eng.generate(PROMPTS, params)]
     ref = _forced_logits(plain_eng, PROMPTS, tokens)
     got = _forced_logits(Engine(model, fused=True, **kw), PROMPTS, tokens)
-    err = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
-    assert err < (2 ** -5 if kv == torch.bfloat16 else 2 ** -4), err
+    if kv == torch.bfloat16:
+        err = _rel_err(got, ref).max().item()
+        assert err < 2 ** -5, err
+        return
+    f32 = _forced_logits(Engine(copy.deepcopy(model).float(), fused=False, **kw), PROMPTS, tokens)
+    fused_err, module_err = _rel_err(got, f32), _rel_err(ref, f32)
+    assert fused_err.mean() <= 1.15 * module_err.mean(), (fused_err.mean(), module_err.mean())
+    assert fused_err.max() <= 1.5 * module_err.max(), (fused_err.max(), module_err.max())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
