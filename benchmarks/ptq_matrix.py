@@ -1,7 +1,7 @@
 """The PTQ matrix of issue 6: every method x format x activation setting, on perplexity and the task set.
 
 For one model (or its upcycle to a Mixtral MoE, `--upcycle`): bf16, then {nvfp4, mxfp4} x {rtn, mse, gptq,
-mr-gptq} x {W4A16, W4A4}, each quantized from the same bf16 weights with `fp4kit.algorithms.apply_ptq` and
+mr-gptq, signround, mr-signround} x {W4A16, W4A4} (SignRound: W4A16 only), each quantized from the same bf16 weights with `fp4kit.algorithms.apply_ptq` and
 evaluated with fp4kit.eval's scoring on the frozen task items of `benchmarks/eval_matrix.py` (hellaswag,
 arc_easy, arc_challenge, piqa, winogrande, basic_arithmetic, perplexity on shakespeare and coqa). Calibration
 (GPTQ Hessians, W4A4 input ranges) uses `--calib-samples` windows of `--calib-seq-len` tokens from
@@ -35,21 +35,25 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from eval_matrix import TASKS, evaluate_items, load_items
 
 FORMATS = ("nvfp4", "mxfp4")
-METHODS = ("rtn", "mse", "gptq", "mr-gptq")
+METHODS = ("rtn", "mse", "gptq", "mr-gptq", "signround", "mr-signround")
+W4A16_ONLY = ("signround", "mr-signround")  # SignRound simulates no activation quantization
 ACTIVATIONS = ("none", "fp4")
 MAIN_METRIC = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
                "winogrande": "acc", "basic_arithmetic": "exact_match"}
 
 
 def variants(spec: str) -> list[tuple[str, str, str]]:
-    """'all' or a comma list of FORMAT:METHOD:ACT (e.g. nvfp4:gptq:none); bf16 always runs first."""
+    """'all' (the round-1 matrix: every method but SignRound's) or a comma list of FORMAT:METHOD:ACT (e.g.
+    nvfp4:gptq:none, mxfp4:mr-signround:none); bf16 always runs first."""
     if spec == "all":
-        return [(f, m, a) for f in FORMATS for a in ACTIVATIONS for m in METHODS]
+        return [(f, m, a) for f in FORMATS for a in ACTIVATIONS for m in METHODS if m not in W4A16_ONLY]
     out = []
     for v in spec.split(","):
         f, m, a = v.split(":")
         if f not in FORMATS or m not in METHODS or a not in ACTIVATIONS:
             raise ValueError(f"bad variant {v!r}: FORMAT in {FORMATS}, METHOD in {METHODS}, ACT in {ACTIVATIONS}")
+        if m in W4A16_ONLY and a != "none":
+            raise ValueError(f"bad variant {v!r}: {m} is W4A16 only (ACT none)")
         out.append((f, m, a))
     return out
 
@@ -90,13 +94,15 @@ def calibration(tok, folder: pathlib.Path, samples: int, seq_len: int, device, t
     return [w.to(device) for w in out]
 
 
-def quantize(model, fmt: str, method: str, act: str, batches):
-    """apply_ptq with the method's defaults; W4A4 input ranges observed by apply_ptq (after any rotation)."""
+def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: int = 200):
+    """apply_ptq with the method's defaults (SignRound: `signround_iters` steps per block); W4A4 input ranges
+    observed by apply_ptq (after any rotation)."""
     import fp4kit
-    from fp4kit.algorithms import PTQMethod, PTQRecipe, apply_ptq
+    from fp4kit.algorithms import PTQMethod, PTQRecipe, SignRoundConfig, apply_ptq
 
     config = fp4kit.NVFP4Config() if fmt == "nvfp4" else fp4kit.MXFP4Config()
-    return apply_ptq(model, config, PTQRecipe(method=PTQMethod(method)), batches=batches,
+    recipe = PTQRecipe(method=PTQMethod(method), signround=SignRoundConfig(iters=signround_iters))
+    return apply_ptq(model, config, recipe, batches=batches,
                      activations=config if act == "fp4" else None, progress=False)
 
 
@@ -120,6 +126,7 @@ def load_with_tokenizer(spec: str, tokenizer_dir: pathlib.Path, dtype):
 
 
 CALIBRATED = ("gptq", "mr-gptq")  # methods whose cost is dominated by the GPTQ sweep
+LEARNED = ("signround", "mr-signround")  # methods whose cost is dominated by per-block signSGD
 
 
 def expected_seconds(took: dict[str, float], method: str) -> float:
@@ -127,7 +134,8 @@ def expected_seconds(took: dict[str, float], method: str) -> float:
     the other GPTQ method's; else the slowest variant so far (0 before any)."""
     if method in took:
         return took[method]
-    same_family = [took[m] for m in CALIBRATED if m in took] if method in CALIBRATED else []
+    family = next((f for f in (CALIBRATED, LEARNED) if method in f), ())
+    same_family = [took[m] for m in family if m in took]
     return max(same_family or took.values(), default=0.0)
 
 
@@ -136,7 +144,12 @@ def calib_label(a) -> str:
 
 
 def run(a) -> None:
+    import logging
+
     from fp4kit.eval import model_hash
+
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("fp4kit.algorithms.signround").setLevel(logging.INFO)  # one line per SignRound block
     from fp4kit.io import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,7 +196,7 @@ def run(a) -> None:
         seconds_q = 0.0
         if fmt != "bf16":
             with torch.no_grad() if method in ("rtn", "mse") else torch.enable_grad():
-                quantize(model, fmt, method, act, batches)
+                quantize(model, fmt, method, act, batches, a.signround_iters)
             seconds_q = time.time() - t1
         model.eval()
         base = {"model": a.label or src.label, "checkpoint_hash": model_hash(model), "format": fmt,
@@ -191,6 +204,8 @@ def run(a) -> None:
                 "date": datetime.date.today().isoformat(), "calib": calib_label(a),
                 "seconds_quantize": round(seconds_q, 2), "gen_batch_size": a.gen_batch_size or a.batch_size, "skip": a.skip,
                 "tokenizer": str(a.tokenizer) if a.tokenizer else "model's"}
+        if method in LEARNED:
+            base["signround_iters"] = a.signround_iters
         with torch.no_grad():
             records = evaluate_items(model, tok, a.folder, tasks, base, a.batch_size, a.ppl_tokens, a.context,
                                      a.gen_batch_size)
@@ -314,6 +329,7 @@ def main(argv=None):
     r.add_argument("--calib-text", choices=("shakespeare", "drop", "mix"), default="shakespeare",
                    help="calibration text (see calibration_text)")
     r.add_argument("--tasks", help="comma list of tasks to evaluate (default: all)")
+    r.add_argument("--signround-iters", type=int, default=200, help="signround/mr-signround: signSGD steps per block")
     r.add_argument("--upcycle", metavar="E,K,NOISE",
                    help="evaluate the model upcycled to a Mixtral with E experts, top-K routing, expert noise NOISE")
     r.add_argument("--deadline", type=float, default=0,

@@ -9,6 +9,9 @@
 | GPTQ     | GPTQ on the input Hessians, RTN scales fixed before the sweep           | yes           |
 | MR_GPTQ  | block-Hadamard input rotation, then GPTQ on the rotated Hessians with   | yes           |
 |          | MSE-searched scales fixed before the sweep (Egiazarian et al. 2025)      |               |
+| SIGNROUND| per decoder block, learned rounding offsets and scale clipping by signSGD| yes           |
+|          | on the block's output error (Cheng et al. 2023, `signround`), from RTN   |               |
+| MR_SIGNROUND | MR-GPTQ's rotation and MSE scales as the start, then SignRound       | yes           |
 
 MR-GPTQ, step by step (Egiazarian, Castro, Kurtic, Alistarh et al., "Bridging the Gap Between
 Promise and Performance for Microscaling FP4 Quantization", arXiv 2509.23202):
@@ -20,6 +23,8 @@ Promise and Performance for Microscaling FP4 Quantization", arXiv 2509.23202):
 3. Scales: per-block MSE scale search on W R (importance-free), fixed before the sweep.
 4. GPTQ sweeps the columns of W R against R^T H R; `FP4Linear(rotation=...)` keeps R online.
 A `rotation` set on RTN, MSE or GPTQ rotates the same way without the other MR-GPTQ choices.
+SignRound (`signround.sequential_signround`) walks the decoder blocks itself (always sequential, resumable
+with `state_dir`); it simulates W4A16 only, so it takes no `activations`.
 
 Activations: `activations` is the input config of every quantized layer (None: W4A16; the weight
 format: W4A4; `FP8Config(FP8Granularity.TOKEN)`: W4A8). NVFP4 inputs need static per-tensor input
@@ -32,7 +37,7 @@ Runs on CPU or CUDA: every tensor stays on the model's device (Hessians on the l
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -46,6 +51,7 @@ from .gptq import GPTQConfig
 from .rotations import RotationConfig, rotate_model_
 from .scale_search import ScaleSearchConfig
 from .sequential import sequential_gptq
+from .signround import SignRoundConfig, sequential_signround
 
 
 def default_rotation(config: NVFP4Config | MXFP4Config) -> RotationConfig:
@@ -63,10 +69,21 @@ class PTQMethod(enum.Enum):
     MSE = "mse"
     GPTQ = "gptq"
     MR_GPTQ = "mr-gptq"
+    SIGNROUND = "signround"
+    MR_SIGNROUND = "mr-signround"
 
     @property
     def needs_calibration(self) -> bool:
-        return self in (PTQMethod.GPTQ, PTQMethod.MR_GPTQ)
+        return self not in (PTQMethod.RTN, PTQMethod.MSE)
+
+    @property
+    def rotates(self) -> bool:
+        """Methods that rotate by default (`default_rotation`) when the recipe gives no rotation."""
+        return self in (PTQMethod.MR_GPTQ, PTQMethod.MR_SIGNROUND)
+
+    @property
+    def signround(self) -> bool:
+        return self in (PTQMethod.SIGNROUND, PTQMethod.MR_SIGNROUND)
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,8 @@ class PTQRecipe:
     """`method`; `rotation`: block-Hadamard input rotation (MR_GPTQ: None means `default_rotation(format)`);
     `gptq`: GPTQ settings (MR_GPTQ adds the MSE scale search when `gptq.scale_search` is None);
     `scale_search`: the MSE method's search; `sequential`: GPTQ decoder layer by decoder layer;
-    `state_dir`: where a sequential run saves finished layers (resumable)."""
+    `state_dir`: where a sequential run saves finished layers (resumable); `signround`: SignRound settings
+    (MR_SIGNROUND starts from `scale_search`'s MSE scales when `signround.init_scales` is None)."""
 
     method: PTQMethod = PTQMethod.RTN
     rotation: RotationConfig | None = None
@@ -82,6 +100,7 @@ class PTQRecipe:
     scale_search: ScaleSearchConfig = field(default_factory=ScaleSearchConfig)
     sequential: bool = False
     state_dir: str | None = None
+    signround: SignRoundConfig = field(default_factory=SignRoundConfig)
 
     def __post_init__(self):
         if not isinstance(self.method, PTQMethod):
@@ -92,8 +111,12 @@ class PTQRecipe:
             raise TypeError(f"PTQRecipe.gptq must be a GPTQConfig, got {type(self.gptq).__name__}")
         if not isinstance(self.scale_search, ScaleSearchConfig):
             raise TypeError(f"PTQRecipe.scale_search must be a ScaleSearchConfig, got {type(self.scale_search).__name__}")
+        if not isinstance(self.signround, SignRoundConfig):
+            raise TypeError(f"PTQRecipe.signround must be a SignRoundConfig, got {type(self.signround).__name__}")
         if (self.sequential or self.state_dir) and not self.method.needs_calibration:
-            raise ValueError(f"PTQRecipe: sequential/state_dir apply to GPTQ and MR_GPTQ, not {self.method.name}")
+            raise ValueError(f"PTQRecipe: sequential/state_dir apply to calibrated methods, not {self.method.name}")
+        if self.method is PTQMethod.MR_SIGNROUND and self.signround.init_scales is None:
+            object.__setattr__(self, "signround", replace(self.signround, init_scales=self.scale_search))
         if self.method is PTQMethod.MR_GPTQ:
             if self.gptq.scale_search is None:
                 object.__setattr__(self, "gptq", GPTQConfig(self.gptq.block_size, self.gptq.damp,
@@ -119,7 +142,10 @@ def apply_ptq(model: nn.Module, config: NVFP4Config | MXFP4Config, recipe: PTQRe
     select = dict(filter_fn=filter_fn, ignore=ignore)
     rotated = {}
     rotation = recipe.rotation
-    if rotation is None and recipe.method is PTQMethod.MR_GPTQ:
+    if recipe.method.signround and activations is not None:
+        raise ValueError(f"apply_ptq: {recipe.method.value} simulates W4A16 only; activations must be None, "
+                         f"got {type(activations).__name__}")
+    if rotation is None and recipe.method.rotates:
         rotation = default_rotation(config)
     if rotation is not None:
         rotated = rotate_model_(model, config, rotation, **select)
@@ -145,9 +171,15 @@ def _quantize(model, config, recipe: PTQRecipe, batches, select, extra, progress
         return quantize_(model, config, progress=progress, **select, **extra)
     if recipe.method is PTQMethod.MSE:
         return apply_scale_search(model, config, recipe.scale_search, progress=progress, **select, **extra)
+    if (recipe.sequential or recipe.state_dir or recipe.method.signround) and select["filter_fn"] is not None:
+        raise ValueError(f"apply_ptq: sequential {recipe.method.value} does not take a filter_fn; use ignore patterns")
+    if recipe.method.signround:
+        result = sequential_signround(model, batches, config, recipe.signround, state_dir=recipe.state_dir,
+                                      ignore=select["ignore"], progress=progress)
+        if progress:
+            print(result.summary())
+        return result.report
     if recipe.sequential or recipe.state_dir:
-        if select["filter_fn"] is not None:
-            raise ValueError("apply_ptq: sequential GPTQ does not take a filter_fn; use ignore patterns")
         return sequential_gptq(model, batches, config, recipe.gptq, state_dir=recipe.state_dir,
                                ignore=select["ignore"], progress=progress, **extra).report
     hessians = collect_hessians(model, batches, config, progress=progress, **select)

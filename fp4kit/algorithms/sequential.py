@@ -3,9 +3,10 @@ bounded memory, and a run that is killed resumes from its last finished layer.
 
     result = sequential_gptq(model, batches, NVFP4Config(), GPTQConfig(), state_dir="out/calib-state")
 
-1. Capture. Each calibration batch runs through the model once while a forward pre-hook on the first
-   decoder layer records what it receives: the hidden states and the keyword arguments transformers
-   passes to every layer (position embeddings, attention mask, positions). The forward runs to its
+1. Capture. Each calibration batch runs through the model once while forward pre-hooks record the
+   hidden states the first decoder layer receives and the keyword arguments transformers passes to
+   each layer (position embeddings, attention mask, positions: per layer, since Gemma-3's sliding-window
+   and full-attention layers get different ones). The forward runs to its
    end (no exception as control flow); the cost is one model pass per batch.
 2. For each decoder layer i: pre-hooks on its eligible linear layers add x^T x to their Hessians while
    the recorded inputs run through layer i alone; GPTQ quantizes the layer (`apply_gptq` restricted to
@@ -49,22 +50,30 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(stacks, key=lambda s: len(s[1]))
 
 
-def _capture_inputs(model: nn.Module, first: nn.Module, batches: list) -> list[tuple[torch.Tensor, dict]]:
-    records = []
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list) -> tuple[list, list[list[dict]]]:
+    """(hidden states entering layer 0, one [B, T, H] per batch; the keyword arguments of every layer, one dict per
+    batch). Every layer's own kwargs are recorded, not layer 0's for all: Gemma-3 passes its sliding-window layers
+    other rotary tables and masks than its full-attention layers (the kwargs are references to the model's own
+    tensors, so this costs no memory beyond what layer 0's would)."""
+    hidden, kwargs = [], [[] for _ in layers]
 
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-        records.append((hidden.detach(), rest))
+    def hook_for(i):
+        def hook(_module, args, kw):
+            if i == 0:
+                hidden.append((args[0] if args else kw["hidden_states"]).detach())
+            kwargs[i].append({k: v for k, v in kw.items()
+                              if k not in ("hidden_states", "past_key_values", "past_key_value")})
+        return hook
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
             for batch in batches:
                 model(**batch, use_cache=False) if isinstance(batch, dict) else model(batch, use_cache=False)
     finally:
-        handle.remove()
-    return records
+        for h in handles:
+            h.remove()
+    return hidden, kwargs
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -132,8 +141,7 @@ def sequential_gptq(model: nn.Module, batches: Iterable, config: NVFP4Config | M
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
     done = _resume_point(state_dir, fingerprint)
-    records = _capture_inputs(model, layers[0], batches)
-    hidden = [h for h, _ in records]
+    hidden, kwargs = capture_layer_inputs(model, layers, batches)
     result = GPTQResult(QuantizeReport())
 
     def in_layer(i):
@@ -156,8 +164,8 @@ def sequential_gptq(model: nn.Module, batches: Iterable, config: NVFP4Config | M
         handles = [input_hook(m, hessians[n]) for n, m in targets.items()]
         try:
             with torch.no_grad():
-                for h, (_, kwargs) in zip(hidden, records):
-                    _run_layer(layer, h, kwargs)
+                for h, kw in zip(hidden, kwargs[i]):
+                    _run_layer(layer, h, kw)
         finally:
             for handle in handles:
                 handle.remove()
@@ -167,7 +175,7 @@ def sequential_gptq(model: nn.Module, batches: Iterable, config: NVFP4Config | M
         result.weight_only |= step.weight_only
         result.output_error |= step.output_error
         with torch.no_grad():
-            hidden = [_run_layer(layer, h, kwargs) for h, (_, kwargs) in zip(hidden, records)]
+            hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs[i])]
         if state_dir is not None:
             _save_layer(state_dir, i, layer, hidden, fingerprint)
         if on_layer_done is not None:
