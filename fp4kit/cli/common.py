@@ -18,6 +18,14 @@ def format_config(scheme: str, scale_rule: str | None = None):
     raise ValueError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
 
 
+def resolve_device(spec: str | None) -> torch.device:
+    """--device: None -> cuda when present, else cpu; a CUDA device asked for where there is none is an error."""
+    device = torch.device(spec or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
 def load_tensor_file(path: str) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file, or a .pt/.bin file loaded with weights_only=True (no pickle code)."""
     if path.endswith(".safetensors"):

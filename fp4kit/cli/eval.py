@@ -6,7 +6,7 @@ import torch
 
 import fp4kit
 
-from .common import SCHEMES, SCALE_RULES, format_config, load_any
+from .common import SCHEMES, SCALE_RULES, format_config, load_any, resolve_device
 
 
 def _indexer(args):
@@ -34,7 +34,7 @@ def cmd_eval(args) -> int:
     from fp4kit.nn.sparse_attention import use_sparse_attention
 
     tasks = parse_tasks(args.tasks)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok, meta = load_any(args.model, dtype)
     if args.quantize != "none":

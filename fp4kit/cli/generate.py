@@ -7,13 +7,13 @@ import sys
 
 import torch
 
-from .common import SCHEMES, format_config, load_any
+from .common import SCHEMES, format_config, load_any, resolve_device
 
 KV_CACHE = {"bf16": None, "fp8": torch.float8_e4m3fn}  # None: the model's own dtype
 
 
 def _device(args) -> torch.device:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_device(args.device)
 
 
 def load(spec: str, device: torch.device):

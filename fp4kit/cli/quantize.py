@@ -1,10 +1,11 @@
-"""`fp4kit quantize`: quantize a model (RTN, MSE scale search, GPTQ or MR-GPTQ), compare it with the original, export it."""
+"""`fp4kit quantize`: quantize a model (RTN, MSE scale search, GPTQ, MR-GPTQ, SignRound or MR-SignRound), compare it
+with the original, export it."""
 
 from __future__ import annotations
 
 from fp4kit.formats import FP8Config, FP8Granularity
 
-from .common import SCHEMES, SCALE_RULES, format_config
+from .common import SCHEMES, SCALE_RULES, format_config, resolve_device
 
 
 ACT_LABEL = {"none": "", "fp4": " W4A4", "fp8": " W4A8"}
@@ -41,8 +42,10 @@ def cmd_quantize(args) -> int:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     config = format_config(args.scheme, args.scale_rule)
     recipe = recipe_from_args(args)  # flag errors before the model loads
+    device = resolve_device(args.device)
     print(f"loading {args.model} ...", flush=True)
     model, tokenizer, src = load_model(args.model)
+    model.to(device)  # float32 as loaded: calibration, GPTQ and SignRound run where the model is
     params, bf16_bytes = _bf16_bytes(model)
     ids = None
     if args.eval_tokens:
@@ -61,28 +64,32 @@ def cmd_quantize(args) -> int:
     table = _table(rows, params, ids, args)
     card = model_card(config, report.quantized, list(report.excluded), source=src.label, table=table,
                       method=args.method, input_config=_input_config(config, args.activations))
-    result = save_checkpoint(model, out, tokenizer=tokenizer, overwrite=args.overwrite, card=card)
+    result = save_checkpoint(model.to("cpu"), out, tokenizer=tokenizer, overwrite=args.overwrite, card=card)
     print(table)
     print(f"wrote {result.path} ({len(result.shards)} shard(s), {result.total_bytes / 1e6:.1f} MB)")
     return 0
 
 
-def _calibration_batches(tokenizer, samples: int, seq_len: int) -> list:
-    """Token batches [1, seq_len] from tiny-shakespeare, taken after the text perplexity is measured on."""
+def _calibration_batches(tokenizer, samples: int, seq_len: int, device="cpu") -> list:
+    """Token batches [1, seq_len] on `device` from tiny-shakespeare, after the text perplexity is measured on."""
     from fp4kit.data import load_corpus
 
     text = load_corpus("shakespeare")[200_000:]
     ids = tokenizer(text[: samples * seq_len * 8], return_tensors="pt").input_ids[0]
     if ids.numel() < samples * seq_len:
         raise ValueError(f"calibration text too short for {samples} x {seq_len} tokens")
-    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in range(samples)]
+    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0).to(device) for i in range(samples)]
+
+
+def _model_device(model):
+    return next(model.parameters()).device
 
 
 def _calibrate_kv(model, tokenizer, args) -> None:
     """Static FP8 KV scales from the calibration text, observed on the quantized model (what serves)."""
     from fp4kit.nn.kv_quant import KVCacheConfig, KVScaleGranularity, enable_fp8_kv, observe_kv_amax, set_kv_scales
 
-    batches = _calibration_batches(tokenizer, args.calib_samples, args.calib_seq_len)
+    batches = _calibration_batches(tokenizer, args.calib_samples, args.calib_seq_len, _model_device(model))
     kv = KVCacheConfig(KVScaleGranularity.HEAD if args.kv_granularity == "head" else KVScaleGranularity.TENSOR)
     set_kv_scales(model, observe_kv_amax(model, lambda: [model(b) for b in batches], kv), kv)
     enable_fp8_kv(model)
@@ -91,29 +98,38 @@ def _calibrate_kv(model, tokenizer, args) -> None:
 
 def recipe_from_args(args):
     """The PTQRecipe the flags describe (the dispatch itself lives in fp4kit.algorithms.apply_ptq)."""
-    from fp4kit.algorithms import GPTQConfig, PTQMethod, PTQRecipe, RotationConfig
+    from fp4kit.algorithms import GPTQConfig, PTQMethod, PTQRecipe, RotationConfig, SignRoundConfig
 
     method = PTQMethod(args.method)
     rotation = None
-    if method is PTQMethod.MR_GPTQ and (args.rotation_size or args.random_signs):
+    if method.rotates and (args.rotation_size or args.random_signs):
         block = args.rotation_size or format_config(args.scheme, args.scale_rule).block_size
         rotation = RotationConfig(block, args.random_signs, args.rotation_seed)
-    elif method is not PTQMethod.MR_GPTQ and (args.rotation_size is not None or args.random_signs):
-        raise ValueError("--rotation-size/--random-signs apply to --method mr-gptq")
+    elif not method.rotates and (args.rotation_size is not None or args.random_signs):
+        raise ValueError("--rotation-size/--random-signs apply to --method mr-gptq and mr-signround")
+    if method.signround and args.activations != "none":
+        raise ValueError(f"--method {args.method} is W4A16 only (it simulates no activation quantization); "
+                         "use --activations none")
+    if not method.signround and (args.iters is not None or args.signround_batch_size is not None):
+        raise ValueError("--iters/--signround-batch-size apply to --method signround and mr-signround")
+    signround = SignRoundConfig(**{k: v for k, v in (("iters", args.iters), ("batch_size", args.signround_batch_size))
+                                   if v is not None})
     return PTQRecipe(method, rotation, GPTQConfig(damp=args.damp, act_order=args.act_order),
-                     sequential=args.sequential, state_dir=args.calib_state)
+                     sequential=args.sequential, state_dir=args.calib_state, signround=signround)
 
 
 def _quantize_with_method(model, tokenizer, config, recipe, args):
     """rtn: round to nearest; mse: per-block scale search; gptq: GPTQ on calibration Hessians; mr-gptq:
-    block-Hadamard rotation + MSE scales + GPTQ on the rotated Hessians (see fp4kit.algorithms.recipe).
+    block-Hadamard rotation + MSE scales + GPTQ on the rotated Hessians; signround: learned rounding and scale
+    clipping per decoder block (signSGD on the block's output error); mr-signround: SignRound started from
+    MR-GPTQ's rotation and MSE scales (see fp4kit.algorithms.recipe).
     --activations fp4 adds W4A4 input quantization, NVFP4 with calibrated static input scales;
     --activations fp8 adds W4A8: FP8 inputs with dynamic per-token scales (nothing to calibrate)."""
     from fp4kit.algorithms import apply_ptq
 
     batches = None
     if recipe.method.needs_calibration or args.activations == "fp4":
-        batches = _calibration_batches(tokenizer, args.calib_samples, args.calib_seq_len)
+        batches = _calibration_batches(tokenizer, args.calib_samples, args.calib_seq_len, _model_device(model))
     return apply_ptq(model, config, recipe, batches=batches, activations=_input_config(config, args.activations))
 
 
@@ -132,11 +148,17 @@ def register(sub) -> None:
     q.add_argument("model", nargs="?", default="smollm2-135m",
                    help="embedded name (smollm2-135m, gemma3-270m), a local HF folder or a .gguf file")
     q.add_argument("--scheme", choices=SCHEMES, default="nvfp4")
-    q.add_argument("--method", choices=["rtn", "mse", "gptq", "mr-gptq"], default="rtn",
+    q.add_argument("--method", choices=["rtn", "mse", "gptq", "mr-gptq", "signround", "mr-signround"], default="rtn",
                    help="rtn: round to nearest; mse: per-block scale search; gptq: GPTQ with calibration; "
-                        "mr-gptq: block-Hadamard input rotations + MSE scales + GPTQ")
+                        "mr-gptq: block-Hadamard input rotations + MSE scales + GPTQ; signround: learned rounding "
+                        "and scale clipping per decoder block (SignRound/AutoRound, W4A16); mr-signround: "
+                        "SignRound from MR-GPTQ's rotation and MSE scales")
+    q.add_argument("--iters", type=int, default=None,
+                   help="signround: signSGD steps per decoder block (default 200)")
+    q.add_argument("--signround-batch-size", type=int, default=None,
+                   help="signround: calibration sequences per step (default 8)")
     q.add_argument("--rotation-size", type=int, choices=[16, 32, 64, 128], default=None,
-                   help="mr-gptq: Hadamard block size (default: the format's block, 16 NVFP4 / 32 MXFP4)")
+                   help="mr-gptq/mr-signround: Hadamard block size (default: the format's block, 16 NVFP4 / 32 MXFP4)")
     q.add_argument("--random-signs", action="store_true",
                    help="mr-gptq: random-sign Hadamard (fp4kit metadata; vLLM cannot serve it yet)")
     q.add_argument("--rotation-seed", type=int, default=0, help="mr-gptq: seed of the random signs")
@@ -156,6 +178,8 @@ def register(sub) -> None:
     q.add_argument("--calib-state", metavar="DIR",
                    help="sequential GPTQ saves each finished layer here; rerunning resumes after the last one")
     q.add_argument("--scale-rule", choices=SCALE_RULES, help="MXFP4 shared-exponent rule")
+    q.add_argument("--device", help="where calibration, GPTQ, SignRound and perplexity run: cpu or cuda "
+                                    "(default: cuda when present); the checkpoint is written from the CPU")
     q.add_argument("--out", help="output folder (default out/MODEL-SCHEME)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--eval-tokens", type=int, default=2048, help="tokens of tiny-shakespeare for perplexity (0: skip)")
