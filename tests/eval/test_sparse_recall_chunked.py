@@ -69,3 +69,26 @@ def test_strided_queries_are_a_subset_of_the_direct_rows():
     pick = torch.arange(23, -1, -4).flip(0)  # every 4th of the last 24, ending at the last
     rows = head_recall(q[:, pick], k, 0.2, KS, variants, positions=pick + 20, chunk=3)
     check(rows, direct(q, k, 0.2, KS, variants), pick)
+
+
+def test_sliding_window_layers_local_modes():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from fp4kit.eval.sparse import capture_qk, measure_recall
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64)
+    model = Gemma3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 16))
+    assert capture_qk(model, ids).window == {0: 4, 1: None}
+    variants = {"bf16": DEFAULT_VARIANTS["bf16"]}
+    kw = dict(ks=[2, 8], variants=variants, progress=False)
+    windowed = measure_recall(model, ids, local="window", **kw)
+    # the local layer sees at most 4 keys: a k = 2 row, no k = 8 row; the global layer has both
+    assert {(r.layer, r.k, r.window) for r in windowed} == {(0, 2, 4), (1, 2, None), (1, 8, None)}
+    assert next(r for r in windowed if r.layer == 0).queries == 16 - 2  # positions 2..15 have 3 or 4 keys in the window
+    assert {r.layer for r in measure_recall(model, ids, local="skip", **kw)} == {1}
+    ignored = measure_recall(model, ids, local="ignore", **kw)
+    assert {(r.layer, r.k, r.window) for r in ignored} == {(0, 2, None), (0, 8, None), (1, 2, None), (1, 8, None)}
