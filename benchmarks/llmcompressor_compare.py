@@ -606,7 +606,8 @@ def _long_windows(seg: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _long_score(model, streams: dict, device, max_windows: int | None = None, stride: int = 1) -> dict:
+def _long_score(model, streams: dict, device, max_windows: int | None = None, stride: int = 1,
+                offset: int = 0) -> dict:
     """stream -> per-window summed NLL (each window scores CONTEXT - 1 tokens) of every `stride`-th window
     (its index in `<stream>_idx`: windows 0, stride, 2*stride, ..., so a larger multiple of a stride picks
     a subset of its windows and runs at different strides pair up on the common ones), and the short check."""
@@ -616,7 +617,7 @@ def _long_score(model, streams: dict, device, max_windows: int | None = None, st
     for name in LONG_STREAMS:
         segs = [v for k, v in streams.items() if k.rsplit(".", 1)[0] == name]
         windows = [w for sg in segs for w in _long_windows(sg)]
-        idx = list(range(0, len(windows), stride))[:max_windows]
+        idx = list(range(offset, len(windows), stride))[:max_windows]
         out[f"{name}_idx"], out[f"{name}_of"] = idx, len(windows)
         out[name] = [perplexity(model, windows[i].to(device), context=CONTEXT, progress=False).nll_sum for i in idx]
     out["short"] = perplexity(model, streams["short.0"].long(), context=CONTEXT, progress=False).perplexity
@@ -654,10 +655,13 @@ def cmd_long_eval(args) -> None:
     todo = ["bf16 source"] + [l for l, c in meta["checkpoints"].items() if "file" in c and (pack / c["file"]).exists()]
     strides = {}
     if args.only:  # LABEL or LABEL@STRIDE (every STRIDE-th window: on a CPU the whole set takes hours a model)
-        strides = {o.rsplit("@", 1)[0]: int(o.rsplit("@", 1)[1]) if "@" in o else 1 for o in args.only}
+        # LABEL@STRIDE+OFFSET: windows OFFSET, OFFSET + STRIDE, ... (more windows for a model already scored)
+        strides = {o.rsplit("@", 1)[0]: o.rsplit("@", 1)[1] if "@" in o else "1" for o in args.only}
         todo = [l for l in strides if l in todo]
     for label in todo:
-        dest = out_dir / f"long_{_label_file(label)}.json"
+        stride, _, offset = strides.get(label, "1").partition("+")
+        stride, offset = int(stride), int(offset or 0)
+        dest = out_dir / f"long_{_label_file(label)}{f'_o{offset}' if offset else ''}.json"
         if dest.exists():
             continue
         t0 = time.perf_counter()
@@ -683,7 +687,7 @@ def cmd_long_eval(args) -> None:
                 m, _, info = load_checkpoint(d, dtype=torch.float32)
             assert len(info.quantized) == len(linears), (len(info.quantized), len(linears))
         m = m.to(device).eval()
-        res = _long_score(m, streams, device, args.max_windows, strides.get(label, 1))
+        res = _long_score(m, streams, device, args.max_windows, stride, offset)
         res.update({"label": label, "seconds": time.perf_counter() - t0, "env": env})
         dest.write_text(json.dumps(res))
         print(f"{label}: short ppl {res['short']:.3f}; " + "; ".join(
@@ -704,13 +708,16 @@ def _paired(a: list[float], b: list[float], tokens_per_window: int, rng, reps: i
     se = float(d.std(ddof=1) / math.sqrt(n))
     boot = d[rng.integers(0, n, size=(reps, n))].mean(axis=1)
     nb = n // block
+    if nb < 2:  # too few windows for blocks
+        nb, block = n, 1
     blocks = d[: nb * block].reshape(nb, block).mean(axis=1)
     bboot = blocks[rng.integers(0, nb, size=(reps, nb))].mean(axis=1)
     return {"delta_log_ppl": est, "se": se, "z": est / se if se else None,
             "ppl_ratio": math.exp(est), "windows": int(n), "a_better_windows": int((d < 0).sum()),
             "ci95_window_bootstrap": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-            f"ci95_block{block}_bootstrap": [float(np.percentile(bboot, 2.5)), float(np.percentile(bboot, 97.5))],
-            f"se_block{block}": float(blocks.std(ddof=1) / math.sqrt(nb))}
+            "block_windows": block,  # 1 where fewer than 2 blocks of 10 exist
+            "ci95_block_bootstrap": [float(np.percentile(bboot, 2.5)), float(np.percentile(bboot, 97.5))],
+            "se_block": float(blocks.std(ddof=1) / math.sqrt(nb))}
 
 
 def cmd_long_report(args) -> None:
@@ -722,6 +729,13 @@ def cmd_long_report(args) -> None:
     res = {}
     for f in sorted(args.out_dir.glob("long_*.json")):
         r = json.loads(f.read_text())
+        if r["label"] in res:  # another set of windows of the same model: merge, in window order
+            old = res[r["label"]]
+            for n in LONG_STREAMS:
+                merged = sorted(dict([*zip(old[f"{n}_idx"], old[n]), *zip(r[f"{n}_idx"], r[n])]).items())
+                old[f"{n}_idx"], old[n] = [i for i, _ in merged], [x for _, x in merged]
+            old["seconds"] += r["seconds"]
+            continue
         res[r["label"]] = r
     for label, c in meta["checkpoints"].items():
         if "same_as" in c and c["same_as"] in res:
@@ -734,7 +748,8 @@ def cmd_long_report(args) -> None:
         row["all"] = math.exp(sum(allw) / (len(allw) * tpw))
         row["short_2048"] = r["short"]
         row["windows"] = {n: len(r[n]) for n in LONG_STREAMS}
-        row["window_stride"] = r[f"{LONG_STREAMS[0]}_idx"][1] if len(r[f"{LONG_STREAMS[0]}_idx"]) > 1 else 1
+        i0 = r[f"{LONG_STREAMS[0]}_idx"]
+        row["window_stride"] = i0[1] - i0[0] if len(i0) > 1 else 1
         table[label] = row
     common = {n: sorted(set.intersection(*[set(r[f"{n}_idx"]) for r in res.values()])) for n in LONG_STREAMS}
     common_table = {}  # every model on the windows all of them were scored on
@@ -813,7 +828,7 @@ def cmd_long_report(args) -> None:
     for k, v in paired.items():
         a = v["all"]
         print(f"{k}: all dlogppl {a['delta_log_ppl']:+.5f} se {a['se']:.5f} z {a['z']:+.2f} "
-              f"block-se {a['se_block10']:.5f}; " + " ".join(f"{n} {v[n]['delta_log_ppl']:+.5f}±{v[n]['se']:.5f}"
+              f"block-se {a['se_block']:.5f}; " + " ".join(f"{n} {v[n]['delta_log_ppl']:+.5f}±{v[n]['se']:.5f}"
                                                            for n in LONG_STREAMS))
 
 
