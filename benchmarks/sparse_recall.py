@@ -157,15 +157,16 @@ def run_ppl(args) -> None:
 
 def run_table(args) -> None:
     """One markdown table from every sparse_recall_*.json: set / mass recall (mean over layers and heads).
-    Runs at other than 2,048 tokens are labelled with their length; sliding-window layers scored within
-    their window get their own rows."""
+    Runs at other than 2,048 tokens, or with sliding-window layers scored within their window, are labelled
+    with their length; those windowed layers get their own rows ("local"), the full-attention ones "global"."""
     files = sorted(RESULTS.glob("sparse_recall_*.json"))
     runs = [json.loads(f.read_text()) for f in files]
     variants = ["bf16", "mxfp4", "mxfp4_rot", "nvfp4_rot", "mxfp4_rot_r2", "mxfp4_rot_r4"]
     print("| model / text | k | " + " | ".join(variants) + " |")
     print("|---|---|" + "---|" * len(variants))
     for run in runs:
-        label = f"{run['model']} {run['corpus']}" + ("" if run["tokens"] == 2048 else f" {run['tokens'] // 1024}K")
+        plain = run["tokens"] == 2048 and "summary_local" not in run  # the original 2,048-token runs
+        label = f"{run['model']} {run['corpus']}" + ("" if plain else f" {run['tokens'] // 1024}K")
         parts = [(label + (" global" if "summary_local" in run else ""), run["summary"])]
         if "summary_local" in run:
             parts.append((f"{label} local (window {run['window'][0]})", run["summary_local"]))
