@@ -73,17 +73,10 @@ def text_info(tokenizer, corpus: str, ids: torch.Tensor) -> dict:
 
 def documents_started(corpus: str, chars: int) -> int:
     """How many of the corpus's documents start within its first `chars` characters (CoQA stories hold blank
-    lines themselves, so the text cannot simply be split): the parts of `long_text`, rebuilt and checked."""
-    from fp4kit.data.tasks import long_text, read_requests
+    lines themselves, so the text cannot simply be split): counted over `long_text_parts`."""
+    from fp4kit.data.tasks import long_text_parts
 
-    rel, key = {"coqa": ("coqa/bpb_0shot", "story"), "drop": ("drop/bpb_5shot", "passage")}[corpus]
-    seen, parts = set(), []
-    for r in read_requests(rel):
-        text = r["doc"][key].strip()
-        if text not in seen:
-            seen.add(text)
-            parts.append(text)
-    assert "\n\n".join(parts) == long_text(corpus), "long_text changed: update documents_started"
+    parts = long_text_parts(corpus)
     n, at = 0, 0
     while n < len(parts) and at < chars:
         at += len(parts[n]) + 2

@@ -214,8 +214,8 @@ def load_task(name: str, *, limit: int | None = None, seed: int = 1234) -> list:
     return items
 
 
-def long_text(name: str) -> str:
-    """CoQA stories or DROP passages, each once, joined by blank lines: long-text corpora for perplexity."""
+def long_text_parts(name: str) -> list[str]:
+    """CoQA stories or DROP passages, each once, in the order the bundled requests first cite them."""
     rel, key = {"coqa": ("coqa/bpb_0shot", "story"), "drop": ("drop/bpb_5shot", "passage")}[name]
     seen, parts = set(), []
     for r in read_requests(rel):
@@ -223,4 +223,9 @@ def long_text(name: str) -> str:
         if text not in seen:
             seen.add(text)
             parts.append(text)
-    return "\n\n".join(parts)
+    return parts
+
+
+def long_text(name: str) -> str:
+    """`long_text_parts` joined by blank lines: long-text corpora for perplexity."""
+    return "\n\n".join(long_text_parts(name))
