@@ -6,6 +6,11 @@
         --queries 2048 --query-stride 4 --layers 0 5 11 14 17 --local window --tag 8k
     nice python benchmarks/sparse_recall.py ppl --model smollm2-135m --corpus coqa --context 1024 --max-tokens 3072
     python benchmarks/sparse_recall.py table      # all recorded recall runs as one markdown table
+    # key centering and block rotation (issue 10): centered twins (_c) and rotate_block=32 copies (_rot32)
+    nice python benchmarks/sparse_recall.py recall --model gemma3-270m --corpus coqa --layers 0 1 2 ... 17 \
+        --local window --variants bf16 mxfp4 mxfp4_rot mxfp4_rot_r2 nvfp4_rot --rotation-block 32 --center-keys \
+        --tag 2k_center
+    python benchmarks/sparse_recall.py table --glob 'sparse_recall_*center*.json' --columns mxfp4_rot mxfp4_rot_c ...
 
 Writes benchmarks/results/sparse_recall_<model>_<corpus>[_<tag>].json (per layer/head rows and a summary) or
 sparse_ppl_<model>_<corpus>.json, through a temp file then rename, and prints a markdown table.
@@ -17,6 +22,9 @@ CPU cost; queries are scored --chunk at a time against their causal keys (memory
 --local: what to do with sliding-window layers (Gemma-3: 5 of 6 layers, window 512): "ignore" (default; scored
 over all causal keys as if global, the 2,048-token runs), "window" (scored within their window: the keys they
 really attend to; summarized apart from the full-attention layers), "skip".
+Variants: --variants picks from `DEFAULT_VARIANTS` (all by default); --rotation-block B adds a block-Hadamard
+copy of each rotated one, --center-keys a key-centered twin of each (mean of the first --center-tokens keys); the
+JSON's "variants" records every variant's IndexerConfig.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import time
 import torch
 
 from fp4kit.data import load_corpus
-from fp4kit.eval.sparse import measure_recall, sparse_perplexity, summarize
+from fp4kit.eval.sparse import DEFAULT_VARIANTS, expand_variants, measure_recall, sparse_perplexity, summarize
 from fp4kit.io.models import load_model
 from fp4kit.nn.indexer import IndexerConfig, IndexPrecision
 
@@ -98,9 +106,11 @@ def run_recall(args) -> None:
     n_layers = model.config.num_hidden_layers
     layers = set(args.layers) if args.layers else set(range(0, n_layers, args.layer_step)) | {n_layers - 1}
     ids = tokens(tok, args.corpus, args.tokens).unsqueeze(0)
+    variants = expand_variants({v: DEFAULT_VARIANTS[v] for v in args.variants}, rotation_blocks=args.rotation_block,
+                               center=args.center_keys, center_tokens=args.center_tokens)
     t0 = time.time()
-    rows = measure_recall(model, ids, ks=args.ks, layers=layers, queries=args.queries, stride=args.query_stride,
-                          chunk=args.chunk, local=args.local)
+    rows = measure_recall(model, ids, ks=args.ks, variants=variants, layers=layers, queries=args.queries,
+                          stride=args.query_stride, chunk=args.chunk, local=args.local)
     full = [r for r in rows if r.window is None]
     local = [r for r in rows if r.window is not None]
     scored = len(range(args.tokens - 1, args.tokens - 1 - min(args.queries, args.tokens), -args.query_stride))
@@ -109,6 +119,8 @@ def run_recall(args) -> None:
            "text": text_info(tok, args.corpus, ids[0]),
            "layers": sorted(layers), "ks": args.ks, "seconds": time.time() - t0, "device": "cpu",
            "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+           "variants": {n: {f: (v.value if hasattr(v, "value") else v) for f, v in dataclasses.asdict(c).items()}
+                        for n, c in variants.items()},
            "summary": [{"variant": v, "k": k, **s} for (v, k), s in summarize(full).items()],
            "rows": [dataclasses.asdict(r) for r in rows]}
     if local:  # sliding-window layers scored within their window: summarized apart
@@ -149,12 +161,16 @@ def run_ppl(args) -> None:
 
 
 def run_table(args) -> None:
-    """One markdown table from every sparse_recall_*.json: set / mass recall (mean over layers and heads).
-    Runs at other than 2,048 tokens, or with sliding-window layers scored within their window, are labelled
-    with their length; those windowed layers get their own rows ("local"), the full-attention ones "global"."""
-    files = sorted(RESULTS.glob("sparse_recall_*.json"))
+    """One markdown table from every sparse_recall_*.json (or --glob's files): set / mass recall (mean over layers
+    and heads) of --columns' variants. Runs at other than 2,048 tokens, or with sliding-window layers scored within
+    their window, are labelled with their length; those windowed layers get their own rows ("local"), the
+    full-attention ones "global". Without --glob, runs with expanded variant sets (--center-keys,
+    --rotation-block) are left out: they have their own tables."""
+    files = sorted(RESULTS.glob(args.glob or "sparse_recall_*.json"))
     runs = [json.loads(f.read_text()) for f in files]
-    variants = ["bf16", "mxfp4", "mxfp4_rot", "nvfp4_rot", "mxfp4_rot_r2", "mxfp4_rot_r4"]
+    if not args.glob:
+        runs = [r for r in runs if set(r.get("variants", DEFAULT_VARIANTS)) <= set(DEFAULT_VARIANTS)]
+    variants = args.columns or ["bf16", "mxfp4", "mxfp4_rot", "nvfp4_rot", "mxfp4_rot_r2", "mxfp4_rot_r4"]
     print("| model / text | k | " + " | ".join(variants) + " |")
     print("|---|---|" + "---|" * len(variants))
     for run in runs:
@@ -190,6 +206,15 @@ def main() -> None:
                    help="sliding-window layers: over all causal keys (ignore), within their window, or skipped")
     p.add_argument("--tag", default="", help="suffix of the result file name (e.g. 8k)")
     p.add_argument("--ks", type=int, nargs="+", default=[64, 256, 1024])
+    p.add_argument("--variants", nargs="+", choices=list(DEFAULT_VARIANTS), default=list(DEFAULT_VARIANTS),
+                   help="recall: which of the default variants (before --rotation-block / --center-keys)")
+    p.add_argument("--rotation-block", type=int, nargs="*", default=[],
+                   help="recall: add a copy of each rotated variant with this Hadamard block size (e.g. 32)")
+    p.add_argument("--center-keys", action="store_true", help="recall: add a key-centered twin (_c) of each variant")
+    p.add_argument("--center-tokens", type=int, default=None,
+                   help="recall: the centering mean is over the first N keys (default: IndexerConfig's)")
+    p.add_argument("--glob", default=None, help="table: these result files (default: the plain runs)")
+    p.add_argument("--columns", nargs="+", default=None, help="table: these variants")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=3072)
     p.add_argument("--threads", type=int, default=2)

@@ -20,6 +20,12 @@ never reads a key more than 512 back.
 
 Long contexts: queries are scored in chunks (memory O(chunk x T), not O(T^2)), optionally every
 `stride`-th of the last `queries` positions, so an 8K-token run stays within CPU memory and time.
+
+Variants. `DEFAULT_VARIANTS` are the indexers of the first tables (full head-dim rotation, no key
+centering, whatever `IndexerConfig`'s defaults become); `expand_variants` adds block-rotation copies
+("_rot" -> "_rot32") and key-centered twins ("_c"). A centered variant's keys are centered on the mean
+of the first `center_tokens` keys of the scored text (positions 0..n-1, all before the scored queries
+when n <= T - queries), as `select_mask` and a prefill-filled `FP4KeyCache` do.
 """
 
 from __future__ import annotations
@@ -30,18 +36,35 @@ import torch
 from tqdm.auto import tqdm
 
 from fp4kit.kernels.fp4_topk import topk_order_torch
-from fp4kit.nn.indexer import (IndexerConfig, IndexPrecision, IndexScore, exact_scores, group_queries, round_index)
+from fp4kit.nn.indexer import (IndexerConfig, IndexPrecision, IndexScore, exact_scores, group_queries, index_keys,
+                               round_index)
 from fp4kit.nn.sparse_attention import attention_implementation, use_sparse_attention
 
+_PLAIN = {"center_keys": False}  # the first tables' indexers: no key centering
 DEFAULT_VARIANTS = {
-    "bf16": IndexerConfig(precision=IndexPrecision.BF16, rotate=False, rerank=1),
-    "mxfp4": IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False, rerank=1),
-    "mxfp4_rot": IndexerConfig(precision=IndexPrecision.MXFP4, rotate=True, rerank=1),
-    "mxfp4_rot_r2": IndexerConfig(precision=IndexPrecision.MXFP4, rotate=True, rerank=2),
-    "mxfp4_rot_r4": IndexerConfig(precision=IndexPrecision.MXFP4, rotate=True, rerank=4),
-    "nvfp4_rot": IndexerConfig(precision=IndexPrecision.NVFP4, rotate=True, rerank=1),
+    "bf16": IndexerConfig(precision=IndexPrecision.BF16, rotate=False, rerank=1, **_PLAIN),
+    "mxfp4": IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False, rerank=1, **_PLAIN),
+    "mxfp4_rot": IndexerConfig(precision=IndexPrecision.MXFP4, rotate=True, rerank=1, **_PLAIN),
+    "mxfp4_rot_r2": IndexerConfig(precision=IndexPrecision.MXFP4, rotate=True, rerank=2, **_PLAIN),
+    "mxfp4_rot_r4": IndexerConfig(precision=IndexPrecision.MXFP4, rotate=True, rerank=4, **_PLAIN),
+    "nvfp4_rot": IndexerConfig(precision=IndexPrecision.NVFP4, rotate=True, rerank=1, **_PLAIN),
 }
-REFERENCE = IndexerConfig(precision=IndexPrecision.FP32, rotate=False, rerank=1)
+REFERENCE = IndexerConfig(precision=IndexPrecision.FP32, rotate=False, rerank=1, **_PLAIN)
+
+
+def expand_variants(base: dict, *, rotation_blocks=(), center: bool = False, center_tokens: int | None = None) -> dict:
+    """`base` plus, for every rotated variant and block b in `rotation_blocks`, a copy with `rotate_block=b`
+    ("mxfp4_rot_r2" -> "mxfp4_rot32_r2"); then with `center`, a key-centered twin of every variant (name + "_c",
+    mean of the first `center_tokens` keys, the config's default when None)."""
+    out = dict(base)
+    for name, cfg in base.items():
+        for b in rotation_blocks:
+            if cfg.rotate and "_rot" in name:
+                out[name.replace("_rot", f"_rot{b}", 1)] = replace(cfg, rotate_block=b)
+    if center:
+        extra = {} if center_tokens is None else {"center_tokens": center_tokens}
+        out.update({f"{name}_c": replace(cfg, center_keys=True, **extra) for name, cfg in list(out.items())})
+    return out
 
 
 @dataclass(frozen=True)
@@ -118,7 +141,7 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, scaling: float, ks, variants: 
     q_index = group_queries(q.unsqueeze(0), 1, IndexScore.DOT)  # [1, 1, 1, Tq, D]
     kb = k.unsqueeze(0).unsqueeze(0)  # [1, 1, Tk, D]
     rq = {n: round_index(q_index, c, name="index queries")[0, 0, 0] for n, c in configs.items()}
-    rk = {n: round_index(kb, c, name="index keys")[0, 0] for n, c in configs.items()}
+    rk = {n: index_keys(kb, c)[0, 0] for n, c in configs.items()}  # centered on the first keys' mean if asked
     depth = {n: max(ks) * c.rerank for n, c in configs.items()}  # how far down each ranking is read
     keys = [(name, kk) for kk in ks for name in variants]
     set_sum = dict.fromkeys(keys, 0.0)

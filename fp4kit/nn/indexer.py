@@ -30,6 +30,38 @@ of its attention mass; the rerank with r = 2 recovers >= 99.7% of the set, for r
 Two paths compute the same selection: `select_mask` (all queries of a prefill at once, a boolean
 mask [B, Hkv, Tq, Tk] for evaluation) and `select_decode` (one query per sequence over an
 `FP4KeyCache`, through the Triton kernels: the decode path).
+
+Rotation size (`rotate_block`). The full head-dim Hadamard (None, the default) spreads every channel
+over all D; a block Hadamard R = I_{D/b} (x) H_b (`fp4kit.nn.rotation`'s construction, b = 32 = one
+MXFP4 block) spreads a channel only within its own block of b. Both are orthonormal (q R . k R = q . k).
+The full one evens out the blocks' scales, which helps when outliers sit in a few blocks the query also
+reads (SmolLM2); it hurts when the keys' variance and the query's energy sit in *different* blocks:
+Gemma-3's global layer 11 keeps 95% of its key variance in two blocks (the lowest-frequency RoPE dims)
+while the index query reads a third, and the full rotation moves those blocks' FP4 error into it
+(benchmarks/sparse_rotation_diag.py).
+
+Key centering (`center_keys`). Keys share a large mean (Gemma-3: 63-67% of the key energy on its
+global layers 5/11, SmolLM2 45-61%): a bias that sets the FP4 block scales but does not rank keys.
+Subtract a per-(sequence, KV head) mean key mu before rounding:
+
+    q . (k_j - mu) = q . k_j - q . mu        q . mu is the same for every key j of one query
+
+so the exact top-k is unchanged (ties included: every score of a query moves by one constant) and
+only the quantization error changes: the FP4 step now follows the part of k that differs between
+keys. The exact rerank reads the uncentered bf16 keys, unchanged. It holds for DOT only: RELU's
+relu(q_h . k - q_h . mu) is not a shift of relu(q_h . k), so RELU rejects `center_keys`.
+
+Which mean. Keys already in the packed cache were quantized against some mu; a running mean over all
+cached keys would move with every appended token and invalidate them (or leave keys centered on
+different means, whose scores then differ by q . (mu_i - mu_j) and are no longer comparable). So mu is
+fixed once: the mean of the keys at positions 0..n-1, n = min(`center_tokens`, the prefill length),
+taken at the first `FP4KeyCache.append` (the prefill, as NVFP4's global scale is) or passed in
+(`FP4KeyCache(..., key_mean=...)`, e.g. a per-layer/head mean from calibration text). Any mu keeps the
+top-k exact; a worse mu only helps less. `select_mask` takes the mean of the first `center_tokens` of
+the keys it is given, which is the cache's mean whenever the prefill held at least `center_tokens`
+keys (or the mask is computed at the prefill). Costs: one D-vector per (sequence, KV head) and one
+subtraction per key on append; the kernels read packed keys and are unchanged (centering happens
+before packing).
 """
 
 from __future__ import annotations
@@ -42,6 +74,7 @@ import torch
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, ScaleRule, quantize_mxfp4, quantize_nvfp4
 from fp4kit.kernels.fp4_topk import KeyCacheView, KeyFormat, index_topk, rerank_topk, topk_order_torch
+from fp4kit.nn.rotation import hadamard
 
 
 class IndexScore(enum.Enum):
@@ -63,7 +96,9 @@ class IndexPrecision(enum.Enum):
 @dataclass(frozen=True)
 class IndexerConfig:
     """top_k: keys chosen by score per query and KV head; rerank: r (stage one keeps r*top_k, 1 = off);
-    sink / window: first / newest keys always kept on top of top_k; rotate: Hadamard before FP4."""
+    sink / window: first / newest keys always kept on top of top_k; rotate: Hadamard before rounding;
+    rotate_block: its size (None: the whole head dim; b: block-diagonal H_b); center_keys: subtract the
+    mean of the first `center_tokens` keys before rounding (DOT only; module docstring)."""
 
     top_k: int = 256
     precision: IndexPrecision = IndexPrecision.MXFP4
@@ -72,16 +107,28 @@ class IndexerConfig:
     sink: int = 0
     window: int = 0
     score: IndexScore = IndexScore.DOT
+    rotate_block: int | None = None
+    center_keys: bool = True
+    center_tokens: int = 1024
 
     def __post_init__(self):
         if not isinstance(self.precision, IndexPrecision) or not isinstance(self.score, IndexScore):
             raise TypeError("IndexerConfig.precision / score must be IndexPrecision / IndexScore members")
-        for name in ("top_k", "rerank"):
+        for name in ("top_k", "rerank", "center_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"IndexerConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("sink", "window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"IndexerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        b = self.rotate_block
+        if b is not None:
+            if not isinstance(b, int) or isinstance(b, bool) or b < 2 or b & (b - 1):
+                raise ValueError(f"IndexerConfig.rotate_block must be None or a power of two >= 2, got {b!r}")
+            if not self.rotate:
+                raise ValueError(f"IndexerConfig.rotate_block={b} needs rotate=True")
+        if self.center_keys and self.score is IndexScore.RELU:
+            raise ValueError("IndexerConfig.center_keys keeps the top-k exact only for IndexScore.DOT (relu does not "
+                             "pass a per-query shift through); set center_keys=False with IndexScore.RELU")
 
     @property
     def candidates(self) -> int:
@@ -102,18 +149,31 @@ class IndexerConfig:
 
 @functools.lru_cache(maxsize=8)
 def _hadamard64(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / n**0.5
+    return hadamard(n, torch.float64)
 
 
-def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
-    """x [..., D] -> x H (float32), H the orthonormal Sylvester-Hadamard matrix; D a power of two."""
+def hadamard_rotate(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """x [..., D] -> x R (float32): R = I_{D/b} (x) H_b, H_b the orthonormal Sylvester-Hadamard matrix of size
+    b = `block` (None: b = D, the full rotation). Computed in float64, rounded once."""
     D = x.shape[-1]
-    if D & (D - 1):
-        raise ValueError(f"Hadamard rotation needs a power-of-two head dim, got {D}")
-    return (x.double() @ _hadamard64(D).to(x.device)).float()
+    b = D if block is None else block
+    if b & (b - 1) or D % b:
+        raise ValueError(f"Hadamard rotation of block {b} needs a power-of-two block dividing the head dim {D}")
+    y = x.double().reshape(*x.shape[:-1], D // b, b) @ _hadamard64(b).to(x.device)
+    return y.reshape(x.shape).float()
+
+
+def key_mean(k: torch.Tensor, config: IndexerConfig) -> torch.Tensor:
+    """k [..., T, D] -> the centering mean [..., 1, D] float32: the mean of the first `center_tokens` keys
+    (float64 sum, so the value does not depend on how many keys follow)."""
+    return k[..., : config.center_tokens, :].double().mean(-2, keepdim=True).float()
+
+
+def subtract_key_mean(k: torch.Tensor, config: IndexerConfig, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """k [..., T, D] -> float32 keys, minus `mean` [..., 1, D] (default `key_mean(k)`) if the config centers."""
+    if not config.center_keys:
+        return k.float()
+    return k.float() - (key_mean(k, config) if mean is None else mean.float())
 
 
 def round_index(x: torch.Tensor, config: IndexerConfig, *, name: str = "index tensor") -> torch.Tensor:
@@ -121,7 +181,7 @@ def round_index(x: torch.Tensor, config: IndexerConfig, *, name: str = "index te
     FP4 is the core codecs' quantize then dequantize (NVFP4: one global scale for all of x)."""
     x = x.float()
     if config.rotate:
-        x = hadamard_rotate(x)
+        x = hadamard_rotate(x, config.rotate_block)
     if config.precision is IndexPrecision.BF16:
         return x.bfloat16().float()
     if config.precision is IndexPrecision.MXFP4:
@@ -148,11 +208,18 @@ def _combine(dots: torch.Tensor, score: IndexScore, head_weights) -> torch.Tenso
     return torch.einsum("bghqk,h->bgqk", dots.relu(), w.to(dots))
 
 
-def index_scores(q: torch.Tensor, k: torch.Tensor, config: IndexerConfig, head_weights=None) -> torch.Tensor:
-    """Index scores [B, Hkv, Tq, Tk]: bf16 (float32 for FP32). q [B, Hq, Tq, D], k [B, Hkv, Tk, D] post-RoPE.
+def index_keys(k: torch.Tensor, config: IndexerConfig, *, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """k [..., T, D] -> the keys the index scores see (float32): centered if asked, then `round_index`."""
+    return round_index(subtract_key_mean(k, config, mean), config, name="index keys")
+
+
+def index_scores(q: torch.Tensor, k: torch.Tensor, config: IndexerConfig, head_weights=None, *,
+                 key_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Index scores [B, Hkv, Tq, Tk]: bf16 (float32 for FP32). q [B, Hq, Tq, D], k [B, Hkv, Tk, D] post-RoPE;
+    key_mean [B, Hkv, 1, D]: the centering mean (default: `key_mean(k)`; unused without center_keys).
     The dot products are exact (float64) over the rounded Q and K, then rounded once to float32."""
     qi = round_index(group_queries(q, k.shape[1], config.score), config, name="index queries")
-    ki = round_index(k, config, name="index keys")
+    ki = index_keys(k, config, mean=key_mean)
     s = _combine(torch.einsum("bghqd,bgkd->bghqk", qi.double(), ki.double()), config.score, head_weights).float()
     return s if config.precision is IndexPrecision.FP32 else s.bfloat16()
 
@@ -203,9 +270,10 @@ def select_from_scores(scores: torch.Tensor, config: IndexerConfig, *, exact: to
 
 
 def select_mask(q: torch.Tensor, k: torch.Tensor, config: IndexerConfig, *, head_weights=None,
-                sliding_window: int | None = None) -> torch.Tensor:
-    """Which keys each query attends to: bool [B, Hkv, Tq, Tk] (q [B, Hq, Tq, D], k [B, Hkv, Tk, D])."""
-    scores = index_scores(q, k, config, head_weights)
+                sliding_window: int | None = None, key_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Which keys each query attends to: bool [B, Hkv, Tq, Tk] (q [B, Hq, Tq, D], k [B, Hkv, Tk, D]);
+    key_mean [B, Hkv, 1, D] as in `index_scores`."""
+    scores = index_scores(q, k, config, head_weights, key_mean=key_mean)
     exact = exact_scores(q, k, config, head_weights) if config.rerank > 1 else None
     return select_from_scores(scores, config, exact=exact, sliding_window=sliding_window)
 
@@ -220,21 +288,33 @@ class FP4KeyCache:
         data   uint8 [B * Hkv, capacity, D/2]    rotated keys' E2M1 codes, two per byte
         scale  uint8 [B * Hkv, capacity, D/bs]   E8M0 codes (MXFP4) or UE4M3 bits (NVFP4)
 
+        key_mean float32 [B, Hkv, 1, D]           the centering mean (center_keys), else None
+
     Each key vector is quantized on `append` (MXFP4 blocks lie inside one vector, so appending a
     token at a time gives the bytes of quantizing the whole sequence at once). NVFP4's per-tensor
     global scale is fixed by the first append (the prefill) and reused after: keys larger than the
-    prefill's saturate their block scale at 448."""
+    prefill's saturate their block scale at 448. So is the centering mean (the mean of the prefill's
+    first `center_tokens` keys), unless `key_mean` ([Hkv, D] or [B, Hkv, D], e.g. from calibration
+    text) is given: every stored key is k - key_mean, rotated and rounded."""
 
     def __init__(self, config: IndexerConfig, batch: int, n_kv_heads: int, head_dim: int, *, capacity: int = 256,
-                 device=None):
+                 device=None, key_mean: torch.Tensor | None = None):
         if config.fp4_config is None:
             raise ValueError(f"FP4KeyCache needs an FP4 precision, got {config.precision}")
+        if key_mean is not None and not config.center_keys:
+            raise ValueError("FP4KeyCache: key_mean given but the config has center_keys=False")
+        if key_mean is not None and key_mean.shape[-2:] != (n_kv_heads, head_dim):
+            raise ValueError(f"FP4KeyCache: key_mean must be [Hkv={n_kv_heads}, D={head_dim}] or "
+                             f"[B, Hkv, D], got {tuple(key_mean.shape)}")
         self.config, self.fp4 = config, config.fp4_config
         self.batch, self.n_kv_heads, self.head_dim, self.length = batch, n_kv_heads, head_dim, 0
         R, bs = batch * n_kv_heads, self.fp4.block_size
         self.data = torch.zeros(R, capacity, head_dim // 2, dtype=torch.uint8, device=device)
         self.scale = torch.zeros(R, capacity, head_dim // bs, dtype=torch.uint8, device=device)
         self.global_scale = None
+        self.key_mean = None
+        if key_mean is not None:
+            self.key_mean = key_mean.float().to(device).expand(batch, n_kv_heads, head_dim).unsqueeze(2).clone()
 
     def _grow(self, need: int) -> None:
         cap = self.data.shape[1]
@@ -254,7 +334,10 @@ class FP4KeyCache:
         if (B, H, D) != (self.batch, self.n_kv_heads, self.head_dim):
             raise ValueError(f"FP4KeyCache holds [B={self.batch}, Hkv={self.n_kv_heads}, D={self.head_dim}] "
                              f"keys, got {tuple(k.shape)}")
-        x = hadamard_rotate(k.float()) if self.config.rotate else k.float()
+        if self.config.center_keys and self.key_mean is None:
+            self.key_mean = key_mean(k, self.config)  # fixed by the prefill: keys stored before stay valid
+        x = subtract_key_mean(k, self.config, self.key_mean)
+        x = hadamard_rotate(x, self.config.rotate_block) if self.config.rotate else x
         x = x.reshape(B * H, T, D)
         if isinstance(self.fp4, NVFP4Config):
             if self.global_scale is None:
@@ -281,7 +364,7 @@ class FP4KeyCache:
 
 def _round_query(q_index: torch.Tensor, config: IndexerConfig, cache: FP4KeyCache | None) -> torch.Tensor:
     """Index query [R, D] as the kernels read it: rotated and rounded like the keys."""
-    x = hadamard_rotate(q_index) if config.rotate else q_index
+    x = hadamard_rotate(q_index, config.rotate_block) if config.rotate else q_index
     if config.precision is IndexPrecision.MXFP4:
         return quantize_mxfp4(x, config.fp4_config, name="index query").dequantize()
     if config.precision is IndexPrecision.NVFP4:
@@ -293,7 +376,9 @@ def select_decode(q: torch.Tensor, keys: torch.Tensor, config: IndexerConfig, *,
                   fp4_cache: FP4KeyCache | None = None) -> torch.Tensor:
     """Keys one decode step attends to: int64 [B, Hkv, n] positions (forced keys included), for the
     query at the last position. q [B, Hq, D] post-RoPE; keys [B, Hkv, L, D] the attention cache's keys.
-    FP4 precisions read `fp4_cache` (which must hold the same L keys); DOT only on this path."""
+    FP4 precisions read `fp4_cache` (which must hold the same L keys, centered on its own mean); BF16 and
+    FP32 score bf16 copies of `index_keys(keys)` (centered on the mean of their first `center_tokens`,
+    as `select_mask` does); the rerank reads the uncentered bf16 keys. DOT only on this path."""
     B, Hkv, L, D = keys.shape
     if config.score is not IndexScore.DOT:
         raise NotImplementedError("select_decode runs the DOT index form; use select_mask for RELU")
@@ -305,7 +390,8 @@ def select_decode(q: torch.Tensor, keys: torch.Tensor, config: IndexerConfig, *,
     rows = keys.reshape(B * Hkv, L, D)
     n = min(config.top_k, hi - lo)
     if n > 0:
-        view = fp4_cache.view() if fp4_cache is not None else KeyCacheView(KeyFormat.BF16, rows.bfloat16())
+        view = (fp4_cache.view() if fp4_cache is not None
+                else KeyCacheView(KeyFormat.BF16, index_keys(keys, config).reshape(B * Hkv, L, D).bfloat16()))
         q_round = _round_query(q_index, config, fp4_cache)
         if config.rerank > 1:
             cand = index_topk(q_round, view, config.candidates, lo=lo, hi=hi)

@@ -28,13 +28,14 @@ def test_bf16_ties_lose_the_set_but_little_mass():
     q = torch.zeros(1, 1, 32)
     q[0, 0, 0] = 1.0
     scale = 2.0
-    bf16 = IndexerConfig(precision=IndexPrecision.BF16, rotate=False, rerank=1)
+    # uncentered: centering on the mean key would move the scores off the bf16 tie this case is built on
+    bf16 = IndexerConfig(precision=IndexPrecision.BF16, rotate=False, rerank=1, center_keys=False)
     (row,) = head_recall(q, k, scale, [1], {"bf16": bf16})
     assert row.set_recall == 0.0
     assert math.isclose(row.mass_recall, math.exp(scale * (1.0 - 1.002)), rel_tol=1e-5)
     # the rerank reads bf16 keys: it cannot split what bf16 merged
     (row2,) = head_recall(q, k, scale, [1], {"r4": IndexerConfig(precision=IndexPrecision.BF16, rotate=False,
-                                                                    rerank=4)})
+                                                                    rerank=4, center_keys=False)})
     assert row2.set_recall == 0.0
 
 
@@ -44,10 +45,10 @@ def test_two_stage_recovers_what_fp4_merged():
     k = keys_along_axis([1.0, 1.125, 1.25, 0.5])
     q = torch.zeros(1, 1, 32)
     q[0, 0, 0] = 1.0
-    fp4 = IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False, rerank=1)
+    fp4 = IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False, rerank=1, center_keys=False)  # the tie as built
     (one,) = head_recall(q, k, 1.0, [1], {"fp4": fp4})
     (two,) = head_recall(q, k, 1.0, [1], {"fp4_r2": IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False,
-                                                                   rerank=3)})
+                                                                   rerank=3, center_keys=False)})
     assert one.set_recall == 0.0 and math.isclose(one.mass_recall, math.exp(-0.25), rel_tol=1e-5)
     assert two.set_recall == 1.0 and math.isclose(two.mass_recall, 1.0, rel_tol=1e-6)
 
@@ -75,3 +76,19 @@ def test_summarize_means_and_mins():
     rows = [RecallRow(0, 0, "a", 64, 1.0, 1.0, 5), RecallRow(1, 0, "a", 64, 0.5, 0.9, 5)]
     s = summarize(rows)[("a", 64)]
     assert s["set_mean"] == 0.75 and s["set_min"] == 0.5 and abs(s["mass_min"] - 0.9) < 1e-7 and s["heads"] == 2
+
+
+def test_centered_reference_has_full_recall_on_exact_data():
+    # keys on a 1/4 grid with a shared offset: the mean of the first 4 keys (a 1/16 grid) and every centered score are
+    # exact, so centering moves each query's scores by one constant and the fp32 top-k (ties included) is the same
+    torch.manual_seed(0)
+    q = torch.round(torch.randn(2, 12, 32) * 4) / 4
+    k = torch.round(torch.randn(30, 32) * 4) / 4 + 7.0
+    centered = IndexerConfig(precision=IndexPrecision.FP32, rotate=False, rerank=1, center_keys=True, center_tokens=4)
+    rows = head_recall(q, k, 0.2, [1, 3, 8], {"fp32_c": centered})
+    assert len(rows) == 3 and all(r.set_recall == 1.0 for r in rows)
+    # and the FP4 variant does benefit: centered MXFP4 keeps more of the top-8 set than plain MXFP4
+    mx = IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False, rerank=1, center_keys=False)
+    plain, cent = (head_recall(q, k, 0.2, [8], {"v": c})[0].set_recall
+                   for c in (mx, IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False, rerank=1, center_tokens=4)))
+    assert cent > plain

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fp4kit.eval.sparse import DEFAULT_VARIANTS, REFERENCE, head_recall
+from fp4kit.eval.sparse import DEFAULT_VARIANTS, REFERENCE, expand_variants, head_recall
 from fp4kit.nn.indexer import exact_scores, index_scores, select_from_scores
 
 KS = [2, 5, 16, 40]  # 40: more than some queries' eligible keys
@@ -59,6 +59,16 @@ def test_chunked_equals_direct(make, window, chunk):
     q, k = make(3, 24, 32), make(44, 32)  # 3 query heads of one KV head, the last 24 of 44 positions
     rows = head_recall(q, k, 0.2, KS, DEFAULT_VARIANTS, window=window, chunk=chunk)
     check(rows, direct(q, k, 0.2, KS, DEFAULT_VARIANTS, window=window))
+
+
+def test_centered_and_block_rotated_variants_chunked_equals_direct():
+    # centered twins and rotate_block=16 copies: the chunked path centers on the same mean (first 8 keys)
+    torch.manual_seed(2)
+    variants = expand_variants({n: DEFAULT_VARIANTS[n] for n in ("bf16", "mxfp4_rot", "mxfp4_rot_r2", "nvfp4_rot")},
+                               rotation_blocks=[16], center=True, center_tokens=8)
+    assert {"mxfp4_rot16_r2", "mxfp4_rot16_r2_c", "bf16_c", "nvfp4_rot16_c"} <= set(variants)
+    q, k = coarse(3, 24, 32), coarse(44, 32) + 3.0
+    check(head_recall(q, k, 0.2, KS, variants, chunk=5), direct(q, k, 0.2, KS, variants))
 
 
 def test_strided_queries_are_a_subset_of_the_direct_rows():
