@@ -51,9 +51,10 @@ from fp4kit.nn.indexer import IndexerConfig, IndexPrecision, IndexScore, group_q
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "sparse_rotation_diag_gemma3.json"
-MX = IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False, rerank=1)
-MX_ROT = IndexerConfig(precision=IndexPrecision.MXFP4, rotate=True, rerank=1)
-NV_ROT = IndexerConfig(precision=IndexPrecision.NVFP4, rotate=True, rerank=1)
+PLAIN = {"center_keys": False, "rotate_block": None}  # as measured: full rotation, centering done by hand here
+MX = IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False, rerank=1, **PLAIN)
+MX_ROT = IndexerConfig(precision=IndexPrecision.MXFP4, rotate=True, rerank=1, **PLAIN)
+NV_ROT = IndexerConfig(precision=IndexPrecision.NVFP4, rotate=True, rerank=1, **PLAIN)
 
 
 def capture(model_name: str, layers: list[int], tokens_n: int, cache: str | None) -> dict:

@@ -15,16 +15,18 @@ def _indexer(args):
         return None
     from fp4kit.nn.indexer import IndexerConfig, IndexPrecision
 
+    block = {} if args.sparse_rotate_block is None else {"rotate_block": args.sparse_rotate_block or None}
     return IndexerConfig(top_k=args.sparse_top_k, precision=IndexPrecision(args.sparse_index),
                          rotate=args.sparse_index in ("mxfp4", "nvfp4"), rerank=args.sparse_rerank,
-                         sink=args.sparse_sink, window=args.sparse_window)
+                         sink=args.sparse_sink, window=args.sparse_window, center_keys=args.sparse_center, **block)
 
 
 def _attention_label(cfg) -> str:
     if cfg is None:
         return "dense"
     return (f"sparse k={cfg.top_k} {cfg.precision.value}" + (f" r={cfg.rerank}" if cfg.rerank > 1 else "")
-            + f" sink={cfg.sink} window={cfg.window}")
+            + f" sink={cfg.sink} window={cfg.window}"
+            + (f" rot{cfg.rotate_block or 'full'}" if cfg.rotate else "") + (" centered" if cfg.center_keys else ""))
 
 
 def cmd_eval(args) -> int:
@@ -98,6 +100,10 @@ def register(sub) -> None:
     s.add_argument("--sparse-rerank", type=int, default=2, help="two-stage: FP4 top-(r*k), exact rerank (1: off)")
     s.add_argument("--sparse-sink", type=int, default=4, help="first keys always attended")
     s.add_argument("--sparse-window", type=int, default=32, help="newest keys always attended")
+    s.add_argument("--sparse-rotate-block", type=int, default=None,
+                   help="Hadamard block size of the FP4 indexer's rotation (default 32; 0: the whole head dim)")
+    s.add_argument("--no-sparse-center", dest="sparse_center", action="store_false",
+                   help="do not subtract the mean key (of the first 1,024) before rounding the indexer's keys")
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("compare", help="table (and plot) of result files; runs are grouped by model, format "
                                        "and method, in order of appearance, and the first is the base")

@@ -22,7 +22,7 @@ Long contexts: queries are scored in chunks (memory O(chunk x T), not O(T^2)), o
 `stride`-th of the last `queries` positions, so an 8K-token run stays within CPU memory and time.
 
 Variants. `DEFAULT_VARIANTS` are the indexers of the first tables (full head-dim rotation, no key
-centering, whatever `IndexerConfig`'s defaults become); `expand_variants` adds block-rotation copies
+centering: not `IndexerConfig`'s present defaults); `expand_variants` adds block-rotation copies
 ("_rot" -> "_rot32") and key-centered twins ("_c"). A centered variant's keys are centered on the mean
 of the first `center_tokens` keys of the scored text (positions 0..n-1, all before the scored queries
 when n <= T - queries), as `select_mask` and a prefill-filled `FP4KeyCache` do.
@@ -40,7 +40,7 @@ from fp4kit.nn.indexer import (IndexerConfig, IndexPrecision, IndexScore, exact_
                                round_index)
 from fp4kit.nn.sparse_attention import attention_implementation, use_sparse_attention
 
-_PLAIN = {"center_keys": False}  # the first tables' indexers: no key centering
+_PLAIN = {"center_keys": False, "rotate_block": None}  # the first tables' indexers: full rotation, no centering
 DEFAULT_VARIANTS = {
     "bf16": IndexerConfig(precision=IndexPrecision.BF16, rotate=False, rerank=1, **_PLAIN),
     "mxfp4": IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False, rerank=1, **_PLAIN),

@@ -85,7 +85,12 @@ def test_eval_cli_sparse_attention_on_tiny_model(tmp_path, capsys):
               "--device", "cpu", "--json", str(out), "--sparse-index", "nvfp4"]  # head dim 16: NVFP4's block
     for extra in ([], ["--sparse-top-k", "128"], ["--sparse-top-k", "4", "--sparse-window", "2", "--sparse-sink", "1"]):
         assert main(common + extra) == 0
+    assert main(common + ["--sparse-top-k", "4", "--sparse-window", "2", "--sparse-sink", "1", "--no-sparse-center",
+                          "--sparse-rotate-block", "8"]) == 0
     ppl = {r["attention"]: r["value"] for r in map(json.loads, out.read_text().splitlines())}
-    assert set(ppl) == {"dense", "sparse k=128 nvfp4 r=2 sink=4 window=32", "sparse k=4 nvfp4 r=2 sink=1 window=2"}
-    assert ppl["sparse k=128 nvfp4 r=2 sink=4 window=32"] == pytest.approx(ppl["dense"], rel=1e-5)
-    assert abs(ppl["sparse k=4 nvfp4 r=2 sink=1 window=2"] - ppl["dense"]) > 1e-3 * ppl["dense"]
+    big = "sparse k=128 nvfp4 r=2 sink=4 window=32 rot32 centered"
+    small = "sparse k=4 nvfp4 r=2 sink=1 window=2 rot32 centered"
+    assert set(ppl) == {"dense", big, small, "sparse k=4 nvfp4 r=2 sink=1 window=2 rot8"}
+    assert ppl[big] == pytest.approx(ppl["dense"], rel=1e-5)
+    assert abs(ppl[small] - ppl["dense"]) > 1e-3 * ppl["dense"]
+    assert ppl["sparse k=4 nvfp4 r=2 sink=1 window=2 rot8"] != ppl[small]  # the flags reach the indexer

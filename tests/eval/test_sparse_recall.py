@@ -84,7 +84,8 @@ def test_centered_reference_has_full_recall_on_exact_data():
     torch.manual_seed(0)
     q = torch.round(torch.randn(2, 12, 32) * 4) / 4
     k = torch.round(torch.randn(30, 32) * 4) / 4 + 7.0
-    centered = IndexerConfig(precision=IndexPrecision.FP32, rotate=False, rerank=1, center_keys=True, center_tokens=4)
+    centered = IndexerConfig(precision=IndexPrecision.FP32, rotate=False, rerank=1, center_keys=True,
+                             center_tokens=4)
     rows = head_recall(q, k, 0.2, [1, 3, 8], {"fp32_c": centered})
     assert len(rows) == 3 and all(r.set_recall == 1.0 for r in rows)
     # and the FP4 variant does benefit: centered MXFP4 keeps more of the top-8 set than plain MXFP4
