@@ -37,7 +37,8 @@ import torch
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
 from fp4kit.kernels.fp4_gemm import (DEQUANT_CUBLAS_MIN_M, SKINNY_MAX_M, GemmConfig, _config, _launch_skinny,
                                      _skinny_config, fp4_linear, fp4_matmul, prepare_fp4_weight)
-from fp4kit.kernels.fp4_mma import MMA_MAX_M, MMA_MIN_M, MmaConfig, _launch_mma, _lut_for, fp4_mma_matmul, mma_config
+from fp4kit.kernels.fp4_mma import (MMA_MAX_M, MMA_MIN_M, MmaConfig, _launch_mma, _lut_for, fp4_mma_matmul, mma_config,
+                                    prefill_config)
 from fp4kit.kernels.fp4_quantize import quantize_mxfp4_triton, quantize_nvfp4_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -377,7 +378,7 @@ def mma_sass(N=28672, K=4096, M=16) -> dict:
 
 
 def path(M):
-    return "skinny" if M <= SKINNY_MAX_M else "tiled" if M < DEQUANT_CUBLAS_MIN_M else "dequant+cuBLAS"
+    return "skinny" if M <= SKINNY_MAX_M else "mma prefill" if M < DEQUANT_CUBLAS_MIN_M else "dequant+cuBLAS"
 
 
 def run_gemm(bw, ms=MS):
@@ -405,7 +406,8 @@ def run_gemm(bw, ms=MS):
                                 max_err=max_err, rms_err=rms_err,
                                 path=path(M), config=(_skinny_config(M, N, K, qt0.config.block_size, 132,
                                                                      fmt == "mxfp4")
-                                                      if M <= SKINNY_MAX_M else _config(M, N, K, x.device)).__dict__)
+                                                      if M <= SKINNY_MAX_M else prefill_config(M, N, K, qt0.config.block_size)
+                                                      if M < DEQUANT_CUBLAS_MIN_M else _config(M, N, K, x.device)).__dict__)
                 if M <= GRAPH_MAX_M:
                     row[fmt]["graph_us"] = bench_graph(lambda: fp4_linear(x, nxt()))
                     row[fmt]["graph_speedup"] = row["cublas_graph_us"] / row[fmt]["graph_us"]

@@ -240,11 +240,13 @@ def decode_weight_tile(words, codes, table_ptr, x_dtype: tl.constexpr, BLOCK_N: 
 def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                       N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                      MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr):
-    """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias) for small M (decoding).
+                      MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr,
+                      M_FAST: tl.constexpr = False):
+    """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias) for small M (decoding), and any M with M_FAST.
 
-    Grid: (tiles of N, tiles of M, SPLIT_K). Each program owns BLOCK_N output columns for BLOCK_M
-    tokens and streams its rows' share of K. The packed weight is read as int32 words (8 codes
+    Grid: (tiles of N, tiles of M, SPLIT_K), or (tiles of M, tiles of N, SPLIT_K) with M_FAST (prefill:
+    see `_tile_ids`). Each program owns BLOCK_N output columns for BLOCK_M tokens and streams its rows'
+    share of K. The packed weight is read as int32 words (8 codes
     each; a thread loads 4 words = 16 bytes), decoded with `_e2m1_words_to_f32`, multiplied by
     the block's effective scale looked up in `table` (the float32 scale of each code times 2^14,
     built once per weight by `prepare_fp4_weight`, so no division happens here), rounded once to
@@ -264,8 +266,7 @@ def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, c
     NB: tl.constexpr = BLOCK_K // BS
     K_SPLIT: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
     EVEN_K: tl.constexpr = K % (BLOCK_K * SPLIT_K) == 0
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_n, pid_m, tile = _tile_ids(M_FAST)
     pid_k = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows[:, None] < N
@@ -297,7 +298,29 @@ def fp4_skinny_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, c
             acc = tl.dot(x, tl.trans(w), acc)
     ymask = mmask & (rows[None, :] < N)
     _splitk_store(acc, offs_m[:, None] * N + rows[None, :], ymask, rows[None, :], bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-                  pid_k * M * N, M * N, pid_m * tl.num_programs(0) + pid_n, N, SPLIT_K, HAS_BIAS, INTERPRET)
+                  pid_k * M * N, M * N, tile, N, SPLIT_K, HAS_BIAS, INTERPRET)
+
+
+@triton.jit
+def _tile_ids(M_FAST: tl.constexpr):
+    """(tile of N, tile of M, linear tile id) of this program.
+
+    Default grid (tiles of N, tiles of M, splits): neighbouring programs own neighbouring weight rows,
+    which is what decoding wants (one or two token tiles; every program streams different weight bytes).
+    M_FAST grid (tiles of M, tiles of N, splits), for prefill: the programs that share one weight tile
+    run back to back, so each weight tile comes from DRAM once and the other token tiles read it from L2
+    (x, re-read by every weight tile, is the small operand there: 2 M K bytes against the weight's
+    K N / 2 + scales).
+    """
+    if M_FAST:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        tile = pid_n * tl.num_programs(0) + pid_m
+    else:
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        tile = pid_m * tl.num_programs(0) + pid_n
+    return pid_n, pid_m, tile
 
 
 @triton.jit
@@ -448,7 +471,8 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
                    N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                    MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, LUT: tl.constexpr, EVICT: tl.constexpr,
-                   PDL: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr):
+                   PDL: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
+                   M_FAST: tl.constexpr = False):
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias) for 3 <= M <= 64, with the MMA's operands swapped.
 
     The skinny kernel computes acc[BLOCK_M, BLOCK_N] = x @ w.T: the tokens are the MMA's M side, so
@@ -462,8 +486,8 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
     [256, 4] table): either way the weights the MMA sees are the twin's, bit for bit; only the float32
     summation order differs.
 
-    Grid (tiles of N, tiles of M, SPLIT_K) and the split-K ticket reduction are the skinny kernel's
-    (see `fp4_skinny_kernel`); the workspace holds [SPLIT_K, M, N] partials as there.
+    Grid (tiles of N, tiles of M, SPLIT_K; M_FAST swaps the first two, see `_tile_ids`) and the split-K
+    ticket reduction are the skinny kernel's (see `fp4_skinny_kernel`); the workspace holds [SPLIT_K, M, N] partials as there.
     EVICT: eviction policy of the streamed weight loads ("" or "evict_first": the weights are read
     once, x is re-read by every program). PDL (programmatic dependent launch, as in `_fp4_gemv`): let
     the next kernel launch first thing, put the first K step's weights in flight (weights never
@@ -478,8 +502,7 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
     K_SPLIT: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
     EVEN_K: tl.constexpr = K % (BLOCK_K * SPLIT_K) == 0
     START: tl.constexpr = BLOCK_K if PDL else 0  # with PDL the first K step is peeled off the loop
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_n, pid_m, tile = _tile_ids(M_FAST)
     pid_k = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows = output columns
     rmask = rows[:, None] < N
@@ -520,4 +543,4 @@ def fp4_mma_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
     part = offs_m[None, :] * N + rows[:, None]  # [BLOCK_N, BLOCK_M]: y[m, n] = acc[n, m]
     ymask = (offs_m[None, :] < M) & (rows[:, None] < N)
     _splitk_store(acc, part, ymask, rows[:, None], bias_ptr, y_ptr, ws_ptr, cnt_ptr, pid_k * M * N, M * N,
-                  pid_m * tl.num_programs(0) + pid_n, N, SPLIT_K, HAS_BIAS, INTERPRET)
+                  tile, N, SPLIT_K, HAS_BIAS, INTERPRET)

@@ -39,11 +39,14 @@ of `_fp4_gemv` runs instead, on a re-laid copy of the weight (`gemv_layout`: K s
 so each plane of a word run meets a contiguous run of x; built once, kept on the prepared weight):
 float32 FFMAs, the block scale applied once per 16 products, and no rounding of the decoded weight
 to x's dtype (so it differs from the twin by that rounding; bounds in tests/kernels/test_fp4_gemv.py).
-`fp4_matmul(..., path=DecodePath.SKINNY / GEMV)` forces either. Up to DEQUANT_CUBLAS_MIN_M
-the older tiled kernel runs (64 x 64 / 128 x 64 tiles); from DEQUANT_CUBLAS_MIN_M rows on,
-`fp4_matmul` dequantizes the weight once with `fp4_dequantize` (bit-exact, at the memory roofline)
-and calls cuBLAS, which beat the fused kernels at M = 256 on the H100. Passing `config=` forces the
-tiled kernel. Measurements: BENCHMARKS.md and benchmarks/NOTES_fp4_gemm.md.
+`fp4_matmul(..., path=DecodePath.SKINNY / GEMV)` forces either. Prefill (SKINNY_MAX_M < M <
+DEQUANT_CUBLAS_MIN_M) runs `fp4_mma`'s swapped-operand kernel as a tiled GEMM (decoded weights as the
+wgmma's register operand, tokens on its N side, K split on narrow layers); from DEQUANT_CUBLAS_MIN_M rows
+on, `fp4_matmul` dequantizes the weight once with `fp4_dequantize` (bit-exact, at the memory roofline)
+and calls cuBLAS, which is faster there. Neither reaches cuBLAS bf16 at these sizes (0.5-0.9x): the
+work is the same bf16 tensor-core flops, and at M = 256 the flops already take as long as bf16's bytes
+(see benchmarks/bench_fp4_prefill.py for the bound). Passing `config=` forces the older tiled kernel.
+Measurements: BENCHMARKS.md and benchmarks/NOTES_fp4_gemm.md.
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    m_fast: bool = False  # skinny kernel: grid with the token tiles fastest (prefill; see _fp4_gemm._tile_ids)
 
 
 def _sm_count(device) -> int:
@@ -183,10 +187,13 @@ def _config(M: int, N: int, K: int, device) -> GemmConfig:
     return GemmConfig(128, 64, 128, num_warps=8, num_stages=3)
 
 
-# From this many rows on, dequantizing the weight once (a bit-exact Triton pass at the memory
-# roofline) and calling cuBLAS beats the fused kernel on the H100: at M = 256 the fused kernel took
-# 1.3-2.4x longer than dequant + cuBLAS on all four Llama-3-8B shapes (see BENCHMARKS.md).
-DEQUANT_CUBLAS_MIN_M = 128
+# Prefill. Above SKINNY_MAX_M rows and below DEQUANT_CUBLAS_MIN_M, `fp4_mma`'s kernel runs as a tiled GEMM
+# (`fp4_mma.prefill_config`); from DEQUANT_CUBLAS_MIN_M rows on, dequantizing the weight once (a bit-exact
+# Triton pass at the memory roofline) and calling cuBLAS is faster. H100 sweep (BENCHMARKS.md "Prefill
+# GEMM"), sum of the four Llama-3-8B layers, NVFP4: fused 213 / 320 us against dequant + cuBLAS 393 / 423
+# at M = 128 / 256; at M = 320, 384 and 512 dequant + cuBLAS was as fast or faster on every layer (a third
+# token tile of 128, or a half-empty second tile of 256, costs the fused kernel more than the dequantize pass).
+DEQUANT_CUBLAS_MIN_M = 257
 
 
 def fp4_matmul_torch(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -346,6 +353,12 @@ def _splitk_buffers(device: torch.device, stream: int, ws_elems: int, tiles: int
     return ws, cnt
 
 
+def _grid(M: int, N: int, block_m: int, block_n: int, split_k: int, m_fast: bool) -> tuple:
+    """Launch grid of the skinny / MMA kernels: (tiles of N, tiles of M, splits), token tiles first with m_fast."""
+    n_tiles, m_tiles = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
+    return (m_tiles, n_tiles, split_k) if m_fast else (n_tiles, m_tiles, split_k)
+
+
 def _launch_workspace(x2: torch.Tensor, y: torch.Tensor, split_k: int, grid: tuple):
     """(stream, workspace, tickets) of one split-K launch writing y [M, N] on `grid` (n tiles x m tiles x splits);
     without a split the kernel never touches them, so y stands in for both."""
@@ -380,12 +393,12 @@ def _launch_skinny(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Te
     cfg = config or prepared.configs.get((M, mx_bf16)) or prepared.configs.setdefault(
         (M, mx_bf16), _skinny_config(M, N, K, prepared.block_size,
                                      132 if _interpreting() else _sm_count(x2.device), mx_bf16))
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
+    grid = _grid(M, N, cfg.block_m, cfg.block_n, cfg.split_k, cfg.m_fast)
     stream, ws, cnt = _launch_workspace(x2, y, cfg.split_k, grid)
     table = prepared.table_bf16x2 if mx_bf16 else prepared.table
     args = (x2, prepared.words, prepared.scale_codes, table, x2 if bias is None else bias, y, ws, cnt, M,
             N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
-            mx_bf16, prepared.one_mul, _interpreting())
+            mx_bf16, prepared.one_mul, _interpreting(), cfg.m_fast)
     key = (cfg, mx_bf16, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index)
     _launch_cached(prepared, key, _fp4_gemm.fp4_skinny_kernel, grid, stream, args, num_warps=cfg.num_warps,
@@ -623,8 +636,8 @@ def fp4_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None =
 
     M <= SKINNY_MAX_M: the skinny kernel on `prepared` (looked up in, or added to, the cache on
     `qt.data` when None), or the CUDA-core GEMV where `path` (or for AUTO the default rule) picks it.
-    Up to DEQUANT_CUBLAS_MIN_M: the tiled kernel. Beyond: dequantize + cuBLAS. `config` forces the
-    tiled kernel with that config.
+    Below DEQUANT_CUBLAS_MIN_M: `fp4_mma`'s kernel as a tiled GEMM (prefill). From there on:
+    dequantize + cuBLAS. `config` forces the older tiled kernel (`fp4_matmul_kernel`) with that config.
     """
     N, K = qt.shape
     if x.shape[-1] != K:
@@ -656,6 +669,16 @@ def fp4_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None =
     if config is None and M >= DEQUANT_CUBLAS_MIN_M and not _interpreting():
         y = F.linear(x2, fp4_dequantize(qt, x.dtype), None if bias is None else bias.to(x.dtype))
         return y.reshape(*lead, N)
+    if config is None and M > SKINNY_MAX_M:
+        from .fp4_mma import _launch_mma  # the sibling module builds on this one (PreparedFP4Weight, launches)
+
+        if prepared is None or not prepared.is_current(qt):
+            prepared = _prepared_for(qt)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+            bias = bias.to(x.dtype).contiguous()
+        return _launch_mma(x2, prepared, bias).reshape(*lead, N)
     cfg = config or _config(M, N, K, x.device)
     bs, is_nv, enc, ws, gs = _format_args(qt)
     if cfg.split_k > 1:

@@ -44,6 +44,7 @@ from . import fp4_gemm
 from .fp4_gemm import (
     PreparedFP4Weight,
     _check_fp4,
+    _grid,
     _interpreting,
     _launch_cached,
     _launch_workspace,
@@ -88,6 +89,7 @@ class MmaConfig:
     lut: bool = False
     prefetch: bool = False
     maxnreg: int | None = None
+    m_fast: bool = False
 
     def __post_init__(self):
         for name in ("block_n", "block_m", "block_k", "num_warps"):
@@ -133,6 +135,37 @@ def mma_config(M: int, N: int, K: int, block_size: int, sm_count: int = 132, mx_
     return MmaConfig(block_n, block_m, block_k, split, num_warps=4, num_stages=1, lut=LUT_DECODE, prefetch=PREFETCH)
 
 
+# Prefill (M > MMA_MAX_M): the same kernel as a plain tiled GEMM, used by `fp4_gemm.fp4_matmul` for
+# SKINNY_MAX_M < M < DEQUANT_CUBLAS_MIN_M. Token tiles run fastest in the grid (`m_fast`: the programs that
+# share a weight tile run together, so each weight byte comes from DRAM once; the sweep found it within
+# +-3% of the other order, the weights fit L2 often enough either way). The rule below is the H100 sweep's
+# (benchmarks/bench_fp4_prefill.py, rounds 1-2, BENCHMARKS.md "Prefill GEMM"): 128 tokens per program up to
+# M = 128, 256 beyond (the MMA's N side), 64 weight rows with 4 warps, or 128 with 8 warps on wide layers
+# (N >= PREFILL_WIDE_N), 64-wide K steps, 3 cp.async stages, and a K split while the grid is under two
+# programs per SM and each split keeps >= PREFILL_MIN_SPLIT_K of K (the N = 4096 layers: 64-96 tiles for
+# 132 SMs; down at M = 256: 128.6 -> 86.9 us with 4 splits).
+PREFILL_WIDE_N = 16384
+PREFILL_MX_BF16 = False  # MXFP4's bf16x2 decode at prefill sizes (off: see _launch_mma)
+PREFILL_MIN_SPLIT_K = 2048
+PREFILL_MAX_SPLIT = 4
+
+
+def prefill_config(M: int, N: int, K: int, block_size: int, sm_count: int = 132) -> MmaConfig:
+    """The default launch for M > MMA_MAX_M (the rule above)."""
+    if _interpreting():
+        return MmaConfig(block_n=16, block_m=16, block_k=64, num_warps=1, num_stages=1, evict="", pdl=False,
+                         m_fast=True)
+    block_m = 128 if M <= 128 else 256
+    block_n, warps = (128, 8) if N >= PREFILL_WIDE_N else (64, 4)
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    split = 1
+    while (split < PREFILL_MAX_SPLIT and tiles * split * 2 <= 2 * sm_count
+           and K // (split * 2) >= PREFILL_MIN_SPLIT_K):
+        split *= 2
+    return MmaConfig(block_n=block_n, block_m=block_m, block_k=64, split_k=split, num_warps=warps, num_stages=3,
+                     evict="", pdl=False, m_fast=True)
+
+
 def lut_table(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """int32 [256, 4]: for each scale code c the eight magnitudes dtype(e2m1(j) * s_eff(c)), j = 0..7, as the
     bytes `decode_weight_tile_lut` permutes: [c, 0] low bytes of entries 0..3 (entry j in byte j), [c, 1]
@@ -172,13 +205,19 @@ def _launch_mma(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tenso
     M = x2.shape[0]
     N, K = prepared.N, prepared.K
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    # fp4_gemm.MXFP4_BF16_DECODE is read per call: tests and benchmarks toggle it
-    mx_bf16 = fp4_gemm.MXFP4_BF16_DECODE and prepared.table_bf16x2 is not None and x2.dtype == torch.bfloat16
-    cfg = config or prepared.configs.get(("mma", M, mx_bf16)) or prepared.configs.setdefault(
-        ("mma", M, mx_bf16), mma_config(M, N, K, prepared.block_size,
-                                        132 if _interpreting() else _sm_count(x2.device), mx_bf16))
+    # fp4_gemm.MXFP4_BF16_DECODE is read per call: tests and benchmarks toggle it. Prefill sizes take the
+    # float32 decode: the bf16x2 one puts x (the big operand there) in pair order, a register permutation
+    # per K step that cost 25-60% at M >= 128 on the H100 (sweep round 1 vs 2).
+    mx_bf16 = (fp4_gemm.MXFP4_BF16_DECODE and prepared.table_bf16x2 is not None and x2.dtype == torch.bfloat16
+               and (M <= MMA_MAX_M or PREFILL_MX_BF16))
+    cfg = config or prepared.configs.get(("mma", M, mx_bf16))
+    if cfg is None:
+        sms = 132 if _interpreting() else _sm_count(x2.device)
+        cfg = (mma_config(M, N, K, prepared.block_size, sms, mx_bf16) if M <= MMA_MAX_M
+               else prefill_config(M, N, K, prepared.block_size, sms))
+        prepared.configs[("mma", M, mx_bf16)] = cfg
     pdl = cfg.pdl and use_pdl(x2)
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
+    grid = _grid(M, N, cfg.block_m, cfg.block_n, cfg.split_k, cfg.m_fast)
     stream, ws, cnt = _launch_workspace(x2, y, cfg.split_k, grid)
     if cfg.lut:
         table, mx_bf16 = _lut_for(prepared, x2.dtype), False
@@ -186,7 +225,7 @@ def _launch_mma(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tenso
         table = prepared.table_bf16x2 if mx_bf16 else prepared.table
     args = (x2, prepared.words, prepared.scale_codes, table, x2 if bias is None else bias, y, ws, cnt, M,
             N, K, prepared.block_size, bias is not None, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
-            mx_bf16, prepared.one_mul, cfg.lut, cfg.evict, pdl, cfg.prefetch, _interpreting())
+            mx_bf16, prepared.one_mul, cfg.lut, cfg.evict, pdl, cfg.prefetch, _interpreting(), cfg.m_fast)
     key = ("mma", cfg, pdl, mx_bf16, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M % 16 == 0, x2.device.index)
     launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -202,7 +241,8 @@ def fp4_mma_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | No
                    config: MmaConfig | None = None, prepared: PreparedFP4Weight | None = None) -> torch.Tensor:
     """y[..., N] = x[..., K] @ dequant(qt)[N, K].T (+ bias) with the swapped-operand tensor-core kernel.
 
-    x: bfloat16 or float16 with 1 <= M <= MMA_MAX_M rows (the kernel is meant for MMA_MIN_M..MMA_MAX_M);
+    x: bfloat16 or float16 with M >= 1 rows: up to MMA_MAX_M the decode launch (`mma_config`), beyond it
+    the prefill launch (`prefill_config`, a plain tiled GEMM with the token tiles fastest in the grid);
     qt: a 2-D NVFP4 or MXFP4 weight. `prepared` (from `fp4_gemm.prepare_fp4_weight`) skips the cache
     lookup on qt.data; `config` forces a launch shape.
     """
@@ -216,8 +256,8 @@ def fp4_mma_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | No
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    if not 0 < M <= MMA_MAX_M:
-        raise ValueError(f"fp4_mma_matmul: M (rows of x) must be in 1..{MMA_MAX_M}, got {M}")
+    if M < 1:
+        raise ValueError(f"fp4_mma_matmul: M (rows of x) must be >= 1, got {M}")
     if prepared is None or not prepared.is_current(qt):
         _check_fp4(qt, "fp4_mma_matmul")
         prepared = _prepared_for(qt)

@@ -101,10 +101,17 @@ def test_matmul_explicit_configs(cfg):
     assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
 
 
-def test_matmul_large_m_path():
-    """M >= DEQUANT_CUBLAS_MIN_M: on CUDA the bit-exact dequantizer + cuBLAS, in the interpreter the kernel."""
-    qt = quantize(_weight(48, 160), MXFP4Config())
-    x = torch.randn(130, 160, device=DEVICE, dtype=torch.bfloat16)
+@pytest.mark.parametrize("m", [65, 130, 257], ids=["prefill_65", "prefill_130", "dequant_cublas_257"])
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4_rceil"])
+def test_matmul_large_m_path(name, m):
+    """SKINNY_MAX_M < M < DEQUANT_CUBLAS_MIN_M: fp4_mma's kernel as a tiled GEMM (prefill; MXFP4 through the
+    float32 decode); M >= DEQUANT_CUBLAS_MIN_M: on CUDA the bit-exact dequantizer + cuBLAS, in the interpreter
+    the prefill kernel again. K = 160 leaves a K tail, N = 48 a row tail; 65 and 130 a token tail."""
+    from fp4kit.kernels.fp4_gemm import DEQUANT_CUBLAS_MIN_M, SKINNY_MAX_M
+
+    assert SKINNY_MAX_M < 65 < 130 < DEQUANT_CUBLAS_MIN_M <= 257
+    qt = quantize(_weight(48, 160), CONFIGS[name])
+    x = torch.randn(m, 160, device=DEVICE, dtype=torch.bfloat16)
     bias = torch.randn(48, device=DEVICE, dtype=torch.bfloat16)
     max_err, rms_err = _gemm_errors(fp4_matmul(x, qt, bias), x, qt, bias)
     assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)

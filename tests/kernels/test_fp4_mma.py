@@ -8,6 +8,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'fp4kit[test]')")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from fp4kit.formats import (
     MXFP4Config,
     NVFP4Config,
@@ -15,7 +18,8 @@ from fp4kit.formats import (
     ScaleRule,
     quantize,
 )
-from fp4kit.kernels import prepare_fp4_weight
+from fp4kit.kernels import fp4_gemm, prepare_fp4_weight
+from fp4kit.kernels._fp4_gemm import _tile_ids
 from fp4kit.kernels.fp4_gemm import use_triton
 from fp4kit.kernels.fp4_mma import (
     MMA_MAX_M,
@@ -149,6 +153,62 @@ def test_mma_mxfp4_two_multiply_scales_bit_exact(lut):
     assert torch.equal(y.view(torch.int16), want.contiguous().view(torch.int16))
 
 
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("m_fast", [False, True], ids=["n_fast", "m_fast"])
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4_rceil"])
+def test_mma_prefill_grid_order(name, m_fast, split):
+    """Beyond MMA_MAX_M rows (prefill): four token tiles (the last one partial) x three weight tiles (the last
+    one partial), a K tail, bias. The grid order (token tiles fastest or weight tiles fastest) only changes
+    which program runs when: the results are bit-identical, and with a K split the tickets of the 12
+    output tiles are distinct in both orders (a clash would mix two tiles' partials)."""
+    qt = quantize(_weight(40, 160), CONFIGS[name])
+    m = MMA_MAX_M + 1 if GPU else 61  # the interpreter: fewer programs, same four token tiles of 16
+    x = torch.randn(m, 160, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(40, device=DEVICE, dtype=torch.bfloat16)
+    prepared = prepare_fp4_weight(qt)
+    block_m = 32 if GPU else 16
+    out = {}
+    for f in (True, False):
+        _launch_mma(x, prepared, bias, config=_cfg(block_m=block_m, split_k=split, num_stages=1))  # buffers exist
+        for ws, _ in fp4_gemm._SPLITK_BUFFERS.values():  # a partial read before it is written shows as NaN
+            ws.fill_(float("nan"))
+        out[f] = _launch_mma(x, prepared, bias, config=_cfg(block_m=block_m, split_k=split, m_fast=f, num_stages=1))
+        assert all(int(cnt.count_nonzero()) == 0 for _, cnt in fp4_gemm._SPLITK_BUFFERS.values())  # tickets reset
+    assert torch.equal(out[False], out[True])
+    _assert_close(out[m_fast], x, qt, bias)
+
+
+@triton.jit
+def _ids_kernel(out_ptr, M_FAST: tl.constexpr):
+    """Writes (tile of N, tile of M, linear tile id) of every program (test_tile_ids_are_a_bijection)."""
+    pid_n, pid_m, tile = _tile_ids(M_FAST)
+    slot = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(out_ptr + 3 * slot, pid_n)
+    tl.store(out_ptr + 3 * slot + 1, pid_m)
+    tl.store(out_ptr + 3 * slot + 2, tile)
+
+
+@pytest.mark.parametrize("m_fast", [False, True], ids=["n_fast", "m_fast"])
+def test_tile_ids_are_a_bijection(m_fast):
+    """Every program of a (tiles of N) x (tiles of M) grid, in either order, gets its own split-K ticket slot:
+    the linear tile ids are exactly 0..tiles-1, and (tile of N, tile of M) covers the grid once."""
+    n_tiles, m_tiles = 5, 3
+    grid = fp4_gemm._grid(3 * 16, 5 * 16, 16, 16, 1, m_fast)
+    assert grid == ((m_tiles, n_tiles, 1) if m_fast else (n_tiles, m_tiles, 1))
+    out = torch.full((n_tiles * m_tiles, 3), -1, dtype=torch.int32, device=DEVICE)
+    _ids_kernel[grid[:2]](out, M_FAST=m_fast)
+    out = out.cpu()
+    assert sorted(out[:, 2].tolist()) == list(range(n_tiles * m_tiles))
+    assert sorted(map(tuple, out[:, :2].tolist())) == [(n, m) for n in range(n_tiles) for m in range(m_tiles)]
+
+
+def test_mma_prefill_default_launch():
+    """M > MMA_MAX_M through the public entry point: the prefill launch, against the reference."""
+    qt = quantize(_weight(48, 128), NVFP4Config())
+    x = torch.randn(MMA_MAX_M + 3, 128, device=DEVICE, dtype=torch.bfloat16)
+    _assert_close(fp4_mma_matmul(x, qt), x, qt, None)
+
+
 def test_mma_config_validation():
     with pytest.raises(ValueError, match="power of two"):
         MmaConfig(block_n=48)
@@ -173,6 +233,24 @@ def test_mma_default_config_rule(monkeypatch):
     assert splits == {"qkv": 8, "o": 8, "gate_up": 4, "down": 16}
 
 
+def test_prefill_config_rule(monkeypatch):
+    """The prefill rule gives the H100 sweep's winners on the Llama-3-8B shapes (BENCHMARKS.md "Prefill GEMM"):
+    K split 2 on qkv/o, 4 on down, none on gate_up with 128-row, 8-warp tiles; 128 tokens per tile up to M = 128."""
+    from fp4kit.kernels import fp4_mma
+
+    monkeypatch.setattr(fp4_mma, "_interpreting", lambda: False)
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+    got = {(n, M): (c.block_n, c.block_m, c.split_k, c.num_warps)
+           for n, (N, K) in shapes.items() for M in (128, 256)
+           for c in [fp4_mma.prefill_config(M, N, K, 16, 132)]}
+    assert got == {("qkv", 128): (64, 128, 2, 4), ("o", 128): (64, 128, 2, 4), ("gate_up", 128): (128, 128, 1, 8),
+                   ("down", 128): (64, 128, 4, 4), ("qkv", 256): (64, 256, 2, 4), ("o", 256): (64, 256, 2, 4),
+                   ("gate_up", 256): (128, 256, 1, 8), ("down", 256): (64, 256, 4, 4)}
+    assert [fp4_mma.prefill_config(M, 4096, 4096, 16).block_m for M in (65, 128, 129, 256)] == [128, 128, 256, 256]
+    assert all(fp4_mma.prefill_config(256, 4096, 4096, 16).__dict__[k] == v
+               for k, v in {"m_fast": True, "block_k": 64, "num_stages": 3, "pdl": False}.items())
+
+
 def test_mma_rejects_bad_input():
     qt = quantize(_weight(16, 64), NVFP4Config())
     with pytest.raises(ValueError, match="features"):
@@ -180,7 +258,7 @@ def test_mma_rejects_bad_input():
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         fp4_mma_matmul(torch.randn(4, 64, device=DEVICE), qt)
     with pytest.raises(ValueError, match="M \\(rows of x\\)"):
-        fp4_mma_matmul(torch.randn(MMA_MAX_M + 1, 64, device=DEVICE, dtype=torch.bfloat16), qt)
+        fp4_mma_matmul(torch.randn(0, 64, device=DEVICE, dtype=torch.bfloat16), qt)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")
