@@ -191,8 +191,8 @@ def _config(M: int, N: int, K: int, device) -> GemmConfig:
 # (`fp4_mma.prefill_config`); from DEQUANT_CUBLAS_MIN_M rows on, dequantizing the weight once (a bit-exact
 # Triton pass at the memory roofline) and calling cuBLAS is faster. H100 sweep (BENCHMARKS.md "Prefill
 # GEMM"), sum of the four Llama-3-8B layers, NVFP4: fused 213 / 320 us against dequant + cuBLAS 393 / 423
-# at M = 128 / 256; at M = 320, 384 and 512 dequant + cuBLAS was as fast or faster on every layer (a third
-# token tile of 128, or a half-empty second tile of 256, costs the fused kernel more than the dequantize pass).
+# at M = 128 / 256; at M = 320, 384 and 512 dequant + cuBLAS was faster on 11 of the 12 layer measurements (a
+# third token tile of 128, or a half-empty second tile of 256, costs the fused kernel more than the dequantize).
 DEQUANT_CUBLAS_MIN_M = 257
 
 
