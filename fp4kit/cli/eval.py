@@ -103,7 +103,7 @@ def register(sub) -> None:
     s.add_argument("--sparse-rotate-block", type=int, default=None,
                    help="Hadamard block size of the FP4 indexer's rotation (default 32; 0: the whole head dim)")
     s.add_argument("--no-sparse-center", dest="sparse_center", action="store_false",
-                   help="do not subtract the mean key (of the first 1,024) before rounding the indexer's keys")
+                   help="do not subtract the mean key (of the prefill) before rounding the indexer's keys")
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("compare", help="table (and plot) of result files; runs are grouped by model, format "
                                        "and method, in order of appearance, and the first is the base")

@@ -23,9 +23,9 @@ Long contexts: queries are scored in chunks (memory O(chunk x T), not O(T^2)), o
 
 Variants. `DEFAULT_VARIANTS` are the indexers of the first tables (full head-dim rotation, no key
 centering: not `IndexerConfig`'s present defaults); `expand_variants` adds block-rotation copies
-("_rot" -> "_rot32") and key-centered twins ("_c"). A centered variant's keys are centered on the mean
-of the first `center_tokens` keys of the scored text (positions 0..n-1, all before the scored queries
-when n <= T - queries), as `select_mask` and a prefill-filled `FP4KeyCache` do.
+("_rot" -> "_rot32") and key-centered twins ("_c"). A centered variant's keys are centered on the mean of
+the keys before the first scored query (its first `center_tokens` when set): what an `FP4KeyCache` filled by
+a prefill of that text holds while the scored queries decode.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from fp4kit.kernels.fp4_topk import topk_order_torch
 from fp4kit.nn.indexer import (IndexerConfig, IndexPrecision, IndexScore, exact_scores, group_queries, index_keys,
-                               round_index)
+                               key_mean, round_index)
 from fp4kit.nn.sparse_attention import attention_implementation, use_sparse_attention
 
 _PLAIN = {"center_keys": False, "rotate_block": None}  # the first tables' indexers: full rotation, no centering
@@ -141,7 +141,9 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, scaling: float, ks, variants: 
     q_index = group_queries(q.unsqueeze(0), 1, IndexScore.DOT)  # [1, 1, 1, Tq, D]
     kb = k.unsqueeze(0).unsqueeze(0)  # [1, 1, Tk, D]
     rq = {n: round_index(q_index, c, name="index queries")[0, 0, 0] for n, c in configs.items()}
-    rk = {n: index_keys(kb, c)[0, 0] for n, c in configs.items()}  # centered on the first keys' mean if asked
+    # centered variants: on the mean of the keys before the first scored query (the "prefill"; all keys if none)
+    prefill = kb[..., : int(positions[0]), :] if int(positions[0]) > 0 else kb
+    rk = {n: index_keys(kb, c, mean=key_mean(prefill, c))[0, 0] for n, c in configs.items()}
     depth = {n: max(ks) * c.rerank for n, c in configs.items()}  # how far down each ranking is read
     keys = [(name, kk) for kk in ks for name in variants]
     set_sum = dict.fromkeys(keys, 0.0)

@@ -53,22 +53,30 @@ relu(q_h . k - q_h . mu) is not a shift of relu(q_h . k), so RELU rejects `cente
 Which mean. Keys already in the packed cache were quantized against some mu; a running mean over all
 cached keys would move with every appended token and invalidate them (or leave keys centered on
 different means, whose scores then differ by q . (mu_i - mu_j) and are no longer comparable). So mu is
-fixed once: the mean of the keys at positions 0..n-1, n = min(`center_tokens`, the prefill length),
-taken at the first `FP4KeyCache.append` (the prefill, as NVFP4's global scale is) or passed in
-(`FP4KeyCache(..., key_mean=...)`, e.g. a per-layer/head mean from calibration text). Any mu keeps the
-top-k exact; a worse mu only helps less. `select_mask` takes the mean of the first `center_tokens` of
-the keys it is given, which is the cache's mean whenever the prefill held at least `center_tokens`
-keys (or the mask is computed at the prefill). Costs: one D-vector per (sequence, KV head) and one
+fixed once, at the first `FP4KeyCache.append` (the prefill, as NVFP4's global scale is): the mean of
+the prefill's keys (its first `center_tokens` when set), or passed in (`FP4KeyCache(..., key_mean=...)`,
+e.g. a per-layer/head mean from calibration text). Any mu keeps the top-k exact, but a wrong mu adds
+error instead of removing it, and post-RoPE keys make "wrong" position-dependent: their shared part
+rotates with position (a RoPE pair of frequency w turns by w * (j - i)), so a mean over one stretch
+of positions fits keys near it and the slow pairs only. Over positions 0..L-1 the plain mean is the mu
+that minimizes the mean squared residual (and it averages fast-turning pairs to ~0 by itself), hence
+the whole prefill by default. Measured at 8,192 tokens (benchmarks/sparse_center_mean.py; CoQA, block-32
+MXFP4 top-64 set recall, queries after a 6,144-key prefill): the mean of the first 1,024 keys lost
+SmolLM2 2.2 points (88.6 -> 86.4); the whole-prefill mean is within -0.3..+0.4 there and +4.7 on
+Gemma-3's global layers (77.4 -> 82.1); the mean of the prefill's last 1,024 keys scored best on
+SmolLM2 (89.2) but goes stale the same way as decoding moves on. `select_mask` centers on the mean
+of the keys it is given (their first `center_tokens`), i.e. the cache's mean at the prefill; pass
+`key_mean` to reproduce a cache during decode. Costs: one D-vector per (sequence, KV head) and one
 subtraction per key on append; the kernels read packed keys and are unchanged (centering happens
 before packing).
 
-The defaults (b = 32, centering on, center_tokens = 1024) are measured (CoQA, 2,048 tokens, the last
-1,024 queries, MXFP4 top-64 set recall, mean over layers and heads; BENCHMARKS.md, "key centering"):
+The defaults (b = 32, centering on the prefill's mean) are measured (CoQA, 2,048 tokens, the last
+1,024 queries after a 1,024-key prefill, MXFP4 top-64 set recall, mean over layers and heads):
 SmolLM2 87.4 (full rotation, uncentered) -> 89.0 (b = 32, centered), r = 2: 99.27 -> 99.49; Gemma-3
-global layers 71.6 -> 80.8, r = 2: 90.8 -> 96.8; Gemma-3 local layers 91.3 -> 92.2. Centering raised
-every FP4 variant on both models (bf16: -0.04..+0.20); b = 32 is level with the full rotation on
-SmolLM2 and on Gemma-3's local layers and better on its global ones on average, though not on every
-layer (Gemma-3 layer 17 prefers the full rotation: 79.6 against 74.6 centered).
+global layers 71.6 -> 80.8, r = 2: 90.8 -> 96.8; Gemma-3 local layers 91.3 -> 92.2. At 2K centering
+raised every rotated FP4 variant on both models (bf16: -0.04..+0.20); b = 32 is level with the full
+rotation on SmolLM2 and on Gemma-3's local layers and better on its global ones on average, though
+not on every layer (Gemma-3 layer 17 prefers the full rotation: 79.6 against 74.6 centered).
 """
 
 from __future__ import annotations
@@ -105,7 +113,8 @@ class IndexerConfig:
     """top_k: keys chosen by score per query and KV head; rerank: r (stage one keeps r*top_k, 1 = off);
     sink / window: first / newest keys always kept on top of top_k; rotate: Hadamard before rounding;
     rotate_block: its size b (block-diagonal H_b; None or b >= head dim: the full head-dim rotation);
-    center_keys: subtract the mean of the first `center_tokens` keys before rounding (DOT only).
+    center_keys: subtract the mean of the prefill's keys (its first `center_tokens`, None: all) before
+    rounding (DOT only).
     Defaults (b = 32, centering on) from the recall measurements in the module docstring."""
 
     top_k: int = 256
@@ -117,14 +126,16 @@ class IndexerConfig:
     score: IndexScore = IndexScore.DOT
     rotate_block: int | None = 32
     center_keys: bool = True
-    center_tokens: int = 1024
+    center_tokens: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.precision, IndexPrecision) or not isinstance(self.score, IndexScore):
             raise TypeError("IndexerConfig.precision / score must be IndexPrecision / IndexScore members")
-        for name in ("top_k", "rerank", "center_tokens"):
+        for name in ("top_k", "rerank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"IndexerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.center_tokens is not None and self.center_tokens < 1:
+            raise ValueError(f"IndexerConfig.center_tokens must be None (all) or >= 1, got {self.center_tokens}")
         for name in ("sink", "window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"IndexerConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -172,8 +183,8 @@ def hadamard_rotate(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
 
 
 def key_mean(k: torch.Tensor, config: IndexerConfig) -> torch.Tensor:
-    """k [..., T, D] -> the centering mean [..., 1, D] float32: the mean of the first `center_tokens` keys
-    (float64 sum, so the value does not depend on how many keys follow)."""
+    """k [..., T, D] -> the centering mean [..., 1, D] float32: the mean of the first `center_tokens` keys (all
+    T when None), summed in float64 (so the value does not depend on how the keys are laid out)."""
     return k[..., : config.center_tokens, :].double().mean(-2, keepdim=True).float()
 
 

@@ -21,10 +21,10 @@ supported extension point, registers the sdpa boolean mask for the name (padding
 windows arrive as a mask), and switches the model to it; a context manager switches back. Prefill
 and every decode step then select and attend sparsely, inside `model(...)` and `model.generate(...)`.
 The keys are rounded to FP4 on every call in this path (an FP4 key cache holds the same values:
-MXFP4 blocks lie inside one key vector; with `center_keys`, once the prefill held `center_tokens`
-keys, since the mean is that of the first `center_tokens` keys passed in: a sliding-window cache's
-keys are the newest ones, so there the mean moves, which keeps the exact top-k but not the cache's
-bytes); it measures quality, not speed.
+MXFP4 blocks lie inside one key vector; with `center_keys` at the prefill only: each later call
+centers on the mean of all the keys it is passed, which moves a little with every step, and a
+sliding-window cache passes only its newest keys; the exact top-k is unchanged either way, the
+bytes are not the cache's); it measures quality, not speed.
 """
 
 from __future__ import annotations

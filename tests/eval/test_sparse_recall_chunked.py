@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fp4kit.eval.sparse import DEFAULT_VARIANTS, REFERENCE, expand_variants, head_recall
-from fp4kit.nn.indexer import exact_scores, index_scores, select_from_scores
+from fp4kit.nn.indexer import exact_scores, index_scores, key_mean, select_from_scores
 
 KS = [2, 5, 16, 40]  # 40: more than some queries' eligible keys
 
@@ -30,8 +30,9 @@ def direct(q, k, scaling, ks, variants, window=None):
         ref_mass = (probs * ref).sum(-1)
         for name, cfg in variants.items():
             cfg = replace(cfg, top_k=kk)
-            sel = select_from_scores(index_scores(qb, kb, cfg), cfg, exact=exact if cfg.rerank > 1 else None,
-                                     sliding_window=window)[0, 0]
+            mean = key_mean(kb[..., : Tk - Tq, :], cfg)  # centered variants: the keys before the first query
+            sel = select_from_scores(index_scores(qb, kb, cfg, key_mean=mean), cfg,
+                                     exact=exact if cfg.rerank > 1 else None, sliding_window=window)[0, 0]
             out[name, kk] = ((sel & ref).sum(-1).double() / kk, ((probs * sel).sum(-1) / ref_mass).double().mean(0),
                              allowed.sum(-1) > kk)
     return out
@@ -62,13 +63,17 @@ def test_chunked_equals_direct(make, window, chunk):
 
 
 def test_centered_and_block_rotated_variants_chunked_equals_direct():
-    # centered twins and rotate_block=16 copies: the chunked path centers on the same mean (first 8 keys)
+    # centered twins and rotate_block=16 copies: the chunked path centers on the same mean (the first 8 of the
+    # 20 keys before the first scored query), and with center_tokens=None on all 20 of them
     torch.manual_seed(2)
     variants = expand_variants({n: DEFAULT_VARIANTS[n] for n in ("bf16", "mxfp4_rot", "mxfp4_rot_r2", "nvfp4_rot")},
                                rotation_blocks=[16], center=True, center_tokens=8)
     assert {"mxfp4_rot16_r2", "mxfp4_rot16_r2_c", "bf16_c", "nvfp4_rot16_c"} <= set(variants)
     q, k = coarse(3, 24, 32), coarse(44, 32) + 3.0
     check(head_recall(q, k, 0.2, KS, variants, chunk=5), direct(q, k, 0.2, KS, variants))
+    all_prefill = expand_variants({"mxfp4_rot": DEFAULT_VARIANTS["mxfp4_rot"]}, rotation_blocks=[16], center=True)
+    assert all_prefill["mxfp4_rot16_c"].center_tokens is None
+    check(head_recall(q, k, 0.2, KS, all_prefill, chunk=5), direct(q, k, 0.2, KS, all_prefill))
 
 
 def test_strided_queries_are_a_subset_of_the_direct_rows():

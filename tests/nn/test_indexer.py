@@ -244,6 +244,24 @@ def test_centered_decode_matches_mask_path_after_appends(precision, rerank):
         assert torch.equal(torch.zeros_like(mask).scatter(-1, idx, True), mask)
 
 
+def test_default_mean_is_the_whole_prefill_and_the_mask_path_takes_it():
+    # center_tokens=None: the cache centers on all prefill keys; select_mask given that mean selects the same keys
+    torch.manual_seed(4)
+    B, Hq, Hkv, L, D = 1, 2, 2, 30, 64
+    q, k = torch.randn(B, Hq, L, D), torch.randn(B, Hkv, L, D) + 4 * torch.randn(1, Hkv, 1, D)
+    cfg = IndexerConfig(top_k=4, rerank=1)
+    assert cfg.center_keys and cfg.center_tokens is None and cfg.rotate_block == 32  # the measured defaults
+    cache = FP4KeyCache(cfg, B, Hkv, D)
+    cache.append(k[:, :, :25])
+    assert torch.equal(cache.key_mean, k[:, :, :25].double().mean(2, keepdim=True).float())
+    for t in range(25, L):
+        cache.append(k[:, :, t: t + 1])
+        idx = select_decode(q[:, :, t], k[:, :, : t + 1], cfg, fp4_cache=cache)
+        mask = select_mask(q[:, :, t: t + 1], k[:, :, : t + 1], cfg, key_mean=cache.key_mean)[:, :, 0]
+        assert torch.equal(torch.zeros_like(mask).scatter(-1, idx, True), mask)
+    assert torch.equal(cache.view().dequantize(), index_keys(k, cfg, mean=cache.key_mean).reshape(2, L, D))
+
+
 def test_centering_and_rotation_config_is_validated():
     with pytest.raises(ValueError, match="rotate_block"):
         IndexerConfig(rotate_block=24)
