@@ -176,7 +176,8 @@ def run_table(args) -> None:
     for run in runs:
         plain = run["tokens"] == 2048 and "summary_local" not in run  # the original 2,048-token runs
         label = f"{run['model']} {run['corpus']}" + ("" if plain else f" {run['tokens'] // 1024}K")
-        parts = [(label + (" global" if "summary_local" in run else ""), run["summary"])]
+        is_global = "summary_local" in run or run.get("local") == "skip"  # the full-attention layers alone
+        parts = [(label + (" global" if is_global else ""), run["summary"])]
         if "summary_local" in run:
             parts.append((f"{label} local (window {run['window'][0]})", run["summary_local"]))
         for name, summary in parts:
