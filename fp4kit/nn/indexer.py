@@ -74,7 +74,7 @@ The defaults (b = 32, centering on the prefill's mean) are measured (CoQA, 2,048
 1,024 queries after a 1,024-key prefill, MXFP4 top-64 set recall, mean over layers and heads):
 SmolLM2 87.4 (full rotation, uncentered) -> 89.0 (b = 32, centered), r = 2: 99.27 -> 99.49; Gemma-3
 global layers 71.6 -> 80.8, r = 2: 90.8 -> 96.8; Gemma-3 local layers 91.3 -> 92.2. At 2K centering
-raised every rotated FP4 variant on both models (bf16: -0.04..+0.20); b = 32 is level with the full
+raised every rotated FP4 variant on both models (bf16: -0.05..+0.20); b = 32 is level with the full
 rotation on SmolLM2 and on Gemma-3's local layers and better on its global ones on average, though
 not on every layer (Gemma-3 layer 17 prefers the full rotation: 79.6 against 74.6 centered).
 """
