@@ -207,7 +207,7 @@ def _launch_mma(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tenso
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     # fp4_gemm.MXFP4_BF16_DECODE is read per call: tests and benchmarks toggle it. Prefill sizes take the
     # float32 decode: the bf16x2 one puts x (the big operand there) in pair order, a register permutation
-    # per K step that cost 25-60% at M >= 128 on the H100 (sweep round 1 vs 2).
+    # per K step that cost up to 64% (median 27%) at M >= 128 on the H100 (sweep round 1 vs 2).
     mx_bf16 = (fp4_gemm.MXFP4_BF16_DECODE and prepared.table_bf16x2 is not None and x2.dtype == torch.bfloat16
                and (M <= MMA_MAX_M or PREFILL_MX_BF16))
     cfg = config or prepared.configs.get(("mma", M, mx_bf16))
