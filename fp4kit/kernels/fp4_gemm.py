@@ -371,7 +371,14 @@ def _launch_workspace(x2: torch.Tensor, y: torch.Tensor, split_k: int, grid: tup
 
 def _launch_cached(prepared: PreparedFP4Weight, key: tuple, kernel, grid, stream: int, args: tuple, **launch) -> None:
     """Launch `kernel` on `grid`; after the first (compiling) launch, run the cached compiled kernel directly,
-    skipping Triton's Python dispatch (a few microseconds per call that decode cannot afford)."""
+    skipping Triton's Python dispatch (a few microseconds per call that decode cannot afford).
+
+    Known gap (H100, Triton 3.6, 2026-11-23): Triton 3.6 keeps an empty `HookChain` in `launch_enter_hook` where
+    older releases kept None, so the `is None` test below never passes there and every call takes Triton's
+    dispatch: ~50 us of host time per `fp4_linear` against ~15 us for `torch.matmul`
+    (benchmarks/host_overhead.py). CUDA graphs (the decode engine) do not see it; eager prefill does. The fix
+    (test the chain's `calls`) was written but not landed: the direct launch has not run on Triton 3.6 yet
+    and needs a GPU test pass first."""
     compiled = prepared.launches.get(key)
     if compiled is not None and _knobs.runtime.launch_enter_hook is None:
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None,
