@@ -6,12 +6,15 @@ Variants per k: exact (float32 index scores: what top-k attention itself can do)
 MXFP4 two-stage (r=2). Dense attention first.
 
     python benchmarks/sparse_passkey.py --model smollm2-135m --n 50 --ks 64,256,1024 --out results.json
+    # old (full rotation, uncentered) against current (block-32, centered) indexer defaults
+    python benchmarks/sparse_passkey.py --n 40 --ks 256 --variants fp32,mxfp4,mxfp4_r2,mxfp4_old,mxfp4_r2_old --out ...
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -25,8 +28,18 @@ from fp4kit.io import load_model
 from fp4kit.nn.indexer import IndexerConfig, IndexPrecision
 from fp4kit.nn.sparse_attention import use_sparse_attention
 
-VARIANTS = {"fp32": (IndexPrecision.FP32, False, 1), "bf16": (IndexPrecision.BF16, False, 1),
-            "mxfp4": (IndexPrecision.MXFP4, True, 1), "mxfp4_r2": (IndexPrecision.MXFP4, True, 2)}
+# name: IndexerConfig fields. fp32 / bf16 / mxfp4 / mxfp4_r2 take the current IndexerConfig defaults for the rest
+# (block-32 rotation and key centering since issue 10); "_old" pins the indexer of the 2026-11-23 H100 rows
+# (full head-dim rotation, no centering)
+_OLD = dict(rotate_block=None, center_keys=False)
+VARIANTS = {"fp32": dict(precision=IndexPrecision.FP32, rotate=False, rerank=1),
+            "bf16": dict(precision=IndexPrecision.BF16, rotate=False, rerank=1),
+            "mxfp4": dict(precision=IndexPrecision.MXFP4, rotate=True, rerank=1),
+            "mxfp4_r2": dict(precision=IndexPrecision.MXFP4, rotate=True, rerank=2),
+            "fp32_old": dict(precision=IndexPrecision.FP32, rotate=False, rerank=1, **_OLD),
+            "mxfp4_old": dict(precision=IndexPrecision.MXFP4, rotate=True, rerank=1, **_OLD),
+            "mxfp4_r2_old": dict(precision=IndexPrecision.MXFP4, rotate=True, rerank=2, **_OLD)}
+DEFAULT_VARIANTS = "fp32,bf16,mxfp4,mxfp4_r2"
 
 
 def main() -> None:
@@ -34,7 +47,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--ks", default="64,256,1024")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of {','.join(VARIANTS)}")
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=1)
@@ -49,11 +62,15 @@ def main() -> None:
               "prompt_tokens": [len(tok(it.prompt).input_ids) for it in items[:3]], "runs": []}
 
     def run(label, cfg):
+        if cfg is not None:
+            result.setdefault("variants", {})[label] = {f.name: str(getattr(cfg, f.name))
+                                                        for f in dataclasses.fields(cfg)}
         t0 = time.time()
         with torch.no_grad(), (use_sparse_attention(model, cfg) if cfg else contextlib.nullcontext()):
             em = score_generation(model, tok, "passkey", items, batch_size=a.batch_size, max_new_tokens=8,
                                   progress=False)["exact_match"]
-        row = {"attention": label, "exact_match": sum(em) / len(em), "seconds": round(time.time() - t0, 1)}
+        row = {"attention": label, "exact_match": sum(em) / len(em), "seconds": round(time.time() - t0, 1),
+               "per_item": [int(x) for x in em]}
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
         a.out.write_text(json.dumps(result, indent=1))
@@ -61,9 +78,7 @@ def main() -> None:
     run("dense", None)
     for k in map(int, a.ks.split(",")):
         for v in a.variants.split(","):
-            precision, rotate, rerank = VARIANTS[v]
-            cfg = IndexerConfig(top_k=k, precision=precision, rotate=rotate, rerank=rerank, sink=a.sink,
-                                window=a.window)
+            cfg = IndexerConfig(top_k=k, sink=a.sink, window=a.window, **VARIANTS[v])
             run(f"k={k} {v}", cfg)
 
 

@@ -5,6 +5,9 @@
     nice python benchmarks/sparse_recall.py recall --model gemma3-270m --corpus coqa --tokens 8192 \
         --queries 2048 --query-stride 4 --layers 0 5 11 14 17 --local window --tag 8k
     nice python benchmarks/sparse_recall.py ppl --model smollm2-135m --corpus coqa --context 1024 --max-tokens 3072
+    # old (full rotation, uncentered) against new (block-32, centered) indexer defaults
+    nice python benchmarks/sparse_recall.py ppl --ks 64 256 --ppl-variants mxfp4_rot32_c mxfp4_rot32_r2_c mxfp4_rot \
+        mxfp4_rot_r2 --tag center
     python benchmarks/sparse_recall.py table      # all recorded recall runs as one markdown table
     # key centering and block rotation (issue 10): centered twins (_c) and rotate_block=32 copies (_rot32)
     nice python benchmarks/sparse_recall.py recall --model gemma3-270m --corpus coqa --layers 0 1 2 ... 17 \
@@ -13,7 +16,7 @@
     python benchmarks/sparse_recall.py table --glob 'sparse_recall_*center*.json' --columns mxfp4_rot mxfp4_rot_c ...
 
 Writes benchmarks/results/sparse_recall_<model>_<corpus>[_<tag>].json (per layer/head rows and a summary) or
-sparse_ppl_<model>_<corpus>.json, through a temp file then rename, and prints a markdown table.
+sparse_ppl_<model>_<corpus>[_<tag>].json, through a temp file then rename, and prints a markdown table.
 
 Long contexts (recall): the text is the first --tokens tokens of the corpus; CoQA and DROP are their stories /
 passages joined by blank lines, so a long context spans several documents (the JSON's "text" says how many).
@@ -30,6 +33,7 @@ JSON's "variants" records every variant's IndexerConfig.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,7 +44,7 @@ import time
 import torch
 
 from fp4kit.data import load_corpus
-from fp4kit.eval.sparse import DEFAULT_VARIANTS, expand_variants, measure_recall, sparse_perplexity, summarize
+from fp4kit.eval.sparse import DEFAULT_VARIANTS, expand_variants, measure_recall, summarize
 from fp4kit.io.models import load_model
 from fp4kit.nn.indexer import IndexerConfig, IndexPrecision
 
@@ -138,26 +142,45 @@ def run_recall(args) -> None:
                       summarize(local))
 
 
+# perplexity variants: "mxfp4_rot*" / "bf16" pin the indexer of the 2026-11-22 rows (full head-dim rotation, no
+# centering: the IndexerConfig defaults then); "mxfp4_rot32_c*" are the defaults since issue 10's centering change
+PPL_VARIANTS = {
+    "bf16": dict(precision=IndexPrecision.BF16, rotate=False, rerank=1, center_keys=False),
+    "mxfp4_rot": dict(rerank=1, rotate_block=None, center_keys=False),
+    "mxfp4_rot_r2": dict(rerank=2, rotate_block=None, center_keys=False),
+    "mxfp4_rot32_c": dict(rerank=1, rotate_block=32, center_keys=True, center_tokens=None),
+    "mxfp4_rot32_r2_c": dict(rerank=2, rotate_block=32, center_keys=True, center_tokens=None),
+}
+
+
 def run_ppl(args) -> None:
+    from fp4kit.eval.perplexity import perplexity
+    from fp4kit.nn.sparse_attention import use_sparse_attention
+
     torch.set_num_threads(args.threads)
     model, tok, _ = load_model(args.model)
     ids = tokens(tok, args.corpus, args.max_tokens)
-    configs = {}
-    for k in args.ks:
-        configs[f"bf16_k{k}"] = IndexerConfig(top_k=k, precision=IndexPrecision.BF16, rotate=False, rerank=1,
-                                             sink=4, window=32)
-        configs[f"mxfp4_rot_k{k}"] = IndexerConfig(top_k=k, rerank=1, sink=4, window=32)
-        configs[f"mxfp4_rot_r2_k{k}"] = IndexerConfig(top_k=k, rerank=2, sink=4, window=32)
-    t0 = time.time()
-    ppl = sparse_perplexity(model, ids, configs, context=args.context, max_tokens=args.max_tokens)
+    configs = {f"{v}_k{k}": IndexerConfig(top_k=k, sink=4, window=32, **PPL_VARIANTS[v])
+               for k in args.ks for v in args.ppl_variants}
+    name = f"sparse_ppl_{args.model}_{args.corpus}" + (f"_{args.tag}" if args.tag else "") + ".json"
     out = {"model": args.model, "corpus": args.corpus, "context": args.context, "tokens": args.max_tokens,
-           "sink": 4, "window": 32, "seconds": time.time() - t0, "device": "cpu",
-           "date": time.strftime("%Y-%m-%d"), "perplexity": ppl}
-    write_json(RESULTS / f"sparse_ppl_{args.model}_{args.corpus}.json", out)
+           "sink": 4, "window": 32, "seconds": 0.0, "device": "cpu", "date": time.strftime("%Y-%m-%d"),
+           "torch": torch.__version__, "variants": {n: {f.name: str(getattr(c, f.name)) for f in
+                                                        dataclasses.fields(c)} for n, c in configs.items()},
+           "perplexity": {}}
+    t0 = time.time()
+    todo = ([("dense", None)] if not args.no_dense else []) + list(configs.items())
+    for cname, cfg in todo:  # the JSON is rewritten after every variant (partial results survive a cut)
+        with torch.no_grad(), (use_sparse_attention(model, cfg) if cfg is not None else contextlib.nullcontext()):
+            out["perplexity"][cname] = perplexity(model, ids, context=args.context, max_tokens=args.max_tokens,
+                                                  desc=cname).perplexity
+        out["seconds"] = time.time() - t0
+        write_json(RESULTS / name, out)
+        print(f"{cname}: {out['perplexity'][cname]:.4f} ({out['seconds']:.0f} s)", flush=True)
     print(f"\n{args.model} {args.corpus} context {args.context}, {args.max_tokens} tokens (sink 4, window 32)")
     print("| attention | perplexity |\n|---|---|")
-    for name, v in ppl.items():
-        print(f"| {name} | {v:.3f} |")
+    for cname, v in out["perplexity"].items():
+        print(f"| {cname} | {v:.3f} |")
 
 
 def run_table(args) -> None:
@@ -219,6 +242,10 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=3072)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ppl-variants", nargs="+", choices=list(PPL_VARIANTS),
+                   default=["bf16", "mxfp4_rot", "mxfp4_rot_r2"],
+                   help="ppl: indexers (default: the 2026-11-22 rows; mxfp4_rot32_c*: the current defaults)")
+    p.add_argument("--no-dense", action="store_true", help="ppl: skip the dense baseline")
     args = p.parse_args()
     {"recall": run_recall, "ppl": run_ppl, "table": run_table}[args.what](args)
 
