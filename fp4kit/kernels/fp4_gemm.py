@@ -43,9 +43,10 @@ to x's dtype (so it differs from the twin by that rounding; bounds in tests/kern
 DEQUANT_CUBLAS_MIN_M) runs `fp4_mma`'s swapped-operand kernel as a tiled GEMM (decoded weights as the
 wgmma's register operand, tokens on its N side, K split on narrow layers); from DEQUANT_CUBLAS_MIN_M rows
 on, `fp4_matmul` dequantizes the weight once with `fp4_dequantize` (bit-exact, at the memory roofline)
-and calls cuBLAS, which is faster there. Neither reaches cuBLAS bf16 at these sizes (0.5-0.9x): the
-work is the same bf16 tensor-core flops, and at M = 256 the flops already take as long as bf16's bytes
-(see benchmarks/bench_fp4_prefill.py for the bound). Passing `config=` forces the older tiled kernel.
+and calls cuBLAS, which is faster there. On the H100 the fused path runs at 0.5-1.0x cuBLAS bf16 (M = 65-256)
+and dequantize + cuBLAS at 0.6-1.0x (M = 257-4096): the work is the same bf16 tensor-core flops, and at
+M = 256 the flops already take about as long as bf16's bytes (benchmarks/bench_fp4_prefill.py derives the
+bound). Passing `config=` forces the older tiled kernel.
 Measurements: BENCHMARKS.md and benchmarks/NOTES_fp4_gemm.md.
 """
 

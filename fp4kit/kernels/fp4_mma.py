@@ -137,8 +137,8 @@ def mma_config(M: int, N: int, K: int, block_size: int, sm_count: int = 132, mx_
 
 # Prefill (M > MMA_MAX_M): the same kernel as a plain tiled GEMM, used by `fp4_gemm.fp4_matmul` for
 # SKINNY_MAX_M < M < DEQUANT_CUBLAS_MIN_M. Token tiles run fastest in the grid (`m_fast`: the programs that
-# share a weight tile run together, so each weight byte comes from DRAM once; the sweep found it within
-# +-3% of the other order, the weights fit L2 often enough either way). The rule below is the H100 sweep's
+# share a weight tile run together, so each weight byte should come from DRAM once; measured, it is within
+# +-3% of the other order on the Llama-3-8B shapes). The rule below is the H100 sweep's
 # (benchmarks/bench_fp4_prefill.py, rounds 1-2, BENCHMARKS.md "Prefill GEMM"): 128 tokens per program up to
 # M = 128, 256 beyond (the MMA's N side), 64 weight rows with 4 warps, or 128 with 8 warps on wide layers
 # (N >= PREFILL_WIDE_N), 64-wide K steps, 3 cp.async stages, and a K split while the grid is under two
