@@ -36,8 +36,31 @@ def host_us(fn, n=2000):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/host_overhead_h100.json")
+    p.add_argument("--profile", type=int, default=0, metavar="M",
+                   help="instead: cProfile 500 warm fp4_linear calls at M rows and print the top entries")
     a = p.parse_args()
     import triton
+
+    if a.profile:
+        import cProfile
+        import pstats
+
+        from fp4kit.kernels.fp4_gemm import hooks_idle
+
+        rt = triton.knobs.runtime
+        print(f"hooks_idle={hooks_idle()} enter={rt.launch_enter_hook!r} "
+              f"calls={getattr(rt.launch_enter_hook, 'calls', None)} exit_calls={getattr(rt.launch_exit_hook, 'calls', None)}")
+        qt = quantize(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02, NVFP4Config())
+        x = torch.randn(a.profile, 4096, device="cuda", dtype=torch.bfloat16)
+        host_us(lambda: fp4_linear(x, qt), n=200)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(500):
+            fp4_linear(x, qt)
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        return
 
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
     qt = quantize(w, NVFP4Config())

@@ -78,8 +78,24 @@ def _raw_stream(device_index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device_index)
 
 
+# Triton decides at `@triton.jit` time (when the kernel modules are imported, just above) whether to interpret,
+# so the switch is read once here too: reading os.environ on every launch cost ~1 us of host time per read.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
+
+
+def _cdiv(a: int, b: int) -> int:
+    """`triton.cdiv` in plain Python: Triton 3.6 routes its helpers through a constexpr-function wrapper that
+    costs a few microseconds per call, and each launch computes several grids."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """`triton.next_power_of_2` in plain Python (see `_cdiv`); 0 for n = 0, as Triton's."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -356,7 +372,7 @@ def _splitk_buffers(device: torch.device, stream: int, ws_elems: int, tiles: int
 
 def _grid(M: int, N: int, block_m: int, block_n: int, split_k: int, m_fast: bool) -> tuple:
     """Launch grid of the skinny / MMA kernels: (tiles of N, tiles of M, splits), token tiles first with m_fast."""
-    n_tiles, m_tiles = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
+    n_tiles, m_tiles = _cdiv(N, block_n), _cdiv(M, block_m)
     return (m_tiles, n_tiles, split_k) if m_fast else (n_tiles, m_tiles, split_k)
 
 
@@ -370,18 +386,30 @@ def _launch_workspace(x2: torch.Tensor, y: torch.Tensor, split_k: int, grid: tup
     return stream, y, y
 
 
+def hooks_idle() -> bool:
+    """True when no Triton launch hook is installed, so a cached kernel may be launched directly.
+
+    Triton up to 3.3 keeps `None` in `knobs.runtime.launch_enter_hook` / `launch_exit_hook` when nothing is
+    installed; 3.4+ keeps a `HookChain` whose `calls` list is empty. Testing `is None` alone (as this module
+    did until 2026-11-23) never passes on 3.6, and every call then took Triton's full dispatch: ~50 us of host
+    time per `fp4_linear` against ~15 us for `torch.matmul` (H100, benchmarks/host_overhead.py). Anything else
+    found there (a plain callable, an unknown object) counts as installed."""
+    if not HAS_TRITON:
+        return False
+    for hook in (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
 def _launch_cached(prepared: PreparedFP4Weight, key: tuple, kernel, grid, stream: int, args: tuple, **launch) -> None:
     """Launch `kernel` on `grid`; after the first (compiling) launch, run the cached compiled kernel directly,
     skipping Triton's Python dispatch (a few microseconds per call that decode cannot afford).
 
-    Known gap (H100, Triton 3.6, 2026-11-23): Triton 3.6 keeps an empty `HookChain` in `launch_enter_hook` where
-    older releases kept None, so the `is None` test below never passes there and every call takes Triton's
-    dispatch: ~50 us of host time per `fp4_linear` against ~15 us for `torch.matmul`
-    (benchmarks/host_overhead.py). CUDA graphs (the decode engine) do not see it; eager prefill does. The fix
-    (test the chain's `calls`) was written but not landed: the direct launch has not run on Triton 3.6 yet
-    and needs a GPU test pass first."""
+    The direct launch passes no launch hooks, so it runs only while `hooks_idle()` says no hook is installed
+    (a profiler such as Proton installs one; then every call takes Triton's dispatch, which calls the hooks)."""
     compiled = prepared.launches.get(key)
-    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
+    if compiled is not None and hooks_idle():
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None,
                      None, *args)
         return
@@ -606,8 +634,8 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
     chunks = (K // 8) // (16 * lay.lanes)
     if chunks % cfg.split_k:
         raise ValueError(f"GemvConfig.split_k={cfg.split_k} must divide the {chunks} chunks of K = {K}")
-    block_m = triton.next_power_of_2(M)
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, block_m), cfg.split_k)
+    block_m = _pow2(M)
+    grid = (_cdiv(N, cfg.block_n), _cdiv(M, block_m), cfg.split_k)
     stream, ws, cnt = _launch_workspace(x2, y, cfg.split_k, grid)
     pdl = use_pdl(x2)
     args = (x2, lay.words, lay.scales, prepared.table, x2 if bias is None else bias, y, ws, cnt, M, N, K,

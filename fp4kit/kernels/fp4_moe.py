@@ -48,12 +48,12 @@ from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor
 from fp4kit.formats.scales import e8m0_to_float
 
 from . import fp4_gemm
-from .fp4_gemm import HAS_TRITON, _bf16x2_pow2_table, _interpreting, _raw_stream, use_pdl, use_triton
+from .fp4_gemm import (HAS_TRITON, _bf16x2_pow2_table, _cdiv, _interpreting, _pow2, _raw_stream, hooks_idle, use_pdl,
+                       use_triton)
 from .fp4_mma import lut_table
 
 if HAS_TRITON:
     import triton
-    from triton import knobs as _knobs
 
     from . import _fp4_moe
 
@@ -211,13 +211,13 @@ def route_topk(topk_ids: torch.Tensor, num_experts: int, block_m: int | None = N
     i32 = torch.int32
     pairs = torch.empty(P, dtype=i32, device=dev)
     tile_expert, tile_start, tile_end = (torch.empty(n_tiles, dtype=i32, device=dev) for _ in range(3))
-    BLOCK_P, BLOCK_E, BLOCK_T = (triton.next_power_of_2(v) for v in (P, num_experts, n_tiles))
+    BLOCK_P, BLOCK_E, BLOCK_T = (_pow2(v) for v in (P, num_experts, n_tiles))
     pdl = _moe_pdl(flat, T)
     args = (flat, pairs, tile_expert, tile_start, tile_end, P, num_experts, n_tiles, BLOCK_P, BLOCK_E, BLOCK_T, block_m,
             pdl)
     key = (BLOCK_P, BLOCK_E, BLOCK_T, block_m, P == 1, num_experts == 1, n_tiles == 1, dev.index, pdl)
     compiled = _ROUTE_LAUNCHES.get(key)
-    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
+    if compiled is not None and hooks_idle():
         compiled.run(1, 1, 1, _raw_stream(dev.index), compiled.function, compiled.packed_metadata,
                      None, None, None, *args)
     else:
@@ -430,7 +430,7 @@ def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, rout
     cfg = config or prep.configs.get((P, N_out, swiglu, mx_bf16, MOE_LUT_NVFP4)) or prep.configs.setdefault(
         (P, N_out, swiglu, mx_bf16, MOE_LUT_NVFP4), _moe_config(N_out, K, swiglu, mx_bf16, P, E,
                                                  132 if _interpreting() else fp4_gemm._sm_count(x.device)))
-    grid = (triton.cdiv(N_out, cfg.block_n), routing.tile_expert.numel(), cfg.split_k)
+    grid = (_cdiv(N_out, cfg.block_n), routing.tile_expert.numel(), cfg.split_k)
     stream = 0 if _interpreting() else _raw_stream(x.device.index)
     split_tiles = grid[0] * grid[1] if cfg.split_k > 1 else 0
     if cfg.split_k > 1 or combine:  # split-K tickets first, then the combine's tickets [T, N tiles]
@@ -457,7 +457,7 @@ def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, rout
 def _launch(prep: PreparedFP4Experts, grid, args, cfg: MoEGemmConfig, key, stream: int, pdl: bool = False) -> None:
     """Launch fp4_moe_kernel; after the first call per key the compiled kernel is launched directly."""
     compiled = prep.launches.get(key)
-    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
+    if compiled is not None and hooks_idle():
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
                      compiled.packed_metadata, None, None, None, *args)
         return
@@ -527,13 +527,13 @@ def combine_slots(y: torch.Tensor, T: int, top_k: int) -> torch.Tensor:
     H = y.shape[1]
     y = y.contiguous()
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
-    block_h = min(COMBINE_BLOCK_H, triton.next_power_of_2(H))
-    grid = (T, triton.cdiv(H, block_h))
+    block_h = min(COMBINE_BLOCK_H, _pow2(H))
+    grid = (T, _cdiv(H, block_h))
     pdl = _moe_pdl(y, T)
     args = (y, out, H, top_k, block_h, _interpreting(), pdl)
     key = (y.dtype, top_k, block_h, H % 16 == 0, y.device.index, pdl)
     compiled = _COMBINE_LAUNCHES.get(key)
-    if compiled is not None and _knobs.runtime.launch_enter_hook is None:
+    if compiled is not None and hooks_idle():
         compiled.run(grid[0], grid[1], 1, _raw_stream(y.device.index), compiled.function, compiled.packed_metadata,
                      None, None, None, *args)
         return out

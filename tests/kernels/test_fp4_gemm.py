@@ -233,3 +233,79 @@ def test_skinny_mxfp4_weights_bit_exact_through_gemm(codes, bf16_decode, monkeyp
     y = fp4_matmul(x, qt)
     want = qt.dequantize(torch.bfloat16) + 0.0  # a sum turns the weight -0 into +0; everything else is exact
     assert torch.equal(y.T.contiguous().view(torch.int16), want.view(torch.int16))
+
+
+def test_hooks_idle_follows_installed_launch_hooks():
+    """The direct launch passes no hooks, so it may run only while none is installed: `hooks_idle` must see an
+    empty HookChain (Triton >= 3.4) or None (<= 3.3) as idle and anything installed, on either side, as not."""
+    from triton import knobs
+
+    from fp4kit.kernels.fp4_gemm import hooks_idle
+
+    rt = knobs.runtime
+    saved = rt.launch_enter_hook, rt.launch_exit_hook
+    calls = []
+
+    def hook(metadata):
+        calls.append(metadata)
+
+    try:
+        assert hooks_idle()
+        if hasattr(rt.launch_enter_hook, "add"):  # a HookChain: hooks come and go through add/remove
+            for chain in (rt.launch_enter_hook, rt.launch_exit_hook):
+                chain.add(hook)
+                assert not hooks_idle()
+                chain.remove(hook)
+                assert hooks_idle()
+        rt.launch_enter_hook = hook  # a plain callable (older Triton, or a user's assignment)
+        assert not hooks_idle()
+        rt.launch_enter_hook = None
+        assert hooks_idle()
+    finally:
+        rt.launch_enter_hook, rt.launch_exit_hook = saved
+    assert hooks_idle()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter never caches compiled launches")
+@pytest.mark.parametrize("m", [1, 16, 128])
+def test_cached_direct_launch_runs_and_respects_hooks(m):
+    """After the first call the compiled kernel is launched directly (no Triton dispatch, so an installed launch
+    hook is the witness): with a hook installed every call goes through Triton and calls it; once the hook is
+    removed no call reaches it, and the direct launch gives the same bits."""
+    from triton import knobs
+
+    qt = quantize(_weight(256, 512), NVFP4Config())
+    x = torch.randn(m, 512, device=DEVICE, dtype=torch.bfloat16)
+    first = fp4_linear(x, qt)
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata)
+
+    chain = knobs.runtime.launch_enter_hook
+    if not hasattr(chain, "add"):
+        pytest.skip("this Triton keeps a plain launch hook, not a HookChain")
+    chain.add(hook)
+    try:
+        hooked = fp4_linear(x, qt)
+        assert len(seen) >= 1
+    finally:
+        chain.remove(hook)
+    n = len(seen)
+    direct = [fp4_linear(x, qt) for _ in range(3)]
+    torch.cuda.synchronize()
+    assert len(seen) == n
+    for y in [hooked, *direct]:
+        assert torch.equal(y, first)
+
+
+def test_plain_python_grid_helpers_equal_triton():
+    """The launchers size grids with `_cdiv` / `_pow2` (Triton 3.6's helpers cost microseconds per call)."""
+    import triton
+
+    from fp4kit.kernels.fp4_gemm import _cdiv, _pow2
+
+    for a in [0, 1, 2, 3, 15, 16, 17, 127, 128, 129, 4095, 4096, 4097, 28672, 128256]:
+        assert _pow2(a) == triton.next_power_of_2(a), a
+        for b in (1, 3, 16, 64, 128, 1024):
+            assert _cdiv(a, b) == triton.cdiv(a, b), (a, b)
