@@ -243,6 +243,16 @@ def run_speed(args) -> dict:
                       flush=True)
                 fp4_gemm.PDL = True
                 del eng
+            if args.prefill_eager_too:  # TTFT with every prefill eager (Engine(prefill_graphs=False)), batch 1
+                eng = Engine(model, max_batch=1, max_seq_len=cfg.prompt_len + cfg.gen_len, fused=not args.unfused,
+                             kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn, lm_head=head,
+                             prefill_graphs=False)
+                one = BenchConfig((1,), cfg.prompt_len, cfg.gen_len, cfg.repeats)
+                r = {"weights": weights, "kv": kv, "lm_head": head, "prefill": "eager", **bench_engine(eng, one, bw)[0]}
+                out.setdefault("prefill_eager", []).append(r)
+                print("prefill eager", json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                                                   for k, v in r.items()}), flush=True)
+                del eng
             if args.prefill_dequant_too and on_gpu:  # TTFT with the previous prefill path: dequantize + cuBLAS
                 old_min = fp4_gemm.DEQUANT_CUBLAS_MIN_M
                 fp4_gemm.DEQUANT_CUBLAS_MIN_M = fp4_gemm.SKINNY_MAX_M + 1
@@ -351,6 +361,8 @@ def main():
     f.add_argument("--unfused", action="store_true", help="the module-by-module torch path (Engine(fused=False))")
     f.add_argument("--lm-head", nargs="+", default=["model"], choices=["model", "nvfp4"],
                    help="output heads for the NVFP4-weight rows (the bf16 row keeps the model's head)")
+    f.add_argument("--prefill-eager-too", action="store_true",
+                   help="also batch 1 with every prefill eager (no prefill graphs): TTFT")
     f.add_argument("--prefill-dequant-too", action="store_true",
                    help="also batch 1 with the previous prefill path (dequantize + cuBLAS from 65 rows): TTFT")
     f.add_argument("--pdl-off-too", action="store_true",

@@ -19,6 +19,20 @@ replays: the host enqueues step t+1 before it reads step t's tokens (a non-block
 pinned buffer, an event), then checks stops and streams while the GPU runs (no host gap). Rows
 that finish keep computing until all are done; at most one step past the last is computed.
 
+Prefill graphs (`prefill_graphs=True`, the default where decode graphs run). An eager prefill is
+bound by the host, not the GPU: ~30 launches per layer through Python (norms, GEMMs, rope, the cache
+write, SDPA) cost ~1 ms per layer on the H100's host, 30-40 ms of time to first token for a 32-layer
+model whose prefill GPU work at 128 tokens is a few milliseconds. So prefill runs on fixed shapes
+too: the batch rounded up to its bucket and the prompt length P rounded up to a multiple of
+`prefill_bucket` (64; never past max_seq_len - 1) with more left padding, which the masks already
+handle (padding only adds masked key slots and pad rows nobody reads). The first prefill of a
+(batch bucket, padded length) runs eagerly on static input tensors (compiling kernels and preparing
+FP4 weights); the second captures it as a CUDA graph and replays it, and every later one replays. A
+one-off `generate` pays nothing extra; repeated prompt lengths (serving, `fp4kit bench`, chat turns
+within one bucket) get the GPU-bound time. The same padded shapes are used eagerly and in the
+graph, so the logits do not depend on which one ran. `prefill_bucket` also pads without graphs
+(CPU tests use that to check the padding is neutral).
+
 A graph is captured lazily per (batch bucket, cache-length bucket, sampler): the batch is rounded
 up to 1, 2, 4, 8, 16, 32, ... (rows past B compute garbage nobody reads) and attention reads only
 the first `kv_len` slots, rounded up to a multiple of `seq_bucket`, so short contexts do not pay
@@ -59,6 +73,7 @@ from .text import TextTracker
 
 StreamFn = Callable[[int, int, str], None]  # (prompt index, token id, text delta)
 GREEDY_STEP = SamplingParams(temperature=0)
+PREFILL_BUCKET = 64  # prompt lengths are padded to a multiple of this when prefill graphs run
 
 
 def _sampler_key(params: SamplingParams) -> tuple:
@@ -87,10 +102,11 @@ def eos_ids(model: nn.Module, tokenizer) -> set[int]:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, *, max_batch: int = 32, max_seq_len: int = 2048,
                  kv_dtype: torch.dtype | None = None, cuda_graphs: bool = True, seq_bucket: int = 256,
-                 progress: bool = False, fused: bool = True, lm_head: HeadFormat | str = HeadFormat.MODEL):
-        if max_batch < 1 or max_seq_len < 2 or seq_bucket < 1:
-            raise ValueError(f"Engine needs max_batch >= 1, max_seq_len >= 2, seq_bucket >= 1; got "
-                             f"{max_batch}, {max_seq_len}, {seq_bucket}")
+                 progress: bool = False, fused: bool = True, lm_head: HeadFormat | str = HeadFormat.MODEL,
+                 prefill_graphs: bool = True, prefill_bucket: int | None = None):
+        if max_batch < 1 or max_seq_len < 2 or seq_bucket < 1 or (prefill_bucket is not None and prefill_bucket < 1):
+            raise ValueError(f"Engine needs max_batch >= 1, max_seq_len >= 2, seq_bucket >= 1, prefill_bucket >= 1; "
+                             f"got {max_batch}, {max_seq_len}, {seq_bucket}, {prefill_bucket}")
         self.runner = DecoderRunner(model, fused=fused, head=HeadFormat(lm_head))
         self.model, self.tokenizer = self.runner.model, tokenizer
         embed = self.model.get_input_embeddings().weight
@@ -99,6 +115,11 @@ class Engine:
         self.kv_dtype = kv_dtype or self.dtype  # None: the model's own dtype (float32 models keep a float32 cache)
         self.caches = self.runner.make_caches(max_batch, max_seq_len, self.kv_dtype, self.dtype, self.device)
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and not self.runner.spec.is_moe
+        self.use_prefill_graphs = self.use_graphs and prefill_graphs
+        # prompts are padded to a multiple of this (None: no padding); 64 by default with prefill graphs
+        self.prefill_bucket = prefill_bucket if prefill_bucket is not None else (
+            PREFILL_BUCKET if self.use_prefill_graphs else None)
+        self._prefill: dict[tuple[int, int], list] = {}  # (rows, padded P) -> [static inputs, graph, logits]
         self.eos = eos_ids(self.model, tokenizer)
         self.progress = progress
         self._graphs: dict[tuple[int, int], tuple] = {}
@@ -129,19 +150,61 @@ class Engine:
 
     # ------------------------------------------------------------------ forward passes
 
-    def prefill(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Left-pad and run the prompts: (logits [B, V], pad [B], P)."""
+    def prefill_shape(self, B: int, P: int, room: int = 1) -> tuple[int, int]:
+        """(rows, prompt length) prefill runs for B prompts of at most P tokens: unchanged without
+        `prefill_bucket`; else P rounded up to the bucket, but never so far that fewer than `room` slots
+        (the tokens to generate) stay free in the cache, and with prefill graphs the batch rounded up to its
+        bucket as decode does."""
+        if self.prefill_bucket is None:
+            return B, P
+        Pb = min(-(-P // self.prefill_bucket) * self.prefill_bucket, self.max_seq_len - max(room, 1))
+        return (self._rows(B) if self.use_prefill_graphs else B), max(Pb, P)
+
+    def prefill(self, ids: list[list[int]], room: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Left-pad and run the prompts: (logits [B, V], pad [B], P), P the (padded) prompt length: decode
+        starts at slot P. `room`: cache slots to keep free for generation when padding to the bucket.
+        Rows past B (batch bucket) hold token 0 without padding; nobody reads them."""
         if self.runner.refresh():  # a fused weight's source changed in place: graphs point at the old copy
             self.reset_graphs()
-        B, P = len(ids), max(len(x) for x in ids)
-        pad = torch.tensor([P - len(x) for x in ids], device=self.device)
-        tokens = torch.zeros(B, P, dtype=torch.long, device=self.device)
+        B = len(ids)
+        rows, P = self.prefill_shape(B, max(len(x) for x in ids), room)
+        pad = torch.tensor([P - len(x) for x in ids] + [0] * (rows - B), device=self.device)
+        tokens = torch.zeros(rows, P, dtype=torch.long, device=self.device)
         for b, x in enumerate(ids):
             tokens[b, P - len(x):] = torch.tensor(x, device=self.device)
-        slots = torch.arange(P, device=self.device)
+        if self.use_prefill_graphs:
+            logits = self._prefill_replay(tokens, pad)
+        else:
+            logits = self._prefill_run({"tokens": tokens, "pad": pad, "slots": torch.arange(P, device=self.device)})
+        return logits[:B], pad[:B], P
+
+    def _prefill_run(self, st: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The prefill forward on static inputs (tokens [rows, P], pad [rows], slots [P]): what a graph captures."""
+        slots, pad = st["slots"], st["pad"]
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)
-        logits = self.runner.forward(tokens, positions, pad, slots, P, self.caches)
-        return logits, pad, P
+        return self.runner.forward(st["tokens"], positions, pad, slots, slots.shape[0], self.caches)
+
+    def _prefill_replay(self, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Prefill through the graph of this (rows, P): the first use runs eagerly on fresh static inputs,
+        the second captures, later ones copy the inputs in and replay. Returns logits [rows, V], a copy of
+        the graph's output: graphs share one memory pool, so a later replay of any graph (a decode step) may
+        overwrite that output (seen on the H100: teacher-forced tests that kept the view read garbage)."""
+        key = tuple(tokens.shape)
+        entry = self._prefill.get(key)
+        if entry is None:
+            st = {"tokens": tokens, "pad": pad, "slots": torch.arange(tokens.shape[1], device=self.device)}
+            self._prefill[key] = [st, None, None]
+            return self._prefill_run(st)
+        st, graph, logits = entry
+        st["tokens"].copy_(tokens)
+        st["pad"].copy_(pad)
+        if graph is None:  # the eager first use compiled every kernel and prepared every weight of these shapes
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool()):  # captured, not run
+                logits = self._prefill_run(st)
+            entry[1], entry[2] = graph, logits
+        graph.replay()
+        return logits.clone()
 
     @torch.no_grad()
     def prompt_logits(self, ids: list[int]) -> torch.Tensor:
@@ -231,16 +294,21 @@ class Engine:
                 for k, v in saved.items():
                     st[k].copy_(v)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):  # captured, not run: the state is untouched
+        with torch.cuda.graph(graph, pool=self._graph_pool()):  # captured, not run: the state is untouched
             logits = self._step(Bb, kv_len, params)
         return graph, logits
 
+    def _graph_pool(self):
+        """One memory pool for every graph (decode and prefill): they never run at the same time."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
     def reset_graphs(self) -> None:
-        """Drop captured graphs and the fused weights (both are rebuilt on demand)."""
+        """Drop captured graphs (decode and prefill) and the fused weights (both are rebuilt on demand)."""
         self._graphs.clear()
+        self._prefill.clear()
         self._pool = None
         self.runner.drop_fused()
 
@@ -288,7 +356,7 @@ class Engine:
         done = [Completion(prompt_ids=list(x)) for x in ids]
         trackers = [TextTracker(self.tokenizer, params.stop, stream is not None) if self.tokenizer else None
                     for _ in ids]
-        logits, pad, P = self.prefill(ids)
+        logits, pad, P = self.prefill(ids, room=params.max_new_tokens)
         budget = min(params.max_new_tokens, self.max_seq_len - P)
         rows = torch.arange(offset, offset + B, device=self.device)
         first = sample(logits, params, seed, P - 1, rows)  # token of slot P, keyed by the prompt's last slot

@@ -140,9 +140,9 @@ def test_cuda_graph_decode_equals_eager(scheme, kv):
         quantize_(model, NVFP4Config() if scheme == "nvfp4" else MXFP4Config(), progress=False)
     prompts = [[1, 5, 9, 20, 3], [7, 8], [50, 3, 4, 5, 6, 7, 8, 11, 12], [9, 9, 4]]
     params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
-    kw = {"max_batch": 4, "max_seq_len": 128, "kv_dtype": kv, "seq_bucket": 16}
+    kw = {"max_batch": 4, "max_seq_len": 128, "kv_dtype": kv, "seq_bucket": 16, "prefill_bucket": 64}
     graphed = Engine(model, cuda_graphs=True, **kw)
-    eager = Engine(model, cuda_graphs=False, **kw)
+    eager = Engine(model, cuda_graphs=False, **kw)  # same padded prefill shapes, without graphs
     a = [o.token_ids for o in graphed.generate(prompts, params)]
     b = [o.token_ids for o in eager.generate(prompts, params)]
     assert a == b
@@ -164,7 +164,7 @@ def test_cuda_graph_sampling_equals_eager(head):
     quantize_(model, NVFP4Config(), progress=False)
     prompts = [[1, 5, 9, 20, 3], [7, 8], [50, 3, 4, 5, 6, 7, 8, 11, 12], [9, 9, 4]]
     params = SamplingParams(max_new_tokens=40, temperature=0.8, top_k=20, top_p=0.9, seed=11)
-    kw = {"max_batch": 4, "max_seq_len": 128, "seq_bucket": 16, "lm_head": head}
+    kw = {"max_batch": 4, "max_seq_len": 128, "seq_bucket": 16, "lm_head": head, "prefill_bucket": 64}
     graphed = Engine(model, cuda_graphs=True, **kw)
     eager = Engine(model, cuda_graphs=False, **kw)
     graphed.eos = eager.eos = {17}  # some rows end early, at different steps
@@ -174,6 +174,55 @@ def test_cuda_graph_sampling_equals_eager(head):
     assert a == [(o.token_ids, o.finish_reason) for o in graphed.generate(prompts, params)]
     other = [o.token_ids for o in graphed.generate(prompts, SamplingParams(max_new_tokens=40, seed=12))]
     assert other != [t for t, _ in a]
+
+
+@CUDA
+@pytest.mark.parametrize("scheme", ["none", "nvfp4"])
+def test_cuda_prefill_graph_equals_eager_prefill(scheme):
+    """Prefill graphs: the first prefill of a (rows, padded length) runs eagerly, the second captures and
+    replays, later ones replay; each gives the logits of an engine without graphs on the same padded shapes
+    bit for bit, also for other prompts of the same bucket (the static inputs are refilled), and the cache
+    the replay wrote carries decode on to the same tokens."""
+    from fp4kit.formats import NVFP4Config
+    from fp4kit.nn import quantize_
+
+    torch.manual_seed(0)
+    model = tiny("llama", hidden_size=128, intermediate_size=256).to("cuda", torch.bfloat16)
+    if scheme == "nvfp4":
+        quantize_(model, NVFP4Config(), progress=False)
+    kw = {"max_batch": 4, "max_seq_len": 160, "seq_bucket": 16, "prefill_bucket": 32}
+    graphed, eager = Engine(model, **kw), Engine(model, cuda_graphs=False, **kw)
+    # 4 prompts (the rows bucket, so the engine without graphs runs the same GEMM shapes)
+    first = [[1, 5, 9, 20, 3], [7, 8], [50, 3, 4, 5, 6, 7, 8, 11, 12], [9, 9, 4]]
+    other = [[4, 4, 4, 4], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [2, 7], [8] * 20]  # same bucket, other pads
+    for prompts in (first, first, other, first):
+        got, pad, P = graphed.prefill(prompts)
+        want, pad_e, P_e = eager.prefill(prompts)
+        assert P == P_e == 32 and torch.equal(pad, pad_e)
+        assert torch.equal(got, want), prompts
+    ((st, graph, _),) = graphed._prefill.values()
+    assert graph is not None and tuple(st["tokens"].shape) == (4, 32)
+    params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    assert ([o.token_ids for o in graphed.generate(other, params)]
+            == [o.token_ids for o in eager.generate(other, params)])
+    assert torch.equal(got, want)  # the returned logits are the caller's: decode replays since left them alone
+    graphed.reset_graphs()
+    assert not graphed._prefill
+
+
+def test_prefill_bucket_pads_without_changing_tokens(llama):
+    """Padding the prompts to `prefill_bucket` (what prefill graphs run) only adds masked slots: greedy tokens
+    equal transformers' on the unpadded prompts; padding never takes the room the generation needs."""
+    eng = Engine(llama, max_batch=4, max_seq_len=64, seq_bucket=16, prefill_bucket=16)
+    assert eng.prefill_shape(3, 9, room=12) == (3, 16)
+    assert eng.prefill_shape(3, 9, room=50) == (3, 14)  # only as far as 64 - 50 slots
+    assert eng.prefill_shape(3, 9, room=60) == (3, 9)  # never below the prompt
+    assert eng.prefill_shape(3, 40, room=1) == (3, 48)
+    outs = eng.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [hf_greedy(llama, p, 12) for p in PROMPTS]
+    assert Engine(llama, max_batch=1, max_seq_len=8).prefill_bucket is None  # CPU: no graphs, no padding
+    with pytest.raises(ValueError, match="prefill_bucket >= 1"):
+        Engine(llama, max_batch=1, max_seq_len=8, prefill_bucket=0)
 
 
 def test_lora_over_fp4_is_used_as_is(llama):
