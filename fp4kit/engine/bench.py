@@ -114,7 +114,7 @@ def kv_bytes_per_step(engine: Engine, batch: int, kv_len: int) -> int:
 def bench_batch(engine: Engine, batch: int, cfg: BenchConfig, bandwidth: float) -> dict:
     vocab = engine.model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(cfg.seed + batch)
-    ids = torch.randint(0, vocab, (batch, cfg.prompt_len), generator=gen).tolist()
+    ids = torch.randint(0, vocab, (batch, cfg.prompt_len), generator=gen, device="cpu").tolist()
     params = SamplingParams(max_new_tokens=cfg.gen_len, temperature=0, ignore_eos=True)
     dev = engine.device
 

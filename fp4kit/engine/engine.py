@@ -193,8 +193,9 @@ class Engine:
         entry = self._prefill.get(key)
         if entry is None:
             st = {"tokens": tokens, "pad": pad, "slots": torch.arange(tokens.shape[1], device=self.device)}
-            self._prefill[key] = [st, None, None]
-            return self._prefill_run(st)
+            logits = self._prefill_run(st)
+            self._prefill[key] = [st, None, None]  # only once the eager run got through
+            return logits
         st, graph, logits = entry
         st["tokens"].copy_(tokens)
         st["pad"].copy_(pad)
@@ -251,7 +252,7 @@ class Engine:
         st["pad"][:B] = pad
         st["slot"].fill_(slot)
         st["seed"].fill_(seed)
-        torch.arange(first_row, first_row + Bb, out=st["rows"][:Bb])
+        torch.arange(first_row, first_row + Bb, out=st["rows"][:Bb], device=self.device)
 
     def _step(self, Bb: int, kv_len: int, params: SamplingParams) -> torch.Tensor:
         """One decode step on the state: logits of tokens at `slot`, the next tokens sampled (keyed by seed,
@@ -322,7 +323,7 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         ids = self.encode(prompts)
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, (), device="cpu").item())
         out = []
         for start in range(0, len(ids), self.max_batch):
             out += self._generate_batch(ids[start:start + self.max_batch], params, stream, start, seed)
@@ -333,7 +334,7 @@ class Engine:
         buf = self._host
         if buf is None or buf.shape[0] < steps or buf.shape[1] < B:
             rows, cols = max(steps, self.max_seq_len), max(B, self.max_batch)
-            buf = torch.empty(rows, cols, dtype=torch.long, pin_memory=self.device.type == "cuda")
+            buf = torch.empty(rows, cols, dtype=torch.long, device="cpu", pin_memory=self.device.type == "cuda")
             self._host = buf
         return buf
 

@@ -225,6 +225,21 @@ def test_prefill_bucket_pads_without_changing_tokens(llama):
         Engine(llama, max_batch=1, max_seq_len=8, prefill_bucket=0)
 
 
+def test_generate_ignores_torch_default_device(llama):
+    """Every tensor the engine makes names its device, so a default device set by the user (or left over by
+    another library) changes nothing: the H100 engine tests once failed after a test left
+    `torch.set_default_device("cpu")` active (`torch.arange(..., out=<cuda tensor>)`)."""
+    want = [o.token_ids for o in Engine(llama, max_batch=4, max_seq_len=64).generate(PROMPTS, GREEDY)]
+    torch.set_default_device("meta")  # on this CPU run the foreign device; any tensor made without device= breaks
+    try:
+        eng = Engine(llama, max_batch=4, max_seq_len=64)
+        got = [o.token_ids for o in eng.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=0,
+                                                                          ignore_eos=True, seed=None))]
+    finally:
+        torch.set_default_device(None)
+    assert got == want
+
+
 def test_lora_over_fp4_is_used_as_is(llama):
     """LoRA wrappers around FP4 layers: the engine calls the wrappers (its tokens follow the adapter) and
     equals HF generate over the same modules."""

@@ -22,7 +22,9 @@ def _on_the_gpu_when_present():
     try:
         yield
     finally:
-        torch.set_default_device("cpu")
+        # None, not "cpu": a "cpu" default stays an active device mode, and a later test's
+        # `torch.arange(..., out=cuda_tensor)` without device= then fails (seen on the H100 in the engine tests)
+        torch.set_default_device(None)
 
 
 def mx_keys(k):  # k: [R, L, D] float -> KeyCacheView (MXFP4)
