@@ -29,6 +29,24 @@ def _attention_label(cfg) -> str:
             + (f" rot{cfg.rotate_block or 'full'}" if cfg.rotate else "") + (" centered" if cfg.center_keys else ""))
 
 
+def _calibrated_rotation(model, tok, indexer, tokens: int, device) -> dict:
+    """{layer: IndexerConfig} with each layer's better rotation (the indexer's block, or the whole head dim) on the first
+    `tokens` tokens of the bundled DROP passages (not an evaluated text), or {} when not asked for."""
+    if not tokens:
+        return {}
+    if indexer is None or not indexer.rotate:
+        raise ValueError("--sparse-calibrate-rotation needs an FP4 sparse indexer (--sparse-top-k and "
+                         "--sparse-index mxfp4 or nvfp4)")
+    from fp4kit.data import load_corpus
+    from fp4kit.eval.sparse import calibrate_rotation
+
+    ids = tok(load_corpus("drop")[: 12 * tokens], return_tensors="pt")["input_ids"][:, :tokens].to(device)
+    if ids.shape[1] < tokens:
+        raise ValueError(f"--sparse-calibrate-rotation: the DROP text holds only {ids.shape[1]} tokens")
+    blocks = (indexer.rotate_block, None) if indexer.rotate_block else (32, None)  # the flag's block vs the full one
+    return calibrate_rotation(model, ids, indexer, blocks=blocks, queries=min(1024, tokens), local="window")
+
+
 def cmd_eval(args) -> int:
     import contextlib
 
@@ -45,8 +63,12 @@ def cmd_eval(args) -> int:
                  "quantized_layers": len(report.quantized)}
     model = model.to(device).eval()
     indexer = _indexer(args)
-    meta |= {"attention": _attention_label(indexer)}
-    sparse = use_sparse_attention(model, indexer) if indexer else contextlib.nullcontext()
+    layer_configs = _calibrated_rotation(model, tok, indexer, args.sparse_calibrate_rotation, device)
+    meta |= {"attention": _attention_label(indexer) + (
+        f" rotation per layer (calibrated on {args.sparse_calibrate_rotation} DROP tokens: "
+        + ",".join(f"{i}:{c.rotate_block or 'full'}" for i, c in sorted(layer_configs.items())) + ")"
+        if layer_configs else "")}
+    sparse = use_sparse_attention(model, indexer, layer_configs) if indexer else contextlib.nullcontext()
     with sparse:
         records = evaluate(model, tok, tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
                            ppl_tokens=args.ppl_tokens, context=args.context, meta=meta)
@@ -104,6 +126,9 @@ def register(sub) -> None:
                    help="Hadamard block size of the FP4 indexer's rotation (default 32; 0: the whole head dim)")
     s.add_argument("--no-sparse-center", dest="sparse_center", action="store_false",
                    help="do not subtract the mean key (of the prefill) before rounding the indexer's keys")
+    s.add_argument("--sparse-calibrate-rotation", type=int, default=0, metavar="TOKENS",
+                   help="choose each layer's rotation (--sparse-rotate-block's or the whole head dim) by the top-k recall on this "
+                        "many tokens of bundled DROP text before evaluating (e.g. 2048; 0: one rotation for all)")
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("compare", help="table (and plot) of result files; runs are grouped by model, format "
                                        "and method, in order of appearance, and the first is the base")

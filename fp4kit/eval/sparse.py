@@ -30,6 +30,7 @@ a prefill of that text holds while the scored queries decode.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -219,6 +220,43 @@ def measure_recall(model, ids: torch.Tensor, *, ks=(64, 256, 1024), variants=Non
             rows.extend(head_recall(qg, k[g], cap.scaling[i], ks, variants, layer=i, kv_head=g,
                                     positions=positions, window=window, chunk=chunk))
     return rows
+
+
+def choose_per_layer(rows: list[RecallRow], options: Mapping[object, Sequence[str]]) -> dict[int, object]:
+    """{layer: the option whose variants score the highest mean set recall there}, from recall rows measured on
+    calibration text. `options` maps each choice (e.g. a rotate_block: 32, None) to the names of its variants
+    in `rows` (several: the choice is judged over all of them, e.g. single stage and rerank); the mean runs
+    over those variants, every k and every KV head of the layer. Ties go to the first option listed (the
+    default). A layer without rows for some option is left out (it keeps the caller's default).
+
+    Why per layer: the best rotation depends on where a layer's key variance and query energy sit (the
+    indexer's docstring): Gemma-3's global layer 11 wants the block-32 Hadamard, layers 5 and 17 the full one."""
+    names = {name: opt for opt, group in options.items() for name in group}
+    if len(names) != sum(len(g) for g in options.values()):
+        raise ValueError("choose_per_layer: a variant name is listed under two options")
+    score: dict[int, dict[object, list[float]]] = {}
+    for r in rows:
+        if r.variant in names:
+            score.setdefault(r.layer, {}).setdefault(names[r.variant], []).append(r.set_recall)
+    out = {}
+    for layer, by_opt in sorted(score.items()):
+        if len(by_opt) == len(options):
+            out[layer] = max(options, key=lambda o: (sum(by_opt[o]) / len(by_opt[o]), -list(options).index(o)))
+    return out
+
+
+def calibrate_rotation(model, ids: torch.Tensor, config: IndexerConfig, *, blocks=(32, None), ks=(64, 256),
+                       progress: bool = True, **recall) -> dict[int, IndexerConfig]:
+    """Per-layer indexer configs with the rotation block (`blocks`, first = the default on ties) that keeps the
+    most of the exact top-k on calibration text ids [1, T]: {layer: replace(config, rotate_block=b)} for use as
+    `use_sparse_attention(model, config, layer_configs=...)`. `recall` goes to `measure_recall` (queries,
+    stride, local, layers). Measured choice and its effect on held-out text: BENCHMARKS.md (issue 10)."""
+    if not config.rotate:
+        raise ValueError("calibrate_rotation: the config does not rotate (rotate=False): nothing to choose")
+    variants = {f"rot{b or 'full'}": replace(config, rotate_block=b) for b in blocks}
+    rows = measure_recall(model, ids, ks=ks, variants=variants, progress=progress, **recall)
+    chosen = choose_per_layer(rows, {b: [f"rot{b or 'full'}"] for b in blocks})
+    return {layer: variants[f"rot{b or 'full'}"] for layer, b in chosen.items()}
 
 
 def summarize(rows: list[RecallRow]) -> dict:

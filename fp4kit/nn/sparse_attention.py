@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Mapping
 
 import torch
 
@@ -73,14 +74,19 @@ def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     return torch.einsum("bgin,bgnd->bgid", p, vs).reshape(B, -1, D).to(q.dtype)
 
 
-def sparse_attention_function(config: IndexerConfig):
-    """An attention function for transformers' AttentionInterface that attends to the indexer's selection."""
+def sparse_attention_function(config: IndexerConfig, layer_configs: Mapping[int, IndexerConfig] | None = None):
+    """An attention function for transformers' AttentionInterface that attends to the indexer's selection.
+
+    `layer_configs` {layer index: IndexerConfig} overrides `config` for those layers (the attention module's
+    `layer_idx`), e.g. a per-layer rotation chosen on calibration text (`fp4kit.eval.sparse.choose_per_layer`)."""
+    layer_configs = dict(layer_configs or {})
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                   softcap=None, **kwargs):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        cfg = layer_configs.get(getattr(module, "layer_idx", None), config)
         with torch.no_grad():  # the selection is discrete: no gradient flows through it
-            mask = select_mask(query, key, config, sliding_window=sliding_window)  # [B, Hkv, Tq, Tk]
+            mask = select_mask(query, key, cfg, sliding_window=sliding_window)  # [B, Hkv, Tq, Tk]
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
             mask = mask & attention_mask[..., -key.shape[-2]:]
         out = sparse_attention(query, key, value, mask, scaling, softcap=softcap)
@@ -111,6 +117,7 @@ def attention_implementation(model, fn, prefix: str = "fp4kit_sparse"):
         model.set_attn_implementation(previous)
 
 
-def use_sparse_attention(model, config: IndexerConfig):
-    """Context manager: `with use_sparse_attention(model, IndexerConfig(top_k=256)): model(ids)`."""
-    return attention_implementation(model, sparse_attention_function(config))
+def use_sparse_attention(model, config: IndexerConfig, layer_configs: Mapping[int, IndexerConfig] | None = None):
+    """Context manager: `with use_sparse_attention(model, IndexerConfig(top_k=256)): model(ids)`;
+    `layer_configs` as in `sparse_attention_function`."""
+    return attention_implementation(model, sparse_attention_function(config, layer_configs))

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -94,3 +95,20 @@ def test_eval_cli_sparse_attention_on_tiny_model(tmp_path, capsys):
     assert ppl[big] == pytest.approx(ppl["dense"], rel=1e-5)
     assert abs(ppl[small] - ppl["dense"]) > 1e-3 * ppl["dense"]
     assert ppl["sparse k=4 nvfp4 r=2 sink=1 window=2 rot8"] != ppl[small]  # the flags reach the indexer
+
+
+def test_eval_cli_calibrated_rotation_per_layer(tmp_path, capsys):
+    """--sparse-calibrate-rotation: each layer's rotation chosen on DROP text first, recorded in the attention label;
+    without an FP4 sparse indexer it is a clear error."""
+    from helpers import tiny_llama_folder
+
+    folder = tiny_llama_folder(tmp_path / "tiny")
+    out = tmp_path / "r.jsonl"
+    common = ["eval", str(folder), "--tasks", "ppl:shakespeare", "--ppl-tokens", "200", "--context", "100",
+              "--device", "cpu", "--json", str(out), "--sparse-index", "nvfp4"]
+    assert main(common + ["--sparse-top-k", "4", "--sparse-rotate-block", "8", "--sparse-calibrate-rotation", "96"]) == 0
+    (rec,) = map(json.loads, out.read_text().splitlines())
+    assert re.search(r"rotation per layer \(calibrated on 96 DROP tokens: 0:(8|full),1:(8|full)\)", rec["attention"])
+    capsys.readouterr()
+    assert main(common + ["--sparse-calibrate-rotation", "96"]) == 2
+    assert "needs an FP4 sparse indexer" in capsys.readouterr().err

@@ -1,11 +1,14 @@
 """Recall measurement on constructed cases, and Q/K capture on a tiny model."""
 
 import math
+from dataclasses import replace
 
+import pytest
 import torch
 from helpers import tiny_llama
 
-from fp4kit.eval.sparse import REFERENCE, RecallRow, capture_qk, head_recall, measure_recall, summarize
+from fp4kit.eval.sparse import (REFERENCE, RecallRow, calibrate_rotation, capture_qk, choose_per_layer, head_recall,
+                                measure_recall, summarize)
 from fp4kit.nn.indexer import IndexerConfig, IndexPrecision
 
 
@@ -93,3 +96,35 @@ def test_centered_reference_has_full_recall_on_exact_data():
     plain, cent = (head_recall(q, k, 0.2, [8], {"v": c})[0].set_recall
                    for c in (mx, IndexerConfig(precision=IndexPrecision.MXFP4, rotate=False, rerank=1, center_tokens=4)))
     assert cent > plain
+
+
+def test_choose_per_layer_takes_each_layers_best_option():
+    R = RecallRow
+    rows = [R(0, 0, "b32", 64, 0.90, 1, 5), R(0, 0, "full", 64, 0.80, 1, 5),  # layer 0: block 32
+            R(0, 1, "b32", 64, 0.70, 1, 5), R(0, 1, "full", 64, 0.75, 1, 5),  # (mean over heads: 0.80 vs 0.775)
+            R(1, 0, "b32", 64, 0.60, 1, 5), R(1, 0, "full", 64, 0.95, 1, 5),  # layer 1: full
+            R(1, 0, "b32_r2", 64, 0.99, 1, 5), R(1, 0, "full_r2", 64, 0.98, 1, 5),  # both stages count
+            R(2, 0, "b32", 64, 0.50, 1, 5), R(2, 0, "full", 64, 0.50, 1, 5),  # tie: the first option
+            R(3, 0, "b32", 64, 0.10, 1, 5)]  # no row for "full": left to the default
+    got = choose_per_layer(rows, {32: ["b32", "b32_r2"], None: ["full", "full_r2"]})
+    assert got == {0: 32, 1: None, 2: 32}
+    assert choose_per_layer(rows, {None: ["full"], 32: ["b32"]})[2] is None  # ties follow the listed order
+    with pytest.raises(ValueError, match="two options"):
+        choose_per_layer(rows, {32: ["b32"], None: ["b32"]})
+
+
+def test_calibrate_rotation_picks_the_measured_argmax_per_layer():
+    model = tiny_llama().float()
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(1))
+    base = IndexerConfig(precision=IndexPrecision.NVFP4, rerank=1, center_keys=False)  # head dim 16
+    chosen = calibrate_rotation(model, ids, base, blocks=(8, None), ks=(4, 8), progress=False)
+    assert sorted(chosen) == [0, 1]
+    assert chosen[0] != chosen[1]  # with this seed the two layers prefer different blocks: both branches run
+    rows = measure_recall(model, ids, ks=(4, 8), progress=False,
+                          variants={"b8": replace(base, rotate_block=8), "full": replace(base, rotate_block=None)})
+    for layer, cfg in chosen.items():
+        mean = {v: sum(r.set_recall for r in rows if r.layer == layer and r.variant == v) for v in ("b8", "full")}
+        want = 8 if mean["b8"] >= mean["full"] else None
+        assert cfg == replace(base, rotate_block=want)
+    with pytest.raises(ValueError, match="does not rotate"):
+        calibrate_rotation(model, ids, replace(base, rotate=False), progress=False)

@@ -82,3 +82,25 @@ def test_gemma3_sliding_window_layers_with_large_k_match_eager():
     with use_sparse_attention(model, IndexerConfig(top_k=64, precision=IndexPrecision.MXFP4)):
         got = model(ids).logits
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_layer_configs_override_the_config_per_layer():
+    """`use_sparse_attention(model, config, layer_configs)`: the layers named get their own config (by the attention
+    module's layer_idx), the others the shared one; layer by layer the logits equal a run with that config."""
+    model = tiny_llama().float()
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(3))
+    wide = IndexerConfig(top_k=64, precision=IndexPrecision.BF16)  # >= every causal set: dense
+    narrow = IndexerConfig(top_k=2, rerank=1, sink=1, window=2, precision=IndexPrecision.BF16)
+    with use_sparse_attention(model, wide):
+        dense = model(ids).logits
+    with use_sparse_attention(model, narrow):
+        both = model(ids).logits
+    with use_sparse_attention(model, wide, layer_configs={1: narrow}):
+        mixed = model(ids).logits
+    with use_sparse_attention(model, narrow, layer_configs={0: narrow, 1: narrow}):
+        assert torch.equal(model(ids).logits, both)
+    assert not torch.allclose(mixed, dense, atol=1e-3) and not torch.allclose(mixed, both, atol=1e-3)
+    # the same split by hand: layer 0 dense (wide), layer 1 narrow
+    fw, fn = sparse_attention_function(wide), sparse_attention_function(narrow)
+    with attention_implementation(model, lambda m, *a, **kw: (fn if m.layer_idx == 1 else fw)(m, *a, **kw)):
+        assert torch.equal(model(ids).logits, mixed)
