@@ -210,6 +210,14 @@ def test_cuda_prefill_graph_equals_eager_prefill(scheme):
     assert not graphed._prefill
 
 
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3_moe"])
+def test_prefill_bucket_padding_with_windows_and_experts(kind):
+    """The same with sliding windows (Gemma-3, window 4 < the prompts) and MoE blocks (pad tokens are routed too)."""
+    model = tiny(kind)
+    outs = Engine(model, max_batch=4, max_seq_len=64, seq_bucket=16, prefill_bucket=16).generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [hf_greedy(model, p, 12) for p in PROMPTS]
+
+
 def test_prefill_bucket_pads_without_changing_tokens(llama):
     """Padding the prompts to `prefill_bucket` (what prefill graphs run) only adds masked slots: greedy tokens
     equal transformers' on the unpadded prompts; padding never takes the room the generation needs."""
