@@ -48,8 +48,8 @@ def main():
         from fp4kit.kernels.fp4_gemm import hooks_idle
 
         rt = triton.knobs.runtime
-        print(f"hooks_idle={hooks_idle()} enter={rt.launch_enter_hook!r} "
-              f"calls={getattr(rt.launch_enter_hook, 'calls', None)} exit_calls={getattr(rt.launch_exit_hook, 'calls', None)}")
+        enter, exit_ = (getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+        print(f"hooks_idle={hooks_idle()} enter hooks={enter} exit hooks={exit_}")
         qt = quantize(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02, NVFP4Config())
         x = torch.randn(a.profile, 4096, device="cuda", dtype=torch.bfloat16)
         host_us(lambda: fp4_linear(x, qt), n=200)

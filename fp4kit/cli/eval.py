@@ -30,8 +30,8 @@ def _attention_label(cfg) -> str:
 
 
 def _calibrated_rotation(model, tok, indexer, tokens: int, device) -> dict:
-    """{layer: IndexerConfig} with each layer's better rotation (the indexer's block, or the whole head dim) on the first
-    `tokens` tokens of the bundled DROP passages (not an evaluated text), or {} when not asked for."""
+    """{layer: IndexerConfig} with each layer's better rotation (the indexer's block, or the whole head dim) on
+    the first `tokens` tokens of the bundled DROP passages (not an evaluated text), or {} when not asked for."""
     if not tokens:
         return {}
     if indexer is None or not indexer.rotate:
@@ -127,8 +127,9 @@ def register(sub) -> None:
     s.add_argument("--no-sparse-center", dest="sparse_center", action="store_false",
                    help="do not subtract the mean key (of the prefill) before rounding the indexer's keys")
     s.add_argument("--sparse-calibrate-rotation", type=int, default=0, metavar="TOKENS",
-                   help="choose each layer's rotation (--sparse-rotate-block's or the whole head dim) by the top-k recall on this "
-                        "many tokens of bundled DROP text before evaluating (e.g. 2048; 0: one rotation for all)")
+                   help="choose each layer's rotation (--sparse-rotate-block's or the whole head dim) by the "
+                        "top-k recall on this many tokens of bundled DROP text before evaluating (e.g. 2048; "
+                        "0: one rotation for all)")
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("compare", help="table (and plot) of result files; runs are grouped by model, format "
                                        "and method, in order of appearance, and the first is the base")

@@ -106,7 +106,8 @@ def test_eval_cli_calibrated_rotation_per_layer(tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     common = ["eval", str(folder), "--tasks", "ppl:shakespeare", "--ppl-tokens", "200", "--context", "100",
               "--device", "cpu", "--json", str(out), "--sparse-index", "nvfp4"]
-    assert main(common + ["--sparse-top-k", "4", "--sparse-rotate-block", "8", "--sparse-calibrate-rotation", "96"]) == 0
+    calibrate = ["--sparse-top-k", "4", "--sparse-rotate-block", "8", "--sparse-calibrate-rotation", "96"]
+    assert main(common + calibrate) == 0
     (rec,) = map(json.loads, out.read_text().splitlines())
     assert re.search(r"rotation per layer \(calibrated on 96 DROP tokens: 0:(8|full),1:(8|full)\)", rec["attention"])
     capsys.readouterr()
