@@ -20,10 +20,13 @@ import argparse
 import json
 import os
 import pathlib
-import tempfile
+import sys
 from collections import defaultdict
 
-from fp4kit.eval.sparse import RecallRow, choose_per_layer
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sparse_recall import write_json  # noqa: E402
+
+from fp4kit.eval.sparse import RecallRow, choose_per_layer  # noqa: E402
 
 OPTIONS = {32: ("mxfp4_rot32_c", "mxfp4_rot32_r2_c"), None: ("mxfp4_rot_c", "mxfp4_rot_r2_c")}
 STAGES = {"single": 0, "r2": 1}  # index into each option's variant pair
@@ -93,10 +96,7 @@ def main() -> None:
                                    for c in ("block32", "full", "calibrated", "oracle"))
                 print(f"| {name} | {stage} | {k} | {cells} |")
     out = a.out or pathlib.Path("benchmarks/results") / f"sparse_rotation_choice_{de['model']}.json"
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    write_json(out, result)
     print(f"\nwrote {out}")
 
 

@@ -15,12 +15,10 @@ Writes benchmarks/results/sparse_rotation_ppl_<model>.json (temp file, then rena
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from dataclasses import replace
 
@@ -28,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sparse_recall import tokens  # noqa: E402
+from sparse_recall import tokens, write_json  # noqa: E402
 
 from fp4kit.eval.sparse import calibrate_rotation  # noqa: E402
 from fp4kit.io.models import load_model  # noqa: E402
@@ -91,10 +89,7 @@ def main() -> None:
             print(row, f"({time.time() - t0:.0f} s)", flush=True)
     res["seconds"] = time.time() - t0
     out = pathlib.Path("benchmarks/results") / f"sparse_rotation_ppl_{a.model}.json"
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, out)
+    write_json(out, res)
     print(f"dense {res['ppl_dense']:.3f}; wrote {out}")
 
 
