@@ -848,10 +848,20 @@ def _kth_largest(u, n, BITS: tl.constexpr, STEP: tl.constexpr = 4):
 
 @triton.jit
 def _load_u(src, idx, count, FROM_M: tl.constexpr):
-    """u = m + 32768 of entries idx < count: from the int16 scores (FROM_M) or the int32 candidate buffer."""
+    """u = m + 32768 of entries idx < count (0 past count): from the int16 scores (FROM_M) or the int32
+    candidate buffer.
+
+    Past `count` u is set by a `where`, not by the load's `other`: a masked int16 load with other=-32768
+    returned -1 in half of its masked lanes on the H100 (Triton 3.6, vectorised int16 loads; exact in the
+    interpreter; benchmarks/probe_threshold_overflow.py, part 3), so those lanes counted as u = 32767 in
+    the k-th search and the overflow tier wrote nothing for rows whose tied score was below that. The
+    other int16 score loads of this file are safe: their consumers mask with the same bound. The scores
+    come from an earlier launch, so their load needs no `volatile`; the candidates, written by other
+    programs of this launch, do."""
     ok = idx < count
     if FROM_M:
-        u = tl.load(src + idx, mask=ok, other=-32768, volatile=True).to(tl.int32) + 32768
+        m = tl.load(src + idx, mask=ok, other=0)
+        u = tl.where(ok, m.to(tl.int32) + 32768, 0)
     else:
         u = tl.load(src + idx, mask=ok, other=0, volatile=True)
     return u
