@@ -96,8 +96,36 @@ def layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.rotate(x) if isinstance(module, RotatedLinear) else x
 
 
-def input_hook(module: nn.Module, hessian: "Hessian"):
-    return module.register_forward_pre_hook(lambda m, args: hessian.add(layer_input(m, args[0].detach())))
+def input_hook(module: nn.Module, hessian: "Hessian", round_input: Callable | None = None):
+    """Add the layer's input (rotated for a RotatedLinear, then `round_input` if given) to `hessian`."""
+    def hook(m, args):
+        x = layer_input(m, args[0].detach())
+        hessian.add(x if round_input is None else round_input(x))
+    return module.register_forward_pre_hook(hook)
+
+
+def input_rounding(activations, input_amax: dict | None, names) -> dict[str, Callable]:
+    """{layer name: x -> x rounded as the quantized layer will round its input} (`FP4Linear.quantize_input`:
+    NVFP4 with the static global scale from `input_amax[name]`, MXFP4, or FP8 per token), for Hessians of
+    the inputs a W4A4 / W4A8 layer actually multiplies (`GPTQConfig.rounded_inputs`). Empty without
+    activations."""
+    from fp4kit.formats import FP8Config, nvfp4_global_scale, quantize_fp8, quantize_mxfp4, quantize_nvfp4
+
+    if activations is None:
+        return {}
+    out = {}
+    for name in names:
+        if isinstance(activations, NVFP4Config):
+            if name not in (input_amax or {}):
+                raise ValueError(f"{name}: NVFP4 activations need a calibrated input amax (input_amax[{name!r}])")
+            gs = nvfp4_global_scale(torch.as_tensor(input_amax[name], dtype=torch.float32), activations)
+            out[name] = (lambda g: lambda x: quantize_nvfp4(x, activations, global_scale=g.to(x.device),
+                                                              name="input").dequantize(x.dtype))(gs)
+        elif isinstance(activations, FP8Config):
+            out[name] = lambda x: quantize_fp8(x, activations, name="input").dequantize(x.dtype)
+        else:
+            out[name] = lambda x: quantize_mxfp4(x, activations, name="input").dequantize(x.dtype)
+    return out
 
 
 @torch.no_grad()
@@ -125,8 +153,10 @@ def observe_layer_input_amax(model: nn.Module, run: Callable[[], object], names)
 def collect_hessians(model: nn.Module, batches: Iterable, config: NVFP4Config | MXFP4Config, *,
                      calibration: CalibrationConfig = CalibrationConfig(),
                      filter_fn: Callable[[nn.Module, str], bool] | None = None,
-                     ignore: tuple[str, ...] = DEFAULT_IGNORE, progress: bool = True) -> dict[str, Hessian]:
-    """Run `batches` (token ids [B, S], or dicts of model kwargs) through `model`; return input Hessians."""
+                     ignore: tuple[str, ...] = DEFAULT_IGNORE, progress: bool = True,
+                     round_inputs: dict[str, Callable] | None = None) -> dict[str, Hessian]:
+    """Run `batches` (token ids [B, S], or dicts of model kwargs) through `model`; return input Hessians.
+    `round_inputs` {name: fn} rounds a layer's input before it is added (see `input_rounding`)."""
     from .moe_gptq import eligible_experts, expert_hook, new_expert_hessians
 
     layers = eligible_linears(model, config, filter_fn, ignore)
@@ -136,7 +166,7 @@ def collect_hessians(model: nn.Module, batches: Iterable, config: NVFP4Config | 
     experts = eligible_experts(model, config, filter_fn, ignore)
     hessians |= {name: new_expert_hessians(m, calibration.accumulate_dtype, calibration.store_device)
                  for name, m in experts.items()}
-    handles = [input_hook(m, hessians[name]) for name, m in layers.items()]
+    handles = [input_hook(m, hessians[name], (round_inputs or {}).get(name)) for name, m in layers.items()]
     handles += [expert_hook(m, hessians[name]) for name, m in experts.items()]
     try:
         for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):

@@ -51,12 +51,15 @@ from .scale_search import ScaleSearchConfig, mxfp4_codes, nvfp4_codes, scale_sea
 @dataclass(frozen=True)
 class GPTQConfig:
     """`block_size`: columns per lazy batch; `damp`: fraction of mean(diag H) added to the diagonal;
-    `act_order`: sweep by decreasing H_jj; `scale_search`: None for RTN scales, else search them."""
+    `act_order`: sweep by decreasing H_jj; `scale_search`: None for RTN scales, else search them;
+    `rounded_inputs`: with quantized activations (W4A4 / W4A8), build each layer's Hessian from its inputs
+    rounded as the quantized layer rounds them (the X it will multiply) instead of the float inputs."""
 
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
     scale_search: ScaleSearchConfig | None = None
+    rounded_inputs: bool = False
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 1:

@@ -46,7 +46,8 @@ from torch import nn
 from fp4kit.formats import FP8Config, MXFP4Config, NVFP4Config
 from fp4kit.nn import DEFAULT_IGNORE, QuantizeReport, quantize_
 
-from .calibrate import apply_gptq, apply_scale_search, collect_hessians, eligible_linears, observe_layer_input_amax
+from .calibrate import (apply_gptq, apply_scale_search, collect_hessians, eligible_linears, input_rounding,
+                        observe_layer_input_amax)
 from .gptq import GPTQConfig
 from .rotations import RotationConfig, rotate_model_
 from .scale_search import ScaleSearchConfig
@@ -119,8 +120,7 @@ class PTQRecipe:
             object.__setattr__(self, "signround", replace(self.signround, init_scales=self.scale_search))
         if self.method is PTQMethod.MR_GPTQ:
             if self.gptq.scale_search is None:
-                object.__setattr__(self, "gptq", GPTQConfig(self.gptq.block_size, self.gptq.damp,
-                                                            self.gptq.act_order, self.scale_search))
+                object.__setattr__(self, "gptq", replace(self.gptq, scale_search=self.scale_search))
 
 
 def apply_ptq(model: nn.Module, config: NVFP4Config | MXFP4Config, recipe: PTQRecipe = PTQRecipe(), *,
@@ -142,6 +142,10 @@ def apply_ptq(model: nn.Module, config: NVFP4Config | MXFP4Config, recipe: PTQRe
     select = dict(filter_fn=filter_fn, ignore=ignore)
     rotated = {}
     rotation = recipe.rotation
+    if recipe.gptq.rounded_inputs and (activations is None or not recipe.method.needs_calibration
+                                       or recipe.method.signround):
+        raise ValueError("apply_ptq: GPTQConfig.rounded_inputs builds GPTQ Hessians from the rounded activations; it "
+                         "needs method gptq or mr-gptq and activations (W4A4 / W4A8)")
     if recipe.method.signround and activations is not None:
         raise ValueError(f"apply_ptq: {recipe.method.value} simulates W4A16 only; activations must be None, "
                          f"got {type(activations).__name__}")
@@ -182,5 +186,9 @@ def _quantize(model, config, recipe: PTQRecipe, batches, select, extra, progress
     if recipe.sequential or recipe.state_dir:
         return sequential_gptq(model, batches, config, recipe.gptq, state_dir=recipe.state_dir,
                                ignore=select["ignore"], progress=progress, **extra).report
-    hessians = collect_hessians(model, batches, config, progress=progress, **select)
+    rounding = {}
+    if recipe.gptq.rounded_inputs:
+        names = eligible_linears(model, config, select["filter_fn"], select["ignore"])
+        rounding = input_rounding(extra.get("activations"), extra.get("input_amax"), names)
+    hessians = collect_hessians(model, batches, config, progress=progress, round_inputs=rounding, **select)
     return apply_gptq(model, config, hessians, recipe.gptq, progress=progress, **select, **extra).report

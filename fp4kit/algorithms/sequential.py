@@ -38,7 +38,7 @@ from fp4kit.formats import MXFP4Config, NVFP4Config
 from fp4kit.nn import DEFAULT_IGNORE, QuantizeReport, quantize_
 from fp4kit.nn.rotation import RotatedLinear
 
-from .calibrate import GPTQResult, Hessian, apply_gptq, eligible_linears, input_hook
+from .calibrate import GPTQResult, Hessian, apply_gptq, eligible_linears, input_hook, input_rounding
 from .gptq import GPTQConfig
 
 
@@ -161,7 +161,9 @@ def sequential_gptq(model: nn.Module, batches: Iterable, config: NVFP4Config | M
         targets = eligible_linears(model, config, select, ignore)
         hessians = {n: Hessian(torch.zeros(m.in_features, m.in_features, device=m.weight.device))
                     for n, m in targets.items()}
-        handles = [input_hook(m, hessians[n]) for n, m in targets.items()]
+        rounding = (input_rounding(quantize_kwargs.get("activations"), quantize_kwargs.get("input_amax"), targets)
+                    if gptq_config.rounded_inputs else {})
+        handles = [input_hook(m, hessians[n], rounding.get(n)) for n, m in targets.items()]
         try:
             with torch.no_grad():
                 for h, kw in zip(hidden, kwargs[i]):
