@@ -105,26 +105,22 @@ def input_hook(module: nn.Module, hessian: "Hessian", round_input: Callable | No
 
 
 def input_rounding(activations, input_amax: dict | None, names) -> dict[str, Callable]:
-    """{layer name: x -> x rounded as the quantized layer will round its input} (`FP4Linear.quantize_input`:
-    NVFP4 with the static global scale from `input_amax[name]`, MXFP4, or FP8 per token), for Hessians of
-    the inputs a W4A4 / W4A8 layer actually multiplies (`GPTQConfig.rounded_inputs`). Empty without
-    activations."""
-    from fp4kit.formats import FP8Config, nvfp4_global_scale, quantize_fp8, quantize_mxfp4, quantize_nvfp4
+    """{layer name: x -> x rounded as the quantized layer will round its input} (`fp4kit.nn.linear.round_input`,
+    NVFP4 with the static global scale from `input_amax[name]`), for Hessians of the inputs a W4A4 / W4A8 layer
+    actually multiplies (`GPTQConfig.rounded_inputs`). Empty without activations."""
+    from fp4kit.formats import nvfp4_global_scale
+    from fp4kit.nn.linear import round_input
 
     if activations is None:
         return {}
     out = {}
     for name in names:
+        gs = None
         if isinstance(activations, NVFP4Config):
             if name not in (input_amax or {}):
                 raise ValueError(f"{name}: NVFP4 activations need a calibrated input amax (input_amax[{name!r}])")
             gs = nvfp4_global_scale(torch.as_tensor(input_amax[name], dtype=torch.float32), activations)
-            out[name] = (lambda g: lambda x: quantize_nvfp4(x, activations, global_scale=g.to(x.device),
-                                                              name="input").dequantize(x.dtype))(gs)
-        elif isinstance(activations, FP8Config):
-            out[name] = lambda x: quantize_fp8(x, activations, name="input").dequantize(x.dtype)
-        else:
-            out[name] = lambda x: quantize_mxfp4(x, activations, name="input").dequantize(x.dtype)
+        out[name] = (lambda g: lambda x: round_input(x, activations, None if g is None else g.to(x.device)))(gs)
     return out
 
 

@@ -43,6 +43,18 @@ from fp4kit.kernels import fp4_linear
 from .rotation import InputRotation, RotatedLinear, RotationConfig
 
 
+def round_input(x: torch.Tensor, config: InputConfig, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x rounded to the input format and back to x's dtype: what a W4A4 / W4A8 layer multiplies. NVFP4 uses
+    the static per-tensor `global_scale` (calibrated); MXFP4 and FP8 (per token) need none."""
+    if isinstance(config, NVFP4Config):
+        qt = quantize_nvfp4(x, config, global_scale=global_scale, name="input")
+    elif isinstance(config, FP8Config):
+        qt = quantize_fp8(x, config, name="input")
+    else:
+        qt = quantize_mxfp4(x, config, name="input")
+    return qt.dequantize(x.dtype)
+
+
 class FP4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: NVFP4Config | MXFP4Config, *, bias: bool = True,
                  dtype: torch.dtype = torch.bfloat16, device=None, input_config: InputConfig | None = None,
@@ -119,16 +131,9 @@ class FP4Linear(nn.Module):
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize the activations (W4A4, W4A8); identity when the layer has no input_config."""
-        cfg = self.input_config
-        if cfg is None:
+        if self.input_config is None:
             return x
-        if isinstance(cfg, NVFP4Config):
-            qt = quantize_nvfp4(x, cfg, global_scale=self.input_global_scale, name="input")
-        elif isinstance(cfg, FP8Config):
-            qt = quantize_fp8(x, cfg, name="input")
-        else:
-            qt = quantize_mxfp4(x, cfg, name="input")
-        return qt.dequantize(x.dtype)
+        return round_input(x, self.input_config, self.input_global_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
