@@ -49,9 +49,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fp4kit.formats import (E2M1_MAX, GlobalScale, MXFP4Config, NVFP4Config, QuantizedTensor, check_finite,
-                            e8m0_to_float, nvfp4_global_scale, pack_codes, quantize, quantize_mxfp4, quantize_nvfp4,
+                            e8m0_to_float, nvfp4_global_scale, pack_codes, quantize,
                             round_to_e2m1_codes)
 
+from .linear import round_input
 from .parametrize import register_fp4
 from .quantize import DEFAULT_IGNORE, FUSED_GROUPS, QuantizeReport, exclusion_reason, quantize_, shared_amax
 from .swiglu_clamp import apply_swiglu_clamp
@@ -143,11 +144,7 @@ def quantize_with_scales(x: torch.Tensor, like: QuantizedTensor, *, name: str = 
 def fake_quantize_input(x: torch.Tensor, config: NVFP4Config | MXFP4Config, global_scale=None) -> torch.Tensor:
     """What `FP4Linear.quantize_input` computes, with a straight-through gradient."""
     with torch.no_grad():
-        if isinstance(config, NVFP4Config):
-            qt = quantize_nvfp4(x.detach(), config, global_scale=global_scale, name="input")
-        else:
-            qt = quantize_mxfp4(x.detach(), config, name="input")
-        x_q = qt.dequantize(x.dtype)
+        x_q = round_input(x.detach(), config, global_scale)
     return ste(x, x_q)
 
 
