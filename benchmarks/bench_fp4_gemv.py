@@ -185,6 +185,9 @@ def main(argv=None):
     p.add_argument("--chain", action="store_true", help="also the PDL on/off chain measurements (round 5)")
     p.add_argument("--chain-only", action="store_true", help="only the PDL chain measurements")
     p.add_argument("--chain-layers", type=int, default=16)
+    p.add_argument("--round8", action="store_true",
+                   help="only the round-8 sweep: persistent kernel, lanes 8/16/32, float32 x (M = 1, NVFP4)")
+    p.add_argument("--round8-shapes", nargs="+", default=list(SHAPES))
     args = p.parse_args(argv)
     if args.sass:
         rep = sass_report()
@@ -284,6 +287,76 @@ def run_sweep(bw, shapes, ms=(1, 4), stages_list=(1, 2, 3, 4), evict=""):
     return rows
 
 
+def round8_candidates(N, K, lanes, sms):
+    """(label, GemvConfig, x dtype) for one plane layout: the default launch rule, the persistent kernel at
+    2 / 4 / 6 programs per SM (rows per thread 2, and 1 at 8 lanes), and at 8 lanes x in float32."""
+    from fp4kit.kernels.fp4_gemm import GEMV_EVICT, GemvConfig, _gemv_config
+
+    default = _gemv_config(1, N, K, lanes, sms)
+    chunks = (K // 8) // (16 * lanes)
+    out = [(f"L{lanes} default", default, torch.bfloat16)]
+    if lanes == 8:
+        out.append(("L8 default, x float32", default, torch.float32))
+    for rows in ((2, 1) if lanes == 8 else (2,)):
+        bn = rows * 4 * (32 // lanes)
+        for per_sm in (2, 4, 6):
+            out.append((f"L{lanes} persistent bn{bn} {per_sm}/SM",
+                        GemvConfig(bn, chunks, 4, evict=GEMV_EVICT, persistent=per_sm), torch.bfloat16))
+    return out
+
+
+def run_round8(bw, shapes):
+    """Round 8 (issue 5/8): is the GEMV at M = 1 held by its program structure (load, wait, compute, exit;
+    1-4 chunks per program), by the plane layout's lanes, or by instruction issue? NVFP4, GPU time in a
+    CUDA graph (same-shape launches, PDL as the default), weights rotated through 256 MB, each candidate
+    checked bit-identical (bf16 x) to the default launch before timing."""
+    from bench_fp4_gemm import bench_graph, check
+
+    from fp4kit.formats import NVFP4Config, quantize
+    from fp4kit.kernels.fp4_gemm import _launch_gemv, gemv_layout, gemv_lanes
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for name in shapes:
+        N, K = SHAPES[name]
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        qt0 = quantize(w, NVFP4Config())
+        preps, nxt = _prepared_set(w, NVFP4Config(), qt0.nbytes)
+        layouts = {}
+        for max_lanes in (8, 16, 32):
+            lanes = gemv_lanes(K, 16, max_lanes)
+            if lanes not in layouts:
+                layouts[lanes] = {id(p): (p.gemv if lanes == p.gemv.lanes else gemv_layout(p.qt, lanes)) for p in preps}
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        ref = None
+        nbytes = qt0.nbytes + 2 * K + 2 * N
+        for lanes, lays in layouts.items():
+            for label, cfg, xdt in round8_candidates(N, K, lanes, sms):
+                xx = x.to(xdt)
+                try:
+                    y = _launch_gemv(xx, preps[0], None, config=cfg, layout=lays[id(preps[0])])
+                    if ref is None:
+                        ref = y
+                    same = bool(torch.equal(y.to(torch.bfloat16), ref)) if xdt == torch.bfloat16 else None
+                    max_err, _ = check(x, preps[0].qt, y.to(torch.bfloat16))
+
+                    def call(cfg=cfg, xx=xx, lays=lays):
+                        p = nxt()
+                        return _launch_gemv(xx, p, None, config=cfg, layout=lays[id(p)])
+
+                    us = bench_graph(call)
+                except Exception as e:  # noqa: BLE001 (registers, resources: report and go on)
+                    print(f"  {name} {label}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                rows.append(dict(shape=name, label=label, lanes=lanes, cfg=cfg.__dict__, x_dtype=str(xdt),
+                                 graph_us=us, bw_frac=nbytes / (us * 1e-6) / bw, roofline_us=nbytes / bw * 1e6,
+                                 bit_identical_to_default=same, max_err=max_err))
+                print(f"round8 {name:8s} {label:34s} {us:7.2f} us  {100 * nbytes / (us * 1e-6) / bw:5.1f}% BW  "
+                      f"same={same}", flush=True)
+        del preps, layouts
+    return rows
+
+
 def run_compare(bw, ms=MS):
     """cuBLAS bf16 vs the skinny path vs the GEMV path, graph and eager, both formats, all shapes."""
     from bench_fp4_gemm import bench, bench_graph, check, rotating
@@ -367,6 +440,11 @@ def run_gpu(args):
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    if args.round8:
+        rows = run_round8(bw, args.round8_shapes)
+        _write(args, dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                          torch=torch.__version__, triton=triton.__version__, copy_bw_bytes_per_s=bw, round8=rows))
+        return 0
     if args.chain or args.chain_only:
         chain = run_chain(bw, args.chain_layers)
         if args.chain_only:

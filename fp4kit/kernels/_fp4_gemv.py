@@ -227,16 +227,78 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
             w0, w1, w2, w3, codes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, wmask, N, L, SROW, PAIRED, CACHE, EVICT)
         acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, ch,
                                         m0, M, K, BLOCK_M, L, INTERPRET)
-    # per token: [BLOCK_N] sums over lanes (the one exchange between threads), then y or the split partials
-    _finish(tl.sum(acc0, axis=0), m0, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
+    _epilogue(acc0, acc1, acc2, acc3, m0, M, rows, pid_m * tl.num_programs(0) + pid_n, pid_k, bias_ptr, y_ptr,
+              ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET)
+
+
+@triton.jit
+def fp4_gemv_persistent_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
+                               N: tl.constexpr, K: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr,
+                               SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr, CACHE: tl.constexpr = "",
+                               EVICT: tl.constexpr = "", PDL: tl.constexpr = False):
+    """`fp4_gemv_kernel` as a persistent grid: the same y, the same split-K partials and tickets, bit for bit.
+
+    Work items are (tile of BLOCK_N rows, chunk) pairs, item = tile * SPLIT_K + chunk, with SPLIT_K equal
+    to the chunk count (one chunk per item). Grid (P, tiles of BLOCK_M tokens): program p takes items
+    p, p + P, p + 2P, ... and loads the words and scale codes of its next item into registers before it
+    decodes the current one, so every program keeps one chunk of loads in flight while it computes,
+    across tiles (the non-persistent kernel's programs own 1-4 chunks: load, wait, compute, exit).
+    """
+    K8: tl.constexpr = K // 8
+    SROW: tl.constexpr = (K // 256 if PAIRED else K // 128) * 8
+    N_TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    ITEMS: tl.constexpr = N_TILES * SPLIT_K
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    pid_m = tl.program_id(1)
+    r = tl.arange(0, BLOCK_N)
+    l3 = tl.arange(0, L)[:, None, None]
+    c3 = tl.arange(0, 4)[None, None, :]
+    e3 = tl.arange(0, 8)[None, None, :]
+    m0 = pid_m * BLOCK_M
+    x_ptrs = x_ptr + m0 * K + l3 * 16 + c3  # [L, 1, 4]: token m0, run 0, plane 0 of chunk 0
+    if PDL:
+        gdc_launch_dependents()  # weights never depend on an earlier kernel: the first item's loads go first
+    n3 = ((pid // SPLIT_K) * BLOCK_N + r)[None, :, None]
+    w0, w1, w2, w3, codes = _load_chunk(w_ptr + n3 * K8 + l3 * 4 + c3, s_ptr, n3, l3, e3, pid % SPLIT_K,
+                                        (n3 < N) & (pid < ITEMS), N, L, SROW, PAIRED, CACHE, EVICT)
+    if PDL:
+        gdc_wait()  # x, y, the partials and the tickets only after the previous kernel completed
+    for item in range(pid, ITEMS, P):
+        nxt = item + P
+        nn3 = ((nxt // SPLIT_K) * BLOCK_N + r)[None, :, None]
+        nw0, nw1, nw2, nw3, ncodes = _load_chunk(w_ptr + nn3 * K8 + l3 * 4 + c3, s_ptr, nn3, l3, e3, nxt % SPLIT_K,
+                                                 (nn3 < N) & (nxt < ITEMS), N, L, SROW, PAIRED, CACHE, EVICT)
+        tile = item // SPLIT_K
+        ch = item % SPLIT_K
+        acc0 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+        acc1 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+        acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, ch,
+                                        m0, M, K, BLOCK_M, L, INTERPRET)
+        _epilogue(acc0, acc1, acc2, acc3, m0, M, tile * BLOCK_N + r, pid_m * N_TILES + tile, ch, bias_ptr, y_ptr,
+                  ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET)
+        w0, w1, w2, w3, codes = nw0, nw1, nw2, nw3, ncodes
+
+
+@triton.jit
+def _epilogue(acc0, acc1, acc2, acc3, m0, M, rows, tile, split, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N: tl.constexpr,
+              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """Per token: [BLOCK_N] sums over lanes (the one exchange between threads), then y, or this split's
+    partials and the tile's ticket (the last split of the tile reduces in split order and resets it)."""
+    _finish(tl.sum(acc0, axis=0), m0, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
     if BLOCK_M > 1:
-        _finish(tl.sum(acc1, axis=0), m0 + 1, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
+        _finish(tl.sum(acc1, axis=0), m0 + 1, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
+                INTERPRET)
     if BLOCK_M > 2:
-        _finish(tl.sum(acc2, axis=0), m0 + 2, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
-        _finish(tl.sum(acc3, axis=0), m0 + 3, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
+        _finish(tl.sum(acc2, axis=0), m0 + 2, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
+                INTERPRET)
+        _finish(tl.sum(acc3, axis=0), m0 + 3, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
+                INTERPRET)
     if SPLIT_K > 1:
         tl.debug_barrier()  # every thread's partials are written before the ticket is taken
-        tile = pid_m * tl.num_programs(0) + pid_n
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if ticket == SPLIT_K - 1:  # the last split of this tile: reduce in split order
             for m in tl.static_range(BLOCK_M):
@@ -245,12 +307,12 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
 
 
 @triton.jit
-def _finish(out, m, M, rows, bias_ptr, y_ptr, ws_ptr, N: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _finish(out, m, M, rows, split, bias_ptr, y_ptr, ws_ptr, N: tl.constexpr, HAS_BIAS: tl.constexpr,
             SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
     """Token m's [BLOCK_N] float32 sums: y = cast(out + bias), or this split's partial ws[split, m, rows]."""
     mask = (rows < N) & (m < M)
     if SPLIT_K > 1:
-        tl.store(ws_ptr + tl.program_id(2) * M * N + m * N + rows, out, mask=mask)
+        tl.store(ws_ptr + split * M * N + m * N + rows, out, mask=mask)
     else:
         if HAS_BIAS:
             out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)

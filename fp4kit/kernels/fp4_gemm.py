@@ -549,6 +549,7 @@ class GemvConfig:
     cache: str = ""  # cache_modifier of the weight loads: "", ".ca", ".cg" (L2 only), ".cv"
     evict: str = ""  # eviction_policy of the weight loads: "", "evict_first", "evict_last"
     stages: int = 1  # software pipelining depth of the K loop (tl.range num_stages)
+    persistent: int = 0  # > 0: `fp4_gemv_persistent_kernel` with this many programs per SM (split_k = chunks)
 
     def __post_init__(self):
         if self.cache not in ("", ".ca", ".cg", ".cv"):
@@ -565,6 +566,9 @@ class GemvConfig:
                 raise ValueError(f"GemvConfig.{name} must be a power of two >= 1, got {v}")
         if self.split_k < 1:
             raise ValueError(f"GemvConfig.split_k must be >= 1, got {self.split_k}")
+        if self.persistent < 0 or (self.persistent and (self.prefetch or self.stages > 1)):
+            raise ValueError("GemvConfig.persistent must be >= 0 and needs prefetch=False, stages=1 (the persistent "
+                             f"kernel prefetches across its items itself); got {self}")
 
 
 @dataclass(frozen=True)
@@ -623,27 +627,39 @@ def gemv_supported(qt: QuantizedTensor, M: int) -> bool:
 
 
 def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None,
-                 config: GemvConfig | None = None) -> torch.Tensor:
-    """One launch of fp4_gemv_kernel (compiled kernel cached per key and launched directly, as the skinny path)."""
+                 config: GemvConfig | None = None, layout: GemvLayout | None = None) -> torch.Tensor:
+    """One launch of fp4_gemv_kernel, or of fp4_gemv_persistent_kernel when `config.persistent` (compiled
+    kernel cached per key and launched directly, as the skinny path). `layout`: another plane layout of
+    the same weight (e.g. other lanes, for the benchmark's sweep) instead of the prepared one."""
     M = x2.shape[0]
     N, K = prepared.N, prepared.K
-    lay = _gemv_layout_for(prepared)
+    lay = layout or _gemv_layout_for(prepared)
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    sms = 132 if _interpreting() else _sm_count(x2.device)
     cfg = config or prepared.configs.get(("gemv", M)) or prepared.configs.setdefault(
-        ("gemv", M), _gemv_config(M, N, K, lay.lanes, 132 if _interpreting() else _sm_count(x2.device)))
+        ("gemv", M), _gemv_config(M, N, K, lay.lanes, sms))
     chunks = (K // 8) // (16 * lay.lanes)
-    if chunks % cfg.split_k:
-        raise ValueError(f"GemvConfig.split_k={cfg.split_k} must divide the {chunks} chunks of K = {K}")
+    if chunks % cfg.split_k or (cfg.persistent and cfg.split_k != chunks):
+        raise ValueError(f"GemvConfig.split_k={cfg.split_k} must divide the {chunks} chunks of K = {K} "
+                         "(and equal it for the persistent kernel)")
     block_m = _pow2(M)
-    grid = (_cdiv(N, cfg.block_n), _cdiv(M, block_m), cfg.split_k)
-    stream, ws, cnt = _launch_workspace(x2, y, cfg.split_k, grid)
+    tiles = (_cdiv(N, cfg.block_n), _cdiv(M, block_m), cfg.split_k)
+    # the interpreter counts one SM for the persistent grid, so there `persistent` is the program count
+    # (tests walk many items per program); on the GPU it is programs per SM
+    programs = cfg.persistent * (1 if _interpreting() else sms)
+    grid = (min(programs, tiles[0] * cfg.split_k), tiles[1], 1) if cfg.persistent else tiles
+    stream, ws, cnt = _launch_workspace(x2, y, cfg.split_k, tiles)
     pdl = use_pdl(x2)
-    args = (x2, lay.words, lay.scales, prepared.table, x2 if bias is None else bias, y, ws, cnt, M, N, K,
-            prepared.block_size == 32, bias is not None, block_m, cfg.block_n, lay.lanes, cfg.split_k,
-            cfg.prefetch, _interpreting(), cfg.cache, cfg.evict, cfg.stages, pdl)
-    key = ("gemv", cfg, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
+    common = (x2, lay.words, lay.scales, prepared.table, x2 if bias is None else bias, y, ws, cnt, M, N, K,
+              prepared.block_size == 32, bias is not None, block_m, cfg.block_n, lay.lanes, cfg.split_k)
+    if cfg.persistent:
+        kernel, args = _fp4_gemv.fp4_gemv_persistent_kernel, common + (_interpreting(), cfg.cache, cfg.evict, pdl)
+    else:
+        kernel = _fp4_gemv.fp4_gemv_kernel
+        args = common + (cfg.prefetch, _interpreting(), cfg.cache, cfg.evict, cfg.stages, pdl)
+    key = ("gemv", cfg, lay.lanes, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index, pdl)
-    _launch_cached(prepared, key, _fp4_gemv.fp4_gemv_kernel, grid, stream, args, num_warps=cfg.num_warps,
+    _launch_cached(prepared, key, kernel, grid, stream, args, num_warps=cfg.num_warps,
                    num_stages=1, **({"launch_pdl": True} if pdl else {}))
     return y
 

@@ -11,6 +11,8 @@ difference stays within 2^-7 (test_fp4_gemm's bound for fp4_linear vs the twin).
 the sum has one term, so y is the twin's weight bit for bit: that checks the decode exactly.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ from fp4kit.kernels.fp4_gemm import (GEMV_BIT_POSITIONS, DecodePath, GemvConfig,
                                      gemv_layout, gemv_unlayout, use_triton)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 needs_kernels = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
                                    reason="no CUDA and TRITON_INTERPRET != 1: the kernels cannot run here")
 CONFIGS = {"nvfp4": NVFP4Config(), "nvfp4_torchao": NVFP4Config.torchao(), "mxfp4": MXFP4Config()}
@@ -180,6 +183,28 @@ def test_gemv_load_levers_same_result(cfg):
 
 
 @needs_kernels
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("m,programs", [(1, 1), (3, 2), (4, 64)], ids=["m1_one_program", "m3_two", "m4_grid"])
+def test_gemv_persistent_equals_split_kernel(name, m, programs):
+    """The persistent kernel (programs take items p, p + P, ... and prefetch the next item's chunk) computes
+    the split kernel's partials and reduces them in the same order: bit-identical, run twice (the tickets
+    are reset). 40 rows leave a ragged tile (3 tiles x 4 or 8 chunks); in the interpreter (one "SM")
+    one program walks every item, two programs interleave them, 64 are capped at the item count."""
+    K = 2048 if name == "mxfp4" else 1024
+    qt = quantize(_weight(40, K), CONFIGS[name])
+    prepared = prepare_fp4_weight(qt)
+    prepared.gemv = gemv_layout(qt, lanes=2)  # 4 (NVFP4) / 8 (MXFP4) chunks
+    chunks = (K // 8) // 32
+    x = torch.randn(m, K, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(40, device=DEVICE, dtype=torch.bfloat16)
+    want = _launch_gemv(x, prepared, bias, config=GemvConfig(block_n=16, split_k=chunks))
+    cfg = GemvConfig(block_n=16, split_k=chunks, persistent=programs if INTERPRETING else 1)
+    got = _launch_gemv(x, prepared, bias, config=cfg)
+    assert torch.equal(got, want)
+    assert torch.equal(_launch_gemv(x, prepared, bias, config=cfg), _launch_gemv(x, prepared, bias, config=cfg))
+
+
+@needs_kernels
 def test_gemv_split_must_divide_chunks():
     qt = quantize(_weight(16, 256), NVFP4Config())
     prepared = prepare_fp4_weight(qt)
@@ -238,6 +263,8 @@ def test_gemv_config_validates():
         GemvConfig(block_n=16, cache=".cs")
     with pytest.raises(ValueError, match="eviction policy together"):
         GemvConfig(block_n=16, cache=".cg", evict="evict_first")
+    with pytest.raises(ValueError, match="persistent"):
+        GemvConfig(block_n=16, persistent=2, prefetch=True)
 
 
 # ----------------------------------------------------------------------------------------------
