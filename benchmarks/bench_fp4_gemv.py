@@ -43,6 +43,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# round 8b: where between qkv and gate_up the wider layout starts to win, and the NVFP4 head of Llama-3-8B
+EXTRA_SHAPES = {"n12k": (12288, 4096), "n16k": (16384, 4096), "head": (128256, 4096)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +190,7 @@ def main(argv=None):
     p.add_argument("--round8", action="store_true",
                    help="only the round-8 sweep: persistent kernel, lanes 8/16/32, float32 x (M = 1, NVFP4)")
     p.add_argument("--round8-shapes", nargs="+", default=list(SHAPES))
+    p.add_argument("--round8b", action="store_true", help="round 8b: launch grid at 16 lanes vs the default")
     args = p.parse_args(argv)
     if args.sass:
         rep = sass_report()
@@ -305,7 +308,27 @@ def round8_candidates(N, K, lanes, sms):
     return out
 
 
-def run_round8(bw, shapes):
+def round8b_candidates(N, K, lanes, sms):
+    """The default rule, and at 16 lanes a grid of rows per thread x warps x K split (1.5-28 programs/SM)."""
+    from fp4kit.kernels.fp4_gemm import GEMV_EVICT, GemvConfig, _gemv_config
+
+    out = [(f"L{lanes} default", _gemv_config(1, N, K, lanes, sms), torch.bfloat16)]
+    if lanes != 16:
+        return out
+    chunks = (K // 8) // (16 * lanes)
+    for warps in (4, 8):
+        for rows in (1, 2, 4):
+            bn = rows * warps * (32 // lanes)
+            programs = -(-N // bn)
+            for split in (d for d in range(1, chunks + 1) if chunks % d == 0):
+                if 1.5 * sms <= programs * split <= 64 * sms:
+                    cfg = GemvConfig(bn, split, warps, evict=GEMV_EVICT)
+                    if cfg != out[0][1]:
+                        out.append((f"L16 bn{bn} w{warps} sk{split}", cfg, torch.bfloat16))
+    return out
+
+
+def run_round8(bw, shapes, wide=False):
     """Round 8 (issue 5/8): is the GEMV at M = 1 held by its program structure (load, wait, compute, exit;
     1-4 chunks per program), by the plane layout's lanes, or by instruction issue? NVFP4, GPU time in a
     CUDA graph (same-shape launches, PDL as the default), weights rotated through 256 MB, each candidate
@@ -318,12 +341,12 @@ def run_round8(bw, shapes):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for name in shapes:
-        N, K = SHAPES[name]
+        N, K = {**SHAPES, **EXTRA_SHAPES}[name]
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
         qt0 = quantize(w, NVFP4Config())
         preps, nxt = _prepared_set(w, NVFP4Config(), qt0.nbytes)
         layouts = {}
-        for max_lanes in (8, 16, 32):
+        for max_lanes in ((8, 16) if wide else (8, 16, 32)):
             lanes = gemv_lanes(K, 16, max_lanes)
             if lanes not in layouts:
                 layouts[lanes] = {id(p): (p.gemv if lanes == p.gemv.lanes else gemv_layout(p.qt, lanes)) for p in preps}
@@ -331,7 +354,7 @@ def run_round8(bw, shapes):
         ref = None
         nbytes = qt0.nbytes + 2 * K + 2 * N
         for lanes, lays in layouts.items():
-            for label, cfg, xdt in round8_candidates(N, K, lanes, sms):
+            for label, cfg, xdt in (round8b_candidates if wide else round8_candidates)(N, K, lanes, sms):
                 xx = x.to(xdt)
                 try:
                     y = _launch_gemv(xx, preps[0], None, config=cfg, layout=lays[id(preps[0])])
@@ -440,8 +463,8 @@ def run_gpu(args):
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-    if args.round8:
-        rows = run_round8(bw, args.round8_shapes)
+    if args.round8 or args.round8b:
+        rows = run_round8(bw, args.round8_shapes, wide=args.round8b)
         _write(args, dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                           torch=torch.__version__, triton=triton.__version__, copy_bw_bytes_per_s=bw, round8=rows))
         return 0
