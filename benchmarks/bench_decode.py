@@ -243,6 +243,20 @@ def run_speed(args) -> dict:
                       flush=True)
                 fp4_gemm.PDL = True
                 del eng
+            if args.round8_off_too and on_gpu and kv == "bf16":  # batch 1 without the round-8 changes
+                from fp4kit.kernels import decode_ops
+                tuned, decode_ops.ATTN_FUSED_COMBINE = dict(fp4_gemm.GEMV_TUNED), False
+                fp4_gemm.GEMV_TUNED.clear()  # fresh Engine: its fused q/k/v and gate/up layouts are rebuilt at 8 lanes
+                eng = Engine(model, max_batch=1, max_seq_len=cfg.prompt_len + cfg.gen_len, fused=not args.unfused,
+                             kv_dtype=torch.bfloat16, lm_head=head)
+                one = BenchConfig((1,), cfg.prompt_len, cfg.gen_len, cfg.repeats)
+                r = {"weights": weights, "kv": kv, "lm_head": head, "round8": False, **bench_engine(eng, one, bw)[0]}
+                out.setdefault("round8_off", []).append(r)
+                print("round-8 off", json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                                                 for k, v in r.items()}), flush=True)
+                fp4_gemm.GEMV_TUNED.update(tuned)
+                decode_ops.ATTN_FUSED_COMBINE = True
+                del eng
             if args.prefill_eager_too:  # TTFT with every prefill eager (Engine(prefill_graphs=False)), batch 1
                 eng = Engine(model, max_batch=1, max_seq_len=cfg.prompt_len + cfg.gen_len, fused=not args.unfused,
                              kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn, lm_head=head,
@@ -275,6 +289,11 @@ def run_speed(args) -> dict:
         r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
         print(f"| {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} "
               f"| {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
+              f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
+    for r in out.get("round8_off", []):
+        r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
+        print(f"| round-8 off: {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
+              f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
               f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
     for r in out["no_pdl"]:
         r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
@@ -365,6 +384,9 @@ def main():
                    help="also batch 1 with every prefill eager (no prefill graphs): TTFT")
     f.add_argument("--prefill-dequant-too", action="store_true",
                    help="also batch 1 with the previous prefill path (dequantize + cuBLAS from 65 rows): TTFT")
+    f.add_argument("--round8-off-too", action="store_true",
+                   help="batch 1 also without round 8's changes (16-lane GEMV layouts of the tuned shapes, the "
+                        "attention combine fused into the split kernel), same process")
     f.add_argument("--pdl-off-too", action="store_true",
                    help="also each configuration at batch 1 without programmatic dependent launch (FP4KIT_PDL=0)")
     r = sub.add_parser("profile")

@@ -593,12 +593,37 @@ GEMV_LAUNCH_DEFAULT = GemvLaunchRule(2, 4)
 GEMV_EVICT = "evict_first"  # eviction policy of the streamed weight loads (keeps x in L1)
 
 
+# Round 8 (benchmarks/bench_fp4_gemv.py --round8 / --round8b, H100, 2026-11-23, NVFP4, M = 1, GPU time in a
+# CUDA graph with PDL, results/fp4_gemv_round8{,b}_h100.json): the rule above is not the best launch for every
+# shape, and the plane layout's lane count matters. At 16 lanes (256 contiguous bytes per row and run) gate_up
+# 28672 x 4096 ran 29.5-30.0 us against 31.8-32.2 at 8 lanes (two runs), qkv 6144 x 4096 8.6 us (32 rows, split
+# 2) against 9.2-9.4; down, o, 12288 / 16384 x 4096 and the 128256 x 4096 head gained < 4% or lost, so they keep
+# the rule. Tuned shapes: (N, K) -> (lanes, M = 1 launch). The layout is built once per weight, so its lanes
+# serve M = 2 too (that case was not re-measured at 16 lanes; its launch comes from the rule).
+GEMV_TUNED = {
+    (28672, 4096): (16, GemvConfig(block_n=16, split_k=1, num_warps=4, evict=GEMV_EVICT)),
+    (6144, 4096): (16, GemvConfig(block_n=32, split_k=2, num_warps=4, evict=GEMV_EVICT)),
+}
+
+
+def gemv_tuned_lanes(N: int, K: int, block_size: int) -> int:
+    """Lanes of the plane layout for an N x K weight: the tuned shapes' (where the format's blocks allow
+    it), else GEMV_LANES."""
+    tuned = GEMV_TUNED.get((N, K))
+    if tuned is not None and gemv_lanes(K, block_size, tuned[0]) == tuned[0]:
+        return tuned[0]
+    return GEMV_LANES
+
+
 def _gemv_config(M: int, N: int, K: int, lanes: int, sm_count: int = 132) -> GemvConfig:
     """Rows per program from the launch rule (4 warps of 32 / L row lanes each; rows halved when even
     one program per chunk would leave fewer than 4 programs per SM), then the smallest K split (a
     divisor of the chunk count) that reaches the rule's programs per SM, or one program per chunk."""
     if _interpreting():
         return GemvConfig(block_n=16, split_k=1, num_warps=1)
+    tuned = GEMV_TUNED.get((N, K))
+    if M == 1 and tuned is not None and tuned[0] == lanes:
+        return tuned[1]
     rule = GEMV_LAUNCH.get(M, GEMV_LAUNCH_DEFAULT)
     num_warps = 4
     chunks = (K // 8) // (16 * lanes)
@@ -617,7 +642,7 @@ def _gemv_layout_for(prepared: PreparedFP4Weight) -> GemvLayout:
         if prepared.qt.data.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("fp4_matmul(path=GEMV): this weight's plane layout was not built before CUDA graph "
                                "capture; call it once eagerly first")
-        prepared.gemv = gemv_layout(prepared.qt)
+        prepared.gemv = gemv_layout(prepared.qt, gemv_tuned_lanes(prepared.N, prepared.K, prepared.block_size))
     return prepared.gemv
 
 

@@ -49,8 +49,9 @@ def _errors(y, x, qt, bias):
 # the layout (pure torch)
 
 
-@pytest.mark.parametrize("lanes", [1, 2, 8])
-@pytest.mark.parametrize("name,K", [("nvfp4", 256), ("nvfp4", 384), ("mxfp4", 512), ("mxfp4", 1024)])
+@pytest.mark.parametrize("lanes", [1, 2, 8, 16])
+@pytest.mark.parametrize("name,K", [("nvfp4", 256), ("nvfp4", 384), ("mxfp4", 512), ("mxfp4", 1024),
+                                    ("nvfp4", 2048), ("mxfp4", 4096)])
 def test_gemv_layout_round_trip(name, K, lanes):
     qt = quantize(_weight(24, K), CONFIGS[name])
     lay = gemv_layout(qt, lanes=lanes)
@@ -112,6 +113,37 @@ def test_gemv_matches_reference(name, K, m, has_bias):
     assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
     twin = fp4_matmul_torch(x, qt, bias).float()
     assert ((y.float() - twin).abs().max() / twin.abs().max()).item() <= 2**-7
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_gemv_16_lanes_matches_reference(name, m):
+    """The 16-lane layout (the tuned shapes', `GEMV_TUNED`): K = 2048 is one chunk of 256 words per row."""
+    qt = quantize(_weight(40, 2048), CONFIGS[name])
+    prepared = prepare_fp4_weight(qt)
+    prepared.gemv = gemv_layout(qt, lanes=16)
+    assert prepared.gemv.lanes == 16
+    x = torch.randn(m, 2048, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(40, device=DEVICE, dtype=torch.bfloat16)
+    y = _launch_gemv(x, prepared, bias)
+    max_err, rms_err = _errors(y, x, qt, bias)
+    assert max_err <= TOL[torch.bfloat16][0] and rms_err <= TOL[torch.bfloat16][1], (max_err, rms_err)
+    eight = prepare_fp4_weight(qt)
+    eight.gemv = gemv_layout(qt, lanes=8)
+    y8 = _launch_gemv(x, eight, bias)  # the same sums in another order: within float32 rounding of each other
+    assert ((y.float() - y8.float()).abs().max() / y8.float().abs().max()).item() <= 2**-7
+
+
+def test_gemv_tuned_lanes():
+    """Tuned shapes get their lanes where the format's blocks allow them; any other shape the default."""
+    from fp4kit.kernels.fp4_gemm import GEMV_LANES, GEMV_TUNED, gemv_tuned_lanes
+
+    assert GEMV_TUNED[(28672, 4096)][0] == 16
+    assert gemv_tuned_lanes(28672, 4096, 16) == 16 and gemv_tuned_lanes(28672, 4096, 32) == 16
+    assert gemv_tuned_lanes(6144, 4096, 16) == 16
+    assert gemv_tuned_lanes(4096, 14336, 16) == GEMV_LANES == 8
+    assert gemv_tuned_lanes(1000, 4096, 16) == GEMV_LANES
 
 
 @needs_kernels
