@@ -244,8 +244,7 @@ def run_speed(args) -> dict:
                 fp4_gemm.PDL = True
                 del eng
             if args.round8_off_too and on_gpu and kv == "bf16":  # batch 1 without the round-8 changes
-                from fp4kit.kernels import decode_ops
-                tuned, decode_ops.ATTN_FUSED_COMBINE = dict(fp4_gemm.GEMV_TUNED), False
+                tuned = dict(fp4_gemm.GEMV_TUNED)
                 fp4_gemm.GEMV_TUNED.clear()  # fresh Engine: its fused q/k/v and gate/up layouts are rebuilt at 8 lanes
                 eng = Engine(model, max_batch=1, max_seq_len=cfg.prompt_len + cfg.gen_len, fused=not args.unfused,
                              kv_dtype=torch.bfloat16, lm_head=head)
@@ -255,7 +254,6 @@ def run_speed(args) -> dict:
                 print("round-8 off", json.dumps({k: round(v, 3) if isinstance(v, float) else v
                                                  for k, v in r.items()}), flush=True)
                 fp4_gemm.GEMV_TUNED.update(tuned)
-                decode_ops.ATTN_FUSED_COMBINE = True
                 del eng
             if args.prefill_eager_too:  # TTFT with every prefill eager (Engine(prefill_graphs=False)), batch 1
                 eng = Engine(model, max_batch=1, max_seq_len=cfg.prompt_len + cfg.gen_len, fused=not args.unfused,
@@ -385,8 +383,8 @@ def main():
     f.add_argument("--prefill-dequant-too", action="store_true",
                    help="also batch 1 with the previous prefill path (dequantize + cuBLAS from 65 rows): TTFT")
     f.add_argument("--round8-off-too", action="store_true",
-                   help="batch 1 also without round 8's changes (16-lane GEMV layouts of the tuned shapes, the "
-                        "attention combine fused into the split kernel), same process")
+                   help="batch 1 also without round 8's tuned GEMV shapes (16-lane layouts for gate_up / qkv), "
+                        "same process")
     f.add_argument("--pdl-off-too", action="store_true",
                    help="also each configuration at batch 1 without programmatic dependent launch (FP4KIT_PDL=0)")
     r = sub.add_parser("profile")

@@ -191,6 +191,8 @@ def main(argv=None):
                    help="only the round-8 sweep: persistent kernel, lanes 8/16/32, float32 x (M = 1, NVFP4)")
     p.add_argument("--round8-shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--round8b", action="store_true", help="round 8b: launch grid at 16 lanes vs the default")
+    p.add_argument("--chain-tuned", action="store_true",
+                   help="round 8c: the decode-order layer chain (PDL) with GEMV_TUNED's layouts vs 8 lanes everywhere")
     args = p.parse_args(argv)
     if args.sass:
         rep = sass_report()
@@ -463,6 +465,11 @@ def run_gpu(args):
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    if args.chain_tuned:
+        res = run_chain_tuned(bw, args.chain_layers)
+        _write(args, dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                          torch=torch.__version__, triton=triton.__version__, copy_bw_bytes_per_s=bw, chain_tuned=res))
+        return 0
     if args.round8 or args.round8b:
         rows = run_round8(bw, args.round8_shapes, wide=args.round8b)
         _write(args, dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
@@ -593,6 +600,61 @@ def run_chain(bw, layers=16):
           f"roofline {lc['roofline_per_layer_us']:.1f} us; x cuBLAS {lc['no_pdl']['x_cublas']:.2f} / "
           f"{lc['pdl']['x_cublas']:.2f}, % copy BW {100 * lc['no_pdl']['bw_frac']:.0f} / {100 * lc['pdl']['bw_frac']:.0f}",
           flush=True)
+    return out
+
+
+def run_chain_tuned(bw, layers=16, rounds=3):
+    """The layer chain (qkv, o, gate_up, down per layer, distinct weights, one CUDA graph, PDL as the default)
+    with the tuned layouts and launches (`GEMV_TUNED`) and with 8 lanes everywhere, the two graphs replayed
+    in alternation `rounds` times (median replay each), plus each shape's same-shape time both ways."""
+    from bench_fp4_gemm import bench_graph
+
+    from fp4kit.formats import NVFP4Config, quantize
+    from fp4kit.kernels.fp4_gemm import DecodePath, _gemv_layout_for, fp4_matmul, gemv_layout, prepare_fp4_weight
+
+    order = ("qkv", "o", "gate_up", "down")
+    sets = {"tuned": {n: [] for n in order}, "lanes8": {n: [] for n in order}}
+    for name in order:
+        N, K = SHAPES[name]
+        for _ in range(layers):
+            qt = quantize(torch.randn(N, K, device="cuda") * 0.02, NVFP4Config())
+            p = prepare_fp4_weight(qt)
+            _gemv_layout_for(p)
+            p8 = prepare_fp4_weight(qt)
+            p8.gemv = gemv_layout(qt, 8)
+            sets["tuned"][name].append(p)
+            sets["lanes8"][name].append(p8)
+    xs = {K: torch.randn(1, K, device="cuda", dtype=torch.bfloat16) for K in (4096, 14336)}
+    out = {"layers": layers, "lanes": {n: sets["tuned"][n][0].gemv.lanes for n in order}, "same_shape": {},
+           "chain_per_layer_us": {"tuned": [], "lanes8": []}}
+    for tag, ws in sets.items():
+        for name in order:
+            K = SHAPES[name][1]
+            state = {"i": 0}
+
+            def call(name=name, K=K, state=state, ws=ws):
+                state["i"] = (state["i"] + 1) % layers
+                p = ws[name][state["i"]]
+                return fp4_matmul(xs[K], p.qt, prepared=p, path=DecodePath.GEMV)
+
+            out["same_shape"].setdefault(name, {})[tag] = bench_graph(call)
+    for _ in range(rounds):
+        for tag, ws in sets.items():
+            def chain(ws=ws):
+                for i in range(layers):
+                    for name in order:
+                        p = ws[name][i]
+                        fp4_matmul(xs[SHAPES[name][1]], p.qt, prepared=p, path=DecodePath.GEMV)
+
+            out["chain_per_layer_us"][tag].append(_graph_median_us(chain) / layers)
+    roof = sum(sets["tuned"][n][0].qt.nbytes for n in order) / bw * 1e6
+    out["roofline_per_layer_us"] = roof
+    for name in order:
+        r = out["same_shape"][name]
+        print(f"same-shape {name:8s} tuned (L{out['lanes'][name]}) {r['tuned']:6.2f} us   8 lanes {r['lanes8']:6.2f} us",
+              flush=True)
+    for tag, v in out["chain_per_layer_us"].items():
+        print(f"chain {tag:7s} per layer us {[round(x, 2) for x in v]}  roofline {roof:.1f} us", flush=True)
     return out
 
 

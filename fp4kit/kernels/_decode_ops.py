@@ -1,8 +1,7 @@
 """Triton code of the decode-step kernels; the launchers, twins and the why are in `decode_ops`.
 
     decode_attn_split_kernel   one query token per row, GQA, over a key range of the static cache
-    decode_attn_combine_kernel the split results merged with their running max and sum (or, with COMBINE,
-                               by the split kernel's last program per (row, kv head): one launch less)
+    decode_attn_combine_kernel the split results merged with their running max and sum
     add_rmsnorm_kernel         h = h + delta (optional), n = RMSNorm(h), Llama or Gemma form
     silu_mul_kernel            silu(gate) * up from the fused gate_up output
     rope_kernel                rotate_half rope on q and k; k and v written into the cache (bf16, or FP8 + scales)
@@ -36,11 +35,8 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_L: tl.constexpr, ITERS: tl.constexpr, N_SPLITS: tl.constexpr,
                              IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
-                             PDL: tl.constexpr = False, out_ptr=None, cnt_ptr=None, stride_ob=0,
-                             COMBINE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2):
+                             PDL: tl.constexpr = False):
     # grid (B, Hkv, N_SPLITS): row b, kv head h, keys [s * ITERS * BLOCK_L, (s + 1) * ITERS * BLOCK_L)
-    # COMBINE: the last split of (b, h) to finish (a ticket per (b, h) in cnt, left zero) merges the
-    # splits of its G query heads into out, as decode_attn_combine_kernel would (same arithmetic)
     _chain_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -105,36 +101,6 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
     tl.store(part_ptr + (cell * G + g[:, None]) * BLOCK_D + d[None, :], acc, mask=gm[:, None])
     tl.store(ml_ptr + cell * 2 * BLOCK_G + g, m_i)
     tl.store(ml_ptr + cell * 2 * BLOCK_G + BLOCK_G + g, l_i)
-    if COMBINE:
-        tl.debug_barrier()  # every thread's partials are written before the ticket is taken
-        pair = b * n_kv + h
-        ticket = tl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel")
-        if ticket == N_SPLITS - 1:  # the last split of (b, h): merge in split order, reset the ticket
-            for gi in tl.static_range(G):
-                _combine_one(part_ptr, ml_ptr, out_ptr, stride_ob, b, h, gi, n_kv, G, BLOCK_G, D, BLOCK_D,
-                             N_SPLITS, BLOCK_S, True)
-            tl.store(cnt_ptr + pair, 0)
-
-
-@triton.jit
-def _combine_one(part_ptr, ml_ptr, out_ptr, stride_ob, b, h, gi, n_kv, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                 FROM_L2: tl.constexpr):
-    """out[b, (h G + gi) D + d] = sum_s 2^(m_s - M) acc_s[d] / sum_s 2^(m_s - M) l_s over the splits' partials
-    (FROM_L2: loads that skip L1, for partials other programs of the same launch wrote)."""
-    CM: tl.constexpr = ".cg" if FROM_L2 else ""
-    sp = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    sm = sp < N_SPLITS
-    cell = (b * n_kv + h) * N_SPLITS + sp  # [BLOCK_S]
-    m = tl.load(ml_ptr + cell * 2 * BLOCK_G + gi, mask=sm, other=-1.0e30, cache_modifier=CM)
-    l_s = tl.load(ml_ptr + cell * 2 * BLOCK_G + BLOCK_G + gi, mask=sm, other=0.0, cache_modifier=CM)
-    w = tl.math.exp2(m - tl.max(m, axis=0))  # [BLOCK_S]
-    denom = tl.sum(w * l_s, axis=0)
-    acc = tl.load(part_ptr + (cell[:, None] * G + gi) * BLOCK_D + d[None, :], mask=sm[:, None], other=0.0,
-                  cache_modifier=CM)
-    o = tl.sum(acc * w[:, None], axis=0) / denom  # [BLOCK_D]
-    tl.store(out_ptr + b * stride_ob + (h * G + gi) * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
@@ -145,8 +111,19 @@ def decode_attn_combine_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, n_kv,
     _chain_wait(PDL)
     b = tl.program_id(0)
     hq = tl.program_id(1)
-    _combine_one(part_ptr, ml_ptr, out_ptr, stride_ob, b, hq // G, hq % G, n_kv, G, BLOCK_G, D, BLOCK_D, N_SPLITS,
-                 BLOCK_S, False)
+    h = hq // G
+    gi = hq % G
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    sm = sp < N_SPLITS
+    cell = (b * n_kv + h) * N_SPLITS + sp  # [BLOCK_S]
+    m = tl.load(ml_ptr + cell * 2 * BLOCK_G + gi, mask=sm, other=-1.0e30)
+    l_s = tl.load(ml_ptr + cell * 2 * BLOCK_G + BLOCK_G + gi, mask=sm, other=0.0)
+    w = tl.math.exp2(m - tl.max(m, axis=0))  # [BLOCK_S]
+    denom = tl.sum(w * l_s, axis=0)
+    acc = tl.load(part_ptr + (cell[:, None] * G + gi) * BLOCK_D + d[None, :], mask=sm[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / denom  # [BLOCK_D]
+    tl.store(out_ptr + b * stride_ob + hq * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit

@@ -11,9 +11,8 @@ separate q/k/v and gate/up GEMMs. Here each piece of glue is one kernel:
                            key j visible  <=>  pad[b] <= j <= slot (and slot - j < window)  or j = slot
                        Split-KV (flash-decoding): program (b, h, s) runs an online softmax over its
                        key range for the G = Hq / Hkv query heads of kv head h (one tl.dot with the
-                       G rows padded to 16), writes its unnormalised output, max and sum; the last
-                       program of each (row, kv head) to finish merges the splits (a ticket, as the
-                       GEMV's split-K; `ATTN_FUSED_COMBINE`), or a second small kernel does. FP8: codes are read as bytes and decoded in
+                       G rows padded to 16), writes its unnormalised output, max and sum; a second
+                       small kernel merges the splits. FP8: codes are read as bytes and decoded in
                        registers; the scales factor out of the dot products,
                            q . (c_j s_j) = (q . c_j) s_j      sum_j p_j (c_j s_j) = sum_j (p_j s_j) c_j
                        so the FP8 cache moves ~half the bytes of bf16 and is never dequantized in
@@ -39,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fp4_gemm import _interpreting, _raw_stream, _splitk_buffers, use_pdl, use_triton
+from .fp4_gemm import _interpreting, use_pdl, use_triton
 
 try:
     import triton
@@ -51,10 +50,6 @@ except ImportError:  # CPU installs without triton use the twins
 ATTN_BLOCK_L = 64  # keys per tile on the GPU (16 in the interpreter)
 ATTN_PROGRAMS_PER_SM = 4  # split the keys until the grid has about this many programs per SM
 ATTN_MAX_SPLITS = 64
-# The splits are merged by the split kernel's last program per (row, kv head) (a ticket, as the GEMV's split-K)
-# instead of a second kernel: one launch less per layer. False: the separate combine kernel (same arithmetic,
-# bit-identical output). Measured in BENCHMARKS.md, "Decode round 8".
-ATTN_FUSED_COMBINE = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,24 +124,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)
     ks, vs = (k_scale, v_scale) if fp8 else (q, q)
     LOG2E = 1.4426950408889634
-    fused = ATTN_FUSED_COMBINE
-    block_s = max(2, triton.next_power_of_2(splits))
-    extra = {}
-    if fused:  # tickets per (row, kv head), zero between launches: the GEMV's per-stream split-K buffers
-        stream = 0 if interp else _raw_stream(q.device.index)
-        _, cnt = _splitk_buffers(q.device, stream, 1, B * Hkv)
-        extra = dict(out_ptr=out, cnt_ptr=cnt, stride_ob=out.stride(0), COMBINE=True, BLOCK_S=block_s)
     _decode_ops.decode_attn_split_kernel[(B, Hkv, splits)](
         q, kc, vc, ks, vs, pad, slot, part, ml, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
         window if window is not None else 0, scaling * LOG2E,
         G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_L=block_l, ITERS=iters, N_SPLITS=splits,
         IS_FP8=fp8, HAS_WINDOW=window is not None, DOT_F32=interp or q.dtype == torch.float32,
-        num_warps=4, num_stages=2, **extra, **_pdl_args(q))
-    if not fused:
-        _decode_ops.decode_attn_combine_kernel[(B, Hq)](
-            part, ml, out, out.stride(0), Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, N_SPLITS=splits,
-            BLOCK_S=block_s, num_warps=4, **_pdl_args(q))
+        num_warps=4, num_stages=2, **_pdl_args(q))
+    _decode_ops.decode_attn_combine_kernel[(B, Hq)](
+        part, ml, out, out.stride(0), Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, N_SPLITS=splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4, **_pdl_args(q))
     return out
 
 

@@ -102,35 +102,6 @@ def test_attention_ignores_keys_past_slot_and_in_padding():
     assert torch.equal(before, after)
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("kv_len", [13, 40])
-def test_attention_fused_combine_equals_combine_kernel(fp8, kv_len):
-    """The split kernel's last program per (row, kv head) merges the splits with the combine kernel's
-    arithmetic: bit-identical outputs, run twice (the tickets are left zero); kv_len 13 is one split in
-    the interpreter's 16-key tiles, 40 three."""
-    from fp4kit.kernels import decode_ops
-
-    B, Hq, Hkv, S, D = 3, 6, 2, 48, 32
-    if fp8:
-        k, v, ks, vs = _cache(4, Hkv, S, D, None, fp8=True)
-        q = torch.randn(B, Hq, D, device=DEV)
-    else:
-        k, v, ks, vs = _cache(4, Hkv, S, D, torch.bfloat16)
-        q = torch.randn(B, Hq, D, device=DEV).to(torch.bfloat16)
-    pad = torch.tensor([0, 3, 7], device=DEV)
-    slot = torch.tensor([kv_len - 1], device=DEV)
-    args = (q, k, v, ks, vs, pad, slot, kv_len, None, 0.2)
-    old = decode_ops.ATTN_FUSED_COMBINE
-    try:
-        decode_ops.ATTN_FUSED_COMBINE = False
-        want = decode_attention(*args)
-        decode_ops.ATTN_FUSED_COMBINE = True
-        first, second = decode_attention(*args), decode_attention(*args)
-    finally:
-        decode_ops.ATTN_FUSED_COMBINE = old
-    assert torch.equal(first, want) and torch.equal(second, want)
-
-
 @pytest.mark.parametrize("gemma", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_add_rmsnorm_matches_twin(gemma, dtype):
