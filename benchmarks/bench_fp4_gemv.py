@@ -625,19 +625,21 @@ def run_chain_tuned(bw, layers=16, rounds=3):
             sets["tuned"][name].append(p)
             sets["lanes8"][name].append(p8)
     xs = {K: torch.randn(1, K, device="cuda", dtype=torch.bfloat16) for K in (4096, 14336)}
+    x2s = {K: torch.randn(2, K, device="cuda", dtype=torch.bfloat16) for K in (4096, 14336)}
     out = {"layers": layers, "lanes": {n: sets["tuned"][n][0].gemv.lanes for n in order}, "same_shape": {},
-           "chain_per_layer_us": {"tuned": [], "lanes8": []}}
+           "same_shape_m2": {}, "chain_per_layer_us": {"tuned": [], "lanes8": []}}
     for tag, ws in sets.items():
-        for name in order:
-            K = SHAPES[name][1]
-            state = {"i": 0}
+        for key, xin in (("same_shape", xs), ("same_shape_m2", x2s)):
+            for name in order:
+                K = SHAPES[name][1]
+                state = {"i": 0}
 
-            def call(name=name, K=K, state=state, ws=ws):
-                state["i"] = (state["i"] + 1) % layers
-                p = ws[name][state["i"]]
-                return fp4_matmul(xs[K], p.qt, prepared=p, path=DecodePath.GEMV)
+                def call(name=name, K=K, state=state, ws=ws, xin=xin):
+                    state["i"] = (state["i"] + 1) % layers
+                    p = ws[name][state["i"]]
+                    return fp4_matmul(xin[K], p.qt, prepared=p, path=DecodePath.GEMV)
 
-            out["same_shape"].setdefault(name, {})[tag] = bench_graph(call)
+                out[key].setdefault(name, {})[tag] = bench_graph(call)
     for _ in range(rounds):
         for tag, ws in sets.items():
             def chain(ws=ws):
@@ -651,8 +653,9 @@ def run_chain_tuned(bw, layers=16, rounds=3):
     out["roofline_per_layer_us"] = roof
     for name in order:
         r = out["same_shape"][name]
-        print(f"same-shape {name:8s} tuned (L{out['lanes'][name]}) {r['tuned']:6.2f} us   8 lanes {r['lanes8']:6.2f} us",
-              flush=True)
+        r2 = out["same_shape_m2"][name]
+        print(f"same-shape {name:8s} tuned (L{out['lanes'][name]}) {r['tuned']:6.2f} us   8 lanes {r['lanes8']:6.2f} us"
+              f"   | M = 2: {r2['tuned']:6.2f} / {r2['lanes8']:6.2f} us", flush=True)
     for tag, v in out["chain_per_layer_us"].items():
         print(f"chain {tag:7s} per layer us {[round(x, 2) for x in v]}  roofline {roof:.1f} us", flush=True)
     return out
