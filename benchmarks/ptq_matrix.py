@@ -37,7 +37,8 @@ from eval_matrix import TASKS, evaluate_items, load_items
 FORMATS = ("nvfp4", "mxfp4")
 METHODS = ("rtn", "mse", "gptq", "mr-gptq", "signround", "mr-signround")
 W4A16_ONLY = ("signround", "mr-signround")  # SignRound simulates no activation quantization
-ACTIVATIONS = ("none", "fp4")
+ACTIVATIONS = ("none", "fp4", "fp4-ri")  # fp4-ri: W4A4 with GPTQ Hessians of the rounded inputs (GPTQ methods)
+ACT_SUFFIX = {"none": "", "fp4": "+a4", "fp4-ri": "+a4ri"}
 MAIN_METRIC = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
                "winogrande": "acc", "basic_arithmetic": "exact_match"}
 
@@ -46,7 +47,7 @@ def variants(spec: str) -> list[tuple[str, str, str]]:
     """'all' (the round-1 matrix: every method but SignRound's) or a comma list of FORMAT:METHOD:ACT (e.g.
     nvfp4:gptq:none, mxfp4:mr-signround:none); bf16 always runs first."""
     if spec == "all":
-        return [(f, m, a) for f in FORMATS for a in ACTIVATIONS for m in METHODS if m not in W4A16_ONLY]
+        return [(f, m, a) for f in FORMATS for a in ("none", "fp4") for m in METHODS if m not in W4A16_ONLY]
     out = []
     for v in spec.split(","):
         f, m, a = v.split(":")
@@ -54,6 +55,8 @@ def variants(spec: str) -> list[tuple[str, str, str]]:
             raise ValueError(f"bad variant {v!r}: FORMAT in {FORMATS}, METHOD in {METHODS}, ACT in {ACTIVATIONS}")
         if m in W4A16_ONLY and a != "none":
             raise ValueError(f"bad variant {v!r}: {m} is W4A16 only (ACT none)")
+        if a == "fp4-ri" and m not in ("gptq", "mr-gptq"):
+            raise ValueError(f"bad variant {v!r}: rounded-input Hessians (fp4-ri) need gptq or mr-gptq")
         out.append((f, m, a))
     return out
 
@@ -98,12 +101,13 @@ def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: i
     """apply_ptq with the method's defaults (SignRound: `signround_iters` steps per block); W4A4 input ranges
     observed by apply_ptq (after any rotation)."""
     import fp4kit
-    from fp4kit.algorithms import PTQMethod, PTQRecipe, SignRoundConfig, apply_ptq
+    from fp4kit.algorithms import GPTQConfig, PTQMethod, PTQRecipe, SignRoundConfig, apply_ptq
 
     config = fp4kit.NVFP4Config() if fmt == "nvfp4" else fp4kit.MXFP4Config()
-    recipe = PTQRecipe(method=PTQMethod(method), signround=SignRoundConfig(iters=signround_iters))
+    recipe = PTQRecipe(method=PTQMethod(method), signround=SignRoundConfig(iters=signround_iters),
+                       gptq=GPTQConfig(rounded_inputs=act == "fp4-ri"))
     return apply_ptq(model, config, recipe, batches=batches,
-                     activations=config if act == "fp4" else None, progress=False)
+                     activations=config if act != "none" else None, progress=False)
 
 
 def load_with_tokenizer(spec: str, tokenizer_dir: pathlib.Path, dtype):
@@ -183,7 +187,7 @@ def run(a) -> None:
     todo = [("bf16", "none", "none")] + variants(a.variants)
     took: dict[str, float] = {}  # method -> seconds its last variant took (quantize + evaluate)
     for fmt, method, act in todo:
-        label_method = method if act == "none" else f"{method}+a4"
+        label_method = method + ACT_SUFFIX[act]
         if (fmt, label_method, calib_label(a)) in done:
             continue
         guess = expected_seconds(took, method)
