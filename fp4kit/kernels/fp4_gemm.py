@@ -597,9 +597,10 @@ GEMV_EVICT = "evict_first"  # eviction policy of the streamed weight loads (keep
 # CUDA graph with PDL, results/fp4_gemv_round8{,b}_h100.json): the rule above is not the best launch for every
 # shape, and the plane layout's lane count matters. At 16 lanes (256 contiguous bytes per row and run) gate_up
 # 28672 x 4096 ran 29.5-30.0 us against 31.8-32.2 at 8 lanes (two runs), qkv 6144 x 4096 8.6 us (32 rows, split
-# 2) against 9.2-9.4; down, o, 12288 / 16384 x 4096 and the 128256 x 4096 head gained < 4% or lost, so they keep
-# the rule. Tuned shapes: (N, K) -> (lanes, M = 1 launch). The layout is built once per weight, so its lanes
-# serve M = 2 too (that case was not re-measured at 16 lanes; its launch comes from the rule).
+# 2) against 9.2-9.4 (8.6-9.1 over three runs); down, o, 12288 / 16384 x 4096 and the 128256 x 4096 head gained
+# < 4% or lost, so they keep the rule. Tuned shapes: (N, K) -> (lanes, M = 1 launch). The layout is built once per
+# weight, so its lanes serve M = 2 too, with the rule's launch (measured faster there as well: gate_up 45.2 ->
+# 42.1 us, qkv 10.7 -> 9.9; results/fp4_gemv_chain_tuned2_h100.json).
 GEMV_TUNED = {
     (28672, 4096): (16, GemvConfig(block_n=16, split_k=1, num_warps=4, evict=GEMV_EVICT)),
     (6144, 4096): (16, GemvConfig(block_n=32, split_k=2, num_warps=4, evict=GEMV_EVICT)),
@@ -661,8 +662,8 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
     lay = layout or _gemv_layout_for(prepared)
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     sms = 132 if _interpreting() else _sm_count(x2.device)
-    cfg = config or prepared.configs.get(("gemv", M)) or prepared.configs.setdefault(
-        ("gemv", M), _gemv_config(M, N, K, lay.lanes, sms))
+    cfg = config or prepared.configs.get(("gemv", M, lay.lanes)) or prepared.configs.setdefault(
+        ("gemv", M, lay.lanes), _gemv_config(M, N, K, lay.lanes, sms))
     chunks = (K // 8) // (16 * lay.lanes)
     if chunks % cfg.split_k or (cfg.persistent and cfg.split_k != chunks):
         raise ValueError(f"GemvConfig.split_k={cfg.split_k} must divide the {chunks} chunks of K = {K} "
