@@ -1,0 +1,183 @@
+"""Warp-specialised skinny FP4 GEMM (`fp4kit.kernels._fp4_ws`, Gluon) against the skinny kernel and cuBLAS bf16.
+
+GPU (H100): `python benchmarks/bench_fp4_ws.py --out benchmarks/results/fp4_ws_h100.json`: for the Llama-3-8B
+shapes at M = 16 and 32 (NVFP4), checks every configuration against the float64 reference first, then times
+cuBLAS bf16, `fp4_linear` (the default skinny kernel) and each configuration of the warp-specialised kernel in
+one process: GPU time in a CUDA graph, weights rotated through 256 MB so L2 never holds them, median replay.
+The roofline column is bytes moved (weights + scales + x + y) over the copy bandwidth measured in the run.
+
+CPU: `--sass` compiles the configurations for sm_90 offline and prints registers, shared memory and spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def configs(N: int, K: int, M: int):
+    """(BLOCK_N, num_warps, BLOCK_K, STAGES, maxnreg, SPLIT_K) to try for one shape."""
+    out = []
+    for bn, warps in ((64, 4), (128, 8)):
+        tiles = -(-N // bn)
+        ctas_per_sm = 3 if bn == 64 else 2
+        base = max(1, round(ctas_per_sm * 132 / tiles))
+        base = 1 << (base.bit_length() - 1)
+        for stages in (2, 4):
+            for split in sorted({base, 2 * base}):
+                steps = -(-K // 256)
+                if split > steps:
+                    continue
+                out.append((bn, warps, 256, stages, 80, split))
+    return out
+
+
+def launch(x, prep, y, cfg, mode=0):
+    import triton
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from fp4kit.kernels import _fp4_ws
+
+    bn, warps, bk, stages, maxnreg, split = cfg
+    M, K = x.shape
+    N = prep.N
+    block_m = max(16, triton.next_power_of_2(M))
+    wl, xl = _fp4_ws.layouts(bn, block_m)
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], xl)
+    w_desc = TensorDescriptor.from_tensor(prep.words, [bn, 8], wl)
+    _fp4_ws.fp4_ws_kernel[(triton.cdiv(N, bn), split)](
+        x_desc, w_desc, prep.scale_codes, prep.table, prep.table, y, M, N, K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk,
+        SPLIT_K=split, STAGES=stages, num_warps=warps, maxnreg=maxnreg, MODE=mode)  # post_ptr: unused
+    return y
+
+
+def sass(args):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from bench_fp4_gemv import _instructions, _opcodes, _regs, _sass
+    from fp4kit.kernels import _fp4_ws
+
+    for name, (N, K) in SHAPES.items():
+        for M in args.ms:
+            for cfg in configs(N, K, M):
+                bn, warps, bk, stages, maxnreg, split = cfg
+                block_m = max(16, triton.next_power_of_2(M))
+                wl, xl = _fp4_ws.layouts(bn, block_m)
+                sig = dict(x_desc=f"tensordesc<bf16[{block_m},64],{xl!r}>", w_desc=f"tensordesc<i32[{bn},8],{wl!r}>",
+                           s_ptr="*u8", table_ptr="*fp32", post_ptr="*fp32", y_ptr="*fp32" if split > 1 else "*bf16", M="i32",
+                           N="i32")
+                const = dict(K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk, SPLIT_K=split, STAGES=stages,
+                             num_warps=warps)
+                sig.update({k: "constexpr" for k in const})
+                attrs = {(i,): [["tt.divisibility", 16]] for i in (2, 3, 4, 5)}
+                k = triton.compile(GluonASTSource(_fp4_ws.fp4_ws_kernel, sig, const, attrs),
+                                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, maxnreg=maxnreg))
+                ops = _opcodes(_instructions(_sass(k)))
+                print(name, M, cfg, "regs", _regs(k), "smem", k.metadata.shared, "spills",
+                      ops.get("LDL", 0) + ops.get("STL", 0), flush=True)
+
+
+def _skinny(x, qt, preps):
+    from fp4kit.kernels import fp4_linear
+
+    return fp4_linear(x, qt, prepared=preps[id(qt)])
+
+
+def gpu(args):
+    from bench_fp4_gemm import bench_graph, check, copy_bandwidth, rotating
+
+    from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
+    from fp4kit.kernels import fp4_linear, prepare_fp4_weight
+    from fp4kit.kernels.fp4_ws import WsConfig, fp4_ws_matmul, prepare_ws, ws_config
+
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    formats = {"nvfp4": NVFP4Config(), "mxfp4": MXFP4Config()}
+    for name, (N, K) in SHAPES.items():
+        if args.shapes and name not in args.shapes:
+            continue
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        _, nxt_bf16 = rotating(lambda: torch.randn_like(w) * 0.02, w.numel() * 2)
+        for fmt in args.formats:
+            cfg_fmt = formats[fmt]
+            qt0 = quantize(w, cfg_fmt)
+            qts, nxt_qt = rotating(lambda: quantize(torch.randn_like(w) * 0.02, cfg_fmt), qt0.nbytes)
+            preps = {id(q): prepare_fp4_weight(q) for q in qts}
+            wsw = {pairs: {id(q): prepare_ws(q, pairs, preps[id(q)]) for q in qts} for pairs in (False, True)}
+            ws0 = {pairs: prepare_ws(qt0, pairs) for pairs in (False, True)}
+            for M in args.ms:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                nbytes = qt0.nbytes + 2 * M * K + 2 * M * N
+                row = dict(shape=name, fmt=fmt, N=N, K=K, M=M, roofline_us=nbytes / bw * 1e6,
+                           cublas_graph_us=bench_graph(lambda: torch.matmul(x, nxt_bf16().T)), ws={})
+                for q in qts:  # each prepared weight's first call builds its launch (never inside a capture)
+                    _skinny(x, q, preps)
+                row["skinny_graph_us"] = bench_graph(lambda: _skinny(x, nxt_qt(), preps))
+                row["skinny_err"] = check(x, qt0, fp4_linear(x, qt0))
+                default = ws_config(M, N, K)
+                cands = [(False, default)] + [(True, c) for c in dict.fromkeys(
+                    [default] + [WsConfig(block_n=bn, stages=st, split_k=sk) for bn, _, _, st, _, sk in configs(N, K, M)])]
+                for pairs, cfg in cands:
+                    key = f"{'pairs' if pairs else 'f32'}_bn{cfg.block_n}_s{cfg.stages}_sk{cfg.split_k}"
+                    try:
+                        err = check(x, qt0, fp4_ws_matmul(x, ws0[pairs], config=cfg))
+                        us = bench_graph(lambda: fp4_ws_matmul(x, wsw[pairs][id(nxt_qt())], config=cfg))
+                        row["ws"][key] = dict(us=us, err_max=err[0], err_rms=err[1], default=cfg == default)
+                        print(f"{name:8s} {fmt} M={M:3d} {key:24s} {us:7.1f} us  err {err[0]:.2e} / {err[1]:.2e}"
+                              f"{'  (default)' if cfg == default else ''}", flush=True)
+                    except Exception as e:  # noqa: BLE001 - a failed configuration is recorded, the sweep goes on
+                        row["ws"][key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                        print(f"{name:8s} {fmt} M={M:3d} {key:24s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                for mode in args.modes:  # measurement variants of the consumer (not exact; timed only)
+                    for cfg in configs(N, K, M):
+                        key = "mode{}_bn{}_w{}_bk{}_s{}_r{}_sk{}".format(mode, *cfg)
+                        ybuf = torch.zeros(M, N, device="cuda", dtype=torch.float32 if cfg[-1] > 1 else torch.bfloat16)
+                        prep0 = preps[id(qts[0])]
+                        launch(x, prep0, ybuf, cfg, mode)
+                        us = bench_graph(lambda: launch(x, preps[id(nxt_qt())], ybuf, cfg, mode))
+                        row["ws"][key] = dict(us=us, mode=mode)
+                        print(f"{name:8s} M={M:3d} {key:32s} {us:7.1f} us", flush=True)
+                ok = {k: v["us"] for k, v in row["ws"].items() if "err_max" in v and v["err_max"] < 1e-2}
+                best = min(ok, key=ok.get) if ok else None
+                row["best"] = best
+                dflt = [v["us"] for v in row["ws"].values() if v.get("default") and "err_max" in v]
+                print(f"{name:8s} {fmt} M={M:3d} cuBLAS {row['cublas_graph_us']:.1f}  skinny "
+                      f"{row['skinny_graph_us']:.1f}  ws default {dflt}  best {ok.get(best, float('nan')):.1f} "
+                      f"({best})  roofline {row['roofline_us']:.1f} us", flush=True)
+                rows.append(row)
+    out = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+               copy_bandwidth=bw, rows=rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sass", action="store_true", help="offline sm_90 compile of every configuration (no GPU)")
+    ap.add_argument("--ms", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--shapes", nargs="*", default=None)
+    ap.add_argument("--formats", nargs="+", default=["nvfp4", "mxfp4"])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--modes", type=int, nargs="*", default=[],
+                    help="also time decode variants: 1 = bit placement only, 2 = no decode (floor; not exact)")
+    args = ap.parse_args()
+    sass(args) if args.sass else gpu(args)
+
+
+if __name__ == "__main__":
+    main()

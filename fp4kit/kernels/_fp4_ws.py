@@ -1,0 +1,200 @@
+"""Gluon kernel behind `fp4_ws`: a warp-specialised skinny FP4 GEMM (TMA loader warp + decode/wgmma warpgroup).
+
+See `fp4_ws` for the design and the measurements."""
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import tma, mbarrier, fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+
+@gluon.jit
+def _pair(words, J: gl.constexpr):
+    # nibbles J and J + 4 of each word as float32 times 2^-14 (float16 placement, as _fp4_gemm._e2m1_word_pair)
+    if J == 3:
+        h = ((words >> 3) & 0x0E000E00) | (words & -2147450880)
+    else:
+        h = ((words << (9 - 4 * J)) & 0x0E000E00) | ((words << (12 - 4 * J)) & -2147450880)
+    lo = h.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    hi = (h >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    return lo, hi
+
+
+@gluon.jit
+def _pair_raw(words, J: gl.constexpr):
+    # measurement only (MODE 1): the bit placement without the float32 conversion and scale (not exact)
+    if J == 3:
+        h = ((words >> 3) & 0x0E000E00) | (words & -2147450880)
+    else:
+        h = ((words << (9 - 4 * J)) & 0x0E000E00) | ((words << (12 - 4 * J)) & -2147450880)
+    return h.to(gl.int16).to(gl.bfloat16, bitcast=True), (h >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
+
+
+@gluon.jit
+def _bf16_pair_scaled(words, scale2, J: gl.constexpr, TWO_MUL: gl.constexpr):
+    """Nibbles J (low half) and J + 4 (high) of each word placed as bfloat16 (the value times 2^-126),
+    multiplied by 2^126 (TWO_MUL) and by the block's bfloat16 scale pair: both products exact."""
+    if J == 0:
+        h = ((words << 6) & 0x01C001C0) | ((words << 12) & -2147450880)
+    elif J == 1:
+        h = ((words << 2) & 0x01C001C0) | ((words << 8) & -2147450880)
+    elif J == 2:
+        h = ((words >> 2) & 0x01C001C0) | ((words << 4) & -2147450880)
+    else:
+        h = ((words >> 6) & 0x01C001C0) | (words & -2147450880)
+    if TWO_MUL:
+        asm: gl.constexpr = ("{ .reg .b32 t, c; mov.b32 c, 0x7E807E80; mul.rn.bf16x2 t, $2, c; "
+                             "mul.rn.bf16x2 t, t, $3; mov.b32 {$0, $1}, t; }")
+    else:
+        asm: gl.constexpr = "{ .reg .b32 t; mul.rn.bf16x2 t, $2, $3; mov.b32 {$0, $1}, t; }"
+    return gl.inline_asm_elementwise(asm, "=h,=h,r,r", [h, scale2], dtype=(gl.bfloat16, gl.bfloat16),
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _decode_pairs(words, scale2, R: gl.constexpr, KW: gl.constexpr, TWO_MUL: gl.constexpr):
+    """Pair-layout words (nibble j holds k = 2j, nibble j + 4 holds k = 2j + 1) -> bfloat16 [R, 8 KW] in k order."""
+    l0, h0 = _bf16_pair_scaled(words, scale2, 0, TWO_MUL)
+    l1, h1 = _bf16_pair_scaled(words, scale2, 1, TWO_MUL)
+    l2, h2 = _bf16_pair_scaled(words, scale2, 2, TWO_MUL)
+    l3, h3 = _bf16_pair_scaled(words, scale2, 3, TWO_MUL)
+    u = gl.join(gl.join(gl.join(l0, h0), gl.join(l2, h2)), gl.join(gl.join(l1, h1), gl.join(l3, h3)))
+    return gl.reshape(gl.permute(u, (0, 1, 3, 4, 2)), [R, KW * 8])  # [R, w, J // 2, J % 2, a] -> 8w + 2J + a
+
+
+@gluon.jit
+def _decode(words, scale8, R: gl.constexpr, KW: gl.constexpr, MODE: gl.constexpr):
+    if MODE == 1:
+        w0, w4 = _pair_raw(words, 0)
+        w1, w5 = _pair_raw(words, 1)
+        w2, w6 = _pair_raw(words, 2)
+        w3, w7 = _pair_raw(words, 3)
+        b0 = gl.join(gl.join(w0, w4), gl.join(w2, w6))
+        b1 = gl.join(gl.join(w1, w5), gl.join(w3, w7))
+        return gl.reshape(gl.join(b0, b1), [R, KW * 8])
+    if MODE == 2:  # measurement only: no decode at all, the same bytes reinterpreted (the pipeline's floor)
+        v = words.to(gl.int16).to(gl.bfloat16, bitcast=True)
+        b = gl.join(gl.join(v, v), gl.join(v, v))
+        return gl.reshape(gl.join(b, b), [R, KW * 8])
+    w0, w4 = _pair(words, 0)
+    w1, w5 = _pair(words, 1)
+    w2, w6 = _pair(words, 2)
+    w3, w7 = _pair(words, 3)
+    w0 = (w0 * scale8).to(gl.bfloat16)
+    w1 = (w1 * scale8).to(gl.bfloat16)
+    w2 = (w2 * scale8).to(gl.bfloat16)
+    w3 = (w3 * scale8).to(gl.bfloat16)
+    w4 = (w4 * scale8).to(gl.bfloat16)
+    w5 = (w5 * scale8).to(gl.bfloat16)
+    w6 = (w6 * scale8).to(gl.bfloat16)
+    w7 = (w7 * scale8).to(gl.bfloat16)
+    b0 = gl.join(gl.join(w0, w4), gl.join(w2, w6))
+    b1 = gl.join(gl.join(w1, w5), gl.join(w3, w7))
+    return gl.reshape(gl.join(b0, b1), [R, KW * 8])
+
+
+@gluon.jit
+def _loader(x_desc, w_desc, w_bufs, x_bufs, ready, empty, n0, k_lo,
+            N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr, BLOCK_K: gl.constexpr):
+    for i in range(N_STEPS):
+        s = i % STAGES
+        ph = (i // STAGES) & 1
+        mbarrier.wait(empty.index(s), ph ^ 1)
+        bar = ready.index(s)
+        mbarrier.expect(bar, XSUB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes))
+        k = k_lo + i * BLOCK_K
+        for j in gl.static_range(XSUB):
+            tma.async_copy_global_to_shared(w_desc, [n0, (k + 64 * j) // 8], bar, w_bufs.index(s * XSUB + j))
+            tma.async_copy_global_to_shared(x_desc, [0, k + 64 * j], bar, x_bufs.index(s * XSUB + j))
+
+
+@gluon.jit
+def _consumer(w_bufs, x_bufs, ready, empty, s_ptr, table_ptr, post_ptr, y_ptr, M, N, n0, k_lo, pid_k,
+              K: gl.constexpr, N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr,
+              BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
+              MODE: gl.constexpr, TWO_MUL: gl.constexpr, HAS_POST: gl.constexpr, num_warps: gl.constexpr):
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    w_l: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [num_warps, 1], [1, 0])
+    c_l: gl.constexpr = gl.BlockedLayout([1, 2], [16, 2], [num_warps, 1], [1, 0])
+    rows_c = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, c_l))
+    cols_c = gl.arange(0, 4, layout=gl.SliceLayout(0, c_l))
+    s_ptrs = s_ptr + rows_c[:, None] * (K // 16) + cols_c[None, :]
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+    for i in range(N_STEPS):
+        s = i % STAGES
+        ph = (i // STAGES) & 1
+        k = k_lo + i * BLOCK_K
+        mbarrier.wait(ready.index(s), ph)
+        for j in gl.static_range(XSUB):
+            codes = gl.load(s_ptrs + (k + 64 * j) // 16, mask=(rows_c[:, None] < N) & ((k + 64 * j) < K), other=0)
+            scale = gl.load(table_ptr + codes.to(gl.int32))
+            scale8 = gl.convert_layout(gl.reshape(gl.join(scale, scale), [BLOCK_N, 8]), w_l)
+            words = w_bufs.index(s * XSUB + j).load(w_l)
+            if MODE == 3:
+                w = _decode_pairs(words, scale8, BLOCK_N, 8, TWO_MUL)
+            else:
+                w = _decode(words, scale8, BLOCK_N, 8, MODE)
+            a = gl.convert_layout(w, a_l)
+            acc = warpgroup_mma(a, x_bufs.index(s * XSUB + j).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        fence_async_shared()  # order this stage's shared reads before the loader's next TMA writes into it
+        mbarrier.arrive(empty.index(s), count=1)
+    if HAS_POST:  # the per-tensor factor the pair decode leaves out (NVFP4: 1 / global scale)
+        acc = acc * gl.load(post_ptr)
+    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+    ptrs = y_ptr + cols[None, :] * N + rows[:, None]
+    mask = (cols[None, :] < M) & (rows[:, None] < N)
+    if SPLIT_K == 1:
+        gl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:  # float32 partials ws[pid_k, M, N]; the launcher sums them in split order (deterministic)
+        gl.store(ptrs + pid_k * M * N, acc, mask=mask)
+
+
+@gluon.jit
+def fp4_ws_kernel(x_desc, w_desc, s_ptr, table_ptr, post_ptr, y_ptr, M, N,
+                  K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                  SPLIT_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, MODE: gl.constexpr = 0,
+                  TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False):
+    XSUB: gl.constexpr = BLOCK_K // 64
+    N_STEPS: gl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    k_lo = pid_k * N_STEPS * BLOCK_K
+    w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES * XSUB, BLOCK_N, 8], w_desc.layout)
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * XSUB, BLOCK_M, 64], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize([
+        (_consumer, (w_bufs, x_bufs, ready, empty, s_ptr, table_ptr, post_ptr, y_ptr, M, N, n0, k_lo, pid_k, K, N_STEPS,
+                     STAGES, XSUB, BLOCK_K, BLOCK_N, BLOCK_M, SPLIT_K, MODE, TWO_MUL, HAS_POST, num_warps)),
+        (_loader, (x_desc, w_desc, w_bufs, x_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K)),
+    ], [1], [24])
+
+
+def layouts(BLOCK_N, BLOCK_M):
+    wl = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 8], gl.int32)
+    xl = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], gl.bfloat16)
+    return wl, xl
+
+
+def compile_offline(N=28672, K=4096, M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, STAGES=3, num_warps=4, maxnreg=None):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    BLOCK_M = max(16, triton.next_power_of_2(M))
+    wl, xl = layouts(BLOCK_N, BLOCK_M)
+    sig = dict(x_desc=f"tensordesc<bf16[{BLOCK_M},64],{xl!r}>", w_desc=f"tensordesc<i32[{BLOCK_N},8],{wl!r}>",
+               s_ptr="*u8", table_ptr="*fp32", y_ptr="*fp32" if SPLIT_K > 1 else "*bf16", M="i32", N="i32")
+    const = dict(K=K, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, STAGES=STAGES, num_warps=num_warps)
+    sig.update({k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (2, 3, 4)}
+    opts = dict(num_warps=num_warps)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(GluonASTSource(fp4_ws_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+
+

@@ -1,0 +1,169 @@
+"""Warp-specialised skinny FP4 GEMM for Hopper (`fp4_ws_matmul`, Gluon), 3 <= M <= 64: an opt-in experiment.
+
+Why. The skinny tensor-core kernels (`fp4_gemm`'s skinny kernel, `fp4_mma`) stop at ~40% of copy bandwidth
+at M = 16. Round 5's notes blamed latency: each program loads a K step, waits, decodes, multiplies, and
+nothing overlaps inside it. This kernel removes that: one loader warp streams the weight words and x
+through a ring of shared-memory stages with TMA (`tma.async_copy_global_to_shared`, mbarriers), and a
+consumer warpgroup decodes each stage into registers and runs `wgmma` with the decoded weights as the A
+operand and x.T from shared memory as B (the weights on the MMA's M side, as in `fp4_mma`):
+
+    loader warp:   for each K step: wait empty[s]; TMA words [BN, 8] x BK/64 and x [BM, 64] x BK/64 -> stage s
+    consumer:      for each K step: wait ready[s]; per 64-wide slice: scale codes (global), decode, wgmma;
+                   fence; arrive empty[s]
+    split K:       float32 partials [SPLIT_K, M, N], summed here in split order (deterministic)
+
+Two decodes (`WsConfig.pairs`):
+
+    float32 (pairs=False): the skinny kernel's decode (float16 placement, x s_eff in float32, one rounding
+        to bf16): the weights the MMA sees are the torch twin's bit for bit.
+    pairs (pairs=True, default): a re-laid copy of the codes (`pair_words`: nibble j of each word holds
+        k = 2j, nibble j + 4 holds k = 2j + 1) is placed as a bfloat16 pair (the E2M1 value times 2^-126,
+        two shifts and two masks per pair), multiplied by 2^126 and by the block scale as a bfloat16 pair
+        (`mul.rn.bf16x2`, both products exact: an E2M1 value has <= 2 significant bits, an E4M3 scale <= 4,
+        an E8M0 scale is a power of two), and used as the MMA operand as it is. NVFP4's per-tensor factor
+        (1 / global scale, or the global scale) is applied once to the output. So MXFP4 weights are the
+        twin's bit for bit, and NVFP4 weights are the exact products code x E4M3 scale: more exact than the
+        twin, which rounds code x s_eff to bf16 per weight (the difference is that rounding, as for the
+        GEMV; tests/kernels/test_fp4_ws.py states the bound).
+
+Measured (H100, 2026-11-24; BENCHMARKS.md "Warp-specialised skinny GEMM"): with the float32 decode the
+kernel is no faster than the skinny kernel (gate_up M = 16 57.3 vs 55.5 us): warp specialisation alone
+does not close the gap, and timing variants of the consumer showed why: no decode at all runs at 33.8 us
+(the pipeline plus the decoded tile's conversion to the wgmma register layout), the bit placement alone at
+~41 us, the float32 scale path adds ~16 us. So the consumer's instructions are the limit, not latency.
+The pair decode is the cheap version of the exact decode (see the benchmark for its numbers).
+
+Requirements: CUDA, Hopper or later, Triton with Gluon (3.5+), bf16 x, K % 64 == 0, 16-byte aligned rows;
+`fp4_ws_matmul` raises otherwise. Not dispatched by `fp4_linear`: an opt-in kernel until it wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor
+
+from .fp4_gemm import PreparedFP4Weight, _bf16x2_pow2_table, _check_fp4, prepare_fp4_weight
+
+PAIR_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a pair-layout word holds element PAIR_ORDER[j] of its 8
+
+
+@dataclass(frozen=True)
+class WsConfig:
+    block_n: int = 64  # weight rows per program (64: one consumer warpgroup of 4 warps; 128: 8 warps)
+    block_k: int = 256  # K per stage (multiple of 64: one TMA box of words and of x per 64)
+    stages: int = 2  # shared-memory ring depth
+    split_k: int = 1
+    maxnreg: int = 80  # registers per thread before the partitions' reallocation (sets CTAs per SM)
+    pairs: bool = True  # the bf16x2 pair decode (see the module docstring); False: the float32 decode
+
+    def __post_init__(self):
+        if self.block_n not in (64, 128) or self.block_k % 64 or self.stages < 1 or self.split_k < 1:
+            raise ValueError(f"WsConfig: unsupported {self}")
+
+
+def ws_config(M: int, N: int, K: int, sm_count: int = 132) -> WsConfig:
+    """The H100 sweep's choice (benchmarks/bench_fp4_ws.py): 64-row tiles, 2 stages, enough splits for
+    ~3 programs per SM, 128-row tiles for the long-K down projection."""
+    block_n = 128 if K >= 8192 else 64
+    tiles = -(-N // block_n)
+    want = max(1, round((2 if block_n == 128 else 3) * sm_count / tiles))
+    split = 1 << (want.bit_length() - 1)
+    return WsConfig(block_n=block_n, split_k=min(split, max(1, K // 256)))
+
+
+def pair_words(qt: QuantizedTensor) -> torch.Tensor:
+    """int32 [N, K/8]: the packed codes re-laid so that nibble j of word w holds element 8w + PAIR_ORDER[j]."""
+    N, K = qt.shape
+    data = qt.data.view(torch.uint8).reshape(N, K // 2)
+    codes = torch.stack((data & 0xF, data >> 4), dim=-1).reshape(N, K // 8, 8)  # element 8w + e
+    new = codes[..., list(PAIR_ORDER)].to(torch.int64)
+    shifts = torch.arange(0, 32, 4, device=new.device, dtype=torch.int64)
+    word = (new << shifts).sum(-1)
+    word = torch.where(word >= 2**31, word - 2**32, word)
+    return word.to(torch.int32).contiguous()
+
+
+def unpack_pair_words(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pair_words` (tests): uint8 codes [N, K] in element order."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    nib = torch.stack([(w >> (4 * j)) & 0xF for j in range(8)], dim=-1)  # nibble j
+    out = torch.empty_like(nib)
+    out[..., list(PAIR_ORDER)] = nib
+    return out.reshape(words.shape[0], -1).to(torch.uint8)
+
+
+def pair_tables(qt: QuantizedTensor, scale_codes: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    """(int32 [256] bf16x2 scale per code, two multiplies?, float32 [1] per-tensor factor or None)."""
+    if isinstance(qt.config, MXFP4Config):
+        table, one_mul = _bf16x2_pow2_table(scale_codes)
+        return table, not one_mul, None
+    c = torch.arange(256, dtype=torch.uint8, device=scale_codes.device)
+    v = c.view(torch.float8_e4m3fn).float().to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    ones = torch.ones((), dtype=torch.float32, device=scale_codes.device)
+    post = qt.config.effective_block_scale(ones, qt.global_scale.float().reshape(())).reshape(1)
+    return (v | (v << 16)).contiguous(), True, post.contiguous()
+
+
+@dataclass
+class WsWeight:
+    """What the kernel reads besides x: built once per weight by `prepare_ws`."""
+    prepared: PreparedFP4Weight
+    words: torch.Tensor  # int32 [N, K/8]: pair layout (pairs) or the natural packing
+    table: torch.Tensor  # int32 bf16x2 (pairs) or float32 (x 2^14) per scale code
+    two_mul: bool
+    post: torch.Tensor | None
+
+
+def prepare_ws(qt: QuantizedTensor, pairs: bool = True, prepared: PreparedFP4Weight | None = None) -> WsWeight:
+    _check_fp4(qt, "prepare_ws")
+    prepared = prepared or prepare_fp4_weight(qt)
+    if not isinstance(qt.config, (NVFP4Config, MXFP4Config)):
+        raise ValueError(f"prepare_ws: unsupported format {type(qt.config).__name__}")
+    if not pairs:
+        return WsWeight(prepared, prepared.words, prepared.table, True, None)
+    table, two_mul, post = pair_tables(qt, prepared.scale_codes)
+    return WsWeight(prepared, pair_words(qt), table, two_mul, post)
+
+
+def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None, *,
+                  config: WsConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(W).T (+ bias) with the warp-specialised kernel. x bf16 [M, K] (3 <= M <= 64 is the
+    intended range; any M <= 64 works), contiguous, on a Hopper GPU."""
+    import triton
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from . import _fp4_ws
+
+    prep = w.prepared
+    N, K = prep.N, prep.K
+    if x.dim() != 2 or x.shape[1] != K or x.dtype != torch.bfloat16 or not x.is_cuda or not x.is_contiguous():
+        raise ValueError(f"fp4_ws_matmul: x must be a contiguous CUDA bf16 [M, {K}] tensor, got {tuple(x.shape)} "
+                         f"{x.dtype} on {x.device}")
+    M = x.shape[0]
+    if M > 64 or K % 64:
+        raise ValueError(f"fp4_ws_matmul: needs M <= 64 and K % 64 == 0 (M {M}, K {K})")
+    cfg = config or ws_config(M, N, K)
+    pairs = w.table.dtype == torch.int32
+    block_m = max(16, triton.next_power_of_2(M))
+    wl, xl = _fp4_ws.layouts(cfg.block_n, block_m)
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], xl)
+    w_desc = TensorDescriptor.from_tensor(w.words, [cfg.block_n, 8], wl)
+    if cfg.split_k == 1:
+        y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device)
+    post = w.post if w.post is not None else w.table
+    _fp4_ws.fp4_ws_kernel[(triton.cdiv(N, cfg.block_n), cfg.split_k)](
+        x_desc, w_desc, prep.scale_codes, w.table, post, y, M, N, K=K, BLOCK_N=cfg.block_n, BLOCK_M=block_m,
+        BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages, num_warps=cfg.block_n // 16,
+        maxnreg=cfg.maxnreg, MODE=3 if pairs else 0, TWO_MUL=w.two_mul, HAS_POST=w.post is not None)
+    if cfg.split_k > 1:
+        acc = y.sum(0)  # torch's dim reduction: a fixed order, whichever split finished first
+        y = acc if bias is None else acc + bias.float()
+        y = y.to(x.dtype) if out is None else out.copy_(y)
+    elif bias is not None:
+        y = y + bias
+    return y
