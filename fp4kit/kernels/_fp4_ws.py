@@ -51,6 +51,20 @@ def _bf16_pair_scaled(words, scale2, J: gl.constexpr, TWO_MUL: gl.constexpr):
 
 
 @gluon.jit
+def _bf16x2_scale(codes, IS_NVFP4: gl.constexpr, TWO_MUL: gl.constexpr):
+    """Scale codes -> int32 bf16x2 pairs of the block scale (`fp4_ws.pair_tables` computed in registers)."""
+    if IS_NVFP4:  # E4M3 -> bfloat16 is exact (NaN stays NaN)
+        b = codes.to(gl.float8e4nv, bitcast=True).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    else:
+        c = codes.to(gl.int32)
+        if TWO_MUL:  # 2^(c - 127); code 0 the subnormal 2^-127, 255 NaN
+            b = gl.where(c == 0, 0x0040, gl.where(c == 255, 0x7FC0, c << 7))
+        else:  # 2^(c - 1) for the one-multiply decode (every code <= 128)
+            b = gl.where(c <= 128, (c + 126) << 7, 0x7FC0)
+    return b | (b << 16)
+
+
+@gluon.jit
 def _decode_pairs(words, scale2, R: gl.constexpr, KW: gl.constexpr, TWO_MUL: gl.constexpr):
     """Pair-layout words (nibble j holds k = 2j, nibble j + 4 holds k = 2j + 1) -> bfloat16 [R, 8 KW] in k order."""
     l0, h0 = _bf16_pair_scaled(words, scale2, 0, TWO_MUL)
@@ -93,41 +107,42 @@ def _decode(words, scale8, R: gl.constexpr, KW: gl.constexpr, MODE: gl.constexpr
 
 
 @gluon.jit
-def _loader(x_desc, w_desc, w_bufs, x_bufs, ready, empty, n0, k_lo,
+def _loader(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo,
             N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr, BLOCK_K: gl.constexpr):
     for i in range(N_STEPS):
         s = i % STAGES
         ph = (i // STAGES) & 1
         mbarrier.wait(empty.index(s), ph ^ 1)
         bar = ready.index(s)
-        mbarrier.expect(bar, XSUB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes))
+        mbarrier.expect(bar, XSUB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes) + s_desc.block_type.nbytes)
         k = k_lo + i * BLOCK_K
+        tma.async_copy_global_to_shared(s_desc, [n0, k // 16], bar, s_bufs.index(s))
         for j in gl.static_range(XSUB):
             tma.async_copy_global_to_shared(w_desc, [n0, (k + 64 * j) // 8], bar, w_bufs.index(s * XSUB + j))
             tma.async_copy_global_to_shared(x_desc, [0, k + 64 * j], bar, x_bufs.index(s * XSUB + j))
 
 
 @gluon.jit
-def _consumer(w_bufs, x_bufs, ready, empty, s_ptr, table_ptr, post_ptr, y_ptr, M, N, n0, k_lo, pid_k,
+def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, post_ptr, y_ptr, M, N, n0, k_lo, pid_k,
               K: gl.constexpr, N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr,
               BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
-              MODE: gl.constexpr, TWO_MUL: gl.constexpr, HAS_POST: gl.constexpr, num_warps: gl.constexpr):
+              MODE: gl.constexpr, TWO_MUL: gl.constexpr, HAS_POST: gl.constexpr, IS_NVFP4: gl.constexpr,
+              num_warps: gl.constexpr):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     w_l: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [num_warps, 1], [1, 0])
     c_l: gl.constexpr = gl.BlockedLayout([1, 2], [16, 2], [num_warps, 1], [1, 0])
-    rows_c = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, c_l))
-    cols_c = gl.arange(0, 4, layout=gl.SliceLayout(0, c_l))
-    s_ptrs = s_ptr + rows_c[:, None] * (K // 16) + cols_c[None, :]
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     for i in range(N_STEPS):
         s = i % STAGES
         ph = (i // STAGES) & 1
-        k = k_lo + i * BLOCK_K
         mbarrier.wait(ready.index(s), ph)
         for j in gl.static_range(XSUB):
-            codes = gl.load(s_ptrs + (k + 64 * j) // 16, mask=(rows_c[:, None] < N) & ((k + 64 * j) < K), other=0)
-            scale = gl.load(table_ptr + codes.to(gl.int32))
+            codes = s_bufs.index(s).slice(4 * j, 4, dim=1).load(c_l)  # [BLOCK_N, 4]: the 4 blocks of this slice
+            if MODE == 3:
+                scale = _bf16x2_scale(codes, IS_NVFP4, TWO_MUL)
+            else:
+                scale = gl.load(table_ptr + codes.to(gl.int32))
             scale8 = gl.convert_layout(gl.reshape(gl.join(scale, scale), [BLOCK_N, 8]), w_l)
             words = w_bufs.index(s * XSUB + j).load(w_l)
             if MODE == 3:
@@ -152,10 +167,11 @@ def _consumer(w_bufs, x_bufs, ready, empty, s_ptr, table_ptr, post_ptr, y_ptr, M
 
 
 @gluon.jit
-def fp4_ws_kernel(x_desc, w_desc, s_ptr, table_ptr, post_ptr, y_ptr, M, N,
+def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, y_ptr, M, N,
                   K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
                   SPLIT_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, MODE: gl.constexpr = 0,
-                  TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False):
+                  TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False,
+                  IS_NVFP4: gl.constexpr = True):
     XSUB: gl.constexpr = BLOCK_K // 64
     N_STEPS: gl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
     pid_n = gl.program_id(0)
@@ -164,37 +180,21 @@ def fp4_ws_kernel(x_desc, w_desc, s_ptr, table_ptr, post_ptr, y_ptr, M, N,
     k_lo = pid_k * N_STEPS * BLOCK_K
     w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES * XSUB, BLOCK_N, 8], w_desc.layout)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * XSUB, BLOCK_M, 64], x_desc.layout)
+    s_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BLOCK_K // 16], s_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
-        (_consumer, (w_bufs, x_bufs, ready, empty, s_ptr, table_ptr, post_ptr, y_ptr, M, N, n0, k_lo, pid_k, K, N_STEPS,
-                     STAGES, XSUB, BLOCK_K, BLOCK_N, BLOCK_M, SPLIT_K, MODE, TWO_MUL, HAS_POST, num_warps)),
-        (_loader, (x_desc, w_desc, w_bufs, x_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K)),
+        (_consumer, (w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, post_ptr, y_ptr, M, N, n0, k_lo, pid_k, K, N_STEPS,
+                     STAGES, XSUB, BLOCK_K, BLOCK_N, BLOCK_M, SPLIT_K, MODE, TWO_MUL, HAS_POST, IS_NVFP4, num_warps)),
+        (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K)),
     ], [1], [24])
 
 
-def layouts(BLOCK_N, BLOCK_M):
+def layouts(BLOCK_N, BLOCK_M, BLOCK_K=256):
     wl = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 8], gl.int32)
     xl = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], gl.bfloat16)
-    return wl, xl
-
-
-def compile_offline(N=28672, K=4096, M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, STAGES=3, num_warps=4, maxnreg=None):
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    BLOCK_M = max(16, triton.next_power_of_2(M))
-    wl, xl = layouts(BLOCK_N, BLOCK_M)
-    sig = dict(x_desc=f"tensordesc<bf16[{BLOCK_M},64],{xl!r}>", w_desc=f"tensordesc<i32[{BLOCK_N},8],{wl!r}>",
-               s_ptr="*u8", table_ptr="*fp32", y_ptr="*fp32" if SPLIT_K > 1 else "*bf16", M="i32", N="i32")
-    const = dict(K=K, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, STAGES=STAGES, num_warps=num_warps)
-    sig.update({k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (2, 3, 4)}
-    opts = dict(num_warps=num_warps)
-    if maxnreg:
-        opts["maxnreg"] = maxnreg
-    return triton.compile(GluonASTSource(fp4_ws_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
-
-
+    sl = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K // 16], gl.uint8)
+    return wl, xl, sl

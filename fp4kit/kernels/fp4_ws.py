@@ -8,7 +8,8 @@ consumer warpgroup decodes each stage into registers and runs `wgmma` with the d
 operand and x.T from shared memory as B (the weights on the MMA's M side, as in `fp4_mma`):
 
     loader warp:   for each K step: wait empty[s]; TMA words [BN, 8] x BK/64 and x [BM, 64] x BK/64 -> stage s
-    consumer:      for each K step: wait ready[s]; per 64-wide slice: scale codes (global), decode, wgmma;
+    loader also:   the stage's scale codes [BN, BK/16] by TMA
+    consumer:      for each K step: wait ready[s]; per 64-wide slice: scale codes (shared), decode, wgmma;
                    fence; arrive empty[s]
     split K:       float32 partials [SPLIT_K, M, N], summed here in split order (deterministic)
 
@@ -26,14 +27,21 @@ Two decodes (`WsConfig.pairs`):
         twin, which rounds code x s_eff to bf16 per weight (the difference is that rounding, as for the
         GEMV; tests/kernels/test_fp4_ws.py states the bound).
 
-Measured (H100, 2026-11-24; BENCHMARKS.md "Warp-specialised skinny GEMM"): with the float32 decode the
-kernel is no faster than the skinny kernel (gate_up M = 16 57.3 vs 55.5 us): warp specialisation alone
-does not close the gap, and timing variants of the consumer showed why: no decode at all runs at 33.8 us
-(the pipeline plus the decoded tile's conversion to the wgmma register layout), the bit placement alone at
-~41 us, the float32 scale path adds ~16 us. So the consumer's instructions are the limit, not latency.
-The pair decode is the cheap version of the exact decode (see the benchmark for its numbers).
+Measured (H100, 2026-11-24; BENCHMARKS.md "Warp-specialised skinny GEMM"; GPU time in a CUDA graph, weights
+rotated through 256 MB). First, with the float32 decode the kernel is no faster than the skinny kernel (gate_up
+M = 16 57.3 vs 55.5 us): warp specialisation alone does not close the gap. Timing variants of the consumer
+showed why: no decode at all runs at 33.8 us (the TMA pipeline plus the decoded tile's conversion to the wgmma
+register layout), the bit placement alone at ~41 us, the float32 scale path costs ~16 us more: the consumer's
+instructions are the limit, not load latency. Then the pair decode with the scale codes by TMA and the bf16x2
+scales computed in registers (r4): NVFP4 gate_up 45.1 us at M = 16 (skinny 55.6, cuBLAS 82.9) and 48.9 at
+M = 32 (67.5); down 27.8 / 29.3 (31.7 / 40.0); q/k/v and o about the skinny kernel's (16.6 vs 16.5, 13.7 vs
+12.7 at M = 16).
 
-Requirements: CUDA, Hopper or later, Triton with Gluon (3.5+), bf16 x, K % 64 == 0, 16-byte aligned rows;
+Formats: NVFP4 only (block 16: the kernel reads 4 scale codes per 64 weights and a stage's [BN, BK/16]
+codes by TMA, which needs >= 16 bytes per row). MXFP4 (block 32) gave wrong results in the first H100 run
+(r4) and is refused by `prepare_ws`; it needs its own scale indexing and BK = 512 for TMA.
+
+Requirements: CUDA, Hopper or later, Triton with Gluon (3.5+), bf16 x, K % 256 == 0, 16-byte aligned rows;
 `fp4_ws_matmul` raises otherwise. Not dispatched by `fp4_linear`: an opt-in kernel until it wins.
 """
 
@@ -53,25 +61,27 @@ PAIR_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a pair-layout word holds el
 @dataclass(frozen=True)
 class WsConfig:
     block_n: int = 64  # weight rows per program (64: one consumer warpgroup of 4 warps; 128: 8 warps)
-    block_k: int = 256  # K per stage (multiple of 64: one TMA box of words and of x per 64)
+    block_k: int = 256  # K per stage (multiple of 256: the stage's scale codes are >= 16 bytes per row for TMA)
     stages: int = 2  # shared-memory ring depth
     split_k: int = 1
     maxnreg: int = 80  # registers per thread before the partitions' reallocation (sets CTAs per SM)
     pairs: bool = True  # the bf16x2 pair decode (see the module docstring); False: the float32 decode
 
     def __post_init__(self):
-        if self.block_n not in (64, 128) or self.block_k % 64 or self.stages < 1 or self.split_k < 1:
+        if self.block_n not in (64, 128) or self.block_k % 256 or self.stages < 1 or self.split_k < 1:
             raise ValueError(f"WsConfig: unsupported {self}")
 
 
 def ws_config(M: int, N: int, K: int, sm_count: int = 132) -> WsConfig:
-    """The H100 sweep's choice (benchmarks/bench_fp4_ws.py): 64-row tiles, 2 stages, enough splits for
-    ~3 programs per SM, 128-row tiles for the long-K down projection."""
-    block_n = 128 if K >= 8192 else 64
-    tiles = -(-N // block_n)
-    want = max(1, round((2 if block_n == 128 else 3) * sm_count / tiles))
-    split = 1 << (want.bit_length() - 1)
-    return WsConfig(block_n=block_n, split_k=min(split, max(1, K // 256)))
+    """The H100 sweep's choice (benchmarks/bench_fp4_ws.py, results/fp4_ws_h100_r4.json, NVFP4 M = 16 and 32):
+    wide layers (N >= 16384, gate_up) 128-row tiles, 2 stages, no split; the others 64-row tiles, 4 stages and
+    K split for ~3 programs per SM (4 splits at N = 4096 and 6144)."""
+    if N >= 16384:
+        return WsConfig(block_n=128, stages=2, split_k=1)
+    tiles = -(-N // 64)
+    want = max(1, round(3 * sm_count / tiles))
+    split = min(1 << (want.bit_length() - 1), max(1, K // 256))
+    return WsConfig(block_n=64, stages=4, split_k=split)
 
 
 def pair_words(qt: QuantizedTensor) -> torch.Tensor:
@@ -119,9 +129,10 @@ class WsWeight:
 
 def prepare_ws(qt: QuantizedTensor, pairs: bool = True, prepared: PreparedFP4Weight | None = None) -> WsWeight:
     _check_fp4(qt, "prepare_ws")
+    if not isinstance(qt.config, NVFP4Config) or qt.config.block_size != 16:
+        raise ValueError(f"prepare_ws: the warp-specialised kernel reads NVFP4 (block 16) only, got "
+                         f"{type(qt.config).__name__} block {qt.config.block_size} (MXFP4: use fp4_linear)")
     prepared = prepared or prepare_fp4_weight(qt)
-    if not isinstance(qt.config, (NVFP4Config, MXFP4Config)):
-        raise ValueError(f"prepare_ws: unsupported format {type(qt.config).__name__}")
     if not pairs:
         return WsWeight(prepared, prepared.words, prepared.table, True, None)
     table, two_mul, post = pair_tables(qt, prepared.scale_codes)
@@ -143,23 +154,25 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
         raise ValueError(f"fp4_ws_matmul: x must be a contiguous CUDA bf16 [M, {K}] tensor, got {tuple(x.shape)} "
                          f"{x.dtype} on {x.device}")
     M = x.shape[0]
-    if M > 64 or K % 64:
-        raise ValueError(f"fp4_ws_matmul: needs M <= 64 and K % 64 == 0 (M {M}, K {K})")
+    if M > 64 or K % 256:
+        raise ValueError(f"fp4_ws_matmul: needs M <= 64 and K % 256 == 0 (M {M}, K {K})")
     cfg = config or ws_config(M, N, K)
     pairs = w.table.dtype == torch.int32
     block_m = max(16, triton.next_power_of_2(M))
-    wl, xl = _fp4_ws.layouts(cfg.block_n, block_m)
+    wl, xl, sl = _fp4_ws.layouts(cfg.block_n, block_m, cfg.block_k)
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], xl)
     w_desc = TensorDescriptor.from_tensor(w.words, [cfg.block_n, 8], wl)
+    s_desc = TensorDescriptor.from_tensor(prep.scale_codes, [cfg.block_n, cfg.block_k // 16], sl)
     if cfg.split_k == 1:
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     else:
         y = torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device)
     post = w.post if w.post is not None else w.table
     _fp4_ws.fp4_ws_kernel[(triton.cdiv(N, cfg.block_n), cfg.split_k)](
-        x_desc, w_desc, prep.scale_codes, w.table, post, y, M, N, K=K, BLOCK_N=cfg.block_n, BLOCK_M=block_m,
+        x_desc, w_desc, s_desc, w.table, post, y, M, N, K=K, BLOCK_N=cfg.block_n, BLOCK_M=block_m,
         BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages, num_warps=cfg.block_n // 16,
-        maxnreg=cfg.maxnreg, MODE=3 if pairs else 0, TWO_MUL=w.two_mul, HAS_POST=w.post is not None)
+        maxnreg=cfg.maxnreg, MODE=3 if pairs else 0, TWO_MUL=w.two_mul, HAS_POST=w.post is not None,
+        IS_NVFP4=isinstance(w.prepared.qt.config, NVFP4Config))
     if cfg.split_k > 1:
         acc = y.sum(0)  # torch's dim reduction: a fixed order, whichever split finished first
         y = acc if bias is None else acc + bias.float()
