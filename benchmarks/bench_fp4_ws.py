@@ -74,20 +74,28 @@ def sass(args):
         for M in args.ms:
             for cfg in configs(N, K, M):
                 bn, warps, bk, stages, maxnreg, split = cfg
+                bs = args.sass_bs
+                bk = 512 if bs == 32 else bk
                 block_m = max(16, triton.next_power_of_2(M))
-                wl, xl, sl = _fp4_ws.layouts(bn, block_m, bk)
+                wl, xl, sl = _fp4_ws.layouts(bn, block_m, bk, bs)
                 sig = dict(x_desc=f"tensordesc<bf16[{block_m},64],{xl!r}>", w_desc=f"tensordesc<i32[{bn},8],{wl!r}>",
-                           s_desc=f"tensordesc<u8[{bn},{bk // 16}],{sl!r}>", table_ptr="*i32", post_ptr="*fp32", y_ptr="*fp32" if split > 1 else "*bf16", M="i32",
+                           s_desc=f"tensordesc<u8[{bn},{bk // bs}],{sl!r}>", table_ptr="*i32", post_ptr="*fp32", y_ptr="*fp32" if split > 1 else "*bf16", M="i32",
                            N="i32")
                 const = dict(K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk, SPLIT_K=split, STAGES=stages,
-                             num_warps=warps, MODE=3, TWO_MUL=True, HAS_POST=True)
+                             num_warps=warps, MODE=args.sass_mode, TWO_MUL=True, HAS_POST=bs == 16,
+                             IS_NVFP4=bs == 16)
                 sig.update({k: "constexpr" for k in const})
                 attrs = {(i,): [["tt.divisibility", 16]] for i in (3, 4, 5)}
                 k = triton.compile(GluonASTSource(_fp4_ws.fp4_ws_kernel, sig, const, attrs),
                                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, maxnreg=maxnreg))
                 ops = _opcodes(_instructions(_sass(k)))
                 print(name, M, cfg, "regs", _regs(k), "smem", k.metadata.shared, "spills",
-                      ops.get("LDL", 0) + ops.get("STL", 0), flush=True)
+                      ops.get("LDL", 0) + ops.get("STL", 0), "STS", ops.get("STS", 0), "LDS", ops.get("LDS", 0),
+                      "instructions", sum(ops.values()), flush=True)
+                if args.sass_dump:
+                    with open(args.sass_dump, "w") as f:
+                        f.write("\n".join(map(str, _sass(k))))
+                    return
 
 
 def _skinny(x, qt, preps):
@@ -101,7 +109,9 @@ def gpu(args):
 
     from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
     from fp4kit.kernels import fp4_linear, prepare_fp4_weight
-    from fp4kit.kernels.fp4_ws import WsConfig, fp4_ws_matmul, prepare_ws, ws_config
+    from fp4kit.kernels.fp4_ws import WsConfig, WsDecode, fp4_ws_matmul, prepare_ws, ws_config
+
+    DECODES = {"f32": WsDecode.FLOAT32, "pairs": WsDecode.PAIRS, "frag": WsDecode.FRAG}
 
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -118,8 +128,9 @@ def gpu(args):
             qt0 = quantize(w, cfg_fmt)
             qts, nxt_qt = rotating(lambda: quantize(torch.randn_like(w) * 0.02, cfg_fmt), qt0.nbytes)
             preps = {id(q): prepare_fp4_weight(q) for q in qts}
-            wsw = {pairs: {id(q): prepare_ws(q, pairs, preps[id(q)]) for q in qts} for pairs in (False, True)}
-            ws0 = {pairs: prepare_ws(qt0, pairs) for pairs in (False, True)}
+            decodes = [d for d in args.decodes if fmt == "nvfp4" or d == "frag"]
+            wsw = {d: {id(q): prepare_ws(q, DECODES[d], preps[id(q)]) for q in qts} for d in decodes}
+            ws0 = {d: prepare_ws(qt0, DECODES[d]) for d in decodes}
             for M in args.ms:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 nbytes = qt0.nbytes + 2 * M * K + 2 * M * N
@@ -129,15 +140,18 @@ def gpu(args):
                     _skinny(x, q, preps)
                 row["skinny_graph_us"] = bench_graph(lambda: _skinny(x, nxt_qt(), preps))
                 row["skinny_err"] = check(x, qt0, fp4_linear(x, qt0))
-                default = ws_config(M, N, K)
-                cands = [(False, default)] + [(True, c) for c in dict.fromkeys(
-                    [default] + [WsConfig(block_n=bn, stages=st, split_k=sk) for bn, _, _, st, _, sk in configs(N, K, M)])]
-                for pairs, cfg in cands:
-                    key = f"{'pairs' if pairs else 'f32'}_bn{cfg.block_n}_s{cfg.stages}_sk{cfg.split_k}"
+                default = ws_config(M, N, K, block_size=cfg_fmt.block_size)
+                bk = default.block_k
+                sweep = [default] + ([WsConfig(block_n=bn, block_k=bk, stages=max(1, st * 256 // bk), split_k=sk)
+                                      for bn, _, _, st, _, sk in configs(N, K, M)] if args.sweep else [])
+                cands = [(d, c) for d in decodes for c in dict.fromkeys(sweep if d != "f32" else [default])]
+                for dec, cfg in cands:
+                    key = f"{dec}_bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.stages}_sk{cfg.split_k}"
                     try:
-                        err = check(x, qt0, fp4_ws_matmul(x, ws0[pairs], config=cfg))
-                        us = bench_graph(lambda: fp4_ws_matmul(x, wsw[pairs][id(nxt_qt())], config=cfg))
-                        row["ws"][key] = dict(us=us, err_max=err[0], err_rms=err[1], default=cfg == default)
+                        err = check(x, qt0, fp4_ws_matmul(x, ws0[dec], config=cfg))
+                        us = bench_graph(lambda: fp4_ws_matmul(x, wsw[dec][id(nxt_qt())], config=cfg))
+                        row["ws"][key] = dict(us=us, err_max=err[0], err_rms=err[1], default=cfg == default,
+                                              decode=dec)
                         print(f"{name:8s} {fmt} M={M:3d} {key:24s} {us:7.1f} us  err {err[0]:.2e} / {err[1]:.2e}"
                               f"{'  (default)' if cfg == default else ''}", flush=True)
                     except Exception as e:  # noqa: BLE001 - a failed configuration is recorded, the sweep goes on
@@ -155,7 +169,7 @@ def gpu(args):
                 ok = {k: v["us"] for k, v in row["ws"].items() if "err_max" in v and v["err_max"] < 1e-2}
                 best = min(ok, key=ok.get) if ok else None
                 row["best"] = best
-                dflt = [v["us"] for v in row["ws"].values() if v.get("default") and "err_max" in v]
+                dflt = {v["decode"]: v["us"] for v in row["ws"].values() if v.get("default") and "err_max" in v}
                 print(f"{name:8s} {fmt} M={M:3d} cuBLAS {row['cublas_graph_us']:.1f}  skinny "
                       f"{row['skinny_graph_us']:.1f}  ws default {dflt}  best {ok.get(best, float('nan')):.1f} "
                       f"({best})  roofline {row['roofline_us']:.1f} us", flush=True)
@@ -170,9 +184,14 @@ def gpu(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sass", action="store_true", help="offline sm_90 compile of every configuration (no GPU)")
+    ap.add_argument("--sass-mode", type=int, default=3, help="--sass: the consumer MODE to compile (3 pairs, 4 fragments)")
+    ap.add_argument("--sass-bs", type=int, default=16, choices=[16, 32], help="--sass: 16 NVFP4, 32 MXFP4")
+    ap.add_argument("--sass-dump", default=None, help="--sass: write the first configuration's SASS here and stop")
     ap.add_argument("--ms", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--shapes", nargs="*", default=None)
-    ap.add_argument("--formats", nargs="+", default=["nvfp4"], help="nvfp4 (the kernel refuses mxfp4)")
+    ap.add_argument("--formats", nargs="+", default=["nvfp4"], help="nvfp4 and/or mxfp4 (MXFP4: frag decode only)")
+    ap.add_argument("--decodes", nargs="+", default=["f32", "pairs", "frag"], choices=["f32", "pairs", "frag"])
+    ap.add_argument("--sweep", action="store_true", help="also time the sweep's other configurations")
     ap.add_argument("--out", default=None)
     ap.add_argument("--modes", type=int, nargs="*", default=[],
                     help="also time decode variants: 1 = bit placement only, 2 = no decode (floor; not exact)")

@@ -76,6 +76,20 @@ def _decode_pairs(words, scale2, R: gl.constexpr, KW: gl.constexpr, TWO_MUL: gl.
 
 
 @gluon.jit
+def _decode_frag(words, s_lo, s_hi, R: gl.constexpr, TWO_MUL: gl.constexpr):
+    """Fragment-layout words [R, 4 (tig), 2 (h)] -> bfloat16 [R, 64] in k order, already in the wgmma A
+    operand's register layout (`fp4_ws.FRAG_OFFSETS`: pair J of word (tig, h) holds
+    k = 32 h + 16 (J // 2) + 8 (J % 2) + 2 tig + {0, 1}; s_lo scales chunk 2h, s_hi chunk 2h + 1)."""
+    l0, h0 = _bf16_pair_scaled(words, s_lo, 0, TWO_MUL)
+    l1, h1 = _bf16_pair_scaled(words, s_lo, 1, TWO_MUL)
+    l2, h2 = _bf16_pair_scaled(words, s_hi, 2, TWO_MUL)
+    l3, h3 = _bf16_pair_scaled(words, s_hi, 3, TWO_MUL)
+    u = gl.join(gl.join(gl.join(l0, h0), gl.join(l1, h1)), gl.join(gl.join(l2, h2), gl.join(l3, h3)))
+    # [R, tig, h, e, p, c] -> [R, h, c, p, tig, e]: k = 32 h + 16 c + 8 p + 2 tig + e
+    return gl.reshape(gl.permute(u, (0, 2, 5, 4, 1, 3)), [R, 64])
+
+
+@gluon.jit
 def _decode(words, scale8, R: gl.constexpr, KW: gl.constexpr, MODE: gl.constexpr):
     if MODE == 1:
         w0, w4 = _pair_raw(words, 0)
@@ -106,9 +120,31 @@ def _decode(words, scale8, R: gl.constexpr, KW: gl.constexpr, MODE: gl.constexpr
     return gl.reshape(gl.join(b0, b1), [R, KW * 8])
 
 
+@gluon.constexpr_function
+def _frag_layout(BLOCK_N, num_warps, which):
+    """The fragment decode's layouts (threads as in the wgmma A operand: lane = 4 g + tig, warp w: rows 16 w..):
+    0: words [BLOCK_N, 8] (column 2 tig + h; registers h, row + 8); 1: the same as [BLOCK_N, 4 (tig), 2 (h)];
+    2: NVFP4 scale codes [BLOCK_N, 4] (column 2 h + c; registers c, h, row + 8; the tig lanes read the same
+    code); 3: MXFP4 scale codes [BLOCK_N, 2] (column h: one E8M0 code per 32 = two 16-wide chunks)."""
+    warps = [16 << i for i in range(num_warps.bit_length() - 1)]
+    if which == 1:
+        return gl.DistributedLinearLayout([[0, 0, 1], [8, 0, 0]],
+                                          [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+                                          [[w, 0, 0] for w in warps], [], [BLOCK_N, 4, 2])
+    if which == 0:
+        return gl.DistributedLinearLayout([[0, 1], [8, 0]], [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+                                          [[w, 0] for w in warps], [], [BLOCK_N, 8])
+    if which == 2:
+        return gl.DistributedLinearLayout([[0, 1], [0, 2], [8, 0]], [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+                                          [[w, 0] for w in warps], [], [BLOCK_N, 4])
+    return gl.DistributedLinearLayout([[0, 1], [8, 0]], [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+                                      [[w, 0] for w in warps], [], [BLOCK_N, 2])
+
+
 @gluon.jit
 def _loader(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo,
-            N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr, BLOCK_K: gl.constexpr):
+            N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr, BLOCK_K: gl.constexpr,
+            BS: gl.constexpr):
     for i in range(N_STEPS):
         s = i % STAGES
         ph = (i // STAGES) & 1
@@ -116,7 +152,7 @@ def _loader(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_
         bar = ready.index(s)
         mbarrier.expect(bar, XSUB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes) + s_desc.block_type.nbytes)
         k = k_lo + i * BLOCK_K
-        tma.async_copy_global_to_shared(s_desc, [n0, k // 16], bar, s_bufs.index(s))
+        tma.async_copy_global_to_shared(s_desc, [n0, k // BS], bar, s_bufs.index(s))
         for j in gl.static_range(XSUB):
             tma.async_copy_global_to_shared(w_desc, [n0, (k + 64 * j) // 8], bar, w_bufs.index(s * XSUB + j))
             tma.async_copy_global_to_shared(x_desc, [0, k + 64 * j], bar, x_bufs.index(s * XSUB + j))
@@ -132,23 +168,47 @@ def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, post_ptr, y_ptr, 
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     w_l: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [num_warps, 1], [1, 0])
     c_l: gl.constexpr = gl.BlockedLayout([1, 2], [16, 2], [num_warps, 1], [1, 0])
+    # MODE 4: fragment layout. Each thread loads the words whose codes it holds in the A operand (rows g and
+    # g + 8 of its warp's 16, word columns 2 tig + h) and the scale codes of its rows (broadcast over tig).
+    fw_l: gl.constexpr = _frag_layout(BLOCK_N, num_warps, 0)
+    f3_l: gl.constexpr = _frag_layout(BLOCK_N, num_warps, 1)
+    fc_l: gl.constexpr = _frag_layout(BLOCK_N, num_warps, 2 if IS_NVFP4 else 3)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     for i in range(N_STEPS):
         s = i % STAGES
         ph = (i // STAGES) & 1
         mbarrier.wait(ready.index(s), ph)
         for j in gl.static_range(XSUB):
-            codes = s_bufs.index(s).slice(4 * j, 4, dim=1).load(c_l)  # [BLOCK_N, 4]: the 4 blocks of this slice
-            if MODE == 3:
-                scale = _bf16x2_scale(codes, IS_NVFP4, TWO_MUL)
+            if MODE == 4 and IS_NVFP4:
+                codes = s_bufs.index(s).slice(4 * j, 4, dim=1).load(fc_l)  # [BLOCK_N, 4]: chunk 2 h + c
+                c_lo, c_hi = gl.split(gl.reshape(codes, [BLOCK_N, 2, 2]))  # c = 0 / 1: [BLOCK_N, 2 (h)]
+                s_lo = gl.convert_layout(_bf16x2_scale(c_lo, IS_NVFP4, TWO_MUL), gl.SliceLayout(1, f3_l),
+                                         assert_trivial=True)
+                s_hi = gl.convert_layout(_bf16x2_scale(c_hi, IS_NVFP4, TWO_MUL), gl.SliceLayout(1, f3_l),
+                                         assert_trivial=True)
+            elif MODE == 4:  # MXFP4: one code per 32 (h), the same scale for both chunks of a word
+                codes = s_bufs.index(s).slice(2 * j, 2, dim=1).load(fc_l)  # [BLOCK_N, 2 (h)]
+                s_lo = gl.convert_layout(_bf16x2_scale(codes, IS_NVFP4, TWO_MUL), gl.SliceLayout(1, f3_l),
+                                         assert_trivial=True)
+                s_hi = s_lo
+            if MODE == 4:
+                words = gl.convert_layout(gl.reshape(w_bufs.index(s * XSUB + j).load(fw_l), [BLOCK_N, 4, 2]), f3_l,
+                                          assert_trivial=True)
+                s_lo, _ = gl.broadcast(gl.expand_dims(s_lo, 1), words)
+                s_hi, _ = gl.broadcast(gl.expand_dims(s_hi, 1), words)
+                w = _decode_frag(words, s_lo, s_hi, BLOCK_N, TWO_MUL)
             else:
-                scale = gl.load(table_ptr + codes.to(gl.int32))
-            scale8 = gl.convert_layout(gl.reshape(gl.join(scale, scale), [BLOCK_N, 8]), w_l)
-            words = w_bufs.index(s * XSUB + j).load(w_l)
-            if MODE == 3:
-                w = _decode_pairs(words, scale8, BLOCK_N, 8, TWO_MUL)
-            else:
-                w = _decode(words, scale8, BLOCK_N, 8, MODE)
+                codes = s_bufs.index(s).slice(4 * j, 4, dim=1).load(c_l)  # [BLOCK_N, 4]: the 4 blocks of this slice
+                if MODE == 3:
+                    scale = _bf16x2_scale(codes, IS_NVFP4, TWO_MUL)
+                else:
+                    scale = gl.load(table_ptr + codes.to(gl.int32))
+                scale8 = gl.convert_layout(gl.reshape(gl.join(scale, scale), [BLOCK_N, 8]), w_l)
+                words = w_bufs.index(s * XSUB + j).load(w_l)
+                if MODE == 3:
+                    w = _decode_pairs(words, scale8, BLOCK_N, 8, TWO_MUL)
+                else:
+                    w = _decode(words, scale8, BLOCK_N, 8, MODE)
             a = gl.convert_layout(w, a_l)
             acc = warpgroup_mma(a, x_bufs.index(s * XSUB + j).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -180,7 +240,7 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, y_ptr, M, N,
     k_lo = pid_k * N_STEPS * BLOCK_K
     w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES * XSUB, BLOCK_N, 8], w_desc.layout)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * XSUB, BLOCK_M, 64], x_desc.layout)
-    s_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BLOCK_K // 16], s_desc.layout)
+    s_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BLOCK_K // (16 if IS_NVFP4 else 32)], s_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -189,12 +249,13 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, y_ptr, M, N,
     gl.warp_specialize([
         (_consumer, (w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, post_ptr, y_ptr, M, N, n0, k_lo, pid_k, K, N_STEPS,
                      STAGES, XSUB, BLOCK_K, BLOCK_N, BLOCK_M, SPLIT_K, MODE, TWO_MUL, HAS_POST, IS_NVFP4, num_warps)),
-        (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K)),
+        (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K,
+                   16 if IS_NVFP4 else 32)),
     ], [1], [24])
 
 
-def layouts(BLOCK_N, BLOCK_M, BLOCK_K=256):
+def layouts(BLOCK_N, BLOCK_M, BLOCK_K=256, BS=16):
     wl = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 8], gl.int32)
     xl = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], gl.bfloat16)
-    sl = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K // 16], gl.uint8)
+    sl = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K // BS], gl.uint8)
     return wl, xl, sl

@@ -47,6 +47,7 @@ Requirements: CUDA, Hopper or later, Triton with Gluon (3.5+), bf16 x, K % 256 =
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
@@ -55,54 +56,91 @@ from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor
 
 from .fp4_gemm import PreparedFP4Weight, _bf16x2_pow2_table, _check_fp4, prepare_fp4_weight
 
-PAIR_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a pair-layout word holds element PAIR_ORDER[j] of its 8
+
+class WsDecode(enum.Enum):
+    """How the consumer turns codes into the MMA's bf16 operand (the value is the kernel's MODE)."""
+    FLOAT32 = 0  # natural packing, float32 scale: the twin's weights bit for bit (NVFP4)
+    PAIRS = 3  # pair layout, bf16x2 exact products, then a shared-memory trip into the wgmma layout
+    FRAG = 4  # fragment layout: pairs decoded straight into the wgmma A registers (no shared-memory trip)
+
+
+def _pair_offsets() -> tuple:
+    # word w of a 64-element slice, nibble j: element 8 w + (2 j for j < 4, 2 (j - 4) + 1 for j >= 4)
+    return tuple(tuple(8 * w + 2 * (j % 4) + j // 4 for j in range(8)) for w in range(8))
+
+
+def _frag_offsets() -> tuple:
+    # word 2 tig + h, nibble j < 4 (pair J = j): k = 32 h + 16 (J // 2) + 8 (J % 2) + 2 tig, nibble j + 4: k + 1.
+    # Thread tig of a wgmma A fragment holds k = 2 tig + {0, 1} and 2 tig + 8 + {0, 1} of each 16-wide chunk.
+    out = []
+    for w in range(8):
+        tig, h = w // 2, w % 2
+        out.append(tuple(32 * h + 16 * (j % 4 // 2) + 8 * (j % 2) + 2 * tig + j // 4 for j in range(8)))
+    return tuple(out)
+
+
+PAIR_OFFSETS = _pair_offsets()  # [word][nibble] -> element of the 64-element slice
+FRAG_OFFSETS = _frag_offsets()
+PAIR_ORDER = PAIR_OFFSETS[0]  # (0, 2, 4, 6, 1, 3, 5, 7): nibble j of a pair-layout word holds element PAIR_ORDER[j]
 
 
 @dataclass(frozen=True)
 class WsConfig:
     block_n: int = 64  # weight rows per program (64: one consumer warpgroup of 4 warps; 128: 8 warps)
-    block_k: int = 256  # K per stage (multiple of 256: the stage's scale codes are >= 16 bytes per row for TMA)
+    block_k: int = 256  # K per stage (multiple of 256: NVFP4's scale codes are >= 16 bytes per row for TMA;
+    #                     MXFP4 needs 512)
     stages: int = 2  # shared-memory ring depth
     split_k: int = 1
     maxnreg: int = 80  # registers per thread before the partitions' reallocation (sets CTAs per SM)
-    pairs: bool = True  # the bf16x2 pair decode (see the module docstring); False: the float32 decode
 
     def __post_init__(self):
         if self.block_n not in (64, 128) or self.block_k % 256 or self.stages < 1 or self.split_k < 1:
             raise ValueError(f"WsConfig: unsupported {self}")
 
 
-def ws_config(M: int, N: int, K: int, sm_count: int = 132) -> WsConfig:
+def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16) -> WsConfig:
     """The H100 sweep's choice (benchmarks/bench_fp4_ws.py, results/fp4_ws_h100_r4.json, NVFP4 M = 16 and 32):
     wide layers (N >= 16384, gate_up) 128-row tiles, 2 stages, no split; the others 64-row tiles, 4 stages and
-    K split for ~3 programs per SM (4 splits at N = 4096 and 6144)."""
+    K split for ~3 programs per SM (4 splits at N = 4096 and 6144). MXFP4 (block 32): 512-wide stages (TMA's
+    16-byte rows of scale codes) and half the stages, the same bytes in flight."""
+    bk = 256 if block_size == 16 else 512
     if N >= 16384:
-        return WsConfig(block_n=128, stages=2, split_k=1)
+        return WsConfig(block_n=128, block_k=bk, stages=2 if bk == 256 else 1, split_k=1)
     tiles = -(-N // 64)
     want = max(1, round(3 * sm_count / tiles))
-    split = min(1 << (want.bit_length() - 1), max(1, K // 256))
-    return WsConfig(block_n=64, stages=4, split_k=split)
+    split = min(1 << (want.bit_length() - 1), max(1, K // bk))
+    return WsConfig(block_n=64, block_k=bk, stages=4 * 256 // bk, split_k=split)
 
 
-def pair_words(qt: QuantizedTensor) -> torch.Tensor:
-    """int32 [N, K/8]: the packed codes re-laid so that nibble j of word w holds element 8w + PAIR_ORDER[j]."""
+def relayout_words(qt: QuantizedTensor, offsets=PAIR_OFFSETS) -> torch.Tensor:
+    """int32 [N, K/8]: the packed codes re-laid per 64-element slice so that nibble j of word w of the slice
+    holds element offsets[w][j] (K % 64 == 0)."""
     N, K = qt.shape
+    if K % 64:
+        raise ValueError(f"relayout_words: in_features {K} is not a multiple of 64")
     data = qt.data.view(torch.uint8).reshape(N, K // 2)
-    codes = torch.stack((data & 0xF, data >> 4), dim=-1).reshape(N, K // 8, 8)  # element 8w + e
-    new = codes[..., list(PAIR_ORDER)].to(torch.int64)
+    codes = torch.stack((data & 0xF, data >> 4), dim=-1).reshape(N, K // 64, 64)  # element 64 s + e
+    idx = torch.tensor(offsets, dtype=torch.long, device=codes.device).reshape(64)
+    new = codes[..., idx].reshape(N, K // 64, 8, 8).to(torch.int64)
     shifts = torch.arange(0, 32, 4, device=new.device, dtype=torch.int64)
     word = (new << shifts).sum(-1)
     word = torch.where(word >= 2**31, word - 2**32, word)
-    return word.to(torch.int32).contiguous()
+    return word.to(torch.int32).reshape(N, K // 8).contiguous()
 
 
-def unpack_pair_words(words: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pair_words` (tests): uint8 codes [N, K] in element order."""
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    nib = torch.stack([(w >> (4 * j)) & 0xF for j in range(8)], dim=-1)  # nibble j
+def unpack_words(words: torch.Tensor, offsets=PAIR_OFFSETS) -> torch.Tensor:
+    """Inverse of `relayout_words` (tests): uint8 codes [N, K] in element order."""
+    N = words.shape[0]
+    w = words.to(torch.int64).reshape(N, -1, 8) & 0xFFFFFFFF
+    nib = torch.stack([(w >> (4 * j)) & 0xF for j in range(8)], dim=-1).reshape(N, -1, 64)  # word w, nibble j
     out = torch.empty_like(nib)
-    out[..., list(PAIR_ORDER)] = nib
-    return out.reshape(words.shape[0], -1).to(torch.uint8)
+    out[..., torch.tensor(offsets, dtype=torch.long, device=w.device).reshape(64)] = nib
+    return out.reshape(N, -1).to(torch.uint8)
+
+
+def pair_words(qt: QuantizedTensor) -> torch.Tensor:
+    """The pair layout: nibble j of word w holds element 8w + PAIR_ORDER[j]."""
+    return relayout_words(qt, PAIR_OFFSETS)
 
 
 def pair_tables(qt: QuantizedTensor, scale_codes: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
@@ -121,22 +159,32 @@ def pair_tables(qt: QuantizedTensor, scale_codes: torch.Tensor) -> tuple[torch.T
 class WsWeight:
     """What the kernel reads besides x: built once per weight by `prepare_ws`."""
     prepared: PreparedFP4Weight
-    words: torch.Tensor  # int32 [N, K/8]: pair layout (pairs) or the natural packing
-    table: torch.Tensor  # int32 bf16x2 (pairs) or float32 (x 2^14) per scale code
+    decode: WsDecode
+    words: torch.Tensor  # int32 [N, K/8]: natural packing (FLOAT32), pair or fragment layout
+    table: torch.Tensor  # float32 (x 2^14) per scale code (FLOAT32), or the int32 bf16x2 table (tests)
     two_mul: bool
     post: torch.Tensor | None
 
 
-def prepare_ws(qt: QuantizedTensor, pairs: bool = True, prepared: PreparedFP4Weight | None = None) -> WsWeight:
+def prepare_ws(qt: QuantizedTensor, decode: WsDecode = WsDecode.FRAG,
+               prepared: PreparedFP4Weight | None = None) -> WsWeight:
+    """Re-lay one weight for `fp4_ws_matmul`. NVFP4 with every decode; MXFP4 with the fragment decode only."""
     _check_fp4(qt, "prepare_ws")
-    if not isinstance(qt.config, NVFP4Config) or qt.config.block_size != 16:
-        raise ValueError(f"prepare_ws: the warp-specialised kernel reads NVFP4 (block 16) only, got "
-                         f"{type(qt.config).__name__} block {qt.config.block_size} (MXFP4: use fp4_linear)")
+    decode = WsDecode(decode)
+    nv = isinstance(qt.config, NVFP4Config) and qt.config.block_size == 16
+    mx = isinstance(qt.config, MXFP4Config) and qt.config.block_size == 32
+    if not (nv or (mx and decode is WsDecode.FRAG)):
+        raise ValueError(f"prepare_ws: the warp-specialised kernel reads NVFP4 (block 16) with any decode and "
+                         f"MXFP4 (block 32) with the fragment decode; got {type(qt.config).__name__} block "
+                         f"{qt.config.block_size} with {decode.name}")
+    if qt.shape[1] % 256:
+        raise ValueError(f"prepare_ws: in_features {qt.shape[1]} is not a multiple of 256")
     prepared = prepared or prepare_fp4_weight(qt)
-    if not pairs:
-        return WsWeight(prepared, prepared.words, prepared.table, True, None)
+    if decode is WsDecode.FLOAT32:
+        return WsWeight(prepared, decode, prepared.words, prepared.table, True, None)
     table, two_mul, post = pair_tables(qt, prepared.scale_codes)
-    return WsWeight(prepared, pair_words(qt), table, two_mul, post)
+    words = relayout_words(qt, FRAG_OFFSETS if decode is WsDecode.FRAG else PAIR_OFFSETS)
+    return WsWeight(prepared, decode, words, table, two_mul, post)
 
 
 def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None, *,
@@ -156,13 +204,16 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
     M = x.shape[0]
     if M > 64 or K % 256:
         raise ValueError(f"fp4_ws_matmul: needs M <= 64 and K % 256 == 0 (M {M}, K {K})")
-    cfg = config or ws_config(M, N, K)
-    pairs = w.table.dtype == torch.int32
+    bs = prep.block_size
+    cfg = config or ws_config(M, N, K, block_size=bs)
+    if bs == 32 and cfg.block_k % 512:
+        raise ValueError(f"fp4_ws_matmul: MXFP4 needs block_k % 512 == 0 (TMA reads >= 16 bytes of scale codes "
+                         f"per row), got {cfg.block_k}")
     block_m = max(16, triton.next_power_of_2(M))
-    wl, xl, sl = _fp4_ws.layouts(cfg.block_n, block_m, cfg.block_k)
+    wl, xl, sl = _fp4_ws.layouts(cfg.block_n, block_m, cfg.block_k, bs)
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], xl)
     w_desc = TensorDescriptor.from_tensor(w.words, [cfg.block_n, 8], wl)
-    s_desc = TensorDescriptor.from_tensor(prep.scale_codes, [cfg.block_n, cfg.block_k // 16], sl)
+    s_desc = TensorDescriptor.from_tensor(prep.scale_codes, [cfg.block_n, cfg.block_k // bs], sl)
     if cfg.split_k == 1:
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     else:
@@ -171,8 +222,8 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
     _fp4_ws.fp4_ws_kernel[(triton.cdiv(N, cfg.block_n), cfg.split_k)](
         x_desc, w_desc, s_desc, w.table, post, y, M, N, K=K, BLOCK_N=cfg.block_n, BLOCK_M=block_m,
         BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages, num_warps=cfg.block_n // 16,
-        maxnreg=cfg.maxnreg, MODE=3 if pairs else 0, TWO_MUL=w.two_mul, HAS_POST=w.post is not None,
-        IS_NVFP4=isinstance(w.prepared.qt.config, NVFP4Config))
+        maxnreg=cfg.maxnreg, MODE=w.decode.value, TWO_MUL=w.two_mul, HAS_POST=w.post is not None,
+        IS_NVFP4=bs == 16)
     if cfg.split_k > 1:
         acc = y.sum(0)  # torch's dim reduction: a fixed order, whichever split finished first
         y = acc if bias is None else acc + bias.float()

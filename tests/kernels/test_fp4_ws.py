@@ -10,11 +10,15 @@ import torch
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
 from fp4kit.kernels.fp4_ws import (
+    FRAG_OFFSETS,
+    PAIR_OFFSETS,
     PAIR_ORDER,
     WsConfig,
+    WsDecode,
     pair_tables,
     pair_words,
-    unpack_pair_words,
+    relayout_words,
+    unpack_words,
     ws_config,
 )
 
@@ -29,18 +33,46 @@ def _codes(qt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_pair_words_round_trip(fmt):
+@pytest.mark.parametrize("offsets", [PAIR_OFFSETS, FRAG_OFFSETS], ids=["pairs", "frag"])
+def test_relayout_words_round_trip(fmt, offsets):
     torch.manual_seed(0)
     qt = quantize(torch.randn(48, 512), FORMATS[fmt])
-    words = pair_words(qt)
+    words = relayout_words(qt, offsets)
     assert words.dtype == torch.int32 and words.shape == (48, 64)
-    assert torch.equal(unpack_pair_words(words), _codes(qt))
+    assert torch.equal(unpack_words(words, offsets), _codes(qt))
+
+
+@pytest.mark.parametrize("offsets", [PAIR_OFFSETS, FRAG_OFFSETS], ids=["pairs", "frag"])
+def test_offsets_are_permutations_of_a_slice(offsets):
+    assert sorted(e for w in offsets for e in w) == list(range(64))
+
+
+def test_frag_offsets_match_the_wgmma_a_fragment():
+    # PTX ISA, wgmma .bf16 A in registers: lane 4 g + tig of a warp holds, for each 16-wide k chunk c,
+    # rows g and g + 8 at k = 16 c + 2 tig + {0, 1} and 16 c + 8 + 2 tig + {0, 1}. The kernel gives thread tig
+    # the words 2 tig + h (h = 0, 1) of its rows; low nibble J and high nibble J + 4 form a bf16 pair (k, k + 1).
+    for tig in range(4):
+        held = sorted(FRAG_OFFSETS[2 * tig + h][j] for h in range(2) for j in range(8))
+        want = sorted(16 * c + 8 * half + 2 * tig + e for c in range(4) for half in range(2) for e in range(2))
+        assert held == want
+        for h in range(2):
+            w = FRAG_OFFSETS[2 * tig + h]
+            for J in range(4):
+                assert w[J + 4] == w[J] + 1 and w[J] % 2 == 0  # a bf16 pair: (low half, high half) = (k, k + 1)
+                assert w[J] // 16 == 2 * h + J // 2  # pairs 0, 1 use chunk 2h's scale, pairs 2, 3 chunk 2h + 1's
+    assert FRAG_OFFSETS[0] == (0, 8, 16, 24, 1, 9, 17, 25)  # hand-written
+    assert FRAG_OFFSETS[3] == (34, 42, 50, 58, 35, 43, 51, 59)
+
+
+def test_relayout_refuses_k_not_multiple_of_64():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        relayout_words(quantize(torch.randn(4, 32), NVFP4Config()))
 
 
 def test_pair_words_nibble_positions_golden():
     # one row, K = 8: codes 0..7 at elements 0..7; nibble j must hold element PAIR_ORDER[j]
-    qt = quantize(torch.zeros(1, 32), NVFP4Config())
-    codes = torch.arange(32, dtype=torch.uint8) % 8
+    qt = quantize(torch.zeros(1, 64), NVFP4Config())
+    codes = torch.arange(64, dtype=torch.uint8) % 8
     qt.data.view(torch.uint8).copy_((codes[0::2] | (codes[1::2] << 4)).reshape(qt.data.shape))
     w = int(pair_words(qt)[0, 0]) & 0xFFFFFFFF
     assert [(w >> (4 * j)) & 0xF for j in range(8)] == list(PAIR_ORDER) == [0, 2, 4, 6, 1, 3, 5, 7]
@@ -64,11 +96,20 @@ def test_nvfp4_pair_table_is_the_e4m3_value_in_bf16_and_post_is_the_global_facto
     assert torch.allclose(want[finite] * post, eff, rtol=2 ** -23, atol=0)
 
 
-def test_prepare_ws_refuses_mxfp4_with_a_clear_error():
+def test_prepare_ws_formats_and_decodes():
     from fp4kit.kernels.fp4_ws import prepare_ws
 
-    with pytest.raises(ValueError, match="NVFP4"):
-        prepare_ws(quantize(torch.randn(16, 256), MXFP4Config()))
+    mx = quantize(torch.randn(16, 512), MXFP4Config())
+    for decode in (WsDecode.PAIRS, WsDecode.FLOAT32):
+        with pytest.raises(ValueError, match="MXFP4 .block 32. with the fragment decode"):
+            prepare_ws(mx, decode)
+    w = prepare_ws(mx, WsDecode.FRAG)
+    assert w.decode is WsDecode.FRAG and w.post is None
+    assert torch.equal(unpack_words(w.words, FRAG_OFFSETS), _codes(mx))
+    nv = prepare_ws(quantize(torch.randn(16, 512), NVFP4Config()))  # the default decode
+    assert nv.decode is WsDecode.FRAG and nv.post is not None
+    with pytest.raises(ValueError, match="multiple of 256"):
+        prepare_ws(quantize(torch.randn(16, 64), NVFP4Config()))
 
 
 def test_mxfp4_pair_table_has_no_post():
@@ -82,22 +123,27 @@ def test_ws_config_rules():
     assert ws_config(16, 4096, 14336) == WsConfig(block_n=64, stages=4, split_k=4)  # down
     assert ws_config(16, 6144, 4096).split_k == 4 and ws_config(16, 4096, 4096).split_k == 4
     assert ws_config(16, 64, 256).split_k == 1  # never more splits than K steps
+    mx = ws_config(16, 4096, 14336, block_size=32)  # MXFP4: 512-wide stages, the same bytes in flight
+    assert mx.block_k == 512 and mx.stages == 2 and mx.split_k == 4
+    assert ws_config(16, 28672, 4096, block_size=32) == WsConfig(block_n=128, block_k=512, stages=1, split_k=1)
     with pytest.raises(ValueError, match="unsupported"):
         WsConfig(block_n=32)
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
-@pytest.mark.parametrize("fmt", ["nvfp4"])
-@pytest.mark.parametrize("pairs", [False, True])
-@pytest.mark.parametrize("M,N,K,split", [(16, 512, 1024, 1), (3, 384, 2048, 4), (33, 256, 512, 2), (64, 128, 256, 1)])
-def test_ws_against_float64_reference(fmt, pairs, M, N, K, split):
+@pytest.mark.parametrize("fmt,decode", [("nvfp4", WsDecode.FLOAT32), ("nvfp4", WsDecode.PAIRS),
+                                         ("nvfp4", WsDecode.FRAG), ("mxfp4", WsDecode.FRAG)])
+@pytest.mark.parametrize("M,N,K,split,bn", [(16, 512, 1024, 1, 64), (3, 384, 2048, 4, 64), (33, 256, 512, 2, 128),
+                                            (64, 128, 512, 1, 64), (16, 320, 1536, 1, 128)])
+def test_ws_against_float64_reference(fmt, decode, M, N, K, split, bn):
     from fp4kit.kernels.fp4_ws import fp4_ws_matmul, prepare_ws
 
     torch.manual_seed(2)
     qt = quantize(torch.randn(N, K, device="cuda") * 0.02, FORMATS[fmt])
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    y = fp4_ws_matmul(x, prepare_ws(qt, pairs), bias, config=WsConfig(split_k=split))
+    bk = 512 if fmt == "mxfp4" else 256
+    y = fp4_ws_matmul(x, prepare_ws(qt, decode), bias, config=WsConfig(block_n=bn, block_k=bk, split_k=split))
     exact = (x.double() @ qt.dequantize(torch.float32).double().T) + bias.double()
     twin = (x.float() @ qt.dequantize(torch.bfloat16).float().T + bias.float()).double()
     err = (y.double() - exact).abs().max() / exact.abs().max()
