@@ -451,11 +451,13 @@ class DecodePath(enum.Enum):
 
     AUTO: the default rule (`_auto_path`). SKINNY: the tensor-core decode kernel (M <= SKINNY_MAX_M).
     GEMV: the CUDA-core GEMV on the plane layout (M <= GEMV_MAX_M; NVFP4 needs K % 128 == 0,
-    MXFP4 K % 256 == 0).
+    MXFP4 K % 256 == 0). WS: the warp-specialised Gluon kernel of `fp4_ws` (sm_90, bf16 x,
+    `fp4_ws.ws_supported`).
     """
     AUTO = "auto"
     SKINNY = "skinny"
     GEMV = "gemv"
+    WS = "ws"
 
 
 GEMV_MAX_M = 4
@@ -700,10 +702,22 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
 GEMV_AUTO_MAX_M = {NVFP4Config: 2, MXFP4Config: 2}
 
 
-def _auto_path(M: int, qt: QuantizedTensor) -> DecodePath:
-    """The default small-M kernel: the GEMV where it measured faster and can run, else the skinny kernel."""
+# AUTO takes the warp-specialised kernel (fp4_ws) wherever it can run (ws_supported: sm_90, bf16 x,
+# fp4_ws.WS_MIN_M <= M <= WS_MAX_M, K % 256 NVFP4 / % 512 MXFP4); False keeps the skinny kernel.
+WS_AUTO = True
+
+
+def _auto_path(M: int, qt: QuantizedTensor, x2: torch.Tensor | None = None) -> DecodePath:
+    """The default small-M kernel: the GEMV where it measured faster and can run, then the warp-specialised
+    kernel where it can run (on an H100 it beat the skinny kernel at M = 16..64 on the Llama shapes), else the
+    skinny kernel."""
     if M <= GEMV_AUTO_MAX_M.get(type(qt.config), 0) and gemv_supported(qt, M):
         return DecodePath.GEMV
+    if WS_AUTO and x2 is not None and x2.is_cuda and not _interpreting():
+        from .fp4_ws import ws_supported  # the sibling module builds on this one
+
+        if ws_supported(x2, qt):
+            return DecodePath.WS
     return DecodePath.SKINNY
 
 
@@ -730,15 +744,26 @@ def fp4_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None =
         if config is not None or not gemv_supported(qt, M):
             raise ValueError(f"fp4_matmul(path=GEMV) needs M <= {GEMV_MAX_M} and in_features % "
                              f"{8 * qt.config.block_size} == 0 and no config; got M = {M}, K = {K}")
+    elif path is DecodePath.WS:
+        from .fp4_ws import ws_supported
+
+        if config is not None or not ws_supported(x2, qt):
+            raise ValueError("fp4_matmul(path=WS) needs bf16 x on an sm_90 GPU, 3 <= M <= 64, NVFP4 with "
+                             f"in_features % 256 == 0 or MXFP4 with % 512, and no config; got M = {M}, K = {K}, "
+                             f"{x.dtype} on {x.device}")
     elif path is DecodePath.AUTO and config is None and 0 < M <= SKINNY_MAX_M:
-        path = _auto_path(M, qt)
-    if config is None and 0 < M <= SKINNY_MAX_M and path in (DecodePath.SKINNY, DecodePath.GEMV):
+        path = _auto_path(M, qt, x2)
+    if config is None and 0 < M <= SKINNY_MAX_M and path in (DecodePath.SKINNY, DecodePath.GEMV, DecodePath.WS):
         if prepared is None or not prepared.is_current(qt):
             prepared = _prepared_for(qt)  # checks qt when it builds
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
             bias = bias.to(x.dtype).contiguous()
+        if path is DecodePath.WS:
+            from .fp4_ws import launch_ws
+
+            return launch_ws(x2, prepared, bias).reshape(*lead, N)
         launch = _launch_gemv if path is DecodePath.GEMV else _launch_skinny
         return launch(x2, prepared, bias).reshape(*lead, N)
     _check_fp4(qt, "fp4_matmul")

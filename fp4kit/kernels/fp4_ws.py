@@ -48,6 +48,7 @@ Requirements: CUDA, Hopper or later, Triton with Gluon (3.5+), bf16 x, K % 256 =
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,41 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     want = max(1, round(3 * sm_count / tiles))
     split = min(1 << (want.bit_length() - 1), max(1, K // bk))
     return WsConfig(block_n=64, block_k=bk, stages=4 * 256 // bk, split_k=split)
+
+
+# The range of rows `fp4_matmul`'s AUTO path sends here (with bf16 x on an sm_90 GPU; see `ws_supported`).
+WS_MIN_M = 3
+WS_MAX_M = 64
+
+
+@functools.cache
+def _sm90(device_index: int) -> bool:
+    """wgmma is sm_90a only (Blackwell has its own MMA), and the kernel needs Gluon's Hopper modules."""
+    if torch.cuda.get_device_capability(device_index) != (9, 0):
+        return False
+    try:
+        from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ws_supported(x2: torch.Tensor, qt: QuantizedTensor) -> bool:
+    """Whether this call can run the warp-specialised kernel: bf16 x [M, K] on an sm_90 GPU with
+    WS_MIN_M <= M <= WS_MAX_M, 16-byte aligned, and NVFP4 (block 16, K % 256 == 0) or MXFP4 (block 32,
+    K % 512 == 0)."""
+    if not (x2.is_cuda and x2.dtype == torch.bfloat16 and x2.dim() == 2 and WS_MIN_M <= x2.shape[0] <= WS_MAX_M):
+        return False
+    cfg = qt.config
+    if isinstance(cfg, NVFP4Config) and cfg.block_size == 16:
+        need = 256
+    elif isinstance(cfg, MXFP4Config) and cfg.block_size == 32:
+        need = 512
+    else:
+        return False
+    if qt.shape[1] % need or x2.data_ptr() % 16 or not x2.is_contiguous():
+        return False
+    return _sm90(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
 
 
 def relayout_words(qt: QuantizedTensor, offsets=PAIR_OFFSETS) -> torch.Tensor:
@@ -231,3 +267,16 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
     elif bias is not None:
         y = y + bias
     return y
+
+
+def launch_ws(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`fp4_matmul`'s WS path: the fragment-layout copy of the weight is built on the first call and kept in
+    the prepared weight's per-weight cache (like the GEMV's plane layout: a second copy of the packed codes)."""
+    key = ("ws", WsDecode.FRAG)
+    ws = prepared.configs.get(key)
+    if ws is None:
+        if prepared.qt.data.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fp4_matmul(path=WS): this weight's fragment layout was not built before CUDA graph "
+                               "capture; call it once eagerly first")
+        ws = prepared.configs[key] = prepare_ws(prepared.qt, WsDecode.FRAG, prepared)
+    return fp4_ws_matmul(x2, ws, bias)

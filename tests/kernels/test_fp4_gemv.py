@@ -261,14 +261,18 @@ def test_gemv_path_rejects_what_it_cannot_run():
                                               ("mxfp4", 3, False)])
 def test_auto_path_takes_gemv_where_it_won(name, m, want_gemv):
     """The default rule (GEMV_AUTO_MAX_M): GEMV at M = 1 and 2 (both formats), bit-identical
-    to asking for it; the skinny kernel otherwise, and whenever K does not line up (K = 160)."""
+    to asking for it; otherwise the warp-specialised kernel where it can run (an H100) or the skinny kernel,
+    and no GEMV whenever K does not line up (K = 160)."""
     from fp4kit.kernels.fp4_gemm import _prepared_for
 
     qt = quantize(_weight(16, 256), CONFIGS[name])
     x = torch.randn(m, 256, device=DEVICE, dtype=torch.bfloat16)
     y = fp4_matmul(x, qt)
     assert (_prepared_for(qt).gemv is not None) == want_gemv
-    want = fp4_matmul(x, qt, path=DecodePath.GEMV if want_gemv else DecodePath.SKINNY)
+    from fp4kit.kernels.fp4_ws import ws_supported
+
+    other = DecodePath.WS if ws_supported(x, qt) else DecodePath.SKINNY  # the WS kernel, where it can run
+    want = fp4_matmul(x, qt, path=DecodePath.GEMV if want_gemv else other)
     assert torch.equal(y, want)
     odd = quantize(_weight(16, 160), CONFIGS[name])
     fp4_matmul(x[:, :160].contiguous(), odd)

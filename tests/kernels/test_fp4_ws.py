@@ -162,3 +162,46 @@ def test_ws_rejects_bad_input():
         fp4_ws_matmul(torch.randn(4, 256, device="cuda"), w)
     with pytest.raises(ValueError, match="M <= 64"):
         fp4_ws_matmul(torch.randn(65, 256, device="cuda", dtype=torch.bfloat16), w)
+
+
+def test_auto_path_never_takes_ws_off_hopper_and_path_ws_refuses_clearly():
+    from fp4kit.kernels.fp4_gemm import DecodePath, _auto_path, fp4_matmul
+    from fp4kit.kernels.fp4_ws import ws_supported
+
+    qt = quantize(torch.randn(64, 512), NVFP4Config())
+    x = torch.randn(16, 512, dtype=torch.bfloat16)
+    assert not ws_supported(x, qt)  # a CPU tensor
+    assert _auto_path(16, qt, x) is DecodePath.SKINNY
+    with pytest.raises(ValueError, match="path=WS"):
+        fp4_matmul(x, qt, path=DecodePath.WS)
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_linear_takes_ws_at_decode_batch_and_under_graph_capture(fmt):
+    """AUTO sends M = 3..64 here on an H100; the result is fp4_ws_matmul's on the fragment layout, bit for bit;
+    the layout must exist before capture (a clear error otherwise); a captured graph replays the same bits."""
+    from fp4kit.kernels import fp4_linear
+    from fp4kit.kernels.fp4_gemm import DecodePath, _auto_path, _prepared_for
+    from fp4kit.kernels.fp4_ws import WsDecode, fp4_ws_matmul, prepare_ws, ws_supported
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the WS path is sm_90 only")
+    torch.manual_seed(3)
+    qt = quantize(torch.randn(384, 1024, device="cuda") * 0.02, FORMATS[fmt])
+    x = torch.randn(24, 1024, device="cuda", dtype=torch.bfloat16)
+    assert ws_supported(x, qt) and _auto_path(24, qt, x) is DecodePath.WS
+    fresh = quantize(torch.randn(384, 1024, device="cuda") * 0.02, FORMATS[fmt])
+    _prepared_for(fresh)  # prepared eagerly (its table), but no fragment layout yet
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="fragment layout was not built before CUDA graph capture"):
+        with torch.cuda.graph(g):
+            fp4_linear(x, fresh)
+    y = fp4_linear(x, qt)
+    assert torch.equal(y, fp4_ws_matmul(x, prepare_ws(qt, WsDecode.FRAG)))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fp4_linear(x, qt)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, y)
