@@ -243,6 +243,19 @@ def run_speed(args) -> dict:
                       flush=True)
                 fp4_gemm.PDL = True
                 del eng
+            if args.ws_off_too and on_gpu and weights == "nvfp4" and kv == "bf16":
+                # batches > 1 with the skinny kernel instead of the warp-specialised one (fp4_gemm.WS_AUTO)
+                fp4_gemm.WS_AUTO = False
+                many = BenchConfig(tuple(b for b in cfg.batches if b > 1), cfg.prompt_len, cfg.gen_len, cfg.repeats)
+                eng = Engine(model, max_batch=max(many.batches), max_seq_len=cfg.prompt_len + cfg.gen_len,
+                             fused=not args.unfused, kv_dtype=torch.bfloat16, lm_head=head)
+                for r in bench_engine(eng, many, bw):
+                    r = {"weights": weights, "kv": kv, "lm_head": head, "ws": False, **r}
+                    out.setdefault("ws_off", []).append(r)
+                    print("WS off", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
+                          flush=True)
+                fp4_gemm.WS_AUTO = True
+                del eng
             if args.round8_off_too and on_gpu and kv == "bf16":  # batch 1 without the round-8 changes
                 tuned = dict(fp4_gemm.GEMV_TUNED)
                 fp4_gemm.GEMV_TUNED.clear()  # fresh Engine: its fused q/k/v and gate/up layouts are rebuilt at 8 lanes
@@ -291,6 +304,11 @@ def run_speed(args) -> dict:
     for r in out.get("round8_off", []):
         r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
         print(f"| round-8 off: {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
+              f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
+              f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
+    for r in out.get("ws_off", []):
+        r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
+        print(f"| WS off (skinny): {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
               f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
               f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
     for r in out["no_pdl"]:
@@ -385,6 +403,8 @@ def main():
     f.add_argument("--round8-off-too", action="store_true",
                    help="batch 1 also without round 8's tuned GEMV shapes (16-lane layouts for gate_up / qkv), "
                         "same process")
+    f.add_argument("--ws-off-too", action="store_true",
+                   help="also the NVFP4 engine (bf16 KV) at the batches > 1 with the skinny kernel (WS_AUTO off)")
     f.add_argument("--pdl-off-too", action="store_true",
                    help="also each configuration at batch 1 without programmatic dependent launch (FP4KIT_PDL=0)")
     r = sub.add_parser("profile")

@@ -2,7 +2,7 @@
 
 GPU (H100): `python benchmarks/bench_fp4_ws.py --out benchmarks/results/fp4_ws_h100.json`: for the Llama-3-8B
 shapes at M = 16 and 32 (NVFP4), checks every configuration against the float64 reference first, then times
-cuBLAS bf16, `fp4_linear` (the default skinny kernel) and each configuration of the warp-specialised kernel in
+cuBLAS bf16, the skinny kernel (`DecodePath.SKINNY`) and each configuration of the warp-specialised kernel in
 one process: GPU time in a CUDA graph, weights rotated through 256 MB so L2 never holds them, median replay.
 The roofline column is bytes moved (weights + scales + x + y) over the copy bandwidth measured in the run.
 
@@ -99,16 +99,16 @@ def sass(args):
 
 
 def _skinny(x, qt, preps):
-    from fp4kit.kernels import fp4_linear
+    from fp4kit.kernels.fp4_gemm import DecodePath, fp4_matmul
 
-    return fp4_linear(x, qt, prepared=preps[id(qt)])
+    return fp4_matmul(x, qt, prepared=preps[id(qt)], path=DecodePath.SKINNY)  # AUTO takes the WS kernel now
 
 
 def gpu(args):
     from bench_fp4_gemm import bench_graph, check, copy_bandwidth, rotating
 
     from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
-    from fp4kit.kernels import fp4_linear, prepare_fp4_weight
+    from fp4kit.kernels import prepare_fp4_weight
     from fp4kit.kernels.fp4_ws import WsConfig, WsDecode, fp4_ws_matmul, prepare_ws, ws_config
 
     DECODES = {"f32": WsDecode.FLOAT32, "pairs": WsDecode.PAIRS, "frag": WsDecode.FRAG}
@@ -139,7 +139,7 @@ def gpu(args):
                 for q in qts:  # each prepared weight's first call builds its launch (never inside a capture)
                     _skinny(x, q, preps)
                 row["skinny_graph_us"] = bench_graph(lambda: _skinny(x, nxt_qt(), preps))
-                row["skinny_err"] = check(x, qt0, fp4_linear(x, qt0))
+                row["skinny_err"] = check(x, qt0, _skinny(x, qt0, {id(qt0): prepare_fp4_weight(qt0)}))
                 default = ws_config(M, N, K, block_size=cfg_fmt.block_size)
                 bk = default.block_k
                 sweep = [default] + ([WsConfig(block_n=bn, block_k=bk, stages=max(1, st * 256 // bk), split_k=sk)

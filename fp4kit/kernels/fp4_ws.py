@@ -100,17 +100,19 @@ class WsConfig:
 
 
 def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16) -> WsConfig:
-    """The H100 sweep's choice (benchmarks/bench_fp4_ws.py, results/fp4_ws_h100_r4.json, NVFP4 M = 16 and 32):
-    wide layers (N >= 16384, gate_up) 128-row tiles, 2 stages, no split; the others 64-row tiles, 4 stages and
-    K split for ~3 programs per SM (4 splits at N = 4096 and 6144). MXFP4 (block 32): 512-wide stages (TMA's
-    16-byte rows of scale codes) and half the stages, the same bytes in flight."""
+    """The H100 sweeps' choice for the fragment decode (benchmarks/bench_fp4_ws.py --sweep,
+    results/fp4_ws_h100_frag_sweep.json, NVFP4 M = 16, 32, 64): wide layers (N >= 16384, gate_up) 128-row
+    tiles, 2 stages, no split; the others 64-row tiles, 2 stages (4 stages lost up to 22% at M = 32-64: the
+    bigger ring costs programs per SM) and K split for ~3 programs per SM (4 splits at N = 4096 and 6144).
+    MXFP4 (block 32): 512-wide stages (TMA's 16-byte rows of scale codes), 1 stage on wide layers and 2 on the
+    others (results/fp4_ws_h100_frag_r1.json; not swept)."""
     bk = 256 if block_size == 16 else 512
     if N >= 16384:
         return WsConfig(block_n=128, block_k=bk, stages=2 if bk == 256 else 1, split_k=1)
     tiles = -(-N // 64)
     want = max(1, round(3 * sm_count / tiles))
     split = min(1 << (want.bit_length() - 1), max(1, K // bk))
-    return WsConfig(block_n=64, block_k=bk, stages=4 * 256 // bk, split_k=split)
+    return WsConfig(block_n=64, block_k=bk, stages=2, split_k=split)
 
 
 # The range of rows `fp4_matmul`'s AUTO path sends here (with bf16 x on an sm_90 GPU; see `ws_supported`).
