@@ -47,6 +47,7 @@ def launch(x, prep, y, cfg, mode=0):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from fp4kit.kernels import _fp4_ws
+    from fp4kit.kernels.fp4_gemm import _raw_stream, _splitk_buffers
 
     bn, warps, bk, stages, maxnreg, split = cfg
     M, K = x.shape
@@ -56,9 +57,10 @@ def launch(x, prep, y, cfg, mode=0):
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], xl)
     w_desc = TensorDescriptor.from_tensor(prep.words, [bn, 8], wl)
     s_desc = TensorDescriptor.from_tensor(prep.scale_codes, [bn, bk // 16], sl)
+    ws, cnt = _splitk_buffers(x.device, _raw_stream(x.device.index), split * M * N, triton.cdiv(N, bn))
     _fp4_ws.fp4_ws_kernel[(triton.cdiv(N, bn), split)](
-        x_desc, w_desc, s_desc, prep.table, prep.table, y, M, N, K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk,
-        SPLIT_K=split, STAGES=stages, num_warps=warps, maxnreg=maxnreg, MODE=mode)  # post_ptr: unused
+        x_desc, w_desc, s_desc, prep.table, prep.table, y, y, ws, cnt, M, N, K=K, BLOCK_N=bn, BLOCK_M=block_m,
+        BLOCK_K=bk, SPLIT_K=split, STAGES=stages, num_warps=warps, maxnreg=maxnreg, MODE=mode)  # post, bias: unused
     return y
 
 
@@ -79,13 +81,14 @@ def sass(args):
                 block_m = max(16, triton.next_power_of_2(M))
                 wl, xl, sl = _fp4_ws.layouts(bn, block_m, bk, bs)
                 sig = dict(x_desc=f"tensordesc<bf16[{block_m},64],{xl!r}>", w_desc=f"tensordesc<i32[{bn},8],{wl!r}>",
-                           s_desc=f"tensordesc<u8[{bn},{bk // bs}],{sl!r}>", table_ptr="*i32", post_ptr="*fp32", y_ptr="*fp32" if split > 1 else "*bf16", M="i32",
+                           s_desc=f"tensordesc<u8[{bn},{bk // bs}],{sl!r}>", table_ptr="*i32", post_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
+                           cnt_ptr="*i32", M="i32",
                            N="i32")
                 const = dict(K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk, SPLIT_K=split, STAGES=stages,
                              num_warps=warps, MODE=args.sass_mode, TWO_MUL=True, HAS_POST=bs == 16,
                              IS_NVFP4=bs == 16)
                 sig.update({k: "constexpr" for k in const})
-                attrs = {(i,): [["tt.divisibility", 16]] for i in (3, 4, 5)}
+                attrs = {(i,): [["tt.divisibility", 16]] for i in (3, 4, 5, 6, 7, 8)}
                 k = triton.compile(GluonASTSource(_fp4_ws.fp4_ws_kernel, sig, const, attrs),
                                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, maxnreg=maxnreg))
                 ops = _opcodes(_instructions(_sass(k)))
@@ -160,7 +163,7 @@ def gpu(args):
                 for mode in args.modes:  # measurement variants of the consumer (not exact; timed only)
                     for cfg in configs(N, K, M):
                         key = "mode{}_bn{}_w{}_bk{}_s{}_r{}_sk{}".format(mode, *cfg)
-                        ybuf = torch.zeros(M, N, device="cuda", dtype=torch.float32 if cfg[-1] > 1 else torch.bfloat16)
+                        ybuf = torch.zeros(M, N, device="cuda", dtype=torch.bfloat16)
                         prep0 = preps[id(qts[0])]
                         launch(x, prep0, ybuf, cfg, mode)
                         us = bench_graph(lambda: launch(x, preps[id(nxt_qt())], ybuf, cfg, mode))

@@ -159,11 +159,13 @@ def _loader(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_
 
 
 @gluon.jit
-def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, post_ptr, y_ptr, M, N, n0, k_lo, pid_k,
-              K: gl.constexpr, N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr,
-              BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
-              MODE: gl.constexpr, TWO_MUL: gl.constexpr, HAS_POST: gl.constexpr, IS_NVFP4: gl.constexpr,
+def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr,
+              N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr,
+              BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+              MODE: gl.constexpr, TWO_MUL: gl.constexpr, IS_NVFP4: gl.constexpr,
               num_warps: gl.constexpr):
+    """The default partition: decode + wgmma over this program's K range; returns the float32 [BLOCK_N, BLOCK_M]
+    accumulator (the epilogue runs after the warp-specialised region, on all warps)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     w_l: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [num_warps, 1], [1, 0])
@@ -214,24 +216,15 @@ def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, post_ptr, y_ptr, 
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         fence_async_shared()  # order this stage's shared reads before the loader's next TMA writes into it
         mbarrier.arrive(empty.index(s), count=1)
-    if HAS_POST:  # the per-tensor factor the pair decode leaves out (NVFP4: 1 / global scale)
-        acc = acc * gl.load(post_ptr)
-    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-    ptrs = y_ptr + cols[None, :] * N + rows[:, None]
-    mask = (cols[None, :] < M) & (rows[:, None] < N)
-    if SPLIT_K == 1:
-        gl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:  # float32 partials ws[pid_k, M, N]; the launcher sums them in split order (deterministic)
-        gl.store(ptrs + pid_k * M * N, acc, mask=mask)
+    return (acc,)  # a tuple: warp_specialize flattens the default partition's results
 
 
 @gluon.jit
-def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, y_ptr, M, N,
+def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
                   K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
                   SPLIT_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, MODE: gl.constexpr = 0,
                   TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False,
-                  IS_NVFP4: gl.constexpr = True):
+                  IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False):
     XSUB: gl.constexpr = BLOCK_K // 64
     N_STEPS: gl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
     pid_n = gl.program_id(0)
@@ -246,12 +239,39 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, y_ptr, M, N,
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    gl.warp_specialize([
-        (_consumer, (w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, post_ptr, y_ptr, M, N, n0, k_lo, pid_k, K, N_STEPS,
-                     STAGES, XSUB, BLOCK_K, BLOCK_N, BLOCK_M, SPLIT_K, MODE, TWO_MUL, HAS_POST, IS_NVFP4, num_warps)),
+    res = gl.warp_specialize([
+        (_consumer, (w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, N_STEPS, STAGES, XSUB, BLOCK_N, BLOCK_M, MODE,
+                     TWO_MUL, IS_NVFP4, num_warps)),
         (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K,
                    16 if IS_NVFP4 else 32)),
     ], [1], [24])
+    acc = res[0]
+    # epilogue, all warps: y = acc * post (+ bias), with split K through the workspace and a ticket per tile
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
+    if HAS_POST:  # the per-tensor factor the pair decodes leave out (NVFP4: 1 / global scale)
+        acc = acc * gl.load(post_ptr)
+    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+    off = cols[None, :] * N + rows[:, None]  # y is [M, N]: the tile is stored transposed
+    mask = (cols[None, :] < M) & (rows[:, None] < N)
+    if SPLIT_K > 1:
+        # this split's partial to ws[pid_k]; the last split of the tile to arrive sums the partials in split
+        # order (deterministic), writes y and resets the ticket for the next launch (fp4_gemm._splitk_store)
+        gl.store(ws_ptr + pid_k * M * N + off, acc, mask=mask)
+        gl.thread_barrier()  # every thread's partial is written before the ticket is taken
+        ticket = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+            for sk in range(SPLIT_K):  # a loop, not unrolled: one partial live at a time (registers)
+                acc += gl.load(ws_ptr + sk * M * N + off, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)[:, None]
+            gl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            gl.store(cnt_ptr + pid_n, 0)
+    else:
+        if HAS_BIAS:
+            acc += gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)[:, None]
+        gl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def layouts(BLOCK_N, BLOCK_M, BLOCK_K=256, BS=16):

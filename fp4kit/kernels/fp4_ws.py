@@ -55,7 +55,14 @@ import torch
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor
 
-from .fp4_gemm import PreparedFP4Weight, _bf16x2_pow2_table, _check_fp4, prepare_fp4_weight
+from .fp4_gemm import (
+    PreparedFP4Weight,
+    _bf16x2_pow2_table,
+    _check_fp4,
+    _raw_stream,
+    _splitk_buffers,
+    prepare_fp4_weight,
+)
 
 
 class WsDecode(enum.Enum):
@@ -252,22 +259,20 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], xl)
     w_desc = TensorDescriptor.from_tensor(w.words, [cfg.block_n, 8], wl)
     s_desc = TensorDescriptor.from_tensor(prep.scale_codes, [cfg.block_n, cfg.block_k // bs], sl)
-    if cfg.split_k == 1:
-        y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    if cfg.split_k > 1:  # the skinny kernel's per-stream workspace and tickets (left zero by every launch)
+        ws, cnt = _splitk_buffers(x.device, _raw_stream(x.device.index), cfg.split_k * M * N, grid[0])
     else:
-        y = torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device)
+        ws, cnt = y, y
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        bias = bias.to(x.dtype).contiguous()
     post = w.post if w.post is not None else w.table
-    _fp4_ws.fp4_ws_kernel[(triton.cdiv(N, cfg.block_n), cfg.split_k)](
-        x_desc, w_desc, s_desc, w.table, post, y, M, N, K=K, BLOCK_N=cfg.block_n, BLOCK_M=block_m,
-        BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages, num_warps=cfg.block_n // 16,
-        maxnreg=cfg.maxnreg, MODE=w.decode.value, TWO_MUL=w.two_mul, HAS_POST=w.post is not None,
-        IS_NVFP4=bs == 16)
-    if cfg.split_k > 1:
-        acc = y.sum(0)  # torch's dim reduction: a fixed order, whichever split finished first
-        y = acc if bias is None else acc + bias.float()
-        y = y.to(x.dtype) if out is None else out.copy_(y)
-    elif bias is not None:
-        y = y + bias
+    _fp4_ws.fp4_ws_kernel[grid](
+        x_desc, w_desc, s_desc, w.table, post, y if bias is None else bias, y, ws, cnt, M, N, K=K,
+        BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
+        num_warps=cfg.block_n // 16, maxnreg=cfg.maxnreg, MODE=w.decode.value, TWO_MUL=w.two_mul,
+        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None)
     return y
 
 
