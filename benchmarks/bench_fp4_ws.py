@@ -42,28 +42,6 @@ def configs(N: int, K: int, M: int):
     return out
 
 
-def launch(x, prep, y, cfg, mode=0):
-    import triton
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    from fp4kit.kernels import _fp4_ws
-    from fp4kit.kernels.fp4_gemm import _raw_stream, _splitk_buffers
-
-    bn, warps, bk, stages, maxnreg, split = cfg
-    M, K = x.shape
-    N = prep.N
-    block_m = max(16, triton.next_power_of_2(M))
-    wl, xl, sl = _fp4_ws.layouts(bn, block_m, bk)
-    x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], xl)
-    w_desc = TensorDescriptor.from_tensor(prep.words, [bn, 8], wl)
-    s_desc = TensorDescriptor.from_tensor(prep.scale_codes, [bn, bk // 16], sl)
-    ws, cnt = _splitk_buffers(x.device, _raw_stream(x.device.index), split * M * N, triton.cdiv(N, bn))
-    _fp4_ws.fp4_ws_kernel[(triton.cdiv(N, bn), split)](
-        x_desc, w_desc, s_desc, prep.table, prep.table, y, y, ws, cnt, M, N, K=K, BLOCK_N=bn, BLOCK_M=block_m,
-        BLOCK_K=bk, SPLIT_K=split, STAGES=stages, num_warps=warps, maxnreg=maxnreg, MODE=mode)  # post, bias: unused
-    return y
-
-
 def sass(args):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -85,7 +63,7 @@ def sass(args):
                            cnt_ptr="*i32", M="i32",
                            N="i32")
                 const = dict(K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk, SPLIT_K=split, STAGES=stages,
-                             num_warps=warps, MODE=args.sass_mode, TWO_MUL=True, HAS_POST=bs == 16,
+                             num_warps=warps, MODE=args.sass_mode, TWO_MUL=bs == 32, HAS_POST=bs == 16,
                              IS_NVFP4=bs == 16)
                 sig.update({k: "constexpr" for k in const})
                 attrs = {(i,): [["tt.divisibility", 16]] for i in (3, 4, 5, 6, 7, 8)}
@@ -114,7 +92,7 @@ def gpu(args):
     from fp4kit.kernels import prepare_fp4_weight
     from fp4kit.kernels.fp4_ws import WsConfig, WsDecode, fp4_ws_matmul, prepare_ws, ws_config
 
-    DECODES = {"f32": WsDecode.FLOAT32, "pairs": WsDecode.PAIRS, "frag": WsDecode.FRAG}
+    DECODES = {"f32": WsDecode.FLOAT32, "frag": WsDecode.FRAG}
 
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -160,15 +138,6 @@ def gpu(args):
                     except Exception as e:  # noqa: BLE001 - a failed configuration is recorded, the sweep goes on
                         row["ws"][key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
                         print(f"{name:8s} {fmt} M={M:3d} {key:24s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                for mode in args.modes:  # measurement variants of the consumer (not exact; timed only)
-                    for cfg in configs(N, K, M):
-                        key = "mode{}_bn{}_w{}_bk{}_s{}_r{}_sk{}".format(mode, *cfg)
-                        ybuf = torch.zeros(M, N, device="cuda", dtype=torch.bfloat16)
-                        prep0 = preps[id(qts[0])]
-                        launch(x, prep0, ybuf, cfg, mode)
-                        us = bench_graph(lambda: launch(x, preps[id(nxt_qt())], ybuf, cfg, mode))
-                        row["ws"][key] = dict(us=us, mode=mode)
-                        print(f"{name:8s} M={M:3d} {key:32s} {us:7.1f} us", flush=True)
                 ok = {k: v["us"] for k, v in row["ws"].items() if "err_max" in v and v["err_max"] < 1e-2}
                 best = min(ok, key=ok.get) if ok else None
                 row["best"] = best
@@ -187,17 +156,15 @@ def gpu(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sass", action="store_true", help="offline sm_90 compile of every configuration (no GPU)")
-    ap.add_argument("--sass-mode", type=int, default=3, help="--sass: the consumer MODE to compile (3 pairs, 4 fragments)")
+    ap.add_argument("--sass-mode", type=int, default=4, help="--sass: the consumer MODE to compile (0 float32, 4 fragments)")
     ap.add_argument("--sass-bs", type=int, default=16, choices=[16, 32], help="--sass: 16 NVFP4, 32 MXFP4")
     ap.add_argument("--sass-dump", default=None, help="--sass: write the first configuration's SASS here and stop")
     ap.add_argument("--ms", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--shapes", nargs="*", default=None)
     ap.add_argument("--formats", nargs="+", default=["nvfp4"], help="nvfp4 and/or mxfp4 (MXFP4: frag decode only)")
-    ap.add_argument("--decodes", nargs="+", default=["f32", "pairs", "frag"], choices=["f32", "pairs", "frag"])
+    ap.add_argument("--decodes", nargs="+", default=["f32", "frag"], choices=["f32", "frag"])
     ap.add_argument("--sweep", action="store_true", help="also time the sweep's other configurations")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--modes", type=int, nargs="*", default=[],
-                    help="also time decode variants: 1 = bit placement only, 2 = no decode (floor; not exact)")
     args = ap.parse_args()
     sass(args) if args.sass else gpu(args)
 

@@ -6,41 +6,16 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import tma, mbarrier, fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-
-@gluon.jit
-def _pair(words, J: gl.constexpr):
-    # nibbles J and J + 4 of each word as float32 times 2^-14 (float16 placement, as _fp4_gemm._e2m1_word_pair)
-    if J == 3:
-        h = ((words >> 3) & 0x0E000E00) | (words & -2147450880)
-    else:
-        h = ((words << (9 - 4 * J)) & 0x0E000E00) | ((words << (12 - 4 * J)) & -2147450880)
-    lo = h.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-    hi = (h >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-    return lo, hi
-
-
-@gluon.jit
-def _pair_raw(words, J: gl.constexpr):
-    # measurement only (MODE 1): the bit placement without the float32 conversion and scale (not exact)
-    if J == 3:
-        h = ((words >> 3) & 0x0E000E00) | (words & -2147450880)
-    else:
-        h = ((words << (9 - 4 * J)) & 0x0E000E00) | ((words << (12 - 4 * J)) & -2147450880)
-    return h.to(gl.int16).to(gl.bfloat16, bitcast=True), (h >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
+from ._fp4_bits import e2m1_word_pair_bf16
+from ._fp4_gemm import _e2m1_word_pair
 
 
 @gluon.jit
 def _bf16_pair_scaled(words, scale2, J: gl.constexpr, TWO_MUL: gl.constexpr):
-    """Nibbles J (low half) and J + 4 (high) of each word placed as bfloat16 (the value times 2^-126),
-    multiplied by 2^126 (TWO_MUL) and by the block's bfloat16 scale pair: both products exact."""
-    if J == 0:
-        h = ((words << 6) & 0x01C001C0) | ((words << 12) & -2147450880)
-    elif J == 1:
-        h = ((words << 2) & 0x01C001C0) | ((words << 8) & -2147450880)
-    elif J == 2:
-        h = ((words >> 2) & 0x01C001C0) | ((words << 4) & -2147450880)
-    else:
-        h = ((words >> 6) & 0x01C001C0) | (words & -2147450880)
+    """Nibbles J (low half) and J + 4 (high) of each word placed as bfloat16 (the value times 2^-126,
+    `_fp4_bits.e2m1_word_pair_bf16`), multiplied by 2^126 (TWO_MUL) and by the block's bfloat16 scale pair:
+    both products exact."""
+    h = e2m1_word_pair_bf16(words, J)
     if TWO_MUL:
         asm: gl.constexpr = ("{ .reg .b32 t, c; mov.b32 c, 0x7E807E80; mul.rn.bf16x2 t, $2, c; "
                              "mul.rn.bf16x2 t, t, $3; mov.b32 {$0, $1}, t; }")
@@ -52,9 +27,12 @@ def _bf16_pair_scaled(words, scale2, J: gl.constexpr, TWO_MUL: gl.constexpr):
 
 @gluon.jit
 def _bf16x2_scale(codes, IS_NVFP4: gl.constexpr, TWO_MUL: gl.constexpr):
-    """Scale codes -> int32 bf16x2 pairs of the block scale (`fp4_ws.pair_tables` computed in registers)."""
-    if IS_NVFP4:  # E4M3 -> bfloat16 is exact (NaN stays NaN)
+    """Scale codes -> int32 bf16x2 pairs of the block scale as `fp4_ws.pair_tables` lists them, computed in
+    registers: NVFP4 E4M3 x 2^117 (one multiply per weight pair), MXFP4 2^(c - 127) or 2^(c - 1)."""
+    if IS_NVFP4:  # E4M3 -> bfloat16 is exact (NaN stays NaN); then x 2^117 (exact: fp4_ws.NV_SCALE_SHIFT)
         b = codes.to(gl.float8e4nv, bitcast=True).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return gl.inline_asm_elementwise("{ .reg .b32 c; mov.b32 c, 0x7A007A00; mul.rn.bf16x2 $0, $1, c; }", "=r,r",
+                                         [b | (b << 16)], dtype=gl.int32, is_pure=True, pack=1)
     else:
         c = codes.to(gl.int32)
         if TWO_MUL:  # 2^(c - 127); code 0 the subnormal 2^-127, 255 NaN
@@ -62,17 +40,6 @@ def _bf16x2_scale(codes, IS_NVFP4: gl.constexpr, TWO_MUL: gl.constexpr):
         else:  # 2^(c - 1) for the one-multiply decode (every code <= 128)
             b = gl.where(c <= 128, (c + 126) << 7, 0x7FC0)
     return b | (b << 16)
-
-
-@gluon.jit
-def _decode_pairs(words, scale2, R: gl.constexpr, KW: gl.constexpr, TWO_MUL: gl.constexpr):
-    """Pair-layout words (nibble j holds k = 2j, nibble j + 4 holds k = 2j + 1) -> bfloat16 [R, 8 KW] in k order."""
-    l0, h0 = _bf16_pair_scaled(words, scale2, 0, TWO_MUL)
-    l1, h1 = _bf16_pair_scaled(words, scale2, 1, TWO_MUL)
-    l2, h2 = _bf16_pair_scaled(words, scale2, 2, TWO_MUL)
-    l3, h3 = _bf16_pair_scaled(words, scale2, 3, TWO_MUL)
-    u = gl.join(gl.join(gl.join(l0, h0), gl.join(l2, h2)), gl.join(gl.join(l1, h1), gl.join(l3, h3)))
-    return gl.reshape(gl.permute(u, (0, 1, 3, 4, 2)), [R, KW * 8])  # [R, w, J // 2, J % 2, a] -> 8w + 2J + a
 
 
 @gluon.jit
@@ -90,23 +57,13 @@ def _decode_frag(words, s_lo, s_hi, R: gl.constexpr, TWO_MUL: gl.constexpr):
 
 
 @gluon.jit
-def _decode(words, scale8, R: gl.constexpr, KW: gl.constexpr, MODE: gl.constexpr):
-    if MODE == 1:
-        w0, w4 = _pair_raw(words, 0)
-        w1, w5 = _pair_raw(words, 1)
-        w2, w6 = _pair_raw(words, 2)
-        w3, w7 = _pair_raw(words, 3)
-        b0 = gl.join(gl.join(w0, w4), gl.join(w2, w6))
-        b1 = gl.join(gl.join(w1, w5), gl.join(w3, w7))
-        return gl.reshape(gl.join(b0, b1), [R, KW * 8])
-    if MODE == 2:  # measurement only: no decode at all, the same bytes reinterpreted (the pipeline's floor)
-        v = words.to(gl.int16).to(gl.bfloat16, bitcast=True)
-        b = gl.join(gl.join(v, v), gl.join(v, v))
-        return gl.reshape(gl.join(b, b), [R, KW * 8])
-    w0, w4 = _pair(words, 0)
-    w1, w5 = _pair(words, 1)
-    w2, w6 = _pair(words, 2)
-    w3, w7 = _pair(words, 3)
+def _decode_f32(words, scale8, R: gl.constexpr, KW: gl.constexpr):
+    """MODE 0: natural-packing words [R, KW] -> bfloat16 [R, 8 KW] in k order, the twin's weights bit for bit
+    (float16 placement x 2^-14, times the float32 effective scale x 2^14, one rounding to bf16)."""
+    w0, w4 = _e2m1_word_pair(words, 0)
+    w1, w5 = _e2m1_word_pair(words, 1)
+    w2, w6 = _e2m1_word_pair(words, 2)
+    w3, w7 = _e2m1_word_pair(words, 3)
     w0 = (w0 * scale8).to(gl.bfloat16)
     w1 = (w1 * scale8).to(gl.bfloat16)
     w2 = (w2 * scale8).to(gl.bfloat16)
@@ -199,18 +156,11 @@ def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr,
                 s_lo, _ = gl.broadcast(gl.expand_dims(s_lo, 1), words)
                 s_hi, _ = gl.broadcast(gl.expand_dims(s_hi, 1), words)
                 w = _decode_frag(words, s_lo, s_hi, BLOCK_N, TWO_MUL)
-            else:
+            else:  # MODE 0: the float32 decode, then through shared memory into the wgmma layout
                 codes = s_bufs.index(s).slice(4 * j, 4, dim=1).load(c_l)  # [BLOCK_N, 4]: the 4 blocks of this slice
-                if MODE == 3:
-                    scale = _bf16x2_scale(codes, IS_NVFP4, TWO_MUL)
-                else:
-                    scale = gl.load(table_ptr + codes.to(gl.int32))
+                scale = gl.load(table_ptr + codes.to(gl.int32))
                 scale8 = gl.convert_layout(gl.reshape(gl.join(scale, scale), [BLOCK_N, 8]), w_l)
-                words = w_bufs.index(s * XSUB + j).load(w_l)
-                if MODE == 3:
-                    w = _decode_pairs(words, scale8, BLOCK_N, 8, TWO_MUL)
-                else:
-                    w = _decode(words, scale8, BLOCK_N, 8, MODE)
+                w = _decode_f32(w_bufs.index(s * XSUB + j).load(w_l), scale8, BLOCK_N, 8)
             a = gl.convert_layout(w, a_l)
             acc = warpgroup_mma(a, x_bufs.index(s * XSUB + j).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))

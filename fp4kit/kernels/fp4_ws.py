@@ -67,14 +67,9 @@ from .fp4_gemm import (
 
 class WsDecode(enum.Enum):
     """How the consumer turns codes into the MMA's bf16 operand (the value is the kernel's MODE)."""
-    FLOAT32 = 0  # natural packing, float32 scale: the twin's weights bit for bit (NVFP4)
-    PAIRS = 3  # pair layout, bf16x2 exact products, then a shared-memory trip into the wgmma layout
-    FRAG = 4  # fragment layout: pairs decoded straight into the wgmma A registers (no shared-memory trip)
-
-
-def _pair_offsets() -> tuple:
-    # word w of a 64-element slice, nibble j: element 8 w + (2 j for j < 4, 2 (j - 4) + 1 for j >= 4)
-    return tuple(tuple(8 * w + 2 * (j % 4) + j // 4 for j in range(8)) for w in range(8))
+    FLOAT32 = 0  # natural packing, float32 scale, then a shared-memory trip into the wgmma layout: the twin's
+    #              weights bit for bit (NVFP4; slower, for checks)
+    FRAG = 4  # fragment layout: bf16 pairs decoded straight into the wgmma A registers (the default)
 
 
 def _frag_offsets() -> tuple:
@@ -87,9 +82,7 @@ def _frag_offsets() -> tuple:
     return tuple(out)
 
 
-PAIR_OFFSETS = _pair_offsets()  # [word][nibble] -> element of the 64-element slice
-FRAG_OFFSETS = _frag_offsets()
-PAIR_ORDER = PAIR_OFFSETS[0]  # (0, 2, 4, 6, 1, 3, 5, 7): nibble j of a pair-layout word holds element PAIR_ORDER[j]
+FRAG_OFFSETS = _frag_offsets()  # [word][nibble] -> element of the 64-element slice
 
 
 @dataclass(frozen=True)
@@ -157,7 +150,7 @@ def ws_supported(x2: torch.Tensor, qt: QuantizedTensor) -> bool:
     return _sm90(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
 
 
-def relayout_words(qt: QuantizedTensor, offsets=PAIR_OFFSETS) -> torch.Tensor:
+def relayout_words(qt: QuantizedTensor, offsets=FRAG_OFFSETS) -> torch.Tensor:
     """int32 [N, K/8]: the packed codes re-laid per 64-element slice so that nibble j of word w of the slice
     holds element offsets[w][j] (K % 64 == 0)."""
     N, K = qt.shape
@@ -173,7 +166,7 @@ def relayout_words(qt: QuantizedTensor, offsets=PAIR_OFFSETS) -> torch.Tensor:
     return word.to(torch.int32).reshape(N, K // 8).contiguous()
 
 
-def unpack_words(words: torch.Tensor, offsets=PAIR_OFFSETS) -> torch.Tensor:
+def unpack_words(words: torch.Tensor, offsets=FRAG_OFFSETS) -> torch.Tensor:
     """Inverse of `relayout_words` (tests): uint8 codes [N, K] in element order."""
     N = words.shape[0]
     w = words.to(torch.int64).reshape(N, -1, 8) & 0xFFFFFFFF
@@ -183,21 +176,26 @@ def unpack_words(words: torch.Tensor, offsets=PAIR_OFFSETS) -> torch.Tensor:
     return out.reshape(N, -1).to(torch.uint8)
 
 
-def pair_words(qt: QuantizedTensor) -> torch.Tensor:
-    """The pair layout: nibble j of word w holds element 8w + PAIR_ORDER[j]."""
-    return relayout_words(qt, PAIR_OFFSETS)
+# NVFP4: the kernel multiplies each placed pair (E2M1 value x 2^-126) by E4M3 x 2^NV_SCALE_SHIFT in one bf16x2
+# multiply: the product is the E2M1 value x the E4M3 scale x 2^-9, exact (<= 2 and <= 4 significant bits) and
+# normal (>= 0.5 x 2^-9 x 2^-9); E4M3 x 2^117 <= 448 x 2^117 < 2^126 fits bfloat16. The output is multiplied by
+# the per-tensor factor x 2^9 once.
+NV_SCALE_SHIFT = 117
 
 
 def pair_tables(qt: QuantizedTensor, scale_codes: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
-    """(int32 [256] bf16x2 scale per code, two multiplies?, float32 [1] per-tensor factor or None)."""
+    """What the fragment decode multiplies by, per scale code: (int32 [256] bf16x2 scale, two multiplies per
+    pair?, float32 [1] per-tensor output factor or None). The kernel computes these in registers; tests
+    compare them with the formats' scales."""
     if isinstance(qt.config, MXFP4Config):
         table, one_mul = _bf16x2_pow2_table(scale_codes)
         return table, not one_mul, None
     c = torch.arange(256, dtype=torch.uint8, device=scale_codes.device)
-    v = c.view(torch.float8_e4m3fn).float().to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    v = (c.view(torch.float8_e4m3fn).float() * 2.0**NV_SCALE_SHIFT).to(torch.bfloat16)
+    v = v.view(torch.int16).to(torch.int32) & 0xFFFF
     ones = torch.ones((), dtype=torch.float32, device=scale_codes.device)
     post = qt.config.effective_block_scale(ones, qt.global_scale.float().reshape(())).reshape(1)
-    return (v | (v << 16)).contiguous(), True, post.contiguous()
+    return (v | (v << 16)).contiguous(), False, (post * 2.0 ** (126 - NV_SCALE_SHIFT)).contiguous()
 
 
 @dataclass
@@ -205,8 +203,9 @@ class WsWeight:
     """What the kernel reads besides x: built once per weight by `prepare_ws`."""
     prepared: PreparedFP4Weight
     decode: WsDecode
-    words: torch.Tensor  # int32 [N, K/8]: natural packing (FLOAT32), pair or fragment layout
-    table: torch.Tensor  # float32 (x 2^14) per scale code (FLOAT32), or the int32 bf16x2 table (tests)
+    words: torch.Tensor  # int32 [N, K/8]: natural packing (FLOAT32) or the fragment layout (FRAG)
+    table: torch.Tensor  # float32 (x 2^14) per scale code (FLOAT32), or the int32 bf16x2 table (FRAG: unused
+    #                      by the kernel, which computes it in registers)
     two_mul: bool
     post: torch.Tensor | None
 
@@ -228,7 +227,7 @@ def prepare_ws(qt: QuantizedTensor, decode: WsDecode = WsDecode.FRAG,
     if decode is WsDecode.FLOAT32:
         return WsWeight(prepared, decode, prepared.words, prepared.table, True, None)
     table, two_mul, post = pair_tables(qt, prepared.scale_codes)
-    words = relayout_words(qt, FRAG_OFFSETS if decode is WsDecode.FRAG else PAIR_OFFSETS)
+    words = relayout_words(qt, FRAG_OFFSETS)
     return WsWeight(prepared, decode, words, table, two_mul, post)
 
 

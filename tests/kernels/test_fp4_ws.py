@@ -11,12 +11,9 @@ import torch
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
 from fp4kit.kernels.fp4_ws import (
     FRAG_OFFSETS,
-    PAIR_OFFSETS,
-    PAIR_ORDER,
     WsConfig,
     WsDecode,
     pair_tables,
-    pair_words,
     relayout_words,
     unpack_words,
     ws_config,
@@ -33,7 +30,8 @@ def _codes(qt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("offsets", [PAIR_OFFSETS, FRAG_OFFSETS], ids=["pairs", "frag"])
+@pytest.mark.parametrize("offsets", [tuple(tuple(8 * w + j for j in range(8)) for w in range(8)), FRAG_OFFSETS],
+                         ids=["natural", "frag"])
 def test_relayout_words_round_trip(fmt, offsets):
     torch.manual_seed(0)
     qt = quantize(torch.randn(48, 512), FORMATS[fmt])
@@ -42,9 +40,8 @@ def test_relayout_words_round_trip(fmt, offsets):
     assert torch.equal(unpack_words(words, offsets), _codes(qt))
 
 
-@pytest.mark.parametrize("offsets", [PAIR_OFFSETS, FRAG_OFFSETS], ids=["pairs", "frag"])
-def test_offsets_are_permutations_of_a_slice(offsets):
-    assert sorted(e for w in offsets for e in w) == list(range(64))
+def test_frag_offsets_are_a_permutation_of_a_slice():
+    assert sorted(e for w in FRAG_OFFSETS for e in w) == list(range(64))
 
 
 def test_frag_offsets_match_the_wgmma_a_fragment():
@@ -69,38 +66,47 @@ def test_relayout_refuses_k_not_multiple_of_64():
         relayout_words(quantize(torch.randn(4, 32), NVFP4Config()))
 
 
-def test_pair_words_nibble_positions_golden():
-    # one row, K = 8: codes 0..7 at elements 0..7; nibble j must hold element PAIR_ORDER[j]
-    qt = quantize(torch.zeros(1, 64), NVFP4Config())
-    codes = torch.arange(64, dtype=torch.uint8) % 8
-    qt.data.view(torch.uint8).copy_((codes[0::2] | (codes[1::2] << 4)).reshape(qt.data.shape))
-    w = int(pair_words(qt)[0, 0]) & 0xFFFFFFFF
-    assert [(w >> (4 * j)) & 0xF for j in range(8)] == list(PAIR_ORDER) == [0, 2, 4, 6, 1, 3, 5, 7]
-    assert w == 0x75316420  # hand-written: nibbles 0,2,4,6,1,3,5,7 from the lowest
+def test_natural_offsets_reproduce_the_packing_and_frag_words_golden():
+    # relayout with the identity offsets is the packed data itself; a hand-built row checks FRAG's first word
+    torch.manual_seed(4)
+    qt = quantize(torch.randn(3, 128), NVFP4Config())
+    natural = tuple(tuple(8 * w + j for j in range(8)) for w in range(8))
+    assert torch.equal(relayout_words(qt, natural), qt.data.view(torch.uint8).reshape(3, -1).view(torch.int32))
+    row = quantize(torch.zeros(1, 64), NVFP4Config())
+    codes = (torch.arange(64) % 16).to(torch.uint8)  # element e holds code e % 16
+    row.data.view(torch.uint8).copy_((codes[0::2] | (codes[1::2] << 4)).reshape(row.data.shape))
+    w0 = int(relayout_words(row)[0, 0]) & 0xFFFFFFFF
+    # FRAG_OFFSETS[0] = (0, 8, 16, 24, 1, 9, 17, 25): nibbles hold codes 0, 8, 0, 8, 1, 9, 1, 9 from the lowest
+    assert w0 == 0x91918080
 
 
-def test_nvfp4_pair_table_is_the_e4m3_value_in_bf16_and_post_is_the_global_factor():
+def test_nvfp4_pair_table_is_e4m3_times_2_117_and_post_restores_the_global_factor():
     torch.manual_seed(1)
     qt = quantize(torch.randn(16, 64), NVFP4Config())
     table, two_mul, post = pair_tables(qt, qt.scale.view(torch.uint8))
-    assert two_mul and table.dtype == torch.int32
+    assert not two_mul and table.dtype == torch.int32  # one bf16x2 multiply per weight pair
     codes = torch.arange(256, dtype=torch.uint8)
     want = codes.view(torch.float8_e4m3fn).float()
     lo = (table & 0xFFFF).to(torch.int16).view(torch.bfloat16).float()
     hi = ((table >> 16) & 0xFFFF).to(torch.int16).view(torch.bfloat16).float()
     finite = torch.isfinite(want)
-    assert torch.equal(lo[finite], want[finite]) and torch.equal(hi[finite], want[finite])
+    assert torch.equal(lo[finite], want[finite] * 2.0**117) and torch.equal(hi[finite], want[finite] * 2.0**117)
     assert torch.isnan(lo[~finite]).all()
-    # the kernel's weight is (code * s) exactly, times post: s * post is the twin's effective scale
+    assert lo[finite].max() < 2.0**126  # fits bfloat16 (max ~2^128) with room
+    # the kernel's weight: (code x 2^-126) x (s x 2^117) = code x s x 2^-9, exact; times post: the twin's weight
+    e2m1 = torch.tensor([0.5, 1, 1.5, 2, 3, 4, 6])
+    prod = (e2m1[:, None] * 2.0**-126).to(torch.bfloat16).float() * lo[finite][None, :]
+    assert torch.equal(prod.to(torch.bfloat16).float(), prod)  # every product exact in bfloat16
+    assert prod[prod > 0].min() >= 2.0**-126  # and normal
     eff = qt.config.effective_block_scale(want[finite], qt.global_scale.float().reshape(()))
-    assert torch.allclose(want[finite] * post, eff, rtol=2 ** -23, atol=0)
+    assert torch.allclose(want[finite] * 2.0**-9 * post, eff, rtol=2 ** -23, atol=0)
 
 
 def test_prepare_ws_formats_and_decodes():
     from fp4kit.kernels.fp4_ws import prepare_ws
 
     mx = quantize(torch.randn(16, 512), MXFP4Config())
-    for decode in (WsDecode.PAIRS, WsDecode.FLOAT32):
+    for decode in (WsDecode.FLOAT32,):
         with pytest.raises(ValueError, match="MXFP4 .block 32. with the fragment decode"):
             prepare_ws(mx, decode)
     w = prepare_ws(mx, WsDecode.FRAG)
@@ -131,8 +137,8 @@ def test_ws_config_rules():
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
-@pytest.mark.parametrize("fmt,decode", [("nvfp4", WsDecode.FLOAT32), ("nvfp4", WsDecode.PAIRS),
-                                         ("nvfp4", WsDecode.FRAG), ("mxfp4", WsDecode.FRAG)])
+@pytest.mark.parametrize("fmt,decode", [("nvfp4", WsDecode.FLOAT32), ("nvfp4", WsDecode.FRAG),
+                                         ("mxfp4", WsDecode.FRAG)])
 @pytest.mark.parametrize("M,N,K,split,bn", [(16, 512, 1024, 1, 64), (3, 384, 2048, 4, 64), (33, 256, 512, 2, 128),
                                             (64, 128, 512, 1, 64), (16, 320, 1536, 1, 128)])
 def test_ws_against_float64_reference(fmt, decode, M, N, K, split, bn):
