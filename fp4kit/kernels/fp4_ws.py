@@ -107,12 +107,14 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     MXFP4 (block 32): 512-wide stages (TMA's 16-byte rows of scale codes), 1 stage on wide layers and 2 on the
     others (results/fp4_ws_h100_frag_r1.json; not swept)."""
     bk = 256 if block_size == 16 else 512
+    regs = 96 if M > 32 else 80  # a 64-token tile spilled at 80 (sm_90 offline compile); the ring's shared memory,
+    #                               not registers, bounds programs per SM there
     if N >= 16384:
-        return WsConfig(block_n=128, block_k=bk, stages=2 if bk == 256 else 1, split_k=1)
+        return WsConfig(block_n=128, block_k=bk, stages=2 if bk == 256 else 1, split_k=1, maxnreg=regs)
     tiles = -(-N // 64)
     want = max(1, round(3 * sm_count / tiles))
     split = min(1 << (want.bit_length() - 1), max(1, K // bk))
-    return WsConfig(block_n=64, block_k=bk, stages=2, split_k=split)
+    return WsConfig(block_n=64, block_k=bk, stages=2, split_k=split, maxnreg=regs)
 
 
 # The range of rows `fp4_matmul`'s AUTO path sends here (with bf16 x on an sm_90 GPU; see `ws_supported`).
