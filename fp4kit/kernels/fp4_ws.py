@@ -107,10 +107,10 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     MXFP4 (block 32): 512-wide stages (TMA's 16-byte rows of scale codes), 1 stage on wide layers and 2 on the
     others (results/fp4_ws_h100_frag_r1.json; not swept)."""
     bk = 256 if block_size == 16 else 512
-    regs = 96 if M > 32 else 80  # a 64-token tile spilled at 80 (sm_90 offline compile); the ring's shared memory,
-    #                               not registers, bounds programs per SM there
-    if N >= 16384:
-        return WsConfig(block_n=128, block_k=bk, stages=2 if bk == 256 else 1, split_k=1, maxnreg=regs)
+    if N >= 16384:  # (96 registers at 64 tokens: gate_up 43.7 -> 52.4 us, MXFP4 46.3 -> 68.4; fp4_ws_h100_frag_r5_m64)
+        return WsConfig(block_n=128, block_k=bk, stages=2 if bk == 256 else 1, split_k=1)
+    regs = 96 if M > 32 else 80  # a 64-token tile of 64 rows spilled at 80 (sm_90 offline compile); with 96
+    #                               q/k/v 24.4 -> 23.2 us, down 27.2 -> 26.2 at M = 64 (fp4_ws_h100_frag_r5_m64)
     tiles = -(-N // 64)
     want = max(1, round(3 * sm_count / tiles))
     split = min(1 << (want.bit_length() - 1), max(1, K // bk))
