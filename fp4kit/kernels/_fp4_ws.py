@@ -99,20 +99,53 @@ def _frag_layout(BLOCK_N, num_warps, which):
 
 
 @gluon.jit
+def _gdc_wait():
+    # griddepcontrol.wait: the previous kernel in the stream has completed and its writes are visible (PDL)
+    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gdc_launch_dependents():
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, bar, n0, k, s,
+                XSUB: gl.constexpr, BS: gl.constexpr, WEIGHTS: gl.constexpr, X: gl.constexpr):
+    if WEIGHTS:
+        tma.async_copy_global_to_shared(s_desc, [n0, k // BS], bar, s_bufs.index(s))
+    for j in gl.static_range(XSUB):
+        if WEIGHTS:
+            tma.async_copy_global_to_shared(w_desc, [n0, (k + 64 * j) // 8], bar, w_bufs.index(s * XSUB + j))
+        if X:
+            tma.async_copy_global_to_shared(x_desc, [0, k + 64 * j], bar, x_bufs.index(s * XSUB + j))
+
+
+@gluon.jit
 def _loader(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo,
             N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr, BLOCK_K: gl.constexpr,
-            BS: gl.constexpr):
-    for i in range(N_STEPS):
+            BS: gl.constexpr, PDL: gl.constexpr):
+    NBYTES: gl.constexpr = XSUB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes) + s_desc.block_type.nbytes
+    START: gl.constexpr = (STAGES if STAGES < N_STEPS else N_STEPS) if PDL else 0
+    if PDL:
+        # weights never depend on an earlier kernel: the first stages' weights and scales load while the previous
+        # kernel finishes; x (its output) only after griddepcontrol.wait
+        for i in gl.static_range(START):
+            mbarrier.expect(ready.index(i), NBYTES)
+            _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready.index(i), n0, k_lo + i * BLOCK_K, i,
+                        XSUB, BS, True, False)
+        _gdc_wait()
+        for i in gl.static_range(START):
+            _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready.index(i), n0, k_lo + i * BLOCK_K, i,
+                        XSUB, BS, False, True)
+    for i in range(START, N_STEPS):
         s = i % STAGES
         ph = (i // STAGES) & 1
         mbarrier.wait(empty.index(s), ph ^ 1)
         bar = ready.index(s)
-        mbarrier.expect(bar, XSUB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes) + s_desc.block_type.nbytes)
-        k = k_lo + i * BLOCK_K
-        tma.async_copy_global_to_shared(s_desc, [n0, k // BS], bar, s_bufs.index(s))
-        for j in gl.static_range(XSUB):
-            tma.async_copy_global_to_shared(w_desc, [n0, (k + 64 * j) // 8], bar, w_bufs.index(s * XSUB + j))
-            tma.async_copy_global_to_shared(x_desc, [0, k + 64 * j], bar, x_bufs.index(s * XSUB + j))
+        mbarrier.expect(bar, NBYTES)
+        _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, bar, n0, k_lo + i * BLOCK_K, s, XSUB, BS, True, True)
 
 
 @gluon.jit
@@ -174,9 +207,11 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
                   K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
                   SPLIT_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, MODE: gl.constexpr = 0,
                   TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False,
-                  IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False):
+                  IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = False):
     XSUB: gl.constexpr = BLOCK_K // 64
     N_STEPS: gl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
+    if PDL:
+        _gdc_launch_dependents()  # the next kernel may start launching (it waits for this one before its reads)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     n0 = pid_n * BLOCK_N
@@ -193,7 +228,7 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
         (_consumer, (w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, N_STEPS, STAGES, XSUB, BLOCK_N, BLOCK_M, MODE,
                      TWO_MUL, IS_NVFP4, num_warps)),
         (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K,
-                   16 if IS_NVFP4 else 32)),
+                   16 if IS_NVFP4 else 32, PDL)),
     ], [1], [24])
     acc = res[0]
     # epilogue, all warps: y = acc * post (+ bias), with split K through the workspace and a ticket per tile

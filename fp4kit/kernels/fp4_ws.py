@@ -62,6 +62,7 @@ from .fp4_gemm import (
     _raw_stream,
     _splitk_buffers,
     prepare_fp4_weight,
+    use_pdl,
 )
 
 
@@ -269,11 +270,13 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
     post = w.post if w.post is not None else w.table
+    pdl = use_pdl(x)  # programmatic dependent launch, as the GEMV and the decode glue (fp4_gemm.PDL)
     _fp4_ws.fp4_ws_kernel[grid](
         x_desc, w_desc, s_desc, w.table, post, y if bias is None else bias, y, ws, cnt, M, N, K=K,
         BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
         num_warps=cfg.block_n // 16, maxnreg=cfg.maxnreg, MODE=w.decode.value, TWO_MUL=w.two_mul,
-        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None)
+        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}))
     return y
 
 

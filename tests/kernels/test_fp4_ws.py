@@ -218,3 +218,38 @@ def test_fp4_linear_takes_ws_at_decode_batch_and_under_graph_capture(fmt):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, y)
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
+@pytest.mark.parametrize("split", [1, 4])
+def test_pdl_chain_under_graph_equals_the_serial_chain(split, monkeypatch):
+    """With PDL each launch prefetches its first stages' weights before griddepcontrol.wait and reads x (the
+    previous launch's output) only after it: a captured chain of dependent launches, replayed, must give the
+    bits of the same chain run eagerly without PDL (split K: the shared workspace and tickets too)."""
+    from fp4kit.kernels import fp4_gemm
+    from fp4kit.kernels.fp4_ws import WsDecode, fp4_ws_matmul, prepare_ws
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("PDL path measured on sm_90 only")
+    torch.manual_seed(5)
+    ws = [prepare_ws(quantize(torch.randn(512, 512, device="cuda") * 0.05, NVFP4Config()), WsDecode.FRAG)
+          for _ in range(3)]
+    cfg = WsConfig(split_k=split)
+    x = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
+
+    def chain(inp):
+        for w in ws:
+            inp = fp4_ws_matmul(inp, w, config=cfg)
+        return inp
+
+    monkeypatch.setattr(fp4_gemm, "PDL", False)
+    want = chain(x)
+    monkeypatch.setattr(fp4_gemm, "PDL", True)
+    assert torch.equal(chain(x), want)  # eager with PDL (compiles the PDL variant)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = chain(x)
+    for _ in range(5):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
