@@ -207,10 +207,11 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
                   K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
                   SPLIT_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, MODE: gl.constexpr = 0,
                   TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False,
-                  IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = False):
+                  IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = 0):
+    # PDL: 0 off; 1 launch_dependents first thing; 2 after this program's main loop (before the epilogue)
     XSUB: gl.constexpr = BLOCK_K // 64
     N_STEPS: gl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
-    if PDL:
+    if PDL == 1:
         _gdc_launch_dependents()  # the next kernel may start launching (it waits for this one before its reads)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -228,9 +229,11 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
         (_consumer, (w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, N_STEPS, STAGES, XSUB, BLOCK_N, BLOCK_M, MODE,
                      TWO_MUL, IS_NVFP4, num_warps)),
         (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K,
-                   16 if IS_NVFP4 else 32, PDL)),
+                   16 if IS_NVFP4 else 32, PDL > 0)),
     ], [1], [24])
     acc = res[0]
+    if PDL == 2:
+        _gdc_launch_dependents()
     # epilogue, all warps: y = acc * post (+ bias), with split K through the workspace and a ticket per tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
     if HAS_POST:  # the per-tensor factor the pair decodes leave out (NVFP4: 1 / global scale)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,11 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     split = min(1 << (want.bit_length() - 1), max(1, K // bk))
     return WsConfig(block_n=64, block_k=bk, stages=2, split_k=split, maxnreg=regs)
 
+
+# Programmatic dependent launch: where a program lets the next kernel launch. 1: first thing (as the GEMV);
+# 2: after its main loop. Either way the loader prefetches the first stages' weights before griddepcontrol.wait
+# and loads x after it. 0: no PDL.
+WS_PDL_TRIGGER = int(os.environ.get("FP4KIT_WS_PDL_TRIGGER", "1"))
 
 # The range of rows `fp4_matmul`'s AUTO path sends here (with bf16 x on an sm_90 GPU; see `ws_supported`).
 WS_MIN_M = 3
@@ -270,7 +276,7 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
     post = w.post if w.post is not None else w.table
-    pdl = use_pdl(x)  # programmatic dependent launch, as the GEMV and the decode glue (fp4_gemm.PDL)
+    pdl = WS_PDL_TRIGGER if use_pdl(x) else 0  # programmatic dependent launch (fp4_gemm.PDL), see WS_PDL_TRIGGER
     _fp4_ws.fp4_ws_kernel[grid](
         x_desc, w_desc, s_desc, w.table, post, y if bias is None else bias, y, ws, cnt, M, N, K=K,
         BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,

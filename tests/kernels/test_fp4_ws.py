@@ -222,15 +222,17 @@ def test_fp4_linear_takes_ws_at_decode_batch_and_under_graph_capture(fmt):
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
 @pytest.mark.parametrize("split", [1, 4])
-def test_pdl_chain_under_graph_equals_the_serial_chain(split, monkeypatch):
+@pytest.mark.parametrize("trigger", [1, 2])
+def test_pdl_chain_under_graph_equals_the_serial_chain(split, trigger, monkeypatch):
     """With PDL each launch prefetches its first stages' weights before griddepcontrol.wait and reads x (the
     previous launch's output) only after it: a captured chain of dependent launches, replayed, must give the
     bits of the same chain run eagerly without PDL (split K: the shared workspace and tickets too)."""
-    from fp4kit.kernels import fp4_gemm
+    from fp4kit.kernels import fp4_gemm, fp4_ws
     from fp4kit.kernels.fp4_ws import WsDecode, fp4_ws_matmul, prepare_ws
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("PDL path measured on sm_90 only")
+    monkeypatch.setattr(fp4_ws, "WS_PDL_TRIGGER", trigger)
     torch.manual_seed(5)
     ws = [prepare_ws(quantize(torch.randn(512, 512, device="cuda") * 0.05, NVFP4Config()), WsDecode.FRAG)
           for _ in range(3)]
