@@ -1,48 +1,51 @@
-"""Warp-specialised skinny FP4 GEMM for Hopper (`fp4_ws_matmul`, Gluon), 3 <= M <= 64: an opt-in experiment.
+"""Warp-specialised FP4 weight GEMM for Hopper decode batches (`fp4_ws_matmul`, Gluon), 3 <= M <= 64.
 
-Why. The skinny tensor-core kernels (`fp4_gemm`'s skinny kernel, `fp4_mma`) stop at ~40% of copy bandwidth
-at M = 16. Round 5's notes blamed latency: each program loads a K step, waits, decodes, multiplies, and
-nothing overlaps inside it. This kernel removes that: one loader warp streams the weight words and x
-through a ring of shared-memory stages with TMA (`tma.async_copy_global_to_shared`, mbarriers), and a
-consumer warpgroup decodes each stage into registers and runs `wgmma` with the decoded weights as the A
-operand and x.T from shared memory as B (the weights on the MMA's M side, as in `fp4_mma`):
+What `fp4_matmul` runs (DecodePath.WS, chosen by AUTO) for bf16 activations with 3..64 rows on an sm_90 GPU,
+NVFP4 (K % 256 == 0) or MXFP4 (K % 512 == 0); the skinny kernel covers everything else. The weight is on the
+MMA's M side (rows of W), the tokens on its N side, so a 16-token batch fills a wgmma m64n16k16:
 
-    loader warp:   for each K step: wait empty[s]; TMA words [BN, 8] x BK/64 and x [BM, 64] x BK/64 -> stage s
-    loader also:   the stage's scale codes [BN, BK/16] by TMA
-    consumer:      for each K step: wait ready[s]; per 64-wide slice: scale codes (shared), decode, wgmma;
-                   fence; arrive empty[s]
-    split K:       float32 partials [SPLIT_K, M, N], summed here in split order (deterministic)
+    loader warp:   for each K stage: wait empty[s]; TMA the stage's scale codes [BN, BK/bs], weight words
+                   [BN, 8] x BK/64 and x [BM, 64] x BK/64 into shared memory; ready[s] counts the bytes
+    consumer:      for each stage and 64-wide slice: scale codes -> bf16x2 scales (registers), decode the
+                   words into the wgmma A operand registers, wgmma with x.T from shared memory; arrive empty[s]
+    epilogue:      all warps: acc x (per-tensor factor) (+ bias) -> y; split K through a float32 workspace and a
+                   ticket per tile (the last split sums the partials in split order: deterministic, one launch)
 
-Two decodes (`WsConfig.pairs`):
+The fragment layout (`FRAG_OFFSETS`, `relayout_words`, built once per weight: a second copy of the packed
+codes, kept on the prepared weight). A wgmma A fragment gives lane 4 g + tig of each warp rows g and g + 8 and,
+in every 16-wide k chunk, k = 2 tig + {0, 1} and 2 tig + 8 + {0, 1}. The codes are re-laid offline so that the
+two 32-bit words a thread loads per row and 64-wide slice (columns 2 tig + h) hold exactly its 16 codes, each
+word as four bf16 pairs: nibble J and J + 4 are the pair (k, k + 1) with k = 32 h + 16 (J // 2) + 8 (J % 2) +
+2 tig. Decoding is then element-wise in registers and the result already is the A operand (the layout
+conversion is checked trivial at compile time, `assert_trivial`): no shared-memory round trip, which the first
+version of this kernel paid on every slice.
 
-    float32 (pairs=False): the skinny kernel's decode (float16 placement, x s_eff in float32, one rounding
-        to bf16): the weights the MMA sees are the torch twin's bit for bit.
-    pairs (pairs=True, default): a re-laid copy of the codes (`pair_words`: nibble j of each word holds
-        k = 2j, nibble j + 4 holds k = 2j + 1) is placed as a bfloat16 pair (the E2M1 value times 2^-126,
-        two shifts and two masks per pair), multiplied by 2^126 and by the block scale as a bfloat16 pair
-        (`mul.rn.bf16x2`, both products exact: an E2M1 value has <= 2 significant bits, an E4M3 scale <= 4,
-        an E8M0 scale is a power of two), and used as the MMA operand as it is. NVFP4's per-tensor factor
-        (1 / global scale, or the global scale) is applied once to the output. So MXFP4 weights are the
-        twin's bit for bit, and NVFP4 weights are the exact products code x E4M3 scale: more exact than the
-        twin, which rounds code x s_eff to bf16 per weight (the difference is that rounding, as for the
-        GEMV; tests/kernels/test_fp4_ws.py states the bound).
+The decode of one pair (bit-exact arithmetic, no float32):
 
-Measured (H100, 2026-11-24; BENCHMARKS.md "Warp-specialised skinny GEMM"; GPU time in a CUDA graph, weights
-rotated through 256 MB). First, with the float32 decode the kernel is no faster than the skinny kernel (gate_up
-M = 16 57.3 vs 55.5 us): warp specialisation alone does not close the gap. Timing variants of the consumer
-showed why: no decode at all runs at 33.8 us (the TMA pipeline plus the decoded tile's conversion to the wgmma
-register layout), the bit placement alone at ~41 us, the float32 scale path costs ~16 us more: the consumer's
-instructions are the limit, not load latency. Then the pair decode with the scale codes by TMA and the bf16x2
-scales computed in registers (r4): NVFP4 gate_up 45.1 us at M = 16 (skinny 55.6, cuBLAS 82.9) and 48.9 at
-M = 32 (67.5); down 27.8 / 29.3 (31.7 / 40.0); q/k/v and o about the skinny kernel's (16.6 vs 16.5, 13.7 vs
-12.7 at M = 16).
+    placement:  two shifts and masks put the E2M1 sign and magnitude bits into a bf16 pair: value x 2^-126
+                (`_fp4_bits.e2m1_word_pair_bf16`; 0.5 lands on a bf16 subnormal, exactly)
+    NVFP4:      one mul.rn.bf16x2 by (E4M3 scale x 2^117): = code x scale x 2^-9, exact (<= 2 and <= 4 significant
+                bits) and normal; the output is multiplied once by (1 / global scale) x 2^9 (`pair_tables`)
+    MXFP4:      x 2^(c - 1) in one multiply when every E8M0 code <= 128, else x 2^126 then x 2^(c - 127)
 
-Formats: NVFP4 only (block 16: the kernel reads 4 scale codes per 64 weights and a stage's [BN, BK/16]
-codes by TMA, which needs >= 16 bytes per row). MXFP4 (block 32) gave wrong results in the first H100 run
-(r4) and is refused by `prepare_ws`; it needs its own scale indexing and BK = 512 for TMA.
+So MXFP4 weights are the twin's bit for bit, and NVFP4 weights are the exact products code x E4M3 scale (the twin
+rounds code x s_eff to bf16 per weight; the difference is that rounding, bounded in tests/kernels/test_fp4_ws.py).
+`WsDecode.FLOAT32` keeps the twin's NVFP4 weights bit for bit (float32 scale, natural packing, and the shared-
+memory trip): slower, for checks.
 
-Requirements: CUDA, Hopper or later, Triton with Gluon (3.5+), bf16 x, K % 256 == 0, 16-byte aligned rows;
-`fp4_ws_matmul` raises otherwise. Not dispatched by `fp4_linear`: an opt-in kernel until it wins.
+With programmatic dependent launch (`fp4_gemm.PDL`, `WS_PDL_TRIGGER`) each program lets the next kernel launch
+first thing, and the loader loads the first stages' weights and scales before `griddepcontrol.wait` (weights
+never depend on an earlier kernel) and x after it.
+
+Measured (H100, 2026-11-24, BENCHMARKS.md "Fragment-layout warp-specialised GEMM"; GPU time in a CUDA graph,
+weights rotated through 256 MB, cuBLAS bf16 in the same run): NVFP4 M = 16 mean of the Llama-3-8B shapes 2.10x
+cuBLAS (skinny kernel 1.39x), gate_up 32.1 us (2.59x, 70% of copy bandwidth), M = 32 1.79x, MXFP4 2.07x / 1.83x.
+The history that led here: warp specialisation alone (float32 decode) was no faster than the skinny kernel; the
+bf16x2 pair decode took gate_up from 56 to 46 us, the fragment layout to 36, one multiply per pair and PDL to 32;
+in-kernel split K (instead of torch's sum and cast) took 2-3 us off each split layer (q/k/v, o, down).
+
+Requirements: CUDA sm_90 (wgmma), Triton with Gluon (3.5+), bf16 x, 16-byte aligned rows; `fp4_ws_matmul`
+raises otherwise and `ws_supported` says whether AUTO may take it.
 """
 
 from __future__ import annotations
