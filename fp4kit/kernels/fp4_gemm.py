@@ -41,7 +41,7 @@ float32 FFMAs, the block scale applied once per 16 products, and no rounding of 
 to x's dtype (so it differs from the twin by that rounding; bounds in tests/kernels/test_fp4_gemv.py).
 On an sm_90 GPU with bf16 x, M = 3..64 goes to the warp-specialised Gluon kernel of `fp4_ws` instead
 (DecodePath.WS: a TMA loader warp, the codes re-laid so they decode straight into the wgmma operand registers;
-1.4-1.6x faster than the skinny kernel on the Llama shapes; `WS_AUTO = False` keeps the skinny kernel).
+1.3-1.9x faster than the skinny kernel on the Llama shapes at M = 16-32; `WS_AUTO = False` keeps the skinny kernel).
 `fp4_matmul(..., path=DecodePath.SKINNY / GEMV / WS)` forces one. Prefill (SKINNY_MAX_M < M <
 DEQUANT_CUBLAS_MIN_M) runs `fp4_mma`'s swapped-operand kernel as a tiled GEMM (decoded weights as the
 wgmma's register operand, tokens on its N side, K split on narrow layers); from DEQUANT_CUBLAS_MIN_M rows
