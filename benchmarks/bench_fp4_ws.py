@@ -64,7 +64,7 @@ def sass(args):
                            N="i32")
                 const = dict(K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk, SPLIT_K=split, STAGES=stages,
                              num_warps=warps, MODE=args.sass_mode, TWO_MUL=bs == 32, HAS_POST=bs == 16,
-                             IS_NVFP4=bs == 16, PDL=1)
+                             IS_NVFP4=bs == 16, PDL=1, OVERLAP=bool(int(os.environ.get("WS_OVERLAP", "0"))))
                 sig.update({k: "constexpr" for k in const})
                 attrs = {(i,): [["tt.divisibility", 16]] for i in (3, 4, 5, 6, 7, 8)}
                 k = triton.compile(GluonASTSource(_fp4_ws.fp4_ws_kernel, sig, const, attrs),

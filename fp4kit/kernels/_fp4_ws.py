@@ -153,7 +153,7 @@ def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr,
               N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr,
               BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
               MODE: gl.constexpr, TWO_MUL: gl.constexpr, IS_NVFP4: gl.constexpr,
-              num_warps: gl.constexpr):
+              num_warps: gl.constexpr, OVERLAP: gl.constexpr):
     """The default partition: decode + wgmma over this program's K range; returns the float32 [BLOCK_N, BLOCK_M]
     accumulator (the epilogue runs after the warp-specialised region, on all warps)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
@@ -196,7 +196,16 @@ def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr,
                 w = _decode_f32(w_bufs.index(s * XSUB + j).load(w_l), scale8, BLOCK_N, 8)
             a = gl.convert_layout(w, a_l)
             acc = warpgroup_mma(a, x_bufs.index(s * XSUB + j).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            if OVERLAP:  # the next slice decodes while this MMA runs; its A registers stay live until done
+                if j == 0:
+                    acc, a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a))
+                else:
+                    acc, prev, a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, prev, a))
+                prev = a
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        if OVERLAP:
+            acc, prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, prev))
         fence_async_shared()  # order this stage's shared reads before the loader's next TMA writes into it
         mbarrier.arrive(empty.index(s), count=1)
     return (acc,)  # a tuple: warp_specialize flattens the default partition's results
@@ -207,7 +216,8 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
                   K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
                   SPLIT_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, MODE: gl.constexpr = 0,
                   TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False,
-                  IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = 0):
+                  IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = 0,
+                  OVERLAP: gl.constexpr = False):
     # PDL: 0 off; 1 launch_dependents first thing; 2 after this program's main loop (before the epilogue)
     XSUB: gl.constexpr = BLOCK_K // 64
     N_STEPS: gl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
@@ -227,7 +237,7 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
         mbarrier.init(empty.index(i), count=1)
     res = gl.warp_specialize([
         (_consumer, (w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, N_STEPS, STAGES, XSUB, BLOCK_N, BLOCK_M, MODE,
-                     TWO_MUL, IS_NVFP4, num_warps)),
+                     TWO_MUL, IS_NVFP4, num_warps, OVERLAP)),
         (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K,
                    16 if IS_NVFP4 else 32, PDL > 0)),
     ], [1], [24])

@@ -126,6 +126,9 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
 # 2: after its main loop. Either way the loader prefetches the first stages' weights before griddepcontrol.wait
 # and loads x after it. 0: no PDL.
 WS_PDL_TRIGGER = int(os.environ.get("FP4KIT_WS_PDL_TRIGGER", "1"))
+# Decode the next 64-wide slice while the previous slice's wgmma runs (two A fragments live, wait(1) between
+# slices, wait(0) before a stage is released) instead of waiting for each MMA.
+WS_MMA_OVERLAP = os.environ.get("FP4KIT_WS_OVERLAP", "0") == "1"
 
 # The range of rows `fp4_matmul`'s AUTO path sends here (with bf16 x on an sm_90 GPU; see `ws_supported`).
 WS_MIN_M = 3
@@ -284,7 +287,7 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
         x_desc, w_desc, s_desc, w.table, post, y if bias is None else bias, y, ws, cnt, M, N, K=K,
         BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
         num_warps=cfg.block_n // 16, maxnreg=cfg.maxnreg, MODE=w.decode.value, TWO_MUL=w.two_mul,
-        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl,
+        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl, OVERLAP=WS_MMA_OVERLAP,
         **({"launch_pdl": True} if pdl else {}))
     return y
 

@@ -143,8 +143,12 @@ def test_ws_config_rules():
                                          ("mxfp4", WsDecode.FRAG)])
 @pytest.mark.parametrize("M,N,K,split,bn", [(16, 512, 1024, 1, 64), (3, 384, 2048, 4, 64), (33, 256, 512, 2, 128),
                                             (64, 128, 512, 1, 64), (16, 320, 1536, 1, 128)])
-def test_ws_against_float64_reference(fmt, decode, M, N, K, split, bn):
+@pytest.mark.parametrize("overlap", [False, True], ids=["mma_wait", "mma_overlap"])
+def test_ws_against_float64_reference(fmt, decode, M, N, K, split, bn, overlap, monkeypatch):
+    from fp4kit.kernels import fp4_ws
     from fp4kit.kernels.fp4_ws import fp4_ws_matmul, prepare_ws
+
+    monkeypatch.setattr(fp4_ws, "WS_MMA_OVERLAP", overlap)
 
     torch.manual_seed(2)
     qt = quantize(torch.randn(N, K, device="cuda") * 0.02, FORMATS[fmt])
