@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+SWEEP_STAGES_2_ONLY = os.environ.get("WS_SWEEP_STAGES", "2,4") == "2"  # the r3 sweep: 4 stages never won
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
@@ -33,8 +34,8 @@ def configs(N: int, K: int, M: int):
         ctas_per_sm = 3 if bn == 64 else 2
         base = max(1, round(ctas_per_sm * 132 / tiles))
         base = 1 << (base.bit_length() - 1)
-        for stages in (2, 4):
-            for split in sorted({base, 2 * base}):
+        for stages in ((2,) if SWEEP_STAGES_2_ONLY else (2, 4)):
+            for split in sorted({max(1, base // 4), max(1, base // 2), base, 2 * base}):
                 steps = -(-K // 256)
                 if split > steps:
                     continue
@@ -64,7 +65,7 @@ def sass(args):
                            N="i32")
                 const = dict(K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk, SPLIT_K=split, STAGES=stages,
                              num_warps=warps, MODE=args.sass_mode, TWO_MUL=bs == 32, HAS_POST=bs == 16,
-                             IS_NVFP4=bs == 16, PDL=1, OVERLAP=bool(int(os.environ.get("WS_OVERLAP", "0"))))
+                             IS_NVFP4=bs == 16, PDL=1, OVERLAP=bool(int(os.environ.get("WS_OVERLAP", "1"))))
                 sig.update({k: "constexpr" for k in const})
                 attrs = {(i,): [["tt.divisibility", 16]] for i in (3, 4, 5, 6, 7, 8)}
                 k = triton.compile(GluonASTSource(_fp4_ws.fp4_ws_kernel, sig, const, attrs),
