@@ -126,12 +126,13 @@ def test_mxfp4_pair_table_has_no_post():
 
 def test_ws_config_rules():
     assert ws_config(16, 28672, 4096) == WsConfig(block_n=128, stages=2, split_k=1)  # the r4 sweep's gate_up
-    assert ws_config(16, 4096, 14336) == WsConfig(block_n=64, stages=2, split_k=4)  # down
+    assert ws_config(16, 4096, 14336) == WsConfig(block_n=128, stages=2, split_k=8)  # down (r9 sweep)
+    assert ws_config(64, 4096, 14336) == WsConfig(block_n=64, stages=2, split_k=4, maxnreg=96)
     assert ws_config(16, 6144, 4096).split_k == 4 and ws_config(16, 4096, 4096).split_k == 4
     assert ws_config(16, 64, 256).split_k == 1  # never more splits than K steps
     assert ws_config(16, 4096, 4096).maxnreg == 80 and ws_config(64, 4096, 4096).maxnreg == 96  # no spills at 64
     assert ws_config(64, 28672, 4096).maxnreg == 80  # 128-row tiles: 96 measured slower
-    mx = ws_config(16, 4096, 14336, block_size=32)  # MXFP4: 512-wide stages, the same bytes in flight
+    mx = ws_config(16, 4096, 4096, block_size=32)  # MXFP4: 512-wide stages, the same bytes in flight
     assert mx.block_k == 512 and mx.stages == 2 and mx.split_k == 4  # as measured in frag_r1
     assert ws_config(16, 28672, 4096, block_size=32) == WsConfig(block_n=128, block_k=512, stages=1, split_k=1)
     with pytest.raises(ValueError, match="unsupported"):
