@@ -109,8 +109,8 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     results/fp4_ws_h100_frag_sweep.json, _r3_sweep, _r9_sweep; NVFP4 M = 16, 32, 64): wide layers (N >= 16384,
     gate_up) 128-row tiles, 2 stages, no split; the others 64-row tiles, 2 stages (4 stages lost up to 22% at
     M = 32-64: the bigger ring costs programs per SM) and K split for ~3 programs per SM (4 splits at N = 4096
-    and 6144; 1, 2 and 8 splits were slower), except long K (down, K = 14336) at M <= 32: 128-row tiles and 8
-    splits.
+    and 6144; 1, 2 and 8 splits were slower), except NVFP4 with long K (down, K = 14336) at M <= 32: 128-row
+    tiles and 8 splits.
     MXFP4 (block 32): 512-wide stages (TMA's 16-byte rows of scale codes), 1 stage on wide layers and 2 on the
     others (results/fp4_ws_h100_frag_r1.json; not swept)."""
     bk = 256 if block_size == 16 else 512
@@ -121,8 +121,9 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     tiles = -(-N // 64)
     want = max(1, round(3 * sm_count / tiles))
     split = min(1 << (want.bit_length() - 1), max(1, K // bk))
-    if K >= 8192 and M <= 32:  # long K (down): 128-row tiles and twice the splits, the same programs
-        #                        (down M = 16: 23.6 -> 21.0 us, M = 32: 26.7 -> 24.4; fp4_ws_h100_frag_r9_sweep)
+    if K >= 8192 and M <= 32 and bk == 256:  # NVFP4, long K (down): 128-row tiles and twice the splits
+        # (down M = 16: 23.6 -> 21.0 us, M = 32: 26.7 -> 24.4, fp4_ws_h100_frag_r9_sweep; MXFP4 with its 512-wide
+        # stages lost: M = 32 19.9 -> 30.8 us, fp4_ws_h100_frag_r10_down)
         return WsConfig(block_n=128, block_k=bk, stages=2, split_k=min(2 * split, max(1, K // bk)))
     return WsConfig(block_n=64, block_k=bk, stages=2, split_k=split, maxnreg=regs)
 

@@ -132,6 +132,7 @@ def test_ws_config_rules():
     assert ws_config(16, 64, 256).split_k == 1  # never more splits than K steps
     assert ws_config(16, 4096, 4096).maxnreg == 80 and ws_config(64, 4096, 4096).maxnreg == 96  # no spills at 64
     assert ws_config(64, 28672, 4096).maxnreg == 80  # 128-row tiles: 96 measured slower
+    assert ws_config(16, 4096, 14336, block_size=32) == WsConfig(block_n=64, block_k=512, stages=2, split_k=4)
     mx = ws_config(16, 4096, 4096, block_size=32)  # MXFP4: 512-wide stages, the same bytes in flight
     assert mx.block_k == 512 and mx.stages == 2 and mx.split_k == 4  # as measured in frag_r1
     assert ws_config(16, 28672, 4096, block_size=32) == WsConfig(block_n=128, block_k=512, stages=1, split_k=1)
