@@ -38,11 +38,13 @@ first thing, and the loader loads the first stages' weights and scales before `g
 never depend on an earlier kernel) and x after it.
 
 Measured (H100, 2026-11-24, BENCHMARKS.md "Fragment-layout warp-specialised GEMM"; GPU time in a CUDA graph,
-weights rotated through 256 MB, cuBLAS bf16 in the same run): NVFP4 M = 16 mean of the Llama-3-8B shapes 2.10x
-cuBLAS (skinny kernel 1.39x), gate_up 32.1 us (2.59x, 70% of copy bandwidth), M = 32 1.79x, MXFP4 2.07x / 1.83x.
+weights rotated through 256 MB, cuBLAS bf16 in the same run): NVFP4 M = 16 mean of the Llama-3-8B shapes 2.13x
+cuBLAS (skinny kernel 1.39x), gate_up 32.0 us (2.59x, 70% of copy bandwidth), M = 32 1.81x, MXFP4 2.09x / 1.83x.
+The decode engine at batch 32: 4.76 ms per step against 6.78 with the skinny kernel (bf16: 7.54).
 The history that led here: warp specialisation alone (float32 decode) was no faster than the skinny kernel; the
 bf16x2 pair decode took gate_up from 56 to 46 us, the fragment layout to 36, one multiply per pair and PDL to 32;
-in-kernel split K (instead of torch's sum and cast) took 2-3 us off each split layer (q/k/v, o, down).
+in-kernel split K (instead of torch's sum and cast) took 2-3 us off each split layer (q/k/v, o, down); decoding
+the next slice while the previous wgmma runs (`WS_MMA_OVERLAP`) 0-3 us more.
 
 Requirements: CUDA sm_90 (wgmma), Triton with Gluon (3.5+), bf16 x, 16-byte aligned rows; `fp4_ws_matmul`
 raises otherwise and `ws_supported` says whether AUTO may take it.
