@@ -65,8 +65,7 @@ def sass(args):
                            N="i32")
                 const = dict(K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk, SPLIT_K=split, STAGES=stages,
                              num_warps=warps, MODE=args.sass_mode, TWO_MUL=bs == 32, HAS_POST=bs == 16,
-                             IS_NVFP4=bs == 16, PDL=1, OVERLAP=bool(int(os.environ.get("WS_OVERLAP", "1"))),
-                             STREAM_K=args.sass_stream_k)
+                             IS_NVFP4=bs == 16, PDL=1, OVERLAP=bool(int(os.environ.get("WS_OVERLAP", "1"))))
                 sig.update({k: "constexpr" for k in const})
                 attrs = {(i,): [["tt.divisibility", 16]] for i in (3, 4, 5, 6, 7, 8)}
                 k = triton.compile(GluonASTSource(_fp4_ws.fp4_ws_kernel, sig, const, attrs),
@@ -127,13 +126,9 @@ def gpu(args):
                 bk = default.block_k
                 sweep = [default] + ([WsConfig(block_n=bn, block_k=bk, stages=max(1, st * 256 // bk), split_k=sk)
                                       for bn, _, _, st, _, sk in configs(N, K, M)] if args.sweep else [])
-                sweep += [WsConfig(block_n=bn, block_k=bk, stages=max(1, st * 256 // bk), stream_k=p,
-                                   maxnreg=default.maxnreg if bn == 64 else 80)
-                          for p in args.stream_k for bn in (64, 128) for st in args.stream_k_stages]
                 cands = [(d, c) for d in decodes for c in dict.fromkeys(sweep if d != "f32" else [default])]
                 for dec, cfg in cands:
-                    key = (f"{dec}_bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.stages}_" +
-                           (f"streamk{cfg.stream_k}" if cfg.stream_k else f"sk{cfg.split_k}"))
+                    key = f"{dec}_bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.stages}_sk{cfg.split_k}"
                     try:
                         err = check(x, qt0, fp4_ws_matmul(x, ws0[dec], config=cfg))
                         us = bench_graph(lambda: fp4_ws_matmul(x, wsw[dec][id(nxt_qt())], config=cfg))
@@ -164,16 +159,12 @@ def main():
     ap.add_argument("--sass", action="store_true", help="offline sm_90 compile of every configuration (no GPU)")
     ap.add_argument("--sass-mode", type=int, default=4, help="--sass: the consumer MODE to compile (0 float32, 4 fragments)")
     ap.add_argument("--sass-bs", type=int, default=16, choices=[16, 32], help="--sass: 16 NVFP4, 32 MXFP4")
-    ap.add_argument("--sass-stream-k", action="store_true", help="--sass: compile the stream-K (persistent) variant")
     ap.add_argument("--sass-dump", default=None, help="--sass: write the first configuration's SASS here and stop")
     ap.add_argument("--ms", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--shapes", nargs="*", default=None)
     ap.add_argument("--formats", nargs="+", default=["nvfp4"], help="nvfp4 and/or mxfp4 (MXFP4: frag decode only)")
     ap.add_argument("--decodes", nargs="+", default=["f32", "frag"], choices=["f32", "frag"])
     ap.add_argument("--sweep", action="store_true", help="also time the sweep's other configurations")
-    ap.add_argument("--stream-k", type=int, nargs="*", default=[],
-                    help="also time stream-K (persistent) configurations with these programs per SM")
-    ap.add_argument("--stream-k-stages", type=int, nargs="+", default=[2], help="--stream-k: ring depths to try")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sass(args) if args.sass else gpu(args)

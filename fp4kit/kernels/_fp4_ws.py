@@ -123,92 +123,39 @@ def _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, bar, n0, k, s,
 
 
 @gluon.jit
-def _unit_origin(u0, i, n0, k_lo, S, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STREAM_K: gl.constexpr):
-    """Where step i of this program reads: stream K walks units u = u0 + i (tile u // S, K stage u % S) across
-    tile boundaries; otherwise the program's one tile n0 from k_lo."""
-    if STREAM_K:
-        u = u0 + i
-        t = u // S
-        return t * BLOCK_N, (u - t * S) * BLOCK_K
-    else:
-        return n0, k_lo + i * BLOCK_K
-
-
-@gluon.jit
-def _loader(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, u0, n_steps, S,
-            STAGES: gl.constexpr, XSUB: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-            BS: gl.constexpr, PDL: gl.constexpr, STREAM_K: gl.constexpr):
+def _loader(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo,
+            N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr, BLOCK_K: gl.constexpr,
+            BS: gl.constexpr, PDL: gl.constexpr):
     NBYTES: gl.constexpr = XSUB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes) + s_desc.block_type.nbytes
+    START: gl.constexpr = (STAGES if STAGES < N_STEPS else N_STEPS) if PDL else 0
     if PDL:
         # weights never depend on an earlier kernel: the first stages' weights and scales load while the previous
         # kernel finishes; x (its output) only after griddepcontrol.wait
-        for i in gl.static_range(STAGES):
-            if i < n_steps:
-                nn, kk = _unit_origin(u0, i, n0, k_lo, S, BLOCK_N, BLOCK_K, STREAM_K)
-                mbarrier.expect(ready.index(i), NBYTES)
-                _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready.index(i), nn, kk, i,
-                            XSUB, BS, True, False)
+        for i in gl.static_range(START):
+            mbarrier.expect(ready.index(i), NBYTES)
+            _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready.index(i), n0, k_lo + i * BLOCK_K, i,
+                        XSUB, BS, True, False)
         _gdc_wait()
-        for i in gl.static_range(STAGES):
-            if i < n_steps:
-                nn, kk = _unit_origin(u0, i, n0, k_lo, S, BLOCK_N, BLOCK_K, STREAM_K)
-                _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready.index(i), nn, kk, i,
-                            XSUB, BS, False, True)
-        start = gl.minimum(n_steps, STAGES)
-    else:
-        start = 0
-    for i in range(start, n_steps):
+        for i in gl.static_range(START):
+            _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready.index(i), n0, k_lo + i * BLOCK_K, i,
+                        XSUB, BS, False, True)
+    for i in range(START, N_STEPS):
         s = i % STAGES
         ph = (i // STAGES) & 1
         mbarrier.wait(empty.index(s), ph ^ 1)
         bar = ready.index(s)
         mbarrier.expect(bar, NBYTES)
-        nn, kk = _unit_origin(u0, i, n0, k_lo, S, BLOCK_N, BLOCK_K, STREAM_K)
-        _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, bar, nn, kk, s, XSUB, BS, True, True)
+        _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, bar, n0, k_lo + i * BLOCK_K, s, XSUB, BS, True, True)
 
 
 @gluon.jit
-def _epilogue(acc, n0, slot, n_slots, tile, post_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
-              BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, num_warps: gl.constexpr,
-              HAS_POST: gl.constexpr, HAS_BIAS: gl.constexpr):
-    """y[:, n0:n0 + BLOCK_N] = acc x post (+ bias). A tile summed by n_slots > 1 programs: each writes its float32
-    partial to ws[slot] and takes a ticket; the last to arrive sums the partials in slot order (deterministic,
-    whatever the arrival order), writes y and resets the ticket for the next launch (fp4_gemm._splitk_store)."""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
-    if HAS_POST:  # the per-tensor factor the pair decodes leave out (NVFP4: 1 / global scale)
-        acc = acc * gl.load(post_ptr)
-    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-    off = cols[None, :] * N + rows[:, None]  # y is [M, N]: the tile is stored transposed
-    mask = (cols[None, :] < M) & (rows[:, None] < N)
-    if n_slots > 1:
-        gl.store(ws_ptr + slot * M * N + off, acc, mask=mask)
-        gl.thread_barrier()  # every thread's partial is written before the ticket is taken
-        ticket = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if ticket == n_slots - 1:
-            acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
-            for sk in range(n_slots):  # a loop, not unrolled: one partial live at a time (registers)
-                acc += gl.load(ws_ptr + sk * M * N + off, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)[:, None]
-            gl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
-            gl.store(cnt_ptr + tile, 0)
-    else:
-        if HAS_BIAS:
-            acc += gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)[:, None]
-        gl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@gluon.jit
-def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, u0, n_steps, S, n_units, post_ptr, bias_ptr, y_ptr,
-              ws_ptr, cnt_ptr, M, N, STAGES: gl.constexpr, XSUB: gl.constexpr,
+def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr,
+              N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr,
               BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
               MODE: gl.constexpr, TWO_MUL: gl.constexpr, IS_NVFP4: gl.constexpr,
-              num_warps: gl.constexpr, OVERLAP: gl.constexpr, STREAM_K: gl.constexpr,
-              HAS_POST: gl.constexpr, HAS_BIAS: gl.constexpr):
-    """The default partition: decode + wgmma over this program's steps. Without stream K it returns the float32
-    [BLOCK_N, BLOCK_M] accumulator (the epilogue runs after the warp-specialised region, on all warps); with
-    stream K it runs each tile's epilogue itself when its segment of the tile ends, while the loader goes on."""
+              num_warps: gl.constexpr, OVERLAP: gl.constexpr):
+    """The default partition: decode + wgmma over this program's K range; returns the float32 [BLOCK_N, BLOCK_M]
+    accumulator (the epilogue runs after the warp-specialised region, on all warps)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     w_l: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [num_warps, 1], [1, 0])
@@ -219,7 +166,7 @@ def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, u0, n_steps, S, n
     f3_l: gl.constexpr = _frag_layout(BLOCK_N, num_warps, 1)
     fc_l: gl.constexpr = _frag_layout(BLOCK_N, num_warps, 2 if IS_NVFP4 else 3)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
-    for i in range(n_steps):
+    for i in range(N_STEPS):
         s = i % STAGES
         ph = (i // STAGES) & 1
         mbarrier.wait(ready.index(s), ph)
@@ -261,18 +208,6 @@ def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, u0, n_steps, S, n
             acc, prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, prev))
         fence_async_shared()  # order this stage's shared reads before the loader's next TMA writes into it
         mbarrier.arrive(empty.index(s), count=1)
-        if STREAM_K:
-            u = u0 + i
-            t = u // S
-            if (u - t * S == S - 1) | (i == n_steps - 1):  # this program's part of tile t ends here
-                # the programs that share tile t: owners of its first and last units (program g owns units
-                # [g U // G, (g + 1) U // G), so unit v belongs to program ((v + 1) G - 1) // U)
-                G = gl.num_programs(0)
-                first = ((t * S + 1) * G - 1) // n_units
-                last = ((t * S + S) * G - 1) // n_units
-                _epilogue(acc, t * BLOCK_N, gl.program_id(0) - first, last - first + 1, t, post_ptr, bias_ptr,
-                          y_ptr, ws_ptr, cnt_ptr, M, N, BLOCK_N, BLOCK_M, num_warps, HAS_POST, HAS_BIAS)
-                acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
     return (acc,)  # a tuple: warp_specialize flattens the default partition's results
 
 
@@ -282,29 +217,16 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
                   SPLIT_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, MODE: gl.constexpr = 0,
                   TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False,
                   IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = 0,
-                  OVERLAP: gl.constexpr = False, STREAM_K: gl.constexpr = False):
-    """SPLIT_K programs per tile (grid (tiles, SPLIT_K)), or with STREAM_K a persistent grid (G,) over the
-    tiles x K/BLOCK_K units: program g takes units [g U // G, (g + 1) U // G) in order, across tile
-    boundaries, so every program streams the same number of bytes (no partial last wave) and each tile is
-    finished by the programs that share it (`_epilogue`; K % BLOCK_K == 0)."""
+                  OVERLAP: gl.constexpr = False):
     # PDL: 0 off; 1 launch_dependents first thing; 2 after this program's main loop (before the epilogue)
     XSUB: gl.constexpr = BLOCK_K // 64
-    S: gl.constexpr = (K + BLOCK_K - 1) // BLOCK_K  # K stages per tile
+    N_STEPS: gl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
     if PDL == 1:
         _gdc_launch_dependents()  # the next kernel may start launching (it waits for this one before its reads)
-    if STREAM_K:
-        G = gl.num_programs(0)
-        n_units = (N + BLOCK_N - 1) // BLOCK_N * S
-        u0 = gl.program_id(0) * n_units // G
-        n_steps = (gl.program_id(0) + 1) * n_units // G - u0
-        n0 = 0
-        k_lo = 0
-    else:
-        n_units = 0
-        u0 = 0
-        n_steps: gl.constexpr = (S + SPLIT_K - 1) // SPLIT_K
-        n0 = gl.program_id(0) * BLOCK_N
-        k_lo = gl.program_id(1) * n_steps * BLOCK_K
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    k_lo = pid_k * N_STEPS * BLOCK_K
     w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES * XSUB, BLOCK_N, 8], w_desc.layout)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * XSUB, BLOCK_M, 64], x_desc.layout)
     s_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BLOCK_K // (16 if IS_NVFP4 else 32)], s_desc.layout)
@@ -314,18 +236,40 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     res = gl.warp_specialize([
-        (_consumer, (w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, u0, n_steps, S, n_units, post_ptr, bias_ptr,
-                     y_ptr, ws_ptr, cnt_ptr, M, N, STAGES, XSUB, BLOCK_N, BLOCK_M, MODE, TWO_MUL, IS_NVFP4,
-                     num_warps, OVERLAP, STREAM_K, HAS_POST, HAS_BIAS)),
-        (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, u0, n_steps, S, STAGES,
-                   XSUB, BLOCK_N, BLOCK_K, 16 if IS_NVFP4 else 32, PDL > 0, STREAM_K)),
+        (_consumer, (w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, N_STEPS, STAGES, XSUB, BLOCK_N, BLOCK_M, MODE,
+                     TWO_MUL, IS_NVFP4, num_warps, OVERLAP)),
+        (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K,
+                   16 if IS_NVFP4 else 32, PDL > 0)),
     ], [1], [24])
-    if not STREAM_K:
-        if PDL == 2:
-            _gdc_launch_dependents()
-        # epilogue, all warps; split K through the workspace and a ticket per tile
-        _epilogue(res[0], n0, gl.program_id(1), SPLIT_K, gl.program_id(0), post_ptr, bias_ptr, y_ptr, ws_ptr,
-                  cnt_ptr, M, N, BLOCK_N, BLOCK_M, num_warps, HAS_POST, HAS_BIAS)
+    acc = res[0]
+    if PDL == 2:
+        _gdc_launch_dependents()
+    # epilogue, all warps: y = acc * post (+ bias), with split K through the workspace and a ticket per tile
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
+    if HAS_POST:  # the per-tensor factor the pair decodes leave out (NVFP4: 1 / global scale)
+        acc = acc * gl.load(post_ptr)
+    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+    off = cols[None, :] * N + rows[:, None]  # y is [M, N]: the tile is stored transposed
+    mask = (cols[None, :] < M) & (rows[:, None] < N)
+    if SPLIT_K > 1:
+        # this split's partial to ws[pid_k]; the last split of the tile to arrive sums the partials in split
+        # order (deterministic), writes y and resets the ticket for the next launch (fp4_gemm._splitk_store)
+        gl.store(ws_ptr + pid_k * M * N + off, acc, mask=mask)
+        gl.thread_barrier()  # every thread's partial is written before the ticket is taken
+        ticket = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+            for sk in range(SPLIT_K):  # a loop, not unrolled: one partial live at a time (registers)
+                acc += gl.load(ws_ptr + sk * M * N + off, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)[:, None]
+            gl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            gl.store(cnt_ptr + pid_n, 0)
+    else:
+        if HAS_BIAS:
+            acc += gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)[:, None]
+        gl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def layouts(BLOCK_N, BLOCK_M, BLOCK_K=256, BS=16):

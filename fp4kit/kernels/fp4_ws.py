@@ -100,12 +100,9 @@ class WsConfig:
     stages: int = 2  # shared-memory ring depth
     split_k: int = 1
     maxnreg: int = 80  # registers per thread before the partitions' reallocation (sets CTAs per SM)
-    stream_k: int = 0  # > 0: a persistent grid of stream_k programs per SM sharing the tiles x K-stage units
-    #                    evenly (split_k is then unused); 0: tiles x split_k programs
 
     def __post_init__(self):
-        if (self.block_n not in (64, 128) or self.block_k % 256 or self.stages < 1 or self.split_k < 1
-                or self.stream_k < 0):
+        if self.block_n not in (64, 128) or self.block_k % 256 or self.stages < 1 or self.split_k < 1:
             raise ValueError(f"WsConfig: unsupported {self}")
 
 
@@ -285,15 +282,9 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
     w_desc = TensorDescriptor.from_tensor(w.words, [cfg.block_n, 8], wl)
     s_desc = TensorDescriptor.from_tensor(prep.scale_codes, [cfg.block_n, cfg.block_k // bs], sl)
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
-    tiles = triton.cdiv(N, cfg.block_n)
-    if cfg.stream_k:
-        if K % cfg.block_k:
-            raise ValueError(f"fp4_ws_matmul: stream K needs K % block_k == 0 (K {K}, block_k {cfg.block_k})")
-        grid, slots = stream_k_grid(tiles, K // cfg.block_k, _sm_count(x.device.index) * cfg.stream_k)
-    else:
-        grid, slots = (tiles, cfg.split_k), cfg.split_k
-    if slots > 1:  # the skinny kernel's per-stream workspace and tickets (left zero by every launch)
-        ws, cnt = _splitk_buffers(x.device, _raw_stream(x.device.index), slots * M * N, tiles)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    if cfg.split_k > 1:  # the skinny kernel's per-stream workspace and tickets (left zero by every launch)
+        ws, cnt = _splitk_buffers(x.device, _raw_stream(x.device.index), cfg.split_k * M * N, grid[0])
     else:
         ws, cnt = y, y
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
@@ -304,24 +295,9 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
         x_desc, w_desc, s_desc, w.table, post, y if bias is None else bias, y, ws, cnt, M, N, K=K,
         BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
         num_warps=cfg.block_n // 16, maxnreg=cfg.maxnreg, MODE=w.decode.value, TWO_MUL=w.two_mul,
-        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl, OVERLAP=WS_MMA_OVERLAP, STREAM_K=cfg.stream_k > 0,
+        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl, OVERLAP=WS_MMA_OVERLAP,
         **({"launch_pdl": True} if pdl else {}))
     return y
-
-
-def stream_k_grid(tiles: int, stages: int, programs: int) -> tuple[tuple[int], int]:
-    """Stream K: (grid, partial slots per tile). U = tiles x stages units; program g of G = min(programs, U)
-    takes units [g U // G, (g + 1) U // G), so a tile is shared by at most ceil(stages / (U // G)) + 1
-    programs, each with its own float32 partial slot."""
-    units = tiles * stages
-    g = max(1, min(programs, units))
-    return (g,), min(g, -(-stages // (units // g)) + 1)
-
-
-@functools.cache
-def _sm_count(device_index: int | None) -> int:
-    return torch.cuda.get_device_properties(device_index if device_index is not None else
-                                            torch.cuda.current_device()).multi_processor_count
 
 
 def launch_ws(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -170,58 +170,6 @@ def test_ws_against_float64_reference(fmt, decode, M, N, K, split, bn, overlap, 
     assert (y.double() - twin).abs().max() / twin.abs().max() < 2 ** -7
 
 
-@pytest.mark.parametrize("tiles,stages,programs", [(5, 6, 7), (96, 16, 396), (224, 16, 264), (32, 56, 264),
-                                                    (3, 4, 100), (1, 1, 1), (7, 3, 2)])
-def test_stream_k_partition(tiles, stages, programs):
-    """The stream-K bookkeeping, as the kernel computes it: program g of G takes units [g U // G, (g + 1) U // G);
-    every unit is taken once, the owner formula the epilogue uses finds the program of every unit, and each
-    tile's programs get distinct slots below the workspace's slot count."""
-    from fp4kit.kernels.fp4_ws import stream_k_grid
-
-    (G,), slots = stream_k_grid(tiles, stages, programs)
-    U = tiles * stages
-    assert G == min(programs, U) and 1 <= slots <= G
-    owner = []
-    for g in range(G):
-        lo, hi = g * U // G, (g + 1) * U // G
-        assert hi > lo  # no idle program
-        owner += [g] * (hi - lo)
-    assert len(owner) == U
-    assert all(((u + 1) * G - 1) // U == owner[u] for u in range(U))  # the kernel's owner formula
-    for t in range(tiles):
-        first, last = (((t * stages + 1) * G - 1) // U, ((t * stages + stages) * G - 1) // U)
-        assert first == owner[t * stages] and last == owner[t * stages + stages - 1]
-        assert sorted(set(owner[t * stages:(t + 1) * stages])) == list(range(first, last + 1))
-        assert last - first + 1 <= slots
-
-
-@pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("M,N,K,bn,sms", [(16, 320, 1536, 64, 7), (5, 384, 3072, 128, 3), (33, 256, 1024, 64, 5),
-                                          (64, 448, 2048, 64, 64), (16, 192, 512, 64, 100)])
-def test_ws_stream_k_against_float64_reference(fmt, M, N, K, bn, sms, monkeypatch):
-    """Stream K (a persistent grid sharing tiles x K stages evenly, tiles finished by the programs that share
-    them) on grids small enough that programs cross tile boundaries: the float64 reference's accuracy, the same
-    bits on a second call (slot-order sums, tickets left zero), and close to the unsplit kernel."""
-    from fp4kit.kernels import fp4_ws
-    from fp4kit.kernels.fp4_ws import fp4_ws_matmul, prepare_ws
-
-    monkeypatch.setattr(fp4_ws, "_sm_count", lambda index: sms)
-    torch.manual_seed(4)
-    bk = 512 if fmt == "mxfp4" else 256
-    K = max(K, bk)
-    qt = quantize(torch.randn(N, K, device="cuda") * 0.02, FORMATS[fmt])
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    w = prepare_ws(qt)
-    y = fp4_ws_matmul(x, w, bias, config=WsConfig(block_n=bn, block_k=bk, stream_k=1))
-    assert torch.equal(fp4_ws_matmul(x, w, bias, config=WsConfig(block_n=bn, block_k=bk, stream_k=1)), y)
-    exact = (x.double() @ qt.dequantize(torch.float32).double().T) + bias.double()
-    assert (y.double() - exact).abs().max() / exact.abs().max() < 2 ** -8
-    plain = fp4_ws_matmul(x, w, bias, config=WsConfig(block_n=bn, block_k=bk))
-    assert (y.double() - plain.double()).abs().max() / plain.double().abs().max() < 2 ** -8
-
-
 @pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
 def test_ws_rejects_bad_input():
     from fp4kit.kernels.fp4_ws import fp4_ws_matmul, prepare_ws
@@ -278,7 +226,7 @@ def test_fp4_linear_takes_ws_at_decode_batch_and_under_graph_capture(fmt):
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
-@pytest.mark.parametrize("split", [1, 4, "stream_k"])
+@pytest.mark.parametrize("split", [1, 4])
 @pytest.mark.parametrize("trigger", [1, 2])
 def test_pdl_chain_under_graph_equals_the_serial_chain(split, trigger, monkeypatch):
     """With PDL each launch prefetches its first stages' weights before griddepcontrol.wait and reads x (the
@@ -293,9 +241,7 @@ def test_pdl_chain_under_graph_equals_the_serial_chain(split, trigger, monkeypat
     torch.manual_seed(5)
     ws = [prepare_ws(quantize(torch.randn(512, 512, device="cuda") * 0.05, NVFP4Config()), WsDecode.FRAG)
           for _ in range(3)]
-    cfg = WsConfig(stream_k=1) if split == "stream_k" else WsConfig(split_k=split)
-    if split == "stream_k":  # 7 programs over 8 tiles x 2 stages: tiles shared across programs
-        monkeypatch.setattr(fp4_ws, "_sm_count", lambda index: 7)
+    cfg = WsConfig(split_k=split)
     x = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
 
     def chain(inp):
