@@ -12,6 +12,7 @@ CPU: `--sass` compiles the configurations for sm_90 offline and prints registers
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -65,7 +66,8 @@ def sass(args):
                            N="i32")
                 const = dict(K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk, SPLIT_K=split, STAGES=stages,
                              num_warps=warps, MODE=args.sass_mode, TWO_MUL=bs == 32, HAS_POST=bs == 16,
-                             IS_NVFP4=bs == 16, PDL=1, OVERLAP=bool(int(os.environ.get("WS_OVERLAP", "1"))))
+                             IS_NVFP4=bs == 16, PDL=1, OVERLAP=bool(int(os.environ.get("WS_OVERLAP", "1"))),
+                             TILED=bool(int(os.environ.get("WS_TILED", "0"))))
                 sig.update({k: "constexpr" for k in const})
                 attrs = {(i,): [["tt.divisibility", 16]] for i in (3, 4, 5, 6, 7, 8)}
                 k = triton.compile(GluonASTSource(_fp4_ws.fp4_ws_kernel, sig, const, attrs),
@@ -126,9 +128,12 @@ def gpu(args):
                 bk = default.block_k
                 sweep = [default] + ([WsConfig(block_n=bn, block_k=bk, stages=max(1, st * 256 // bk), split_k=sk)
                                       for bn, _, _, st, _, sk in configs(N, K, M)] if args.sweep else [])
+                if args.tiled:  # the same configurations reading the tile-by-tile copy
+                    sweep += [dataclasses.replace(c, tiled=True) for c in sweep
+                              if (K // c.block_k) % c.split_k == 0 and K % c.block_k == 0]
                 cands = [(d, c) for d in decodes for c in dict.fromkeys(sweep if d != "f32" else [default])]
                 for dec, cfg in cands:
-                    key = f"{dec}_bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.stages}_sk{cfg.split_k}"
+                    key = f"{dec}_bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.stages}_sk{cfg.split_k}{'_tiled' * cfg.tiled}"
                     try:
                         err = check(x, qt0, fp4_ws_matmul(x, ws0[dec], config=cfg))
                         us = bench_graph(lambda: fp4_ws_matmul(x, wsw[dec][id(nxt_qt())], config=cfg))
@@ -165,6 +170,7 @@ def main():
     ap.add_argument("--formats", nargs="+", default=["nvfp4"], help="nvfp4 and/or mxfp4 (MXFP4: frag decode only)")
     ap.add_argument("--decodes", nargs="+", default=["f32", "frag"], choices=["f32", "frag"])
     ap.add_argument("--sweep", action="store_true", help="also time the sweep's other configurations")
+    ap.add_argument("--tiled", action="store_true", help="also time each configuration on the tile-by-tile copy")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sass(args) if args.sass else gpu(args)

@@ -112,12 +112,23 @@ def _gdc_launch_dependents():
 
 @gluon.jit
 def _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, bar, n0, k, s,
-                XSUB: gl.constexpr, BS: gl.constexpr, WEIGHTS: gl.constexpr, X: gl.constexpr):
+                XSUB: gl.constexpr, BS: gl.constexpr, WEIGHTS: gl.constexpr, X: gl.constexpr,
+                TILED: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, K: gl.constexpr):
+    # TILED: words and scale codes re-laid tile by tile (`fp4_ws.tile_rows`), so that a stage's bytes are
+    # contiguous: row (tile x K/64 + slice) x BLOCK_N of the words, (tile x K/BLOCK_K + stage) x BLOCK_N of the codes
     if WEIGHTS:
-        tma.async_copy_global_to_shared(s_desc, [n0, k // BS], bar, s_bufs.index(s))
+        if TILED:
+            tma.async_copy_global_to_shared(s_desc, [(n0 // BLOCK_N * (K // BLOCK_K) + k // BLOCK_K) * BLOCK_N, 0],
+                                            bar, s_bufs.index(s))
+        else:
+            tma.async_copy_global_to_shared(s_desc, [n0, k // BS], bar, s_bufs.index(s))
     for j in gl.static_range(XSUB):
         if WEIGHTS:
-            tma.async_copy_global_to_shared(w_desc, [n0, (k + 64 * j) // 8], bar, w_bufs.index(s * XSUB + j))
+            if TILED:
+                tma.async_copy_global_to_shared(w_desc, [(n0 // BLOCK_N * (K // 64) + k // 64 + j) * BLOCK_N, 0],
+                                                bar, w_bufs.index(s * XSUB + j))
+            else:
+                tma.async_copy_global_to_shared(w_desc, [n0, (k + 64 * j) // 8], bar, w_bufs.index(s * XSUB + j))
         if X:
             tma.async_copy_global_to_shared(x_desc, [0, k + 64 * j], bar, x_bufs.index(s * XSUB + j))
 
@@ -125,7 +136,7 @@ def _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, bar, n0, k, s,
 @gluon.jit
 def _loader(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo,
             N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr, BLOCK_K: gl.constexpr,
-            BS: gl.constexpr, PDL: gl.constexpr):
+            BS: gl.constexpr, PDL: gl.constexpr, TILED: gl.constexpr, BLOCK_N: gl.constexpr, K: gl.constexpr):
     NBYTES: gl.constexpr = XSUB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes) + s_desc.block_type.nbytes
     START: gl.constexpr = (STAGES if STAGES < N_STEPS else N_STEPS) if PDL else 0
     if PDL:
@@ -134,18 +145,19 @@ def _loader(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_
         for i in gl.static_range(START):
             mbarrier.expect(ready.index(i), NBYTES)
             _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready.index(i), n0, k_lo + i * BLOCK_K, i,
-                        XSUB, BS, True, False)
+                        XSUB, BS, True, False, TILED, BLOCK_N, BLOCK_K, K)
         _gdc_wait()
         for i in gl.static_range(START):
             _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready.index(i), n0, k_lo + i * BLOCK_K, i,
-                        XSUB, BS, False, True)
+                        XSUB, BS, False, True, TILED, BLOCK_N, BLOCK_K, K)
     for i in range(START, N_STEPS):
         s = i % STAGES
         ph = (i // STAGES) & 1
         mbarrier.wait(empty.index(s), ph ^ 1)
         bar = ready.index(s)
         mbarrier.expect(bar, NBYTES)
-        _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, bar, n0, k_lo + i * BLOCK_K, s, XSUB, BS, True, True)
+        _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, bar, n0, k_lo + i * BLOCK_K, s, XSUB, BS, True, True,
+                    TILED, BLOCK_N, BLOCK_K, K)
 
 
 @gluon.jit
@@ -217,7 +229,7 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
                   SPLIT_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, MODE: gl.constexpr = 0,
                   TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False,
                   IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = 0,
-                  OVERLAP: gl.constexpr = False):
+                  OVERLAP: gl.constexpr = False, TILED: gl.constexpr = False):
     # PDL: 0 off; 1 launch_dependents first thing; 2 after this program's main loop (before the epilogue)
     XSUB: gl.constexpr = BLOCK_K // 64
     N_STEPS: gl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
@@ -239,7 +251,7 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
         (_consumer, (w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, N_STEPS, STAGES, XSUB, BLOCK_N, BLOCK_M, MODE,
                      TWO_MUL, IS_NVFP4, num_warps, OVERLAP)),
         (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K,
-                   16 if IS_NVFP4 else 32, PDL > 0)),
+                   16 if IS_NVFP4 else 32, PDL > 0, TILED, BLOCK_N, K)),
     ], [1], [24])
     acc = res[0]
     if PDL == 2:

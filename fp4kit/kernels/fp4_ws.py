@@ -55,7 +55,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -100,6 +100,8 @@ class WsConfig:
     stages: int = 2  # shared-memory ring depth
     split_k: int = 1
     maxnreg: int = 80  # registers per thread before the partitions' reallocation (sets CTAs per SM)
+    tiled: bool = False  # read a copy of the words and scale codes laid tile by tile (`tile_rows`): each stage's
+    #                      bytes contiguous in memory instead of 32-byte (words) and 8-16-byte (codes) row pieces
 
     def __post_init__(self):
         if self.block_n not in (64, 128) or self.block_k % 256 or self.stages < 1 or self.split_k < 1:
@@ -199,6 +201,20 @@ def unpack_words(words: torch.Tensor, offsets=FRAG_OFFSETS) -> torch.Tensor:
     return out.reshape(N, -1).to(torch.uint8)
 
 
+def tile_rows(t: torch.Tensor, block_n: int, chunk: int) -> torch.Tensor:
+    """[N, C] -> [ceil(N / block_n) x C / chunk x block_n, chunk]: the rows of each block_n-row tile, chunk
+    columns at a time, made contiguous (tile-major, then chunk, then row); N padded with zero rows. Row
+    (tile x C / chunk + c) x block_n + r holds t[tile x block_n + r, c x chunk:(c + 1) x chunk]."""
+    N, C = t.shape
+    if C % chunk:
+        raise ValueError(f"tile_rows: {C} columns are not a multiple of the chunk {chunk}")
+    pad = -N % block_n
+    if pad:
+        t = torch.cat([t, t.new_zeros(pad, C)])
+    tiles = (N + pad) // block_n
+    return t.reshape(tiles, block_n, C // chunk, chunk).permute(0, 2, 1, 3).reshape(-1, chunk).contiguous()
+
+
 # NVFP4: the kernel multiplies each placed pair (E2M1 value x 2^-126) by E4M3 x 2^NV_SCALE_SHIFT in one bf16x2
 # multiply: the product is the E2M1 value x the E4M3 scale x 2^-9, exact (<= 2 and <= 4 significant bits) and
 # normal (>= 0.5 x 2^-9 x 2^-9); E4M3 x 2^117 <= 448 x 2^117 < 2^126 fits bfloat16. The output is multiplied by
@@ -231,6 +247,20 @@ class WsWeight:
     #                      by the kernel, which computes it in registers)
     two_mul: bool
     post: torch.Tensor | None
+    tiled: dict = field(default_factory=dict)  # (block_n, block_k) -> (words, scale codes) by `tile_rows`
+
+
+def tiled_copy(w: WsWeight, block_n: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The words and scale codes of `w` laid tile by tile for (block_n, block_k), built once and kept."""
+    key = (block_n, block_k)
+    got = w.tiled.get(key)
+    if got is None:
+        if w.words.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"fp4_ws_matmul: the tiled copy for block_n {block_n}, block_k {block_k} was not "
+                               "built before CUDA graph capture; call it once eagerly first")
+        bs = w.prepared.block_size
+        got = w.tiled[key] = (tile_rows(w.words, block_n, 8), tile_rows(w.prepared.scale_codes, block_n, block_k // bs))
+    return got
 
 
 def prepare_ws(qt: QuantizedTensor, decode: WsDecode = WsDecode.FRAG,
@@ -279,8 +309,15 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
     block_m = max(16, triton.next_power_of_2(M))
     wl, xl, sl = _fp4_ws.layouts(cfg.block_n, block_m, cfg.block_k, bs)
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], xl)
-    w_desc = TensorDescriptor.from_tensor(w.words, [cfg.block_n, 8], wl)
-    s_desc = TensorDescriptor.from_tensor(prep.scale_codes, [cfg.block_n, cfg.block_k // bs], sl)
+    words, codes = w.words, prep.scale_codes
+    if cfg.tiled:
+        steps = K // cfg.block_k
+        if K % cfg.block_k or steps % cfg.split_k:
+            raise ValueError(f"fp4_ws_matmul: the tiled layout needs K % block_k == 0 and the K steps ({K} / "
+                             f"{cfg.block_k}) divisible by split_k {cfg.split_k}")
+        words, codes = tiled_copy(w, cfg.block_n, cfg.block_k)
+    w_desc = TensorDescriptor.from_tensor(words, [cfg.block_n, 8], wl)
+    s_desc = TensorDescriptor.from_tensor(codes, [cfg.block_n, cfg.block_k // bs], sl)
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     if cfg.split_k > 1:  # the skinny kernel's per-stream workspace and tickets (left zero by every launch)
@@ -295,7 +332,7 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
         x_desc, w_desc, s_desc, w.table, post, y if bias is None else bias, y, ws, cnt, M, N, K=K,
         BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
         num_warps=cfg.block_n // 16, maxnreg=cfg.maxnreg, MODE=w.decode.value, TWO_MUL=w.two_mul,
-        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl, OVERLAP=WS_MMA_OVERLAP,
+        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl, OVERLAP=WS_MMA_OVERLAP, TILED=cfg.tiled,
         **({"launch_pdl": True} if pdl else {}))
     return y
 

@@ -5,6 +5,8 @@ Gluon kernels have no CPU interpreter, so the kernel tests run only on a CUDA de
 everywhere.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -168,6 +170,54 @@ def test_ws_against_float64_reference(fmt, decode, M, N, K, split, bn, overlap, 
     # bf16 output rounding (2^-9) plus float32 summation; NVFP4 pairs skip the twin's per-weight bf16 rounding
     assert err < 2 ** -8, err
     assert (y.double() - twin).abs().max() / twin.abs().max() < 2 ** -7
+
+
+def test_tile_rows_golden_and_padding():
+    from fp4kit.kernels.fp4_ws import tile_rows
+
+    t = torch.arange(3 * 4).reshape(3, 4)  # N = 3 rows, C = 4 columns; tiles of 2 rows, chunks of 2 columns
+    got = tile_rows(t, 2, 2)
+    want = torch.tensor([[0, 1], [4, 5],  # tile 0, chunk 0: rows 0, 1
+                         [2, 3], [6, 7],  # tile 0, chunk 1
+                         [8, 9], [0, 0],  # tile 1, chunk 0: row 2 and a zero pad row
+                         [10, 11], [0, 0]])
+    assert torch.equal(got, want)
+    big = torch.randint(0, 2**31 - 1, (320, 64), dtype=torch.int32)
+    tiled = tile_rows(big, 128, 8)
+    assert tiled.shape == (3 * 8 * 128, 8) and tiled.is_contiguous()
+    for tile, c, r in [(0, 0, 0), (1, 5, 17), (2, 7, 63), (2, 3, 64)]:  # row 2 x 128 + 64 = 320: padding
+        row = (tile * 8 + c) * 128 + r
+        n = tile * 128 + r
+        assert torch.equal(tiled[row], big[n, 8 * c:8 * c + 8] if n < 320 else torch.zeros(8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="not a multiple of the chunk"):
+        tile_rows(big, 128, 5)
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
+@pytest.mark.parametrize("fmt,decode", [("nvfp4", WsDecode.FLOAT32), ("nvfp4", WsDecode.FRAG),
+                                         ("mxfp4", WsDecode.FRAG)])
+@pytest.mark.parametrize("M,N,K,split,bn", [(16, 512, 1024, 1, 64), (3, 320, 2048, 4, 128), (33, 448, 1536, 2, 64),
+                                            (64, 128, 4096, 8, 64)])
+def test_ws_tiled_layout_gives_the_same_bits(fmt, decode, M, N, K, split, bn):
+    """The tile-by-tile copy changes only where the loader reads each stage from: the same bits as the row layout
+    (N not a multiple of the tile: padded rows, masked on store), and a clear error where the K steps do not
+    divide among the splits."""
+    from fp4kit.kernels.fp4_ws import fp4_ws_matmul, prepare_ws
+
+    torch.manual_seed(6)
+    bk = 512 if fmt == "mxfp4" else 256
+    if (K // bk) % split:
+        split = 1
+    qt = quantize(torch.randn(N, K, device="cuda") * 0.02, FORMATS[fmt])
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    w = prepare_ws(qt, decode)
+    cfg = WsConfig(block_n=bn, block_k=bk, split_k=split)
+    want = fp4_ws_matmul(x, w, bias, config=cfg)
+    got = fp4_ws_matmul(x, w, bias, config=dataclasses.replace(cfg, tiled=True))
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="divisible by split_k"):
+        fp4_ws_matmul(x, w, config=WsConfig(block_n=bn, block_k=bk, split_k=5, tiled=True))
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
