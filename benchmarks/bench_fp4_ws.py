@@ -53,6 +53,8 @@ def sass(args):
     from fp4kit.kernels import _fp4_ws
 
     for name, (N, K) in SHAPES.items():
+        if args.shapes and name not in args.shapes:
+            continue
         for M in args.ms:
             for cfg in configs(N, K, M):
                 bn, warps, bk, stages, maxnreg, split = cfg
@@ -67,7 +69,8 @@ def sass(args):
                 const = dict(K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk, SPLIT_K=split, STAGES=stages,
                              num_warps=warps, MODE=args.sass_mode, TWO_MUL=bs == 32, HAS_POST=bs == 16,
                              IS_NVFP4=bs == 16, PDL=1, OVERLAP=bool(int(os.environ.get("WS_OVERLAP", "1"))),
-                             TILED=bool(int(os.environ.get("WS_TILED", "0"))))
+                             TILED=bool(int(os.environ.get("WS_TILED", "0"))),
+                             SCALE_SMEM=bool(int(os.environ.get("WS_SCALE_SMEM", "0"))))
                 sig.update({k: "constexpr" for k in const})
                 attrs = {(i,): [["tt.divisibility", 16]] for i in (3, 4, 5, 6, 7, 8)}
                 k = triton.compile(GluonASTSource(_fp4_ws.fp4_ws_kernel, sig, const, attrs),
@@ -128,12 +131,12 @@ def gpu(args):
                 bk = default.block_k
                 sweep = [default] + ([WsConfig(block_n=bn, block_k=bk, stages=max(1, st * 256 // bk), split_k=sk)
                                       for bn, _, _, st, _, sk in configs(N, K, M)] if args.sweep else [])
-                if args.tiled:  # the same configurations reading the tile-by-tile copy
-                    sweep += [dataclasses.replace(c, tiled=True) for c in sweep
-                              if (K // c.block_k) % c.split_k == 0 and K % c.block_k == 0]
+                for v in args.variants:  # the same configurations with a WsConfig switch on (tiled, scale_smem)
+                    sweep += [dataclasses.replace(c, **{v: True}) for c in sweep if not getattr(c, v)
+                              and (v != "tiled" or ((K // c.block_k) % c.split_k == 0 and K % c.block_k == 0))]
                 cands = [(d, c) for d in decodes for c in dict.fromkeys(sweep if d != "f32" else [default])]
                 for dec, cfg in cands:
-                    key = f"{dec}_bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.stages}_sk{cfg.split_k}{'_tiled' * cfg.tiled}"
+                    key = f"{dec}_bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.stages}_sk{cfg.split_k}{'_tiled' * cfg.tiled}{'_scsmem' * cfg.scale_smem}"
                     try:
                         err = check(x, qt0, fp4_ws_matmul(x, ws0[dec], config=cfg))
                         us = bench_graph(lambda: fp4_ws_matmul(x, wsw[dec][id(nxt_qt())], config=cfg))
@@ -170,7 +173,8 @@ def main():
     ap.add_argument("--formats", nargs="+", default=["nvfp4"], help="nvfp4 and/or mxfp4 (MXFP4: frag decode only)")
     ap.add_argument("--decodes", nargs="+", default=["f32", "frag"], choices=["f32", "frag"])
     ap.add_argument("--sweep", action="store_true", help="also time the sweep's other configurations")
-    ap.add_argument("--tiled", action="store_true", help="also time each configuration on the tile-by-tile copy")
+    ap.add_argument("--variants", nargs="*", default=[], choices=["tiled", "scale_smem"],
+                    help="also time each configuration with these WsConfig switches on")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sass(args) if args.sass else gpu(args)

@@ -161,11 +161,11 @@ def _loader(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_
 
 
 @gluon.jit
-def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr,
+def _consumer(w_bufs, x_bufs, s_bufs, sc_bufs, ready, empty, table_ptr,
               N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr,
               BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
               MODE: gl.constexpr, TWO_MUL: gl.constexpr, IS_NVFP4: gl.constexpr,
-              num_warps: gl.constexpr, OVERLAP: gl.constexpr):
+              num_warps: gl.constexpr, OVERLAP: gl.constexpr, SCALE_SMEM: gl.constexpr):
     """The default partition: decode + wgmma over this program's K range; returns the float32 [BLOCK_N, BLOCK_M]
     accumulator (the epilogue runs after the warp-specialised region, on all warps)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
@@ -178,12 +178,30 @@ def _consumer(w_bufs, x_bufs, s_bufs, ready, empty, table_ptr,
     f3_l: gl.constexpr = _frag_layout(BLOCK_N, num_warps, 1)
     fc_l: gl.constexpr = _frag_layout(BLOCK_N, num_warps, 2 if IS_NVFP4 else 3)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+    # SCALE_SMEM: the stage's scale codes converted once, cooperatively (each code by one thread instead of by the
+    # four tig lanes that share its row, once per slice), into sc_bufs: bf16x2 tables double-buffered by stage parity
+    sc_l: gl.constexpr = gl.BlockedLayout([1, XSUB * 2 if IS_NVFP4 else XSUB], [16, 2], [num_warps, 1], [1, 0])
     for i in range(N_STEPS):
         s = i % STAGES
         ph = (i // STAGES) & 1
         mbarrier.wait(ready.index(s), ph)
+        if SCALE_SMEM:
+            sc = sc_bufs.index(i % 2)
+            sc.store(_bf16x2_scale(s_bufs.index(s).load(sc_l), IS_NVFP4, TWO_MUL))
+            # the table is complete before any warp reads it; a warp that writes the other buffer next has passed
+            # this barrier, so every warp has finished reading it (stage i - 1)
+            gl.thread_barrier()
         for j in gl.static_range(XSUB):
-            if MODE == 4 and IS_NVFP4:
+            if MODE == 4 and IS_NVFP4 and SCALE_SMEM:
+                s4 = sc.slice(4 * j, 4, dim=1).load(fc_l)  # [BLOCK_N, 4] bf16x2 scales: chunk 2 h + c
+                t_lo, t_hi = gl.split(gl.reshape(s4, [BLOCK_N, 2, 2]))
+                s_lo = gl.convert_layout(t_lo, gl.SliceLayout(1, f3_l), assert_trivial=True)
+                s_hi = gl.convert_layout(t_hi, gl.SliceLayout(1, f3_l), assert_trivial=True)
+            elif MODE == 4 and SCALE_SMEM:
+                s_lo = gl.convert_layout(sc.slice(2 * j, 2, dim=1).load(fc_l), gl.SliceLayout(1, f3_l),
+                                         assert_trivial=True)
+                s_hi = s_lo
+            elif MODE == 4 and IS_NVFP4:
                 codes = s_bufs.index(s).slice(4 * j, 4, dim=1).load(fc_l)  # [BLOCK_N, 4]: chunk 2 h + c
                 c_lo, c_hi = gl.split(gl.reshape(codes, [BLOCK_N, 2, 2]))  # c = 0 / 1: [BLOCK_N, 2 (h)]
                 s_lo = gl.convert_layout(_bf16x2_scale(c_lo, IS_NVFP4, TWO_MUL), gl.SliceLayout(1, f3_l),
@@ -229,7 +247,7 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
                   SPLIT_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, MODE: gl.constexpr = 0,
                   TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False,
                   IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = 0,
-                  OVERLAP: gl.constexpr = False, TILED: gl.constexpr = False):
+                  OVERLAP: gl.constexpr = False, TILED: gl.constexpr = False, SCALE_SMEM: gl.constexpr = False):
     # PDL: 0 off; 1 launch_dependents first thing; 2 after this program's main loop (before the epilogue)
     XSUB: gl.constexpr = BLOCK_K // 64
     N_STEPS: gl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
@@ -242,14 +260,20 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
     w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES * XSUB, BLOCK_N, 8], w_desc.layout)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * XSUB, BLOCK_M, 64], x_desc.layout)
     s_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BLOCK_K // (16 if IS_NVFP4 else 32)], s_desc.layout)
+    SC: gl.constexpr = SCALE_SMEM and MODE == 4
+    if SC:  # the consumer's bf16x2 scale tables, two stages
+        sc_bufs = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // (16 if IS_NVFP4 else 32)],
+                                            gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    else:
+        sc_bufs = s_bufs
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     res = gl.warp_specialize([
-        (_consumer, (w_bufs, x_bufs, s_bufs, ready, empty, table_ptr, N_STEPS, STAGES, XSUB, BLOCK_N, BLOCK_M, MODE,
-                     TWO_MUL, IS_NVFP4, num_warps, OVERLAP)),
+        (_consumer, (w_bufs, x_bufs, s_bufs, sc_bufs, ready, empty, table_ptr, N_STEPS, STAGES, XSUB, BLOCK_N, BLOCK_M, MODE,
+                     TWO_MUL, IS_NVFP4, num_warps, OVERLAP, SC)),
         (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K,
                    16 if IS_NVFP4 else 32, PDL > 0, TILED, BLOCK_N, K)),
     ], [1], [24])

@@ -102,6 +102,8 @@ class WsConfig:
     maxnreg: int = 80  # registers per thread before the partitions' reallocation (sets CTAs per SM)
     tiled: bool = False  # read a copy of the words and scale codes laid tile by tile (`tile_rows`): each stage's
     #                      bytes contiguous in memory instead of 32-byte (words) and 8-16-byte (codes) row pieces
+    scale_smem: bool = False  # fragment decode: convert each stage's scale codes to bf16x2 once, cooperatively,
+    #                           into a shared-memory table (instead of per slice by every lane of a row)
 
     def __post_init__(self):
         if self.block_n not in (64, 128) or self.block_k % 256 or self.stages < 1 or self.split_k < 1:
@@ -332,7 +334,7 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
         x_desc, w_desc, s_desc, w.table, post, y if bias is None else bias, y, ws, cnt, M, N, K=K,
         BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
         num_warps=cfg.block_n // 16, maxnreg=cfg.maxnreg, MODE=w.decode.value, TWO_MUL=w.two_mul,
-        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl, OVERLAP=WS_MMA_OVERLAP, TILED=cfg.tiled,
+        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl, OVERLAP=WS_MMA_OVERLAP, TILED=cfg.tiled, SCALE_SMEM=cfg.scale_smem,
         **({"launch_pdl": True} if pdl else {}))
     return y
 

@@ -198,10 +198,11 @@ def test_tile_rows_golden_and_padding():
                                          ("mxfp4", WsDecode.FRAG)])
 @pytest.mark.parametrize("M,N,K,split,bn", [(16, 512, 1024, 1, 64), (3, 320, 2048, 4, 128), (33, 448, 1536, 2, 64),
                                             (64, 128, 4096, 8, 64)])
-def test_ws_tiled_layout_gives_the_same_bits(fmt, decode, M, N, K, split, bn):
-    """The tile-by-tile copy changes only where the loader reads each stage from: the same bits as the row layout
-    (N not a multiple of the tile: padded rows, masked on store), and a clear error where the K steps do not
-    divide among the splits."""
+@pytest.mark.parametrize("switch", ["tiled", "scale_smem"])
+def test_ws_switches_give_the_same_bits(fmt, decode, M, N, K, split, bn, switch):
+    """The tile-by-tile copy changes only where the loader reads each stage from, the shared-memory scale table
+    only where the consumer converts the scale codes: the same bits as the default (N not a multiple of the
+    tile: padded rows, masked on store); the tiled copy refuses K steps that do not divide among the splits."""
     from fp4kit.kernels.fp4_ws import fp4_ws_matmul, prepare_ws
 
     torch.manual_seed(6)
@@ -214,10 +215,11 @@ def test_ws_tiled_layout_gives_the_same_bits(fmt, decode, M, N, K, split, bn):
     w = prepare_ws(qt, decode)
     cfg = WsConfig(block_n=bn, block_k=bk, split_k=split)
     want = fp4_ws_matmul(x, w, bias, config=cfg)
-    got = fp4_ws_matmul(x, w, bias, config=dataclasses.replace(cfg, tiled=True))
+    got = fp4_ws_matmul(x, w, bias, config=dataclasses.replace(cfg, **{switch: True}))
     assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="divisible by split_k"):
-        fp4_ws_matmul(x, w, config=WsConfig(block_n=bn, block_k=bk, split_k=5, tiled=True))
+    if switch == "tiled":
+        with pytest.raises(ValueError, match="divisible by split_k"):
+            fp4_ws_matmul(x, w, config=WsConfig(block_n=bn, block_k=bk, split_k=5, tiled=True))
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
