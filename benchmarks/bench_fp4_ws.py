@@ -62,14 +62,19 @@ def sass(args):
                 bk = 512 if bs == 32 else bk
                 block_m = max(16, triton.next_power_of_2(M))
                 wl, xl, sl = _fp4_ws.layouts(bn, block_m, bk, bs)
-                sig = dict(x_desc=f"tensordesc<bf16[{block_m},64],{xl!r}>", w_desc=f"tensordesc<i32[{bn},8],{wl!r}>",
-                           s_desc=f"tensordesc<u8[{bn},{bk // bs}],{sl!r}>", table_ptr="*i32", post_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
+                wshape, sshape = f"{bn},8", f"{bn},{bk // bs}"
+                if os.environ.get("WS_TILED") == "2":  # WIDE boxes
+                    from triton.experimental.gluon import language as gl
+                    wl, sl = gl.NVMMASharedLayout(0, 32), gl.NVMMASharedLayout(0, 8)
+                    wshape, sshape = f"{bk // 64 * bn // 4},32", f"{bn * (bk // bs) // 128},128"
+                sig = dict(x_desc=f"tensordesc<bf16[{block_m},64],{xl!r}>", w_desc=f"tensordesc<i32[{wshape}],{wl!r}>",
+                           s_desc=f"tensordesc<u8[{sshape}],{sl!r}>", table_ptr="*i32", post_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                            cnt_ptr="*i32", M="i32",
                            N="i32")
                 const = dict(K=K, BLOCK_N=bn, BLOCK_M=block_m, BLOCK_K=bk, SPLIT_K=split, STAGES=stages,
                              num_warps=warps, MODE=args.sass_mode, TWO_MUL=bs == 32, HAS_POST=bs == 16,
                              IS_NVFP4=bs == 16, PDL=1, OVERLAP=bool(int(os.environ.get("WS_OVERLAP", "1"))),
-                             TILED=bool(int(os.environ.get("WS_TILED", "0"))),
+                             TILED=int(os.environ.get("WS_TILED", "0")),
                              SCALE_SMEM=bool(int(os.environ.get("WS_SCALE_SMEM", "0"))))
                 sig.update({k: "constexpr" for k in const})
                 attrs = {(i,): [["tt.divisibility", 16]] for i in (3, 4, 5, 6, 7, 8)}
@@ -132,11 +137,13 @@ def gpu(args):
                 sweep = [default] + ([WsConfig(block_n=bn, block_k=bk, stages=max(1, st * 256 // bk), split_k=sk)
                                       for bn, _, _, st, _, sk in configs(N, K, M)] if args.sweep else [])
                 for v in args.variants:  # the same configurations with a WsConfig switch on (tiled, scale_smem)
-                    sweep += [dataclasses.replace(c, **{v: True}) for c in sweep if not getattr(c, v)
-                              and (v != "tiled" or ((K // c.block_k) % c.split_k == 0 and K % c.block_k == 0))]
+                    sweep += [dataclasses.replace(c, **{v: True}, **({"tiled": True} if v == "wide" else {}))
+                              for c in sweep if not getattr(c, v)
+                              and (v not in ("tiled", "wide") or ((K // c.block_k) % c.split_k == 0
+                                                                  and K % c.block_k == 0))]
                 cands = [(d, c) for d in decodes for c in dict.fromkeys(sweep if d != "f32" else [default])]
                 for dec, cfg in cands:
-                    key = f"{dec}_bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.stages}_sk{cfg.split_k}{'_tiled' * cfg.tiled}{'_scsmem' * cfg.scale_smem}"
+                    key = f"{dec}_bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.stages}_sk{cfg.split_k}{'_tiled' * cfg.tiled}{'_wide' * cfg.wide}{'_scsmem' * cfg.scale_smem}"
                     try:
                         err = check(x, qt0, fp4_ws_matmul(x, ws0[dec], config=cfg))
                         us = bench_graph(lambda: fp4_ws_matmul(x, wsw[dec][id(nxt_qt())], config=cfg))
@@ -173,7 +180,7 @@ def main():
     ap.add_argument("--formats", nargs="+", default=["nvfp4"], help="nvfp4 and/or mxfp4 (MXFP4: frag decode only)")
     ap.add_argument("--decodes", nargs="+", default=["f32", "frag"], choices=["f32", "frag"])
     ap.add_argument("--sweep", action="store_true", help="also time the sweep's other configurations")
-    ap.add_argument("--variants", nargs="*", default=[], choices=["tiled", "scale_smem"],
+    ap.add_argument("--variants", nargs="*", default=[], choices=["tiled", "wide", "scale_smem"],
                     help="also time each configuration with these WsConfig switches on")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -115,15 +115,22 @@ def _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, bar, n0, k, s,
                 XSUB: gl.constexpr, BS: gl.constexpr, WEIGHTS: gl.constexpr, X: gl.constexpr,
                 TILED: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, K: gl.constexpr):
     # TILED: words and scale codes re-laid tile by tile (`fp4_ws.tile_rows`), so that a stage's bytes are
-    # contiguous: row (tile x K/64 + slice) x BLOCK_N of the words, (tile x K/BLOCK_K + stage) x BLOCK_N of the codes
-    if WEIGHTS:
+    # contiguous: row (tile x K/64 + slice) x BLOCK_N of the words, (tile x K/BLOCK_K + stage) x BLOCK_N of the codes;
+    # 1 reads them in the row layout's boxes, 2 (WIDE) in one box of 128-byte rows per stage for each
+    if WEIGHTS and TILED == 2:  # WIDE: the stage's words and codes each in one box of 128-byte rows
+        CODE_ROWS: gl.constexpr = BLOCK_N * (BLOCK_K // BS) // 128
+        tma.async_copy_global_to_shared(s_desc, [(n0 // BLOCK_N * (K // BLOCK_K) + k // BLOCK_K) * CODE_ROWS, 0],
+                                        bar, s_bufs.index(s))
+        tma.async_copy_global_to_shared(w_desc, [(n0 // BLOCK_N * (K // 64) + k // 64) * (BLOCK_N // 4), 0],
+                                        bar, w_bufs.index(s))
+    elif WEIGHTS:
         if TILED:
             tma.async_copy_global_to_shared(s_desc, [(n0 // BLOCK_N * (K // BLOCK_K) + k // BLOCK_K) * BLOCK_N, 0],
                                             bar, s_bufs.index(s))
         else:
             tma.async_copy_global_to_shared(s_desc, [n0, k // BS], bar, s_bufs.index(s))
     for j in gl.static_range(XSUB):
-        if WEIGHTS:
+        if WEIGHTS and TILED != 2:
             if TILED:
                 tma.async_copy_global_to_shared(w_desc, [(n0 // BLOCK_N * (K // 64) + k // 64 + j) * BLOCK_N, 0],
                                                 bar, w_bufs.index(s * XSUB + j))
@@ -137,7 +144,9 @@ def _load_stage(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, bar, n0, k, s,
 def _loader(x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo,
             N_STEPS: gl.constexpr, STAGES: gl.constexpr, XSUB: gl.constexpr, BLOCK_K: gl.constexpr,
             BS: gl.constexpr, PDL: gl.constexpr, TILED: gl.constexpr, BLOCK_N: gl.constexpr, K: gl.constexpr):
-    NBYTES: gl.constexpr = XSUB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes) + s_desc.block_type.nbytes
+    NBYTES: gl.constexpr = (XSUB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes) + s_desc.block_type.nbytes
+                            if TILED != 2 else
+                            w_desc.block_type.nbytes + XSUB * x_desc.block_type.nbytes + s_desc.block_type.nbytes)
     START: gl.constexpr = (STAGES if STAGES < N_STEPS else N_STEPS) if PDL else 0
     if PDL:
         # weights never depend on an earlier kernel: the first stages' weights and scales load while the previous
@@ -247,7 +256,7 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
                   SPLIT_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, MODE: gl.constexpr = 0,
                   TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False,
                   IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = 0,
-                  OVERLAP: gl.constexpr = False, TILED: gl.constexpr = False, SCALE_SMEM: gl.constexpr = False):
+                  OVERLAP: gl.constexpr = False, TILED: gl.constexpr = 0, SCALE_SMEM: gl.constexpr = False):
     # PDL: 0 off; 1 launch_dependents first thing; 2 after this program's main loop (before the epilogue)
     XSUB: gl.constexpr = BLOCK_K // 64
     N_STEPS: gl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
@@ -257,9 +266,18 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
     pid_k = gl.program_id(1)
     n0 = pid_n * BLOCK_N
     k_lo = pid_k * N_STEPS * BLOCK_K
-    w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES * XSUB, BLOCK_N, 8], w_desc.layout)
+    NC: gl.constexpr = BLOCK_K // (16 if IS_NVFP4 else 32)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * XSUB, BLOCK_M, 64], x_desc.layout)
-    s_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BLOCK_K // (16 if IS_NVFP4 else 32)], s_desc.layout)
+    if TILED == 2:  # WIDE: unswizzled stage buffers filled by one box each, viewed per slice by the consumer
+        w_tma = gl.allocate_shared_memory(gl.int32, [STAGES, XSUB * BLOCK_N // 4, 32], w_desc.layout)
+        s_tma = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N * NC // 128, 128], s_desc.layout)
+        w_bufs = w_tma._reinterpret(gl.int32, [STAGES * XSUB, BLOCK_N, 8], gl.NVMMASharedLayout(0, 32))
+        s_bufs = s_tma._reinterpret(gl.uint8, [STAGES, BLOCK_N, NC], gl.NVMMASharedLayout(0, 8))
+    else:
+        w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES * XSUB, BLOCK_N, 8], w_desc.layout)
+        s_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, NC], s_desc.layout)
+        w_tma = w_bufs
+        s_tma = s_bufs
     SC: gl.constexpr = SCALE_SMEM and MODE == 4
     if SC:  # the consumer's bf16x2 scale tables, two stages
         sc_bufs = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // (16 if IS_NVFP4 else 32)],
@@ -274,7 +292,7 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
     res = gl.warp_specialize([
         (_consumer, (w_bufs, x_bufs, s_bufs, sc_bufs, ready, empty, table_ptr, N_STEPS, STAGES, XSUB, BLOCK_N, BLOCK_M, MODE,
                      TWO_MUL, IS_NVFP4, num_warps, OVERLAP, SC)),
-        (_loader, (x_desc, w_desc, s_desc, w_bufs, x_bufs, s_bufs, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K,
+        (_loader, (x_desc, w_desc, s_desc, w_tma, x_bufs, s_tma, ready, empty, n0, k_lo, N_STEPS, STAGES, XSUB, BLOCK_K,
                    16 if IS_NVFP4 else 32, PDL > 0, TILED, BLOCK_N, K)),
     ], [1], [24])
     acc = res[0]

@@ -102,6 +102,7 @@ class WsConfig:
     maxnreg: int = 80  # registers per thread before the partitions' reallocation (sets CTAs per SM)
     tiled: bool = False  # read a copy of the words and scale codes laid tile by tile (`tile_rows`): each stage's
     #                      bytes contiguous in memory instead of 32-byte (words) and 8-16-byte (codes) row pieces
+    wide: bool = False  # with tiled: each stage's words and codes in one TMA box of 128-byte rows (unswizzled)
     scale_smem: bool = False  # fragment decode: convert each stage's scale codes to bf16x2 once, cooperatively,
     #                           into a shared-memory table (instead of per slice by every lane of a row)
 
@@ -318,8 +319,17 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
             raise ValueError(f"fp4_ws_matmul: the tiled layout needs K % block_k == 0 and the K steps ({K} / "
                              f"{cfg.block_k}) divisible by split_k {cfg.split_k}")
         words, codes = tiled_copy(w, cfg.block_n, cfg.block_k)
-    w_desc = TensorDescriptor.from_tensor(words, [cfg.block_n, 8], wl)
-    s_desc = TensorDescriptor.from_tensor(codes, [cfg.block_n, cfg.block_k // bs], sl)
+    if cfg.tiled and cfg.wide:
+        from triton.experimental.gluon import language as gl
+
+        nc = cfg.block_k // bs
+        w_desc = TensorDescriptor.from_tensor(words.view(-1, 32), [cfg.block_k // 64 * cfg.block_n // 4, 32],
+                                              gl.NVMMASharedLayout(0, 32))
+        s_desc = TensorDescriptor.from_tensor(codes.view(-1, 128), [cfg.block_n * nc // 128, 128],
+                                              gl.NVMMASharedLayout(0, 8))
+    else:
+        w_desc = TensorDescriptor.from_tensor(words, [cfg.block_n, 8], wl)
+        s_desc = TensorDescriptor.from_tensor(codes, [cfg.block_n, cfg.block_k // bs], sl)
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     if cfg.split_k > 1:  # the skinny kernel's per-stream workspace and tickets (left zero by every launch)
@@ -334,7 +344,7 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
         x_desc, w_desc, s_desc, w.table, post, y if bias is None else bias, y, ws, cnt, M, N, K=K,
         BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
         num_warps=cfg.block_n // 16, maxnreg=cfg.maxnreg, MODE=w.decode.value, TWO_MUL=w.two_mul,
-        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl, OVERLAP=WS_MMA_OVERLAP, TILED=cfg.tiled, SCALE_SMEM=cfg.scale_smem,
+        HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl, OVERLAP=WS_MMA_OVERLAP, TILED=(2 if cfg.wide else 1) if cfg.tiled else 0, SCALE_SMEM=cfg.scale_smem,
         **({"launch_pdl": True} if pdl else {}))
     return y
 

@@ -198,7 +198,7 @@ def test_tile_rows_golden_and_padding():
                                          ("mxfp4", WsDecode.FRAG)])
 @pytest.mark.parametrize("M,N,K,split,bn", [(16, 512, 1024, 1, 64), (3, 320, 2048, 4, 128), (33, 448, 1536, 2, 64),
                                             (64, 128, 4096, 8, 64)])
-@pytest.mark.parametrize("switch", ["tiled", "scale_smem"])
+@pytest.mark.parametrize("switch", ["tiled", "wide", "scale_smem"])
 def test_ws_switches_give_the_same_bits(fmt, decode, M, N, K, split, bn, switch):
     """The tile-by-tile copy changes only where the loader reads each stage from, the shared-memory scale table
     only where the consumer converts the scale codes: the same bits as the default (N not a multiple of the
@@ -215,11 +215,12 @@ def test_ws_switches_give_the_same_bits(fmt, decode, M, N, K, split, bn, switch)
     w = prepare_ws(qt, decode)
     cfg = WsConfig(block_n=bn, block_k=bk, split_k=split)
     want = fp4_ws_matmul(x, w, bias, config=cfg)
-    got = fp4_ws_matmul(x, w, bias, config=dataclasses.replace(cfg, **{switch: True}))
+    on = {"tiled": True, "wide": True} if switch == "wide" else {switch: True}
+    got = fp4_ws_matmul(x, w, bias, config=dataclasses.replace(cfg, **on))
     assert torch.equal(got, want)
-    if switch == "tiled":
+    if switch != "scale_smem":
         with pytest.raises(ValueError, match="divisible by split_k"):
-            fp4_ws_matmul(x, w, config=WsConfig(block_n=bn, block_k=bk, split_k=5, tiled=True))
+            fp4_ws_matmul(x, w, config=WsConfig(block_n=bn, block_k=bk, split_k=5, **on))
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
