@@ -136,7 +136,10 @@ def gpu(args):
                 bk = default.block_k
                 sweep = [default] + ([WsConfig(block_n=bn, block_k=bk, stages=max(1, st * 256 // bk), split_k=sk)
                                       for bn, _, _, st, _, sk in configs(N, K, M)] if args.sweep else [])
-                for v in args.variants:  # the same configurations with a WsConfig switch on (tiled, scale_smem)
+                for v in args.variants:  # the same configurations with a WsConfig switch on (tiled, scale_smem), or
+                    if v == "plain":  # all of them off (the kernel before the tiled copy and the scale table)
+                        sweep += [dataclasses.replace(c, tiled=False, wide=False, scale_smem=False) for c in sweep]
+                        continue
                     sweep += [dataclasses.replace(c, **{v: True}, **({"tiled": True} if v == "wide" else {}))
                               for c in sweep if not getattr(c, v)
                               and (v not in ("tiled", "wide") or ((K // c.block_k) % c.split_k == 0
@@ -146,6 +149,8 @@ def gpu(args):
                     key = f"{dec}_bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.stages}_sk{cfg.split_k}{'_tiled' * cfg.tiled}{'_wide' * cfg.wide}{'_scsmem' * cfg.scale_smem}"
                     try:
                         err = check(x, qt0, fp4_ws_matmul(x, ws0[dec], config=cfg))
+                        for q in qts:  # per-weight copies (the tiled layout) are built eagerly, never in a capture
+                            fp4_ws_matmul(x, wsw[dec][id(q)], config=cfg)
                         us = bench_graph(lambda: fp4_ws_matmul(x, wsw[dec][id(nxt_qt())], config=cfg))
                         row["ws"][key] = dict(us=us, err_max=err[0], err_rms=err[1], default=cfg == default,
                                               decode=dec)
@@ -180,7 +185,7 @@ def main():
     ap.add_argument("--formats", nargs="+", default=["nvfp4"], help="nvfp4 and/or mxfp4 (MXFP4: frag decode only)")
     ap.add_argument("--decodes", nargs="+", default=["f32", "frag"], choices=["f32", "frag"])
     ap.add_argument("--sweep", action="store_true", help="also time the sweep's other configurations")
-    ap.add_argument("--variants", nargs="*", default=[], choices=["tiled", "wide", "scale_smem"],
+    ap.add_argument("--variants", nargs="*", default=[], choices=["tiled", "wide", "scale_smem", "plain"],
                     help="also time each configuration with these WsConfig switches on")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

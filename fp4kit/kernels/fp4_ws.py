@@ -52,6 +52,7 @@ raises otherwise and `ws_supported` says whether AUTO may take it.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import os
@@ -119,10 +120,12 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     and 6144; 1, 2 and 8 splits were slower), except NVFP4 with long K (down, K = 14336) at M <= 32: 128-row
     tiles and 8 splits.
     MXFP4 (block 32): 512-wide stages (TMA's 16-byte rows of scale codes), 1 stage on wide layers and 2 on the
-    others (results/fp4_ws_h100_frag_r1.json; not swept)."""
+    others (results/fp4_ws_h100_frag_r1.json; not swept).
+    Then (`_layout_switches`, results/fp4_ws_h100_wide_r1.json): the tiled copy read in wide boxes wherever the
+    K steps divide among the splits, and the shared-memory scale table except on 128-row tiles at > 32 tokens."""
     bk = 256 if block_size == 16 else 512
     if N >= 16384:  # (96 registers at 64 tokens: gate_up 43.7 -> 52.4 us, MXFP4 46.3 -> 68.4; fp4_ws_h100_frag_r5_m64)
-        return WsConfig(block_n=128, block_k=bk, stages=2 if bk == 256 else 1, split_k=1)
+        return _layout_switches(WsConfig(block_n=128, block_k=bk, stages=2 if bk == 256 else 1, split_k=1), M, K)
     regs = 96 if M > 32 else 80  # a 64-token tile of 64 rows spilled at 80 (sm_90 offline compile); with 96
     #                               q/k/v 24.4 -> 23.2 us, down 27.2 -> 26.2 at M = 64 (fp4_ws_h100_frag_r5_m64)
     tiles = -(-N // 64)
@@ -131,8 +134,18 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     if K >= 8192 and M <= 32 and bk == 256:  # NVFP4, long K (down): 128-row tiles and twice the splits
         # (down M = 16: 23.6 -> 21.0 us, M = 32: 26.7 -> 24.4, fp4_ws_h100_frag_r9_sweep; MXFP4 with its 512-wide
         # stages lost: M = 32 19.9 -> 30.8 us, fp4_ws_h100_frag_r10_down)
-        return WsConfig(block_n=128, block_k=bk, stages=2, split_k=min(2 * split, max(1, K // bk)))
-    return WsConfig(block_n=64, block_k=bk, stages=2, split_k=split, maxnreg=regs)
+        return _layout_switches(WsConfig(block_n=128, block_k=bk, stages=2, split_k=min(2 * split, max(1, K // bk))),
+                                M, K)
+    return _layout_switches(WsConfig(block_n=64, block_k=bk, stages=2, split_k=split, maxnreg=regs), M, K)
+
+
+def _layout_switches(cfg: WsConfig, M: int, K: int) -> WsConfig:
+    """The tile-by-tile copy in wide boxes (fp4_ws_h100_wide_r1: never slower; gate_up 31.7 -> 30.7 us alone) where
+    the K steps divide among the splits; the shared-memory scale table (with it: gate_up NVFP4 M = 16 27.5 us,
+    down 18.8) except on 128-row tiles at > 32 tokens (gate_up M = 64: 40.7 -> 47-52 us)."""
+    steps = K // cfg.block_k
+    tiled = K % cfg.block_k == 0 and steps % cfg.split_k == 0
+    return dataclasses.replace(cfg, tiled=tiled, wide=tiled, scale_smem=not (cfg.block_n == 128 and M > 32))
 
 
 # Programmatic dependent launch: where a program lets the next kernel launch. 1: first thing (as the GEMV);

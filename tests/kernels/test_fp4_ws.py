@@ -126,17 +126,29 @@ def test_mxfp4_pair_table_has_no_post():
 
 
 def test_ws_config_rules():
-    assert ws_config(16, 28672, 4096) == WsConfig(block_n=128, stages=2, split_k=1)  # the r4 sweep's gate_up
-    assert ws_config(16, 4096, 14336) == WsConfig(block_n=128, stages=2, split_k=8)  # down (r9 sweep)
-    assert ws_config(64, 4096, 14336) == WsConfig(block_n=64, stages=2, split_k=4, maxnreg=96)
+    def base(cfg):  # the tile shape, ring and split, without the layout switches
+        return dataclasses.replace(cfg, tiled=False, wide=False, scale_smem=False)
+
+    assert base(ws_config(16, 28672, 4096)) == WsConfig(block_n=128, stages=2, split_k=1)  # the r4 sweep's gate_up
+    assert base(ws_config(16, 4096, 14336)) == WsConfig(block_n=128, stages=2, split_k=8)  # down (r9 sweep)
+    assert base(ws_config(64, 4096, 14336)) == WsConfig(block_n=64, stages=2, split_k=4, maxnreg=96)
     assert ws_config(16, 6144, 4096).split_k == 4 and ws_config(16, 4096, 4096).split_k == 4
     assert ws_config(16, 64, 256).split_k == 1  # never more splits than K steps
     assert ws_config(16, 4096, 4096).maxnreg == 80 and ws_config(64, 4096, 4096).maxnreg == 96  # no spills at 64
     assert ws_config(64, 28672, 4096).maxnreg == 80  # 128-row tiles: 96 measured slower
-    assert ws_config(16, 4096, 14336, block_size=32) == WsConfig(block_n=64, block_k=512, stages=2, split_k=4)
+    assert base(ws_config(16, 4096, 14336, block_size=32)) == WsConfig(block_n=64, block_k=512, stages=2, split_k=4)
     mx = ws_config(16, 4096, 4096, block_size=32)  # MXFP4: 512-wide stages, the same bytes in flight
     assert mx.block_k == 512 and mx.stages == 2 and mx.split_k == 4  # as measured in frag_r1
-    assert ws_config(16, 28672, 4096, block_size=32) == WsConfig(block_n=128, block_k=512, stages=1, split_k=1)
+    assert base(ws_config(16, 28672, 4096, block_size=32)) == WsConfig(block_n=128, block_k=512, stages=1, split_k=1)
+    # the layout switches (fp4_ws_h100_wide_r1): tiled wide boxes where the K steps divide among the splits,
+    # the scale table except on 128-row tiles at > 32 tokens
+    for M, N, K, bs in [(16, 28672, 4096, 16), (32, 4096, 14336, 16), (64, 6144, 4096, 16), (16, 4096, 14336, 32)]:
+        c = ws_config(M, N, K, block_size=bs)
+        assert c.tiled and c.wide and (K // c.block_k) % c.split_k == 0
+    assert ws_config(16, 28672, 4096).scale_smem and not ws_config(64, 28672, 4096).scale_smem
+    assert ws_config(64, 4096, 4096).scale_smem
+    odd = ws_config(16, 4096, 256 * 6)  # 6 K steps, 4 splits: the row layout
+    assert odd.split_k == 4 and not odd.tiled and not odd.wide
     with pytest.raises(ValueError, match="unsupported"):
         WsConfig(block_n=32)
 
