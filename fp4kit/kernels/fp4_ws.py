@@ -6,8 +6,9 @@ MMA's M side (rows of W), the tokens on its N side, so a 16-token batch fills a 
 
     loader warp:   for each K stage: wait empty[s]; TMA the stage's scale codes [BN, BK/bs], weight words
                    [BN, 8] x BK/64 and x [BM, 64] x BK/64 into shared memory; ready[s] counts the bytes
-    consumer:      for each stage and 64-wide slice: scale codes -> bf16x2 scales (registers), decode the
-                   words into the wgmma A operand registers, wgmma with x.T from shared memory; arrive empty[s]
+    consumer:      for each stage: scale codes -> bf16x2 scales, once per code into a shared-memory table
+                   (`scale_smem`); for each 64-wide slice: decode the words into the wgmma A operand registers,
+                   wgmma with x.T from shared memory; arrive empty[s]
     epilogue:      all warps: acc x (per-tensor factor) (+ bias) -> y; split K through a float32 workspace and a
                    ticket per tile (the last split sums the partials in split order: deterministic, one launch)
 
@@ -33,18 +34,29 @@ rounds code x s_eff to bf16 per weight; the difference is that rounding, bounded
 `WsDecode.FLOAT32` keeps the twin's NVFP4 weights bit for bit (float32 scale, natural packing, and the shared-
 memory trip): slower, for checks.
 
+The tiled copy (`tile_rows`, `WsConfig.tiled` and `wide`, built on the first call per tile height): the fragment
+words and the scale codes re-laid tile by tile, so a stage's 16 KB of words and 2 KB of codes are each contiguous
+and arrive in ONE TMA box of 128-byte rows (unswizzled shared memory) instead of four boxes of 128 32-byte rows
+and one of 16-byte rows. With the scale table (each stage's codes converted once, by one thread each, instead of
+per slice by the four lanes that share a row: ~95 instead of ~129 SASS per slice) gate_up at 16 tokens went from
+31.6 to 27.0 us. Two other explanations were measured and ruled out first: a balanced persistent (stream-K) grid
+was slower on every shape (`fp4_ws_h100_streamk_r1`), the contiguous copy read in the old narrow boxes no faster
+(`fp4_ws_h100_tiled_r1`): the number of TMA row requests and the per-slice scale work were the limits.
+
 With programmatic dependent launch (`fp4_gemm.PDL`, `WS_PDL_TRIGGER`) each program lets the next kernel launch
 first thing, and the loader loads the first stages' weights and scales before `griddepcontrol.wait` (weights
 never depend on an earlier kernel) and x after it.
 
-Measured (H100, 2026-11-24, BENCHMARKS.md "Fragment-layout warp-specialised GEMM"; GPU time in a CUDA graph,
-weights rotated through 256 MB, cuBLAS bf16 in the same run): NVFP4 M = 16 mean of the Llama-3-8B shapes 2.13x
-cuBLAS (skinny kernel 1.39x), gate_up 32.0 us (2.59x, 70% of copy bandwidth), M = 32 1.81x, MXFP4 2.09x / 1.83x.
-The decode engine at batch 32: 4.76 ms per step against 6.78 with the skinny kernel (bf16: 7.54).
+Measured (H100, 2026-11-24, BENCHMARKS.md "Tiled copy in wide boxes and a shared-memory scale table"; GPU time
+in a CUDA graph, weights rotated through 256 MB, cuBLAS bf16 in the same run): NVFP4 M = 16 mean of the
+Llama-3-8B shapes 2.46x cuBLAS (2.18x without the tiled copy and the scale table; skinny kernel 1.39x), gate_up
+27.0 us (3.05x, 83% of copy bandwidth), M = 32 2.00x, MXFP4 2.24x / 1.98x. The decode engine at batch 32:
+4.55 ms per step (4.24 with the FP8 KV cache) against 6.78 with the skinny kernel (bf16: 7.51).
 The history that led here: warp specialisation alone (float32 decode) was no faster than the skinny kernel; the
 bf16x2 pair decode took gate_up from 56 to 46 us, the fragment layout to 36, one multiply per pair and PDL to 32;
 in-kernel split K (instead of torch's sum and cast) took 2-3 us off each split layer (q/k/v, o, down); decoding
-the next slice while the previous wgmma runs (`WS_MMA_OVERLAP`) 0-3 us more.
+the next slice while the previous wgmma runs (`WS_MMA_OVERLAP`) 0-3 us more; the tiled copy in wide boxes and the
+scale table 27.
 
 Requirements: CUDA sm_90 (wgmma), Triton with Gluon (3.5+), bf16 x, 16-byte aligned rows; `fp4_ws_matmul`
 raises otherwise and `ws_supported` says whether AUTO may take it.
