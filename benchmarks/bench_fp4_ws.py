@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SWEEP_STAGES_2_ONLY = os.environ.get("WS_SWEEP_STAGES", "2,4") == "2"  # the r3 sweep: 4 stages never won
+# ring depths the sweep tries (the r3 sweep: 4 stages never won before the wide boxes; "2,3,4" re-checks)
+SWEEP_STAGES = tuple(int(v) for v in os.environ.get("WS_SWEEP_STAGES", "2,4").split(","))
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
@@ -35,7 +36,7 @@ def configs(N: int, K: int, M: int):
         ctas_per_sm = 3 if bn == 64 else 2
         base = max(1, round(ctas_per_sm * 132 / tiles))
         base = 1 << (base.bit_length() - 1)
-        for stages in ((2,) if SWEEP_STAGES_2_ONLY else (2, 4)):
+        for stages in SWEEP_STAGES:
             for split in sorted({max(1, base // 4), max(1, base // 2), base, 2 * base}):
                 steps = -(-K // 256)
                 if split > steps:
@@ -101,7 +102,7 @@ def gpu(args):
 
     from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
     from fp4kit.kernels import prepare_fp4_weight
-    from fp4kit.kernels.fp4_ws import WsConfig, WsDecode, fp4_ws_matmul, prepare_ws, ws_config
+    from fp4kit.kernels.fp4_ws import WsConfig, WsDecode, _layout_switches, fp4_ws_matmul, prepare_ws, ws_config
 
     DECODES = {"f32": WsDecode.FLOAT32, "frag": WsDecode.FRAG}
 
@@ -134,8 +135,12 @@ def gpu(args):
                 row["skinny_err"] = check(x, qt0, _skinny(x, qt0, {id(qt0): prepare_fp4_weight(qt0)}))
                 default = ws_config(M, N, K, block_size=cfg_fmt.block_size)
                 bk = default.block_k
-                sweep = [default] + ([WsConfig(block_n=bn, block_k=bk, stages=max(1, st * 256 // bk), split_k=sk)
-                                      for bn, _, _, st, _, sk in configs(N, K, M)] if args.sweep else [])
+                swept = [WsConfig(block_n=bn, block_k=b, stages=max(1, st * 256 // b), split_k=sk)
+                         for b in (args.block_ks or [bk]) for bn, _, _, st, _, sk in configs(N, K, M)
+                         if K % b == 0 and (K // b) >= sk and sk >= args.min_split] if args.sweep else []
+                if args.switched:  # the sweep's configurations with the default's layout switches
+                    swept = [_layout_switches(c, M, K) for c in swept]
+                sweep = [default] + swept
                 for v in args.variants:  # the same configurations with a WsConfig switch on (tiled, scale_smem), or
                     if v == "plain":  # all of them off (the kernel before the tiled copy and the scale table)
                         sweep += [dataclasses.replace(c, tiled=False, wide=False, scale_smem=False) for c in sweep]
@@ -167,11 +172,17 @@ def gpu(args):
                       f"{row['skinny_graph_us']:.1f}  ws default {dflt}  best {ok.get(best, float('nan')):.1f} "
                       f"({best})  roofline {row['roofline_us']:.1f} us", flush=True)
                 rows.append(row)
+                _write(args.out, bw, rows)  # after every row: a run cut off by its time limit keeps what it measured
+
+
+def _write(path, bw, rows):
+    if not path:
+        return
     out = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
                copy_bandwidth=bw, rows=rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def main():
@@ -185,6 +196,11 @@ def main():
     ap.add_argument("--formats", nargs="+", default=["nvfp4"], help="nvfp4 and/or mxfp4 (MXFP4: frag decode only)")
     ap.add_argument("--decodes", nargs="+", default=["f32", "frag"], choices=["f32", "frag"])
     ap.add_argument("--sweep", action="store_true", help="also time the sweep's other configurations")
+    ap.add_argument("--block-ks", type=int, nargs="*", default=None,
+                    help="--sweep: stage widths to try (default: the format's default; NVFP4 256 and/or 512)")
+    ap.add_argument("--min-split", type=int, default=1, help="--sweep: skip configurations with fewer K splits")
+    ap.add_argument("--switched", action="store_true",
+                    help="--sweep: give the swept configurations the default's layout switches (tiled, wide, scale table)")
     ap.add_argument("--variants", nargs="*", default=[], choices=["tiled", "wide", "scale_smem", "plain"],
                     help="also time each configuration with these WsConfig switches on")
     ap.add_argument("--out", default=None)
