@@ -55,13 +55,14 @@ def _tile_dot(acc, x, words, codes, table, BS: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, pairs_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, post_ptr, pairs_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
                    pw_ptr, y_ptr, ws_ptr, cnt_ptr, out_ptr, tcnt_ptr, E, P, N_OUT: tl.constexpr, K: tl.constexpr,
                    X_DIV: tl.constexpr,
                    BS: tl.constexpr, SWIGLU: tl.constexpr, HAS_PW: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MX_BF16: tl.constexpr,
                    ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr, EVICT: tl.constexpr = "", PDL: tl.constexpr = False,
-                   COMBINE_K: tl.constexpr = 0, PREFETCH: tl.constexpr = False, LUT: tl.constexpr = False):
+                   COMBINE_K: tl.constexpr = 0, PREFETCH: tl.constexpr = False, LUT: tl.constexpr = False,
+                   POST: tl.constexpr = False):
     """y[p, n] = act(x[p // X_DIV] @ dequant(W[e(p)])[n].T) (* pw[p]) for every routed pair p, in one launch.
 
     Grid: (tiles of N_OUT, M tiles, SPLIT_K). M tile t holds up to BLOCK_M consecutive entries
@@ -90,6 +91,13 @@ def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, pairs_ptr, tile_expert_ptr, t
     they stream in while the previous launch (gate_up) finishes; x (h, the previous launch's output) is
     read after it. A prefetch hint, not a load: a peeled first step held in registers took the kernel
     from 88 to 118 registers (offline sm_90 compile), fewer programs per SM.
+
+    MX_BF16: the bfloat16 pair decode (`_fp4_gemm.decode_weight_tile`), x in its pair k order. MXFP4: the table
+    holds the power-of-two block scales, the weights are the twin's bit for bit. NVFP4 (POST): the table holds
+    E4M3 x 2^117 (`fp4_gemm.NV_SCALE_SHIFT`), so the MMA sees code x E4M3 x 2^-9 exactly (the twin rounds
+    code x effective scale to bfloat16 instead), and the float32 sums are multiplied by the expert's per-tensor
+    factor x 2^9 (post[e]) before the epilogue: one bf16x2 multiply per two weights instead of the float32
+    decode's convert, multiply and round per weight.
 
     LUT: decode through per-expert byte-plane tables (`fp4_moe.lut_tables`) instead of the float16-pair
     decode: fewer instructions per weight, gathered table loads (see fp4_mma).
@@ -183,6 +191,10 @@ def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, pairs_ptr, tile_expert_ptr, t
                                       cache_modifier=".cg")
             tl.store(cnt_ptr + tile, 0)
     if last:
+        if POST:  # NVFP4 bfloat16 decode: the expert's per-tensor factor, once per output (float32)
+            post = tl.load(post_ptr + e64)
+            acc = acc * post
+            acc_up = acc_up * post
         if SWIGLU:
             acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up, as F.silu(g) * u in float32
         if HAS_PW:

@@ -29,7 +29,7 @@ def _bf16_pair_scaled(words, scale2, J: gl.constexpr, TWO_MUL: gl.constexpr):
 def _bf16x2_scale(codes, IS_NVFP4: gl.constexpr, TWO_MUL: gl.constexpr):
     """Scale codes -> int32 bf16x2 pairs of the block scale as `fp4_ws.pair_tables` lists them, computed in
     registers: NVFP4 E4M3 x 2^117 (one multiply per weight pair), MXFP4 2^(c - 127) or 2^(c - 1)."""
-    if IS_NVFP4:  # E4M3 -> bfloat16 is exact (NaN stays NaN); then x 2^117 (exact: fp4_ws.NV_SCALE_SHIFT)
+    if IS_NVFP4:  # E4M3 -> bfloat16 is exact (NaN stays NaN); then x 2^117 (exact: fp4_gemm.NV_SCALE_SHIFT)
         b = codes.to(gl.float8e4nv, bitcast=True).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
         return gl.inline_asm_elementwise("{ .reg .b32 c; mov.b32 c, 0x7A007A00; mul.rn.bf16x2 $0, $1, c; }", "=r,r",
                                          [b | (b << 16)], dtype=gl.int32, is_pure=True, pack=1)

@@ -263,6 +263,29 @@ def _bf16x2_pow2_table(scale_codes: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (v | (v << 16)).contiguous(), one_mul
 
 
+# NVFP4 in the bfloat16 pair decode: each placed pair (E2M1 value x 2^-126) is multiplied by E4M3 x 2^NV_SCALE_SHIFT
+# in one bf16x2 multiply: the product is the E2M1 value x the E4M3 scale x 2^-9, exact (<= 2 and <= 4 significant
+# bits) and normal (>= 0.5 x 2^-9 x 2^-9); E4M3 x 2^117 <= 448 x 2^117 < 2^126 fits bfloat16. The output is
+# multiplied once by the per-tensor factor x 2^9 (`nv_post_factor`).
+NV_SCALE_SHIFT = 117
+
+
+def _bf16x2_e4m3_table(device) -> torch.Tensor:
+    """int32 [256] bf16x2 pairs for the NVFP4 bfloat16 decode: entry c is E4M3(c) x 2^NV_SCALE_SHIFT (exact;
+    the NaN codes stay NaN)."""
+    c = torch.arange(256, dtype=torch.uint8, device=device)
+    v = (c.view(torch.float8_e4m3fn).float() * 2.0**NV_SCALE_SHIFT).to(torch.bfloat16)
+    v = v.view(torch.int16).to(torch.int32) & 0xFFFF
+    return (v | (v << 16)).contiguous()
+
+
+def nv_post_factor(config, global_scale: torch.Tensor) -> torch.Tensor:
+    """float32 [...]: what the NVFP4 bfloat16 decode's output is multiplied by, per global scale: the
+    per-tensor factor of `NVFP4Config.effective_block_scale` (its value at E4M3 = 1) times 2^(126 - 117)."""
+    ones = torch.ones_like(global_scale, dtype=torch.float32)
+    return config.effective_block_scale(ones, global_scale.float()) * 2.0 ** (126 - NV_SCALE_SHIFT)
+
+
 @dataclass
 class PreparedFP4Weight:
     """A 2-D FP4 weight made ready for the decode kernel: build once (`prepare_fp4_weight`), call often.

@@ -21,10 +21,17 @@ sum_e ceil(c_e / BM) <= min(E, P) + P // BM, so the grid is fixed by (T, top_k, 
 beyond the real ones exit at once, and the whole layer can be captured in a CUDA graph.
 
 The kernel (`_fp4_moe.fp4_moe_kernel`) is the dense skinny kernel's inner loop (int32 word loads,
-float16-pair nibble decode, one float32 multiply by the tabled effective block scale, one
-rounding to x's dtype, bf16 tensor-core MMA) with three changes: the weight, scale and table
-base pointers come from the tile's expert; x rows are gathered by pair (token = p // top_k); y
-rows are scattered to pair order. Optional epilogues, in float32 before the single rounding:
+a nibble decode, bf16 tensor-core MMA) with three changes: the weight, scale and table base
+pointers come from the tile's expert; x rows are gathered by pair (token = p // top_k); y rows
+are scattered to pair order. The decode, with bf16 x, is the bfloat16 pair decode: each pair of
+codes placed as bfloat16 and multiplied by the block's bf16x2 scale in one instruction. For MXFP4
+the scale is a power of two (the twin's weights bit for bit); for NVFP4 it is E4M3 x 2^117, so
+the MMA sees code x E4M3 x 2^-9 exactly and the float32 sums take the expert's per-tensor factor
+x 2^9 once (`MOE_NV_BF16_DECODE`; the twin rounds code x effective scale to bfloat16 instead, so
+the two differ within the GEMM tolerance, the kernel on the side of the exact product). Otherwise
+(fp16 x, or the switch off) the float16-pair decode: one float32 multiply by the tabled effective
+block scale and one rounding to x's dtype per weight. Optional epilogues, in float32 before the
+single rounding:
 
     SwiGLU     W = [gate; up] ([E, 2I, H], gate rows first, as transformers' Qwen3-MoE
                `gate_up_proj`): y = silu(x @ gate.T) * (x @ up.T), the [P, 2I] never written
@@ -48,8 +55,8 @@ from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor
 from fp4kit.formats.scales import e8m0_to_float
 
 from . import fp4_gemm
-from .fp4_gemm import (HAS_TRITON, _bf16x2_pow2_table, _cdiv, _interpreting, _pow2, _raw_stream, hooks_idle, use_pdl,
-                       use_triton)
+from .fp4_gemm import (HAS_TRITON, _bf16x2_e4m3_table, _bf16x2_pow2_table, _cdiv, _interpreting, _pow2, _raw_stream,
+                       hooks_idle, nv_post_factor, use_pdl, use_triton)
 from .fp4_mma import lut_table
 
 if HAS_TRITON:
@@ -275,8 +282,10 @@ class PreparedFP4Experts:
     words: torch.Tensor  # int32 [E, N, K/8]
     scale_codes: torch.Tensor  # uint8 [E, N, K/bs]
     tables: torch.Tensor  # float32 [E, 256]
-    tables_bf16x2: torch.Tensor | None = None  # int32 [E, 256] (MXFP4): the bfloat16 decode's scales
+    tables_bf16x2: torch.Tensor | None = None  # int32 [E, 256]: the bfloat16 decode's scales (MXFP4: powers of
+    #                                              two; NVFP4: E4M3 x 2^117, the same for every expert)
     one_mul: bool = True
+    post: torch.Tensor | None = None  # float32 [E] (NVFP4): the bfloat16 decode's output factor per expert
     launches: dict = field(default_factory=dict)
     configs: dict = field(default_factory=dict)  # (pairs, N_out, swiglu, bf16 decode) -> MoEGemmConfig
 
@@ -290,11 +299,14 @@ def prepare_fp4_experts(ex: FP4Experts) -> PreparedFP4Experts:
     if packed.data_ptr() % 16:
         packed = packed.clone()
     codes = ex.block_scale.contiguous().view(torch.uint8)
-    table2, one_mul = None, True
+    post, one_mul = None, True
     if isinstance(ex.config, MXFP4Config):
         table2, one_mul = _bf16x2_pow2_table(codes)
-        table2 = table2.expand(E, 256).contiguous()
-    return PreparedFP4Experts(ex, packed.view(torch.int32), codes, _scale_tables(ex), table2, one_mul)
+    else:
+        table2 = _bf16x2_e4m3_table(codes.device)
+        post = nv_post_factor(ex.config, ex.global_scale.reshape(E)).contiguous()
+    return PreparedFP4Experts(ex, packed.view(torch.int32), codes, _scale_tables(ex), table2.expand(E, 256).contiguous(),
+                              one_mul, post=post)
 
 
 def lut_tables(ex: FP4Experts, dtype: torch.dtype) -> torch.Tensor:
@@ -372,6 +384,9 @@ def _moe_config(N_out: int, K: int, swiglu: bool, mx_bf16: bool = False, num_pai
 MOE_EVICT = "evict_first"
 # The table decode (MoEGemmConfig.lut) by default where the float16-pair decode would run (NVFP4).
 MOE_LUT_NVFP4 = False
+# NVFP4 through the bfloat16 pair decode (exact code x E4M3 products, the per-tensor factor on the float32 sums;
+# see `_fp4_moe.fp4_moe_kernel`) instead of the float16-pair decode, with bfloat16 x.
+MOE_NV_BF16_DECODE = True
 
 
 def _check_call(x: torch.Tensor, ex: FP4Experts, routing: MoERouting, swiglu: bool, x_per_pair: bool) -> int:
@@ -424,7 +439,9 @@ def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, rout
         if pair_weights.numel() != P:
             raise ValueError(f"fp4 MoE: pair_weights has {pair_weights.numel()} entries for {P} pairs")
     E, _, K = ex.shape
-    mx_bf16 = fp4_gemm.MXFP4_BF16_DECODE and prep.tables_bf16x2 is not None and x.dtype == torch.bfloat16
+    # the bfloat16 pair decode (bf16 x): MXFP4 bit for bit with the twin; NVFP4 with its output factor (POST)
+    nv = prep.post is not None
+    mx_bf16 = x.dtype == torch.bfloat16 and (MOE_NV_BF16_DECODE if nv else fp4_gemm.MXFP4_BF16_DECODE)
     if config is not None and config.lut:
         mx_bf16 = False  # the table decode gives the weights in natural k order, for any format
     cfg = config or prep.configs.get((P, N_out, swiglu, mx_bf16, MOE_LUT_NVFP4)) or prep.configs.setdefault(
@@ -442,11 +459,12 @@ def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, rout
     table = _lut_for(prep, x.dtype) if cfg.lut else prep.tables_bf16x2 if mx_bf16 else prep.tables
     pdl = _moe_pdl(x, T)
     prefetch = _prefetch and pdl
-    args = (x, prep.words, prep.scale_codes, table, routing.pairs, routing.tile_expert, routing.tile_start,
+    post = mx_bf16 and nv
+    args = (x, prep.words, prep.scale_codes, table, prep.post if post else table, routing.pairs, routing.tile_expert, routing.tile_start,
             routing.tile_end, x if pair_weights is None else pair_weights, y, ws, cnt, out, tcnt, E, P, N_out, K,
             1 if x_per_pair else routing.top_k, ex.config.block_size, swiglu, pair_weights is not None,
             routing.block_m, cfg.block_n, cfg.block_k, cfg.split_k, mx_bf16, prep.one_mul, _interpreting(),
-            cfg.evict, pdl, routing.top_k if combine else 0, prefetch, cfg.lut)
+            cfg.evict, pdl, routing.top_k if combine else 0, prefetch, cfg.lut, post)
     _launch(prep, grid, args, cfg, (cfg, mx_bf16, routing.block_m, x.dtype, x.data_ptr() % 16 == 0, swiglu,
                                     x_per_pair, routing.top_k, None if pair_weights is None else
                                     (pair_weights.dtype, pair_weights.data_ptr() % 16 == 0), x.device.index,

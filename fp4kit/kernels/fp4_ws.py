@@ -76,10 +76,12 @@ from fp4kit.formats import MXFP4Config, NVFP4Config, QuantizedTensor
 
 from .fp4_gemm import (
     PreparedFP4Weight,
+    _bf16x2_e4m3_table,
     _bf16x2_pow2_table,
     _check_fp4,
     _raw_stream,
     _splitk_buffers,
+    nv_post_factor,
     prepare_fp4_weight,
     use_pdl,
 )
@@ -243,11 +245,6 @@ def tile_rows(t: torch.Tensor, block_n: int, chunk: int) -> torch.Tensor:
     return t.reshape(tiles, block_n, C // chunk, chunk).permute(0, 2, 1, 3).reshape(-1, chunk).contiguous()
 
 
-# NVFP4: the kernel multiplies each placed pair (E2M1 value x 2^-126) by E4M3 x 2^NV_SCALE_SHIFT in one bf16x2
-# multiply: the product is the E2M1 value x the E4M3 scale x 2^-9, exact (<= 2 and <= 4 significant bits) and
-# normal (>= 0.5 x 2^-9 x 2^-9); E4M3 x 2^117 <= 448 x 2^117 < 2^126 fits bfloat16. The output is multiplied by
-# the per-tensor factor x 2^9 once.
-NV_SCALE_SHIFT = 117
 
 
 def pair_tables(qt: QuantizedTensor, scale_codes: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
@@ -257,12 +254,8 @@ def pair_tables(qt: QuantizedTensor, scale_codes: torch.Tensor) -> tuple[torch.T
     if isinstance(qt.config, MXFP4Config):
         table, one_mul = _bf16x2_pow2_table(scale_codes)
         return table, not one_mul, None
-    c = torch.arange(256, dtype=torch.uint8, device=scale_codes.device)
-    v = (c.view(torch.float8_e4m3fn).float() * 2.0**NV_SCALE_SHIFT).to(torch.bfloat16)
-    v = v.view(torch.int16).to(torch.int32) & 0xFFFF
-    ones = torch.ones((), dtype=torch.float32, device=scale_codes.device)
-    post = qt.config.effective_block_scale(ones, qt.global_scale.float().reshape(())).reshape(1)
-    return (v | (v << 16)).contiguous(), False, (post * 2.0 ** (126 - NV_SCALE_SHIFT)).contiguous()
+    post = nv_post_factor(qt.config, qt.global_scale.reshape(())).reshape(1)
+    return _bf16x2_e4m3_table(scale_codes.device), False, post.contiguous()
 
 
 @dataclass

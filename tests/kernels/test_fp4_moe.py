@@ -35,10 +35,20 @@ def _routing_ids(T, top_k, E, seed=0, skew=False):
     return ids.to(DEVICE)
 
 
+def _mma_weights_dtype(ex, x):
+    """What the kernel's MMA multiplies: the weights dequantized to x's dtype, except NVFP4 with bf16 x through the
+    bfloat16 pair decode (`MOE_NV_BF16_DECODE`): code x E4M3 exactly, the per-tensor factor on the float32 sums,
+    so its reference is the exactly dequantized weight (float32 holds code x E4M3 / global scale to 2^-24)."""
+    from fp4kit.kernels import fp4_moe
+
+    nv_exact = isinstance(ex.config, NVFP4Config) and x.dtype == torch.bfloat16 and fp4_moe.MOE_NV_BF16_DECODE
+    return torch.float32 if nv_exact and use_triton(x) else x.dtype
+
+
 def _reference(x, ex, ids, swiglu=False, pair_weights=None, x_per_pair=False):
-    """float64 per pair, on the weights dequantized to x's dtype (what any bf16 MMA kernel multiplies)."""
+    """float64 per pair, on the weights as the kernel's MMA sees them (`_mma_weights_dtype`)."""
     T, top_k = ids.shape
-    w = ex.dequantize(x.dtype).double()  # [E, N, K]
+    w = ex.dequantize(_mma_weights_dtype(ex, x)).double()  # [E, N, K]
     flat = ids.reshape(-1)
     rows = x.double() if x_per_pair else x.double().repeat_interleave(top_k, 0)  # [P, K]
     h = torch.einsum("pk,pnk->pn", rows, w[flat])
@@ -48,6 +58,25 @@ def _reference(x, ex, ids, swiglu=False, pair_weights=None, x_per_pair=False):
     if pair_weights is not None:
         h = h * pair_weights.reshape(-1, 1).double()
     return h
+
+
+def _reference_twin(x, ex, ids):
+    """float64 per pair on the weights dequantized to x's dtype: what the torch twin multiplies."""
+    T, top_k = ids.shape
+    w = ex.dequantize(x.dtype).double()
+    return torch.einsum("pk,pnk->pn", x.double().repeat_interleave(top_k, 0), w[ids.reshape(-1)])
+
+
+def _reference_mlp(x, gate_up, down, ids, pw, wdtype):
+    """The expert block in float64 on weights dequantized to wdtype, h rounded to x's dtype between the GEMMs
+    (as the kernel writes it), the slots summed in float64."""
+    T, top_k = ids.shape
+    flat = ids.reshape(-1)
+    h = torch.einsum("pk,pnk->pn", x.double().repeat_interleave(top_k, 0), gate_up.dequantize(wdtype).double()[flat])
+    gate, up = h.chunk(2, dim=-1)
+    h = (torch.nn.functional.silu(gate) * up).to(x.dtype).double()
+    y = torch.einsum("pk,pnk->pn", h, down.dequantize(wdtype).double()[flat]) * pw.reshape(-1, 1).double()
+    return y.reshape(T, top_k, -1).sum(1)
 
 
 def _errors(y, ref):
@@ -107,7 +136,8 @@ def test_moe_gemm_plain_vs_reference_and_twin(name, T):
     ref = _reference(x, ex, ids)
     max_err, rms_err = _errors(y, ref)
     assert max_err <= TOL_MAX and rms_err <= TOL_RMS, (max_err, rms_err)
-    max_err, rms_err = _errors(fp4_moe_gemm_torch(x, ex, r), ref)
+    twin = fp4_moe_gemm_torch(x, ex, r)
+    max_err, rms_err = _errors(twin, _reference_twin(x, ex, ids))
     assert max_err <= TOL_MAX and rms_err <= TOL_RMS, (max_err, rms_err)
 
 
@@ -150,6 +180,11 @@ def test_moe_mlp_matches_twin(name):
     got = fp4_moe_mlp(x, gate_up, down, ids, pw)
     want = fp4_moe_mlp_torch(x, gate_up, down, ids, pw)
     assert got.shape == (T, H)
+    if _mma_weights_dtype(gate_up, x) != x.dtype:  # NVFP4 bfloat16 decode: the block on the exact weights
+        want = _reference_mlp(x, gate_up, down, ids, pw, _mma_weights_dtype(gate_up, x))
+        # the twin against the same reference: its bf16-rounded weights are the larger error of the two
+        twin = fp4_moe_mlp_torch(x, gate_up, down, ids, pw)
+        assert (got.double() - want).norm() < (twin.double() - want).norm()
     # both round h to bf16 between the GEMMs; a 1-ulp flip there moves the output by ~2^-8 relative
     err = (got.double() - want.double())
     assert (err.abs().max() / want.double().abs().max()).item() <= 2**-6
@@ -330,7 +365,10 @@ def test_moe_gemm_lut_decode_same_weights(name, monkeypatch):
     from fp4kit.kernels import fp4_gemm
     from fp4kit.kernels.fp4_moe import MoEGemmConfig
 
+    from fp4kit.kernels import fp4_moe
+
     monkeypatch.setattr(fp4_gemm, "MXFP4_BF16_DECODE", False)
+    monkeypatch.setattr(fp4_moe, "MOE_NV_BF16_DECODE", False)  # NVFP4's bf16 decode has exact-product weights
     E, I, K, T, top_k = 4, 32, 128, 6, 2
     ex = _experts(E, 2 * I, K, name, seed=19)
     ids = _routing_ids(T, top_k, E, seed=20, skew=True)
@@ -341,3 +379,31 @@ def test_moe_gemm_lut_decode_same_weights(name, monkeypatch):
     plain = fp4_moe_gemm(x, prep, r, swiglu=True, config=MoEGemmConfig(16, 64, num_warps=w, num_stages=st))
     lut = fp4_moe_gemm(x, prep, r, swiglu=True, config=MoEGemmConfig(16, 64, num_warps=w, num_stages=st, lut=True))
     assert torch.equal(plain, lut)
+
+
+@needs_kernels
+def test_moe_nvfp4_bf16_decode_bits():
+    """NVFP4's bfloat16 pair decode, bit for bit: with one-hot x rows each output is one weight, so the kernel
+    must return bf16(float32(code x E4M3 x 2^-9) x post[e]), the product taken from the formats' own dequantizer
+    (global scale 1: code x E4M3 exactly) and post from `nv_post_factor`. Split K on, every expert in turn."""
+    from fp4kit.kernels import fp4_moe
+    from fp4kit.kernels.fp4_gemm import nv_post_factor
+
+    assert fp4_moe.MOE_NV_BF16_DECODE
+    E, N, K = 3, 32, 128
+    ex = _experts(E, N, K, "nvfp4", seed=23)
+    unit = fp4_moe.FP4Experts(ex.packed, ex.block_scale, torch.ones_like(ex.global_scale), ex.config)
+    prod = unit.dequantize(torch.float32)  # code x E4M3, exact
+    post = nv_post_factor(ex.config, ex.global_scale)
+    prep = prepare_fp4_experts(ex)
+    assert torch.equal(prep.post, post)
+    x = torch.eye(K, device=DEVICE, dtype=torch.bfloat16)  # token k selects weight column k
+    for e in range(E):
+        ids = torch.full((K, 1), e, device=DEVICE, dtype=torch.long)
+        w, st = (1, 1) if DEVICE.type == "cpu" else (4, 3)
+        y = fp4_moe_gemm(x, prep, route_topk(ids, E, block_m=16),
+                         config=fp4_moe.MoEGemmConfig(16, 64, num_warps=w, num_stages=st, split_k=2))
+        want = ((prod[e] * 2.0**-9) * post[e]).to(torch.bfloat16).T  # [K, N]
+        # as values: a -0 weight comes out +0 (the MMA adds the zero products of the other columns)
+        assert torch.equal(y.float(), want.float()), e
+        assert (y != 0).sum() > 0.9 * y.numel()
