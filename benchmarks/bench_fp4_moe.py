@@ -37,7 +37,34 @@ from fp4kit.kernels.fp4_moe import (MoEGemmConfig, _moe_config, fp4_moe_gemm, fp
                                     prepare_fp4_experts, quantize_experts, route_topk)
 
 E, H, I, TOP_K = 128, 2048, 768, 8
-FORMATS = {"nvfp4": NVFP4Config(), "mxfp4": MXFP4Config()}
+FORMATS = {"nvfp4": NVFP4Config(), "mxfp4": MXFP4Config(), "nvfp4_f16dec": NVFP4Config(),
+           "nvfp4_gather": NVFP4Config(), "mxfp4_gather": MXFP4Config()}
+# a format name that runs with fp4_moe module switches changed (same weights as its base format): NVFP4's
+# float16-pair decode (the default before 2026-11-24); the bf16 decode with its scales gathered from the table
+# (MXFP4's default before 2026-11-24). fp4_moe_scalereg_h100 also timed gate_up evict_first vs plain loads with the
+# register scales: equal within 1% at every T (that switch is gone; evict_first stays).
+FORMAT_SWITCHES = {"nvfp4_f16dec": {"MOE_NV_BF16_DECODE": False}, "nvfp4_gather": {"MOE_SCALE_REGS": False},
+                   "mxfp4_gather": {"MOE_SCALE_REGS": False}}
+
+
+def _switched(fn, name):
+    """fn with the format's fp4_moe switches set while it runs (read at call time, so also under capture)."""
+    attrs = FORMAT_SWITCHES.get(name)
+    if not attrs:
+        return fn
+    from fp4kit.kernels import fp4_moe as fm
+
+    def run(*a, **k):
+        old = {key: getattr(fm, key) for key in attrs}
+        for key, v in attrs.items():
+            setattr(fm, key, v)
+        try:
+            return fn(*a, **k)
+        finally:
+            for key, v in old.items():
+                setattr(fm, key, v)
+
+    return run
 N_ROUTINGS = 16
 
 
@@ -253,7 +280,9 @@ LAYER_DEFAULT_VARIANTS = {  # fp4_moe module attributes changed from the round-6
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    p.add_argument("--formats", nargs="+", default=list(FORMATS))
+    p.add_argument("--formats", nargs="+", default=["nvfp4", "mxfp4"], choices=list(FORMATS),
+                   help="the *_f16dec / *_gather / *_evictfirst names: the same format with an fp4_moe switch "
+                        "changed (FORMAT_SWITCHES)")
     p.add_argument("--out", default="benchmarks/results/fp4_moe_h100.json")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--round6", action="store_true", help="round 6 exploration (evict, tiles, PDL, combine)")
@@ -327,17 +356,23 @@ def main(argv=None):
                 c = nxt()
                 return fp4_moe_mlp(x, gu, dn, c["ids"], c["w"])
 
+            f_gu, f_dn, f_layer = (_switched(fn, f) for fn in (f_gu, f_dn, f_layer))
             timed["gate_up"][f], timed["down"][f], timed["layer"][f] = f_gu, f_dn, f_layer
             nbytes[f] = {"gate_up": touched * gu_b + act_gu, "down": touched * dn_b + act_dn}
             nbytes[f]["layer"] = nbytes[f]["gate_up"] + nbytes[f]["down"]
             # correctness: the fp4 layer against bf16 math on the dequantized weights (float32 reference)
             c = cases[0]
-            got = fp4_moe_mlp(x, gu, dn, c["ids"], c["w"]).float()
+            got = _switched(fp4_moe_mlp, f)(x, gu, dn, c["ids"], c["w"]).float()
             gu_w, dn_w = gu.experts.dequantize(torch.bfloat16), dn.experts.dequantize(torch.bfloat16)
             ref = bf16_layer(x.float(), c, gu_w.float().transpose(1, 2), dn_w.float().transpose(1, 2),
                              grouped_mm_loop).float()
             row[f"{f}_layer_rel_err"] = ((got - ref).norm() / ref.norm()).item()
             row[f"{f}_layer_max_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
+            # and against the exactly dequantized weights (float32: what NVFP4's bf16 decode multiplies)
+            gu_w, dn_w = gu.experts.dequantize(torch.float32), dn.experts.dequantize(torch.float32)
+            ref = bf16_layer(x.float(), c, gu_w.transpose(1, 2), dn_w.transpose(1, 2), grouped_mm_loop).float()
+            row[f"{f}_layer_rel_err_exact"] = ((got - ref).norm() / ref.norm()).item()
+            row[f"{f}_layer_max_err_exact"] = ((got - ref).abs().max() / ref.abs().max()).item()
         if args.layer_variants:  # each round-6 default against its absence, same run (graph only)
             from fp4kit.kernels import fp4_moe as fm
 

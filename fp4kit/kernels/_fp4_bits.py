@@ -45,6 +45,35 @@ def ue4m3_to_f32(code):
 
 
 @triton.jit
+def e4m3_bf16x2_shifted(code):
+    """E4M3 codes -> int32 bf16x2 pairs of E4M3 x 2^117 (`fp4_gemm.NV_SCALE_SHIFT`), exact: the NVFP4 bfloat16
+    pair decode's block scales computed in registers (`fp4_gemm._bf16x2_e4m3_table` without the table load).
+    The magnitude bits shifted into a float16 are E4M3 x 2^-8 exactly (subnormals included); x 2^125 in float32
+    is exact and below 2^126; its top half is the bfloat16 (three mantissa bits: nothing is cut). The NaN codes
+    (0x7F, 0xFF) give NaN, the sign bit the sign."""
+    c = code.to(tl.int32)
+    mag = c & 127
+    half = (mag.to(tl.uint16) << 7).to(tl.float16, bitcast=True)
+    v = half.to(tl.float32) * 4.253529586511730793e37  # 2^125
+    b = (v.to(tl.int32, bitcast=True) >> 16) & 0x7FFF
+    b = tl.where(mag == 127, 0x7FC0, b) | ((c & 128) << 8)
+    return b | (b << 16)
+
+
+@triton.jit
+def e8m0_bf16x2(code, ONE_MUL: tl.constexpr):
+    """E8M0 codes -> int32 bf16x2 pairs of the MXFP4 bfloat16 decode's power-of-two scales, computed in registers
+    exactly as `fp4_gemm._bf16x2_pow2_table` lists them: ONE_MUL 2^(c - 1) (codes <= 128; above: NaN), else
+    2^(c - 127) (code 0 the subnormal 2^-127, 255 NaN)."""
+    c = code.to(tl.int32)
+    if ONE_MUL:
+        b = tl.where(c <= 128, (c + 126) << 7, 0x7FC0)
+    else:
+        b = tl.where(c == 0, 0x0040, tl.where(c == 255, 0x7FC0, c << 7))
+    return b | (b << 16)
+
+
+@triton.jit
 def nvfp4_scale14(code, global_scale, GS_ENCODE: tl.constexpr, INTERPRET: tl.constexpr):
     """NVFP4 effective block scale times 2^14: (s / g or s * g) * 2^14, as the twin rounds it.
 

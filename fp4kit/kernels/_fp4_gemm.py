@@ -3,7 +3,8 @@
 import triton
 import triton.language as tl
 
-from ._fp4_bits import cast_rne, e2m1_pair_to_f32, e2m1_word_pair_bf16, mxfp4_scale14, nvfp4_scale14
+from ._fp4_bits import (cast_rne, e2m1_pair_to_f32, e2m1_word_pair_bf16, e4m3_bf16x2_shifted, e8m0_bf16x2, mxfp4_scale14,
+                        nvfp4_scale14)
 
 
 @triton.jit
@@ -216,18 +217,26 @@ def pair_order_x(x, MX_BF16: tl.constexpr):
 @triton.jit
 def decode_weight_tile(words, codes, table_ptr, x_dtype: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, BS: tl.constexpr, MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr,
-                       INTERPRET: tl.constexpr):
+                       INTERPRET: tl.constexpr, SCALE_REG: tl.constexpr = False):
     """Packed words [BLOCK_N, BLOCK_K/8] + scale codes [BLOCK_N, BLOCK_K/BS] -> weights [BLOCK_N, BLOCK_K] in x_dtype.
 
     General path: float16-pair decode to float32, times the tabled float32 scale (times 2^14),
     one rounding to x's dtype. MX_BF16 (MXFP4 weight, bfloat16 x): table holds bf16x2 powers of
     two and the weights are built in bfloat16 directly (`_mxfp4_words_to_bf16`): the same bits,
-    about half the instructions per weight.
+    about half the instructions per weight. The same bf16 decode serves NVFP4 with the table of E4M3 x 2^117
+    (the caller multiplies the sums by the per-tensor factor x 2^9). SCALE_REG (bf16 decode): the bf16x2 scales
+    computed from the codes in registers (`e4m3_bf16x2_shifted`, `e8m0_bf16x2`), the table's entries bit for
+    bit, instead of one gathered load per block.
     """
     W: tl.constexpr = BLOCK_K // 8
     NB: tl.constexpr = BLOCK_K // BS
     WPB: tl.constexpr = BS // 8
-    scale = tl.load(table_ptr + codes.to(tl.int32))  # [BLOCK_N, NB]
+    if SCALE_REG and BS == 16:
+        scale = e4m3_bf16x2_shifted(codes)  # [BLOCK_N, NB] int32 bf16x2
+    elif SCALE_REG:
+        scale = e8m0_bf16x2(codes, ONE_MUL)
+    else:
+        scale = tl.load(table_ptr + codes.to(tl.int32))  # [BLOCK_N, NB]
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, WPB)), (BLOCK_N, W))
     if MX_BF16:
         return _mxfp4_words_to_bf16(words, scale, ONE_MUL, INTERPRET)

@@ -40,14 +40,16 @@ def _expert_tile_load(w_ptrs, s_ptrs, k0, rmask, wcol, bcol, K: tl.constexpr, BS
 
 @triton.jit
 def _tile_dot(acc, x, words, codes, table, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr, LUT: tl.constexpr = False):
+              MX_BF16: tl.constexpr, ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr, LUT: tl.constexpr = False,
+              SCALE_REG: tl.constexpr = False):
     """acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] @ dequant(words, codes).T (the skinny kernel's decode,
     `_fp4_gemm.decode_weight_tile`; LUT: fp4_mma's byte-permute table decode, `decode_weight_tile_lut`, with
     the expert's [256, 4] table; both give the twin's weights bit for bit)."""
     if LUT:
         w = decode_weight_tile_lut(words, codes, table, x.dtype, BLOCK_N, BLOCK_K, BS, INTERPRET)
     else:
-        w = decode_weight_tile(words, codes, table, x.dtype, BLOCK_N, BLOCK_K, BS, MX_BF16, ONE_MUL, INTERPRET)
+        w = decode_weight_tile(words, codes, table, x.dtype, BLOCK_N, BLOCK_K, BS, MX_BF16, ONE_MUL, INTERPRET,
+                               SCALE_REG)
     if INTERPRET:  # the interpreter multiplies bf16 bit patterns in tl.dot: give it float32
         return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
     else:
@@ -62,7 +64,7 @@ def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, post_ptr, pairs_ptr, tile_exp
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MX_BF16: tl.constexpr,
                    ONE_MUL: tl.constexpr, INTERPRET: tl.constexpr, EVICT: tl.constexpr = "", PDL: tl.constexpr = False,
                    COMBINE_K: tl.constexpr = 0, PREFETCH: tl.constexpr = False, LUT: tl.constexpr = False,
-                   POST: tl.constexpr = False):
+                   POST: tl.constexpr = False, SCALE_REG: tl.constexpr = False):
     """y[p, n] = act(x[p // X_DIV] @ dequant(W[e(p)])[n].T) (* pw[p]) for every routed pair p, in one launch.
 
     Grid: (tiles of N_OUT, M tiles, SPLIT_K). M tile t holds up to BLOCK_M consecutive entries
@@ -97,7 +99,8 @@ def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, post_ptr, pairs_ptr, tile_exp
     E4M3 x 2^117 (`fp4_gemm.NV_SCALE_SHIFT`), so the MMA sees code x E4M3 x 2^-9 exactly (the twin rounds
     code x effective scale to bfloat16 instead), and the float32 sums are multiplied by the expert's per-tensor
     factor x 2^9 (post[e]) before the epilogue: one bf16x2 multiply per two weights instead of the float32
-    decode's convert, multiply and round per weight.
+    decode's convert, multiply and round per weight. SCALE_REG: the bf16 decode's scales computed from the codes
+    in registers instead of gathered from the table (one gather per block).
 
     LUT: decode through per-expert byte-plane tables (`fp4_moe.lut_tables`) instead of the float16-pair
     decode: fewer instructions per weight, gathered table loads (see fp4_mma).
@@ -163,12 +166,12 @@ def fp4_moe_kernel(x_ptr, w_ptr, s_ptr, table_ptr, post_ptr, pairs_ptr, tile_exp
         k0 = k_lo + kk
         x = pair_order_x(_x_step(x_ptrs, k0, mmask, kcol, K, EVEN_K), MX_BF16)
         words, codes = _expert_tile_load(g_w, g_s, k0, rmask, wcol, bcol, K, BS, EVEN_K, EVICT)
-        acc = _tile_dot(acc, x, words, codes, table, BS, BLOCK_N, BLOCK_K, MX_BF16, ONE_MUL, INTERPRET, LUT)
+        acc = _tile_dot(acc, x, words, codes, table, BS, BLOCK_N, BLOCK_K, MX_BF16, ONE_MUL, INTERPRET, LUT, SCALE_REG)
         if SWIGLU:
             words, codes = _expert_tile_load(g_w + N_OUT * (K // 8), g_s + N_OUT * (K // BS), k0, rmask, wcol,
                                              bcol, K, BS, EVEN_K, EVICT)
             acc_up = _tile_dot(acc_up, x, words, codes, table, BS, BLOCK_N, BLOCK_K, MX_BF16, ONE_MUL, INTERPRET,
-                               LUT)
+                               LUT, SCALE_REG)
     ymask = mmask[:, None] & (rows[None, :] < N_OUT)
     last = True
     if SPLIT_K > 1:

@@ -387,6 +387,9 @@ MOE_LUT_NVFP4 = False
 # NVFP4 through the bfloat16 pair decode (exact code x E4M3 products, the per-tensor factor on the float32 sums;
 # see `_fp4_moe.fp4_moe_kernel`) instead of the float16-pair decode, with bfloat16 x.
 MOE_NV_BF16_DECODE = True
+# The bfloat16 decode's block scales (NVFP4 E4M3 x 2^117, MXFP4 powers of two) computed in registers
+# (`_fp4_bits.e4m3_bf16x2_shifted`, `e8m0_bf16x2`) instead of gathered from the table, one load per block.
+MOE_SCALE_REGS = True
 
 
 def _check_call(x: torch.Tensor, ex: FP4Experts, routing: MoERouting, swiglu: bool, x_per_pair: bool) -> int:
@@ -444,8 +447,8 @@ def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, rout
     mx_bf16 = x.dtype == torch.bfloat16 and (MOE_NV_BF16_DECODE if nv else fp4_gemm.MXFP4_BF16_DECODE)
     if config is not None and config.lut:
         mx_bf16 = False  # the table decode gives the weights in natural k order, for any format
-    cfg = config or prep.configs.get((P, N_out, swiglu, mx_bf16, MOE_LUT_NVFP4)) or prep.configs.setdefault(
-        (P, N_out, swiglu, mx_bf16, MOE_LUT_NVFP4), _moe_config(N_out, K, swiglu, mx_bf16, P, E,
+    key = (P, N_out, swiglu, mx_bf16, MOE_LUT_NVFP4)
+    cfg = config or prep.configs.get(key) or prep.configs.setdefault(key, _moe_config(N_out, K, swiglu, mx_bf16, P, E,
                                                  132 if _interpreting() else fp4_gemm._sm_count(x.device)))
     grid = (_cdiv(N_out, cfg.block_n), routing.tile_expert.numel(), cfg.split_k)
     stream = 0 if _interpreting() else _raw_stream(x.device.index)
@@ -460,12 +463,13 @@ def fp4_moe_gemm(x: torch.Tensor, experts: FP4Experts | PreparedFP4Experts, rout
     pdl = _moe_pdl(x, T)
     prefetch = _prefetch and pdl
     post = mx_bf16 and nv
+    scale_reg = mx_bf16 and not cfg.lut and MOE_SCALE_REGS
     args = (x, prep.words, prep.scale_codes, table, prep.post if post else table, routing.pairs, routing.tile_expert, routing.tile_start,
             routing.tile_end, x if pair_weights is None else pair_weights, y, ws, cnt, out, tcnt, E, P, N_out, K,
             1 if x_per_pair else routing.top_k, ex.config.block_size, swiglu, pair_weights is not None,
             routing.block_m, cfg.block_n, cfg.block_k, cfg.split_k, mx_bf16, prep.one_mul, _interpreting(),
-            cfg.evict, pdl, routing.top_k if combine else 0, prefetch, cfg.lut, post)
-    _launch(prep, grid, args, cfg, (cfg, mx_bf16, routing.block_m, x.dtype, x.data_ptr() % 16 == 0, swiglu,
+            cfg.evict, pdl, routing.top_k if combine else 0, prefetch, cfg.lut, post, scale_reg)
+    _launch(prep, grid, args, cfg, (cfg, mx_bf16, scale_reg, routing.block_m, x.dtype, x.data_ptr() % 16 == 0, swiglu,
                                     x_per_pair, routing.top_k, None if pair_weights is None else
                                     (pair_weights.dtype, pair_weights.data_ptr() % 16 == 0), x.device.index,
                                     P == 1, P % 16 == 0, pdl, combine, prefetch), stream, pdl)

@@ -18,6 +18,23 @@ CONFIGS = {"nvfp4": NVFP4Config(), "mxfp4": MXFP4Config()}
 TOL_MAX, TOL_RMS = 1.1 * 2**-8, 2**-8
 
 
+if use_triton(torch.empty(0, device=DEVICE)):
+    import triton  # noqa: E402
+    import triton.language as tl  # noqa: E402
+
+    from fp4kit.kernels._fp4_bits import e4m3_bf16x2_shifted, e8m0_bf16x2  # noqa: E402
+
+    @triton.jit
+    def _e4m3_pairs_kernel(c_ptr, o_ptr):
+        offs = tl.arange(0, 256)
+        tl.store(o_ptr + offs, e4m3_bf16x2_shifted(tl.load(c_ptr + offs)))
+
+    @triton.jit
+    def _e8m0_pairs_kernel(c_ptr, o_ptr, ONE_MUL: tl.constexpr):
+        offs = tl.arange(0, 256)
+        tl.store(o_ptr + offs, e8m0_bf16x2(tl.load(c_ptr + offs), ONE_MUL))
+
+
 def _experts(E, N, K, name, seed=0):
     """Experts of different magnitudes (different NVFP4 global scales), rows of different magnitudes."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -407,3 +424,35 @@ def test_moe_nvfp4_bf16_decode_bits():
         # as values: a -0 weight comes out +0 (the MMA adds the zero products of the other columns)
         assert torch.equal(y.float(), want.float()), e
         assert (y != 0).sum() > 0.9 * y.numel()
+
+
+@needs_kernels
+def test_e4m3_scale_pairs_in_registers_equal_the_table():
+    """`_fp4_bits.e4m3_bf16x2_shifted` (the NVFP4 bf16 decode's scales computed in registers) equals the table
+    `fp4_gemm._bf16x2_e4m3_table` (torch: E4M3 -> float32 x 2^117 -> bfloat16) for all 256 codes, bit for bit
+    (the two NaN codes as NaN)."""
+    from fp4kit.kernels.fp4_gemm import _bf16x2_e4m3_table
+
+    codes = torch.arange(256, dtype=torch.uint8, device=DEVICE)
+    got = torch.empty(256, dtype=torch.int32, device=DEVICE)
+    _e4m3_pairs_kernel[(1,)](codes, got)
+    want = _bf16x2_e4m3_table(DEVICE)
+    nan = (codes & 127) == 127
+    assert torch.equal(got[~nan], want[~nan])
+    assert torch.equal(got & 0xFFFF, (got >> 16) & 0xFFFF)  # both halves hold the same scale
+    assert ((got[nan] & 0x7FFF) == 0x7FC0).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("one_mul", [True, False])
+def test_e8m0_scale_pairs_in_registers_equal_the_table(one_mul):
+    """`_fp4_bits.e8m0_bf16x2` (the MXFP4 bf16 decode's scales computed in registers) equals
+    `fp4_gemm._bf16x2_pow2_table` for all 256 codes, bit for bit, in both modes."""
+    from fp4kit.kernels.fp4_gemm import _bf16x2_pow2_table
+
+    codes = torch.arange(256, dtype=torch.uint8, device=DEVICE)
+    got = torch.empty(256, dtype=torch.int32, device=DEVICE)
+    _e8m0_pairs_kernel[(1,)](codes, got, ONE_MUL=one_mul)
+    probe = torch.tensor([128 if one_mul else 200], dtype=torch.uint8, device=DEVICE)  # picks the table's mode
+    want, mode = _bf16x2_pow2_table(probe)
+    assert mode == one_mul and torch.equal(got, want)
