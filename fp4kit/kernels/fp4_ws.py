@@ -111,7 +111,7 @@ FRAG_OFFSETS = _frag_offsets()  # [word][nibble] -> element of the 64-element sl
 class WsConfig:
     block_n: int = 64  # weight rows per program (64: one consumer warpgroup of 4 warps; 128: 8 warps)
     block_k: int = 256  # K per stage (multiple of 256: NVFP4's scale codes are >= 16 bytes per row for TMA;
-    #                     MXFP4 needs 512)
+    #                     MXFP4 needs 512; NVFP4 128 with the tiled copy in wide boxes, whose rows are 128 bytes)
     stages: int = 2  # shared-memory ring depth
     split_k: int = 1
     maxnreg: int = 80  # registers per thread before the partitions' reallocation (sets CTAs per SM)
@@ -122,7 +122,7 @@ class WsConfig:
     #                           into a shared-memory table (instead of per slice by every lane of a row)
 
     def __post_init__(self):
-        if self.block_n not in (64, 128) or self.block_k % 256 or self.stages < 1 or self.split_k < 1:
+        if self.block_n not in (64, 128) or self.block_k % 128 or self.stages < 1 or self.split_k < 1:
             raise ValueError(f"WsConfig: unsupported {self}")
 
 
@@ -151,6 +151,19 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
         return _layout_switches(WsConfig(block_n=128, block_k=bk, stages=2, split_k=min(2 * split, max(1, K // bk))),
                                 M, K)
     return _layout_switches(WsConfig(block_n=64, block_k=bk, stages=2, split_k=split, maxnreg=regs), M, K)
+
+
+def check_stage_width(cfg: WsConfig, block_size: int) -> None:
+    """TMA reads rows of >= 16 bytes: a stage's scale codes per weight row are block_k / block_size bytes, so
+    NVFP4 needs block_k % 256 == 0 and MXFP4 % 512, except where the tiled copy in wide boxes reads the codes as
+    128-byte rows: there NVFP4 may also take 128-wide stages (H100, `fp4_ws_h100_sweep_bk128`: equal at
+    16 tokens, o 11.1 -> 10.4 us at 32; not a default)."""
+    if cfg.block_k % 256 and not (cfg.block_k == 128 and cfg.tiled and cfg.wide and block_size == 16):
+        raise ValueError(f"fp4_ws_matmul: block_k {cfg.block_k} needs the tiled copy in wide boxes (a 128-wide "
+                         "stage has 8 bytes of NVFP4 scale codes per row, below TMA's 16-byte rows)")
+    if block_size == 32 and cfg.block_k % 512:
+        raise ValueError(f"fp4_ws_matmul: MXFP4 needs block_k % 512 == 0 (TMA reads >= 16 bytes of scale codes "
+                         f"per row), got {cfg.block_k}")
 
 
 def _layout_switches(cfg: WsConfig, M: int, K: int) -> WsConfig:
@@ -245,8 +258,6 @@ def tile_rows(t: torch.Tensor, block_n: int, chunk: int) -> torch.Tensor:
     return t.reshape(tiles, block_n, C // chunk, chunk).permute(0, 2, 1, 3).reshape(-1, chunk).contiguous()
 
 
-
-
 def pair_tables(qt: QuantizedTensor, scale_codes: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
     """What the fragment decode multiplies by, per scale code: (int32 [256] bf16x2 scale, two multiplies per
     pair?, float32 [1] per-tensor output factor or None). The kernel computes these in registers; tests
@@ -324,9 +335,7 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
         raise ValueError(f"fp4_ws_matmul: needs M <= 64 and K % 256 == 0 (M {M}, K {K})")
     bs = prep.block_size
     cfg = config or ws_config(M, N, K, block_size=bs)
-    if bs == 32 and cfg.block_k % 512:
-        raise ValueError(f"fp4_ws_matmul: MXFP4 needs block_k % 512 == 0 (TMA reads >= 16 bytes of scale codes "
-                         f"per row), got {cfg.block_k}")
+    check_stage_width(cfg, bs)
     block_m = max(16, triton.next_power_of_2(M))
     wl, xl, sl = _fp4_ws.layouts(cfg.block_n, block_m, cfg.block_k, bs)
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], xl)

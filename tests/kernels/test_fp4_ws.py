@@ -153,6 +153,23 @@ def test_ws_config_rules():
         WsConfig(block_n=32)
 
 
+def test_stage_width_rules():
+    """128-wide stages only for NVFP4 with the tiled copy in wide boxes (128-byte rows of scale codes); MXFP4 512."""
+    from fp4kit.kernels.fp4_ws import check_stage_width
+
+    check_stage_width(WsConfig(block_k=128, tiled=True, wide=True), 16)
+    check_stage_width(WsConfig(block_k=256), 16)
+    check_stage_width(WsConfig(block_k=512), 32)
+    with pytest.raises(ValueError, match="wide boxes"):
+        check_stage_width(WsConfig(block_k=128, tiled=True), 16)
+    with pytest.raises(ValueError, match="wide boxes"):
+        check_stage_width(WsConfig(block_k=128, tiled=True, wide=True), 32)
+    with pytest.raises(ValueError, match="MXFP4 needs block_k % 512"):
+        check_stage_width(WsConfig(block_k=256, tiled=True, wide=True), 32)
+    with pytest.raises(ValueError, match="unsupported"):
+        WsConfig(block_k=192)
+
+
 @pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
 @pytest.mark.parametrize("fmt,decode", [("nvfp4", WsDecode.FLOAT32), ("nvfp4", WsDecode.FRAG),
                                          ("mxfp4", WsDecode.FRAG)])
