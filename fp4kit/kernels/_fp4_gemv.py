@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._fp4_bits import cast_rne, half_pair_to_f32, mxfp4_scale14, ue4m3_to_f32
+from ._fp4_bits import cast_rne, half_pair_to_f32
 
 
 @triton.jit
@@ -136,28 +136,11 @@ def _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, mask, N: tl.constexpr, L: tl.cons
 
 
 @triton.jit
-def _scale14_regs(codes, PAIRED: tl.constexpr):
-    """Block scales x 2^14 from the codes, in registers: MXFP4 2^(c - 127) x 2^14 (the table's values); NVFP4
-    E4M3 x 2^14 exactly (the per-tensor factor is applied to the sums: `_epilogue`'s post). NaN codes give NaN."""
-    if PAIRED:
-        return mxfp4_scale14(codes)
-    c = codes.to(tl.int32)
-    s = ue4m3_to_f32((c & 127).to(tl.uint8)) * 16384.0
-    s = tl.where((c & 127) == 127, float("nan"), s)
-    return tl.where(c >= 128, -s, s)
-
-
-@triton.jit
 def _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, ch, m0, M, K: tl.constexpr,
-           BLOCK_M: tl.constexpr, L: tl.constexpr, INTERPRET: tl.constexpr, SCALE_REG: tl.constexpr = False,
-           PAIRED: tl.constexpr = False):
-    """Chunk ch of the K loop: decode its words and scales and add each token's products to its accumulator.
-    SCALE_REG: the block scales computed from the codes (`_scale14_regs`) instead of gathered from the table."""
+           BLOCK_M: tl.constexpr, L: tl.constexpr, INTERPRET: tl.constexpr):
+    """Chunk ch of the K loop: decode its words and scales and add each token's products to its accumulator."""
     K8: tl.constexpr = K // 8
-    if SCALE_REG:
-        scales = _split8(_scale14_regs(codes, PAIRED))  # 8 x [L, BLOCK_N]
-    else:
-        scales = _split8(tl.load(table_ptr + codes.to(tl.int32)))  # float32 s_eff * 2^14, 8 x [L, BLOCK_N]
+    scales = _split8(tl.load(table_ptr + codes.to(tl.int32)))  # float32 s_eff * 2^14, 8 x [L, BLOCK_N]
     xc = x_ptrs + ch * (16 * L)
     for J in tl.static_range(4):
         lo0, hi0 = _code_pair(w0, J, INTERPRET)  # codes J and J + 4 times 2^-14, float32 [L, BLOCK_N, 4]
@@ -176,12 +159,11 @@ def _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, ch,
 
 
 @triton.jit
-def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, post_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
+def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                     N: tl.constexpr, K: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr, SPLIT_K: tl.constexpr,
                     PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, CACHE: tl.constexpr = "",
-                    EVICT: tl.constexpr = "", STAGES: tl.constexpr = 1, PDL: tl.constexpr = False,
-                    SCALE_REG: tl.constexpr = False, HAS_POST: tl.constexpr = False):
+                    EVICT: tl.constexpr = "", STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), W in the plane layout (module docstring).
 
     Grid: (tiles of BLOCK_N rows, tiles of BLOCK_M <= 4 tokens, SPLIT_K). Split s covers chunks
@@ -198,9 +180,6 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, post_ptr, bias_ptr, y_ptr, w
     chunk is decoded, so a program keeps its loads in flight while it computes.
     CACHE / EVICT: cache modifier and eviction policy of the weight loads; STAGES: Triton's software
     pipelining depth of the K loop (`tl.range(..., num_stages=STAGES)`; 1 = none).
-    SCALE_REG: block scales computed from their codes in registers instead of gathered from the table; for
-    NVFP4 they are then E4M3 x 2^14 exactly and HAS_POST multiplies each output by post[0], the per-tensor
-    factor (1 / global scale), once.
     """
     K8: tl.constexpr = K // 8
     NCH: tl.constexpr = K8 // (16 * L)
@@ -234,7 +213,7 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, post_ptr, bias_ptr, y_ptr, w
                                             CACHE, EVICT)
         gdc_wait()
         acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, first,
-                                        m0, M, K, BLOCK_M, L, INTERPRET, SCALE_REG, PAIRED)
+                                        m0, M, K, BLOCK_M, L, INTERPRET)
     if PREFETCH:
         nw0, nw1, nw2, nw3, ncodes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, first + START, wmask & (START < CPS),
                                                  N, L, SROW, PAIRED, CACHE, EVICT)
@@ -247,18 +226,17 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, post_ptr, bias_ptr, y_ptr, w
         else:
             w0, w1, w2, w3, codes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, wmask, N, L, SROW, PAIRED, CACHE, EVICT)
         acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, ch,
-                                        m0, M, K, BLOCK_M, L, INTERPRET, SCALE_REG, PAIRED)
+                                        m0, M, K, BLOCK_M, L, INTERPRET)
     _epilogue(acc0, acc1, acc2, acc3, m0, M, rows, pid_m * tl.num_programs(0) + pid_n, pid_k, bias_ptr, y_ptr,
-              ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET, post_ptr, HAS_POST)
+              ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET)
 
 
 @triton.jit
-def fp4_gemv_persistent_kernel(x_ptr, w_ptr, s_ptr, table_ptr, post_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
+def fp4_gemv_persistent_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                                N: tl.constexpr, K: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr,
                                SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr, CACHE: tl.constexpr = "",
-                               EVICT: tl.constexpr = "", PDL: tl.constexpr = False,
-                               SCALE_REG: tl.constexpr = False, HAS_POST: tl.constexpr = False):
+                               EVICT: tl.constexpr = "", PDL: tl.constexpr = False):
     """`fp4_gemv_kernel` as a persistent grid: the same y, the same split-K partials and tickets, bit for bit.
 
     Work items are (tile of BLOCK_N rows, chunk) pairs, item = tile * SPLIT_K + chunk, with SPLIT_K equal
@@ -299,29 +277,25 @@ def fp4_gemv_persistent_kernel(x_ptr, w_ptr, s_ptr, table_ptr, post_ptr, bias_pt
         acc2 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
         acc3 = tl.zeros((L, BLOCK_N), dtype=tl.float32)
         acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, ch,
-                                        m0, M, K, BLOCK_M, L, INTERPRET, SCALE_REG, PAIRED)
+                                        m0, M, K, BLOCK_M, L, INTERPRET)
         _epilogue(acc0, acc1, acc2, acc3, m0, M, tile * BLOCK_N + r, pid_m * N_TILES + tile, ch, bias_ptr, y_ptr,
-                  ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET, post_ptr, HAS_POST)
+                  ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET)
         w0, w1, w2, w3, codes = nw0, nw1, nw2, nw3, ncodes
 
 
 @triton.jit
 def _epilogue(acc0, acc1, acc2, acc3, m0, M, rows, tile, split, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N: tl.constexpr,
-              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
-              post_ptr, HAS_POST: tl.constexpr):
-    """Per token: [BLOCK_N] sums over lanes (the one exchange between threads; times post[0] with HAS_POST), then
-    y, or this split's partials and the tile's ticket (the last split of the tile reduces in split order and
-    resets it)."""
-    post = tl.load(post_ptr) if HAS_POST else 1.0
-    _finish(tl.sum(acc0, axis=0) * post, m0, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
-            INTERPRET)
+              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """Per token: [BLOCK_N] sums over lanes (the one exchange between threads), then y, or this split's
+    partials and the tile's ticket (the last split of the tile reduces in split order and resets it)."""
+    _finish(tl.sum(acc0, axis=0), m0, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
     if BLOCK_M > 1:
-        _finish(tl.sum(acc1, axis=0) * post, m0 + 1, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
+        _finish(tl.sum(acc1, axis=0), m0 + 1, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
                 INTERPRET)
     if BLOCK_M > 2:
-        _finish(tl.sum(acc2, axis=0) * post, m0 + 2, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
+        _finish(tl.sum(acc2, axis=0), m0 + 2, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
                 INTERPRET)
-        _finish(tl.sum(acc3, axis=0) * post, m0 + 3, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
+        _finish(tl.sum(acc3, axis=0), m0 + 3, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
                 INTERPRET)
     if SPLIT_K > 1:
         tl.debug_barrier()  # every thread's partials are written before the ticket is taken

@@ -309,7 +309,6 @@ class PreparedFP4Weight:
     launches: dict = field(default_factory=dict)
     configs: dict = field(default_factory=dict)  # (M, bf16 decode) -> the skinny kernel's GemmConfig
     gemv: GemvLayout | None = None  # the CUDA-core GEMV's plane layout, built on its first use
-    post: torch.Tensor | None = None  # float32 [1] (NVFP4): the per-tensor factor, for decodes that apply it once
 
     def is_current(self, qt: QuantizedTensor) -> bool:
         return (qt.data is self.qt.data and qt.scale is self.qt.scale and qt.global_scale is self.qt.global_scale
@@ -328,12 +327,8 @@ def prepare_fp4_weight(qt: QuantizedTensor) -> PreparedFP4Weight:
     data = qt.data if qt.data.data_ptr() % 16 == 0 else qt.data.clone()
     codes = qt.scale.view(torch.uint8)
     table2, one_mul = _bf16x2_pow2_table(codes) if isinstance(qt.config, MXFP4Config) else (None, True)
-    post = None
-    if isinstance(qt.config, NVFP4Config):
-        gs = qt.global_scale.float().reshape(1)
-        post = qt.config.effective_block_scale(torch.ones_like(gs), gs).contiguous()
     return PreparedFP4Weight(qt, data.view(torch.int32), codes, _scale_table(qt), N, K, qt.config.block_size,
-                             _versions(qt), table2, one_mul, post=post)
+                             _versions(qt), table2, one_mul)
 
 
 _PREPARED: dict[int, tuple] = {}  # id(qt.data) -> (weakref to qt.data, PreparedFP4Weight)
@@ -685,11 +680,6 @@ def gemv_supported(qt: QuantizedTensor, M: int) -> bool:
     return 0 < M <= GEMV_MAX_M and gemv_lanes(qt.shape[1], qt.config.block_size) is not None
 
 
-# The GEMV's block scales computed from their codes in registers (`_fp4_gemv._scale14_regs`; NVFP4: E4M3 x 2^14
-# exactly, the per-tensor factor applied to each output once) instead of one gathered table load per block.
-GEMV_SCALE_REGS = True
-
-
 def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None,
                  config: GemvConfig | None = None, layout: GemvLayout | None = None) -> torch.Tensor:
     """One launch of fp4_gemv_kernel, or of fp4_gemv_persistent_kernel when `config.persistent` (compiled
@@ -714,19 +704,15 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
     grid = (min(programs, tiles[0] * cfg.split_k), tiles[1], 1) if cfg.persistent else tiles
     stream, ws, cnt = _launch_workspace(x2, y, cfg.split_k, tiles)
     pdl = use_pdl(x2)
-    scale_reg = GEMV_SCALE_REGS
-    has_post = scale_reg and prepared.post is not None
-    common = (x2, lay.words, lay.scales, prepared.table, prepared.post if has_post else prepared.table,
-              x2 if bias is None else bias, y, ws, cnt, M, N, K,
+    common = (x2, lay.words, lay.scales, prepared.table, x2 if bias is None else bias, y, ws, cnt, M, N, K,
               prepared.block_size == 32, bias is not None, block_m, cfg.block_n, lay.lanes, cfg.split_k)
     if cfg.persistent:
-        kernel = _fp4_gemv.fp4_gemv_persistent_kernel
-        args = common + (_interpreting(), cfg.cache, cfg.evict, pdl, scale_reg, has_post)
+        kernel, args = _fp4_gemv.fp4_gemv_persistent_kernel, common + (_interpreting(), cfg.cache, cfg.evict, pdl)
     else:
         kernel = _fp4_gemv.fp4_gemv_kernel
-        args = common + (cfg.prefetch, _interpreting(), cfg.cache, cfg.evict, cfg.stages, pdl, scale_reg, has_post)
+        args = common + (cfg.prefetch, _interpreting(), cfg.cache, cfg.evict, cfg.stages, pdl)
     key = ("gemv", cfg, lay.lanes, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
-           bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index, pdl, scale_reg)
+           bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index, pdl)
     _launch_cached(prepared, key, kernel, grid, stream, args, num_warps=cfg.num_warps,
                    num_stages=1, **({"launch_pdl": True} if pdl else {}))
     return y
