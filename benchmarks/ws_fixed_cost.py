@@ -24,6 +24,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def weight_set(N: int, K: int, M: int):
+    """Rotated NVFP4 weights [N, K] prepared for the fragment decode, an x [M, K] and the bytes one call moves:
+    (first quantized weight, {id(qt): WsWeight}, next-weight fn, x, bytes)."""
+    from bench_fp4_gemm import rotating
+
+    from fp4kit.formats import NVFP4Config, quantize
+    from fp4kit.kernels import prepare_fp4_weight
+    from fp4kit.kernels.fp4_ws import WsDecode, prepare_ws
+
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    qt0 = quantize(w, NVFP4Config())
+    qts, nxt = rotating(lambda: quantize(torch.randn_like(w) * 0.02, NVFP4Config()), qt0.nbytes)
+    wsw = {id(q): prepare_ws(q, WsDecode.FRAG, prepare_fp4_weight(q)) for q in qts}
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    return qt0, wsw, nxt, x, qt0.nbytes + 2 * M * K + 2 * M * N
+
+
 def fit(points):
     """Least-squares line through (bytes, us): (intercept us, slope us per byte)."""
     n = len(points)
@@ -46,10 +63,10 @@ def main():
                     help="launch the first (N, K, split) 8 times and stop: a target for ncu")
     args = ap.parse_args()
 
-    from bench_fp4_gemm import bench_graph, copy_bandwidth, rotating
+    from bench_fp4_gemm import bench_graph, copy_bandwidth
 
     from fp4kit.formats import NVFP4Config, quantize
-    from fp4kit.kernels import fp4_gemm, prepare_fp4_weight
+    from fp4kit.kernels import fp4_gemm
     from fp4kit.kernels.fp4_ws import WsConfig, WsDecode, _layout_switches, fp4_ws_matmul, prepare_ws
 
     torch.manual_seed(0)
@@ -68,18 +85,13 @@ def main():
     rows = []
     for N in args.n:
         for K in args.ks:
-            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-            qt0 = quantize(w, NVFP4Config())
-            qts, nxt = rotating(lambda: quantize(torch.randn_like(w) * 0.02, NVFP4Config()), qt0.nbytes)
-            wsw = {id(q): prepare_ws(q, WsDecode.FRAG, prepare_fp4_weight(q)) for q in qts}
-            x = torch.randn(args.m, K, device="cuda", dtype=torch.bfloat16)
-            nbytes = qt0.nbytes + 2 * args.m * K + 2 * args.m * N
+            qt0, wsw, nxt, x, nbytes = weight_set(N, K, args.m)
             for sk in args.splits:
                 if (K // 256) % sk:
                     continue
                 cfg = _layout_switches(WsConfig(block_n=args.block_n, block_k=256, stages=2, split_k=sk), args.m, K)
-                for q in qts:  # per-weight copies built eagerly, never inside a capture
-                    fp4_ws_matmul(x, wsw[id(q)], config=cfg)
+                for ws in wsw.values():  # per-weight copies built eagerly, never inside a capture
+                    fp4_ws_matmul(x, ws, config=cfg)
                 for pdl in (True, False):
                     fp4_gemm.PDL = pdl
                     fp4_gemm._PDL_DEVICES.clear()
@@ -88,7 +100,6 @@ def main():
                                      roofline_us=nbytes / bw * 1e6, steps_per_program=K // 256 // sk))
                     print(f"N={N} K={K:6d} split {sk} pdl {int(pdl)}: {us:6.2f} us (roofline {nbytes / bw * 1e6:5.2f})",
                           flush=True)
-            del qts, wsw
             torch.cuda.empty_cache()
     fits = []
     for N in args.n:

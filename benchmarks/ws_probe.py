@@ -95,11 +95,11 @@ def main():
     args = ap.parse_args()
 
     import fp4kit.kernels as pkg
-    from bench_fp4_gemm import bench_graph, copy_bandwidth, rotating
+    from bench_fp4_gemm import bench_graph, copy_bandwidth
+    from ws_fixed_cost import weight_set
 
-    from fp4kit.formats import NVFP4Config, quantize
-    from fp4kit.kernels import fp4_gemm, fp4_ws, prepare_fp4_weight
-    from fp4kit.kernels.fp4_ws import WsConfig, WsDecode, _layout_switches, fp4_ws_matmul, prepare_ws
+    from fp4kit.kernels import fp4_gemm, fp4_ws
+    from fp4kit.kernels.fp4_ws import WsConfig, _layout_switches, fp4_ws_matmul
 
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -109,12 +109,7 @@ def main():
     rows = []
     N = args.n
     for K in args.ks:
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-        qt0 = quantize(w, NVFP4Config())
-        qts, nxt = rotating(lambda: quantize(torch.randn_like(w) * 0.02, NVFP4Config()), qt0.nbytes)
-        wsw = {id(q): prepare_ws(q, WsDecode.FRAG, prepare_fp4_weight(q)) for q in qts}
-        x = torch.randn(args.m, K, device="cuda", dtype=torch.bfloat16)
-        nbytes = qt0.nbytes + 2 * args.m * K + 2 * args.m * N
+        qt0, wsw, nxt, x, nbytes = weight_set(N, K, args.m)
         for sk in args.splits:
             if (K // 256) % sk:
                 continue
@@ -137,7 +132,7 @@ def main():
                         def fn():
                             fp4_ws_matmul(x, wsw[id(nxt())], config=cfg)
                     try:
-                        for q in qts:  # compile and build the per-weight copies outside the capture
+                        for _ in wsw:  # compile and build the per-weight copies outside the capture
                             fn()
                         us = bench_graph(fn)
                     finally:
@@ -147,7 +142,6 @@ def main():
                                      roofline_us=nbytes / bw * 1e6))
                     print(f"K={K:6d} split {sk} pdl {int(pdl)} {v:9s} {us:6.2f} us (roofline {nbytes / bw * 1e6:5.2f})",
                           flush=True)
-        del qts, wsw
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
