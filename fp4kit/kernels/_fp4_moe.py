@@ -44,7 +44,8 @@ def _tile_dot(acc, x, words, codes, table, BS: tl.constexpr, BLOCK_N: tl.constex
               SCALE_REG: tl.constexpr = False):
     """acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] @ dequant(words, codes).T (the skinny kernel's decode,
     `_fp4_gemm.decode_weight_tile`; LUT: fp4_mma's byte-permute table decode, `decode_weight_tile_lut`, with
-    the expert's [256, 4] table; both give the twin's weights bit for bit)."""
+    the expert's [256, 4] table). The twin's weights bit for bit, except NVFP4's bf16 decode (MX_BF16 with
+    POST in `fp4_moe_kernel`), which gives the exact products code x E4M3 x 2^-9 instead."""
     if LUT:
         w = decode_weight_tile_lut(words, codes, table, x.dtype, BLOCK_N, BLOCK_K, BS, INTERPRET)
     else:
