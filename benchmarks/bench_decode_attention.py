@@ -20,10 +20,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPE = dict(Hq=32, Hkv=8, D=128)  # Llama-3-8B attention
 KNOBS = ("ATTN_BLOCK_L", "ATTN_NUM_WARPS", "ATTN_NUM_STAGES", "ATTN_PROGRAMS_PER_SM", "ATTN_FP8_F16")
