@@ -35,7 +35,7 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_L: tl.constexpr, ITERS: tl.constexpr, N_SPLITS: tl.constexpr,
                              IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
-                             PDL: tl.constexpr = False, FP8_F16: tl.constexpr = False):
+                             PDL: tl.constexpr = False):
     # grid (B, Hkv, N_SPLITS): row b, kv head h, keys [s * ITERS * BLOCK_L, (s + 1) * ITERS * BLOCK_L)
     _chain_wait(PDL)
     b = tl.program_id(0)
@@ -52,8 +52,6 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
                 mask=gm[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     if DOT_F32:
         q = q.to(tl.float32)
-    elif FP8_F16:
-        q = q.to(tl.float16)  # bf16 -> f16 is exact in f16's normal range (|q| in [2^-14, 65504])
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)  # finite: a split with no visible key stays NaN-free
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -67,17 +65,13 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
         offs = kv_base + j[:, None] * stride_ks + d[None, :]
         lm = vis[:, None] & dm[None, :]
         if IS_FP8:  # codes read as bytes (the interpreter cannot mask fp8 loads), decoded exactly
+            kc = tl.load(k_ptr + offs, mask=lm, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            vc = tl.load(v_ptr + offs, mask=lm, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
             ksc = tl.load(ks_ptr + sc_base + j, mask=vis, other=0.0)
             vsc = tl.load(vs_ptr + sc_base + j, mask=vis, other=0.0)
-            if FP8_F16:  # one cvt per two codes (e4m3x2 -> f16x2); bf16 would go through float32
-                kc = tl.load(k_ptr + offs, mask=lm, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-                vc = tl.load(v_ptr + offs, mask=lm, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-            else:
-                kc = tl.load(k_ptr + offs, mask=lm, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                vc = tl.load(v_ptr + offs, mask=lm, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                if not DOT_F32:
-                    kc = kc.to(q.dtype)  # E4M3 values are exact in bf16 / fp16
-                    vc = vc.to(q.dtype)
+            if not DOT_F32:
+                kc = kc.to(q.dtype)  # E4M3 values are exact in bf16 / fp16
+                vc = vc.to(q.dtype)
         else:
             kc = tl.load(k_ptr + offs, mask=lm, other=0.0)
             vc = tl.load(v_ptr + offs, mask=lm, other=0.0)
@@ -95,19 +89,12 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IS_FP8 and FP8_F16:
-            # f16 has 5 exponent bits: p_j s_j could fall below its normal range, so the tile's largest
-            # scale is factored out: sum_j (p_j s_j) c_j = s_ref sum_j (p_j s_j / s_ref) c_j
-            s_ref = tl.maximum(tl.max(vsc, axis=0), 1.0e-30)
-            p = p * (vsc * (1.0 / s_ref))[None, :]
-            acc = acc * alpha[:, None] + s_ref * tl.dot(p.to(tl.float16), vc)
+        if IS_FP8:
+            p = p * vsc[None, :]  # sum_j p_j (code_j * scale_j) = sum_j (p_j scale_j) code_j
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, vc, input_precision="ieee")
         else:
-            if IS_FP8:
-                p = p * vsc[None, :]  # sum_j p_j (code_j * scale_j) = sum_j (p_j scale_j) code_j
-            if DOT_F32:
-                acc = acc * alpha[:, None] + tl.dot(p, vc, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         m_i = m_new
     # partials: part [B, Hkv, N_SPLITS, G, BLOCK_D] float32; ml [B, Hkv, N_SPLITS, 2, BLOCK_G]
     cell = (b * n_kv + h) * N_SPLITS + s
