@@ -35,7 +35,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from eval_matrix import TASKS, evaluate_items, load_items
 
 FORMATS = ("nvfp4", "mxfp4")
-METHODS = ("rtn", "mse", "gptq", "mr-gptq", "signround", "mr-signround")
+METHODS = ("rtn", "mse", "gptq", "mr-gptq", "signround", "mr-signround",
+           "gptq-seq", "mr-gptq-seq", "gptaq", "mr-gptaq")
+# *-seq: sequential GPTQ (layer by layer on the quantized layers' outputs); gptaq / mr-gptaq: sequential with
+# asymmetric calibration (GPTQConfig.asymmetric: each layer fitted to the float model's output)
+SEQUENTIAL = {"gptq-seq": ("gptq", False), "mr-gptq-seq": ("mr-gptq", False), "gptaq": ("gptq", True),
+              "mr-gptaq": ("mr-gptq", True)}
 W4A16_ONLY = ("signround", "mr-signround")  # SignRound simulates no activation quantization
 ACTIVATIONS = ("none", "fp4", "fp4-ri")  # fp4-ri: W4A4 with GPTQ Hessians of the rounded inputs (GPTQ methods)
 ACT_SUFFIX = {"none": "", "fp4": "+a4", "fp4-ri": "+a4ri"}
@@ -55,7 +60,7 @@ def variants(spec: str) -> list[tuple[str, str, str]]:
             raise ValueError(f"bad variant {v!r}: FORMAT in {FORMATS}, METHOD in {METHODS}, ACT in {ACTIVATIONS}")
         if m in W4A16_ONLY and a != "none":
             raise ValueError(f"bad variant {v!r}: {m} is W4A16 only (ACT none)")
-        if a == "fp4-ri" and m not in ("gptq", "mr-gptq"):
+        if a == "fp4-ri" and m not in ("gptq", "mr-gptq", *SEQUENTIAL):
             raise ValueError(f"bad variant {v!r}: rounded-input Hessians (fp4-ri) need gptq or mr-gptq")
         out.append((f, m, a))
     return out
@@ -104,8 +109,10 @@ def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: i
     from fp4kit.algorithms import GPTQConfig, PTQMethod, PTQRecipe, SignRoundConfig, apply_ptq
 
     config = fp4kit.NVFP4Config() if fmt == "nvfp4" else fp4kit.MXFP4Config()
-    recipe = PTQRecipe(method=PTQMethod(method), signround=SignRoundConfig(iters=signround_iters),
-                       gptq=GPTQConfig(rounded_inputs=act == "fp4-ri"))
+    base, asymmetric = SEQUENTIAL.get(method, (method, False))
+    recipe = PTQRecipe(method=PTQMethod(base), signround=SignRoundConfig(iters=signround_iters),
+                       gptq=GPTQConfig(rounded_inputs=act == "fp4-ri", asymmetric=asymmetric),
+                       sequential=method in SEQUENTIAL)
     return apply_ptq(model, config, recipe, batches=batches,
                      activations=config if act != "none" else None, progress=False)
 
@@ -129,7 +136,7 @@ def load_with_tokenizer(spec: str, tokenizer_dir: pathlib.Path, dtype):
     return model, AutoTokenizer.from_pretrained(tokenizer_dir), src
 
 
-CALIBRATED = ("gptq", "mr-gptq")  # methods whose cost is dominated by the GPTQ sweep
+CALIBRATED = ("gptq", "mr-gptq", *SEQUENTIAL)  # methods whose cost is dominated by the GPTQ sweep
 LEARNED = ("signround", "mr-signround")  # methods whose cost is dominated by per-block signSGD
 
 
