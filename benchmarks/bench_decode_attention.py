@@ -12,8 +12,9 @@ and head) over the copy bandwidth measured in the same run. Each setting is chec
 (`decode_attention_torch`) on the device before it is timed.
 
 The settings are `fp4kit.kernels.decode_ops`' module constants (`ATTN_BLOCK_L`, `ATTN_NUM_WARPS`,
-`ATTN_NUM_STAGES`, `ATTN_PROGRAMS_PER_SM`, `ATTN_FP8_PAIRS`); the bench sets them, runs, and puts them back. (Commit 2409eef
-also had `ATTN_FP8_F16`, an f16 decode of the FP8 codes; measured no faster, removed: BENCHMARKS.md.)
+`ATTN_NUM_STAGES`, `ATTN_PROGRAMS_PER_SM`); the bench sets them, runs, and puts them back. (Commits 2409eef
+and c5d78e7 also had `ATTN_FP8_F16` and `ATTN_FP8_PAIRS`, two other decodes of the FP8 codes; measured slower,
+removed: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPE = dict(Hq=32, Hkv=8, D=128)  # Llama-3-8B attention
-KNOBS = ("ATTN_BLOCK_L", "ATTN_NUM_WARPS", "ATTN_NUM_STAGES", "ATTN_PROGRAMS_PER_SM", "ATTN_FP8_PAIRS")
+KNOBS = ("ATTN_BLOCK_L", "ATTN_NUM_WARPS", "ATTN_NUM_STAGES", "ATTN_PROGRAMS_PER_SM")
 
 
 def _caches(n: int, B: int, L: int, kv: str, device):
@@ -104,7 +105,6 @@ def main():
     ap.add_argument("--pps", type=int, nargs="+", default=[2, 4, 8], help="ATTN_PROGRAMS_PER_SM")
     ap.add_argument("--set", nargs="*", default=[], help="KNOB=VALUE settings for the non-sweep run, e.g. "
                     "ATTN_BLOCK_L=32 ATTN_NUM_STAGES=3 (several runs: separate them with ';' in one argument)")
-    ap.add_argument("--pairs", type=int, nargs="+", default=[0, 1], help="ATTN_FP8_PAIRS (FP8 cache only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -117,8 +117,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     if args.sweep:
-        runs = [dict(zip(KNOBS, c)) for c in itertools.product(args.block_l, args.warps, args.stages, args.pps,
-                                                                 [bool(p) for p in args.pairs])]
+        runs = [dict(zip(KNOBS, c)) for c in itertools.product(args.block_l, args.warps, args.stages, args.pps)]
     else:
         runs = []
         for group in (";".join(args.set) or "").split(";"):
@@ -135,8 +134,6 @@ def main():
         seen = set()
         for s in runs:
             full = {k: s.get(k, getattr(decode_ops, k)) for k in KNOBS}
-            if kv == "bf16":
-                full["ATTN_FP8_PAIRS"] = False  # a bf16 cache has no codes to pair
             key = tuple(full.values())
             if key in seen:
                 continue

@@ -29,30 +29,13 @@ def _chain_wait(PDL: tl.constexpr):
 
 
 @triton.jit
-def _e4m3_pairs_to_f16(x, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, ASM: tl.constexpr):
-    # x int16 [BLOCK_L, BLOCK_D / 2], two E4M3 codes each (low byte first) -> f16 [BLOCK_L, BLOCK_D], exact.
-    # ASM (GPU): one cvt.rn.f16x2.e4m3x2 per pair. Else (the interpreter runs no PTX): the code's exponent and
-    # mantissa bits placed as f16's give code * 2^-8 exactly (bias 15 vs 7; E4M3 subnormals land on f16
-    # subnormals with the same factor), then * 256, exact in f16.
-    if ASM:
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }", "=h,=h,h", [x],
-            dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-        return tl.join(lo, hi).reshape(BLOCK_L, BLOCK_D)
-    w = x.to(tl.int32) & 0xFFFF
-    lo = (((w & 0x7F) << 7) | ((w & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (((w & 0x7F00) >> 1) | (w & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True)
-    return tl.join(lo, hi).reshape(BLOCK_L, BLOCK_D) * 256.0
-
-
-@triton.jit
 def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_ptr, part_ptr, ml_ptr,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
                              window, qk_scale,
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_L: tl.constexpr, ITERS: tl.constexpr, N_SPLITS: tl.constexpr,
                              IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
-                             PDL: tl.constexpr = False, FP8_PAIRS: tl.constexpr = False, ASM: tl.constexpr = True):
+                             PDL: tl.constexpr = False):
     # grid (B, Hkv, N_SPLITS): row b, kv head h, keys [s * ITERS * BLOCK_L, (s + 1) * ITERS * BLOCK_L)
     _chain_wait(PDL)
     b = tl.program_id(0)
@@ -69,9 +52,6 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
                 mask=gm[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     if DOT_F32:
         q = q.to(tl.float32)
-    elif FP8_PAIRS:
-        q = q.to(tl.float16)  # exact for bf16 values in f16's normal range
-    dp = tl.arange(0, BLOCK_D // 2)
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)  # finite: a split with no visible key stays NaN-free
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -84,15 +64,7 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
             vis = vis & ((slot - j < window) | (j == slot))
         offs = kv_base + j[:, None] * stride_ks + d[None, :]
         lm = vis[:, None] & dm[None, :]
-        if IS_FP8 and FP8_PAIRS:
-            ksc = tl.load(ks_ptr + sc_base + j, mask=vis, other=0.0)
-            vsc = tl.load(vs_ptr + sc_base + j, mask=vis, other=0.0)
-            offs2 = (kv_base + j[:, None] * stride_ks) // 2 + dp[None, :]
-            kc = _e4m3_pairs_to_f16(tl.load(k_ptr.to(tl.pointer_type(tl.int16)) + offs2, mask=vis[:, None], other=0),
-                                    BLOCK_L, BLOCK_D, ASM)
-            vc = _e4m3_pairs_to_f16(tl.load(v_ptr.to(tl.pointer_type(tl.int16)) + offs2, mask=vis[:, None], other=0),
-                                    BLOCK_L, BLOCK_D, ASM)
-        elif IS_FP8:  # codes read as bytes (the interpreter cannot mask fp8 loads), decoded exactly
+        if IS_FP8:  # codes read as bytes (the interpreter cannot mask fp8 loads), decoded exactly
             kc = tl.load(k_ptr + offs, mask=lm, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
             vc = tl.load(v_ptr + offs, mask=lm, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
             ksc = tl.load(ks_ptr + sc_base + j, mask=vis, other=0.0)
@@ -117,18 +89,12 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IS_FP8 and FP8_PAIRS:
-            # f16 P: the tile's largest V scale factored out so p_j s_j / s_ref stays in f16's normal range
-            s_ref = tl.maximum(tl.max(vsc, axis=0), 1.0e-30)
-            p = p * (vsc * (1.0 / s_ref))[None, :]
-            acc = acc * alpha[:, None] + s_ref * tl.dot(p.to(tl.float16), vc)
+        if IS_FP8:
+            p = p * vsc[None, :]  # sum_j p_j (code_j * scale_j) = sum_j (p_j scale_j) code_j
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, vc, input_precision="ieee")
         else:
-            if IS_FP8:
-                p = p * vsc[None, :]  # sum_j p_j (code_j * scale_j) = sum_j (p_j scale_j) code_j
-            if DOT_F32:
-                acc = acc * alpha[:, None] + tl.dot(p, vc, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         m_i = m_new
     # partials: part [B, Hkv, N_SPLITS, G, BLOCK_D] float32; ml [B, Hkv, N_SPLITS, 2, BLOCK_G]
     cell = (b * n_kv + h) * N_SPLITS + s

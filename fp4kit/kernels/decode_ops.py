@@ -51,9 +51,7 @@ ATTN_BLOCK_L = 64  # keys per tile on the GPU (16 in the interpreter)
 ATTN_PROGRAMS_PER_SM = 4  # split the keys until the grid has about this many programs per SM
 ATTN_MAX_SPLITS = 64
 ATTN_NUM_WARPS = 4
-ATTN_NUM_STAGES = 2  # (benchmarks/bench_decode_attention.py sweeps these; BENCHMARKS.md has the H100 results)
-# FP8 cache read as int16 pairs of codes, each pair decoded to f16x2 by one cvt, both products in f16
-ATTN_FP8_PAIRS = False
+ATTN_NUM_STAGES = 2  # (benchmarks/bench_decode_attention.py sweeps these five; BENCHMARKS.md has the H100 results)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +117,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return decode_attention_torch(q, k_cache, v_cache, k_scale, v_scale, pad, slot, kv_len, window, scaling)
     G = Hq // Hkv
     interp = _interpreting()
-    pairs = fp8 and ATTN_FP8_PAIRS and q.dtype != torch.float32 and D % 2 == 0
     block_l = 16 if interp else ATTN_BLOCK_L
     splits, iters = _attn_splits(B, Hkv, kv_len, block_l, 132 if interp else _sm_count(q.device))
     block_g, block_d = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
@@ -134,8 +131,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(2), ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
         window if window is not None else 0, scaling * LOG2E,
         G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_L=block_l, ITERS=iters, N_SPLITS=splits,
-        IS_FP8=fp8, HAS_WINDOW=window is not None, DOT_F32=(interp and not pairs) or q.dtype == torch.float32,
-        FP8_PAIRS=pairs, ASM=not interp,
+        IS_FP8=fp8, HAS_WINDOW=window is not None, DOT_F32=interp or q.dtype == torch.float32,
         num_warps=ATTN_NUM_WARPS, num_stages=ATTN_NUM_STAGES, **_pdl_args(q))
     _decode_ops.decode_attn_combine_kernel[(B, Hq)](
         part, ml, out, out.stride(0), Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, N_SPLITS=splits,
