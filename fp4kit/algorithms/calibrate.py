@@ -214,7 +214,7 @@ def quantize_layer(name: str, W: torch.Tensor, config, hessian: Hessian | None, 
                          "model's (Hessian.add_pair); only sequential GPTQ collects them (--sequential)")
     qt = gptq(W, H, config, block_size=opts.block_size, damp=opts.damp, act_order=opts.act_order,
               scale_search_config=opts.scale_search, amax=amax, name=f"{name}.weight",
-              delta=hessian.delta if opts.asymmetric else None)
+              delta=hessian.delta if opts.asymmetric else None, asymmetric_damp=opts.asymmetric_damp)
     result.output_error[name] = output_error(W.float(), qt.dequantize(), H.float()) / hessian.tokens
     return qt
 

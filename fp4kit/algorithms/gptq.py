@@ -38,12 +38,16 @@ is X W^T, so the asymmetric objective is
 
     min_Q ||X W^T - X~ Q^T||^2,     H~ = X~^T X~,   Delta = X~^T (X - X~)   [K, K]
 
-With the damping GPTQ already adds (a ridge term lambda ||Q - W||^2, lambda = damp * mean(diag H~)), the
-unconstrained minimiser is W* = W + W Delta^T (H~ + lambda I)^-1, and the objective splits into
-tr((W* - Q)(H~ + lambda I)(W* - Q)^T) plus a constant: GPTQ of the target W* against H~. So the
-asymmetric run is one K x K solve before the sweep, and the same sweep (the scales are fixed from W*).
-With X = X~, Delta = 0 and W* = W exactly: the symmetric case is unchanged. (GPTAQ, Li et al. 2025,
-arXiv 2504.02692, derives the same objective with a per-column correction inside the sweep.)
+With a ridge term lambda ||Q - W||^2 (lambda = asymmetric_damp * mean(diag H~)), the unconstrained minimiser
+is W* = W + W Delta^T (H~ + lambda I)^-1, and the objective splits into tr((W* - Q)(H~ + lambda I)(W* - Q)^T)
+plus a constant: GPTQ of the target W* against H~. So the asymmetric run is one K x K solve before the
+sweep, and the same sweep (the scales are fixed from W*). With X = X~, Delta = 0 and W* = W exactly: the
+symmetric case is unchanged. (GPTAQ, Li et al. 2025, arXiv 2504.02692, derives the asymmetric objective with
+a per-column correction inside the sweep.) The ridge matters: with GPTQ's own damping (0.01) the exact
+least-squares correction fits noise in the calibration set (SmolLM2, 2K-8K tokens for inputs of 576-1536:
+weights moved 8-60%, every decoder layer's output further from the float model's than plain sequential
+GPTQ's, even on the calibration tokens); at lambda = mean(diag H~) the correction is a short step towards
+the float output and the layer outputs come closer (BENCHMARKS.md, "Asymmetric GPTQ").
 
 Simplifications against IST-DASLab's gptq.py: no static grouping or zero-points (the FP4 format
 fixes the groups), no in-place layer mutation; a pure function of (W, H, format config).
@@ -69,7 +73,8 @@ class GPTQConfig:
     `rounded_inputs`: with quantized activations (W4A4 / W4A8), build each layer's Hessian from its inputs
     rounded as the quantized layer rounds them (the X it will multiply) instead of the float inputs;
     `asymmetric`: fit the quantized layer on its drifted input X~ to the float model's output X W^T
-    (see the module docstring; needs the float model's inputs, so sequential GPTQ only)."""
+    (see the module docstring; needs the float model's inputs, so sequential GPTQ only); `asymmetric_damp`:
+    the ridge of that target's solve, a fraction of mean(diag H) (1.0: measured, see the module docstring)."""
 
     block_size: int = 128
     damp: float = 0.01
@@ -77,12 +82,15 @@ class GPTQConfig:
     scale_search: ScaleSearchConfig | None = None
     rounded_inputs: bool = False
     asymmetric: bool = False
+    asymmetric_damp: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"GPTQConfig.block_size must be a positive int, got {self.block_size!r}")
         if not 0.0 <= self.damp <= 1.0:
             raise ValueError(f"GPTQConfig.damp must be in [0, 1], got {self.damp!r}")
+        if not self.asymmetric_damp > 0.0:
+            raise ValueError(f"GPTQConfig.asymmetric_damp must be > 0, got {self.asymmetric_damp!r}")
         if self.scale_search is not None and not isinstance(self.scale_search, ScaleSearchConfig):
             raise TypeError(f"GPTQConfig.scale_search must be a ScaleSearchConfig or None, "
                             f"got {type(self.scale_search).__name__}")
@@ -146,12 +154,14 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, delta: torch.Tensor, dam
 
 def gptq(W: torch.Tensor, H: torch.Tensor, config: NVFP4Config | MXFP4Config, *, block_size: int = 128,
          damp: float = 0.01, act_order: bool = False, scale_search_config: ScaleSearchConfig | None = None,
-         amax=None, name: str = "weight", delta: torch.Tensor | None = None) -> QuantizedTensor:
+         amax=None, name: str = "weight", delta: torch.Tensor | None = None,
+         asymmetric_damp: float = 1.0) -> QuantizedTensor:
     """Quantize W [N, K] with GPTQ against the input Hessian H [K, K] (sum of x^T x over tokens).
 
     Returns a QuantizedTensor in the layout of `config.quantize(W)`. `amax` fixes the NVFP4
     global scale (fused shards); `scale_search_config` picks the block scales by MSE search.
-    `delta` [K, K] (= X~^T (X - X~)): asymmetric calibration, GPTQ of `asymmetric_target(W, H, delta)`.
+    `delta` [K, K] (= X~^T (X - X~)): asymmetric calibration, GPTQ of `asymmetric_target(W, H, delta,
+    asymmetric_damp)`.
     """
     opts = GPTQConfig(block_size, damp, act_order, scale_search_config)
     if not isinstance(config, (NVFP4Config, MXFP4Config)):
@@ -159,7 +169,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, config: NVFP4Config | MXFP4Config, *,
     check_quantizable(W, config.block_size, name, config.name.upper())
     N, K = _check_shapes(W, H, name)
     if delta is not None:
-        W = asymmetric_target(W, H, delta, opts.damp, name)
+        W = asymmetric_target(W, H, delta, asymmetric_damp, name)
         check_finite(W, f"{name} asymmetric target")
     qt = (quantize(W, config, amax=amax, name=name) if opts.scale_search is None
           else scale_search(W, config, opts.scale_search, amax=amax, name=name))

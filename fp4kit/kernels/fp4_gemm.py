@@ -528,12 +528,13 @@ def _gemv_bit_positions(device) -> torch.Tensor:
     return torch.cat((low, low + 16))
 
 
-def gemv_layout(qt: QuantizedTensor, lanes: int = GEMV_LANES) -> GemvLayout:
+def gemv_layout(qt: QuantizedTensor, lanes: int = GEMV_LANES, rows_per_chunk: int | None = None) -> GemvLayout:
     """Re-lay a 2-D FP4 weight for `_fp4_gemv.fp4_gemv_kernel` (pure torch, exact, any device).
 
     words: plane j of logical word i is the code of k = j * K/8 + i, its bits at
     GEMV_BIT_POSITIONS; a chunk of 16 L logical words [L (lane), 4 (r), 4 (c)] is stored as
     [4 (r), L (lane), 4 (c)]. scales: block b = j * K/(8 bs) + g of row n goes to [n, g, j].
+    The words are built `rows_per_chunk` rows at a time (default: ~128 MB of int64 temporaries).
     """
     _check_fp4(qt, "gemv_layout")
     N, K = qt.shape
@@ -543,11 +544,16 @@ def gemv_layout(qt: QuantizedTensor, lanes: int = GEMV_LANES) -> GemvLayout:
         raise ValueError(f"gemv_layout: {type(qt.config).__name__} (block {bs}) needs in_features % {8 * bs} == 0; "
                          f"the weight has {K}")
     K8 = K // 8
-    planes = _codes(qt).view(N, 8, K8, 1).to(torch.int64)  # [N, j, i, 1]
-    pos = _gemv_bit_positions(planes.device)[None, :, None, :]  # [1, j, 1, bit]
-    bit = torch.arange(4, dtype=torch.int64, device=planes.device)
-    words = (((planes >> bit) & 1) << pos).sum(dim=(1, 3))  # disjoint bits: the sum is the OR, < 2^32
-    words = (words - ((words >> 31) << 32)).to(torch.int32)  # the same 32 bits as a signed int32
+    codes = _codes(qt)
+    pos = _gemv_bit_positions(codes.device)[None, :, None, :]  # [1, j, 1, bit]
+    bit = torch.arange(4, dtype=torch.int64, device=codes.device)
+    words = torch.empty(N, K8, dtype=torch.int32, device=codes.device)
+    # rows in chunks: the int64 bit expansion is 32 bytes per weight (16.8 GB for a 128256 x 4096 head at once)
+    step = rows_per_chunk or max(1, (1 << 27) // (32 * K))
+    for r0 in range(0, N, step):
+        planes = codes[r0:r0 + step].view(-1, 8, K8, 1).to(torch.int64)  # [rows, j, i, 1]
+        w = (((planes >> bit) & 1) << pos).sum(dim=(1, 3))  # disjoint bits: the sum is the OR, < 2^32
+        words[r0:r0 + step] = (w - ((w >> 31) << 32)).to(torch.int32)  # the same 32 bits as a signed int32
     words = words.view(N, K8 // (16 * L), L, 4, 4).transpose(2, 3).reshape(N, K8).contiguous()
     scales = qt.scale.view(torch.uint8).view(N, 8, K // (8 * bs)).transpose(1, 2).contiguous()
     return GemvLayout(words, scales, L)
