@@ -51,7 +51,9 @@ ATTN_BLOCK_L = 64  # keys per tile on the GPU (16 in the interpreter)
 ATTN_PROGRAMS_PER_SM = 4  # split the keys until the grid has about this many programs per SM
 ATTN_MAX_SPLITS = 64
 ATTN_NUM_WARPS = 4
-ATTN_NUM_STAGES = 2  # (benchmarks/bench_decode_attention.py sweeps these five; BENCHMARKS.md has the H100 results)
+ATTN_NUM_STAGES = 2
+ATTN_MAXNREG = None  # registers per thread cap for the split kernel (None: the compiler's choice)
+# (benchmarks/bench_decode_attention.py sweeps these; BENCHMARKS.md has the H100 results)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +134,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         window if window is not None else 0, scaling * LOG2E,
         G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_L=block_l, ITERS=iters, N_SPLITS=splits,
         IS_FP8=fp8, HAS_WINDOW=window is not None, DOT_F32=interp or q.dtype == torch.float32,
-        num_warps=ATTN_NUM_WARPS, num_stages=ATTN_NUM_STAGES, **_pdl_args(q))
+        num_warps=ATTN_NUM_WARPS, num_stages=ATTN_NUM_STAGES, **_pdl_args(q),
+        **({"maxnreg": ATTN_MAXNREG} if ATTN_MAXNREG and not interp else {}))
     _decode_ops.decode_attn_combine_kernel[(B, Hq)](
         part, ml, out, out.stride(0), Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, N_SPLITS=splits,
         BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4, **_pdl_args(q))
