@@ -35,12 +35,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from eval_matrix import TASKS, evaluate_items, load_items
 
 FORMATS = ("nvfp4", "mxfp4")
-METHODS = ("rtn", "mse", "gptq", "mr-gptq", "signround", "mr-signround",
-           "gptq-seq", "mr-gptq-seq", "gptaq", "mr-gptaq")
-# *-seq: sequential GPTQ (layer by layer on the quantized layers' outputs); gptaq / mr-gptaq: sequential with
-# asymmetric calibration (GPTQConfig.asymmetric: each layer fitted to the float model's output)
-SEQUENTIAL = {"gptq-seq": ("gptq", False), "mr-gptq-seq": ("mr-gptq", False), "gptaq": ("gptq", True),
-              "mr-gptaq": ("mr-gptq", True)}
+METHODS = ("rtn", "mse", "gptq", "mr-gptq", "signround", "mr-signround", "gptq-seq", "mr-gptq-seq")
+SEQUENTIAL = {"gptq-seq": "gptq", "mr-gptq-seq": "mr-gptq"}  # GPTQ layer by layer on the quantized layers' outputs
 W4A16_ONLY = ("signround", "mr-signround")  # SignRound simulates no activation quantization
 ACTIVATIONS = ("none", "fp4", "fp4-ri")  # fp4-ri: W4A4 with GPTQ Hessians of the rounded inputs (GPTQ methods)
 ACT_SUFFIX = {"none": "", "fp4": "+a4", "fp4-ri": "+a4ri"}
@@ -49,10 +45,11 @@ MAIN_METRIC = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge":
 
 
 def variants(spec: str) -> list[tuple[str, str, str]]:
-    """'all' (the round-1 matrix: every method but SignRound's) or a comma list of FORMAT:METHOD:ACT (e.g.
+    """'all' (the round-1 matrix: every method but SignRound's and the sequential GPTQs) or a comma list of FORMAT:METHOD:ACT (e.g.
     nvfp4:gptq:none, mxfp4:mr-signround:none); bf16 always runs first."""
     if spec == "all":
-        return [(f, m, a) for f in FORMATS for a in ("none", "fp4") for m in METHODS if m not in W4A16_ONLY]
+        return [(f, m, a) for f in FORMATS for a in ("none", "fp4") for m in METHODS
+                if m not in W4A16_ONLY and m not in SEQUENTIAL]
     out = []
     for v in spec.split(","):
         f, m, a = v.split(":")
@@ -109,10 +106,9 @@ def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: i
     from fp4kit.algorithms import GPTQConfig, PTQMethod, PTQRecipe, SignRoundConfig, apply_ptq
 
     config = fp4kit.NVFP4Config() if fmt == "nvfp4" else fp4kit.MXFP4Config()
-    base, asymmetric = SEQUENTIAL.get(method, (method, False))
-    recipe = PTQRecipe(method=PTQMethod(base), signround=SignRoundConfig(iters=signround_iters),
-                       gptq=GPTQConfig(rounded_inputs=act == "fp4-ri", asymmetric=asymmetric),
-                       sequential=method in SEQUENTIAL)
+    recipe = PTQRecipe(method=PTQMethod(SEQUENTIAL.get(method, method)),
+                       signround=SignRoundConfig(iters=signround_iters),
+                       gptq=GPTQConfig(rounded_inputs=act == "fp4-ri"), sequential=method in SEQUENTIAL)
     return apply_ptq(model, config, recipe, batches=batches,
                      activations=config if act != "none" else None, progress=False)
 

@@ -107,5 +107,6 @@ def test_variants_parse_and_reject():
     with pytest.raises(ValueError, match="bad variant 'nvfp4:awq:none'"):
         pm.variants("nvfp4:awq:none")
     assert pm.variants("mxfp4:gptq:fp4-ri") == [("mxfp4", "gptq", "fp4-ri")]
+    assert pm.variants("nvfp4:mr-gptq-seq:none") == [("nvfp4", "mr-gptq-seq", "none")]
     with pytest.raises(ValueError, match="need gptq or mr-gptq"):
         pm.variants("mxfp4:rtn:fp4-ri")

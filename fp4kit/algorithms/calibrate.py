@@ -74,30 +74,15 @@ class CalibrationConfig:
 
 @dataclass
 class Hessian:
-    """Sum over calibration tokens of x^T x for one layer's input x [K], and the token count. For
-    asymmetric GPTQ also `delta`, the sum of x^T (x_float - x) with x_float the float model's input to the
-    same layer at the same token (`add_pair`)."""
+    """Sum over calibration tokens of x^T x for one layer's input x [K], and the token count."""
 
     sum: torch.Tensor
     tokens: int = 0
-    delta: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=self.sum.dtype)  # [tokens, K]
         self.sum.addmm_(x.T, x)
         self.tokens += x.shape[0]
-
-    def add_pair(self, x: torch.Tensor, x_float: torch.Tensor) -> None:
-        """x: the layer's input in the model being quantized; x_float: the float model's, same tokens."""
-        if x.shape != x_float.shape:
-            raise ValueError(f"asymmetric calibration: input {tuple(x.shape)} and float input "
-                             f"{tuple(x_float.shape)} differ in shape")
-        self.add(x)
-        x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=self.sum.dtype)
-        d = x_float.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=self.sum.dtype) - x
-        if self.delta is None:
-            self.delta = torch.zeros_like(self.sum)
-        self.delta.addmm_(x.T, d)
 
 
 def eligible_linears(model: nn.Module, config, filter_fn=None, ignore=DEFAULT_IGNORE) -> dict[str, nn.Linear]:
@@ -209,12 +194,8 @@ def quantize_layer(name: str, W: torch.Tensor, config, hessian: Hessian | None, 
             return quantize(W, config, amax=amax, name=f"{name}.weight")
         return scale_search(W, config, opts.scale_search, amax=amax, name=f"{name}.weight")
     H = hessian.sum.to(W.device)
-    if opts.asymmetric and hessian.delta is None:
-        raise ValueError(f"{name}: GPTQConfig.asymmetric needs the float model's inputs beside the quantized "
-                         "model's (Hessian.add_pair); only sequential GPTQ collects them (--sequential)")
     qt = gptq(W, H, config, block_size=opts.block_size, damp=opts.damp, act_order=opts.act_order,
-              scale_search_config=opts.scale_search, amax=amax, name=f"{name}.weight",
-              delta=hessian.delta if opts.asymmetric else None, asymmetric_damp=opts.asymmetric_damp)
+              scale_search_config=opts.scale_search, amax=amax, name=f"{name}.weight")
     result.output_error[name] = output_error(W.float(), qt.dequantize(), H.float()) / hessian.tokens
     return qt
 
@@ -236,16 +217,11 @@ def sibling_groups(layers: dict[str, nn.Module], hessians: dict) -> list[list[st
             hs = [hessians.get(n) for n in names]
             if (all(n in layers for n in names) and all(isinstance(h, Hessian) and h.tokens > 0 for h in hs)
                     and len({layers[n].in_features for n in names}) == 1
-                    and all(h.tokens == hs[0].tokens and torch.equal(h.sum, hs[0].sum) for h in hs[1:])
-                    and all(_same(h.delta, hs[0].delta) for h in hs[1:])):
+                    and all(h.tokens == hs[0].tokens and torch.equal(h.sum, hs[0].sum) for h in hs[1:])):
                 group = names
         grouped.update(group)
         out.append(group)
     return out
-
-
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def quantize_group(names: list[str], layers: dict[str, nn.Module], config, hessians: dict, opts: GPTQConfig,

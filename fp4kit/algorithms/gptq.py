@@ -31,24 +31,6 @@ FP4 specifics (this is where fp4kit departs from integer GPTQ):
   updates and are rounded as RTN would (the reference zeroes them; we keep them, in case the
   calibration set simply missed them).
 
-Asymmetric calibration (`GPTQConfig.asymmetric`, sequential runs only). Layer by layer, the layer's
-input in the quantized model, X~, drifts from the float model's, X, by the error of the layers already
-quantized. Plain sequential GPTQ fits Q to W on X~ (min ||X~ W^T - X~ Q^T||); the float model's output
-is X W^T, so the asymmetric objective is
-
-    min_Q ||X W^T - X~ Q^T||^2,     H~ = X~^T X~,   Delta = X~^T (X - X~)   [K, K]
-
-With a ridge term lambda ||Q - W||^2 (lambda = asymmetric_damp * mean(diag H~)), the unconstrained minimiser
-is W* = W + W Delta^T (H~ + lambda I)^-1, and the objective splits into tr((W* - Q)(H~ + lambda I)(W* - Q)^T)
-plus a constant: GPTQ of the target W* against H~. So the asymmetric run is one K x K solve before the
-sweep, and the same sweep (the scales are fixed from W*). With X = X~, Delta = 0 and W* = W exactly: the
-symmetric case is unchanged. (GPTAQ, Li et al. 2025, arXiv 2504.02692, derives the asymmetric objective with
-a per-column correction inside the sweep.) The ridge matters: with GPTQ's own damping (0.01) the exact
-least-squares correction fits noise in the calibration set (SmolLM2, 2K-8K tokens for inputs of 576-1536:
-weights moved 8-60%, every decoder layer's output further from the float model's than plain sequential
-GPTQ's, even on the calibration tokens); at lambda = mean(diag H~) the correction is a short step towards
-the float output and the layer outputs come closer (BENCHMARKS.md, "Asymmetric GPTQ").
-
 Simplifications against IST-DASLab's gptq.py: no static grouping or zero-points (the FP4 format
 fixes the groups), no in-place layer mutation; a pure function of (W, H, format config).
 """
@@ -71,26 +53,19 @@ class GPTQConfig:
     """`block_size`: columns per lazy batch; `damp`: fraction of mean(diag H) added to the diagonal;
     `act_order`: sweep by decreasing H_jj; `scale_search`: None for RTN scales, else search them;
     `rounded_inputs`: with quantized activations (W4A4 / W4A8), build each layer's Hessian from its inputs
-    rounded as the quantized layer rounds them (the X it will multiply) instead of the float inputs;
-    `asymmetric`: fit the quantized layer on its drifted input X~ to the float model's output X W^T
-    (see the module docstring; needs the float model's inputs, so sequential GPTQ only); `asymmetric_damp`:
-    the ridge of that target's solve, a fraction of mean(diag H) (1.0: measured, see the module docstring)."""
+    rounded as the quantized layer rounds them (the X it will multiply) instead of the float inputs."""
 
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
     scale_search: ScaleSearchConfig | None = None
     rounded_inputs: bool = False
-    asymmetric: bool = False
-    asymmetric_damp: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"GPTQConfig.block_size must be a positive int, got {self.block_size!r}")
         if not 0.0 <= self.damp <= 1.0:
             raise ValueError(f"GPTQConfig.damp must be in [0, 1], got {self.damp!r}")
-        if not self.asymmetric_damp > 0.0:
-            raise ValueError(f"GPTQConfig.asymmetric_damp must be > 0, got {self.asymmetric_damp!r}")
         if self.scale_search is not None and not isinstance(self.scale_search, ScaleSearchConfig):
             raise TypeError(f"GPTQConfig.scale_search must be a ScaleSearchConfig or None, "
                             f"got {type(self.scale_search).__name__}")
@@ -130,47 +105,19 @@ def upper_cholesky_of_inverse(H: torch.Tensor, damp: float, name: str) -> torch.
     return U
 
 
-def asymmetric_target(W: torch.Tensor, H: torch.Tensor, delta: torch.Tensor, damp: float,
-                      name: str = "weight") -> torch.Tensor:
-    """W* = W + W delta^T (H + damp * mean(diag H) * I)^-1 [N, K] float32: the unconstrained minimiser of
-    ||X W^T - X~ Q^T||^2 + lambda ||Q - W||^2 for H = X~^T X~, delta = X~^T (X - X~) (module docstring).
-    Dead inputs (H_jj = 0) get H_jj = 1, as in the sweep."""
-    _check_shapes(W, H, name)
-    if tuple(delta.shape) != tuple(H.shape):
-        raise ValueError(f"{name}: delta must be {tuple(H.shape)} like the Hessian, got {tuple(delta.shape)}")
-    check_finite(delta, f"{name} asymmetric delta")
-    Hd = H.detach().to(device=W.device, dtype=torch.float64).clone()
-    dead = Hd.diagonal() == 0
-    Hd[dead, dead] = 1.0
-    Hd.diagonal().add_(damp * Hd.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(Hd)
-    if info.item() != 0:
-        raise ValueError(f"{name}: the damped Hessian is not positive definite (damp={damp}); "
-                         "raise damp or calibrate on more tokens")
-    W64 = W.detach().to(torch.float64)
-    rhs = delta.to(device=W.device, dtype=torch.float64) @ W64.T  # [K, N] = delta W^T
-    return (W64 + torch.cholesky_solve(rhs, L).T).float()  # (H+lambda I)^-1 delta W^T, transposed
-
-
 def gptq(W: torch.Tensor, H: torch.Tensor, config: NVFP4Config | MXFP4Config, *, block_size: int = 128,
          damp: float = 0.01, act_order: bool = False, scale_search_config: ScaleSearchConfig | None = None,
-         amax=None, name: str = "weight", delta: torch.Tensor | None = None,
-         asymmetric_damp: float = 1.0) -> QuantizedTensor:
+         amax=None, name: str = "weight") -> QuantizedTensor:
     """Quantize W [N, K] with GPTQ against the input Hessian H [K, K] (sum of x^T x over tokens).
 
     Returns a QuantizedTensor in the layout of `config.quantize(W)`. `amax` fixes the NVFP4
     global scale (fused shards); `scale_search_config` picks the block scales by MSE search.
-    `delta` [K, K] (= X~^T (X - X~)): asymmetric calibration, GPTQ of `asymmetric_target(W, H, delta,
-    asymmetric_damp)`.
     """
     opts = GPTQConfig(block_size, damp, act_order, scale_search_config)
     if not isinstance(config, (NVFP4Config, MXFP4Config)):
         raise TypeError(f"{name}: GPTQ needs an NVFP4Config or MXFP4Config, got {type(config).__name__}")
     check_quantizable(W, config.block_size, name, config.name.upper())
     N, K = _check_shapes(W, H, name)
-    if delta is not None:
-        W = asymmetric_target(W, H, delta, asymmetric_damp, name)
-        check_finite(W, f"{name} asymmetric target")
     qt = (quantize(W, config, amax=amax, name=name) if opts.scale_search is None
           else scale_search(W, config, opts.scale_search, amax=amax, name=name))
     quant = ColumnQuantizer(qt)

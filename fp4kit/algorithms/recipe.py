@@ -116,10 +116,6 @@ class PTQRecipe:
             raise TypeError(f"PTQRecipe.signround must be a SignRoundConfig, got {type(self.signround).__name__}")
         if (self.sequential or self.state_dir) and not self.method.needs_calibration:
             raise ValueError(f"PTQRecipe: sequential/state_dir apply to calibrated methods, not {self.method.name}")
-        if self.gptq.asymmetric and not (self.method in (PTQMethod.GPTQ, PTQMethod.MR_GPTQ)
-                                         and (self.sequential or self.state_dir)):
-            raise ValueError("PTQRecipe: GPTQConfig.asymmetric needs method gptq or mr-gptq with sequential=True "
-                             "(it pairs each layer's input with the float model's, layer by layer)")
         if self.method is PTQMethod.MR_SIGNROUND and self.signround.init_scales is None:
             object.__setattr__(self, "signround", replace(self.signround, init_scales=self.scale_search))
         if self.method is PTQMethod.MR_GPTQ:

@@ -13,11 +13,6 @@ bounded memory, and a run that is killed resumes from its last finished layer.
    it); then the same inputs run through the quantized layer to give layer i+1 its inputs. So each
    layer's Hessian sees the error of the layers before it, as GPTQ's own sequential mode does, and
    memory is the model, one layer's Hessians and the calibration hidden states [B, T, H].
-   Asymmetric GPTQ (`GPTQConfig.asymmetric`) also carries the float model's hidden states: each batch
-   runs through float layer i twice, on the float stream (its linear inputs x_float are kept for that
-   batch and its output is the float stream's next state) and on the quantized stream (x), and each
-   layer's Hessian adds x^T x and x^T (x_float - x) (`Hessian.add_pair`). Memory: a second set of
-   hidden states and one batch's linear inputs.
 3. Resume. After layer i, `state_dir` receives the layer's state dict and layer i+1's inputs
    (safetensors), then `progress.json` (the last finished layer and a fingerprint of the settings) is
    replaced atomically. A rerun with the same folder and settings rebuilds the finished layers from
@@ -43,7 +38,7 @@ from fp4kit.formats import MXFP4Config, NVFP4Config
 from fp4kit.nn import DEFAULT_IGNORE, QuantizeReport, quantize_
 from fp4kit.nn.rotation import RotatedLinear
 
-from .calibrate import GPTQResult, Hessian, apply_gptq, eligible_linears, input_hook, input_rounding, layer_input
+from .calibrate import GPTQResult, Hessian, apply_gptq, eligible_linears, input_hook, input_rounding
 from .gptq import GPTQConfig
 
 
@@ -86,44 +81,6 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return out[0] if isinstance(out, tuple) else out
 
 
-def _asymmetric_pass(layer: nn.Module, targets: dict[str, nn.Module], hessians: dict[str, Hessian],
-                     rounding: dict, hidden: list[torch.Tensor], hidden_float: list[torch.Tensor],
-                     kwargs: list[dict]) -> list[torch.Tensor]:
-    """Float layer i on both streams, batch by batch: the float stream's linear inputs are kept for the
-    batch, the quantized stream's are paired with them in the Hessians. Returns the float stream's next
-    hidden states."""
-    float_inputs: dict[str, torch.Tensor] = {}
-    mode = {"float": True}
-
-    def hook_for(name):
-        def hook(m, args):
-            x = layer_input(m, args[0].detach())
-            if name in rounding:
-                x = rounding[name](x)
-            if mode["float"]:
-                float_inputs[name] = x
-            else:
-                hessians[name].add_pair(x, float_inputs.pop(name))
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in targets.items()]
-    out = []
-    try:
-        with torch.no_grad():
-            for h, hf, kw in zip(hidden, hidden_float, kwargs):
-                mode["float"] = True
-                out.append(_run_layer(layer, hf, kw))
-                mode["float"] = False
-                _run_layer(layer, h, kw)
-                if float_inputs:
-                    raise RuntimeError(f"asymmetric calibration: {sorted(float_inputs)} ran on the float stream "
-                                       "but not on the quantized one")
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out
-
-
 def _fingerprint(config, gptq_config, ignore, batches) -> str:
     shapes = [tuple(b.shape) if isinstance(b, torch.Tensor) else sorted(b) for b in batches]
     first = batches[0] if isinstance(batches[0], torch.Tensor) else None
@@ -137,13 +94,11 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _save_layer(state_dir: pathlib.Path, i: int, layer: nn.Module, hidden: list[torch.Tensor], fingerprint: str,
-                hidden_float: list[torch.Tensor] | None = None):
+def _save_layer(state_dir: pathlib.Path, i: int, layer: nn.Module, hidden: list[torch.Tensor], fingerprint: str):
     from safetensors.torch import save_file
 
-    inputs = {f"h{j}": h for j, h in enumerate(hidden)} | {f"f{j}": h for j, h in enumerate(hidden_float or [])}
     for name, tensors in ((f"layer_{i:04d}.safetensors", layer.state_dict()),
-                          (f"inputs_{i + 1:04d}.safetensors", inputs)):
+                          (f"inputs_{i + 1:04d}.safetensors", {f"h{j}": h for j, h in enumerate(hidden)})):
         tmp = state_dir / (name + ".tmp")
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, state_dir / name)
@@ -196,12 +151,8 @@ def sequential_gptq(model: nn.Module, batches: Iterable, config: NVFP4Config | M
         report = quantize_(model, config, in_layer(i), ignore=ignore, progress=False, **quantize_kwargs)
         layers[i].load_state_dict(load_file(str(state_dir / f"layer_{i:04d}.safetensors")))
         result.report.quantized += report.quantized
-    asym = gptq_config.asymmetric
-    hidden_float = list(hidden) if asym else None  # the float model's stream (asymmetric GPTQ)
     if done >= 0:
         saved = load_file(str(state_dir / f"inputs_{done + 1:04d}.safetensors"))
-        if asym:
-            hidden_float = [saved[f"f{j}"].to(h.device, h.dtype) for j, h in enumerate(hidden)]
         hidden = [saved[f"h{j}"].to(h.device, h.dtype) for j, h in enumerate(hidden)]
 
     for i in tqdm(range(done + 1, len(layers)), desc=f"sequential gptq {config.name}", disable=not progress,
@@ -212,17 +163,14 @@ def sequential_gptq(model: nn.Module, batches: Iterable, config: NVFP4Config | M
                     for n, m in targets.items()}
         rounding = (input_rounding(quantize_kwargs.get("activations"), quantize_kwargs.get("input_amax"), targets)
                     if gptq_config.rounded_inputs else {})
-        if asym:
-            hidden_float = _asymmetric_pass(layer, targets, hessians, rounding, hidden, hidden_float, kwargs[i])
-        else:
-            handles = [input_hook(m, hessians[n], rounding.get(n)) for n, m in targets.items()]
-            try:
-                with torch.no_grad():
-                    for h, kw in zip(hidden, kwargs[i]):
-                        _run_layer(layer, h, kw)
-            finally:
-                for handle in handles:
-                    handle.remove()
+        handles = [input_hook(m, hessians[n], rounding.get(n)) for n, m in targets.items()]
+        try:
+            with torch.no_grad():
+                for h, kw in zip(hidden, kwargs[i]):
+                    _run_layer(layer, h, kw)
+        finally:
+            for handle in handles:
+                handle.remove()
         step = apply_gptq(model, config, hessians, gptq_config, filter_fn=select, ignore=ignore, progress=False,
                           **quantize_kwargs)
         result.report.quantized += step.report.quantized
@@ -231,7 +179,7 @@ def sequential_gptq(model: nn.Module, batches: Iterable, config: NVFP4Config | M
         with torch.no_grad():
             hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs[i])]
         if state_dir is not None:
-            _save_layer(state_dir, i, layer, hidden, fingerprint, hidden_float)
+            _save_layer(state_dir, i, layer, hidden, fingerprint)
         if on_layer_done is not None:
             on_layer_done(i)
 

@@ -116,12 +116,9 @@ def recipe_from_args(args):
                                    if v is not None})
     if args.rounded_inputs and (args.activations == "none" or method not in (PTQMethod.GPTQ, PTQMethod.MR_GPTQ)):
         raise ValueError("--rounded-inputs applies to --method gptq / mr-gptq with --activations fp4 or fp8")
-    if args.asymmetric and method not in (PTQMethod.GPTQ, PTQMethod.MR_GPTQ):
-        raise ValueError("--asymmetric applies to --method gptq and mr-gptq")
-    gptq = GPTQConfig(damp=args.damp, act_order=args.act_order, rounded_inputs=args.rounded_inputs,
-                      asymmetric=args.asymmetric)
-    return PTQRecipe(method, rotation, gptq, sequential=args.sequential or args.asymmetric,
-                     state_dir=args.calib_state, signround=signround)
+    gptq = GPTQConfig(damp=args.damp, act_order=args.act_order, rounded_inputs=args.rounded_inputs)
+    return PTQRecipe(method, rotation, gptq,
+                     sequential=args.sequential, state_dir=args.calib_state, signround=signround)
 
 
 def _quantize_with_method(model, tokenizer, config, recipe, args):
@@ -183,9 +180,6 @@ def register(sub) -> None:
                    help="GPTQ with --activations: Hessians of the inputs as the quantized layers round them")
     q.add_argument("--sequential", action="store_true",
                    help="GPTQ layer by layer on the quantized layers' outputs (bounded memory)")
-    q.add_argument("--asymmetric", action="store_true",
-                   help="GPTQ layer by layer (implies --sequential), each layer fitted on its drifted input to the "
-                        "float model's output (GPTAQ-style asymmetric calibration)")
     q.add_argument("--calib-state", metavar="DIR",
                    help="sequential GPTQ saves each finished layer here; rerunning resumes after the last one")
     q.add_argument("--scale-rule", choices=SCALE_RULES, help="MXFP4 shared-exponent rule")
