@@ -12,7 +12,7 @@ and head) over the copy bandwidth measured in the same run. Each setting is chec
 (`decode_attention_torch`) on the device before it is timed.
 
 The settings are `fp4kit.kernels.decode_ops`' module constants (`ATTN_BLOCK_L`, `ATTN_NUM_WARPS`,
-`ATTN_NUM_STAGES`, `ATTN_PROGRAMS_PER_SM`, `ATTN_MAXNREG`); the bench sets them, runs, and puts them back. (Commits 2409eef
+`ATTN_NUM_STAGES`, `ATTN_PROGRAMS_PER_SM`, `ATTN_MAXNREG`, `ATTN_SINGLE_SPLIT_WAVES`); the bench sets them, runs, and puts them back. (Commits 2409eef
 and c5d78e7 also had `ATTN_FP8_F16` and `ATTN_FP8_PAIRS`, two other decodes of the FP8 codes; measured slower,
 removed: BENCHMARKS.md.)
 """
@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPE = dict(Hq=32, Hkv=8, D=128)  # Llama-3-8B attention
-KNOBS = ("ATTN_BLOCK_L", "ATTN_NUM_WARPS", "ATTN_NUM_STAGES", "ATTN_PROGRAMS_PER_SM", "ATTN_MAXNREG")
+KNOBS = ("ATTN_BLOCK_L", "ATTN_NUM_WARPS", "ATTN_NUM_STAGES", "ATTN_PROGRAMS_PER_SM", "ATTN_MAXNREG",
+         "ATTN_SINGLE_SPLIT_WAVES")
 
 
 def _caches(n: int, B: int, L: int, kv: str, device):
@@ -106,6 +107,7 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], help="KNOB=VALUE settings for the non-sweep run, e.g. "
                     "ATTN_BLOCK_L=32 ATTN_NUM_STAGES=3 (several runs: separate them with ';' in one argument)")
     ap.add_argument("--maxnreg", type=int, nargs="+", default=[0], help="ATTN_MAXNREG (0: the compiler's choice)")
+    ap.add_argument("--single", type=float, nargs="+", default=[0.0], help="ATTN_SINGLE_SPLIT_WAVES")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -118,8 +120,8 @@ def main():
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     if args.sweep:
-        runs = [dict(zip(KNOBS, c[:4] + (c[4] or None,)))
-                for c in itertools.product(args.block_l, args.warps, args.stages, args.pps, args.maxnreg)]
+        runs = [dict(zip(KNOBS, c[:4] + (c[4] or None, c[5])))
+                for c in itertools.product(args.block_l, args.warps, args.stages, args.pps, args.maxnreg, args.single)]
     else:
         runs = []
         for group in (";".join(args.set) or "").split(";"):
@@ -128,7 +130,8 @@ def main():
                 key, val = kv.split("=")
                 if key not in KNOBS:
                     sys.exit(f"--set: unknown knob {key}; one of {KNOBS}")
-                s[key] = int(val) or None if key == "ATTN_MAXNREG" else type(getattr(decode_ops, key))(int(val))
+                s[key] = (int(val) or None if key == "ATTN_MAXNREG" else float(val) if key == "ATTN_SINGLE_SPLIT_WAVES"
+                          else type(getattr(decode_ops, key))(int(val)))
             runs.append(s)
     rows = []
     t0 = time.time()

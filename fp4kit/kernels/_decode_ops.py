@@ -31,12 +31,13 @@ def _chain_wait(PDL: tl.constexpr):
 @triton.jit
 def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_ptr, part_ptr, ml_ptr,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
-                             window, qk_scale,
+                             window, qk_scale, out_ptr, stride_ob,
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_L: tl.constexpr, ITERS: tl.constexpr, N_SPLITS: tl.constexpr,
                              IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
-                             PDL: tl.constexpr = False):
-    # grid (B, Hkv, N_SPLITS): row b, kv head h, keys [s * ITERS * BLOCK_L, (s + 1) * ITERS * BLOCK_L)
+                             PDL: tl.constexpr = False, DIRECT: tl.constexpr = False):
+    # grid (B, Hkv, N_SPLITS): row b, kv head h, keys [s * ITERS * BLOCK_L, (s + 1) * ITERS * BLOCK_L).
+    # DIRECT (one split): the normalised output goes straight to out [B, Hq * D], no partials, no combine.
     _chain_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -96,11 +97,16 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         m_i = m_new
-    # partials: part [B, Hkv, N_SPLITS, G, BLOCK_D] float32; ml [B, Hkv, N_SPLITS, 2, BLOCK_G]
-    cell = (b * n_kv + h) * N_SPLITS + s
-    tl.store(part_ptr + (cell * G + g[:, None]) * BLOCK_D + d[None, :], acc, mask=gm[:, None])
-    tl.store(ml_ptr + cell * 2 * BLOCK_G + g, m_i)
-    tl.store(ml_ptr + cell * 2 * BLOCK_G + BLOCK_G + g, l_i)
+    if DIRECT:
+        o = acc / l_i[:, None]  # l_i >= 1: the own slot is always visible
+        tl.store(out_ptr + b * stride_ob + (h * G + g[:, None]) * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=gm[:, None] & dm[None, :])
+    else:
+        # partials: part [B, Hkv, N_SPLITS, G, BLOCK_D] float32; ml [B, Hkv, N_SPLITS, 2, BLOCK_G]
+        cell = (b * n_kv + h) * N_SPLITS + s
+        tl.store(part_ptr + (cell * G + g[:, None]) * BLOCK_D + d[None, :], acc, mask=gm[:, None])
+        tl.store(ml_ptr + cell * 2 * BLOCK_G + g, m_i)
+        tl.store(ml_ptr + cell * 2 * BLOCK_G + BLOCK_G + g, l_i)
 
 
 @triton.jit

@@ -12,7 +12,8 @@ separate q/k/v and gate/up GEMMs. Here each piece of glue is one kernel:
                        Split-KV (flash-decoding): program (b, h, s) runs an online softmax over its
                        key range for the G = Hq / Hkv query heads of kv head h (one tl.dot with the
                        G rows padded to 16), writes its unnormalised output, max and sum; a second
-                       small kernel merges the splits. FP8: codes are read as bytes and decoded in
+                       small kernel merges the splits. With one split (many rows, or a short cache)
+                       the split kernel normalises and writes the output itself (no combine). FP8: codes are read as bytes and decoded in
                        registers; the scales factor out of the dot products,
                            q . (c_j s_j) = (q . c_j) s_j      sum_j p_j (c_j s_j) = sum_j (p_j s_j) c_j
                        so the FP8 cache moves ~half the bytes of bf16 and is never dequantized in
@@ -53,6 +54,9 @@ ATTN_MAX_SPLITS = 64
 ATTN_NUM_WARPS = 4
 ATTN_NUM_STAGES = 2
 ATTN_MAXNREG = None  # registers per thread cap for the split kernel (None: the compiler's choice)
+# One split (and no combine kernel: the split kernel writes the output) once B x Hkv >= this x the SM count;
+# 0: split by ATTN_PROGRAMS_PER_SM always. A single split is always written directly.
+ATTN_SINGLE_SPLIT_WAVES = 0.0
 # (benchmarks/bench_decode_attention.py sweeps these; BENCHMARKS.md has the H100 results)
 
 
@@ -90,8 +94,11 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def _attn_splits(B: int, Hkv: int, kv_len: int, block_l: int, sm_count: int) -> tuple[int, int]:
-    """(splits, tiles per split): enough programs to fill the GPU, every split a whole number of tiles."""
+    """(splits, tiles per split): enough programs to fill the GPU, every split a whole number of tiles; one
+    split when the (row, kv head) programs alone number ATTN_SINGLE_SPLIT_WAVES x the SMs or more."""
     tiles = triton.cdiv(kv_len, block_l)
+    if ATTN_SINGLE_SPLIT_WAVES and B * Hkv >= ATTN_SINGLE_SPLIT_WAVES * sm_count:
+        return 1, tiles
     want = triton.cdiv(ATTN_PROGRAMS_PER_SM * sm_count, B * Hkv)
     splits = max(1, min(tiles, want, ATTN_MAX_SPLITS))
     iters = triton.cdiv(tiles, splits)
@@ -122,23 +129,25 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_l = 16 if interp else ATTN_BLOCK_L
     splits, iters = _attn_splits(B, Hkv, kv_len, block_l, 132 if interp else _sm_count(q.device))
     block_g, block_d = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
-    part = torch.empty(B * Hkv * splits * G * block_d, dtype=torch.float32, device=q.device)
-    ml = torch.empty(B * Hkv * splits * 2 * block_g, dtype=torch.float32, device=q.device)
+    direct = splits == 1
     out = torch.empty(B, Hq * D, dtype=q.dtype, device=q.device)
+    part = out if direct else torch.empty(B * Hkv * splits * G * block_d, dtype=torch.float32, device=q.device)
+    ml = out if direct else torch.empty(B * Hkv * splits * 2 * block_g, dtype=torch.float32, device=q.device)
     kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)
     ks, vs = (k_scale, v_scale) if fp8 else (q, q)
     LOG2E = 1.4426950408889634
     _decode_ops.decode_attn_split_kernel[(B, Hkv, splits)](
         q, kc, vc, ks, vs, pad, slot, part, ml, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
-        window if window is not None else 0, scaling * LOG2E,
+        window if window is not None else 0, scaling * LOG2E, out, out.stride(0),
         G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_L=block_l, ITERS=iters, N_SPLITS=splits,
         IS_FP8=fp8, HAS_WINDOW=window is not None, DOT_F32=interp or q.dtype == torch.float32,
         num_warps=ATTN_NUM_WARPS, num_stages=ATTN_NUM_STAGES, **_pdl_args(q),
-        **({"maxnreg": ATTN_MAXNREG} if ATTN_MAXNREG and not interp else {}))
-    _decode_ops.decode_attn_combine_kernel[(B, Hq)](
-        part, ml, out, out.stride(0), Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, N_SPLITS=splits,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4, **_pdl_args(q))
+        DIRECT=direct, **({"maxnreg": ATTN_MAXNREG} if ATTN_MAXNREG and not interp else {}))
+    if not direct:
+        _decode_ops.decode_attn_combine_kernel[(B, Hq)](
+            part, ml, out, out.stride(0), Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, N_SPLITS=splits,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4, **_pdl_args(q))
     return out
 
 

@@ -89,6 +89,29 @@ def test_attention_fp8_cache_matches_twin():
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("kv_len,single", [(16, 0.0), (33, 0.01)])
+def test_attention_single_split_writes_the_output_directly(monkeypatch, fp8, kv_len, single):
+    """One split (one 16-key tile in the interpreter, or ATTN_SINGLE_SPLIT_WAVES low enough that B x Hkv
+    programs count as enough): the split kernel normalises and writes the output, no combine kernel."""
+    from fp4kit.kernels import decode_ops
+
+    monkeypatch.setattr(decode_ops, "ATTN_SINGLE_SPLIT_WAVES", single)
+    calls = []
+    monkeypatch.setattr(decode_ops._decode_ops, "decode_attn_combine_kernel",
+                        type("Spy", (), {"__getitem__": lambda self, grid: calls.append(grid)})())
+    B, Hq, Hkv, S, D = 3, 6, 2, 40, 32
+    k, v, ks, vs = _cache(4, Hkv, S, D, torch.float32, fp8=fp8)
+    q = torch.randn(B, Hq, D, device=DEV)
+    pad = torch.tensor([0, 3, 11], device=DEV)
+    slot = torch.tensor([kv_len - 2], device=DEV)
+    for window in (None, 5):
+        args = (q, k, v, ks, vs, pad, slot, kv_len, window, 0.17)
+        got, ref = decode_attention(*args), decode_attention_torch(*args)
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert calls == []  # the combine kernel was never launched
+
+
 def test_attention_ignores_keys_past_slot_and_in_padding():
     B, Hq, Hkv, S, D = 2, 2, 1, 32, 16
     k, v, _, _ = _cache(B, Hkv, S, D, torch.float32)
