@@ -53,10 +53,14 @@ ATTN_PROGRAMS_PER_SM = 4  # split the keys until the grid has about this many pr
 ATTN_MAX_SPLITS = 64
 ATTN_NUM_WARPS = 4
 ATTN_NUM_STAGES = 2
-ATTN_MAXNREG = None  # registers per thread cap for the split kernel (None: the compiler's choice)
-# One split (and no combine kernel: the split kernel writes the output) once B x Hkv >= this x the SM count;
-# 0: split by ATTN_PROGRAMS_PER_SM always. A single split is always written directly.
-ATTN_SINGLE_SPLIT_WAVES = 0.0
+# Registers per thread cap for the split kernel (None: the compiler's ~145-168): 128 measured faster at
+# batch 1-8 (FP8 at 32K keys 43.8 -> 35.9 us, 8K 16.4 -> 13.5) and level at batch 32 (BENCHMARKS.md).
+ATTN_MAXNREG = 128
+# One split (and no combine kernel: the split kernel writes the output) once B x Hkv >= this x the SM count
+# and the cache is at most ATTN_SINGLE_SPLIT_MAX_TILES tiles long (bf16, 32 rows x 576 keys: 36.4 -> 30.9 us;
+# longer caches are slower unsplit). 0: split by ATTN_PROGRAMS_PER_SM always. One split never runs the combine.
+ATTN_SINGLE_SPLIT_WAVES = 1.0
+ATTN_SINGLE_SPLIT_MAX_TILES = 16
 # (benchmarks/bench_decode_attention.py sweeps these; BENCHMARKS.md has the H100 results)
 
 
@@ -95,9 +99,11 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def _attn_splits(B: int, Hkv: int, kv_len: int, block_l: int, sm_count: int) -> tuple[int, int]:
     """(splits, tiles per split): enough programs to fill the GPU, every split a whole number of tiles; one
-    split when the (row, kv head) programs alone number ATTN_SINGLE_SPLIT_WAVES x the SMs or more."""
+    split when the (row, kv head) programs alone number ATTN_SINGLE_SPLIT_WAVES x the SMs or more and the
+    cache is short (ATTN_SINGLE_SPLIT_MAX_TILES)."""
     tiles = triton.cdiv(kv_len, block_l)
-    if ATTN_SINGLE_SPLIT_WAVES and B * Hkv >= ATTN_SINGLE_SPLIT_WAVES * sm_count:
+    if (ATTN_SINGLE_SPLIT_WAVES and B * Hkv >= ATTN_SINGLE_SPLIT_WAVES * sm_count
+            and tiles <= ATTN_SINGLE_SPLIT_MAX_TILES):
         return 1, tiles
     want = triton.cdiv(ATTN_PROGRAMS_PER_SM * sm_count, B * Hkv)
     splits = max(1, min(tiles, want, ATTN_MAX_SPLITS))

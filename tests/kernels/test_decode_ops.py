@@ -90,7 +90,7 @@ def test_attention_fp8_cache_matches_twin():
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("kv_len,single", [(16, 0.0), (33, 0.01)])
+@pytest.mark.parametrize("kv_len,single", [(16, 0.0), (33, 0.01)])  # interpreter: 16-key tiles, 132 "SMs"
 def test_attention_single_split_writes_the_output_directly(monkeypatch, fp8, kv_len, single):
     """One split (one 16-key tile in the interpreter, or ATTN_SINGLE_SPLIT_WAVES low enough that B x Hkv
     programs count as enough): the split kernel normalises and writes the output, no combine kernel."""
