@@ -311,3 +311,14 @@ def test_attention_fp8_cache_bf16_query():
     # interpreter truncates float32 -> bf16 (a whole ulp, up to 2^-7 of the largest output)
     tol = 2 ** -8 if DEV == "cuda" else 2 ** -7
     assert (got.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_attention_split_rule():
+    """One split for many rows over a short cache (H100 sweep: faster, no combine); splits otherwise."""
+    from fp4kit.kernels.decode_ops import _attn_splits
+
+    assert _attn_splits(32, 8, 576, 64, 132) == (1, 9)  # the 8B engine at batch 32
+    assert _attn_splits(32, 8, 2048, 64, 132)[0] > 1  # 32 tiles: an unsplit program is too long
+    assert _attn_splits(8, 8, 576, 64, 132)[0] > 1  # 64 programs do not fill 132 SMs
+    splits, iters = _attn_splits(1, 8, 8192, 64, 132)
+    assert splits > 1 and splits * iters * 64 >= 8192
