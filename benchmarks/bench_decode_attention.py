@@ -57,11 +57,13 @@ def cache_bytes(B: int, L: int, kv: str) -> int:
     return B * Hkv * L * per_key
 
 
-def run_case(B: int, L: int, kv: str, settings: dict, device, bw: float, check: bool = True) -> dict:
+def run_case(B: int, L: int, kv: str, settings: dict, device, bw: float, check: bool = True,
+             sweep: bool = False) -> dict:
     import triton
 
     from fp4kit.kernels import decode_ops
 
+    settings = {"ATTN_FP8_SINGLE_SPLIT": None, **settings} if sweep else settings  # a sweep sets every launch
     old = {k: getattr(decode_ops, k) for k in settings}
     try:
         for k, val in settings.items():
@@ -88,7 +90,8 @@ def run_case(B: int, L: int, kv: str, settings: dict, device, bw: float, check: 
 
         us = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3 / n
         roof = nbytes / bw * 1e6
-        return {"batch": B, "kv_len": L, "kv": kv, **{k.lower(): v for k, v in settings.items()}, "us": us,
+        return {"batch": B, "kv_len": L, "kv": kv, **{k.lower(): v for k, v in settings.items() if k in KNOBS},
+                "us": us,
                 "roofline_us": roof, "bw_frac": roof / us, "bytes": nbytes, "rel_err_vs_twin": err}
     finally:
         for k, val in old.items():
@@ -144,7 +147,7 @@ def main():
                 continue
             seen.add(key)
             try:
-                r = run_case(B, L, kv, full, device, bw)
+                r = run_case(B, L, kv, full, device, bw, sweep=args.sweep)
             except Exception as e:  # a tile that does not compile (shared memory) is a result, not a crash
                 r = {"batch": B, "kv_len": L, "kv": kv, **{k.lower(): v for k, v in full.items()},
                      "error": f"{type(e).__name__}: {str(e)[:200]}"}

@@ -61,6 +61,12 @@ ATTN_MAXNREG = 128
 # longer caches are slower unsplit). 0: split by ATTN_PROGRAMS_PER_SM always. One split never runs the combine.
 ATTN_SINGLE_SPLIT_WAVES = 1.0
 ATTN_SINGLE_SPLIT_MAX_TILES = 16
+# An FP8 cache in one split over at most this many waves of (row, kv head) programs runs with (warps, stages,
+# register cap) ATTN_FP8_SINGLE_SPLIT instead: 8 warps, 3 stages, no cap took the batch-32 step's attention
+# from 33.0 to 22.4 us (576 keys) and 56.3 to 36.8 (1,024); with 64 rows the defaults stay better (36.3 vs
+# 41.7 us). None: the defaults everywhere (the bench's sweeps).
+ATTN_FP8_SINGLE_SPLIT = (8, 3, None)
+ATTN_FP8_SINGLE_SPLIT_MAX_WAVES = 2.0
 # (benchmarks/bench_decode_attention.py sweeps these; BENCHMARKS.md has the H100 results)
 
 
@@ -136,6 +142,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits, iters = _attn_splits(B, Hkv, kv_len, block_l, 132 if interp else _sm_count(q.device))
     block_g, block_d = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
     direct = splits == 1
+    warps, stages, maxnreg = ATTN_NUM_WARPS, ATTN_NUM_STAGES, ATTN_MAXNREG
+    if (fp8 and direct and ATTN_FP8_SINGLE_SPLIT and not interp
+            and B * Hkv <= ATTN_FP8_SINGLE_SPLIT_MAX_WAVES * _sm_count(q.device)):
+        warps, stages, maxnreg = ATTN_FP8_SINGLE_SPLIT
     out = torch.empty(B, Hq * D, dtype=q.dtype, device=q.device)
     part = out if direct else torch.empty(B * Hkv * splits * G * block_d, dtype=torch.float32, device=q.device)
     ml = out if direct else torch.empty(B * Hkv * splits * 2 * block_g, dtype=torch.float32, device=q.device)
@@ -148,8 +158,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         window if window is not None else 0, scaling * LOG2E, out, out.stride(0),
         G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_L=block_l, ITERS=iters, N_SPLITS=splits,
         IS_FP8=fp8, HAS_WINDOW=window is not None, DOT_F32=interp or q.dtype == torch.float32,
-        num_warps=ATTN_NUM_WARPS, num_stages=ATTN_NUM_STAGES, **_pdl_args(q),
-        DIRECT=direct, **({"maxnreg": ATTN_MAXNREG} if ATTN_MAXNREG and not interp else {}))
+        num_warps=warps, num_stages=stages, **_pdl_args(q),
+        DIRECT=direct, **({"maxnreg": maxnreg} if maxnreg and not interp else {}))
     if not direct:
         _decode_ops.decode_attn_combine_kernel[(B, Hq)](
             part, ml, out, out.stride(0), Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, N_SPLITS=splits,
