@@ -13,8 +13,9 @@ separate q/k/v and gate/up GEMMs. Here each piece of glue is one kernel:
                        key range for the G = Hq / Hkv query heads of kv head h (one tl.dot with the
                        G rows padded to 16), writes its unnormalised output, max and sum; a second
                        small kernel merges the splits. With one split (many rows, or a short cache)
-                       the split kernel normalises and writes the output itself (no combine). FP8: codes are read as bytes and decoded in
-                       registers; the scales factor out of the dot products,
+                       the split kernel normalises and writes the output itself (no combine).
+                       FP8: codes are read as bytes and decoded in registers; the scales factor out
+                       of the dot products,
                            q . (c_j s_j) = (q . c_j) s_j      sum_j p_j (c_j s_j) = sum_j (p_j s_j) c_j
                        so the FP8 cache moves ~half the bytes of bf16 and is never dequantized in
                        memory. Keys past `slot` are masked loads: no bytes move for them.
@@ -54,7 +55,8 @@ ATTN_MAX_SPLITS = 64
 ATTN_NUM_WARPS = 4
 ATTN_NUM_STAGES = 2
 # Registers per thread cap for the split kernel (None: the compiler's ~145-168): 128 measured faster at
-# batch 1-8 (FP8 at 32K keys 43.8 -> 35.9 us, 8K 16.4 -> 13.5) and level at batch 32 (BENCHMARKS.md).
+# batch 1-8 (FP8 at 32K keys 43.8 -> 35.9 us, 8K 16.4 -> 13.5) and for bf16 everywhere; not for an FP8 cache
+# in one split (ATTN_FP8_SINGLE_SPLIT below). BENCHMARKS.md, "Decode attention over the FP8 cache".
 ATTN_MAXNREG = 128
 # One split (and no combine kernel: the split kernel writes the output) once B x Hkv >= this x the SM count
 # and the cache is at most ATTN_SINGLE_SPLIT_MAX_TILES tiles long (bf16, 32 rows x 576 keys: 36.4 -> 30.9 us;
@@ -139,14 +141,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     G = Hq // Hkv
     interp = _interpreting()
     block_l = 16 if interp else ATTN_BLOCK_L
-    splits, iters = _attn_splits(B, Hkv, kv_len, block_l, 132 if interp else _sm_count(q.device))
+    sm = 132 if interp else _sm_count(q.device)
+    splits, iters = _attn_splits(B, Hkv, kv_len, block_l, sm)
     block_g, block_d = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
     direct = splits == 1
     warps, stages, maxnreg = ATTN_NUM_WARPS, ATTN_NUM_STAGES, ATTN_MAXNREG
-    if (fp8 and direct and ATTN_FP8_SINGLE_SPLIT and not interp
-            and B * Hkv <= ATTN_FP8_SINGLE_SPLIT_MAX_WAVES * _sm_count(q.device)):
+    if fp8 and direct and ATTN_FP8_SINGLE_SPLIT and not interp and B * Hkv <= ATTN_FP8_SINGLE_SPLIT_MAX_WAVES * sm:
         warps, stages, maxnreg = ATTN_FP8_SINGLE_SPLIT
     out = torch.empty(B, Hq * D, dtype=q.dtype, device=q.device)
+    # one split: no partials (the kernel's part / ml pointers are then unused; `out` stands in for them)
     part = out if direct else torch.empty(B * Hkv * splits * G * block_d, dtype=torch.float32, device=q.device)
     ml = out if direct else torch.empty(B * Hkv * splits * 2 * block_g, dtype=torch.float32, device=q.device)
     kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)
