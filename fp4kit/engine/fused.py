@@ -41,6 +41,8 @@ from torch import nn
 
 from fp4kit.formats import NVFP4Config, QuantizedTensor, quantize
 from fp4kit.kernels import PreparedFP4Weight, fp4_linear, prepare_fp4_weight
+from fp4kit.kernels.decode_ops import silu_mul
+from fp4kit.kernels.fp4_glu import gate_up_silu
 from fp4kit.nn import FP4Linear
 
 LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen2MoeRMSNorm",
@@ -108,6 +110,16 @@ class FusedLinear:
                 self.prepared = prepare_fp4_weight(self.qt)
             return fp4_linear(x, self.qt, bias, prepared=self.prepared)
         return F.linear(x, self.qt.dequantize(x.dtype), bias)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for a [gate | up] pair of sources: for FP4 on CUDA `kernels.fp4_glu.gate_up_silu`
+        (at decode one GEMV with the product in its epilogue), else this GEMM then `decode_ops.silu_mul`."""
+        if self.qt is None or not x.is_cuda:
+            return silu_mul(self(x))
+        if self.prepared is None and x.dtype in (torch.bfloat16, torch.float16):
+            self.prepared = prepare_fp4_weight(self.qt)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return gate_up_silu(x, self.qt, bias, prepared=self.prepared)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return y.split(self.sizes, dim=-1)

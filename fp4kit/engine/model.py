@@ -332,9 +332,10 @@ class DecoderRunner:
         if plan.gate_up is None:
             return self.mlp(layer, x)
         mlp = getattr(layer, self.spec.mlp_attr)
+        if plan.silu:  # kernels: one launch at decode (the GEMV's epilogue), else GEMM + silu_mul
+            act = plan.gate_up.silu_mul(x) if self.kernels_on(x) else decode_ops.silu_mul_torch(plan.gate_up(x))
+            return mlp.down_proj(act)
         gu = plan.gate_up(x)  # [..., 2 I]
-        if plan.silu:
-            return mlp.down_proj(self._ops(x, "silu_mul")(gu))
         gate, up = plan.gate_up.split(gu)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 

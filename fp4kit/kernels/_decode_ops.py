@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ._fp4_bits import cast_rne
+
 
 @triton.jit
 def _chain_wait(PDL: tl.constexpr):
@@ -159,7 +161,8 @@ def add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, h_out_ptr, n_out_ptr, N, eps,
 
 
 @triton.jit
-def silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                    INTERPRET: tl.constexpr = False):
     # gu [R, 2N] (gate | up) -> out [R, N]; grid (R, cdiv(N, BLOCK))
     _chain_wait(PDL)
     r = tl.program_id(0)
@@ -168,8 +171,8 @@ def silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr =
     gate = tl.load(gu_ptr + r * 2 * N + c, mask=cm, other=0.0)
     up = tl.load(gu_ptr + r * 2 * N + N + c, mask=cm, other=0.0)
     gf = gate.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)  # torch's silu in float32, rounded
-    tl.store(out_ptr + r * N + c, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=cm)
+    act = cast_rne(gf / (1.0 + tl.exp(-gf)), gate.dtype, INTERPRET)  # torch's silu in float32, rounded
+    tl.store(out_ptr + r * N + c, cast_rne(act.to(tl.float32) * up.to(tl.float32), gate.dtype, INTERPRET), mask=cm)
 
 
 @triton.jit

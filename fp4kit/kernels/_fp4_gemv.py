@@ -163,7 +163,8 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
                     N: tl.constexpr, K: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr, SPLIT_K: tl.constexpr,
                     PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, CACHE: tl.constexpr = "",
-                    EVICT: tl.constexpr = "", STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
+                    EVICT: tl.constexpr = "", STAGES: tl.constexpr = 1, PDL: tl.constexpr = False,
+                    GLU: tl.constexpr = False):
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), W in the plane layout (module docstring).
 
     Grid: (tiles of BLOCK_N rows, tiles of BLOCK_M <= 4 tokens, SPLIT_K). Split s covers chunks
@@ -180,6 +181,8 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
     chunk is decoded, so a program keeps its loads in flight while it computes.
     CACHE / EVICT: cache modifier and eviction policy of the weight loads; STAGES: Triton's software
     pipelining depth of the K loop (`tl.range(..., num_stages=STAGES)`; 1 = none).
+    GLU: W is a gate/up pair with rows interleaved (row 2i = gate i, row 2i + 1 = up i) and y[M, N / 2] is
+    silu(gate) * up, each rounded where `decode_ops.silu_mul` rounds (`_glu_store`).
     """
     K8: tl.constexpr = K // 8
     NCH: tl.constexpr = K8 // (16 * L)
@@ -228,7 +231,7 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
         acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, ch,
                                         m0, M, K, BLOCK_M, L, INTERPRET)
     _epilogue(acc0, acc1, acc2, acc3, m0, M, rows, pid_m * tl.num_programs(0) + pid_n, pid_k, bias_ptr, y_ptr,
-              ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET)
+              ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET, GLU)
 
 
 @triton.jit
@@ -236,7 +239,7 @@ def fp4_gemv_persistent_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, 
                                N: tl.constexpr, K: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr,
                                SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr, CACHE: tl.constexpr = "",
-                               EVICT: tl.constexpr = "", PDL: tl.constexpr = False):
+                               EVICT: tl.constexpr = "", PDL: tl.constexpr = False, GLU: tl.constexpr = False):
     """`fp4_gemv_kernel` as a persistent grid: the same y, the same split-K partials and tickets, bit for bit.
 
     Work items are (tile of BLOCK_N rows, chunk) pairs, item = tile * SPLIT_K + chunk, with SPLIT_K equal
@@ -279,54 +282,79 @@ def fp4_gemv_persistent_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, 
         acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, ch,
                                         m0, M, K, BLOCK_M, L, INTERPRET)
         _epilogue(acc0, acc1, acc2, acc3, m0, M, tile * BLOCK_N + r, pid_m * N_TILES + tile, ch, bias_ptr, y_ptr,
-                  ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET)
+                  ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET, GLU)
         w0, w1, w2, w3, codes = nw0, nw1, nw2, nw3, ncodes
 
 
 @triton.jit
 def _epilogue(acc0, acc1, acc2, acc3, m0, M, rows, tile, split, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N: tl.constexpr,
-              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
+              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
+              GLU: tl.constexpr = False):
     """Per token: [BLOCK_N] sums over lanes (the one exchange between threads), then y, or this split's
     partials and the tile's ticket (the last split of the tile reduces in split order and resets it)."""
-    _finish(tl.sum(acc0, axis=0), m0, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
+    _finish(tl.sum(acc0, axis=0), m0, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET, GLU)
     if BLOCK_M > 1:
         _finish(tl.sum(acc1, axis=0), m0 + 1, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
-                INTERPRET)
+                INTERPRET, GLU)
     if BLOCK_M > 2:
         _finish(tl.sum(acc2, axis=0), m0 + 2, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
-                INTERPRET)
+                INTERPRET, GLU)
         _finish(tl.sum(acc3, axis=0), m0 + 3, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
-                INTERPRET)
+                INTERPRET, GLU)
     if SPLIT_K > 1:
         tl.debug_barrier()  # every thread's partials are written before the ticket is taken
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if ticket == SPLIT_K - 1:  # the last split of this tile: reduce in split order
             for m in tl.static_range(BLOCK_M):
-                _reduce_splits(m0 + m, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET)
+                _reduce_splits(m0 + m, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET, GLU)
             tl.store(cnt_ptr + tile, 0)
 
 
 @triton.jit
-def _finish(out, m, M, rows, split, bias_ptr, y_ptr, ws_ptr, N: tl.constexpr, HAS_BIAS: tl.constexpr,
-            SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
-    """Token m's [BLOCK_N] float32 sums: y = cast(out + bias), or this split's partial ws[split, m, rows]."""
-    mask = (rows < N) & (m < M)
-    if SPLIT_K > 1:
-        tl.store(ws_ptr + split * M * N + m * N + rows, out, mask=mask)
+def _store_y(out, m, M, rows, bias_ptr, y_ptr, N: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+             GLU: tl.constexpr):
+    """y[m, rows] = cast(out + bias); GLU: y[m, rows / 2] = silu(gate) * up of the interleaved row pairs."""
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    if GLU:
+        _glu_store(out, m, M, rows, y_ptr, N, INTERPRET)
     else:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * N + rows, cast_rne(out, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(y_ptr + m * N + rows, cast_rne(out, y_ptr.dtype.element_ty, INTERPRET), mask=(rows < N) & (m < M))
+
+
+@triton.jit
+def _glu_store(out, m, M, rows, y_ptr, N: tl.constexpr, INTERPRET: tl.constexpr):
+    """out [BLOCK_N] float32 over interleaved rows (2i: gate i, 2i + 1: up i) -> y[m, i] = silu(gate) * up.
+
+    Rounded as the unfused chain rounds (the GEMV's output cast, then `_decode_ops.silu_mul_kernel`): gate
+    and up to y's dtype, silu in float32 rounded to the dtype (torch's silu), the product in float32 rounded.
+    So this epilogue equals GEMV + silu_mul bit for bit."""
+    BN: tl.constexpr = out.shape[0]
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    gate, up = tl.split(tl.reshape(out, (BN // 2, 2)))
+    half = tl.split(tl.reshape(rows, (BN // 2, 2)))[0] // 2  # output column i of each pair
+    gf = cast_rne(gate, dt, INTERPRET).to(tl.float32)
+    act = cast_rne(gf / (1.0 + tl.exp(-gf)), dt, INTERPRET).to(tl.float32)
+    val = cast_rne(act * cast_rne(up, dt, INTERPRET).to(tl.float32), dt, INTERPRET)
+    tl.store(y_ptr + m * (N // 2) + half, val, mask=(half < N // 2) & (m < M))
+
+
+@triton.jit
+def _finish(out, m, M, rows, split, bias_ptr, y_ptr, ws_ptr, N: tl.constexpr, HAS_BIAS: tl.constexpr,
+            SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr, GLU: tl.constexpr = False):
+    """Token m's [BLOCK_N] float32 sums: y (`_store_y`), or this split's partial ws[split, m, rows]."""
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + split * M * N + m * N + rows, out, mask=(rows < N) & (m < M))
+    else:
+        _store_y(out, m, M, rows, bias_ptr, y_ptr, N, HAS_BIAS, INTERPRET, GLU)
 
 
 @triton.jit
 def _reduce_splits(m, M, rows, bias_ptr, y_ptr, ws_ptr, N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
-    """y[m, rows] = cast(sum of the SPLIT_K partials in split order + bias) (L2 loads: .cg)."""
+                   SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr, GLU: tl.constexpr = False):
+    """y[m, rows] from the sum of the SPLIT_K partials in split order (+ bias; L2 loads: .cg)."""
     mask = (rows < N) & (m < M)
     out = tl.load(ws_ptr + m * N + rows, mask=mask, other=0.0, cache_modifier=".cg")
     for s in tl.static_range(1, SPLIT_K):
         out += tl.load(ws_ptr + s * M * N + m * N + rows, mask=mask, other=0.0, cache_modifier=".cg")
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * N + rows, cast_rne(out, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    _store_y(out, m, M, rows, bias_ptr, y_ptr, N, HAS_BIAS, INTERPRET, GLU)

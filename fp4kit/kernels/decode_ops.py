@@ -239,6 +239,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*gate_up.shape[:-1], N, dtype=gate_up.dtype, device=gate_up.device)
     block = 256 if _interpreting() else 1024
     _decode_ops.silu_mul_kernel[(rows, triton.cdiv(N, block))](gate_up, out, N, BLOCK=block, num_warps=4,
+                                                                       INTERPRET=_interpreting(),
                                                                        **_pdl_args(gate_up))
     return out
 

@@ -309,6 +309,7 @@ class PreparedFP4Weight:
     launches: dict = field(default_factory=dict)
     configs: dict = field(default_factory=dict)  # (M, bf16 decode) -> the skinny kernel's GemmConfig
     gemv: GemvLayout | None = None  # the CUDA-core GEMV's plane layout, built on its first use
+    gemv_glu: GemvLayout | None = None  # the same for a [gate | up] pair, rows interleaved (`fp4_glu`)
 
     def is_current(self, qt: QuantizedTensor) -> bool:
         return (qt.data is self.qt.data and qt.scale is self.qt.scale and qt.global_scale is self.qt.global_scale
@@ -687,14 +688,15 @@ def gemv_supported(qt: QuantizedTensor, M: int) -> bool:
 
 
 def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None,
-                 config: GemvConfig | None = None, layout: GemvLayout | None = None) -> torch.Tensor:
+                 config: GemvConfig | None = None, layout: GemvLayout | None = None, glu: bool = False) -> torch.Tensor:
     """One launch of fp4_gemv_kernel, or of fp4_gemv_persistent_kernel when `config.persistent` (compiled
     kernel cached per key and launched directly, as the skinny path). `layout`: another plane layout of
-    the same weight (e.g. other lanes, for the benchmark's sweep) instead of the prepared one."""
+    the same weight (e.g. other lanes, for the benchmark's sweep) instead of the prepared one. `glu`: the
+    layout's rows are an interleaved gate/up pair and y [M, N / 2] is silu(gate) * up (`fp4_glu`)."""
     M = x2.shape[0]
     N, K = prepared.N, prepared.K
     lay = layout or _gemv_layout_for(prepared)
-    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    y = torch.empty(M, N // 2 if glu else N, dtype=x2.dtype, device=x2.device)
     sms = 132 if _interpreting() else _sm_count(x2.device)
     cfg = config or prepared.configs.get(("gemv", M, lay.lanes)) or prepared.configs.setdefault(
         ("gemv", M, lay.lanes), _gemv_config(M, N, K, lay.lanes, sms))
@@ -713,11 +715,12 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
     common = (x2, lay.words, lay.scales, prepared.table, x2 if bias is None else bias, y, ws, cnt, M, N, K,
               prepared.block_size == 32, bias is not None, block_m, cfg.block_n, lay.lanes, cfg.split_k)
     if cfg.persistent:
-        kernel, args = _fp4_gemv.fp4_gemv_persistent_kernel, common + (_interpreting(), cfg.cache, cfg.evict, pdl)
+        kernel = _fp4_gemv.fp4_gemv_persistent_kernel
+        args = common + (_interpreting(), cfg.cache, cfg.evict, pdl, glu)
     else:
         kernel = _fp4_gemv.fp4_gemv_kernel
-        args = common + (cfg.prefetch, _interpreting(), cfg.cache, cfg.evict, cfg.stages, pdl)
-    key = ("gemv", cfg, lay.lanes, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
+        args = common + (cfg.prefetch, _interpreting(), cfg.cache, cfg.evict, cfg.stages, pdl, glu)
+    key = ("gemv", glu, cfg, lay.lanes, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index, pdl)
     _launch_cached(prepared, key, kernel, grid, stream, args, num_warps=cfg.num_warps,
                    num_stages=1, **({"launch_pdl": True} if pdl else {}))

@@ -1,0 +1,147 @@
+"""silu(gate) * up in the FP4 GEMV's epilogue (`fp4kit.kernels.fp4_glu`).
+
+What must hold. The interleaved weight decodes to the original rows exactly (codes and block scales
+move together). Where the fused GEMV runs, its output equals the unfused chain (the same GEMV on the
+plain layout, then `silu_mul`) bit for bit: the epilogue rounds where that chain rounds, through the
+same Triton operations (`cast_rne`, `tl.exp`). Against the torch twin (which rounds each decoded
+weight to bf16 and computes silu with torch's exp) the gate and up values carry the GEMV's stated
+error (test_fp4_gemv), so the twin check is a bound on the result, not bits.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'fp4kit[test]')")
+
+from fp4kit.formats import MXFP4Config, NVFP4Config, quantize  # noqa: E402
+from fp4kit.kernels import prepare_fp4_weight  # noqa: E402
+from fp4kit.kernels.decode_ops import silu_mul, silu_mul_torch  # noqa: E402
+from fp4kit.kernels.fp4_gemm import DecodePath, fp4_matmul, use_triton  # noqa: E402
+from fp4kit.kernels.fp4_glu import (fused_gemv_runs, gate_up_silu, gate_up_silu_torch, glu_interleave,  # noqa: E402
+                                    glu_layout, glu_order)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_kernels = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
+                                   reason="no CUDA and TRITON_INTERPRET != 1: the kernels cannot run here")
+CONFIGS = {"nvfp4": NVFP4Config(), "mxfp4": MXFP4Config()}
+
+
+def _pair(i, k, name, seed=0):
+    """A quantized [gate | up] weight [2i, k]; gate and up of different magnitudes, rows of varied scale."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(2 * i, k, generator=g) * 0.05 * torch.logspace(-1, 1, 2 * i)[:, None]
+    w[i:] *= 3.0
+    return quantize(w.to(DEVICE), CONFIGS[name])
+
+
+def test_glu_order_interleaves():
+    assert glu_order(6).tolist() == [0, 3, 1, 4, 2, 5]
+    with pytest.raises(ValueError, match="even number of rows"):
+        glu_order(5)
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_interleaved_weight_decodes_to_the_original_rows(name):
+    qt = _pair(12, 256, name)
+    inter = glu_interleave(qt)
+    assert torch.equal(inter.dequantize(torch.float32), qt.dequantize(torch.float32)[glu_order(24, DEVICE)])
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("m,has_bias", [(1, False), (2, True)])
+def test_fused_equals_gemv_then_silu_mul_bit_exact(name, m, has_bias):
+    """The one-launch GEMV against the unfused kernel chain on the same weight: identical bits."""
+    I, K = 40, 512  # 80 rows: the interpreter's 16-row tiles leave a partial last tile
+    qt = _pair(I, K, name)
+    x = torch.randn(m, K, device=DEVICE).bfloat16()
+    bias = torch.randn(2 * I, device=DEVICE).bfloat16() if has_bias else None
+    assert fused_gemv_runs(x, qt)
+    prepared = prepare_fp4_weight(qt)
+    got = gate_up_silu(x, qt, bias, prepared=prepared)
+    assert prepared.gemv_glu is not None and prepared.gemv is None  # the fused path ran, not the plain GEMV
+    chain = silu_mul(fp4_matmul(x, qt, bias, path=DecodePath.GEMV))
+    assert got.shape == (m, I) and got.dtype == torch.bfloat16
+    assert torch.equal(got, chain)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_fused_against_the_torch_twin(name):
+    """Against the twin: gate and up differ by the GEMV's rounding of the weights (normalised max 2^-7 in
+    test_fp4_gemv); silu(g) * u then moves by at most its derivative times that, relative to the output's
+    scale. Checked as that normalised bound on the result."""
+    I, K = 48, 1024
+    qt = _pair(I, K, name, seed=1)
+    x = torch.randn(1, K, device=DEVICE).bfloat16()
+    got = gate_up_silu(x, qt).float()
+    ref = gate_up_silu_torch(x, qt).float()
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 2 ** -6
+
+
+@needs_kernels
+def test_silu_mul_kernel_rounds_to_nearest_even_in_the_interpreter_too():
+    """silu_mul's kernel rounds with `cast_rne`: the interpreter's own float -> bf16 cast truncates, which
+    would make the fused epilogue (RNE) and the unfused chain differ there. Against torch's silu * up on the
+    same values: equal wherever torch's and the kernel's float32 exp agree (all but a few elements)."""
+    gu = (torch.randn(4, 2 * 1000, device=DEVICE) * 4).bfloat16()
+    got, ref = silu_mul(gu), silu_mul_torch(gu)
+    assert (got == ref).float().mean().item() >= 0.99
+    ulp = 2.0 ** (torch.floor(torch.log2(ref.float().abs().clamp_min(1e-30))) - 7)
+    assert ((got.float() - ref.float()).abs() <= ulp).all()
+
+
+def test_falls_back_off_the_gemv():
+    """M beyond the GEMV's range (or a CPU tensor without the interpreter) takes GEMM + silu_mul: same function."""
+    qt = _pair(16, 256, "nvfp4")
+    x = torch.randn(3, 5, 256, device=DEVICE).bfloat16()
+    assert not fused_gemv_runs(x, qt)
+    got = gate_up_silu(x, qt)
+    assert got.shape == (3, 5, 16)
+    ref = gate_up_silu_torch(x, qt)
+    assert ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item() <= 2 ** -6
+
+
+def test_rejects_wrong_features():
+    qt = _pair(16, 256, "nvfp4")
+    with pytest.raises(ValueError, match="512 features, the weight expects 256"):
+        gate_up_silu(torch.randn(1, 512, device=DEVICE).bfloat16(), qt)
+
+
+@needs_kernels
+def test_glu_layout_built_once():
+    qt = _pair(16, 256, "nvfp4")
+    prepared = prepare_fp4_weight(qt)
+    lay = glu_layout(prepared)
+    assert glu_layout(prepared) is lay
+    assert lay.words.shape == (32, 256 // 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Llama-sized shapes need the GPU")
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_gpu_llama_gate_up_bit_exact_with_the_chain(name, m):
+    """28672 x 4096 (Llama-3-8B gate_up: the tuned 16-lane layout and launch): fused == GEMV + silu_mul."""
+    qt = _pair(14336, 4096, name, seed=2)
+    x = torch.randn(m, 4096, device=DEVICE).bfloat16()
+    got = gate_up_silu(x, qt)
+    assert torch.equal(got, silu_mul(fp4_matmul(x, qt, path=DecodePath.GEMV)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need the GPU")
+def test_gpu_graph_replay_equals_eager():
+    qt = _pair(2048, 1024, "nvfp4", seed=3)
+    prepared = prepare_fp4_weight(qt)
+    x = torch.randn(1, 1024, device=DEVICE).bfloat16()
+    eager = gate_up_silu(x, qt, prepared=prepared)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gate_up_silu(x, qt, prepared=prepared)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(out, gate_up_silu(x, qt, prepared=prepared))
+    assert not torch.equal(out, eager)
