@@ -136,7 +136,8 @@ def decode_attn_combine_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, n_kv,
 
 @triton.jit
 def add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, h_out_ptr, n_out_ptr, N, eps,
-                       HAS_DELTA: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                       HAS_DELTA: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                       INTERPRET: tl.constexpr = False):
     # one program per row of N features
     r = tl.program_id(0)
     c = tl.arange(0, BLOCK)
@@ -148,7 +149,8 @@ def add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, h_out_ptr, n_out_ptr, N, eps,
         gdc_wait()
     x = tl.load(h_ptr + r * N + c, mask=cm, other=0.0)
     if HAS_DELTA:
-        x = (x.to(tl.float32) + tl.load(delta_ptr + r * N + c, mask=cm, other=0.0).to(tl.float32)).to(x.dtype)
+        x = cast_rne(x.to(tl.float32) + tl.load(delta_ptr + r * N + c, mask=cm, other=0.0).to(tl.float32), x.dtype,
+                     INTERPRET)
         tl.store(h_out_ptr + r * N + c, x, mask=cm)  # the new residual, rounded as torch's add
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
@@ -156,8 +158,8 @@ def add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, h_out_ptr, n_out_ptr, N, eps,
     if GEMMA:
         out = y * (1.0 + w)  # Gemma: float32 throughout, one rounding
     else:
-        out = w * y.to(x.dtype).to(tl.float32)  # Llama: round the normalised x, then the weight product
-    tl.store(n_out_ptr + r * N + c, out.to(n_out_ptr.dtype.element_ty), mask=cm)
+        out = w * cast_rne(y, x.dtype, INTERPRET).to(tl.float32)  # Llama: round the normalised x, then the product
+    tl.store(n_out_ptr + r * N + c, cast_rne(out, n_out_ptr.dtype.element_ty, INTERPRET), mask=cm)
 
 
 @triton.jit

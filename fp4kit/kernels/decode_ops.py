@@ -214,6 +214,7 @@ def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     block = triton.next_power_of_2(N)
     _decode_ops.add_rmsnorm_kernel[(rows,)](h, h if delta is None else delta, weight, h_out, n_out, N, eps,
                                             HAS_DELTA=delta is not None, GEMMA=gemma, BLOCK=block,
+                                            INTERPRET=_interpreting(),
                                             num_warps=1 if _interpreting() else min(16, max(1, block // 512)),
                                             **_pdl_args(h))
     return h_out, n_out
