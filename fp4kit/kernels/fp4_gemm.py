@@ -749,6 +749,8 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
         if norm is not None:
             args = args + (norm.h, norm.weight, norm.h_out, norm.n_out, _norm_tickets(x2.device, stream), norm.eps,
                            True, norm.gemma, triton.next_power_of_2(N))
+        else:  # every argument, always: the cached launch (`_launch_cached`) passes them all positionally
+            args = args + (y, y, y, y, y, 0.0, False, False, 1)
     key = ("gemv", glu, norm is not None and (norm.gemma, norm.weight.dtype), cfg, lay.lanes, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index, pdl)
     _launch_cached(prepared, key, kernel, grid, stream, args, num_warps=cfg.num_warps,
