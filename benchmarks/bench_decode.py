@@ -201,7 +201,7 @@ def run_speed(args) -> dict:
     from fp4kit.engine.bench import BenchConfig, bench_engine, copy_bandwidth
     from fp4kit.engine.random_model import random_llama
     from fp4kit.formats import NVFP4Config
-    from fp4kit.kernels import fp4_addnorm, fp4_gemm, fp4_glu
+    from fp4kit.kernels import fp4_gemm, fp4_glu
     from fp4kit.nn import quantize_
 
     cfg = BenchConfig(tuple(args.batch), args.prompt_len, args.gen_len, args.repeats)
@@ -243,19 +243,17 @@ def run_speed(args) -> dict:
                       flush=True)
                 fp4_gemm.PDL = True
                 del eng
-            if args.fusions_off_too and on_gpu and weights == "nvfp4":  # batch 1 without the GEMV epilogues
-                for glu, addnorm in ((False, True), (True, False), (False, False)):
-                    fp4_glu.FUSED_GLU, fp4_addnorm.FUSED_ADDNORM = glu, addnorm
-                    eng = Engine(model, max_batch=1, max_seq_len=cfg.prompt_len + cfg.gen_len, fused=not args.unfused,
-                                 kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn, lm_head=head)
-                    one = BenchConfig((1,), cfg.prompt_len, cfg.gen_len, cfg.repeats)
-                    r = {"weights": weights, "kv": kv, "lm_head": head, "glu": glu, "addnorm": addnorm,
-                         **bench_engine(eng, one, bw)[0]}
-                    out.setdefault("fusions_off", []).append(r)
-                    print("fusions off", json.dumps({k: round(v, 3) if isinstance(v, float) else v
-                                                     for k, v in r.items()}), flush=True)
-                    del eng
-                fp4_glu.FUSED_GLU, fp4_addnorm.FUSED_ADDNORM = True, True
+            if args.glu_off_too and on_gpu and weights == "nvfp4":  # batch 1: gate/up GEMV, then silu_mul
+                fp4_glu.FUSED_GLU = False
+                eng = Engine(model, max_batch=1, max_seq_len=cfg.prompt_len + cfg.gen_len, fused=not args.unfused,
+                             kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn, lm_head=head)
+                one = BenchConfig((1,), cfg.prompt_len, cfg.gen_len, cfg.repeats)
+                r = {"weights": weights, "kv": kv, "lm_head": head, "glu": False, **bench_engine(eng, one, bw)[0]}
+                out.setdefault("glu_off", []).append(r)
+                print("GLU off", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
+                      flush=True)
+                fp4_glu.FUSED_GLU = True
+                del eng
             if args.ws_off_too and on_gpu and weights == "nvfp4" and kv == "bf16":
                 # batches > 1 with the skinny kernel instead of the warp-specialised one (fp4_gemm.WS_AUTO)
                 fp4_gemm.WS_AUTO = False
@@ -319,10 +317,9 @@ def run_speed(args) -> dict:
         print(f"| round-8 off: {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
               f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
               f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
-    for r in out.get("fusions_off", []):
+    for r in out.get("glu_off", []):
         r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
-        print(f"| silu in GEMV {'on' if r['glu'] else 'off'}, norm in GEMV {'on' if r['addnorm'] else 'off'}: "
-              f"{r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
+        print(f"| GLU off: {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
               f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
               f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
     for r in out.get("ws_off", []):
@@ -422,10 +419,9 @@ def main():
     f.add_argument("--round8-off-too", action="store_true",
                    help="batch 1 also without round 8's tuned GEMV shapes (16-lane layouts for gate_up / qkv), "
                         "same process")
-    f.add_argument("--fusions-off-too", action="store_true",
-                   help="also the NVFP4 rows at batch 1 without the GEMV epilogues: silu * up as its own kernel "
-                        "(fp4_glu.FUSED_GLU), the residual add + RMSNorm as its own kernel (fp4_addnorm."
-                        "FUSED_ADDNORM), and neither; same process")
+    f.add_argument("--glu-off-too", action="store_true",
+                   help="also the NVFP4 rows at batch 1 with silu * up as its own kernel after the gate/up GEMV "
+                        "(fp4_glu.FUSED_GLU off), same process")
     f.add_argument("--ws-off-too", action="store_true",
                    help="also the NVFP4 engine (bf16 KV) at the batches > 1 with the skinny kernel (WS_AUTO off)")
     f.add_argument("--pdl-off-too", action="store_true",

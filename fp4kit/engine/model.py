@@ -23,10 +23,6 @@ path above stays as `fused=False`, and is the twin the fused path is tested agai
 
     q/k/v and gate/up   one GEMM each where `fused.fuse_linears` allows (plain nn.Linear or plain
                         FP4Linear with a shared format and global scale), then silu * up in one kernel
-                        (at decode with FP4 weights, in the gate/up GEMV's epilogue: `kernels.fp4_glu`)
-    o and down + norm   at decode with plain FP4Linear projections and pre-norm blocks, the residual
-                        add and the next RMSNorm run in the projection GEMV's last program
-                        (`kernels.fp4_addnorm`): no separate norm launch
     norms               residual add + RMSNorm in one kernel for transformers' RMSNorm classes
                         (the residual add of the previous block is carried into the next norm)
     decode (T = 1)      rope on q and k plus the cache write in one kernel (bf16 cache), and
@@ -52,8 +48,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp4kit.kernels import decode_ops
-from fp4kit.kernels.fp4_addnorm import linear_add_rmsnorm
-from fp4kit.nn import FP4Linear
 from fp4kit.nn.kv_cache import KVCache
 
 from .fused import (
@@ -293,15 +287,12 @@ class DecoderRunner:
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.add_norm(x, None, module)[1]
 
-    def _norm_kind(self, module: nn.Module) -> NormKind | None:
+    def add_norm(self, h, delta, module: nn.Module):
+        """(h + delta, norm(h + delta)); delta None: (h, norm(h)). One kernel for known RMSNorm classes."""
         key = id(module)
         if key not in self._norms:
             self._norms[key] = norm_kind(module)
-        return self._norms[key]
-
-    def add_norm(self, h, delta, module: nn.Module):
-        """(h + delta, norm(h + delta)); delta None: (h, norm(h)). One kernel for known RMSNorm classes."""
-        kind = self._norm_kind(module)
+        kind = self._norms[key]
         if kind is None:
             if delta is not None:
                 h = h + delta
@@ -329,42 +320,24 @@ class DecoderRunner:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             cache.write(k, v, slots)
             keys, values = cache.read(B, kv_len)
-            return attn.o_proj, gqa_attention(q, keys, values, masks[layer.window], layer.scaling)
+            return attn.o_proj(gqa_attention(q, keys, values, masks[layer.window], layer.scaling))
         k_store, v_store, k_scale, v_scale = cache.storage()
         q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, H, D]; cos, sin are already [B, D] (forward_fused)
         q = self._ops(x, "rope_write")(q, k, v, cos, sin, k_store, v_store, slots, k_scale, v_scale)
         out = self._ops(x, "decode_attention")(q, k_store, v_store, k_scale, v_scale, pad, slots, kv_len,
                                                layer.window, layer.scaling)  # [B, Hq * D]
-        return attn.o_proj, out[:, None]
+        return attn.o_proj(out[:, None])
 
-    def mlp_fused(self, layer: nn.Module, plan: LayerPlan, x: torch.Tensor) -> tuple[nn.Module | None, torch.Tensor]:
-        """(down_proj, its input) of a gated MLP (the projection is left to `linear_add_norm`), else (None, output)."""
+    def mlp_fused(self, layer: nn.Module, plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
         if plan.gate_up is None:
-            return None, self.mlp(layer, x)
+            return self.mlp(layer, x)
         mlp = getattr(layer, self.spec.mlp_attr)
         if plan.silu:  # kernels: one launch at decode (the GEMV's epilogue), else GEMM + silu_mul
             act = plan.gate_up.silu_mul(x) if self.kernels_on(x) else decode_ops.silu_mul_torch(plan.gate_up(x))
-            return mlp.down_proj, act
+            return mlp.down_proj(act)
         gu = plan.gate_up(x)  # [..., 2 I]
         gate, up = plan.gate_up.split(gu)
-        return mlp.down_proj, mlp.act_fn(gate) * up
-
-    def linear_add_norm(self, pending: tuple[nn.Module | None, torch.Tensor] | None, h: torch.Tensor,
-                        module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h + lin(t), norm(h + lin(t))) for pending = (lin, t); (lin None: t is the branch output; pending None:
-        no add). With kernels, a plain FP4Linear and a known RMSNorm this is one GEMV whose last program does
-        the add and the norm (`kernels.fp4_addnorm`, at decode), else the projection then `add_norm`."""
-        if pending is None:
-            return self.add_norm(h, None, module)
-        lin, t = pending
-        if lin is None:
-            return self.add_norm(h, t, module)
-        if (self.kernels_on(t) and t.is_cuda and type(lin) is FP4Linear and lin.rotation is None
-                and lin.input_config is None and self._norm_kind(module) is not None):
-            kind = self._norm_kind(module)
-            bias = None if lin.bias is None else lin.bias.to(t.dtype)
-            return linear_add_rmsnorm(t, lin.quantized_weight(), h, module.weight, kind.eps, kind.gemma, bias)
-        return self.add_norm(h, lin(t), module)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def forward_fused(self, tokens, positions, pad, slots, kv_len: int, caches, last_only: bool) -> torch.Tensor:
         inner = self.model.model
@@ -375,26 +348,19 @@ class DecoderRunner:
         if T == 1:  # once per step, not per layer
             rope = {t: (cos[:, 0].contiguous(), sin[:, 0].contiguous()) for t, (cos, sin) in rope.items()}
         masks = self.masks(pad, slots, kv_len) if T > 1 else None
-        # (projection, its input), or (None, output): the block output not yet added to the residual stream;
-        # the projection runs in `linear_add_norm`, together with the add and the next norm where it can
-        pending = None
+        pending = None  # the block output not yet added to the residual stream
         for i, layer in enumerate(inner.layers):
-            h, x = self.linear_add_norm(pending, h, layer.input_layernorm)
-            o_proj, a = self.attention_fused(i, layer.self_attn, plans[i], x, rope, masks, pad, slots, kv_len,
-                                             caches[i])
+            h, x = self.add_norm(h, pending, layer.input_layernorm)
+            a = self.attention_fused(i, layer.self_attn, plans[i], x, rope, masks, pad, slots, kv_len, caches[i])
             if self.spec.sandwich_norms:
-                a = self.norm(layer.post_attention_layernorm, o_proj(a))
-                h, x = self.add_norm(h, a, layer.pre_feedforward_layernorm)
-                down, m = self.mlp_fused(layer, plans[i], x)
-                pending = None, self.norm(layer.post_feedforward_layernorm, m if down is None else down(m))
+                h, x = self.add_norm(h, self.norm(layer.post_attention_layernorm, a), layer.pre_feedforward_layernorm)
+                pending = self.norm(layer.post_feedforward_layernorm, self.mlp_fused(layer, plans[i], x))
             else:
-                h, x = self.linear_add_norm((o_proj, a), h, layer.post_attention_layernorm)
+                h, x = self.add_norm(h, a, layer.post_attention_layernorm)
                 pending = self.mlp_fused(layer, plans[i], x)
-        if last_only and T > 1:  # prefill: the whole projection as before, then the last token
-            lin, t = pending
-            out = t if lin is None else lin(t)
-            h, pending = h[:, -1:].contiguous(), (None, out[:, -1:].contiguous())
-        return self.head(self.linear_add_norm(pending, h, inner.norm)[1])
+        if last_only:
+            h, pending = h[:, -1:].contiguous(), pending[:, -1:].contiguous()
+        return self.head(self.add_norm(h, pending, inner.norm)[1])
 
     def block(self, i: int, layer: nn.Module, h, rope, masks, slots, kv_len, cache):
         a = self.attention(i, layer.self_attn, layer.input_layernorm(h), rope, masks, slots, kv_len, cache)

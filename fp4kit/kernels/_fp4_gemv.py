@@ -164,9 +164,7 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, L: tl.constexpr, SPLIT_K: tl.constexpr,
                     PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, CACHE: tl.constexpr = "",
                     EVICT: tl.constexpr = "", STAGES: tl.constexpr = 1, PDL: tl.constexpr = False,
-                    GLU: tl.constexpr = False, h_ptr=None, nw_ptr=None, h_out_ptr=None, n_out_ptr=None,
-                    gcnt_ptr=None, eps=0.0, NORM: tl.constexpr = False, GEMMA: tl.constexpr = False,
-                    NORM_BLOCK: tl.constexpr = 1):
+                    GLU: tl.constexpr = False):
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), W in the plane layout (module docstring).
 
     Grid: (tiles of BLOCK_N rows, tiles of BLOCK_M <= 4 tokens, SPLIT_K). Split s covers chunks
@@ -185,9 +183,6 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
     pipelining depth of the K loop (`tl.range(..., num_stages=STAGES)`; 1 = none).
     GLU: W is a gate/up pair with rows interleaved (row 2i = gate i, row 2i + 1 = up i) and y[M, N / 2] is
     silu(gate) * up, each rounded where `decode_ops.silu_mul` rounds (`_glu_store`).
-    NORM: y is a residual branch; after the last tile is written, the program that wrote it (a grid-wide
-    ticket per token tile in gcnt) computes h_out = h + y and n_out = RMSNorm(h_out) * w for every token
-    of the tile, as `decode_ops.add_rmsnorm` does (`_norm_tail`): the next kernel then needs no norm launch.
     """
     K8: tl.constexpr = K // 8
     NCH: tl.constexpr = K8 // (16 * L)
@@ -235,11 +230,8 @@ def fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, cnt
             w0, w1, w2, w3, codes = _load_chunk(w_ptrs, s_ptr, n3, l3, e3, ch, wmask, N, L, SROW, PAIRED, CACHE, EVICT)
         acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, w0, w1, w2, w3, codes, table_ptr, x_ptrs, ch,
                                         m0, M, K, BLOCK_M, L, INTERPRET)
-    done = _epilogue(acc0, acc1, acc2, acc3, m0, M, rows, pid_m * tl.num_programs(0) + pid_n, pid_k, bias_ptr,
-                     y_ptr, ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET, GLU)
-    if NORM:
-        _norm_tail(done, pid_m, m0, M, y_ptr, h_ptr, nw_ptr, h_out_ptr, n_out_ptr, gcnt_ptr, eps, N, BLOCK_M, GEMMA,
-                   NORM_BLOCK, INTERPRET)
+    _epilogue(acc0, acc1, acc2, acc3, m0, M, rows, pid_m * tl.num_programs(0) + pid_n, pid_k, bias_ptr, y_ptr,
+              ws_ptr, cnt_ptr, N, HAS_BIAS, BLOCK_M, SPLIT_K, INTERPRET, GLU)
 
 
 @triton.jit
@@ -309,44 +301,13 @@ def _epilogue(acc0, acc1, acc2, acc3, m0, M, rows, tile, split, bias_ptr, y_ptr,
                 INTERPRET, GLU)
         _finish(tl.sum(acc3, axis=0), m0 + 3, M, rows, split, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K,
                 INTERPRET, GLU)
-    done = 1  # this program wrote its tile of y (without a split, always)
     if SPLIT_K > 1:
         tl.debug_barrier()  # every thread's partials are written before the ticket is taken
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        done = ticket == SPLIT_K - 1
-        if done:  # the last split of this tile: reduce in split order
+        if ticket == SPLIT_K - 1:  # the last split of this tile: reduce in split order
             for m in tl.static_range(BLOCK_M):
                 _reduce_splits(m0 + m, M, rows, bias_ptr, y_ptr, ws_ptr, N, HAS_BIAS, SPLIT_K, INTERPRET, GLU)
             tl.store(cnt_ptr + tile, 0)
-    return done
-
-
-@triton.jit
-def _norm_tail(done, pid_m, m0, M, y_ptr, h_ptr, w_ptr, h_out_ptr, n_out_ptr, gcnt_ptr, eps, N: tl.constexpr,
-               BLOCK_M: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
-    """The program that wrote the last tile of y (a ticket per token tile, taken once per finished tile)
-    adds y to the residual h and normalises the row: `_decode_ops.add_rmsnorm_kernel`'s arithmetic."""
-    if done:
-        tl.debug_barrier()  # every thread's y stores are issued before the ticket is taken
-        ticket = tl.atomic_add(gcnt_ptr + pid_m, 1, sem="acq_rel")
-        if ticket == tl.num_programs(0) - 1:
-            c = tl.arange(0, BLOCK)
-            w = tl.load(w_ptr + c, mask=c < N, other=0.0).to(tl.float32)
-            for m in tl.static_range(BLOCK_M):
-                row = m0 + m
-                cm = (c < N) & (row < M)
-                h = tl.load(h_ptr + row * N + c, mask=cm, other=0.0)
-                d = tl.load(y_ptr + row * N + c, mask=cm, other=0.0, cache_modifier=".cg")
-                x = cast_rne(h.to(tl.float32) + d.to(tl.float32), h.dtype, INTERPRET)  # torch's add
-                tl.store(h_out_ptr + row * N + c, x, mask=cm)
-                xf = x.to(tl.float32)
-                y = xf * (1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps))
-                if GEMMA:
-                    out = y * (1.0 + w)
-                else:
-                    out = w * cast_rne(y, h.dtype, INTERPRET).to(tl.float32)
-                tl.store(n_out_ptr + row * N + c, cast_rne(out, n_out_ptr.dtype.element_ty, INTERPRET), mask=cm)
-            tl.store(gcnt_ptr + pid_m, 0)
 
 
 @triton.jit

@@ -687,36 +687,12 @@ def gemv_supported(qt: QuantizedTensor, M: int) -> bool:
     return 0 < M <= GEMV_MAX_M and gemv_lanes(qt.shape[1], qt.config.block_size) is not None
 
 
-@dataclass(frozen=True)
-class GemvNorm:
-    """The GEMV's residual add + RMSNorm tail (`_fp4_gemv._norm_tail`): h_out = h + y, n_out = RMSNorm(h_out)."""
-    h: torch.Tensor  # [M, N], the residual stream before the add
-    weight: torch.Tensor  # [N], the norm's weight
-    eps: float
-    gemma: bool  # (1 + w) * x_hat in float32, else w * x_hat rounded (Llama)
-    h_out: torch.Tensor  # [M, N]
-    n_out: torch.Tensor  # [M, N]
-
-
-_NORM_TICKETS: dict[tuple, torch.Tensor] = {}
-
-
-def _norm_tickets(device: torch.device, stream: int) -> torch.Tensor:
-    """The norm tail's grid-wide tickets of one stream (one per token tile; zero, and left zero by the kernel)."""
-    key = (device.index, stream)
-    if key not in _NORM_TICKETS:
-        _NORM_TICKETS[key] = torch.zeros(64, dtype=torch.int32, device=device)
-    return _NORM_TICKETS[key]
-
-
 def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None,
-                 config: GemvConfig | None = None, layout: GemvLayout | None = None, glu: bool = False,
-                 norm: GemvNorm | None = None) -> torch.Tensor:
+                 config: GemvConfig | None = None, layout: GemvLayout | None = None, glu: bool = False) -> torch.Tensor:
     """One launch of fp4_gemv_kernel, or of fp4_gemv_persistent_kernel when `config.persistent` (compiled
     kernel cached per key and launched directly, as the skinny path). `layout`: another plane layout of
     the same weight (e.g. other lanes, for the benchmark's sweep) instead of the prepared one. `glu`: the
-    layout's rows are an interleaved gate/up pair and y [M, N / 2] is silu(gate) * up (`fp4_glu`). `norm`:
-    the residual add + RMSNorm after the last tile (`fp4_addnorm`), into norm.h_out and norm.n_out."""
+    layout's rows are an interleaved gate/up pair and y [M, N / 2] is silu(gate) * up (`fp4_glu`)."""
     M = x2.shape[0]
     N, K = prepared.N, prepared.K
     lay = layout or _gemv_layout_for(prepared)
@@ -738,20 +714,13 @@ def _launch_gemv(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tens
     pdl = use_pdl(x2)
     common = (x2, lay.words, lay.scales, prepared.table, x2 if bias is None else bias, y, ws, cnt, M, N, K,
               prepared.block_size == 32, bias is not None, block_m, cfg.block_n, lay.lanes, cfg.split_k)
-    if norm is not None and (cfg.persistent or glu):
-        raise ValueError("_launch_gemv: the residual add + RMSNorm tail runs in the non-persistent kernel without glu")
     if cfg.persistent:
         kernel = _fp4_gemv.fp4_gemv_persistent_kernel
         args = common + (_interpreting(), cfg.cache, cfg.evict, pdl, glu)
     else:
         kernel = _fp4_gemv.fp4_gemv_kernel
         args = common + (cfg.prefetch, _interpreting(), cfg.cache, cfg.evict, cfg.stages, pdl, glu)
-        if norm is not None:
-            args = args + (norm.h, norm.weight, norm.h_out, norm.n_out, _norm_tickets(x2.device, stream), norm.eps,
-                           True, norm.gemma, triton.next_power_of_2(N))
-        else:  # every argument, always: the cached launch (`_launch_cached`) passes them all positionally
-            args = args + (y, y, y, y, y, 0.0, False, False, 1)
-    key = ("gemv", glu, norm is not None and (norm.gemma, norm.weight.dtype), cfg, lay.lanes, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
+    key = ("gemv", glu, cfg, lay.lanes, block_m, x2.dtype, None if bias is None else bias.dtype, x2.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0, M == 1, M % 16 == 0, x2.device.index, pdl)
     _launch_cached(prepared, key, kernel, grid, stream, args, num_warps=cfg.num_warps,
                    num_stages=1, **({"launch_pdl": True} if pdl else {}))
