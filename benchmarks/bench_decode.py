@@ -201,7 +201,7 @@ def run_speed(args) -> dict:
     from fp4kit.engine.bench import BenchConfig, bench_engine, copy_bandwidth
     from fp4kit.engine.random_model import random_llama
     from fp4kit.formats import NVFP4Config
-    from fp4kit.kernels import fp4_gemm, fp4_glu
+    from fp4kit.kernels import decode_ops, fp4_gemm, fp4_glu
     from fp4kit.nn import quantize_
 
     cfg = BenchConfig(tuple(args.batch), args.prompt_len, args.gen_len, args.repeats)
@@ -242,6 +242,18 @@ def run_speed(args) -> dict:
                 print("no PDL", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
                       flush=True)
                 fp4_gemm.PDL = True
+                del eng
+            if args.before_too and on_gpu:  # every batch without this session's two folds, same process
+                fp4_glu.FUSED_GLU, decode_ops.ROPE_IN_ATTENTION = False, False
+                eng = Engine(model, max_batch=max(cfg.batches), max_seq_len=cfg.prompt_len + cfg.gen_len,
+                             kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn,
+                             fused=not args.unfused, lm_head=head)
+                for r in bench_engine(eng, cfg, bw):
+                    r = {"weights": weights, "kv": kv, "lm_head": head, "folds": False, **r}
+                    out.setdefault("before", []).append(r)
+                    print("before", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
+                          flush=True)
+                fp4_glu.FUSED_GLU, decode_ops.ROPE_IN_ATTENTION = True, True
                 del eng
             if args.glu_off_too and on_gpu and weights == "nvfp4":  # batch 1: gate/up GEMV, then silu_mul
                 fp4_glu.FUSED_GLU = False
@@ -305,6 +317,7 @@ def run_speed(args) -> dict:
             if on_gpu:
                 torch.cuda.empty_cache()
     base = {r["batch"]: r["decode_tok_s"] for r in out["results"] if r["weights"] == "bf16"}
+    before_base = {r["batch"]: r["decode_tok_s"] for r in out.get("before", []) if r["weights"] == "bf16"}
     print("| weights | kv | head | batch | decode tok/s | TTFT ms | step ms | weight roofline tok/s | % roofline "
           "| % roofline w+kv | vs bf16 |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out["results"]:
@@ -317,6 +330,11 @@ def run_speed(args) -> dict:
         print(f"| round-8 off: {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
               f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
               f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
+    for r in out.get("before", []):
+        r["speedup_vs_bf16"] = r["decode_tok_s"] / before_base[r["batch"]]
+        print(f"| before (no folds): {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} "
+              f"| {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} "
+              f"| {100 * r['roofline_frac']:.0f}% | {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
     for r in out.get("glu_off", []):
         r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
         print(f"| GLU off: {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
@@ -419,6 +437,10 @@ def main():
     f.add_argument("--round8-off-too", action="store_true",
                    help="batch 1 also without round 8's tuned GEMV shapes (16-lane layouts for gate_up / qkv), "
                         "same process")
+    f.add_argument("--before-too", action="store_true",
+                   help="also every row without the silu * up GEMV epilogue (fp4_glu.FUSED_GLU) and without rope "
+                        "folded into the attention launch (decode_ops.ROPE_IN_ATTENTION); its vs-bf16 column is "
+                        "against the bf16 row measured the same way")
     f.add_argument("--glu-off-too", action="store_true",
                    help="also the NVFP4 rows at batch 1 with silu * up as its own kernel after the gate/up GEMV "
                         "(fp4_glu.FUSED_GLU off), same process")

@@ -25,9 +25,10 @@ path above stays as `fused=False`, and is the twin the fused path is tested agai
                         FP4Linear with a shared format and global scale), then silu * up in one kernel
     norms               residual add + RMSNorm in one kernel for transformers' RMSNorm classes
                         (the residual add of the previous block is carried into the next norm)
-    decode (T = 1)      rope on q and k plus the cache write in one kernel (bf16 cache), and
-                        `decode_attention` reading the cache directly (bf16 or FP8 with its scales
-                        applied in registers): no mask tensor, no dequantized copy of the cache
+    decode (T = 1)      `rope_decode_attention`: rope on q and k, the cache write (bf16, or FP8 with
+                        its scales) and attention reading the cache directly (FP8 scales applied in
+                        registers) in one attention launch (+ the split combine): no mask tensor,
+                        no dequantized copy of the cache
 
 Kernels run on CUDA (`fp4kit.kernels.decode_ops`); elsewhere their torch twins run, unless
 `use_kernels` is set (the tests do, under the Triton interpreter).
@@ -323,9 +324,9 @@ class DecoderRunner:
             return attn.o_proj(gqa_attention(q, keys, values, masks[layer.window], layer.scaling))
         k_store, v_store, k_scale, v_scale = cache.storage()
         q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, H, D]; cos, sin are already [B, D] (forward_fused)
-        q = self._ops(x, "rope_write")(q, k, v, cos, sin, k_store, v_store, slots, k_scale, v_scale)
-        out = self._ops(x, "decode_attention")(q, k_store, v_store, k_scale, v_scale, pad, slots, kv_len,
-                                               layer.window, layer.scaling)  # [B, Hq * D]
+        attend = self._ops(x, "rope_decode_attention")
+        out = attend(q, k, v, cos, sin, k_store, v_store, k_scale, v_scale, pad, slots, kv_len, layer.window,
+                     layer.scaling)  # [B, Hq * D]
         return attn.o_proj(out[:, None])
 
     def mlp_fused(self, layer: nn.Module, plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:

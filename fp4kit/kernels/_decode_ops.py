@@ -37,9 +37,14 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_L: tl.constexpr, ITERS: tl.constexpr, N_SPLITS: tl.constexpr,
                              IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
-                             PDL: tl.constexpr = False, DIRECT: tl.constexpr = False):
+                             PDL: tl.constexpr = False, DIRECT: tl.constexpr = False, ROPE: tl.constexpr = False,
+                             kn_ptr=None, vn_ptr=None, cos_ptr=None, sin_ptr=None, stride_knb=0, stride_knh=0,
+                             stride_vnb=0, stride_vnh=0, RECIP_448: tl.constexpr = False):
     # grid (B, Hkv, N_SPLITS): row b, kv head h, keys [s * ITERS * BLOCK_L, (s + 1) * ITERS * BLOCK_L).
     # DIRECT (one split): the normalised output goes straight to out [B, Hq * D], no partials, no combine.
+    # ROPE: q is not yet rotated; every program rotates its G query heads (as rope_kernel), and the program
+    # whose keys hold the slot rotates the new key kn [B, Hkv, D] and stores it and vn into the cache at the
+    # slot (as rope_kernel) before its loop reads them: rope_write's launch folded into this one.
     _chain_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -53,13 +58,29 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
     dm = d < D
     q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
                 mask=gm[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    kv_base = b * stride_kb + h * stride_kh
+    sc_base = b * stride_sb + h * stride_sh
+    if ROPE:
+        partner, sign = _rope_partner(d, D)
+        cos = tl.load(cos_ptr + b * D + d, mask=dm, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b * D + d, mask=dm, other=0.0).to(tl.float32)
+        qp = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + partner[None, :],
+                     mask=gm[:, None] & dm[None, :], other=0.0)
+        q = _rope(q, qp, cos[None, :], sin[None, :], sign[None, :])
+        if s == slot // (ITERS * BLOCK_L):  # this program's keys hold the slot: write the new k and v first
+            kn = kn_ptr + b * stride_knb + h * stride_knh
+            k_rot = _rope(tl.load(kn + d, mask=dm, other=0.0), tl.load(kn + partner, mask=dm, other=0.0), cos, sin,
+                          sign)
+            dst = kv_base + slot * stride_ks + d
+            _store_kv(k_ptr, ks_ptr, dst, sc_base + slot, k_rot, dm, IS_FP8, RECIP_448)
+            v_new = tl.load(vn_ptr + b * stride_vnb + h * stride_vnh + d, mask=dm, other=0.0)
+            _store_kv(v_ptr, vs_ptr, dst, sc_base + slot, v_new, dm, IS_FP8, RECIP_448)
+            tl.debug_barrier()  # the stores are visible to the whole program before the loop loads the slot
     if DOT_F32:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)  # finite: a split with no visible key stays NaN-free
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    kv_base = b * stride_kb + h * stride_kh
-    sc_base = b * stride_sb + h * stride_sh
     for it in range(ITERS):
         j = (s * ITERS + it) * BLOCK_L + tl.arange(0, BLOCK_L)  # key slots [BLOCK_L]
         vis = ((j >= pad) & (j <= slot)) | (j == slot)  # causal, left padding; the own slot always
@@ -216,6 +237,21 @@ def _store_kv(dst_ptr, scale_ptr, dst, scale_off, x, dm, IS_FP8: tl.constexpr, R
 
 
 @triton.jit
+def _rope_partner(d, D: tl.constexpr):
+    """rotate_half's source column of each column d < D, and its sign: (d + D/2, -1) below D/2, (d - D/2, +1) above."""
+    half: tl.constexpr = D // 2
+    return tl.where(d < half, d + half, d - half), tl.where(d < half, -1.0, 1.0)
+
+
+@triton.jit
+def _rope(x, xp, cos, sin, sign):
+    """x * cos + rotate_half(x) * sin with xp = x at the partner columns (float32 cos, sin, sign; broadcast):
+    each product rounded to x's dtype as torch does, then the sum rounded (rotate_half itself is exact)."""
+    xr = xp.to(tl.float32) * sign
+    return ((x.to(tl.float32) * cos).to(x.dtype).to(tl.float32) + (xr * sin).to(x.dtype).to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, ks_ptr, vs_ptr, slot_ptr,
                 stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                 stride_ob, stride_oh, stride_os, stride_sb, stride_sh,
@@ -229,19 +265,14 @@ def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_o
     hd = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
-    half: tl.constexpr = D // 2
-    partner = tl.where(d < half, d + half, d - half)
-    sign = tl.where(d < half, -1.0, 1.0)
+    partner, sign = _rope_partner(d, D)
     cos = tl.load(cos_ptr + b * D + d, mask=dm, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + b * D + d, mask=dm, other=0.0).to(tl.float32)
     if hd < HQ:
         base = q_ptr + b * stride_qb + hd * stride_qh
     else:
         base = k_ptr + b * stride_kb + (hd - HQ) * stride_kh
-    x = tl.load(base + d, mask=dm, other=0.0)
-    xr = tl.load(base + partner, mask=dm, other=0.0).to(tl.float32) * sign  # rotate_half(x): exact
-    # x * cos + rotate_half(x) * sin, each product rounded to x's dtype as torch does, then the sum
-    y = ((x.to(tl.float32) * cos).to(x.dtype).to(tl.float32) + (xr * sin).to(x.dtype).to(tl.float32)).to(x.dtype)
+    y = _rope(tl.load(base + d, mask=dm, other=0.0), tl.load(base + partner, mask=dm, other=0.0), cos, sin, sign)
     if hd < HQ:
         tl.store(q_out_ptr + (b * HQ + hd) * D + d, y, mask=dm)
     else:

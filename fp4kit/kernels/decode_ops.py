@@ -128,6 +128,51 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     float8_e4m3fn with k_scale, v_scale float32 [Bmax, Hkv, S]; pad long [B]; slot long [1] (the
     query's slot, already written); keys 0..kv_len-1 are considered; window None or the sliding
     window; scaling the softmax scale."""
+    return _decode_attention(q, k_cache, v_cache, k_scale, v_scale, pad, slot, kv_len, window, scaling)
+
+
+# False: rope_decode_attention always runs rope_write and decode_attention as two launches (the benchmark's
+# "before" in the same process).
+ROPE_IN_ATTENTION = True
+
+
+def rope_decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, pad: torch.Tensor,
+                                slot: torch.Tensor, kv_len: int, window: int | None, scaling: float) -> torch.Tensor:
+    """Twin of `rope_decode_attention`: `rope_write_torch`, then `decode_attention_torch`."""
+    q = rope_write_torch(q, k, v, cos, sin, k_cache, v_cache, slot, k_scale, v_scale)
+    return decode_attention_torch(q, k_cache, v_cache, k_scale, v_scale, pad, slot, kv_len, window, scaling)
+
+
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                          v_scale: torch.Tensor | None, pad: torch.Tensor, slot: torch.Tensor, kv_len: int,
+                          window: int | None, scaling: float) -> torch.Tensor:
+    """`rope_write` then `decode_attention` (q, k, v not yet rotated; the arguments of both), in one launch
+    of the attention kernel where both kernels would run: every program rotates its query heads, and the
+    program whose keys hold the slot rotates and stores the new k and v before reading them. The same
+    bits as the two launches (the same rope and store code). Returns [B, Hq * D] in q's dtype."""
+    if not (ROPE_IN_ATTENTION and _rope_fits(q, k, v, cos, sin, k_cache, k_scale, v_scale)
+            and _attention_runs(q, k_cache)):
+        q = rope_write(q, k, v, cos, sin, k_cache, v_cache, slot, k_scale, v_scale)
+        return decode_attention(q, k_cache, v_cache, k_scale, v_scale, pad, slot, kv_len, window, scaling)
+    return _decode_attention(q, k_cache, v_cache, k_scale, v_scale, pad, slot, kv_len, window, scaling,
+                             rope=(k, v, cos, sin))
+
+
+def _attention_runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention`'s kernel (not its torch twin) runs for this query and cache."""
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    return use_triton(q) and (fp8 or k_cache.dtype == q.dtype) and q.stride(-1) == 1
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, pad: torch.Tensor,
+                      slot: torch.Tensor, kv_len: int, window: int | None, scaling: float,
+                      rope: tuple | None = None) -> torch.Tensor:
+    """decode_attention; `rope` = (k, v, cos, sin): q is not rotated yet and k, v are not yet in the cache
+    (`rope_decode_attention`, whose caller checked `_rope_fits`)."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     if Hq % Hkv or k_cache.shape[-1] != D or kv_len > k_cache.shape[2] or B > k_cache.shape[0]:
@@ -136,7 +181,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if fp8 and (k_scale is None or v_scale is None):
         raise ValueError("decode_attention: an FP8 cache needs k_scale and v_scale")
-    if not use_triton(q) or (not fp8 and k_cache.dtype != q.dtype) or q.stride(-1) != 1:
+    if not _attention_runs(q, k_cache):
         return decode_attention_torch(q, k_cache, v_cache, k_scale, v_scale, pad, slot, kv_len, window, scaling)
     G = Hq // Hkv
     interp = _interpreting()
@@ -155,6 +200,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)
     ks, vs = (k_scale, v_scale) if fp8 else (q, q)
     LOG2E = 1.4426950408889634
+    rope_args = {}
+    if rope is not None:
+        k_new, v_new, cos, sin = rope
+        rope_args = dict(ROPE=True, kn_ptr=k_new, vn_ptr=v_new, cos_ptr=cos, sin_ptr=sin, stride_knb=k_new.stride(0),
+                         stride_knh=k_new.stride(1), stride_vnb=v_new.stride(0), stride_vnh=v_new.stride(1),
+                         RECIP_448=q.is_cuda)
     _decode_ops.decode_attn_split_kernel[(B, Hkv, splits)](
         q, kc, vc, ks, vs, pad, slot, part, ml, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
@@ -162,7 +213,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_L=block_l, ITERS=iters, N_SPLITS=splits,
         IS_FP8=fp8, HAS_WINDOW=window is not None, DOT_F32=interp or q.dtype == torch.float32,
         num_warps=warps, num_stages=stages, **_pdl_args(q),
-        DIRECT=direct, **({"maxnreg": maxnreg} if maxnreg and not interp else {}))
+        DIRECT=direct, **rope_args, **({"maxnreg": maxnreg} if maxnreg and not interp else {}))
     if not direct:
         _decode_ops.decode_attn_combine_kernel[(B, Hq)](
             part, ml, out, out.stride(0), Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, N_SPLITS=splits,
@@ -283,6 +334,17 @@ def _quantize_kv_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
 
 
+def _rope_fits(q, k, v, cos, sin, k_cache, k_scale, v_scale) -> bool:
+    """Whether the rope kernels can read these tensors: last dims contiguous (q, k, v may be strided views of
+    the fused qkv output), cos / sin [B, D] contiguous in q's dtype, an even head dim, an FP8 cache's scales."""
+    B, _, D = q.shape
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    return (q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos.is_contiguous()
+            and sin.is_contiguous() and cos.shape == (B, D) and k_cache.stride(-1) == 1 and D % 2 == 0
+            and cos.dtype == q.dtype and k.shape[0] == B and k.shape[-1] == D
+            and (not fp8 or (k_scale is not None and v_scale is not None and k_scale.stride(-1) == 1)))
+
+
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
                k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -294,11 +356,7 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    fits = (q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos.is_contiguous()
-            and sin.is_contiguous() and cos.shape == (B, D) and k_cache.stride(-1) == 1 and D % 2 == 0
-            and cos.dtype == q.dtype and (not fp8 or (k_scale is not None and v_scale is not None
-                                                      and k_scale.stride(-1) == 1)))
-    if not use_triton(q) or not fits:
+    if not use_triton(q) or not _rope_fits(q, k, v, cos, sin, k_cache, k_scale, v_scale):
         return rope_write_torch(q, k, v, cos, sin, k_cache, v_cache, slot, k_scale, v_scale)
     q_out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)

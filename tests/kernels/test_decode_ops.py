@@ -19,6 +19,7 @@ from fp4kit.kernels.decode_ops import (
     add_rmsnorm_torch,
     decode_attention,
     decode_attention_torch,
+    rope_decode_attention,
     rope_write,
     rope_write_torch,
     silu_mul,
@@ -176,6 +177,35 @@ def test_rope_write_matches_twin(dtype):
         assert (caches[0].float() - caches[2].float()).abs().max() <= tol
     assert torch.equal(caches[1], caches[3])  # v is copied
     assert caches[0][:, :, 5].abs().sum() > 0 and caches[0][:, :, 4].abs().sum() == 0
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_cache", "fp8_cache"])
+@pytest.mark.parametrize("kv_len,slot,window", [(40, 39, None), (40, 20, None), (40, 39, 7), (16, 10, None)],
+                         ids=["slot_in_last_split", "slot_in_middle_split", "window", "one_split_direct"])
+def test_rope_decode_attention_equals_rope_write_then_attention(fp8, kv_len, slot, window):
+    """The folded launch (rope and the cache write inside the attention kernel) against the two launches it
+    replaces: the same output and the same cache, bit for bit. Interpreter: 16-key tiles, so 40 keys are three
+    splits (the slot's owner is the last or a middle one) and 16 keys one split (DIRECT)."""
+    B, Hq, Hkv, D, S = 2, 8, 2, 32, 48
+    dtype = torch.bfloat16
+    qkv = (torch.randn(B, Hq + 2 * Hkv, D, device=DEV) * 2).to(dtype)
+    q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]  # strided views, as the fused qkv output
+    ang = torch.rand(B, D // 2, device=DEV) * 6
+    cos = torch.cat([ang.cos()] * 2, -1).to(dtype)
+    sin = torch.cat([ang.sin()] * 2, -1).to(dtype)
+    kc, vc, ks, vs = _cache(B, Hkv, S, D, dtype, fp8)
+    a = [kc, vc, ks, vs]
+    b = [t if t is None else t.clone() for t in a]
+    pad = torch.tensor([0, 3], device=DEV)
+    slot_t = torch.tensor([slot], device=DEV)
+    got = rope_decode_attention(q, k, v, cos, sin, *a, pad, slot_t, kv_len, window, 0.2)
+    q_rot = rope_write(q, k, v, cos, sin, b[0], b[1], slot_t, b[2], b[3])
+    ref = decode_attention(q_rot, *b, pad, slot_t, kv_len, window, 0.2)
+    assert torch.equal(got, ref)
+    for x, y in zip(a, b):
+        if x is not None:
+            assert torch.equal(x.view(torch.uint8) if fp8 and x.dim() == 4 else x,
+                               y.view(torch.uint8) if fp8 and y.dim() == 4 else y)
 
 
 def test_twin_fp8_quantizer_is_kv_caches():
