@@ -226,13 +226,17 @@ class Engine:
     def _static_inputs(self) -> dict[str, torch.Tensor]:
         """The step's device state, read and advanced by each step (graph or eager):
         tokens [Bmax, 1] (this step's input; the step writes the next token here), positions [Bmax, 1],
-        pad [Bmax], slot [1] (the query's cache slot), seed [1] and rows [Bmax] (the sampler's keys)."""
+        pad [Bmax], slot [1] (the query's cache slot), seed [1] and rows [Bmax] (the sampler's keys).
+        positions and slot are views of one buffer, `counters` [Bmax + 1], which the step advances with one
+        add (rows past the step's bucket move too; `_load_state` sets the rows a step uses)."""
         if not self._static:
             n, d = self.max_batch, self.device
+            counters = torch.zeros(n + 1, dtype=torch.long, device=d)
             self._static = {"tokens": torch.zeros(n, 1, dtype=torch.long, device=d),
-                            "positions": torch.zeros(n, 1, dtype=torch.long, device=d),
+                            "counters": counters,
+                            "positions": counters[:n].view(n, 1),
                             "pad": torch.zeros(n, dtype=torch.long, device=d),
-                            "slot": torch.zeros(1, dtype=torch.long, device=d),
+                            "slot": counters[n:],
                             "seed": torch.zeros(1, dtype=torch.long, device=d),
                             "rows": torch.zeros(n, dtype=torch.long, device=d)}
         return self._static
@@ -261,9 +265,8 @@ class Engine:
         st = self._static
         logits = self.runner.forward(st["tokens"][:Bb], st["positions"][:Bb], st["pad"][:Bb], st["slot"], kv_len,
                                      self.caches)
-        st["tokens"][:Bb, 0] = sample(logits, params, st["seed"], st["slot"], st["rows"][:Bb])
-        st["positions"][:Bb] += 1
-        st["slot"] += 1
+        sample(logits, params, st["seed"], st["slot"], st["rows"][:Bb], out=st["tokens"][:Bb, 0])  # next input
+        st["counters"] += 1  # positions and slot
         return logits
 
     def _run_step(self, B: int, slot: int, params: SamplingParams) -> torch.Tensor:

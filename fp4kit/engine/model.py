@@ -161,6 +161,14 @@ class LayerPlan:
     silu: bool  # the MLP's activation is SiLU: silu * up in one kernel
 
 
+def static_rope(rot: nn.Module) -> bool:
+    """Whether a transformers rotary module gives each position the same cos / sin whatever else it saw:
+    every rope type but the dynamic ones (`dynamic_rope_update` rescales them with the sequence length)."""
+    kind = getattr(rot, "rope_type", "default")
+    kinds = list(kind.values()) if isinstance(kind, dict) else [kind]
+    return all(isinstance(k, str) and "dynamic" not in k and k != "longrope" for k in kinds)
+
+
 class DecoderRunner:
     """The forward pass over a HF causal LM's modules with static caches (see the module docstring)."""
 
@@ -176,6 +184,9 @@ class DecoderRunner:
         self.use_kernels: bool | None = None  # None: the Triton kernels on CUDA, their twins elsewhere
         self._plans: list[LayerPlan] | None = None
         self._norms: dict[int, NormKind | None] = {}
+        self.rope_static = static_rope(rot) and not hasattr(self.model.model, "rotary_emb_local")
+        self._max_positions = 0  # set by make_caches: the decode rope tables cover positions below it
+        self._rope_tables: dict[tuple, dict] = {}
 
     @property
     def n_layers(self) -> int:
@@ -184,6 +195,7 @@ class DecoderRunner:
     def make_caches(self, max_batch: int, max_seq_len: int, kv_dtype: torch.dtype, compute_dtype: torch.dtype,
                     device) -> list[KVCache]:
         s = self.spec
+        self._max_positions = max(self._max_positions, max_seq_len)
         return [KVCache(max_batch, s.n_kv_heads, max_seq_len, s.head_dim, dtype=kv_dtype,
                         compute_dtype=compute_dtype, device=device) for _ in range(self.n_layers)]
 
@@ -198,6 +210,28 @@ class DecoderRunner:
             else:
                 out[t] = inner.rotary_emb(h, positions)
         return out
+
+    def decode_rope(self, h: torch.Tensor, positions: torch.Tensor) -> dict:
+        """{rope type: (cos, sin) [B, D] contiguous} for one token per row (positions [B, 1]).
+
+        With a static rope (`static_rope`) and known cache length: rows of a table of every position,
+        built once per device and dtype by the model's own rotary module (so each row is the value the
+        module computes for that position), then two gathers per type: 2 kernels instead of the
+        module's ~8 small ones in every decode step. Otherwise, and when the table is missing under
+        CUDA graph capture, the module per step."""
+        key = (h.device, h.dtype, self._max_positions)
+        tables = self._rope_tables.get(key)
+        if tables is None and self.rope_static and self._max_positions and not (
+                h.is_cuda and torch.cuda.is_current_stream_capturing()):
+            every = torch.arange(self._max_positions, device=h.device)[None]  # [1, S]
+            full = self.rope(h[:1, :1], every)
+            tables = {t: (cos[0].contiguous(), sin[0].contiguous()) for t, (cos, sin) in full.items()}
+            self._rope_tables = {key: tables}
+        if tables is None:
+            per_step = self.rope(h, positions)
+            return {t: (cos[:, 0].contiguous(), sin[:, 0].contiguous()) for t, (cos, sin) in per_step.items()}
+        idx = positions[:, 0]
+        return {t: (cos.index_select(0, idx), sin.index_select(0, idx)) for t, (cos, sin) in tables.items()}
 
     def masks(self, pad, slots, kv_len: int) -> dict:
         """One mask per distinct window, built once per forward and already repeated for the G query
@@ -345,9 +379,7 @@ class DecoderRunner:
         plans = self.plans()
         h = inner.embed_tokens(tokens)  # [B, T, hidden]
         T = tokens.shape[1]
-        rope = self.rope(h, positions)
-        if T == 1:  # once per step, not per layer
-            rope = {t: (cos[:, 0].contiguous(), sin[:, 0].contiguous()) for t, (cos, sin) in rope.items()}
+        rope = self.decode_rope(h, positions) if T == 1 else self.rope(h, positions)  # once per step
         masks = self.masks(pad, slots, kv_len) if T > 1 else None
         pending = None  # the block output not yet added to the residual stream
         for i, layer in enumerate(inner.layers):

@@ -100,17 +100,28 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, temperature: f
     return logits if thr is None else logits.masked_fill(logits < thr[:, None].to(logits.dtype), float("-inf"))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, seed=0, slot=0, rows: torch.Tensor | None = None
-           ) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: SamplingParams, seed=0, slot=0, rows: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """logits float32 [B, V] -> token ids long [B]. seed, slot (ints or one-element int64 tensors) and rows
     (int64 [B], default 0..B-1) key the random draws (module docstring); greedy ignores them. On CUDA the
-    fused Triton kernel draws the tokens, elsewhere its torch twin: the same tokens either way."""
+    fused Triton kernel draws the tokens, elsewhere its torch twin: the same tokens either way. `out`
+    (long [B]): the tokens are written there (the decode step's token buffer: no copy kernel)."""
     B = logits.shape[0]
     if params.greedy:  # the kernel's plain argmax beats torch's up to B = 32 on the H100 (BENCHMARKS.md)
-        return gumbel_argmax(logits, None) if logits.is_cuda and B <= GREEDY_KERNEL_MAX_B else logits.argmax(-1)
+        if logits.is_cuda and B <= GREEDY_KERNEL_MAX_B:
+            return gumbel_argmax(logits, None, out=out)
+        return _into(logits.argmax(-1), out)
     if rows is None:
         rows = torch.arange(B, device=logits.device)
     inv_t = inverse_temperature(params.temperature)
     thr = keep_threshold(logits, params.top_k, params.top_p, inv_t)
-    draw = gumbel_argmax if logits.is_cuda else gumbel_argmax_torch
-    return draw(logits, inv_t, thr, seed, slot, rows)
+    if logits.is_cuda:
+        return gumbel_argmax(logits, inv_t, thr, seed, slot, rows, out=out)
+    return _into(gumbel_argmax_torch(logits, inv_t, thr, seed, slot, rows), out)
+
+
+def _into(tokens: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return tokens
+    out.copy_(tokens)
+    return out

@@ -95,6 +95,19 @@ def gumbel_argmax_kernel(logits_ptr, stride_b, V, inv_t, thr_ptr, seed_ptr, slot
     tl.store(pidx_ptr + b * n_split + s, first)
 
 
+@triton.jit
+def pick_split_kernel(pval_ptr, pidx_ptr, out_ptr, n_split, BLOCK_S: tl.constexpr):
+    # grid (B,): out[b] (int64) = pidx[b, s] of the first split s holding the row's best pval (the lowest
+    # token index on ties, as the splits are in token order): torch's argmax + gather + long in one launch
+    b = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    m = s < n_split
+    v = tl.load(pval_ptr + b * n_split + s, mask=m, other=float("-inf"))
+    top = tl.max(v, 0)
+    first = tl.min(tl.where((v == top) & m, s, BLOCK_S), 0)
+    tl.store(out_ptr + b, tl.load(pidx_ptr + b * n_split + first).to(tl.int64))
+
+
 
 @triton.jit
 def _order_key(x):

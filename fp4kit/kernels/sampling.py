@@ -283,13 +283,19 @@ def _device_key(x, device) -> torch.Tensor:
 
 
 def gumbel_argmax(logits: torch.Tensor, inv_t: float | None, thr: torch.Tensor | None = None, seed=0, slot=0,
-                  rows: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
+                  rows: torch.Tensor | None = None, block: int | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] (float32, bf16 or fp16) -> long [B]: argmax of x * inv_t + Gumbel noise over the
     tokens with x >= thr[b] (all of them when thr is None), keyed by (seed, slot, rows[b]) as the module
     docstring defines; inv_t = None gives the greedy argmax of the logits (no noise). Triton on CUDA
     (and under TRITON_INTERPRET=1), else the twin. No host synchronisation: capturable in a CUDA graph
-    when seed and slot are device tensors."""
-    return _launch(logits, inv_t, thr, seed, slot, rows, block, scores=None)
+    when seed and slot are device tensors. `out` (long [B], e.g. a view of the decode state's tokens):
+    the tokens are written there (returned too)."""
+    tokens = _launch(logits, inv_t, thr, seed, slot, rows, block, scores=None, out=out)
+    if out is not None and tokens is not out:
+        out.copy_(tokens)
+        return out
+    return tokens
 
 
 def gumbel_scores(logits: torch.Tensor, inv_t: float, thr: torch.Tensor | None = None, seed=0, slot=0,
@@ -306,8 +312,9 @@ def gumbel_scores(logits: torch.Tensor, inv_t: float, thr: torch.Tensor | None =
     return scores
 
 
-def _launch(logits, inv_t, thr, seed, slot, rows, block, scores):
-    """The kernel launch behind `gumbel_argmax` and `gumbel_scores` (scores: a [B, V] buffer or None)."""
+def _launch(logits, inv_t, thr, seed, slot, rows, block, scores, out=None):
+    """The kernel launch behind `gumbel_argmax` and `gumbel_scores` (scores: a [B, V] buffer or None; out:
+    long [B] for the tokens, contiguous, or None)."""
     B, V = logits.shape
     dev = logits.device
     if rows is None and inv_t is not None:
@@ -333,7 +340,9 @@ def _launch(logits, inv_t, thr, seed, slot, rows, block, scores):
     _sampling.gumbel_argmax_kernel[(B, n_split)](
         logits, logits.stride(0), V, float(inv_t or 1.0), thr_t, seed_t, slot_t, rows_t, pval, pidx, scores if scores is not None else pval, n_split, BLOCK=block, TILES=tiles, NOISE=noise,
         HAS_THR=noise and thr is not None, SCORES=scores is not None, num_warps=4, enable_fp_fusion=False)
-    if n_split == 1:
-        return pidx[:, 0].long()
-    best = pval.argmax(-1, keepdim=True)  # first chunk holding the row's best: the lowest index on ties
-    return pidx.gather(1, best).squeeze(1).long()
+    if out is None or out.shape != (B,) or out.dtype != torch.long or out.stride(0) != 1:
+        out = torch.empty(B, dtype=torch.long, device=dev)
+    # first chunk holding the row's best (the lowest index on ties), as a long, in one launch
+    _sampling.pick_split_kernel[(B,)](pval, pidx, out, n_split, BLOCK_S=max(2, 1 << (n_split - 1).bit_length()),
+                                      num_warps=1)
+    return out

@@ -216,3 +216,34 @@ def test_cuda_fused_pdl_equals_serial(kv):
     finally:
         fp4_gemm.PDL = old
     assert torch.equal(with_pdl, serial)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_decode_rope_table_rows_equal_the_rotary_module(kind):
+    """The decode step's cos / sin come from a table of every position built by the model's own rotary module:
+    row p equals what the module gives for position p alone, bit for bit, for each rope type (Gemma-3: local
+    and global)."""
+    model = tiny(kind)
+    eng = Engine(model, max_batch=3, max_seq_len=40)
+    runner = eng.runner
+    assert runner.rope_static and runner._max_positions == 40
+    h = torch.zeros(3, 1, 64)
+    positions = torch.tensor([[0], [17], [39]])
+    got = runner.decode_rope(h, positions)
+    per_step = runner.rope(h, positions)
+    assert set(got) == set(per_step) and len(got) == (2 if kind == "gemma3" else 1)
+    for t, (cos, sin) in got.items():
+        assert cos.is_contiguous() and cos.shape == (3, per_step[t][0].shape[-1])
+        assert torch.equal(cos, per_step[t][0][:, 0]) and torch.equal(sin, per_step[t][1][:, 0])
+
+
+def test_dynamic_rope_is_computed_per_step():
+    """A dynamic rope rescales with the sequence it has seen, so no table: the module runs every step."""
+    from fp4kit.engine.model import static_rope
+
+    model = tiny("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert not static_rope(model.model.rotary_emb)
+    eng = Engine(model, max_batch=1, max_seq_len=40)
+    assert not eng.runner.rope_static
+    eng.runner.decode_rope(torch.zeros(1, 1, 64), torch.tensor([[5]]))
+    assert not eng.runner._rope_tables

@@ -243,3 +243,22 @@ def test_radix_threshold_top_p_is_the_sorted_nucleus():
         want = keep_threshold(x, k, p, inv_t, kernel=False)
         assert torch.equal(keep_threshold(x, k, p, inv_t, kernel=True), want), (k, p)
     assert torch.equal(keep_threshold(x, 0, 1e-6, 1.0, kernel=True), x.max(-1).values)
+
+
+@pytest.mark.parametrize("inv_t", [None, 1.3])
+def test_tokens_written_into_out(inv_t):
+    """`out=` (the decode step's token buffer) receives the same tokens as the returned tensor would; the row
+    maxima sit in different splits (64-token blocks under the interpreter), one row ties across two splits
+    (the lower index wins)."""
+    B, V = 4, 1000
+    logits = logits_with_gaps(B, V)
+    logits[1, 900] = 50.0
+    logits[2, 10] = logits[2, 700] = 60.0  # a tie across splits: token 10
+    ref = gumbel_argmax(logits, inv_t, None, 5, 7, torch.arange(B, device=DEV))
+    buf = torch.full((B + 2, 1), -1, dtype=torch.long, device=DEV)
+    out = buf[1:B + 1, 0]
+    got = gumbel_argmax(logits, inv_t, None, 5, 7, torch.arange(B, device=DEV), out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, ref)
+    assert buf[0, 0] == -1 and buf[B + 1, 0] == -1  # nothing written outside the view
+    if inv_t is None:
+        assert ref[1] == 900 and ref[2] == 10 and torch.equal(ref, logits.argmax(-1))
