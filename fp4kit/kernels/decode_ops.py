@@ -134,6 +134,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 # False: rope_decode_attention always runs rope_write and decode_attention as two launches (the benchmark's
 # "before" in the same process).
 ROPE_IN_ATTENTION = True
+# The fold in one regime: a bf16 cache read in one split (DIRECT). Engine, Llama-3-8B shape, batch 32, H100,
+# NVFP4 weights (BENCHMARKS.md, "Two launches fewer per layer"): bf16 cache 4.20 -> 4.24 ms per step with the
+# fold, FP8 cache 4.03 -> 3.97, in two alternating runs; so a bf16 cache in one split keeps the rope kernel.
+ROPE_IN_DIRECT_BF16 = False
 
 
 def rope_decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
@@ -193,6 +197,9 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     warps, stages, maxnreg = ATTN_NUM_WARPS, ATTN_NUM_STAGES, ATTN_MAXNREG
     if fp8 and direct and ATTN_FP8_SINGLE_SPLIT and not interp and B * Hkv <= ATTN_FP8_SINGLE_SPLIT_MAX_WAVES * sm:
         warps, stages, maxnreg = ATTN_FP8_SINGLE_SPLIT
+    if rope is not None and direct and not fp8 and not ROPE_IN_DIRECT_BF16:
+        k_new, v_new, cos, sin = rope  # this regime measured faster with the rope kernel beside (see the flag)
+        q, rope = rope_write(q, k_new, v_new, cos, sin, k_cache, v_cache, slot, k_scale, v_scale), None
     out = torch.empty(B, Hq * D, dtype=q.dtype, device=q.device)
     # one split: no partials (the kernel's part / ml pointers are then unused; `out` stands in for them)
     part = out if direct else torch.empty(B * Hkv * splits * G * block_d, dtype=torch.float32, device=q.device)

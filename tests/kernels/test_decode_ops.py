@@ -12,7 +12,7 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl
 
-from fp4kit.kernels import _decode_ops
+from fp4kit.kernels import _decode_ops, decode_ops
 from fp4kit.kernels.decode_ops import (
     _quantize_kv_fp8,
     add_rmsnorm,
@@ -28,6 +28,7 @@ from fp4kit.kernels.decode_ops import (
 from fp4kit.nn.kv_cache import quantize_kv_fp8
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+KEY_SCALE = 1 if DEV == "cpu" else 4  # attention tiles: 16 keys in the interpreter, 64 on the GPU
 
 
 @triton.jit
@@ -182,11 +183,14 @@ def test_rope_write_matches_twin(dtype):
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16_cache", "fp8_cache"])
 @pytest.mark.parametrize("kv_len,slot,window", [(40, 39, None), (40, 20, None), (40, 39, 7), (16, 10, None)],
                          ids=["slot_in_last_split", "slot_in_middle_split", "window", "one_split_direct"])
-def test_rope_decode_attention_equals_rope_write_then_attention(fp8, kv_len, slot, window):
+def test_rope_decode_attention_equals_rope_write_then_attention(monkeypatch, fp8, kv_len, slot, window):
     """The folded launch (rope and the cache write inside the attention kernel) against the two launches it
     replaces: the same output and the same cache, bit for bit. Interpreter: 16-key tiles, so 40 keys are three
-    splits (the slot's owner is the last or a middle one) and 16 keys one split (DIRECT)."""
-    B, Hq, Hkv, D, S = 2, 8, 2, 32, 48
+    splits (the slot's owner is the last or a middle one) and 16 keys one split (DIRECT; the fold is forced
+    on for a bf16 cache there, which the library default leaves to the rope kernel)."""
+    monkeypatch.setattr(decode_ops, "ROPE_IN_DIRECT_BF16", True)
+    kv_len, slot = kv_len * KEY_SCALE, slot * KEY_SCALE  # the same tile structure on the GPU (64-key tiles)
+    B, Hq, Hkv, D, S = 2, 8, 2, 32, 48 * KEY_SCALE
     dtype = torch.bfloat16
     qkv = (torch.randn(B, Hq + 2 * Hkv, D, device=DEV) * 2).to(dtype)
     q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]  # strided views, as the fused qkv output
@@ -206,6 +210,31 @@ def test_rope_decode_attention_equals_rope_write_then_attention(fp8, kv_len, slo
         if x is not None:
             assert torch.equal(x.view(torch.uint8) if fp8 and x.dim() == 4 else x,
                                y.view(torch.uint8) if fp8 and y.dim() == 4 else y)
+
+
+@pytest.mark.parametrize("fp8,kv_len,want_rope_kernel", [(False, 16, True), (True, 16, False), (False, 40, False)],
+                         ids=["bf16_one_split", "fp8_one_split", "bf16_splits"])
+def test_rope_fold_rule(monkeypatch, fp8, kv_len, want_rope_kernel):
+    """A bf16 cache in one split keeps the separate rope kernel (measured faster there); else the fold."""
+    launched = []
+    real = _decode_ops.rope_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(_decode_ops, "rope_kernel", Spy())
+    kv_len *= KEY_SCALE
+    B, Hq, Hkv, D, S = 2, 8, 2, 32, 48 * KEY_SCALE
+    qkv = torch.randn(B, Hq + 2 * Hkv, D, device=DEV).bfloat16()
+    cos = torch.ones(B, D, device=DEV).bfloat16()
+    sin = torch.zeros(B, D, device=DEV).bfloat16()
+    kc, vc, ks, vs = _cache(B, Hkv, S, D, torch.bfloat16, fp8)
+    rope_decode_attention(qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:], cos, sin, kc, vc, ks, vs,
+                          torch.zeros(B, dtype=torch.long, device=DEV), torch.tensor([kv_len - 1], device=DEV),
+                          kv_len, None, 0.2)
+    assert bool(launched) == want_rope_kernel
 
 
 def test_twin_fp8_quantizer_is_kv_caches():
