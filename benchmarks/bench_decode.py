@@ -320,36 +320,14 @@ def run_speed(args) -> dict:
     before_base = {r["batch"]: r["decode_tok_s"] for r in out.get("before", []) if r["weights"] == "bf16"}
     print("| weights | kv | head | batch | decode tok/s | TTFT ms | step ms | weight roofline tok/s | % roofline "
           "| % roofline w+kv | vs bf16 |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in out["results"]:
-        r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
-        print(f"| {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} "
-              f"| {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
-              f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
-    for r in out.get("round8_off", []):
-        r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
-        print(f"| round-8 off: {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
-              f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
-              f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
-    for r in out.get("before", []):
-        r["speedup_vs_bf16"] = r["decode_tok_s"] / before_base[r["batch"]]
-        print(f"| before (no folds): {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} "
-              f"| {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} "
-              f"| {100 * r['roofline_frac']:.0f}% | {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
-    for r in out.get("glu_off", []):
-        r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
-        print(f"| GLU off: {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
-              f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
-              f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
-    for r in out.get("ws_off", []):
-        r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
-        print(f"| WS off (skinny): {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
-              f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
-              f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
-    for r in out["no_pdl"]:
-        r["speedup_vs_bf16"] = r["decode_tok_s"] / base[r["batch"]]
-        print(f"| no PDL: {r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
-              f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% "
-              f"| {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
+    for label, key, ref in (("", "results", base), ("round-8 off: ", "round8_off", base),
+                            ("before (no folds): ", "before", before_base), ("GLU off: ", "glu_off", base),
+                            ("WS off (skinny): ", "ws_off", base), ("no PDL: ", "no_pdl", base)):
+        for r in out.get(key, []):
+            r["speedup_vs_bf16"] = r["decode_tok_s"] / ref[r["batch"]]
+            print(f"| {label}{r['weights']} | {r['kv']} | {r['lm_head']} | {r['batch']} | {r['decode_tok_s']:.1f} "
+                  f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} "
+                  f"| {100 * r['roofline_frac']:.0f}% | {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
     return out
 
 
