@@ -27,6 +27,12 @@ separate q/k/v and gate/up GEMMs. Here each piece of glue is one kernel:
                        an FP8 cache quantized per vector on the way (KVCache's arithmetic as torch
                        runs it on the device: amax / 448 is a product with the float32 reciprocal on
                        CUDA and an IEEE division on the CPU; x / scale an IEEE division via div_rn)
+    rope_decode_attention
+                       rope_write + decode_attention in the attention launch (what the engine calls):
+                       each program rotates its G query heads itself, and the program whose key range
+                       holds the slot rotates k and stores k and v (rope_write's code) before its loop
+                       reads them; the same bits as the two launches. A bf16 cache read in one split
+                       keeps the separate rope kernel (ROPE_IN_DIRECT_BF16: measured faster there)
 
 Twins are the specification (`*_torch`): the engine's previous torch path. The kernels follow
 their rounding points, except attention, whose float32 online softmax differs from SDPA by
