@@ -136,13 +136,22 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     MXFP4 (block 32): 512-wide stages (TMA's 16-byte rows of scale codes), 1 stage on wide layers and 2 on the
     others (results/fp4_ws_h100_frag_r1.json; not swept).
     Then (`_layout_switches`, results/fp4_ws_h100_wide_r1.json): the tiled copy read in wide boxes wherever the
-    K steps divide among the splits, and the shared-memory scale table except on 128-row tiles at > 32 tokens."""
+    K steps divide among the splits, and the shared-memory scale table except on 128-row tiles at > 32 tokens.
+    NVFP4 at 17-32 tokens (`MID_M_RING`; results/fp4_ws_h100_sweep_m32.json): every layer but gate_up takes
+    64-row tiles, a 3-stage ring and the most K splits that fit one wave at 2 programs per SM (the ring's x
+    stages double with the tokens); 2 stages and 3 programs per SM lost there by 0.2-1.5 us per layer."""
     bk = 256 if block_size == 16 else 512
     if N >= 16384:  # (96 registers at 64 tokens: gate_up 43.7 -> 52.4 us, MXFP4 46.3 -> 68.4; fp4_ws_h100_frag_r5_m64)
         return _layout_switches(WsConfig(block_n=128, block_k=bk, stages=2 if bk == 256 else 1, split_k=1), M, K)
     regs = 96 if M > 32 else 80  # a 64-token tile of 64 rows spilled at 80 (sm_90 offline compile); with 96
     #                               q/k/v 24.4 -> 23.2 us, down 27.2 -> 26.2 at M = 64 (fp4_ws_h100_frag_r5_m64)
     tiles = -(-N // 64)
+    if MID_M_RING and bk == 256 and 16 < M <= 32:  # NVFP4 at 17-32 tokens: a 3-stage ring and as many K splits as
+        # fill one wave at 2 programs per SM (the 3-stage ring's shared memory): q/k/v 2, o and down 4
+        # (fp4_ws_h100_sweep_m32, M = 32: o 10.9 -> 10.0 us, down 21.3 -> 19.8, q/k/v 12.7 -> 12.5)
+        want = max(1, (2 * sm_count) // tiles)
+        split = min(1 << (want.bit_length() - 1), max(1, K // bk))
+        return _layout_switches(WsConfig(block_n=64, block_k=bk, stages=3, split_k=split, maxnreg=regs), M, K)
     want = max(1, round(3 * sm_count / tiles))
     split = min(1 << (want.bit_length() - 1), max(1, K // bk))
     if K >= 8192 and M <= 32 and bk == 256:  # NVFP4, long K (down): 128-row tiles and twice the splits
@@ -182,6 +191,10 @@ WS_PDL_TRIGGER = int(os.environ.get("FP4KIT_WS_PDL_TRIGGER", "1"))
 # Decode the next 64-wide slice while the previous slice's wgmma runs (two A fragments live, wait(1) between
 # slices, wait(0) before a stage is released) instead of waiting for each MMA.
 WS_MMA_OVERLAP = os.environ.get("FP4KIT_WS_OVERLAP", "1") == "1"  # on: 0-3 us faster per GEMM (r8)
+
+# NVFP4 at 17-32 tokens on the N < 16384 layers: 64-row tiles with a 3-stage ring, one wave of programs (`ws_config`);
+# off: the 2-stage / 3-programs-per-SM rule of 16 tokens (and 128-row tiles for down). A switch for A/B runs.
+MID_M_RING = True
 
 # The range of rows `fp4_matmul`'s AUTO path sends here (with bf16 x on an sm_90 GPU; see `ws_supported`).
 WS_MIN_M = 3

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, quantize
+from fp4kit.kernels import fp4_ws
 from fp4kit.kernels.fp4_ws import (
     FRAG_OFFSETS,
     WsConfig,
@@ -147,6 +148,22 @@ def test_ws_config_rules():
         assert c.tiled and c.wide and (K // c.block_k) % c.split_k == 0
     assert ws_config(16, 28672, 4096).scale_smem and not ws_config(64, 28672, 4096).scale_smem
     assert ws_config(64, 4096, 4096).scale_smem
+    # NVFP4 at 17-32 tokens (fp4_ws_h100_sweep_m32): a 3-stage ring, splits for one wave at 2 programs per SM
+    for M in (17, 24, 32):
+        assert base(ws_config(M, 6144, 4096)) == WsConfig(block_n=64, stages=3, split_k=2)  # 96 tiles x 2 <= 264
+        assert base(ws_config(M, 4096, 4096)) == WsConfig(block_n=64, stages=3, split_k=4)  # 64 x 4 <= 264
+        assert base(ws_config(M, 4096, 14336)) == WsConfig(block_n=64, stages=3, split_k=4)
+        assert base(ws_config(M, 28672, 4096)) == WsConfig(block_n=128, stages=2, split_k=1)  # gate_up unchanged
+        assert ws_config(M, 4096, 4096, block_size=32).stages == 2  # MXFP4 not swept at 32 tokens
+    assert ws_config(32, 4096, 4096, sm_count=64).split_k == 2  # 64 tiles x 2 = 2 x 64 SMs
+    assert ws_config(32, 4096, 4096).tiled and ws_config(32, 6144, 4096).tiled  # K steps divide the splits
+    old = fp4_ws.MID_M_RING
+    try:
+        fp4_ws.MID_M_RING = False  # the previous rule, for A/B runs
+        assert base(ws_config(32, 4096, 14336)) == WsConfig(block_n=128, stages=2, split_k=8)
+        assert base(ws_config(32, 6144, 4096)) == WsConfig(block_n=64, stages=2, split_k=4)
+    finally:
+        fp4_ws.MID_M_RING = old
     odd = ws_config(16, 4096, 256 * 6)  # 6 K steps, 4 splits: the row layout
     assert odd.split_k == 4 and not odd.tiled and not odd.wide
     with pytest.raises(ValueError, match="unsupported"):
