@@ -244,16 +244,16 @@ def run_speed(args) -> dict:
                 fp4_gemm.PDL = True
                 del eng
             if args.before_too and on_gpu:  # every batch without this session's change, same process
-                fp4_ws.MID_M_RING = False
+                fp4_ws.MID_M_RING, fp4_glu.FUSED_GLU_WS = False, False
                 eng = Engine(model, max_batch=max(cfg.batches), max_seq_len=cfg.prompt_len + cfg.gen_len,
                              kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn,
                              fused=not args.unfused, lm_head=head)
                 for r in bench_engine(eng, cfg, bw):
-                    r = {"weights": weights, "kv": kv, "lm_head": head, "mid_m_ring": False, **r}
+                    r = {"weights": weights, "kv": kv, "lm_head": head, "session18": False, **r}
                     out.setdefault("before", []).append(r)
                     print("before", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
                           flush=True)
-                fp4_ws.MID_M_RING = True
+                fp4_ws.MID_M_RING, fp4_glu.FUSED_GLU_WS = True, True
                 del eng
             if args.glu_off_too and on_gpu and weights == "nvfp4":  # batch 1: gate/up GEMV, then silu_mul
                 fp4_glu.FUSED_GLU = False
@@ -321,7 +321,7 @@ def run_speed(args) -> dict:
     print("| weights | kv | head | batch | decode tok/s | TTFT ms | step ms | weight roofline tok/s | % roofline "
           "| % roofline w+kv | vs bf16 |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for label, key, ref in (("", "results", base), ("round-8 off: ", "round8_off", base),
-                            ("before (2-stage ring at 17-32 rows): ", "before", before_base), ("GLU off: ", "glu_off", base),
+                            ("before (session 17): ", "before", before_base), ("GLU off: ", "glu_off", base),
                             ("WS off (skinny): ", "ws_off", base), ("no PDL: ", "no_pdl", base)):
         for r in out.get(key, []):
             r["speedup_vs_bf16"] = r["decode_tok_s"] / ref[r["batch"]]
@@ -416,9 +416,9 @@ def main():
                    help="batch 1 also without round 8's tuned GEMV shapes (16-lane layouts for gate_up / qkv), "
                         "same process")
     f.add_argument("--before-too", action="store_true",
-                   help="also every row without the latest change (fp4_ws.MID_M_RING: the 3-stage ring of the "
-                        "warp-specialised GEMM at 17-32 rows); its vs-bf16 column is against the bf16 row measured "
-                        "the same way")
+                   help="also every row without the latest changes (fp4_ws.MID_M_RING: the 3-stage ring of the "
+                        "warp-specialised GEMM at 17-32 rows; fp4_glu.FUSED_GLU_WS: silu * up in its epilogue); its "
+                        "vs-bf16 column is against the bf16 row measured the same way")
     f.add_argument("--glu-off-too", action="store_true",
                    help="also the NVFP4 rows at batch 1 with silu * up as its own kernel after the gate/up GEMV "
                         "(fp4_glu.FUSED_GLU off), same process")

@@ -256,7 +256,8 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
                   SPLIT_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, MODE: gl.constexpr = 0,
                   TWO_MUL: gl.constexpr = True, HAS_POST: gl.constexpr = False,
                   IS_NVFP4: gl.constexpr = True, HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = 0,
-                  OVERLAP: gl.constexpr = False, TILED: gl.constexpr = 0, SCALE_SMEM: gl.constexpr = False):
+                  OVERLAP: gl.constexpr = False, TILED: gl.constexpr = 0, SCALE_SMEM: gl.constexpr = False,
+                  GLU: gl.constexpr = False):
     # PDL: 0 off; 1 launch_dependents first thing; 2 after this program's main loop (before the epilogue)
     XSUB: gl.constexpr = BLOCK_K // 64
     N_STEPS: gl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
@@ -320,10 +321,37 @@ def fp4_ws_kernel(x_desc, w_desc, s_desc, table_ptr, post_ptr, bias_ptr, y_ptr, 
                 acc += gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)[:, None]
             gl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
             gl.store(cnt_ptr + pid_n, 0)
+    elif GLU:  # rows in groups of 8 gate / 8 up (fp4_glu.glu_order(group=8)); no split, no bias (the launcher)
+        _glu_epilogue(acc, rows, cols, M, N, y_ptr, BLOCK_N, BLOCK_M)
     else:
         if HAS_BIAS:
             acc += gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)[:, None]
         gl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _glu_pairs(t, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr):
+    """[BLOCK_N, BLOCK_M] over rows [g 8, u 8, g 8, u 8, ...] -> (gate rows, up rows), each [BLOCK_N / 16, 8,
+    BLOCK_M]. In the wgmma accumulator a thread holds rows r and r + 8 of each 16 (register bit "+8"), so
+    gate i and up i sit in the same thread: the reshape, permute and split move no data."""
+    return gl.split(gl.permute(gl.reshape(t, [BLOCK_N // 16, 2, 8, BLOCK_M]), [0, 2, 3, 1]))
+
+
+@gluon.jit
+def _glu_epilogue(acc, rows, cols, M, N, y_ptr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr):
+    """y[m, i] = silu(gate_i) * up_i for the tile's pairs, rounded where GEMM + `silu_mul_kernel` round: gate
+    and up to y's dtype (the GEMM's output cast), silu in float32 rounded (torch's silu), the product rounded.
+    Pair i of interleaved row R (a gate row, R % 16 < 8) is 8 (R // 16) + R % 16; y is [M, N / 2]."""
+    dt: gl.constexpr = y_ptr.dtype.element_ty
+    zero = rows[:, None] * 0 + cols[None, :] * 0  # int32 [BLOCK_N, BLOCK_M] in the accumulator's layout
+    gate, up = _glu_pairs(acc, BLOCK_N, BLOCK_M)
+    r_g, r_u = _glu_pairs(rows[:, None] + zero, BLOCK_N, BLOCK_M)
+    c_g, c_u = _glu_pairs(cols[None, :] + zero, BLOCK_N, BLOCK_M)
+    gf = gate.to(dt).to(gl.float32)
+    act = (gf / (1.0 + gl.exp(-gf))).to(dt).to(gl.float32)
+    val = (act * up.to(dt).to(gl.float32)).to(dt)
+    pair = (r_g // 16) * 8 + r_g % 16
+    gl.store(y_ptr + c_g * (N // 2) + pair, val, mask=(c_g < M) & (r_g < N))
 
 
 def layouts(BLOCK_N, BLOCK_M, BLOCK_K=256, BS=16):

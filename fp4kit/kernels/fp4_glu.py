@@ -19,6 +19,13 @@ Numerics. The epilogue (`_fp4_gemv._glu_store`) rounds where the unfused chain r
 to the activation dtype (the GEMV's output cast), silu in float32 rounded to the dtype (torch's
 F.silu), the product in float32 rounded. So `gate_up_silu` equals `silu_mul(fp4_linear(x, W))`
 bit for bit wherever the GEMV runs; elsewhere it is that chain.
+
+The batch path (3-64 rows on sm_90): the warp-specialised GEMM (`fp4_ws`) finishes the pair the same
+way. Its accumulator is the wgmma layout, where a thread holds rows r and r + 8 of every 16 weight
+rows, so its copy of the weight (`ws_glu_weight`) takes the rows in groups of 8 (`glu_order(group=8)`:
+8 gate rows, the same pairs' 8 up rows, ...) and the epilogue (`_fp4_ws._glu_epilogue`) pairs them in
+registers with a reshape and split that move no data. It runs where that kernel runs without a K split
+(the wide gate/up layers: `ws_config`) and without a bias, and equals the WS GEMM + `silu_mul` bit for bit.
 """
 
 from __future__ import annotations
@@ -28,22 +35,33 @@ import torch
 from fp4kit.formats import QuantizedTensor
 
 from .decode_ops import silu_mul, silu_mul_torch
-from .fp4_gemm import (GEMV_AUTO_MAX_M, GemvLayout, PreparedFP4Weight, _check_fp4, _launch_gemv, _prepared_for,
-                       fp4_linear, fp4_matmul_torch, gemv_layout, gemv_supported, gemv_tuned_lanes, use_triton)
+from .fp4_gemm import (GEMV_AUTO_MAX_M, GemvLayout, PreparedFP4Weight, _check_fp4, _interpreting, _launch_gemv,
+                       _prepared_for, fp4_linear, fp4_matmul_torch, gemv_layout, gemv_supported, gemv_tuned_lanes,
+                       use_triton)
 
 
-def glu_order(n: int, device=None) -> torch.Tensor:
-    """int64 [n]: the row order [g_0, u_0, g_1, u_1, ...] of a [gate | up] weight with n = 2I rows."""
-    if n % 2:
-        raise ValueError(f"glu_order: a gate/up pair has an even number of rows, got {n}")
-    half = torch.arange(n // 2, device=device)
-    return torch.stack((half, half + n // 2), dim=1).reshape(-1)
+# False: always the GEMM and then silu_mul (the benchmark's "before" in the same process).
+FUSED_GLU = True
+# The same fold in the warp-specialised GEMM (3-64 rows on sm_90). False: its GEMM, then silu_mul.
+FUSED_GLU_WS = True
+WS_GROUP = 8  # gate / up row groups of the warp-specialised layout (see `glu_order`)
 
 
-def glu_interleave(qt: QuantizedTensor) -> QuantizedTensor:
+def glu_order(n: int, device=None, group: int = 1) -> torch.Tensor:
+    """int64 [n]: the row order of a [gate | up] weight with n = 2I rows, gate and up alternating in groups of
+    `group` rows: group 1 [g_0, u_0, g_1, u_1, ...] (the GEMV), group 8 [g_0..g_7, u_0..u_7, g_8..] (the
+    warp-specialised GEMM, whose accumulator holds rows r and r + 8 of every 16 in one thread)."""
+    if n % (2 * group):
+        raise ValueError(f"glu_order: a gate/up pair in groups of {group} needs rows divisible by {2 * group}, "
+                         f"got {n}")
+    half = torch.arange(n // 2, device=device).view(-1, 1, group)
+    return torch.cat((half, half + n // 2), dim=1).reshape(-1)
+
+
+def glu_interleave(qt: QuantizedTensor, group: int = 1) -> QuantizedTensor:
     """The [gate | up] FP4 weight with its rows interleaved (packed codes and block scales moved together)."""
     _check_fp4(qt, "glu_interleave")
-    order = glu_order(qt.shape[0], qt.data.device)
+    order = glu_order(qt.shape[0], qt.data.device, group)
     return QuantizedTensor(qt.data[order], qt.scale[order], qt.global_scale, qt.shape, qt.config)
 
 
@@ -58,13 +76,39 @@ def glu_layout(prepared: PreparedFP4Weight) -> GemvLayout:
     return prepared.gemv_glu
 
 
+def fused_ws_runs(x: torch.Tensor, qt: QuantizedTensor) -> bool:
+    """Whether `gate_up_silu(x, qt)` (no bias) takes the warp-specialised GEMM with the product in its epilogue:
+    FUSED_GLU_WS, fp4_matmul's AUTO would take that kernel here (`fp4_gemm.WS_AUTO`, `fp4_ws.ws_supported`:
+    bf16 x, 3-64 rows, sm_90), rows in whole groups of 8 pairs, and its config has no K split."""
+    from . import fp4_gemm
+    from .fp4_ws import ws_config, ws_supported
+
+    if not (FUSED_GLU_WS and fp4_gemm.WS_AUTO and x.is_cuda and not _interpreting()):
+        return False
+    N, K = qt.shape
+    x2 = x.reshape(-1, K)
+    return (N % (2 * WS_GROUP) == 0 and ws_supported(x2, qt)
+            and ws_config(x2.shape[0], N, K, block_size=qt.config.block_size).split_k == 1)
+
+
+def ws_glu_weight(prepared: PreparedFP4Weight):
+    """The warp-specialised kernel's fragment layout of the pair in groups of 8, built on first use and kept in
+    the prepared weight's per-weight cache (another copy of the packed codes, like the GEMV's `gemv_glu`)."""
+    from .fp4_ws import WsDecode, prepare_ws
+
+    key = ("ws_glu", WsDecode.FRAG)
+    ws = prepared.configs.get(key)
+    if ws is None:
+        if prepared.qt.data.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("gate_up_silu: this weight's grouped fragment layout was not built before CUDA "
+                               "graph capture; call it once eagerly first")
+        ws = prepared.configs[key] = prepare_ws(glu_interleave(prepared.qt, WS_GROUP), WsDecode.FRAG)
+    return ws
+
+
 def gate_up_silu_torch(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Twin of `gate_up_silu`: the torch GEMM over [gate | up], then silu(gate) * up."""
     return silu_mul_torch(fp4_matmul_torch(x, qt, bias))
-
-
-# False: always the GEMM and then silu_mul (the benchmark's "before" in the same process).
-FUSED_GLU = True
 
 
 def fused_gemv_runs(x: torch.Tensor, qt: QuantizedTensor) -> bool:
@@ -85,11 +129,17 @@ def gate_up_silu(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None
     N, K = qt.shape
     if x.shape[-1] != K:
         raise ValueError(f"gate_up_silu: x has {x.shape[-1]} features, the weight expects {K}")
+    lead = x.shape[:-1]
     if not fused_gemv_runs(x, qt):
+        if bias is None and fused_ws_runs(x, qt):
+            if prepared is None or not prepared.is_current(qt):
+                prepared = _prepared_for(qt)
+            from .fp4_ws import fp4_ws_matmul
+            y = fp4_ws_matmul(x.reshape(-1, K).contiguous(), ws_glu_weight(prepared), glu=True)
+            return y.reshape(*lead, N // 2)
         return silu_mul(fp4_linear(x, qt, bias, prepared=prepared))
     if prepared is None or not prepared.is_current(qt):
         prepared = _prepared_for(qt)
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
     if bias is not None:
         bias = bias.to(x.dtype)[glu_order(N, bias.device)].contiguous()

@@ -330,9 +330,12 @@ def prepare_ws(qt: QuantizedTensor, decode: WsDecode = WsDecode.FRAG,
 
 
 def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None, *,
-                  config: WsConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                  config: WsConfig | None = None, out: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """y = x @ dequant(W).T (+ bias) with the warp-specialised kernel. x bf16 [M, K] (3 <= M <= 64 is the
-    intended range; any M <= 64 works), contiguous, on a Hopper GPU."""
+    intended range; any M <= 64 works), contiguous, on a Hopper GPU.
+
+    glu: W is a gate/up pair with its rows in groups of 8 (`fp4_glu.glu_order(N, group=8)`); the epilogue
+    writes silu(gate) * up, y [M, N / 2] (no K split, no bias: `fp4_glu.gate_up_silu` checks)."""
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -349,6 +352,9 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
     bs = prep.block_size
     cfg = config or ws_config(M, N, K, block_size=bs)
     check_stage_width(cfg, bs)
+    if glu and (cfg.split_k > 1 or bias is not None or N % 16):
+        raise ValueError(f"fp4_ws_matmul(glu=True): needs one K split, no bias and N % 16 == 0 (split_k "
+                         f"{cfg.split_k}, bias {bias is not None}, N {N})")
     block_m = max(16, triton.next_power_of_2(M))
     wl, xl, sl = _fp4_ws.layouts(cfg.block_n, block_m, cfg.block_k, bs)
     x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], xl)
@@ -370,7 +376,7 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
     else:
         w_desc = TensorDescriptor.from_tensor(words, [cfg.block_n, 8], wl)
         s_desc = TensorDescriptor.from_tensor(codes, [cfg.block_n, cfg.block_k // bs], sl)
-    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty(M, N // 2 if glu else N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     if cfg.split_k > 1:  # the skinny kernel's per-stream workspace and tickets (left zero by every launch)
         ws, cnt = _splitk_buffers(x.device, _raw_stream(x.device.index), cfg.split_k * M * N, grid[0])
@@ -385,7 +391,7 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
         BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
         num_warps=cfg.block_n // 16, maxnreg=cfg.maxnreg, MODE=w.decode.value, TWO_MUL=w.two_mul,
         HAS_POST=w.post is not None, IS_NVFP4=bs == 16, HAS_BIAS=bias is not None, PDL=pdl, OVERLAP=WS_MMA_OVERLAP, TILED=(2 if cfg.wide else 1) if cfg.tiled else 0, SCALE_SMEM=cfg.scale_smem,
-        **({"launch_pdl": True} if pdl else {}))
+        GLU=glu, **({"launch_pdl": True} if pdl else {}))
     return y
 
 

@@ -19,8 +19,8 @@ from fp4kit.formats import MXFP4Config, NVFP4Config, quantize  # noqa: E402
 from fp4kit.kernels import prepare_fp4_weight  # noqa: E402
 from fp4kit.kernels.decode_ops import silu_mul, silu_mul_torch  # noqa: E402
 from fp4kit.kernels.fp4_gemm import DecodePath, fp4_matmul, use_triton  # noqa: E402
-from fp4kit.kernels.fp4_glu import (fused_gemv_runs, gate_up_silu, gate_up_silu_torch, glu_interleave,  # noqa: E402
-                                    glu_layout, glu_order)
+from fp4kit.kernels.fp4_glu import (fused_gemv_runs, fused_ws_runs, gate_up_silu, gate_up_silu_torch,  # noqa: E402
+                                    glu_interleave, glu_layout, glu_order, ws_glu_weight)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -39,15 +39,25 @@ def _pair(i, k, name, seed=0):
 
 def test_glu_order_interleaves():
     assert glu_order(6).tolist() == [0, 3, 1, 4, 2, 5]
-    with pytest.raises(ValueError, match="even number of rows"):
+    with pytest.raises(ValueError, match="divisible by 2"):
         glu_order(5)
 
 
+def test_glu_order_in_groups_of_8():
+    """The warp-specialised layout: 8 gate rows, then the 8 up rows of the same pairs, and so on."""
+    assert glu_order(32, group=8).tolist() == [*range(0, 8), *range(16, 24), *range(8, 16), *range(24, 32)]
+    assert sorted(glu_order(64, group=8).tolist()) == list(range(64))
+    with pytest.raises(ValueError, match="groups of 8 needs rows divisible by 16"):
+        glu_order(24, group=8)
+
+
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
-def test_interleaved_weight_decodes_to_the_original_rows(name):
-    qt = _pair(12, 256, name)
-    inter = glu_interleave(qt)
-    assert torch.equal(inter.dequantize(torch.float32), qt.dequantize(torch.float32)[glu_order(24, DEVICE)])
+@pytest.mark.parametrize("group", [1, 8])
+def test_interleaved_weight_decodes_to_the_original_rows(name, group):
+    qt = _pair(16, 256, name)
+    inter = glu_interleave(qt, group)
+    assert torch.equal(inter.dequantize(torch.float32),
+                       qt.dequantize(torch.float32)[glu_order(32, DEVICE, group)])
 
 
 @needs_kernels
@@ -136,6 +146,67 @@ def test_gpu_graph_replay_equals_eager():
     qt = _pair(2048, 1024, "nvfp4", seed=3)
     prepared = prepare_fp4_weight(qt)
     x = torch.randn(1, 1024, device=DEVICE).bfloat16()
+    eager = gate_up_silu(x, qt, prepared=prepared)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gate_up_silu(x, qt, prepared=prepared)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(out, gate_up_silu(x, qt, prepared=prepared))
+    assert not torch.equal(out, eager)
+
+
+# The same fold in the warp-specialised GEMM (3-64 rows on sm_90): rows in groups of 8 gate / 8 up, so each
+# accumulator thread holds both rows of its pairs (`_fp4_ws._glu_epilogue`). Its output must equal that
+# kernel on the plain weight followed by `silu_mul`, bit for bit (a row's sums do not depend on its tile).
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="the warp-specialised GEMM needs an sm_90 GPU")
+
+
+def test_ws_fold_not_taken_off_the_gpu():
+    qt = _pair(8192, 512, "nvfp4")
+    x = torch.randn(16, 512, device=DEVICE).bfloat16()
+    assert fused_ws_runs(x, qt) == HOPPER
+
+
+@needs_hopper
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("m", [3, 16, 17, 32, 64])
+def test_gpu_ws_fold_bit_exact_with_the_chain(name, m):
+    """N = 16400 (128-row tiles, no K split, a partial last tile): fused == WS GEMM + silu_mul."""
+    qt = _pair(8200, 512, name, seed=4)
+    x = torch.randn(m, 512, device=DEVICE).bfloat16()
+    assert fused_ws_runs(x, qt)
+    got = gate_up_silu(x, qt)
+    assert got.shape == (m, 8200)
+    assert torch.equal(got, silu_mul(fp4_matmul(x, qt)))  # AUTO: the WS kernel on the plain weight
+    ref = gate_up_silu_torch(x, qt)
+    assert ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item() <= 2 ** -6
+
+
+@needs_hopper
+@pytest.mark.parametrize("bn", [64, 128])
+def test_gpu_ws_fold_any_tile_and_its_errors(bn):
+    """64- and 128-row tiles over N = 400 (last tile partial), against the same config on the plain weight."""
+    from fp4kit.kernels.fp4_ws import WsConfig, fp4_ws_matmul, prepare_ws
+
+    qt = _pair(200, 512, "nvfp4", seed=5)
+    x = torch.randn(5, 512, device=DEVICE).bfloat16()
+    cfg = WsConfig(block_n=bn, stages=2, split_k=1)
+    prepared = prepare_fp4_weight(qt)
+    got = fp4_ws_matmul(x, ws_glu_weight(prepared), config=cfg, glu=True)
+    assert torch.equal(got, silu_mul(fp4_ws_matmul(x, prepare_ws(qt), config=cfg)))
+    assert ws_glu_weight(prepared) is ws_glu_weight(prepared)  # built once
+    with pytest.raises(ValueError, match="one K split"):
+        fp4_ws_matmul(x, ws_glu_weight(prepared), config=WsConfig(block_n=bn, split_k=2), glu=True)
+
+
+@needs_hopper
+def test_gpu_ws_fold_graph_replay_equals_eager():
+    qt = _pair(8192, 1024, "nvfp4", seed=6)
+    prepared = prepare_fp4_weight(qt)
+    x = torch.randn(32, 1024, device=DEVICE).bfloat16()
     eager = gate_up_silu(x, qt, prepared=prepared)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
