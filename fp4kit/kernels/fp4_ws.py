@@ -139,8 +139,12 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     K steps divide among the splits, and the shared-memory scale table except on 128-row tiles at > 32 tokens.
     NVFP4 at 17-32 tokens (`MID_M_RING`; results/fp4_ws_h100_sweep_m32.json): every layer but gate_up takes
     64-row tiles, a 3-stage ring and the most K splits that fit one wave at 2 programs per SM (the ring's x
-    stages double with the tokens); 2 stages and 3 programs per SM lost there by 0.2-1.5 us per layer."""
+    stages double with the tokens); 2 stages and 3 programs per SM lost there by 0.2-1.5 us per layer. Output
+    heads (N >= 65536) at 17-32 tokens: 128-wide stages, 6 deep (results/fp4_ws_h100_sweep_m32_wide.json)."""
     bk = 256 if block_size == 16 else 512
+    if N >= 65536 and MID_M_RING and bk == 256 and 16 < M <= 32:  # output heads (128256 rows) at 17-32 tokens:
+        # 128-wide stages, 6 deep (fp4_ws_h100_sweep_m32_wide, M = 32: 130.5 -> 121.9 us; gate_up kept its 29.6)
+        return _layout_switches(WsConfig(block_n=128, block_k=128, stages=6, split_k=1), M, K)
     if N >= 16384:  # (96 registers at 64 tokens: gate_up 43.7 -> 52.4 us, MXFP4 46.3 -> 68.4; fp4_ws_h100_frag_r5_m64)
         return _layout_switches(WsConfig(block_n=128, block_k=bk, stages=2 if bk == 256 else 1, split_k=1), M, K)
     regs = 96 if M > 32 else 80  # a 64-token tile of 64 rows spilled at 80 (sm_90 offline compile); with 96

@@ -155,6 +155,9 @@ def test_ws_config_rules():
         assert base(ws_config(M, 4096, 14336)) == WsConfig(block_n=64, stages=3, split_k=4)
         assert base(ws_config(M, 28672, 4096)) == WsConfig(block_n=128, stages=2, split_k=1)  # gate_up unchanged
         assert ws_config(M, 4096, 4096, block_size=32).stages == 2  # MXFP4 not swept at 32 tokens
+        head = ws_config(M, 128256, 4096)  # an output head: 128-wide stages, 6 deep, in the tiled copy's wide boxes
+        assert base(head) == WsConfig(block_n=128, block_k=128, stages=6, split_k=1) and head.tiled and head.wide
+    assert base(ws_config(16, 128256, 4096)) == WsConfig(block_n=128, stages=2, split_k=1)
     assert ws_config(32, 4096, 4096, sm_count=64).split_k == 2  # 64 tiles x 2 = 2 x 64 SMs
     assert ws_config(32, 4096, 4096).tiled and ws_config(32, 6144, 4096).tiled  # K steps divide the splits
     old = fp4_ws.MID_M_RING
