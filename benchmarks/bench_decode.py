@@ -201,7 +201,7 @@ def run_speed(args) -> dict:
     from fp4kit.engine.bench import BenchConfig, bench_engine, copy_bandwidth
     from fp4kit.engine.random_model import random_llama
     from fp4kit.formats import NVFP4Config
-    from fp4kit.kernels import fp4_gemm, fp4_glu, fp4_ws
+    from fp4kit.kernels import fp4_gemm, fp4_glu
     from fp4kit.nn import quantize_
 
     cfg = BenchConfig(tuple(args.batch), args.prompt_len, args.gen_len, args.repeats)
@@ -243,17 +243,17 @@ def run_speed(args) -> dict:
                       flush=True)
                 fp4_gemm.PDL = True
                 del eng
-            if args.before_too and on_gpu:  # every batch without this session's change, same process
-                fp4_ws.MID_M_RING, fp4_glu.FUSED_GLU_WS = False, False
+            if args.before_too and on_gpu:  # every batch with the --before switches, same process
+                saved = _set_switches(args.before)
                 eng = Engine(model, max_batch=max(cfg.batches), max_seq_len=cfg.prompt_len + cfg.gen_len,
                              kv_dtype=torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn,
                              fused=not args.unfused, lm_head=head)
                 for r in bench_engine(eng, cfg, bw):
-                    r = {"weights": weights, "kv": kv, "lm_head": head, "session18": False, **r}
+                    r = {"weights": weights, "kv": kv, "lm_head": head, "switches": args.before, **r}
                     out.setdefault("before", []).append(r)
                     print("before", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
                           flush=True)
-                fp4_ws.MID_M_RING, fp4_glu.FUSED_GLU_WS = True, True
+                _set_switches(saved)
                 del eng
             if args.glu_off_too and on_gpu and weights == "nvfp4":  # batch 1: gate/up GEMV, then silu_mul
                 fp4_glu.FUSED_GLU = False
@@ -321,7 +321,7 @@ def run_speed(args) -> dict:
     print("| weights | kv | head | batch | decode tok/s | TTFT ms | step ms | weight roofline tok/s | % roofline "
           "| % roofline w+kv | vs bf16 |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for label, key, ref in (("", "results", base), ("round-8 off: ", "round8_off", base),
-                            ("before (session 17): ", "before", before_base), ("GLU off: ", "glu_off", base),
+                            ("before: ", "before", before_base), ("GLU off: ", "glu_off", base),
                             ("WS off (skinny): ", "ws_off", base), ("no PDL: ", "no_pdl", base)):
         for r in out.get(key, []):
             r["speedup_vs_bf16"] = r["decode_tok_s"] / ref[r["batch"]]
@@ -329,6 +329,21 @@ def run_speed(args) -> dict:
                   f"| {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | {r['roofline_tok_s']:.1f} "
                   f"| {100 * r['roofline_frac']:.0f}% | {100 * r['roofline_kv_frac']:.0f}% | {r['speedup_vs_bf16']:.2f}x |")
     return out
+
+
+def _set_switches(assignments) -> list[str]:
+    """Set module switches of fp4kit.kernels ("fp4_ws.MID_M_RING=0"); returns the assignments that undo it."""
+    import importlib
+
+    undo = []
+    for a in assignments:
+        name, _, value = a.partition("=")
+        mod_name, _, attr = name.rpartition(".")
+        mod = importlib.import_module(f"fp4kit.kernels.{mod_name}")
+        old = getattr(mod, attr)  # AttributeError names a switch that does not exist
+        undo.append(f"{name}={int(old)}")
+        setattr(mod, attr, type(old)(int(value)))
+    return undo
 
 
 def profile_step(eng, batch: int, prompt_len: int, steps: int) -> dict:
@@ -416,9 +431,12 @@ def main():
                    help="batch 1 also without round 8's tuned GEMV shapes (16-lane layouts for gate_up / qkv), "
                         "same process")
     f.add_argument("--before-too", action="store_true",
-                   help="also every row without the latest changes (fp4_ws.MID_M_RING: the 3-stage ring of the "
-                        "warp-specialised GEMM at 17-32 rows; fp4_glu.FUSED_GLU_WS: silu * up in its epilogue); its "
+                   help="also every row with the --before switches (default: without session 18's changes); its "
                         "vs-bf16 column is against the bf16 row measured the same way")
+    f.add_argument("--before", nargs="+", default=["fp4_ws.MID_M_RING=0", "fp4_ws.HEAD_RING=0",
+                                                   "fp4_glu.FUSED_GLU_WS=0"],
+                   help="module switches of fp4kit.kernels for the --before-too rows, as module.NAME=0|1 (default: "
+                        "the 3-stage ring at 17-32 rows, the heads' ring and silu * up in the WS epilogue all off)")
     f.add_argument("--glu-off-too", action="store_true",
                    help="also the NVFP4 rows at batch 1 with silu * up as its own kernel after the gate/up GEMV "
                         "(fp4_glu.FUSED_GLU off), same process")

@@ -142,7 +142,7 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     stages double with the tokens); 2 stages and 3 programs per SM lost there by 0.2-1.5 us per layer. Output
     heads (N >= 65536) at 17-32 tokens: 128-wide stages, 6 deep (results/fp4_ws_h100_sweep_m32_wide.json)."""
     bk = 256 if block_size == 16 else 512
-    if N >= 65536 and MID_M_RING and bk == 256 and 16 < M <= 32:  # output heads (128256 rows) at 17-32 tokens:
+    if N >= 65536 and HEAD_RING and bk == 256 and 16 < M <= 32:  # output heads (128256 rows) at 17-32 tokens:
         # 128-wide stages, 6 deep (fp4_ws_h100_sweep_m32_wide, M = 32: 130.5 -> 121.9 us; gate_up kept its 29.6)
         return _layout_switches(WsConfig(block_n=128, block_k=128, stages=6, split_k=1), M, K)
     if N >= 16384:  # (96 registers at 64 tokens: gate_up 43.7 -> 52.4 us, MXFP4 46.3 -> 68.4; fp4_ws_h100_frag_r5_m64)
@@ -199,6 +199,7 @@ WS_MMA_OVERLAP = os.environ.get("FP4KIT_WS_OVERLAP", "1") == "1"  # on: 0-3 us f
 # NVFP4 at 17-32 tokens on the N < 16384 layers: 64-row tiles with a 3-stage ring, one wave of programs (`ws_config`);
 # off: the 2-stage / 3-programs-per-SM rule of 16 tokens (and 128-row tiles for down). A switch for A/B runs.
 MID_M_RING = True
+HEAD_RING = True  # output heads (N >= 65536) at 17-32 tokens: 128-wide stages, 6 deep (`ws_config`)
 
 # The range of rows `fp4_matmul`'s AUTO path sends here (with bf16 x on an sm_90 GPU; see `ws_supported`).
 WS_MIN_M = 3
