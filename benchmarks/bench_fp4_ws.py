@@ -134,6 +134,12 @@ def gpu(args):
                     _skinny(x, q, preps)
                 row["skinny_graph_us"] = bench_graph(lambda: _skinny(x, nxt_qt(), preps))
                 row["skinny_err"] = check(x, qt0, _skinny(x, qt0, {id(qt0): prepare_fp4_weight(qt0)}))
+                if M <= 2:  # the CUDA-core GEMV, fp4_matmul's AUTO path at 1-2 rows
+                    from fp4kit.kernels.fp4_gemm import DecodePath, fp4_matmul
+                    for q in qts:  # plane layouts built eagerly, never in a capture
+                        fp4_matmul(x, q, prepared=preps[id(q)], path=DecodePath.GEMV)
+                    row["gemv_graph_us"] = bench_graph(
+                        lambda: fp4_matmul(x, (q := nxt_qt()), prepared=preps[id(q)], path=DecodePath.GEMV))
                 default = ws_config(M, N, K, block_size=cfg_fmt.block_size)
                 bk = default.block_k
                 swept = [WsConfig(block_n=bn, block_k=b, stages=max(1, st * 256 // b), split_k=sk)
@@ -170,7 +176,7 @@ def gpu(args):
                 row["best"] = best
                 dflt = {v["decode"]: v["us"] for v in row["ws"].values() if v.get("default") and "err_max" in v}
                 print(f"{name:8s} {fmt} M={M:3d} cuBLAS {row['cublas_graph_us']:.1f}  skinny "
-                      f"{row['skinny_graph_us']:.1f}  ws default {dflt}  best {ok.get(best, float('nan')):.1f} "
+                      f"{row['skinny_graph_us']:.1f}  gemv {row.get('gemv_graph_us', float('nan')):.1f}  ws default {dflt}  best {ok.get(best, float('nan')):.1f} "
                       f"({best})  roofline {row['roofline_us']:.1f} us", flush=True)
                 rows.append(row)
                 _write(args.out, bw, rows)  # after every row: a run cut off by its time limit keeps what it measured

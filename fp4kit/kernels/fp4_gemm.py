@@ -746,10 +746,16 @@ def _auto_path(M: int, qt: QuantizedTensor, x2: torch.Tensor | None = None) -> D
     """The default small-M kernel: the GEMV where it measured faster and can run, then the warp-specialised
     kernel where it can run (on an H100 it beat the skinny kernel at M = 16..64 on the Llama shapes), else the
     skinny kernel."""
+    ws = WS_AUTO and x2 is not None and x2.is_cuda and not _interpreting()
     if M <= GEMV_AUTO_MAX_M.get(type(qt.config), 0) and gemv_supported(qt, M):
+        if ws:
+            from .fp4_ws import ws_beats_gemv, ws_supported  # the sibling module builds on this one
+
+            if ws_beats_gemv(M, qt.shape[0], qt.shape[1], qt.config.block_size) and ws_supported(x2, qt, min_m=1):
+                return DecodePath.WS
         return DecodePath.GEMV
-    if WS_AUTO and x2 is not None and x2.is_cuda and not _interpreting():
-        from .fp4_ws import ws_supported  # the sibling module builds on this one
+    if ws:
+        from .fp4_ws import ws_supported
 
         if ws_supported(x2, qt):
             return DecodePath.WS
@@ -782,8 +788,8 @@ def fp4_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None =
     elif path is DecodePath.WS:
         from .fp4_ws import ws_supported
 
-        if config is not None or not ws_supported(x2, qt):
-            raise ValueError("fp4_matmul(path=WS) needs bf16 x on an sm_90 GPU, 3 <= M <= 64, NVFP4 with "
+        if config is not None or not ws_supported(x2, qt, min_m=1):
+            raise ValueError("fp4_matmul(path=WS) needs bf16 x on an sm_90 GPU, 1 <= M <= 64, NVFP4 with "
                              f"in_features % 256 == 0 or MXFP4 with % 512, and no config; got M = {M}, K = {K}, "
                              f"{x.dtype} on {x.device}")
     elif path is DecodePath.AUTO and config is None and 0 < M <= SKINNY_MAX_M:

@@ -81,14 +81,16 @@ def fused_ws_runs(x: torch.Tensor, qt: QuantizedTensor) -> bool:
     FUSED_GLU_WS, fp4_matmul's AUTO would take that kernel here (`fp4_gemm.WS_AUTO`, `fp4_ws.ws_supported`:
     bf16 x, 3-64 rows, sm_90), rows in whole groups of 8 pairs, and its config has no K split."""
     from . import fp4_gemm
-    from .fp4_ws import ws_config, ws_supported
+    from .fp4_ws import WS_MIN_M, ws_beats_gemv, ws_config, ws_supported
 
     if not (FUSED_GLU_WS and fp4_gemm.WS_AUTO and x.is_cuda and not _interpreting()):
         return False
     N, K = qt.shape
     x2 = x.reshape(-1, K)
-    return (N % (2 * WS_GROUP) == 0 and ws_supported(x2, qt)
-            and ws_config(x2.shape[0], N, K, block_size=qt.config.block_size).split_k == 1)
+    M, bs = x2.shape[0], qt.config.block_size
+    small = M < WS_MIN_M and ws_beats_gemv(M, N, K, bs)  # 1-2 rows where it beat the GEMV (fp4_ws_h100_m1)
+    return (N % (2 * WS_GROUP) == 0 and ws_supported(x2, qt, min_m=1 if small else WS_MIN_M)
+            and ws_config(M, N, K, block_size=bs).split_k == 1)
 
 
 def ws_glu_weight(prepared: PreparedFP4Weight):
@@ -130,13 +132,13 @@ def gate_up_silu(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None
     if x.shape[-1] != K:
         raise ValueError(f"gate_up_silu: x has {x.shape[-1]} features, the weight expects {K}")
     lead = x.shape[:-1]
+    if bias is None and fused_ws_runs(x, qt):  # 3-64 rows, and 1-2 on the shapes where it beat the GEMV
+        if prepared is None or not prepared.is_current(qt):
+            prepared = _prepared_for(qt)
+        from .fp4_ws import fp4_ws_matmul
+        y = fp4_ws_matmul(x.reshape(-1, K).contiguous(), ws_glu_weight(prepared), glu=True)
+        return y.reshape(*lead, N // 2)
     if not fused_gemv_runs(x, qt):
-        if bias is None and fused_ws_runs(x, qt):
-            if prepared is None or not prepared.is_current(qt):
-                prepared = _prepared_for(qt)
-            from .fp4_ws import fp4_ws_matmul
-            y = fp4_ws_matmul(x.reshape(-1, K).contiguous(), ws_glu_weight(prepared), glu=True)
-            return y.reshape(*lead, N // 2)
         return silu_mul(fp4_linear(x, qt, bias, prepared=prepared))
     if prepared is None or not prepared.is_current(qt):
         prepared = _prepared_for(qt)

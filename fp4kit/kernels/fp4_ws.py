@@ -201,6 +201,9 @@ WS_MMA_OVERLAP = os.environ.get("FP4KIT_WS_OVERLAP", "1") == "1"  # on: 0-3 us f
 MID_M_RING = True
 HEAD_RING = True  # output heads (N >= 65536) at 17-32 tokens: 128-wide stages, 6 deep (`ws_config`)
 
+# 1-2 rows on the shapes where this kernel beat the GEMV (`ws_beats_gemv`); False: the GEMV takes 1-2 rows.
+WS_SMALL_M = True
+
 # The range of rows `fp4_matmul`'s AUTO path sends here (with bf16 x on an sm_90 GPU; see `ws_supported`).
 WS_MIN_M = 3
 WS_MAX_M = 64
@@ -218,11 +221,28 @@ def _sm90(device_index: int) -> bool:
     return True
 
 
-def ws_supported(x2: torch.Tensor, qt: QuantizedTensor) -> bool:
+def ws_beats_gemv(M: int, N: int, K: int, block_size: int) -> bool:
+    """At 1-2 rows, whether this kernel (its 16-row tile mostly empty) measured faster than the CUDA-core GEMV
+    for the shape (results/fp4_ws_h100_m1.json, H100, GPU time in a CUDA graph, us GEMV -> WS):
+    NVFP4, 1 row: the wide layers and long K (gate_up 29.6 -> 26.9, down 16.7 -> 15.8, the 128256-row head
+    115.3 -> 106.5; q/k/v 8.5 vs 8.7 and o 7.1 vs 7.4 stay on the GEMV); 2 rows: every shape (q/k/v 9.9 -> 8.9,
+    o 9.4 -> 8.2, gate_up 41.9 -> 27.0, down 24.7 -> 17.0, head 175 -> 106).
+    MXFP4, 1 row: heads only (114.8 -> 109.8; gate_up 29.3 vs 31.8, down 16.3 vs 18.2 stay); 2 rows: the wide
+    layers and long K (gate_up 41.6 -> 30.4, down 24.6 -> 18.5; q/k/v 9.3 vs 10.5 stays, o 9.3 vs 8.5 too).
+    WS_SMALL_M = False: never (the GEMV takes 1-2 rows, as before)."""
+    if not WS_SMALL_M or M > 2:
+        return False
+    wide, long_k = N >= 16384, K >= 8192
+    if block_size == 16:
+        return M == 2 or wide or long_k
+    return N >= 65536 if M == 1 else (wide or long_k)
+
+
+def ws_supported(x2: torch.Tensor, qt: QuantizedTensor, min_m: int = WS_MIN_M) -> bool:
     """Whether this call can run the warp-specialised kernel: bf16 x [M, K] on an sm_90 GPU with
-    WS_MIN_M <= M <= WS_MAX_M, 16-byte aligned, and NVFP4 (block 16, K % 256 == 0) or MXFP4 (block 32,
-    K % 512 == 0)."""
-    if not (x2.is_cuda and x2.dtype == torch.bfloat16 and x2.dim() == 2 and WS_MIN_M <= x2.shape[0] <= WS_MAX_M):
+    min_m <= M <= WS_MAX_M, 16-byte aligned, and NVFP4 (block 16, K % 256 == 0) or MXFP4 (block 32,
+    K % 512 == 0). `fp4_matmul`'s AUTO asks for WS_MIN_M rows, or 1 where `ws_beats_gemv`."""
+    if not (x2.is_cuda and x2.dtype == torch.bfloat16 and x2.dim() == 2 and min_m <= x2.shape[0] <= WS_MAX_M):
         return False
     cfg = qt.config
     if isinstance(cfg, NVFP4Config) and cfg.block_size == 16:

@@ -270,17 +270,19 @@ def test_gemv_path_rejects_what_it_cannot_run():
                                               ("mxfp4", 3, False)])
 def test_auto_path_takes_gemv_where_it_won(name, m, want_gemv):
     """The default rule (GEMV_AUTO_MAX_M): GEMV at M = 1 and 2 (both formats), bit-identical
-    to asking for it; otherwise the warp-specialised kernel where it can run (an H100) or the skinny kernel,
-    and no GEMV whenever K does not line up (K = 160)."""
+    to asking for it, except where the warp-specialised kernel beat it on an H100 (`fp4_ws.ws_beats_gemv`:
+    NVFP4 at 2 rows on any shape); otherwise the warp-specialised kernel where it can run (an H100) or the
+    skinny kernel, and no GEMV whenever K does not line up (K = 160)."""
     from fp4kit.kernels.fp4_gemm import _prepared_for
+    from fp4kit.kernels.fp4_ws import ws_beats_gemv, ws_supported
 
     qt = quantize(_weight(16, 256), CONFIGS[name])
     x = torch.randn(m, 256, device=DEVICE, dtype=torch.bfloat16)
+    want_gemv = want_gemv and not (ws_beats_gemv(m, 16, 256, qt.config.block_size) and ws_supported(x, qt, min_m=1))
     y = fp4_matmul(x, qt)
     assert (_prepared_for(qt).gemv is not None) == want_gemv
-    from fp4kit.kernels.fp4_ws import ws_supported
 
-    other = DecodePath.WS if ws_supported(x, qt) else DecodePath.SKINNY  # the WS kernel, where it can run
+    other = DecodePath.WS if ws_supported(x, qt, min_m=1) else DecodePath.SKINNY  # the WS kernel, where it can run
     want = fp4_matmul(x, qt, path=DecodePath.GEMV if want_gemv else other)
     assert torch.equal(y, want)
     odd = quantize(_weight(16, 160), CONFIGS[name])

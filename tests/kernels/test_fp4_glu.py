@@ -133,10 +133,15 @@ def test_glu_layout_built_once():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Llama-sized shapes need the GPU")
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("m", [1, 2])
-def test_gpu_llama_gate_up_bit_exact_with_the_chain(name, m):
-    """28672 x 4096 (Llama-3-8B gate_up: the tuned 16-lane layout and launch): fused == GEMV + silu_mul."""
+def test_gpu_llama_gate_up_bit_exact_with_the_chain(name, m, monkeypatch):
+    """28672 x 4096 (Llama-3-8B gate_up: the tuned 16-lane layout and launch): fused == GEMV + silu_mul (with
+    the warp-specialised kernel kept off 1-2 rows, where it otherwise takes this shape: `ws_beats_gemv`)."""
+    from fp4kit.kernels import fp4_ws
+
+    monkeypatch.setattr(fp4_ws, "WS_SMALL_M", False)
     qt = _pair(14336, 4096, name, seed=2)
     x = torch.randn(m, 4096, device=DEVICE).bfloat16()
+    assert fused_gemv_runs(x, qt) and not fused_ws_runs(x, qt)
     got = gate_up_silu(x, qt)
     assert torch.equal(got, silu_mul(fp4_matmul(x, qt, path=DecodePath.GEMV)))
 
@@ -216,3 +221,15 @@ def test_gpu_ws_fold_graph_replay_equals_eager():
         graph.replay()
         assert torch.equal(out, gate_up_silu(x, qt, prepared=prepared))
     assert not torch.equal(out, eager)
+
+
+@needs_hopper
+@pytest.mark.parametrize("name,m", [("nvfp4", 1), ("nvfp4", 2), ("mxfp4", 2)])
+def test_gpu_llama_gate_up_at_one_and_two_rows_takes_the_ws_fold(name, m):
+    """Where the WS kernel beat the GEMV at 1-2 rows (`ws_beats_gemv`), the fold runs there: == WS + silu_mul."""
+    from fp4kit.kernels.fp4_ws import fp4_ws_matmul, prepare_ws
+
+    qt = _pair(14336, 4096, name, seed=2)
+    x = torch.randn(m, 4096, device=DEVICE).bfloat16()
+    assert fused_ws_runs(x, qt)
+    assert torch.equal(gate_up_silu(x, qt), silu_mul(fp4_ws_matmul(x, prepare_ws(qt))))

@@ -284,6 +284,25 @@ def test_ws_rejects_bad_input():
         fp4_ws_matmul(torch.randn(65, 256, device="cuda", dtype=torch.bfloat16), w)
 
 
+def test_ws_beats_gemv_rule():
+    """1-2 rows (results/fp4_ws_h100_m1.json): NVFP4 wide layers / long K at 1 row and everything at 2; MXFP4
+    heads at 1 row, wide layers / long K at 2; never beyond 2 rows (the GEMV's range) or with the switch off."""
+    from fp4kit.kernels.fp4_ws import ws_beats_gemv
+
+    llama = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+             "head": (128256, 4096)}
+    got = {(bs, m): sorted(k for k, (N, K) in llama.items() if ws_beats_gemv(m, N, K, bs))
+           for bs in (16, 32) for m in (1, 2, 3)}
+    assert got == {(16, 1): ["down", "gate_up", "head"], (16, 2): ["down", "gate_up", "head", "o", "qkv"],
+                   (32, 1): ["head"], (32, 2): ["down", "gate_up", "head"], (16, 3): [], (32, 3): []}
+    old = fp4_ws.WS_SMALL_M
+    try:
+        fp4_ws.WS_SMALL_M = False
+        assert not ws_beats_gemv(1, 28672, 4096, 16)
+    finally:
+        fp4_ws.WS_SMALL_M = old
+
+
 def test_auto_path_never_takes_ws_off_hopper_and_path_ws_refuses_clearly():
     from fp4kit.kernels.fp4_gemm import DecodePath, _auto_path, fp4_matmul
     from fp4kit.kernels.fp4_ws import ws_supported
@@ -294,6 +313,28 @@ def test_auto_path_never_takes_ws_off_hopper_and_path_ws_refuses_clearly():
     assert _auto_path(16, qt, x) is DecodePath.SKINNY
     with pytest.raises(ValueError, match="path=WS"):
         fp4_matmul(x, qt, path=DecodePath.WS)
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
+@pytest.mark.parametrize("fmt,m,want_ws", [("nvfp4", 1, True), ("nvfp4", 2, True), ("mxfp4", 1, False),
+                                           ("mxfp4", 2, True)])
+def test_auto_path_at_one_and_two_rows_on_a_wide_layer(fmt, m, want_ws):
+    """16384 x 512: AUTO takes the WS kernel where `ws_beats_gemv` says so (bit for bit fp4_ws_matmul), else the
+    GEMV; the error against the float64 product stays at the output's bf16 rounding either way."""
+    from fp4kit.kernels.fp4_gemm import DecodePath, _auto_path, fp4_matmul
+    from fp4kit.kernels.fp4_ws import WsDecode, fp4_ws_matmul, prepare_ws
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the WS path is sm_90 only")
+    torch.manual_seed(5)
+    qt = quantize(torch.randn(16384, 512, device="cuda") * 0.02, FORMATS[fmt])
+    x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+    assert (_auto_path(m, qt, x) is DecodePath.WS) == want_ws
+    y = fp4_matmul(x, qt)
+    if want_ws:
+        assert torch.equal(y, fp4_ws_matmul(x, prepare_ws(qt, WsDecode.FRAG)))
+    ref = x.double() @ qt.dequantize(torch.float64).T
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 8e-3
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon warp-specialised kernel: needs a CUDA GPU with compute capability >= 9.0")
