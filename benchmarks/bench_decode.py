@@ -434,9 +434,10 @@ def main():
                    help="also every row with the --before switches (default: without session 18's changes); its "
                         "vs-bf16 column is against the bf16 row measured the same way")
     f.add_argument("--before", nargs="+", default=["fp4_ws.MID_M_RING=0", "fp4_ws.HEAD_RING=0",
-                                                   "fp4_glu.FUSED_GLU_WS=0"],
+                                                   "fp4_glu.FUSED_GLU_WS=0", "fp4_ws.WS_SMALL_M=0"],
                    help="module switches of fp4kit.kernels for the --before-too rows, as module.NAME=0|1 (default: "
-                        "the 3-stage ring at 17-32 rows, the heads' ring and silu * up in the WS epilogue all off)")
+                        "session 18's changes off: the 3-stage ring at 17-32 rows, the heads' ring, silu * up in the "
+                        "WS epilogue, the WS kernel at 1-2 rows)")
     f.add_argument("--glu-off-too", action="store_true",
                    help="also the NVFP4 rows at batch 1 with silu * up as its own kernel after the gate/up GEMV "
                         "(fp4_glu.FUSED_GLU off), same process")

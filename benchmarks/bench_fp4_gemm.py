@@ -377,8 +377,13 @@ def mma_sass(N=28672, K=4096, M=16) -> dict:
     return out
 
 
-def path(M):
-    return "skinny" if M <= SKINNY_MAX_M else "mma prefill" if M < DEQUANT_CUBLAS_MIN_M else "dequant+cuBLAS"
+def path(M, qt=None, x=None):
+    """fp4_linear's choice for M rows (at M <= SKINNY_MAX_M: AUTO's decode kernel, GEMV / WS / SKINNY)."""
+    if M <= SKINNY_MAX_M:
+        from fp4kit.kernels.fp4_gemm import _auto_path
+
+        return _auto_path(M, qt, x).name.lower() if qt is not None else "decode"
+    return "mma prefill" if M < DEQUANT_CUBLAS_MIN_M else "dequant+cuBLAS"
 
 
 def run_gemm(bw, ms=MS):
@@ -401,13 +406,14 @@ def run_gemm(bw, ms=MS):
                 max_err, rms_err = check(x, qt0, y)
                 t = bench(lambda: fp4_linear(x, nxt()))
                 nbytes = fp4_bytes(qt0) + 2 * M * K + 2 * M * N
+                cfg = (_skinny_config(M, N, K, qt0.config.block_size, 132, fmt == "mxfp4")
+                       if path(M, qt0, x) == "skinny" else None if M <= SKINNY_MAX_M
+                       else prefill_config(M, N, K, qt0.config.block_size) if M < DEQUANT_CUBLAS_MIN_M
+                       else _config(M, N, K, x.device))
                 row[fmt] = dict(us=t, speedup=t_cublas / t, roofline_us=nbytes / bw * 1e6,
                                 bw_frac=nbytes / (t * 1e-6) / bw, tflops=2 * M * N * K / (t * 1e-6) / 1e12,
                                 max_err=max_err, rms_err=rms_err,
-                                path=path(M), config=(_skinny_config(M, N, K, qt0.config.block_size, 132,
-                                                                     fmt == "mxfp4")
-                                                      if M <= SKINNY_MAX_M else prefill_config(M, N, K, qt0.config.block_size)
-                                                      if M < DEQUANT_CUBLAS_MIN_M else _config(M, N, K, x.device)).__dict__)
+                                path=path(M, qt0, x), config=(None if cfg is None else cfg.__dict__))
                 if M <= GRAPH_MAX_M:
                     row[fmt]["graph_us"] = bench_graph(lambda: fp4_linear(x, nxt()))
                     row[fmt]["graph_speedup"] = row["cublas_graph_us"] / row[fmt]["graph_us"]
