@@ -738,14 +738,15 @@ GEMV_AUTO_MAX_M = {NVFP4Config: 2, MXFP4Config: 2}
 
 
 # AUTO takes the warp-specialised kernel (fp4_ws) wherever it can run (ws_supported: sm_90, bf16 x,
-# fp4_ws.WS_MIN_M <= M <= WS_MAX_M, K % 256 NVFP4 / % 512 MXFP4); False keeps the skinny kernel.
+# fp4_ws.WS_MIN_M <= M <= WS_MAX_M, K % 256 NVFP4 / % 512 MXFP4), and at 1-2 rows where `ws_beats_gemv`;
+# False keeps the skinny kernel (and the GEMV at 1-2 rows).
 WS_AUTO = True
 
 
 def _auto_path(M: int, qt: QuantizedTensor, x2: torch.Tensor | None = None) -> DecodePath:
-    """The default small-M kernel: the GEMV where it measured faster and can run, then the warp-specialised
-    kernel where it can run (on an H100 it beat the skinny kernel at M = 16..64 on the Llama shapes), else the
-    skinny kernel."""
+    """The default small-M kernel: the GEMV where it measured faster and can run (1-2 rows, except the shapes
+    where the warp-specialised kernel beat it: `fp4_ws.ws_beats_gemv`), then the warp-specialised kernel where
+    it can run (on an H100 it beat the skinny kernel at M = 3..64 on the Llama shapes), else the skinny kernel."""
     ws = WS_AUTO and x2 is not None and x2.is_cuda and not _interpreting()
     if M <= GEMV_AUTO_MAX_M.get(type(qt.config), 0) and gemv_supported(qt, M):
         if ws:
