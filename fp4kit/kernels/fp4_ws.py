@@ -201,8 +201,9 @@ WS_MMA_OVERLAP = os.environ.get("FP4KIT_WS_OVERLAP", "1") == "1"  # on: 0-3 us f
 MID_M_RING = True
 HEAD_RING = True  # output heads (N >= 65536) at 17-32 tokens: 128-wide stages, 6 deep (`ws_config`)
 
-# 1-2 rows on the shapes where this kernel beat the GEMV (`ws_beats_gemv`); False: the GEMV takes 1-2 rows.
-WS_SMALL_M = True
+# 1-2 rows: 1 on the shapes where this kernel beat the GEMV (`ws_beats_gemv`); 0 the GEMV takes 1-2 rows;
+# 2 every shape (for A/B runs in the engine).
+WS_SMALL_M = 1
 
 # The range of rows `fp4_matmul`'s AUTO path sends here (with bf16 x on an sm_90 GPU; see `ws_supported`).
 WS_MIN_M = 3
@@ -229,9 +230,11 @@ def ws_beats_gemv(M: int, N: int, K: int, block_size: int) -> bool:
     o 9.4 -> 8.2, gate_up 41.9 -> 27.0, down 24.7 -> 17.0, head 175 -> 106).
     MXFP4, 1 row: heads only (114.8 -> 109.8; gate_up 29.3 vs 31.8, down 16.3 vs 18.2 stay); 2 rows: the wide
     layers and long K (gate_up 41.6 -> 30.4, down 24.6 -> 18.5; q/k/v 9.3 vs 10.5 stays, o 9.3 vs 8.5 too).
-    WS_SMALL_M = False: never (the GEMV takes 1-2 rows, as before)."""
+    WS_SMALL_M = 0: never (the GEMV takes 1-2 rows, as before); 2: always."""
     if not WS_SMALL_M or M > 2:
         return False
+    if WS_SMALL_M == 2:
+        return True
     wide, long_k = N >= 16384, K >= 8192
     if block_size == 16:
         return M == 2 or wide or long_k

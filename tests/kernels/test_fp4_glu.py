@@ -138,7 +138,7 @@ def test_gpu_llama_gate_up_bit_exact_with_the_chain(name, m, monkeypatch):
     the warp-specialised kernel kept off 1-2 rows, where it otherwise takes this shape: `ws_beats_gemv`)."""
     from fp4kit.kernels import fp4_ws
 
-    monkeypatch.setattr(fp4_ws, "WS_SMALL_M", False)
+    monkeypatch.setattr(fp4_ws, "WS_SMALL_M", 0)
     qt = _pair(14336, 4096, name, seed=2)
     x = torch.randn(m, 4096, device=DEVICE).bfloat16()
     assert fused_gemv_runs(x, qt) and not fused_ws_runs(x, qt)

@@ -297,8 +297,10 @@ def test_ws_beats_gemv_rule():
                    (32, 1): ["head"], (32, 2): ["down", "gate_up", "head"], (16, 3): [], (32, 3): []}
     old = fp4_ws.WS_SMALL_M
     try:
-        fp4_ws.WS_SMALL_M = False
+        fp4_ws.WS_SMALL_M = 0
         assert not ws_beats_gemv(1, 28672, 4096, 16)
+        fp4_ws.WS_SMALL_M = 2
+        assert ws_beats_gemv(1, 4096, 4096, 32) and not ws_beats_gemv(3, 4096, 4096, 32)
     finally:
         fp4_ws.WS_SMALL_M = old
 
