@@ -96,16 +96,11 @@ def fused_ws_runs(x: torch.Tensor, qt: QuantizedTensor) -> bool:
 def ws_glu_weight(prepared: PreparedFP4Weight):
     """The warp-specialised kernel's fragment layout of the pair in groups of 8, built on first use and kept in
     the prepared weight's per-weight cache (another copy of the packed codes, like the GEMV's `gemv_glu`)."""
-    from .fp4_ws import WsDecode, prepare_ws
+    from .fp4_ws import WsDecode, cached_ws, prepare_ws
 
-    key = ("ws_glu", WsDecode.FRAG)
-    ws = prepared.configs.get(key)
-    if ws is None:
-        if prepared.qt.data.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("gate_up_silu: this weight's grouped fragment layout was not built before CUDA "
-                               "graph capture; call it once eagerly first")
-        ws = prepared.configs[key] = prepare_ws(glu_interleave(prepared.qt, WS_GROUP), WsDecode.FRAG)
-    return ws
+    return cached_ws(prepared, ("ws_glu", WsDecode.FRAG),
+                     lambda: prepare_ws(glu_interleave(prepared.qt, WS_GROUP), WsDecode.FRAG),
+                     "gate_up_silu: this weight's grouped fragment layout")
 
 
 def gate_up_silu_torch(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -423,14 +423,20 @@ def fp4_ws_matmul(x: torch.Tensor, w: WsWeight, bias: torch.Tensor | None = None
     return y
 
 
-def launch_ws(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """`fp4_matmul`'s WS path: the fragment-layout copy of the weight is built on the first call and kept in
-    the prepared weight's per-weight cache (like the GEMV's plane layout: a second copy of the packed codes)."""
-    key = ("ws", WsDecode.FRAG)
+def cached_ws(prepared: PreparedFP4Weight, key: tuple, build, what: str) -> WsWeight:
+    """prepared.configs[key], built by `build()` on first use; never inside a CUDA graph capture (a clear error
+    naming `what`: building copies the weight, which must happen eagerly)."""
     ws = prepared.configs.get(key)
     if ws is None:
         if prepared.qt.data.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("fp4_matmul(path=WS): this weight's fragment layout was not built before CUDA graph "
-                               "capture; call it once eagerly first")
-        ws = prepared.configs[key] = prepare_ws(prepared.qt, WsDecode.FRAG, prepared)
+            raise RuntimeError(f"{what} was not built before CUDA graph capture; call it once eagerly first")
+        ws = prepared.configs[key] = build()
+    return ws
+
+
+def launch_ws(x2: torch.Tensor, prepared: PreparedFP4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`fp4_matmul`'s WS path: the fragment-layout copy of the weight is built on the first call and kept in
+    the prepared weight's per-weight cache (like the GEMV's plane layout: a second copy of the packed codes)."""
+    ws = cached_ws(prepared, ("ws", WsDecode.FRAG), lambda: prepare_ws(prepared.qt, WsDecode.FRAG, prepared),
+                   "fp4_matmul(path=WS): this weight's fragment layout")
     return fp4_ws_matmul(x2, ws, bias)
