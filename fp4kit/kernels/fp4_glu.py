@@ -20,8 +20,8 @@ to the activation dtype (the GEMV's output cast), silu in float32 rounded to the
 F.silu), the product in float32 rounded. So `gate_up_silu` equals `silu_mul(fp4_linear(x, W))`
 bit for bit wherever the GEMV runs; elsewhere it is that chain.
 
-The batch path (3-64 rows on sm_90): the warp-specialised GEMM (`fp4_ws`) finishes the pair the same
-way. Its accumulator is the wgmma layout, where a thread holds rows r and r + 8 of every 16 weight
+The batch path (3-64 rows on sm_90, and 1-2 rows where that kernel beat the GEMV: `fp4_ws.ws_beats_gemv`):
+the warp-specialised GEMM (`fp4_ws`) finishes the pair the same way. Its accumulator is the wgmma layout, where a thread holds rows r and r + 8 of every 16 weight
 rows, so its copy of the weight (`ws_glu_weight`) takes the rows in groups of 8 (`glu_order(group=8)`:
 8 gate rows, the same pairs' 8 up rows, ...) and the epilogue (`_fp4_ws._glu_epilogue`) pairs them in
 registers with a reshape and split that move no data. It runs where that kernel runs without a K split
@@ -79,7 +79,8 @@ def glu_layout(prepared: PreparedFP4Weight) -> GemvLayout:
 def fused_ws_runs(x: torch.Tensor, qt: QuantizedTensor) -> bool:
     """Whether `gate_up_silu(x, qt)` (no bias) takes the warp-specialised GEMM with the product in its epilogue:
     FUSED_GLU_WS, fp4_matmul's AUTO would take that kernel here (`fp4_gemm.WS_AUTO`, `fp4_ws.ws_supported`:
-    bf16 x, 3-64 rows, sm_90), rows in whole groups of 8 pairs, and its config has no K split."""
+    bf16 x, 3-64 rows, or 1-2 where `ws_beats_gemv`, sm_90), rows in whole groups of 8 pairs, and its config
+    has no K split."""
     from . import fp4_gemm
     from .fp4_ws import WS_MIN_M, ws_beats_gemv, ws_config, ws_supported
 
@@ -120,9 +121,10 @@ def gate_up_silu(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None
                  prepared: PreparedFP4Weight | None = None) -> torch.Tensor:
     """x [..., K], qt the FP4 [gate | up] weight [2I, K] (+ bias [2I]) -> silu(gate) * up [..., I].
 
-    One GEMV launch where `fused_gemv_runs` (decode: M <= 2), else `fp4_linear` then `silu_mul` (whose
-    own fallbacks apply: the torch twin on the CPU). A bias (Llama, Qwen and Gemma MLPs have none) is
-    interleaved on every call: correct, one small gather more."""
+    One warp-specialised GEMM launch where `fused_ws_runs` (sm_90, no bias), else one GEMV launch where
+    `fused_gemv_runs` (decode: M <= 2), else `fp4_linear` then `silu_mul` (whose own fallbacks apply: the
+    torch twin on the CPU). A bias (Llama, Qwen and Gemma MLPs have none) is interleaved on every call for
+    the GEMV: correct, one small gather more."""
     N, K = qt.shape
     if x.shape[-1] != K:
         raise ValueError(f"gate_up_silu: x has {x.shape[-1]} features, the weight expects {K}")
