@@ -21,14 +21,14 @@ Perplexity: non-overlapping 512-token windows of the text, logits through the en
 NVFP4 weights in the same process (quantized on the GPU), KV cache bf16 and FP8. `--unfused` runs the
 engine's module-by-module torch path (`Engine(fused=False)`) instead of the fused kernels.
 
-`lmhead`. The perplexity cost of the NVFP4 output head (`Engine(lm_head="nvfp4")`) on SmolLM2 (tied
-embeddings: the head is a quantized copy, the input embedding stays bf16): 512-token windows of the
-text through the engine's cache, the model's head vs the NVFP4 head, with bf16 and NVFP4 (RTN) layer
-weights. Runs on any device (the CPU in BENCHMARKS.md):
+`lmhead`. The perplexity cost of the quantized output heads (`Engine(lm_head="int8" | "nvfp4")`) on SmolLM2
+(tied embeddings: the head is a quantized copy, the input embedding stays bf16): 512-token windows of the
+text through the engine's cache, the model's head vs the INT8 and NVFP4 heads, with bf16 and NVFP4 (RTN)
+layer weights. Runs on any device (the CPU in BENCHMARKS.md):
 
     python benchmarks/bench_decode.py lmhead --gguf FILE.gguf --text input.txt --device cpu --out decode_lmhead.json
 
-`speed --lm-head model nvfp4` and `profile --lm-head nvfp4` add rows with the NVFP4 head (NVFP4 weights).
+`speed --lm-head model int8 nvfp4` and `profile --lm-head int8` add rows with those heads (NVFP4 weights).
 
 `profile`. Where one decode step's GPU time goes: the same model and configurations, one prompt batch
 prefilled, then `--steps` decode steps (CUDA graph replays) under torch.profiler; kernels are summed by
@@ -183,7 +183,7 @@ def run_lmhead(args) -> dict:
     for weights in ("bf16", "nvfp4"):
         if weights == "nvfp4":
             quantize_(model, NVFP4Config(), progress=False)  # layers only: lm_head (tied) is not an FP4Linear
-        for head in ("model", "nvfp4"):
+        for head in ("model", "int8", "nvfp4"):
             t0 = time.time()
             eng = Engine(model, tok, max_batch=1, max_seq_len=520, lm_head=head)
             ppl = perplexity(eng, windows)
@@ -221,7 +221,7 @@ def run_speed(args) -> dict:
             if on_gpu:
                 torch.cuda.synchronize()
             print(f"quantized in {time.time() - t0:.0f} s", flush=True)
-        variants = [(kv, head) for kv in ("bf16", "fp8") for head in args.lm_head] if weights == "nvfp4" else [
+        variants = [(kv, head) for kv in args.kv for head in args.lm_head] if weights == "nvfp4" else [
             ("bf16", "model")]
         for kv, head in variants:
             eng = Engine(model, max_batch=max(cfg.batches), max_seq_len=cfg.prompt_len + cfg.gen_len,
@@ -421,8 +421,10 @@ def main():
     f.add_argument("--device", default="cuda")
     f.add_argument("--small", action="store_true", help="a 2-layer model of the same family (smoke test)")
     f.add_argument("--unfused", action="store_true", help="the module-by-module torch path (Engine(fused=False))")
-    f.add_argument("--lm-head", nargs="+", default=["model"], choices=["model", "nvfp4"],
+    f.add_argument("--lm-head", nargs="+", default=["model"], choices=["model", "int8", "nvfp4"],
                    help="output heads for the NVFP4-weight rows (the bf16 row keeps the model's head)")
+    f.add_argument("--kv", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"],
+                   help="KV caches for the NVFP4-weight rows (the bf16 row keeps a bf16 cache)")
     f.add_argument("--prefill-eager-too", action="store_true",
                    help="also batch 1 with every prefill eager (no prefill graphs): TTFT")
     f.add_argument("--prefill-dequant-too", action="store_true",
@@ -450,7 +452,7 @@ def main():
     r.add_argument("--prompt-len", type=int, default=512)
     r.add_argument("--steps", type=int, default=5)
     r.add_argument("--unfused-too", action="store_true", help="also profile Engine(fused=False)")
-    r.add_argument("--lm-head", nargs="+", default=["model"], choices=["model", "nvfp4"])
+    r.add_argument("--lm-head", nargs="+", default=["model"], choices=["model", "int8", "nvfp4"])
     r.add_argument("--out", required=True)
     r.add_argument("--device", default="cuda")
     r.add_argument("--small", action="store_true")

@@ -100,3 +100,8 @@ def test_bench_fp4_head_and_unfused(folder, capsys, tmp_path):
 def test_generate_with_fp4_head(folder, capsys):
     assert main(["generate", folder, "--prompt", "hello", "--max-new-tokens", "6", "--lm-head", "nvfp4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_generate_with_int8_head(folder, capsys):
+    assert main(["generate", folder, "--prompt", "hello", "--max-new-tokens", "6", "--lm-head", "int8"]) == 0
+    assert capsys.readouterr().out.strip()

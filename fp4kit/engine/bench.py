@@ -45,7 +45,7 @@ class BenchConfig:
 
 def weight_bytes(model, head_copy=None) -> int:
     """Bytes a decode step reads from the weights (see the module docstring). `head_copy`: the
-    QuantizedTensor the engine runs instead of lm_head's weight (Engine(lm_head="nvfp4")): its packed
+    QuantizedTensor the engine runs instead of lm_head's weight (Engine(lm_head="int8" / "nvfp4")): its packed
     bytes and scales count, lm_head's own weight does not (nor a tied embedding, read only per row)."""
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
@@ -63,9 +63,9 @@ def weight_bytes(model, head_copy=None) -> int:
 
 
 def engine_weight_bytes(engine: Engine) -> int:
-    """`weight_bytes` of what this engine's decode step reads (its FP4 head copy, when it runs one)."""
-    fp4 = engine.runner.fp4_head()
-    return weight_bytes(engine.model, None if fp4 is None else fp4.qt)
+    """`weight_bytes` of what this engine's decode step reads (its quantized head copy, when it runs one)."""
+    copy = engine.runner.head_copy()
+    return weight_bytes(engine.model, None if copy is None else copy.qt)
 
 
 def copy_bandwidth(device, nbytes: int | None = None, repeats: int = 20, warmup: int = 10) -> float:

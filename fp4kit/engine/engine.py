@@ -54,8 +54,9 @@ fused norm / rope / attention kernels on CUDA). Its fused weights are copies: `p
 their sources' versions and rebuilds them (and the graphs) when a source changed in place, and
 `reset_graphs()` drops them too. `fused=False` is the module-by-module torch path.
 
-`lm_head=HeadFormat.NVFP4` (or "nvfp4") runs the output head as an NVFP4 copy of `lm_head.weight`
-through the FP4 GEMV (fused.py says why and what it costs); the default runs the model's own head.
+`lm_head=HeadFormat.INT8` ("int8") or `HeadFormat.NVFP4` ("nvfp4") runs the output head as a quantized
+copy of `lm_head.weight` (INT8 per row through `kernels.int8_linear`, or NVFP4 through the FP4 GEMV / GEMM;
+fused.py says why and what each costs); the default runs the model's own head.
 """
 
 from __future__ import annotations

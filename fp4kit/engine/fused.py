@@ -18,12 +18,19 @@ from the concatenation (`prepare_fp4_weight`, kept here and passed as `prepared=
 per-module prepared copy is made by the engine). `is_current` notices when a source tensor was
 changed in place (or a module replaced); the engine then rebuilds (at prefill, never inside a graph).
 
-FP4 output head (`quantize_head`, `Engine(lm_head=HeadFormat.NVFP4)`). At batch 1 the bf16 lm_head of
-Llama-3-8B (128256 x 4096, 1.05 GB) is ~20% of the bytes of an NVFP4 step; as NVFP4 it moves 0.30 GB.
-The engine quantizes a COPY of `lm_head.weight` (RTN NVFP4, a per-tensor global scale) for the head
-only: with tied embeddings (SmolLM2) the input embedding stays as it is, and the model itself is
-never changed. It is opt-in because it changes the model's logits (the perplexity cost is measured
-in BENCHMARKS.md, "Decode chain round 5"); a head that already is an FP4Linear is used as it is.
+Quantized output head (`quantize_head`, `Engine(lm_head=...)`). At batch 1 the bf16 lm_head of
+Llama-3-8B (128256 x 4096, 1.05 GB) is ~20% of the bytes of an NVFP4 step. The engine can run a COPY of
+`lm_head.weight` instead, for the head only (with tied embeddings, as SmolLM2's, the input embedding
+stays as it is; the model itself is never changed):
+
+    HeadFormat.INT8    INT8 codes with one scale per row (`formats.Int8Config`, 0.53 GB) through
+                       `kernels.int8_linear`; perplexity +0.2% on SmolLM2-135M, within bf16's own noise
+    HeadFormat.NVFP4   RTN NVFP4 with a per-tensor global scale (0.30 GB) through the FP4 GEMV / GEMM;
+                       +10% perplexity on SmolLM2-135M: the format's cost (BENCHMARKS.md, "What a
+                       quantized output head costs in quality")
+
+Both are opt-in because they change the model's logits; a head that already is an FP4Linear is used
+as it is.
 
 Known norms. `norm_kind` says whether a norm module is one of transformers' RMSNorm classes whose
 arithmetic `fp4kit.kernels.decode_ops.add_rmsnorm` reproduces (Llama form or Gemma form), by exact
@@ -39,10 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp4kit.formats import NVFP4Config, QuantizedTensor, quantize
+from fp4kit.formats import Int8Config, NVFP4Config, QuantizedTensor, quantize
 from fp4kit.kernels import PreparedFP4Weight, fp4_linear, prepare_fp4_weight
 from fp4kit.kernels.decode_ops import silu_mul
 from fp4kit.kernels.fp4_glu import gate_up_silu
+from fp4kit.kernels.int8_linear import int8_linear
 from fp4kit.nn import FP4Linear
 
 LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen2MoeRMSNorm",
@@ -96,7 +104,7 @@ class FusedLinear:
     sizes: tuple[int, ...]
     versions: tuple
     weight: torch.Tensor | None = None  # nn.Linear sources: [sum N_i, K]
-    qt: QuantizedTensor | None = None  # FP4Linear sources
+    qt: QuantizedTensor | None = None  # FP4Linear sources (or an INT8 / NVFP4 head copy)
     bias: torch.Tensor | None = None
     prepared: PreparedFP4Weight | None = field(default=None, repr=False)
 
@@ -105,6 +113,8 @@ class FusedLinear:
         if self.weight is not None:
             return F.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if isinstance(self.qt.config, Int8Config):  # an INT8 head copy: the kernel, or its twin off CUDA
+            return int8_linear(x, self.qt, bias, name="lm_head")
         if x.is_cuda:  # FP4Linear.forward's two paths
             if self.prepared is None and x.dtype in (torch.bfloat16, torch.float16):
                 self.prepared = prepare_fp4_weight(self.qt)
@@ -165,21 +175,28 @@ def fuse_linears(modules) -> FusedLinear | None:
 
 
 class HeadFormat(enum.Enum):
-    """What the engine runs as the output head: the model's own `lm_head` (MODEL, the default), or an
-    NVFP4 copy of its weight through the FP4 GEMV (NVFP4)."""
+    """What the engine runs as the output head: the model's own `lm_head` (MODEL, the default), or a
+    quantized copy of its weight: INT8 per row (`kernels.int8_linear`) or NVFP4 (the FP4 GEMV / GEMM)."""
     MODEL = "model"
+    INT8 = "int8"
     NVFP4 = "nvfp4"
 
 
-def quantize_head(head: nn.Module, config: NVFP4Config | None = None) -> FusedLinear | None:
-    """An NVFP4 copy of a plain nn.Linear head (RTN, global scale from the weight's amax) as a one-source
-    FusedLinear, or None when the head is not a plain nn.Linear (an FP4Linear head already is FP4)."""
+def quantize_head(head: nn.Module, fmt: HeadFormat | str = HeadFormat.NVFP4,
+                  config: NVFP4Config | None = None) -> FusedLinear | None:
+    """A quantized copy (`fmt`: INT8 or NVFP4; RTN, NVFP4's global scale from the weight's amax) of a plain
+    nn.Linear head as a one-source FusedLinear, or None when the head already is an FP4Linear."""
+    fmt = HeadFormat(fmt)
+    if fmt is HeadFormat.MODEL:
+        raise ValueError("quantize_head: HeadFormat.MODEL runs the model's own head; there is nothing to quantize")
     if type(head) is not nn.Linear:
         if isinstance(head, FP4Linear):
             return None
-        raise TypeError(f"quantize_head: lm_head is a {type(head).__name__}; an FP4 copy needs a plain nn.Linear")
+        raise TypeError(f"quantize_head: lm_head is a {type(head).__name__}; a quantized copy needs a plain "
+                        "nn.Linear")
     with torch.no_grad():
         w = head.weight.detach()
-        qt = quantize(w, config or NVFP4Config(), name="lm_head.weight")
+        cfg = Int8Config() if fmt is HeadFormat.INT8 else config or NVFP4Config()
+        qt = quantize(w, cfg, name="lm_head.weight")
         bias = None if head.bias is None else head.bias.detach().clone()
     return FusedLinear((head,), (head.out_features,), _versions((head,)), qt=qt, bias=bias)

@@ -280,16 +280,17 @@ class DecoderRunner:
             silu = is_silu(getattr(mlp, "act_fn", None))
         return LayerPlan(qkv, gate_up, silu)
 
-    def fp4_head(self) -> FusedLinear | None:
-        """The NVFP4 copy of lm_head this runner runs (HeadFormat.NVFP4; built on first use), else None."""
-        if self.head_format is HeadFormat.NVFP4 and self._head is None:
-            self._head = quantize_head(self.model.lm_head)
+    def head_copy(self) -> FusedLinear | None:
+        """The quantized copy of lm_head this runner runs (HeadFormat.INT8 / NVFP4; built on first use), else
+        None (HeadFormat.MODEL, or a head that already is an FP4Linear)."""
+        if self.head_format is not HeadFormat.MODEL and self._head is None:
+            self._head = quantize_head(self.model.lm_head, self.head_format)
         return self._head
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., hidden] -> logits [..., V]: the model's lm_head, or its NVFP4 copy
-        fp4 = self.fp4_head()
-        return self.model.lm_head(x) if fp4 is None else fp4(x)
+        # x: [..., hidden] -> logits [..., V]: the model's lm_head, or its quantized copy
+        copy = self.head_copy()
+        return self.model.lm_head(x) if copy is None else copy(x)
 
     def refresh(self) -> bool:
         """Rebuild the fused weights if a source changed in place or was replaced; True when rebuilt

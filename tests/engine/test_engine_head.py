@@ -1,4 +1,4 @@
-"""The NVFP4 output head (`Engine(lm_head="nvfp4")`): a copy of lm_head's weight, the model untouched."""
+"""The quantized output heads (`Engine(lm_head="nvfp4" | "int8")`): a copy of lm_head's weight, the model untouched."""
 
 import copy
 
@@ -9,16 +9,16 @@ from torch import nn
 
 from fp4kit.engine import Engine, HeadFormat, SamplingParams
 from fp4kit.engine.bench import engine_weight_bytes, weight_bytes
-from fp4kit.formats import NVFP4Config, quantize
+from fp4kit.formats import Int8Config, NVFP4Config, quantize
 
 PROMPTS = [[1, 5, 9, 20, 3], [7, 8]]
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
 
 
-def _head_twin(model):
-    """A copy whose lm_head is an nn.Linear holding the dequantized NVFP4 weight (what the engine's copy computes)."""
+def _head_twin(model, config=NVFP4Config()):
+    """A copy whose lm_head is an nn.Linear holding the dequantized weight (what the engine's copy computes)."""
     twin = copy.deepcopy(model)
-    w = quantize(model.lm_head.weight.detach(), NVFP4Config()).dequantize(torch.float32)
+    w = quantize(model.lm_head.weight.detach(), config).dequantize(torch.float32)
     head = nn.Linear(w.shape[1], w.shape[0], bias=False)
     head.weight.data.copy_(w)
     twin.lm_head = head
@@ -53,13 +53,13 @@ def test_tied_embedding_stays_and_bytes_count_the_copy():
     eng = Engine(model, max_batch=1, max_seq_len=32, lm_head="nvfp4")
     eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, temperature=0))
     assert torch.equal(model.get_input_embeddings().weight, embed)
-    qt = eng.runner.fp4_head().qt
+    qt = eng.runner.head_copy().qt
     # tied: the full bf16/fp32 embedding no longer counts (the step reads only its rows), the FP4 copy does
     assert engine_weight_bytes(eng) == weight_bytes(model) - embed.numel() * embed.element_size() + qt.nbytes
     untied = tiny("llama", seed=1)
     eng = Engine(untied, max_batch=1, max_seq_len=32, lm_head="nvfp4")
     w = untied.lm_head.weight
-    assert engine_weight_bytes(eng) == weight_bytes(untied) - w.numel() * w.element_size() + eng.runner.fp4_head().qt.nbytes
+    assert engine_weight_bytes(eng) == weight_bytes(untied) - w.numel() * w.element_size() + eng.runner.head_copy().qt.nbytes
     assert engine_weight_bytes(Engine(untied, max_batch=1, max_seq_len=32)) == weight_bytes(untied)
 
 
@@ -76,3 +76,28 @@ def test_fp4_head_is_rebuilt_after_an_in_place_change():
 def test_head_format_is_validated():
     with pytest.raises(ValueError, match="bogus"):
         Engine(tiny("llama"), max_batch=1, max_seq_len=16, lm_head="bogus")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_int8_head_equals_the_dequantized_twin(fused):
+    model = tiny("llama", seed=5)
+    before = model.lm_head.weight.detach().clone()
+    eng = Engine(model, max_batch=2, max_seq_len=48, lm_head=HeadFormat.INT8, fused=fused)
+    outs = eng.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [hf_greedy(_head_twin(model, Int8Config()), p, 10) for p in PROMPTS]
+    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, before)
+    qt = eng.runner.head_copy().qt
+    assert isinstance(qt.config, Int8Config) and qt.data.dtype == torch.int8
+    w = model.lm_head.weight
+    assert engine_weight_bytes(eng) == weight_bytes(model) - w.numel() * w.element_size() + qt.nbytes
+
+
+def test_int8_head_is_closer_than_nvfp4():
+    model = tiny("llama", seed=3)
+    ids = [1, 5, 9, 20, 3, 7]
+    base = Engine(model, max_batch=1, max_seq_len=32).prompt_logits(ids)
+    err = {}
+    for head in ("int8", "nvfp4"):
+        logits = Engine(model, max_batch=1, max_seq_len=32, lm_head=head).prompt_logits(ids)
+        err[head] = ((logits - base).norm() / base.norm()).item()
+    assert 0 < err["int8"] < 0.02 and err["int8"] < err["nvfp4"] / 4, err
