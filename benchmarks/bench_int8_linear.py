@@ -102,7 +102,7 @@ def gpu(args):
                   f"({row['roofline_us'] / d:.0%} of it)", flush=True)
             rows.append(row)
             _write(args.out, bw, rows)
-        del bf, q8, nv, prepped
+        bf = q8 = nv = prepped = None  # free this shape's copies before the next
         torch.cuda.empty_cache()
 
 
