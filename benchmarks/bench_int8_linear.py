@@ -102,7 +102,8 @@ def gpu(args):
                   f"({row['roofline_us'] / d:.0%} of it)", flush=True)
             rows.append(row)
             _write(args.out, bw, rows)
-        bf = q8 = nv = prepped = None  # free this shape's copies before the next
+        for copies in (bf, q8, nv or []):  # free this shape's copies before the next
+            copies.clear()
         torch.cuda.empty_cache()
 
 
