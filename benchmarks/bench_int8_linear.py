@@ -6,13 +6,14 @@ the Llama-3-8B output head (128256 x 4096) at M = 1..64 tokens, in one process:
     and NVFP4 (`fp4_linear`, AUTO's kernel) for the same weight,
 each as GPU time in a CUDA graph (median replay), with weights rotated through 256 MB so L2 never holds them
 (one head copy is 0.5-1 GB: two copies alternate). Every configuration is first checked against the twin
-(largest difference in units of the output's bf16 ulp) and against a float64 reference. The roofline column is
+(largest difference over the tests' bound: one bf16 ulp plus float32 summation error) and against a float64 reference. The roofline column is
 the INT8 bytes moved (codes + scales + x + y) over the copy bandwidth measured in the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -30,17 +31,19 @@ SHAPES = {"lm_head": (128256, 4096), "gate_up": (28672, 4096), "down": (4096, 14
 def sweep_configs():
     from fp4kit.kernels.int8_linear import Int8LinearConfig
 
-    for bn, bk, stages, warps in itertools.product((64, 128, 256), (64, 128, 256), (3, 4, 5), (4, 8)):
-        if bn * bk * stages > 160 * 1024 or (bn == 256 and warps == 4) or (bn == 64 and warps == 8):
+    for bn, bk, stages, warps in itertools.product((32, 64, 128), (128, 256, 512), (2, 3, 4), (2, 4, 8)):
+        if bn * bk * stages > 160 * 1024 or bn * bk < 4096 or warps * 16 > bn or (bn >= 128 and warps == 2):
             continue
         yield Int8LinearConfig(block_n=bn, block_k=bk, num_stages=stages, num_warps=warps)
 
 
-def ulps(y, t):
-    """Largest |y - t| in units of t's bf16 spacing (2^(e - 7) for |t| in [2^e, 2^(e + 1)))."""
+def twin_ratio(y, x, qt, t):
+    """Largest |y - t| over tests/kernels/test_int8_linear.py's bound (one bf16 ulp of t plus float32 summation
+    error K 2^-23 sum |x| |w|): <= 1 where the kernel agrees with the twin as the tests require."""
     t32 = t.float()
     spacing = torch.exp2(torch.floor(torch.log2(t32.abs().clamp_min(1e-30))) - 7)
-    return ((y.float() - t32).abs() / spacing).max().item()
+    mag = (x.float().abs() @ qt.data.float().abs().T) * qt.scale
+    return ((y.float() - t32).abs() / (spacing + qt.shape[1] * 2**-23 * mag)).max().item()
 
 
 def gpu(args):
@@ -76,8 +79,8 @@ def gpu(args):
             ref = (x.double() @ q8[0].dequantize(torch.float64).T)
             twin = il.int8_linear_torch(x, q8[0])
             default = il.int8_config(M)
-            cands = [default] + ([c for c in sweep_configs() if c.block_m == default.block_m and c != default]
-                                 if args.sweep else [])
+            swept = [dataclasses.replace(c, block_m=default.block_m) for c in sweep_configs()] if args.sweep else []
+            cands = [default] + [c for c in dict.fromkeys(swept) if c != default]
             for cfg in cands:
                 key = f"bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.num_stages}_w{cfg.num_warps}"
                 il.CONFIG = cfg
@@ -85,15 +88,16 @@ def gpu(args):
                     y = il.int8_linear(x, q8[0])
                     err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
                     us = bench_graph(lambda: il.int8_linear(x, nxt_q8()))
-                    row["int8"][key] = dict(us=us, err_max=err, twin_ulps=ulps(y, twin), default=cfg == default)
-                    print(f"{name} M={M:3d} {key:22s} {us:7.1f} us  err {err:.2e}  twin {ulps(y, twin):.1f} ulp"
+                    ratio = twin_ratio(y, x, q8[0], twin)
+                    row["int8"][key] = dict(us=us, err_max=err, twin_ratio=ratio, default=cfg == default)
+                    print(f"{name} M={M:3d} {key:22s} {us:7.1f} us  err {err:.2e}  twin/bound {ratio:.2f}"
                           f"{'  (default)' if cfg == default else ''}", flush=True)
                 except Exception as e:  # noqa: BLE001 - a failed configuration is recorded, the sweep goes on
                     row["int8"][key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
                     print(f"{name} M={M:3d} {key} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                 finally:
                     il.CONFIG = None
-            ok = {k: v["us"] for k, v in row["int8"].items() if v.get("twin_ulps", 99) <= 1.0}
+            ok = {k: v["us"] for k, v in row["int8"].items() if v.get("twin_ratio", 99) <= 1.0}
             row["best"] = min(ok, key=ok.get) if ok else None
             d = next((v["us"] for v in row["int8"].values() if v.get("default") and "us" in v), float("nan"))
             print(f"{name} M={M:3d} cuBLAS {row['cublas_graph_us']:.1f} (roofline {row['bf16_roofline_us']:.1f})  "

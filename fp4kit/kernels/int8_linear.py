@@ -10,8 +10,10 @@ step. The weight is `formats.Int8Config`'s QuantizedTensor: int8 codes [N, K], f
                        one rounding to x's dtype. The kernel sums the same exact products in another
                        order (its docstring), so the two agree to float32 summation error, then one rounding
 
-Launch settings (`Int8LinearConfig`) come from `int8_config(M)`: 128 weight rows x BLOCK_M tokens x 128
-of K per step, 4 warps, 4 stages (the H100 sweep in benchmarks/bench_int8_linear.py; BENCHMARKS.md).
+Launch settings (`Int8LinearConfig`) come from `int8_config(M)`: small programs, many of them (the H100 sweep
+in benchmarks/bench_int8_linear.py, BENCHMARKS.md "INT8 output head"): at M <= 16, 32 weight rows x 256 of K
+per step, 2 warps, 3 stages (Llama-3-8B's head at M = 1: 173 us, the byte roofline; the first guess, 128 rows
+and 4 warps, took 231); at 17-64 tokens 64 rows, 2 warps, 2 stages (M = 32: 196 us, 91%).
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ except ImportError:  # CPU installs without triton use the twin
 
 @dataclass(frozen=True)
 class Int8LinearConfig:
-    block_n: int = 128  # weight rows per program (the MMA's M side)
+    block_n: int = 32  # weight rows per program (the MMA's M side)
     block_m: int = 16  # tokens per program (the MMA's N side; >= 16)
-    block_k: int = 128
-    num_warps: int = 4
-    num_stages: int = 4
+    block_k: int = 256
+    num_warps: int = 2
+    num_stages: int = 3
 
 
 # Overrides of int8_config's choice (the bench's sweeps set this; None: the rule below).
@@ -44,14 +46,15 @@ CONFIG: Int8LinearConfig | None = None
 
 
 def int8_config(M: int) -> Int8LinearConfig:
-    """Tile shape for M tokens: BLOCK_M the smallest of 16 / 32 / 64 that holds M (64 above), 16 x 16 x 32
-    tiles in the interpreter (small grids for CI)."""
+    """Tile shape for M tokens: BLOCK_M the smallest of 16 / 32 / 64 that holds M (64 above); the module
+    docstring gives the H100 sweep's choices. 16 x 16 x 32 tiles in the interpreter (small grids for CI)."""
     if _interpreting():
         return Int8LinearConfig(block_n=16, block_m=16, block_k=32, num_warps=1, num_stages=1)
     if CONFIG is not None:
         return CONFIG
-    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    return Int8LinearConfig(block_m=block_m)
+    if M <= 16:
+        return Int8LinearConfig()
+    return Int8LinearConfig(block_n=64, block_m=32 if M <= 32 else 64, num_stages=2)
 
 
 def _check(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, name: str) -> None:
