@@ -79,10 +79,11 @@ def gpu(args):
             ref = (x.double() @ q8[0].dequantize(torch.float64).T)
             twin = il.int8_linear_torch(x, q8[0])
             default = il.int8_config(M)
-            swept = [dataclasses.replace(c, block_m=default.block_m) for c in sweep_configs()] if args.sweep else []
+            swept = [dataclasses.replace(c, block_m=bm) for bm in (args.block_ms or [default.block_m])
+                     for c in sweep_configs()] if args.sweep else []
             cands = [default] + [c for c in dict.fromkeys(swept) if c != default]
             for cfg in cands:
-                key = f"bn{cfg.block_n}_bk{cfg.block_k}_s{cfg.num_stages}_w{cfg.num_warps}"
+                key = f"bn{cfg.block_n}_bm{cfg.block_m}_bk{cfg.block_k}_s{cfg.num_stages}_w{cfg.num_warps}"
                 il.CONFIG = cfg
                 try:
                     y = il.int8_linear(x, q8[0])
@@ -126,6 +127,8 @@ def main():
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 2, 8, 16, 32, 64])
     ap.add_argument("--shapes", nargs="+", default=["lm_head"], choices=sorted(SHAPES))
     ap.add_argument("--sweep", action="store_true", help="also time every tile of the sweep at each M")
+    ap.add_argument("--block-ms", type=int, nargs="*", default=None,
+                    help="--sweep: token tiles to try (default: int8_config's for each M)")
     ap.add_argument("--nvfp4", action="store_true", help="also time the NVFP4 path (fp4_linear) on the same shape")
     ap.add_argument("--out", default=None)
     gpu(ap.parse_args())

@@ -108,13 +108,17 @@ class FusedLinear:
     bias: torch.Tensor | None = None
     prepared: PreparedFP4Weight | None = field(default=None, repr=False)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., K] -> [..., sum N_i]
+    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        # x: [..., K] -> [..., sum N_i] in x's dtype; `out_dtype=torch.float32`: those values as float32 (one
+        # write for the INT8 head's logits, a cast elsewhere)
         if self.weight is not None:
-            return F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight, self.bias)
+            return y if out_dtype is None else y.to(out_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if isinstance(self.qt.config, Int8Config):  # an INT8 head copy: the kernel, or its twin off CUDA
-            return int8_linear(x, self.qt, bias, name="lm_head")
+            return int8_linear(x, self.qt, bias, name="lm_head", out_dtype=out_dtype)
+        if out_dtype is not None:
+            return self(x).to(out_dtype)
         if x.is_cuda:  # FP4Linear.forward's two paths
             if self.prepared is None and x.dtype in (torch.bfloat16, torch.float16):
                 self.prepared = prepare_fp4_weight(self.qt)

@@ -288,9 +288,10 @@ class DecoderRunner:
         return self._head
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., hidden] -> logits [..., V]: the model's lm_head, or its quantized copy
+        # x: [..., hidden] -> float32 logits [..., V] holding the head's model-dtype values: the model's lm_head
+        # then a cast, or its quantized copy (the INT8 kernel writes them as float32 directly: one pass fewer)
         copy = self.head_copy()
-        return self.model.lm_head(x) if copy is None else copy(x)
+        return self.model.lm_head(x).float() if copy is None else copy(x, out_dtype=torch.float32)
 
     def refresh(self) -> bool:
         """Rebuild the fused weights if a source changed in place or was replaced; True when rebuilt

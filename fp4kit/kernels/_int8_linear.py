@@ -31,7 +31,9 @@ from ._fp4_bits import cast_rne
 def int8_linear_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_K: tl.constexpr, PDL: tl.constexpr, INTERPRET: tl.constexpr):
-    """Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),). q: int8 [N, K] row-major, s: float32 [N]."""
+    """Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),). q: int8 [N, K] row-major, s: float32 [N]. The result is
+    rounded to x's dtype, then stored in y's (a float32 y holds x-dtype values: the engine's logits, written
+    once instead of a bf16 write, a read and a float32 write)."""
     if PDL:  # decode chain: let the next kernel launch; read x only once the previous one is done
         gdc_launch_dependents()
         gdc_wait()
@@ -62,4 +64,5 @@ def int8_linear_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_xm,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERPRET), mask=nmask & mmask)
+    y = cast_rne(acc, x_ptr.dtype.element_ty, INTERPRET)
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=nmask & mmask)

@@ -88,17 +88,22 @@ def int8_linear_torch(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor |
 
 
 def int8_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None,
-                name: str = "weight") -> torch.Tensor:
-    """y = x @ (q * s).T (+ bias); x: [..., K] bf16/fp16 on the kernel path -> [..., N] in x's dtype."""
+                name: str = "weight", out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x @ (q * s).T (+ bias); x: [..., K] bf16/fp16 on the kernel path -> [..., N], rounded to x's dtype.
+    `out_dtype=torch.float32` returns those same values as float32 (`twin(...).float()` bit for bit, in one
+    write: what the engine's sampler reads)."""
     _check(x, qt, bias, name)
+    if out_dtype not in (None, x.dtype, torch.float32):
+        raise ValueError(f"{name}: out_dtype must be None, the input's dtype or torch.float32, got {out_dtype}")
     if not use_triton(x) or x.dtype not in (torch.bfloat16, torch.float16):
-        return int8_linear_torch(x, qt, bias, name)
+        y = int8_linear_torch(x, qt, bias, name)
+        return y if out_dtype is None else y.to(out_dtype)
     N, K = qt.shape
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
         return y.reshape(*x.shape[:-1], N)
     cfg = int8_config(M)

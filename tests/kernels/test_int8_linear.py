@@ -133,3 +133,15 @@ def test_gpu_head_shape(M):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, int8_linear(x, qt))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_output_holds_the_rounded_values(dtype):
+    qt = quantize(_weight(40, 96), Int8Config())
+    x = torch.randn(3, 96, device=DEVICE).to(dtype)
+    b = torch.randn(40, device=DEVICE).to(dtype)
+    y32 = int8_linear(x, qt, b, out_dtype=torch.float32)
+    assert y32.dtype == torch.float32 and torch.equal(y32, int8_linear(x, qt, b).float())
+    with pytest.raises(ValueError, match="out_dtype must be"):
+        int8_linear(x, qt, out_dtype=torch.float64)
