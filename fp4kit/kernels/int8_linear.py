@@ -13,7 +13,8 @@ step. The weight is `formats.Int8Config`'s QuantizedTensor: int8 codes [N, K], f
 Launch settings (`Int8LinearConfig`) come from `int8_config(M)`: small programs, many of them (the H100 sweep
 in benchmarks/bench_int8_linear.py, BENCHMARKS.md "INT8 output head"): at M <= 16, 32 weight rows x 256 of K
 per step, 2 warps, 3 stages (Llama-3-8B's head at M = 1: 173 us, the byte roofline; the first guess, 128 rows
-and 4 warps, took 231); at 17-64 tokens 64 rows, 2 warps, 2 stages (M = 32: 196 us, 91%).
+and 4 warps, took 231); at 17-32 tokens 64 rows, 2 warps, 2 stages (M = 32: 191-196 us, 91-93%); above, 64 x 64 x
+128 tiles, 4 warps, 3 stages (M = 64: 265 us, 68%: the bf16 MMAs and code conversions start to count).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def int8_config(M: int) -> Int8LinearConfig:
         return CONFIG
     if M <= 16:
         return Int8LinearConfig()
-    return Int8LinearConfig(block_n=64, block_m=32 if M <= 32 else 64, num_stages=2)
+    if M <= 32:
+        return Int8LinearConfig(block_n=64, block_m=32, num_stages=2)
+    return Int8LinearConfig(block_n=64, block_m=64, block_k=128, num_warps=4)
 
 
 def _check(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, name: str) -> None:
