@@ -75,12 +75,16 @@ def test_generate_errors_are_one_line(folder, capsys):
     assert "no tokenizer" in capsys.readouterr().err
 
 
+# the bench's baseline weights: bf16 on CUDA, float32 on the CPU (fp4kit.cli.generate)
+BASELINE = "bf16" if torch.cuda.is_available() else "fp32"
+
+
 def test_bench_runs_both_weight_formats(folder, capsys, tmp_path):
     path = tmp_path / "b.json"
     assert main(["bench", folder, "--batch", "1,2", "--prompt-len", "8", "--gen-len", "12", "--repeats", "1",
                  "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "| fp32 | 2 |" in out and "| nvfp4 | 1 |" in out and "roofline" in out
+    assert f"| {BASELINE} | 2 |" in out and "| nvfp4 | 1 |" in out and "roofline" in out
     rows = json.loads(path.read_text())["results"]
     assert len(rows) == 4, rows
     assert all(r["decode_tok_s"] > 0 and r["roofline_frac"] > 0 and r["ttft_ms"] > 0 for r in rows), rows
@@ -93,7 +97,7 @@ def test_bench_fp4_head_and_unfused(folder, capsys, tmp_path):
                  "--lm-head", "nvfp4", "--unfused", "--json", str(path)]) == 0
     assert "FP4 run's head nvfp4, unfused" in capsys.readouterr().out
     rows = json.loads(path.read_text())["results"]
-    assert [(r["weights"], r["lm_head"], r["fused"]) for r in rows] == [("fp32", "model", False),
+    assert [(r["weights"], r["lm_head"], r["fused"]) for r in rows] == [(BASELINE, "model", False),
                                                                        ("nvfp4", "nvfp4", False)]
 
 
