@@ -134,7 +134,8 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     and 6144; 1, 2 and 8 splits were slower), except NVFP4 with long K (down, K = 14336) at M <= 32: 128-row
     tiles and 8 splits.
     MXFP4 (block 32): 512-wide stages (TMA's 16-byte rows of scale codes), 1 stage on wide layers and 2 on the
-    others (results/fp4_ws_h100_frag_r1.json; not swept).
+    others (results/fp4_ws_h100_frag_r1.json); long K (down) at 1-16 tokens 128-row tiles, 2 stages, 4 splits
+    (results/fp4_ws_h100_mx_sweep1.json: the first MXFP4 sweep; gate_up's default was within 3% of its best).
     Then (`_layout_switches`, results/fp4_ws_h100_wide_r1.json): the tiled copy read in wide boxes wherever the
     K steps divide among the splits, and the shared-memory scale table except on 128-row tiles at > 32 tokens.
     NVFP4 at 17-32 tokens (`MID_M_RING`; results/fp4_ws_h100_sweep_m32.json): every layer but gate_up takes
@@ -158,6 +159,9 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
         return _layout_switches(WsConfig(block_n=64, block_k=bk, stages=3, split_k=split, maxnreg=regs), M, K)
     want = max(1, round(3 * sm_count / tiles))
     split = min(1 << (want.bit_length() - 1), max(1, K // bk))
+    if K >= 8192 and M <= 16 and bk == 512:  # MXFP4, long K (down) at 1-16 tokens: 128-row tiles, 2 stages, the
+        # 64-row rule's splits (fp4_ws_h100_mx_sweep1, M = 16: 19.1 -> 17.4 us, M = 1: 18.2 -> 15.7, GEMV 16.4)
+        return _layout_switches(WsConfig(block_n=128, block_k=bk, stages=2, split_k=split), M, K)
     if K >= 8192 and M <= 32 and bk == 256:  # NVFP4, long K (down): 128-row tiles and twice the splits
         # (down M = 16: 23.6 -> 21.0 us, M = 32: 26.7 -> 24.4, fp4_ws_h100_frag_r9_sweep; MXFP4 with its 512-wide
         # stages lost: M = 32 19.9 -> 30.8 us, fp4_ws_h100_frag_r10_down)
@@ -228,8 +232,9 @@ def ws_beats_gemv(M: int, N: int, K: int, block_size: int) -> bool:
     NVFP4, 1 row: the wide layers and long K (gate_up 29.6 -> 26.9, down 16.7 -> 15.8, the 128256-row head
     115.3 -> 106.5; q/k/v 8.5 vs 8.7 and o 7.1 vs 7.4 stay on the GEMV); 2 rows: every shape (q/k/v 9.9 -> 8.9,
     o 9.4 -> 8.2, gate_up 41.9 -> 27.0, down 24.7 -> 17.0, head 175 -> 106).
-    MXFP4, 1 row: heads only (114.8 -> 109.8; gate_up 29.3 vs 31.8, down 16.3 vs 18.2 stay); 2 rows: the wide
-    layers and long K (gate_up 41.6 -> 30.4, down 24.6 -> 18.5; q/k/v 9.3 vs 10.5 stays, o 9.3 vs 8.5 too).
+    MXFP4, 1 row: heads and long K (114.8 -> 109.8; down 16.4 -> 15.7 with its 128-row tiles, fp4_ws_h100_mx_sweep1;
+    gate_up 29.1 vs 30.6 stays); 2 rows: the wide layers and long K (gate_up 41.6 -> 30.4, down 24.6 -> 18.5; q/k/v
+    9.3 vs 10.5 stays, o 9.3 vs 8.5 too).
     WS_SMALL_M = 0: never (the GEMV takes 1-2 rows, as before); 2: always."""
     if not WS_SMALL_M or M > 2:
         return False
@@ -238,7 +243,7 @@ def ws_beats_gemv(M: int, N: int, K: int, block_size: int) -> bool:
     wide, long_k = N >= 16384, K >= 8192
     if block_size == 16:
         return M == 2 or wide or long_k
-    return N >= 65536 if M == 1 else (wide or long_k)
+    return (N >= 65536 or long_k) if M == 1 else (wide or long_k)
 
 
 def ws_supported(x2: torch.Tensor, qt: QuantizedTensor, min_m: int = WS_MIN_M) -> bool:

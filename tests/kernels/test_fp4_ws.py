@@ -137,7 +137,10 @@ def test_ws_config_rules():
     assert ws_config(16, 64, 256).split_k == 1  # never more splits than K steps
     assert ws_config(16, 4096, 4096).maxnreg == 80 and ws_config(64, 4096, 4096).maxnreg == 96  # no spills at 64
     assert ws_config(64, 28672, 4096).maxnreg == 80  # 128-row tiles: 96 measured slower
-    assert base(ws_config(16, 4096, 14336, block_size=32)) == WsConfig(block_n=64, block_k=512, stages=2, split_k=4)
+    # MXFP4 long K at 1-16 tokens (fp4_ws_h100_mx_sweep1): 128-row tiles, 2 stages, 4 splits; 64 rows above
+    assert base(ws_config(16, 4096, 14336, block_size=32)) == WsConfig(block_n=128, block_k=512, stages=2, split_k=4)
+    assert base(ws_config(1, 4096, 14336, block_size=32)) == WsConfig(block_n=128, block_k=512, stages=2, split_k=4)
+    assert base(ws_config(32, 4096, 14336, block_size=32)) == WsConfig(block_n=64, block_k=512, stages=2, split_k=4)
     mx = ws_config(16, 4096, 4096, block_size=32)  # MXFP4: 512-wide stages, the same bytes in flight
     assert mx.block_k == 512 and mx.stages == 2 and mx.split_k == 4  # as measured in frag_r1
     assert base(ws_config(16, 28672, 4096, block_size=32)) == WsConfig(block_n=128, block_k=512, stages=1, split_k=1)
@@ -285,8 +288,9 @@ def test_ws_rejects_bad_input():
 
 
 def test_ws_beats_gemv_rule():
-    """1-2 rows (results/fp4_ws_h100_m1.json): NVFP4 wide layers / long K at 1 row and everything at 2; MXFP4
-    heads at 1 row, wide layers / long K at 2; never beyond 2 rows (the GEMV's range) or with the switch off."""
+    """1-2 rows (results/fp4_ws_h100_m1.json, fp4_ws_h100_mx_sweep1.json): NVFP4 wide layers / long K at 1 row and
+    everything at 2; MXFP4 heads and long K at 1 row, wide layers / long K at 2; never beyond 2 rows (the GEMV's
+    range) or with the switch off."""
     from fp4kit.kernels.fp4_ws import ws_beats_gemv
 
     llama = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -294,7 +298,7 @@ def test_ws_beats_gemv_rule():
     got = {(bs, m): sorted(k for k, (N, K) in llama.items() if ws_beats_gemv(m, N, K, bs))
            for bs in (16, 32) for m in (1, 2, 3)}
     assert got == {(16, 1): ["down", "gate_up", "head"], (16, 2): ["down", "gate_up", "head", "o", "qkv"],
-                   (32, 1): ["head"], (32, 2): ["down", "gate_up", "head"], (16, 3): [], (32, 3): []}
+                   (32, 1): ["down", "head"], (32, 2): ["down", "gate_up", "head"], (16, 3): [], (32, 3): []}
     old = fp4_ws.WS_SMALL_M
     try:
         fp4_ws.WS_SMALL_M = 0
