@@ -135,7 +135,8 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
     tiles and 8 splits.
     MXFP4 (block 32): 512-wide stages (TMA's 16-byte rows of scale codes), 1 stage on wide layers and 2 on the
     others (results/fp4_ws_h100_frag_r1.json); long K (down) at 1-16 tokens 128-row tiles, 2 stages, 4 splits
-    (results/fp4_ws_h100_mx_sweep1.json: the first MXFP4 sweep; gate_up's default was within 3% of its best).
+    (results/fp4_ws_h100_mx_sweep1.json: the first MXFP4 sweep; gate_up's default was within 3% of its best),
+    the short layers at 1-16 tokens one stage (fp4_ws_h100_mx_sweep2).
     Then (`_layout_switches`, results/fp4_ws_h100_wide_r1.json): the tiled copy read in wide boxes wherever the
     K steps divide among the splits, and the shared-memory scale table except on 128-row tiles at > 32 tokens.
     NVFP4 at 17-32 tokens (`MID_M_RING`; results/fp4_ws_h100_sweep_m32.json): every layer but gate_up takes
@@ -167,7 +168,10 @@ def ws_config(M: int, N: int, K: int, sm_count: int = 132, block_size: int = 16)
         # stages lost: M = 32 19.9 -> 30.8 us, fp4_ws_h100_frag_r10_down)
         return _layout_switches(WsConfig(block_n=128, block_k=bk, stages=2, split_k=min(2 * split, max(1, K // bk))),
                                 M, K)
-    return _layout_switches(WsConfig(block_n=64, block_k=bk, stages=2, split_k=split, maxnreg=regs), M, K)
+    # MXFP4 at <= 16 tokens on the short layers (q/k/v, o): one 512-wide stage; a split holds only 2 K steps, and
+    # the second stage cost programs per SM (fp4_ws_h100_mx_sweep2, M = 16: q/k/v 10.7 -> 9.7 us, o 8.9 -> 8.5)
+    stages = 1 if bk == 512 and M <= 16 else 2
+    return _layout_switches(WsConfig(block_n=64, block_k=bk, stages=stages, split_k=split, maxnreg=regs), M, K)
 
 
 def check_stage_width(cfg: WsConfig, block_size: int) -> None:

@@ -141,8 +141,9 @@ def test_ws_config_rules():
     assert base(ws_config(16, 4096, 14336, block_size=32)) == WsConfig(block_n=128, block_k=512, stages=2, split_k=4)
     assert base(ws_config(1, 4096, 14336, block_size=32)) == WsConfig(block_n=128, block_k=512, stages=2, split_k=4)
     assert base(ws_config(32, 4096, 14336, block_size=32)) == WsConfig(block_n=64, block_k=512, stages=2, split_k=4)
-    mx = ws_config(16, 4096, 4096, block_size=32)  # MXFP4: 512-wide stages, the same bytes in flight
-    assert mx.block_k == 512 and mx.stages == 2 and mx.split_k == 4  # as measured in frag_r1
+    mx = ws_config(16, 4096, 4096, block_size=32)  # MXFP4: 512-wide stages, one deep at <= 16 tokens (mx_sweep2)
+    assert mx.block_k == 512 and mx.stages == 1 and mx.split_k == 4
+    assert ws_config(17, 4096, 4096, block_size=32).stages == 2 and ws_config(16, 4096, 4096).stages == 2
     assert base(ws_config(16, 28672, 4096, block_size=32)) == WsConfig(block_n=128, block_k=512, stages=1, split_k=1)
     # the layout switches (fp4_ws_h100_wide_r1): tiled wide boxes where the K steps divide among the splits,
     # the scale table except on 128-row tiles at > 32 tokens
