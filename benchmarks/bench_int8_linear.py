@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import sys
-import time
 
 import torch
 
@@ -48,6 +46,7 @@ def twin_ratio(y, x, qt, t):
 
 def gpu(args):
     from bench_fp4_gemm import bench_graph, copy_bandwidth, rotating
+    from bench_fp4_ws import _write  # the same JSON layout: device, date, torch, copy_bandwidth, rows
 
     from fp4kit.formats import Int8Config, NVFP4Config, quantize
     from fp4kit.kernels import fp4_linear, prepare_fp4_weight
@@ -110,16 +109,6 @@ def gpu(args):
         for copies in (bf, q8, nv or []):  # free this shape's copies before the next
             copies.clear()
         torch.cuda.empty_cache()
-
-
-def _write(path, bw, rows):
-    if not path:
-        return
-    out = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-               copy_bandwidth=bw, rows=rows)
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def main():
