@@ -84,7 +84,7 @@ def test_bench_runs_both_weight_formats(folder, capsys, tmp_path):
     assert main(["bench", folder, "--batch", "1,2", "--prompt-len", "8", "--gen-len", "12", "--repeats", "1",
                  "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert f"| {BASELINE} | 2 |" in out and "| nvfp4 | 1 |" in out and "roofline" in out
+    assert f"| {BASELINE} | bf16 | 2 |" in out and "| nvfp4 | bf16 | 1 |" in out and "roofline" in out
     rows = json.loads(path.read_text())["results"]
     assert len(rows) == 4, rows
     assert all(r["decode_tok_s"] > 0 and r["roofline_frac"] > 0 and r["ttft_ms"] > 0 for r in rows), rows
@@ -109,3 +109,14 @@ def test_generate_with_fp4_head(folder, capsys):
 def test_generate_with_int8_head(folder, capsys):
     assert main(["generate", folder, "--prompt", "hello", "--max-new-tokens", "6", "--lm-head", "int8"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_bench_baseline_keeps_its_own_kv_cache(folder, capsys, tmp_path):
+    """--baseline-kv-cache bf16 with --kv-cache fp8: the unquantized run keeps a bf16 cache, the FP4 run gets FP8."""
+    path = tmp_path / "b.json"
+    assert main(["bench", folder, "--batch", "1", "--prompt-len", "8", "--gen-len", "4", "--repeats", "1",
+                 "--kv-cache", "fp8", "--baseline-kv-cache", "bf16", "--lm-head", "int8", "--json", str(path)]) == 0
+    assert "kv fp8 (baseline bf16)" in capsys.readouterr().out
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["weights"], r["kv_cache"], r["lm_head"]) for r in rows] == [(BASELINE, "bf16", "model"),
+                                                                          ("nvfp4", "fp8", "int8")]

@@ -36,11 +36,12 @@ def quantize(model, scheme: str) -> None:
               file=sys.stderr)
 
 
-def engine_for(model, tok, args, max_batch: int, max_seq_len: int, lm_head: str | None = None):
-    """The engine the flags ask for; `lm_head` overrides --lm-head (bench keeps the baseline's own head)."""
+def engine_for(model, tok, args, max_batch: int, max_seq_len: int, lm_head: str | None = None,
+               kv_cache: str | None = None):
+    """The engine the flags ask for; `lm_head` / `kv_cache` override --lm-head / --kv-cache (bench's baseline)."""
     from fp4kit.engine import Engine
 
-    kv = KV_CACHE[args.kv_cache]
+    kv = KV_CACHE[kv_cache or args.kv_cache]
     return Engine(model, tok, max_batch=max_batch, max_seq_len=max_seq_len,
                   kv_dtype=kv or model.get_input_embeddings().weight.dtype, cuda_graphs=not args.no_graphs,
                   fused=not args.unfused, lm_head=lm_head or args.lm_head, prefill_graphs=not args.no_prefill_graphs)
@@ -117,21 +118,22 @@ def cmd_bench(args) -> int:
                 break
             quantize(model, args.scheme)
         head = args.lm_head if label == args.scheme else "model"
+        kv = args.kv_cache if label == args.scheme or args.baseline_kv_cache == "same" else args.baseline_kv_cache
         eng = engine_for(model, tok, args, max_batch=max(cfg.batches), max_seq_len=cfg.prompt_len + cfg.gen_len,
-                         lm_head=head)
+                         lm_head=head, kv_cache=kv)
         for r in bench_engine(eng, cfg, bw):
-            results.append({"weights": label, "kv_cache": args.kv_cache, "lm_head": head, "fused": not args.unfused,
+            results.append({"weights": label, "kv_cache": kv, "lm_head": head, "fused": not args.unfused,
                             "model": args.model, **r})
         del eng
     base = {r["batch"]: r["decode_tok_s"] for r in results if r["weights"] == results[0]["weights"]}
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"copy bandwidth {bw / 1e12:.2f} TB/s, prompt {cfg.prompt_len}, gen {cfg.gen_len}, kv {args.kv_cache}, "
-          f"FP4 run's head {args.lm_head}, {'unfused' if args.unfused else 'fused'}")
-    print("| weights | batch | decode tok/s | TTFT ms | step ms | roofline tok/s | % of roofline | vs first |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"copy bandwidth {bw / 1e12:.2f} TB/s, prompt {cfg.prompt_len}, gen {cfg.gen_len}, kv {args.kv_cache} "
+          f"(baseline {results[0]['kv_cache']}), FP4 run's head {args.lm_head}, {'unfused' if args.unfused else 'fused'}")
+    print("| weights | kv | batch | decode tok/s | TTFT ms | step ms | roofline tok/s | % of roofline | vs first |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         r["speedup"] = r["decode_tok_s"] / base[r["batch"]]
-        print(f"| {r['weights']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} | {r['step_ms']:.2f} "
+        print(f"| {r['weights']} | {r['kv_cache']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} | {r['step_ms']:.2f} "
               f"| {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% | {r['speedup']:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
@@ -186,6 +188,9 @@ def register(sub) -> None:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--scheme", choices=SCHEMES + ("none",), default="nvfp4")
     b.add_argument("--kv-cache", choices=tuple(KV_CACHE), default="bf16")
+    b.add_argument("--baseline-kv-cache", choices=("same", *KV_CACHE), default="same",
+                   help="the unquantized baseline's KV cache: the same as --kv-cache (default), or its own (e.g. "
+                        "bf16 against an FP4 run with --kv-cache fp8: the all-bf16 model against the whole FP4 setup)")
     b.add_argument("--device")
     b.add_argument("--no-graphs", action="store_true")
     _engine_flags(b)
