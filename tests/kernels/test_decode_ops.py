@@ -378,6 +378,26 @@ def test_attention_fp8_cache_bf16_query():
     assert (got.double() - ref).abs().max() <= tol * ref.abs().max()
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="the FP8 one-split launch settings (ATTN_FP8_SINGLE_SPLIT) apply on CUDA only")
+@pytest.mark.parametrize("kv_len", [576, 640, 700])
+@pytest.mark.parametrize("setting", [(4, 3, None, 128), (8, 3, None, 64)], ids=["128_key_tiles", "64_key_tiles"])
+def test_attention_fp8_one_split_at_the_engine_shape(monkeypatch, kv_len, setting):
+    """The 8B engine at batch 32 (32 rows x 8 KV heads of 128, one split): the FP8 one-split settings, default and
+    previous, against float64 attention on the exact cache values (a partial last tile at 700 keys)."""
+    monkeypatch.setattr(decode_ops, "ATTN_FP8_SINGLE_SPLIT", setting)
+    B, Hq, Hkv, S, D = 32, 32, 8, 768, 128
+    torch.manual_seed(kv_len)
+    k = torch.randn(B, Hkv, S, D, device=DEV) * 3
+    v = torch.randn(B, Hkv, S, D, device=DEV)
+    (kq, ks), (vq, vs) = quantize_kv_fp8(k), quantize_kv_fp8(v)
+    q = (torch.randn(B, Hq, D, device=DEV) * 2).to(torch.bfloat16)
+    pad = torch.randint(0, 40, (B,), device=DEV)
+    slot = torch.tensor([kv_len - 1], device=DEV)
+    got = decode_attention(q, kq, vq, ks, vs, pad, slot, kv_len, None, D ** -0.5)
+    ref = _exact_fp8_attention(q, kq, vq, ks, vs, pad, slot, kv_len, D ** -0.5)
+    assert (got.double() - ref).abs().max() <= 2 ** -8 * ref.abs().max()  # as test_attention_fp8_cache_bf16_query
+
+
 def test_attention_split_rule():
     """One split for many rows over a short cache (H100 sweep: faster, no combine); splits otherwise."""
     from fp4kit.kernels.decode_ops import _attn_splits
