@@ -395,7 +395,13 @@ def test_attention_fp8_one_split_at_the_engine_shape(monkeypatch, kv_len, settin
     slot = torch.tensor([kv_len - 1], device=DEV)
     got = decode_attention(q, kq, vq, ks, vs, pad, slot, kv_len, None, D ** -0.5)
     ref = _exact_fp8_attention(q, kq, vq, ks, vs, pad, slot, kv_len, D ** -0.5)
-    assert (got.double() - ref).abs().max() <= 2 ** -8 * ref.abs().max()  # as test_attention_fp8_cache_bf16_query
+    # Rounding analysis: scores are exact products summed in float32; each p_j * scale_j is rounded to bf16 before
+    # P.V (relative 2^-9, p_j >= 0), so the normalised sum moves by at most 2^-9 sum_j w_j |v_j| <= 2^-9 max |v|;
+    # then the output's own rounding, half an ulp: 2^-9 |out|. (Over 32 x 32 heads the largest |v| is above the
+    # largest output, so the small test's 2^-8 max |out| does not cover this shape.)
+    v_max = (vq[:, :, :kv_len].float() * vs[:, :, :kv_len, None]).abs().max().double()
+    bound = 2 ** -9 * (v_max + ref.abs().max()) * (1 + 2 ** -10)  # the factor: float32 sums and exp2
+    assert (got.double() - ref).abs().max() <= bound
 
 
 def test_attention_split_rule():
