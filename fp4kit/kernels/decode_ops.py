@@ -72,9 +72,12 @@ ATTN_SINGLE_SPLIT_MAX_TILES = 16
 # An FP8 cache in one split over at most this many waves of (row, kv head) programs runs with (warps, stages,
 # register cap, keys per tile) ATTN_FP8_SINGLE_SPLIT instead: 8 warps, 3 stages, no cap took the batch-32 step's
 # attention from 33.0 to 22.4 us (576 keys) and 56.3 to 36.8 (1,024); with 64 rows the defaults stay better (36.3
-# vs 41.7 us). 128-key tiles with 4 warps (session 19's sweep, 32 rows: 640 keys 24.5 -> 23.7 us, 768 keys
-# 28.7 -> 27.2). None: the defaults everywhere (the bench's sweeps).
-ATTN_FP8_SINGLE_SPLIT = (4, 3, None, 128)
+# vs 41.7 us). None: the defaults everywhere (the bench's sweeps). From ATTN_FP8_LONG_MIN_KEYS keys on,
+# ATTN_FP8_SINGLE_SPLIT_LONG: 128-key tiles with 4 warps (H100, 32 rows: 640 keys 24.5 -> 23.5 us, 768 keys
+# 28.7 -> 27.1, 1,024 36.7 -> 32.8; at 576 keys 22.5 -> 23.2, slower: 4.5 tiles of 128).
+ATTN_FP8_SINGLE_SPLIT = (8, 3, None, 64)
+ATTN_FP8_SINGLE_SPLIT_LONG = (4, 3, None, 128)
+ATTN_FP8_LONG_MIN_KEYS = 600
 ATTN_FP8_SINGLE_SPLIT_MAX_WAVES = 2.0
 # (benchmarks/bench_decode_attention.py sweeps these; BENCHMARKS.md has the H100 results)
 
@@ -203,7 +206,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     direct = splits == 1
     warps, stages, maxnreg = ATTN_NUM_WARPS, ATTN_NUM_STAGES, ATTN_MAXNREG
     if fp8 and direct and ATTN_FP8_SINGLE_SPLIT and not interp and B * Hkv <= ATTN_FP8_SINGLE_SPLIT_MAX_WAVES * sm:
-        warps, stages, maxnreg, fp8_block_l = ATTN_FP8_SINGLE_SPLIT
+        long = ATTN_FP8_SINGLE_SPLIT_LONG and kv_len >= ATTN_FP8_LONG_MIN_KEYS
+        warps, stages, maxnreg, fp8_block_l = ATTN_FP8_SINGLE_SPLIT_LONG if long else ATTN_FP8_SINGLE_SPLIT
         if fp8_block_l != block_l:  # one split over the same keys in tiles of another width
             block_l, iters = fp8_block_l, triton.cdiv(kv_len, fp8_block_l)
     if rope is not None and direct and not fp8 and not ROPE_IN_DIRECT_BF16:

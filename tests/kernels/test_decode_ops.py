@@ -382,9 +382,11 @@ def test_attention_fp8_cache_bf16_query():
 @pytest.mark.parametrize("kv_len", [576, 640, 700])
 @pytest.mark.parametrize("setting", [(4, 3, None, 128), (8, 3, None, 64)], ids=["128_key_tiles", "64_key_tiles"])
 def test_attention_fp8_one_split_at_the_engine_shape(monkeypatch, kv_len, setting):
-    """The 8B engine at batch 32 (32 rows x 8 KV heads of 128, one split): the FP8 one-split settings, default and
-    previous, against float64 attention on the exact cache values (a partial last tile at 700 keys)."""
+    """The 8B engine at batch 32 (32 rows x 8 KV heads of 128, one split): both FP8 one-split settings (64-key
+    tiles below ATTN_FP8_LONG_MIN_KEYS, 128-key tiles from there) at every length, against float64 attention on the
+    exact cache values (a partial last tile at 576 and 700 keys for 128-key tiles)."""
     monkeypatch.setattr(decode_ops, "ATTN_FP8_SINGLE_SPLIT", setting)
+    monkeypatch.setattr(decode_ops, "ATTN_FP8_SINGLE_SPLIT_LONG", None)
     B, Hq, Hkv, S, D = 32, 32, 8, 768, 128
     torch.manual_seed(kv_len)
     k = torch.randn(B, Hkv, S, D, device=DEV) * 3
