@@ -62,7 +62,8 @@ def run_case(B: int, L: int, kv: str, settings: dict, device, bw: float, sweep: 
 
     from fp4kit.kernels import decode_ops
 
-    settings = {"ATTN_FP8_SINGLE_SPLIT": None, **settings} if sweep else settings  # a sweep sets every launch
+    settings = ({"ATTN_FP8_SINGLE_SPLIT": None, "ATTN_FP8_SINGLE_SPLIT_LONG": None, **settings} if sweep
+                else settings)  # a sweep sets every launch
     old = {k: getattr(decode_ops, k) for k in settings}
     try:
         for k, val in settings.items():
