@@ -24,7 +24,7 @@ Llama-3-8B (128256 x 4096, 1.05 GB) is ~20% of the bytes of an NVFP4 step. The e
 stays as it is; the model itself is never changed):
 
     HeadFormat.INT8    INT8 codes with one scale per row (`formats.Int8Config`, 0.53 GB) through
-                       `kernels.int8_linear`; perplexity +0.2% on SmolLM2-135M, within bf16's own noise
+                       `kernels.int8_linear`; perplexity within 0.2% of the model's head (SmolLM2, Gemma-3)
     HeadFormat.NVFP4   RTN NVFP4 with a per-tensor global scale (0.30 GB) through the FP4 GEMV / GEMM;
                        +10% perplexity on SmolLM2-135M: the format's cost (BENCHMARKS.md, "What a
                        quantized output head costs in quality")

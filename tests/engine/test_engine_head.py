@@ -101,3 +101,14 @@ def test_int8_head_is_closer_than_nvfp4():
         logits = Engine(model, max_batch=1, max_seq_len=32, lm_head=head).prompt_logits(ids)
         err[head] = ((logits - base).norm() / base.norm()).item()
     assert 0 < err["int8"] < 0.02 and err["int8"] < err["nvfp4"] / 4, err
+
+
+def test_quantize_head_errors_name_the_problem():
+    from fp4kit.engine.fused import quantize_head
+
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        quantize_head(nn.Linear(16, 32), "model")
+    with pytest.raises(TypeError, match="lm_head is a Sequential; a quantized copy needs a plain nn.Linear"):
+        quantize_head(nn.Sequential(nn.Linear(16, 32)), "int8")
+    copy_ = quantize_head(nn.Linear(16, 32, bias=True), "int8")
+    assert isinstance(copy_.qt.config, Int8Config) and copy_.bias is not None and copy_.qt.shape == (32, 16)
