@@ -8,10 +8,10 @@ with bit_range = 255; torchao's symmetric mapping is the same), so a row's large
 scale 1 (its codes are 0 whatever the scale).
 
 Why fp4kit has it: the output head. An LLM's lm_head is the one large matrix where FP4's error shows
-(SmolLM2-135M: an NVFP4 head costs +10% perplexity, FP8 E4M3 per row +1.4%, INT8 per row +0.2%;
-BENCHMARKS.md), and at decode it is a large share of the bytes (Llama-3-8B: 1.05 GB of bf16 in a
-~4.5 GB NVFP4 step). INT8 per row halves those bytes at a cost the measurement cannot tell from
-bf16's own rounding; `fp4kit.kernels.int8_linear` runs it. A code times a bf16 activation is exact in
+(perplexity of SmolLM2-135M / Gemma-3-270M with a quantized head: NVFP4 +9.7% / +7.6%, FP8 E4M3 per row
++1.4% / +0.5%, INT8 per row -0.1% / +0.1%; BENCHMARKS.md), and at decode it is a large share of the
+bytes (Llama-3-8B: 1.05 GB of bf16 in a ~4.5 GB NVFP4 step). INT8 per row halves those bytes at a cost
+the measurement cannot tell from noise; `fp4kit.kernels.int8_linear` runs it. A code times a bf16 activation is exact in
 float32 (8 x 8 significant bits), and int8 codes are exact in bf16, so the kernel can feed the codes to
 bf16 tensor cores unchanged and apply the scale once per output.
 """
