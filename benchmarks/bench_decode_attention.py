@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE = dict(Hq=32, Hkv=8, D=128)  # Llama-3-8B attention
 KNOBS = ("ATTN_BLOCK_L", "ATTN_NUM_WARPS", "ATTN_NUM_STAGES", "ATTN_PROGRAMS_PER_SM", "ATTN_MAXNREG",
          "ATTN_SINGLE_SPLIT_WAVES")
+FP8_KNOBS = ("ATTN_FP8_SINGLE_SPLIT", "ATTN_FP8_SINGLE_SPLIT_LONG")  # (warps, stages, register cap, keys per tile)
 
 
 def _caches(n: int, B: int, L: int, kv: str, device):
@@ -88,7 +89,8 @@ def run_case(B: int, L: int, kv: str, settings: dict, device, bw: float, sweep: 
 
         us = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3 / n
         roof = nbytes / bw * 1e6
-        return {"batch": B, "kv_len": L, "kv": kv, **{k.lower(): v for k, v in settings.items() if k in KNOBS},
+        knobs = {k.lower(): v for k, v in settings.items() if k in KNOBS + FP8_KNOBS}
+        return {"batch": B, "kv_len": L, "kv": kv, **knobs,
                 "us": us, "roofline_us": roof, "bw_frac": roof / us, "bytes": nbytes, "rel_err_vs_twin": err}
     finally:
         for k, val in old.items():
@@ -108,6 +110,9 @@ def main():
                     "ATTN_BLOCK_L=32 ATTN_NUM_STAGES=3 (several runs: separate them with ';' in one argument)")
     ap.add_argument("--maxnreg", type=int, nargs="+", default=[0], help="ATTN_MAXNREG (0: the compiler's choice)")
     ap.add_argument("--single", type=float, nargs="+", default=[0.0], help="ATTN_SINGLE_SPLIT_WAVES")
+    ap.add_argument("--fp8-single", nargs="*", default=[], metavar="WARPS,STAGES,BLOCK_L",
+                    help="launch settings to try in the FP8 one-split regime (ATTN_FP8_SINGLE_SPLIT, at every "
+                    "cache length); each is one more run beside those of --set")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -133,12 +138,15 @@ def main():
                 s[key] = (int(val) or None if key == "ATTN_MAXNREG" else float(val) if key == "ATTN_SINGLE_SPLIT_WAVES"
                           else type(getattr(decode_ops, key))(int(val)))
             runs.append(s)
+        for spec in args.fp8_single:
+            w, st, bl = (int(x) for x in spec.split(","))
+            runs.append({**runs[0], "ATTN_FP8_SINGLE_SPLIT": (w, st, None, bl), "ATTN_FP8_SINGLE_SPLIT_LONG": None})
     rows = []
     t0 = time.time()
     for (B, L), kv in itertools.product(cases, args.kv):
         seen = set()
         for s in runs:
-            full = {k: s.get(k, getattr(decode_ops, k)) for k in KNOBS}
+            full = {k: s.get(k, getattr(decode_ops, k)) for k in KNOBS + FP8_KNOBS}
             key = tuple(full.values())
             if key in seen:
                 continue
@@ -162,7 +170,7 @@ def main():
     print("\nbest per case:")
     for (B, L, kv), r in best.items():
         print(f"B={B} L={L} {kv}: {r['us']:.1f} us ({100 * r['bw_frac']:.0f}% of copy BW) "
-              + " ".join(f"{k[5:].lower()}={r[k.lower()]}" for k in KNOBS))
+              + " ".join(f"{k[5:].lower()}={r[k.lower()]}" for k in KNOBS + FP8_KNOBS))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "date": time.strftime("%Y-%m-%d"),
