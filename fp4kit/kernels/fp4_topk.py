@@ -142,9 +142,11 @@ MAXIMA_PER_N = 2
 CAND_PER_N = 4
 THRESH_REGISTERS = 4096
 THRESH_BLOCK = (2048, 8)  # (positions per compaction program, warps)
-# bits the threshold select's k-th searches resolve per step: 4 (16 prefixes counted at once, 4 steps; its threshold
-# kernel over 1,024 maxima measured 10.2 us on the H100) or 1 (16 steps of one count each; not yet measured on a GPU)
-THRESH_SEARCH_STEP = 4
+# bits the threshold select's k-th searches resolve per step: 1 (16 steps of one count each) or 4 (16 prefixes
+# counted at once, 4 steps). One bit per step was faster in every threshold setting on the H100 (select kernels
+# alone at 128K: 47.9 -> 29.6 us for n = 4,096 at batch 1, 61.4 -> 43.7 at batch 8; BENCHMARKS.md), yet the
+# radix select stays the default (19.0 / 26.7 us there)
+THRESH_SEARCH_STEP = 1
 # the rerank's k-th-key search four bits at a time (8 steps of 16 prefixes) instead of 32 bitwise steps: exact, but
 # slower on the H100 at k = 2048 (two-stage FP4 at 128K x 8: 116 against 79 us), so off
 RERANK_DIGITS = False
