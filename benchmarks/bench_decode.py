@@ -6,7 +6,7 @@
     python benchmarks/bench_decode.py speed --out decode_8b.json
 
 `smollm2`. The model (GGUF dequantized to bf16, then RTN NVFP4 with `quantize_`) generates 128 greedy
-tokens for each chat prompt four ways:
+tokens for each chat prompt four ways (then `teacher_forced`: the engine fed the twin's tokens, step by step):
     engine     our engine, CUDA graphs, FP4 layers through the Triton kernels (batched)
     engine_1   the same, one prompt at a time
     twin       transformers' own `generate` on a copy whose FP4Linear layers are swapped for nn.Linear
@@ -52,7 +52,10 @@ PROMPTS = ["What is the capital of France? Answer in one sentence.",
            "Write a short poem about the sea.",
            "Explain what a neural network is to a child.",
            "List three prime numbers and say why they are prime.",
-           "Give me a recipe for pancakes."]
+           "Give me a recipe for pancakes.",
+           "Why is the sky blue?",
+           "Write a haiku about autumn leaves.",
+           "What are the benefits of regular exercise?"]
 
 
 def twin_copy(model: nn.Module) -> nn.Module:
@@ -92,6 +95,36 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
+
+
+@torch.no_grad()
+def teacher_forced(engine, twin, prompts: list[list[int]], completions: list[list[int]]) -> list[dict]:
+    """The engine's greedy pick at every step of the twin's own completions: the prompts prefilled, then each
+    decode step fed the twin's token (CUDA graphs, as `generate`), so one early flip does not end the comparison.
+    Per prompt: the steps where the engine's argmax differs from the twin's token, the twin's top-2 logit gap
+    at each (from one forward of prompt + completion), and the largest |engine - twin| logit difference seen."""
+    n = len(completions[0])
+    comp = torch.tensor(completions, device=engine.device)  # [B, n]
+    ref = []  # twin logits [n, V] per prompt: position of each completion token's prediction
+    for p, c in zip(prompts, completions):
+        ids = torch.tensor([p + c], device=twin.device)
+        ref.append(twin(ids).logits[0, len(p) - 1:-1].float())
+    logits, pad, P = engine.prefill(prompts, room=n)
+    picks, diffs = [], torch.zeros(len(prompts), device=engine.device)
+    for t in range(n):
+        lg = logits.float() if t == 0 else engine.decode(comp[:, t - 1], pad, P + t - 1).float()
+        picks.append(lg.argmax(-1))
+        diffs = torch.maximum(diffs, (lg - torch.stack([r[t] for r in ref])).abs().amax(-1))
+    picks = torch.stack(picks, 1)  # [B, n]
+    rows = []
+    for b, r in enumerate(ref):
+        top = r.topk(2, dim=-1).values
+        gap = top[:, 0] - top[:, 1]
+        steps = (picks[b] != comp[b]).nonzero().flatten().tolist()
+        rows.append({"disagree_steps": steps, "twin_gap_there": [gap[i].item() for i in steps],
+                     "twin_forward_vs_own_tokens": (r.argmax(-1) != comp[b]).nonzero().flatten().tolist(),
+                     "max_abs_logit_diff": diffs[b].item(), "twin_min_gap": gap.min().item()})
+    return rows
 
 
 def perplexity(engine, windows: list[list[int]]) -> float:
@@ -151,6 +184,7 @@ def run_smollm2(args) -> dict:
         row["text"] = tok.decode(batched[i], skip_special_tokens=True)[:200]
         rows.append(row)
     res["greedy"] = rows
+    res["teacher_forced"] = teacher_forced(eng, twin, prompts, twin_hf)
     res["tokens"] = args.tokens
     res["equal_to_twin"] = sum(r["engine_vs_twin"] == "equal" for r in rows)
     return res

@@ -39,16 +39,32 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
                              IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
                              PDL: tl.constexpr = False, DIRECT: tl.constexpr = False, ROPE: tl.constexpr = False,
                              kn_ptr=None, vn_ptr=None, cos_ptr=None, sin_ptr=None, stride_knb=0, stride_knh=0,
-                             stride_vnb=0, stride_vnh=0, RECIP_448: tl.constexpr = False):
+                             stride_vnb=0, stride_vnh=0, RECIP_448: tl.constexpr = False,
+                             PREFETCH_L: tl.constexpr = 0, kv_len=0, KEY_BYTES: tl.constexpr = 0,
+                             PREFETCH_SCALES: tl.constexpr = False):
     # grid (B, Hkv, N_SPLITS): row b, kv head h, keys [s * ITERS * BLOCK_L, (s + 1) * ITERS * BLOCK_L).
     # DIRECT (one split): the normalised output goes straight to out [B, Hq * D], no partials, no combine.
     # ROPE: q is not yet rotated; every program rotates its G query heads (as rope_kernel), and the program
     # whose keys hold the slot rotates the new key kn [B, Hkv, D] and stores it and vn into the cache at the
     # slot (as rope_kernel) before its loop reads them: rope_write's launch folded into this one.
-    _chain_wait(PDL)
+    # PREFETCH_L (with PDL, a contiguous cache): before the wait, one thread asks for the program's first
+    # PREFETCH_L keys of K and V (and their FP8 scales) to be brought into L2, so the cache streams in while
+    # the previous launch finishes. A hint, not a load: nothing is read before the wait, so it cannot see a
+    # stale value (L2 is the point of coherence) and the slot this step writes is read after the wait.
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
+    if PREFETCH_L > 0:
+        j0 = s * ITERS * BLOCK_L
+        n_pf = tl.maximum(tl.minimum(kv_len - j0, PREFETCH_L), 0)
+        kv0 = b * stride_kb + h * stride_kh + j0 * stride_ks
+        _prefetch_l2_bulk(k_ptr + kv0, n_pf * KEY_BYTES, 0)
+        _prefetch_l2_bulk(v_ptr + kv0, n_pf * KEY_BYTES, 32)
+        if PREFETCH_SCALES:
+            sc0 = b * stride_sb + h * stride_sh + j0
+            _prefetch_l2_bulk(ks_ptr + sc0, (n_pf // 4) * 16, 64)
+            _prefetch_l2_bulk(vs_ptr + sc0, (n_pf // 4) * 16, 96)
+    _chain_wait(PDL)
     n_kv = tl.num_programs(1)
     pad = tl.load(pad_ptr + b)
     slot = tl.load(slot_ptr)
@@ -130,6 +146,16 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pad_ptr, slot_
         tl.store(part_ptr + (cell * G + g[:, None]) * BLOCK_D + d[None, :], acc, mask=gm[:, None])
         tl.store(ml_ptr + cell * 2 * BLOCK_G + g, m_i)
         tl.store(ml_ptr + cell * 2 * BLOCK_G + BLOCK_G + g, l_i)
+
+
+@triton.jit
+def _prefetch_l2_bulk(ptr, nbytes, tid: tl.constexpr):
+    """`cp.async.bulk.prefetch.L2` of nbytes (a multiple of 16, at a 16-byte aligned address; 0: nothing)
+    from ptr, issued by thread `tid` of the program only (one bulk request, not one per thread)."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .pred q; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, $3; "
+        "setp.ne.u32 q, $2, 0; and.pred p, p, q; @p cp.async.bulk.prefetch.L2.global [$1], $2; } mov.u32 $0, 0;",
+        "=r,l,r,r", [ptr, nbytes.to(tl.int32), tl.full([], tid, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

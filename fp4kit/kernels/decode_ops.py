@@ -19,6 +19,10 @@ separate q/k/v and gate/up GEMMs. Here each piece of glue is one kernel:
                            q . (c_j s_j) = (q . c_j) s_j      sum_j p_j (c_j s_j) = sum_j (p_j s_j) c_j
                        so the FP8 cache moves ~half the bytes of bf16 and is never dequantized in
                        memory. Keys past `slot` are masked loads: no bytes move for them.
+                       With PDL and an FP8 cache, each program first asks for its first
+                       ATTN_PREFETCH_KEYS keys to be brought into L2 (one bulk prefetch for K, one
+                       for V) and only then waits for the q/k/v GEMM: the old keys were written by
+                       earlier steps, so their bytes move during the GEMM's tail.
     add_rmsnorm        h = h + delta; n = RMSNorm(h) in float32 as HF computes it, Llama's
                        `w * x_hat.to(dtype)` or Gemma's `(x_hat * (1 + w)).to(dtype)`
     silu_mul           silu(gate) * up from the fused gate_up GEMM's output [.., 2I]
@@ -80,6 +84,15 @@ ATTN_FP8_SINGLE_SPLIT_LONG = (4, 3, None, 128)
 ATTN_FP8_LONG_MIN_KEYS = 600
 ATTN_FP8_SINGLE_SPLIT_MAX_WAVES = 2.0
 # (benchmarks/bench_decode_attention.py sweeps these; BENCHMARKS.md has the H100 results)
+# With PDL, an FP8 cache: keys per program whose K and V (and scales) are prefetched into L2 before the kernel
+# waits for the previous launch (one bulk request each, issued by one thread; 0: none). The cache's old keys were
+# written by earlier steps, so their bytes can move while the q/k/v GEMM finishes. Engine, Llama-3-8B shape, NVFP4,
+# FP8 cache, INT8 head, prompt 512 + 256 tokens, H100 (BENCHMARKS.md, "Cache bytes before the PDL wait"): batch 32
+# 3.617-3.629 -> 3.560-3.566 ms per step with 128 keys (256: 3.607-3.616, 640: 3.680-3.688), batch 1 2.349-2.353
+# -> 2.324. A bf16 cache measured slower at batch 32 in one split (NVFP4 3.966-3.973 -> 3.981-3.986 ms, bf16
+# weights 7.251-7.254 -> 7.291-7.292), hence ATTN_PREFETCH_BF16 off.
+ATTN_PREFETCH_KEYS = 128
+ATTN_PREFETCH_BF16 = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +239,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         rope_args = dict(ROPE=True, kn_ptr=k_new, vn_ptr=v_new, cos_ptr=cos, sin_ptr=sin, stride_knb=k_new.stride(0),
                          stride_knh=k_new.stride(1), stride_vnb=v_new.stride(0), stride_vnh=v_new.stride(1),
                          RECIP_448=q.is_cuda)
+    keys = min(ATTN_PREFETCH_KEYS, iters * block_l) if fp8 or ATTN_PREFETCH_BF16 else 0
+    pf = _prefetch_args(bool(_pdl_args(q)), k_cache, v_cache, k_scale, v_scale, kv_len, keys)
     _decode_ops.decode_attn_split_kernel[(B, Hkv, splits)](
         q, kc, vc, ks, vs, pad, slot, part, ml, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
@@ -233,12 +248,35 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_L=block_l, ITERS=iters, N_SPLITS=splits,
         IS_FP8=fp8, HAS_WINDOW=window is not None, DOT_F32=interp or q.dtype == torch.float32,
         num_warps=warps, num_stages=stages, **_pdl_args(q),
-        DIRECT=direct, **rope_args, **({"maxnreg": maxnreg} if maxnreg and not interp else {}))
+        DIRECT=direct, **rope_args, **pf, **({"maxnreg": maxnreg} if maxnreg and not interp else {}))
     if not direct:
         _decode_ops.decode_attn_combine_kernel[(B, Hq)](
             part, ml, out, out.stride(0), Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, N_SPLITS=splits,
             BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4, **_pdl_args(q))
     return out
+
+
+def _prefetch_args(pdl: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                   v_scale: torch.Tensor | None, kv_len: int, keys: int) -> dict:
+    """The split kernel's L2 prefetch arguments for `keys` keys per program (ATTN_PREFETCH_KEYS): only with PDL
+    (without it nothing runs before the loads), for caches whose key rows are contiguous, 16-byte sized and
+    aligned (one bulk request per program covers the range); the FP8 scales too where their rows are 16-byte
+    aligned. {} where the prefetch does not apply (the kernel then has no prefetch code)."""
+    if keys <= 0 or not pdl:
+        return {}
+    key_bytes = k_cache.shape[-1] * k_cache.element_size()
+
+    def rows_ok(c: torch.Tensor) -> bool:
+        e = c.element_size()
+        return (c.stride(3) == 1 and c.stride(2) == c.shape[-1] and (c.stride(1) * e) % 16 == 0
+                and (c.stride(0) * e) % 16 == 0 and c.data_ptr() % 16 == 0)
+
+    if key_bytes % 16 or k_cache.stride() != v_cache.stride() or not (rows_ok(k_cache) and rows_ok(v_cache)):
+        return {}
+    scales = (k_scale is not None and v_scale is not None and k_scale.stride() == v_scale.stride()
+              and all(s.stride(2) == 1 and s.stride(1) % 4 == 0 and s.stride(0) % 4 == 0 and s.data_ptr() % 16 == 0
+                      for s in (k_scale, v_scale)))
+    return dict(PREFETCH_L=keys, kv_len=kv_len, KEY_BYTES=key_bytes, PREFETCH_SCALES=scales)
 
 
 def _sm_count(device) -> int:

@@ -415,3 +415,73 @@ def test_attention_split_rule():
     assert _attn_splits(8, 8, 576, 64, 132)[0] > 1  # 64 programs do not fill 132 SMs
     splits, iters = _attn_splits(1, 8, 8192, 64, 132)
     assert splits > 1 and splits * iters * 64 >= 8192
+
+
+def test_prefetch_args_rule():
+    """The L2 prefetch before the PDL wait runs only with PDL, for contiguous caches whose key rows are 16-byte
+    sized; FP8 scales only where their rows are 16-byte aligned."""
+    from fp4kit.kernels.decode_ops import _prefetch_args
+
+    kq, vq, ks, vs = _cache(2, 2, 64, 32, None, fp8=True)
+    args = _prefetch_args(True, kq, vq, ks, vs, 40, 128)
+    assert args == dict(PREFETCH_L=128, kv_len=40, KEY_BYTES=32, PREFETCH_SCALES=True)
+    assert _prefetch_args(False, kq, vq, ks, vs, 40, 128) == {}  # no PDL: nothing runs before the loads
+    assert _prefetch_args(True, kq, vq, ks, vs, 40, 0) == {}
+    # key rows of 8 bytes (D = 8, FP8) are not a bulk request's multiple of 16
+    k8, v8, ks8, vs8 = _cache(2, 2, 64, 8, None, fp8=True)
+    assert _prefetch_args(True, k8, v8, ks8, vs8, 40, 128) == {}
+    # a cache whose slots are not contiguous (a transposed view): no prefetch
+    kt = kq.transpose(2, 3).contiguous().transpose(2, 3)
+    assert _prefetch_args(True, kt, kt, ks, vs, 40, 128) == {}
+    # scale rows of 62 slots (248 bytes): keys prefetched, scales not
+    k62, v62, ks62, vs62 = _cache(2, 2, 62, 32, None, fp8=True)
+    assert _prefetch_args(True, k62, v62, ks62, vs62, 40, 128)["PREFETCH_SCALES"] is False
+    kb, vb, _, _ = _cache(2, 2, 64, 32, torch.bfloat16)
+    assert _prefetch_args(True, kb, vb, None, None, 40, 64) == dict(PREFETCH_L=64, kv_len=40, KEY_BYTES=64,
+                                                                     PREFETCH_SCALES=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the L2 prefetch runs with programmatic dependent launch, which needs a Hopper (sm_90+) GPU")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_cache", "fp8_cache"])
+@pytest.mark.parametrize("B,kv_len,slot", [(32, 640, 639), (32, 576, 100), (1, 4096, 4000), (2, 70, 5)])
+def test_attention_prefetch_changes_no_bit(monkeypatch, fp8, B, kv_len, slot):
+    """The prefetch is a hint: with and without it (and for a bf16 cache, where it is off by default) the output
+    and the cache written at the slot are the same bits, one split or many, the slot in a prefetched tile or not,
+    in an eager launch and replayed in a graph after a launch that writes the query."""
+    from fp4kit.kernels import fp4_gemm
+
+    monkeypatch.setattr(fp4_gemm, "PDL", True)
+    Hq, Hkv, S, D = 32, 8, 4096, 128
+    torch.manual_seed(kv_len + slot)
+    kc0, vc0, ks0, vs0 = _cache(B, Hkv, S, D, torch.bfloat16, fp8=fp8)
+    q0 = (torch.randn(B, Hq, D, device=DEV) * 2).to(torch.bfloat16)
+    kn = torch.randn(B, Hkv, D, device=DEV).to(torch.bfloat16)
+    vn = torch.randn(B, Hkv, D, device=DEV).to(torch.bfloat16)
+    ang = torch.randn(B, D, device=DEV)
+    cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+    pad = torch.randint(0, 3, (B,), device=DEV)
+    slot_t = torch.tensor([slot], device=DEV)
+    outs = {}
+    for keys in (0, 128, 256):
+        monkeypatch.setattr(decode_ops, "ATTN_PREFETCH_KEYS", keys)
+        monkeypatch.setattr(decode_ops, "ATTN_PREFETCH_BF16", True)
+        kc, vc = kc0.clone(), vc0.clone()
+        ks, vs = (ks0.clone(), vs0.clone()) if fp8 else (None, None)
+        q = torch.empty_like(q0)
+        q.copy_(q0)
+        eager = rope_decode_attention(q, kn, vn, cos, sin, kc, vc, ks, vs, pad, slot_t, kv_len, None, D ** -0.5)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            q.copy_(q0 * 1)  # a kernel that writes the query right before the attention launch
+            out = rope_decode_attention(q, kn, vn, cos, sin, kc, vc, ks, vs, pad, slot_t, kv_len, None, D ** -0.5)
+        q.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        outs[keys] = (eager, out.clone(), kc[:B, :, slot].view(torch.uint8 if fp8 else torch.int16).clone(),
+                      vc[:B, :, slot].view(torch.uint8 if fp8 else torch.int16).clone())
+        if keys == 0:
+            assert torch.isfinite(eager.float()).all()
+    for keys in (128, 256):
+        for a, b in zip(outs[keys], outs[0]):
+            assert torch.equal(a, b), keys
