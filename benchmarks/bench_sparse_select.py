@@ -92,13 +92,35 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() / (ts["median_us"] * 1e-6)
 
 
-def time_fn(fn, *, reps: int = 100, graph: bool = True, cycle=None) -> dict:
-    """Median / p10 / p90 microseconds. `cycle`: list of callables, run in turn (L2 never warm)."""
+def time_fn(fn, *, reps: int = 100, graph: bool = True, cycle=None, per_graph: int = 0) -> dict:
+    """Median / p10 / p90 microseconds. `cycle`: list of callables, run in turn (L2 never warm).
+    per_graph > 0: ONE graph holds `per_graph` calls back to back (cycling), and a replay's time is divided by
+    per_graph: the GPU time per call without the replay's launch latency and event overhead (a lone replay adds
+    ~5 us on the H100 against ncu's kernel time, 2026-11-24), as in a decode step where the selection sits between
+    other kernels."""
     fns = cycle or [fn]
     for f in fns:
         for _ in range(3):
             f()
     torch.cuda.synchronize()
+    if per_graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(per_graph):
+                fns[i % len(fns)]()
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(max(10, reps // 5)):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1000 / per_graph)
+        times.sort()
+        return {"median_us": statistics.median(times), "p10_us": times[len(times) // 10],
+                "p90_us": times[9 * len(times) // 10], "per_graph": per_graph}
     runs = fns
     if graph:
         runs = []
@@ -377,10 +399,16 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
     variants += [("fp4", "mxfp4", "dp4a", t, w, i)
                  for t, w, i in ((128, 4, 1), (128, 4, 4), (256, 4, 2), (256, 8, 4), (512, 8, 2), (64, 4, 8))]
     variants += [("fp4", "mxfp4", "f32", 128, 4, 1), ("fp4", "mxfp4", "half2", 128, 4, 8)]
+    variants += [("fp4", "mxfp4", "dp4a-persistent", 128, 4, 1)]  # iters unused: the programs stride
     best = {}
     for fmt, name, path, block_t, warps, iters in variants:
+        persistent = path is not None and path.endswith("-persistent")
+        path = path.removesuffix("-persistent") if path else path
         if path is not None and not out["checks"].get(f"mxfp4_{path}_scores_bit_exact"):
             continue
+        fp4_topk.SCAN_PERSISTENT[name] = persistent
+        if persistent:
+            fp4_topk.SCAN_PERSISTENT_TILE[name] = (block_t, warps)
         fp4_topk.SCAN_TILE[name] = (block_t, warps, iters)
         fp4_topk.MXFP4_DP4A, fp4_topk.MXFP4_PACKED_HALF = PRODUCT_PATHS[path or "f32"]
         try:
@@ -389,15 +417,19 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
             print(f"scan {fmt} {path} {block_t}x{warps}x{iters}: {type(e).__name__}: {str(e)[:200]}")
             continue
         nbytes = 8 * 131072 * (per_key[fmt] + 2)
-        row = {"format": fmt, "products": path, "block_t": block_t, "warps": warps, "iters": iters, **t,
-               "roofline_us": nbytes / bw * 1e6}
+        row = {"format": fmt, "products": path, "persistent": persistent, "block_t": block_t, "warps": warps,
+               "iters": iters, **t, "roofline_us": nbytes / bw * 1e6}
         out["tile_sweep"].append(row)
-        print(f"scan {fmt:4s} {path} tile {block_t}x{warps}x{iters}: {t['median_us']:.1f} us "
-              f"(roofline {row['roofline_us']:.1f})")
+        print(f"scan {fmt:4s} {path}{' persistent' if persistent else ''} tile {block_t}x{warps}x{iters}: "
+              f"{t['median_us']:.1f} us (roofline {row['roofline_us']:.1f})")
         if fmt not in best or t["median_us"] < best[fmt][0]:
-            best[fmt] = (t["median_us"], name, path, block_t, warps, iters)
-    for fmt, (_, name, path, block_t, warps, iters) in best.items():
-        fp4_topk.SCAN_TILE[name] = (block_t, warps, iters)
+            best[fmt] = (t["median_us"], name, path, block_t, warps, iters, persistent)
+    for fmt, (_, name, path, block_t, warps, iters, persistent) in best.items():
+        fp4_topk.SCAN_PERSISTENT[name] = persistent
+        if persistent:
+            fp4_topk.SCAN_PERSISTENT_TILE[name] = (block_t, warps)
+        else:
+            fp4_topk.SCAN_TILE[name] = (block_t, warps, iters)
         if fmt == "fp4":
             fp4_topk.MXFP4_DP4A, fp4_topk.MXFP4_PACKED_HALF = PRODUCT_PATHS[path]
     del sets
@@ -466,7 +498,8 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
                     print(f"two-stage B={B} k={k} fused_rerank={fused_rr} digits={digits}: {t['median_us']:.1f} us")
         del bsets
     fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX, fp4_topk.RERANK_DIGITS = min(rr, key=rr.get)
-    out["scan_config"] = {"tile": dict(fp4_topk.SCAN_TILE), "mxfp4_dp4a": fp4_topk.MXFP4_DP4A,
+    out["scan_config"] = {"tile": dict(fp4_topk.SCAN_TILE), "persistent": dict(fp4_topk.SCAN_PERSISTENT),
+                          "persistent_tile": dict(fp4_topk.SCAN_PERSISTENT_TILE), "mxfp4_dp4a": fp4_topk.MXFP4_DP4A,
                           "mxfp4_packed_half": fp4_topk.MXFP4_PACKED_HALF,
                           "select_method": fp4_topk.SELECT_METHOD.value, "thresh_block": fp4_topk.THRESH_BLOCK,
                           "thresh_registers": fp4_topk.THRESH_REGISTERS,
@@ -480,6 +513,8 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
 def apply_config(cfg: dict, out: dict) -> None:
     """Use the knobs a sweep chose (those the on-device checks passed)."""
     fp4_topk.SCAN_TILE.update({k: tuple(v) for k, v in cfg["tile"].items()})
+    fp4_topk.SCAN_PERSISTENT.update(cfg.get("persistent", {}))  # a config from before the persistent scan: defaults
+    fp4_topk.SCAN_PERSISTENT_TILE.update({k: tuple(v) for k, v in cfg.get("persistent_tile", {}).items()})
     fp4_topk.MXFP4_DP4A = cfg["mxfp4_dp4a"] and out["checks"]["mxfp4_dp4a_scores_bit_exact"]
     fp4_topk.MXFP4_PACKED_HALF = cfg["mxfp4_packed_half"] and out["checks"]["mxfp4_half2_scores_bit_exact"]
     threshold = cfg["select_method"] == "threshold" and out["checks"]["threshold_select_equal"]
@@ -535,13 +570,15 @@ def main() -> None:
                         t = time_fn(None, cycle=fns, reps=100, graph=False)
                         mode = "eager"
                     te = time_fn(None, cycle=fns, reps=30, graph=False)
+                    tb = time_fn(None, cycle=fns, reps=100, per_graph=max(len(fns), 16)) if mode == "graph" else {}
                     nbytes = bytes_moved(m, B, L, k)
                     row = {"L": L, "batch": B, "k": k, "method": m, "mode": mode, **t,
-                           "eager_median_us": te["median_us"], "bytes": nbytes,
-                           "roofline_us": nbytes / bw * 1e6}
+                           "eager_median_us": te["median_us"], "back_to_back_median_us": tb.get("median_us"),
+                           "back_to_back_p10_us": tb.get("p10_us"), "back_to_back_p90_us": tb.get("p90_us"),
+                           "per_graph": tb.get("per_graph"), "bytes": nbytes, "roofline_us": nbytes / bw * 1e6}
                     out["rows"].append(row)
-                    print(f"L={L:6d} B={B} k={k:4d} {m:11s} {t['median_us']:8.1f} us (eager {te['median_us']:7.1f})"
-                          f"  roofline {row['roofline_us']:6.1f} us")
+                    print(f"L={L:6d} B={B} k={k:4d} {m:11s} {t['median_us']:8.1f} us (eager {te['median_us']:7.1f}, "
+                          f"back to back {tb.get('median_us', float('nan')):7.1f})  roofline {row['roofline_us']:6.1f} us")
             del sets
             torch.cuda.empty_cache()
     if not methods:
@@ -556,6 +593,19 @@ def main() -> None:
                 cells = [f"{r[m]['median_us']:.1f} ({r[m]['roofline_us']:.1f})" for m in methods]
                 ratio = r["fp8"]["median_us"] / r["fp4_2stage"]["median_us"]
                 print(f"| {L // 1024}K | {B} | {k} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+    print("\nback to back (per selection, many in one graph):")
+    print("| L | batch | k | torch bf16 | bf16 | fp8 | fp4 | fp4 two-stage | fp8 / fp4 | fp8 / fp4 two-stage |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for L in (32768, 65536, 131072):
+        for B in (1, 8):
+            for k in (256, 2048):
+                r = {x["method"]: x for x in out["rows"] if (x["L"], x["batch"], x["k"]) == (L, B, k)}
+                if any(r[m]["back_to_back_median_us"] is None for m in methods):
+                    continue
+                cells = [f"{r[m]['back_to_back_median_us']:.1f}" for m in methods]
+                one = r["fp8"]["back_to_back_median_us"] / r["fp4"]["back_to_back_median_us"]
+                two = r["fp8"]["back_to_back_median_us"] / r["fp4_2stage"]["back_to_back_median_us"]
+                print(f"| {L // 1024}K | {B} | {k} | " + " | ".join(cells) + f" | {one:.2f}x | {two:.2f}x |")
     _save(out, args.out)
 
 

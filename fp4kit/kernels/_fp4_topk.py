@@ -328,10 +328,10 @@ def _mxfp4_query(q_row, D: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _mxfp4_word_tile(w_ptr, s_ptr, q_row, offs_t, valid, row, stride_wr, stride_wt, stride_sr, stride_st, ex, sq,
-                     ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3,
-                     D: tl.constexpr, PACKED: tl.constexpr, INTERPRET: tl.constexpr):
-    """Scores [BLOCK_T] float32 of MXFP4 keys read as int32 words against the prepared query (`_mxfp4_query`)."""
+def _mxfp4_word_load(w_ptr, s_ptr, offs_t, valid, row, stride_wr, stride_wt, stride_sr, stride_st,
+                     D: tl.constexpr):
+    """The words [NB, BLOCK_T, 4] int32 and scale codes [NB, BLOCK_T] uint8 of a tile of MXFP4 keys (0 where
+    not valid: those lanes issue no load)."""
     NB: tl.constexpr = D // 32
     offs_b = tl.arange(0, NB)
     offs_w = tl.arange(0, 4)
@@ -341,6 +341,23 @@ def _mxfp4_word_tile(w_ptr, s_ptr, q_row, offs_t, valid, row, stride_wr, stride_
                     + offs_w[None, None, :], mask=valid[None, :, None], other=0)
     code = tl.load(s_ptr + row * stride_sr + offs_b[:, None] + offs_t[None, :] * stride_st, mask=valid[None, :],
                    other=0)
+    return words, code
+
+
+@triton.jit
+def _mxfp4_word_tile(w_ptr, s_ptr, q_row, offs_t, valid, row, stride_wr, stride_wt, stride_sr, stride_st, ex, sq,
+                     ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3,
+                     D: tl.constexpr, PACKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Scores [BLOCK_T] float32 of MXFP4 keys read as int32 words against the prepared query (`_mxfp4_query`)."""
+    words, code = _mxfp4_word_load(w_ptr, s_ptr, offs_t, valid, row, stride_wr, stride_wt, stride_sr, stride_st, D)
+    return _mxfp4_word_scores(words, code, q_row, valid, ex, sq, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3,
+                              p0, p1, p2, p3, D, PACKED, INTERPRET)
+
+
+@triton.jit
+def _mxfp4_word_scores(words, code, q_row, valid, ex, sq, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3,
+                       D: tl.constexpr, PACKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Scores [BLOCK_T] float32 of a loaded tile of MXFP4 words (`_mxfp4_word_load`)."""
     scale14 = tl.where(valid[None, :], mxfp4_scale14(code), 0.0)  # [NB, BLOCK_T]
     if PACKED == 2:
         if ex == 1:  # uniform per program: integer products
@@ -422,18 +439,41 @@ def _score_tile(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out, s
         score = _mxfp4_tc_scores(q_ptr, k_ptr, s_ptr, offs_t, valid, row, stride_qr, stride_kr, stride_kt,
                                  stride_sr, stride_st, D, BLOCK_T, INTERPRET)
     else:
-        offs_d = tl.arange(0, D)
-        kp = k_ptr + row * stride_kr + offs_t[:, None] * stride_kt + offs_d[None, :]
-        q = tl.load(q_row + offs_d)
-        if FMT == 1:
-            raw = tl.load(kp, mask=valid[:, None], other=0)  # uint8 view of float8_e4m3fn
-            k = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            dot = tl.sum(k * q[None, :], axis=1)
-            scale = tl.load(s_ptr + row * stride_sr + offs_t * stride_st, mask=valid, other=0.0)
-            score = dot * scale
-        else:
-            k = tl.load(kp, mask=valid[:, None], other=0.0).to(tl.float32)
-            score = tl.sum(k * q[None, :], axis=1)
+        a, b = _dense_load(k_ptr, s_ptr, offs_t, valid, row, stride_kr, stride_kt, stride_sr, stride_st, D, FMT)
+        score = _dense_scores(a, b, tl.load(q_row + tl.arange(0, D)), FMT)
+    m = _finish_tile(score, valid, out_ptr, hist_ptr, row, offs_t, n_out, stride_or, stride_hr, HIST)
+    return m
+
+
+@triton.jit
+def _dense_load(k_ptr, s_ptr, offs_t, valid, row, stride_kr, stride_kt, stride_sr, stride_st, D: tl.constexpr,
+                FMT: tl.constexpr):
+    """A tile of bf16 keys [BLOCK_T, D] (returned twice), or of FP8 keys as raw bytes and their float32 scales."""
+    offs_d = tl.arange(0, D)
+    kp = k_ptr + row * stride_kr + offs_t[:, None] * stride_kt + offs_d[None, :]
+    if FMT == 1:
+        raw = tl.load(kp, mask=valid[:, None], other=0)  # uint8 view of float8_e4m3fn
+        scale = tl.load(s_ptr + row * stride_sr + offs_t * stride_st, mask=valid, other=0.0)
+        return raw, scale
+    else:
+        k = tl.load(kp, mask=valid[:, None], other=0.0)
+        return k, k
+
+
+@triton.jit
+def _dense_scores(a, b, q, FMT: tl.constexpr):
+    """float32 scores [BLOCK_T] of a tile from `_dense_load` against q [D] float32."""
+    if FMT == 1:
+        k = a.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        return tl.sum(k * q[None, :], axis=1) * b
+    else:
+        return tl.sum(a.to(tl.float32) * q[None, :], axis=1)
+
+
+@triton.jit
+def _finish_tile(score, valid, out_ptr, hist_ptr, row, offs_t, n_out, stride_or, stride_hr, HIST: tl.constexpr):
+    """Round the float32 scores to bf16, write them as the monotone int16 m (-32768 where not valid), add the
+    high-byte histogram with HIST; returns m (int32)."""
     # round to bf16 (nearest, ties to even) on the integer bits: the interpreter's cast truncates
     b32 = score.to(tl.int32, bitcast=True)
     bits = (b32 + 0x7FFF + ((b32 >> 16) & 1)) >> 16  # arithmetic shift: the bf16 bits as a signed int16
@@ -446,6 +486,60 @@ def _score_tile(q_ptr, k_ptr, s_ptr, gs_ptr, out_ptr, hist_ptr, lo, hi, n_out, s
         offs_h = tl.arange(0, 256)
         tl.atomic_add(hist_ptr + row * stride_hr + offs_h, hist, mask=hist > 0, sem="relaxed")
     return m
+
+
+# ----------------------------------------------------------------------------------------------
+# The persistent scan (bf16, FP8 and MXFP4 keys)
+#
+# `index_score_kernel` gives each program ITERS tiles and loads a tile only when it is about to
+# score it, so a program's loads and its arithmetic alternate: while a tile's products run, that
+# program has no bytes in flight, and every program pays the query preparation (for MXFP4 ~500
+# instructions, a chain of dependent loads and reductions) before its first load. Here a grid of
+# a few programs per SM walks the row's tiles with stride P (program p scores tiles p, p + P, ...)
+# and loads tile t + P into registers BEFORE it scores tile t: the next tile's bytes are in flight
+# during this tile's arithmetic, and the query is prepared once per program rather than once per
+# ITERS tiles. Same arithmetic, same output as `index_score_kernel`, bit for bit.
+
+
+@triton.jit
+def index_scan_kernel(q_ptr, k_ptr, s_ptr, out_ptr, hist_ptr, mx_ptr, lo, hi, n_out, n_tiles,
+                      stride_qr, stride_kr, stride_kt, stride_sr, stride_st, stride_or, stride_hr, stride_xr,
+                      D: tl.constexpr, FMT: tl.constexpr, BLOCK_T: tl.constexpr, HIST: tl.constexpr,
+                      PACKED: tl.constexpr, G: tl.constexpr, INTERPRET: tl.constexpr):
+    """Program (row, p) of a (R, P) grid, P <= n_tiles: tiles p, p + P, ... < n_tiles of BLOCK_T positions,
+    the next one's loads issued before this one is scored. Writes what `index_score_kernel` writes."""
+    row = tl.program_id(0)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    q_row = q_ptr + row * stride_qr
+    # the first tile's loads go out before the query is prepared, so its latency hides behind that work
+    offs_t = p * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = (offs_t >= lo) & (offs_t < hi)
+    if FMT == 2:
+        a, b = _mxfp4_word_load(k_ptr, s_ptr, offs_t, valid, row, stride_kr, stride_kt, stride_sr, stride_st, D)
+        ex, sq, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3 = _mxfp4_query(q_row, D, PACKED)
+        qd = tl.zeros([D], tl.float32)
+    else:
+        a, b = _dense_load(k_ptr, s_ptr, offs_t, valid, row, stride_kr, stride_kt, stride_sr, stride_st, D, FMT)
+        qd = tl.load(q_row + tl.arange(0, D))
+        ex, sq, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3 = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, \
+            0.0, 0, 0, 0, 0
+    for t in range(p, n_tiles, P):
+        offs_n = offs_t + P * BLOCK_T
+        valid_n = (offs_n >= lo) & (offs_n < hi)  # all false past the last tile: no loads issued
+        if FMT == 2:
+            a_n, b_n = _mxfp4_word_load(k_ptr, s_ptr, offs_n, valid_n, row, stride_kr, stride_kt, stride_sr,
+                                        stride_st, D)
+            score = _mxfp4_word_scores(a, b, q_row, valid, ex, sq, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3,
+                                       p0, p1, p2, p3, D, PACKED, INTERPRET)
+        else:
+            a_n, b_n = _dense_load(k_ptr, s_ptr, offs_n, valid_n, row, stride_kr, stride_kt, stride_sr, stride_st,
+                                   D, FMT)
+            score = _dense_scores(a, b, qd, FMT)
+        m = _finish_tile(score, valid, out_ptr, hist_ptr, row, offs_t, n_out, stride_or, stride_hr, HIST)
+        if G > 0:
+            _store_maxima(mx_ptr + row * stride_xr, m, t * BLOCK_T, BLOCK_T, G)
+        a, b, offs_t, valid = a_n, b_n, offs_n, valid_n
 
 
 # ----------------------------------------------------------------------------------------------

@@ -88,6 +88,15 @@ except ImportError:  # CPU installs without triton use the torch twins
 # benchmarks/bench_sparse_select.py sweeps these on the device and reports the best
 SCAN_TILE = {"bf16": (128, 4, 1), "fp8": (128, 4, 4), "mxfp4": (128, 4, 4), "nvfp4": (128, 4, 1)}  # H100 best
 SCAN_MIN_PROGRAMS_PER_SM = 4
+# the persistent scan (`_fp4_topk.index_scan_kernel`: a few programs per SM stride over the tiles, loading the next
+# tile before scoring this one) for bf16, FP8 and MXFP4 keys; programs per SM (all rows together) per format
+# tile and, per format, the programs per SM: None = as many as fit at once (one full wave, from the compiled
+# kernel's registers). Measured on the H100 (benchmarks/bench_scan_persistent.py, 2026-11-24): MXFP4 at 128K x 8
+# keys 30 us against the tiled kernel's 33-34 (ncu kernel time); bf16 and FP8 keys were slower persistent (their
+# double-buffered tiles need 159-185 registers), so only MXFP4 uses it
+SCAN_PERSISTENT = {"bf16": False, "fp8": False, "mxfp4": True}
+SCAN_PERSISTENT_TILE = {"bf16": (128, 4), "fp8": (128, 4), "mxfp4": (128, 4)}
+SCAN_PROGRAMS_PER_SM: dict = {"bf16": None, "fp8": None, "mxfp4": None}
 SELECT_BLOCK = 2048  # positions per program of the unfused select passes (the fused select picks its own)
 # MXFP4 keys: bf16-pair decode + tl.dot (see _fp4_topk; bit-exact on the H100 but 108 us against the FMA path's
 # 72 us for 128K x 8 keys, 2026-11-22), so off by default
@@ -337,11 +346,57 @@ def _scan_launch(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torc
     return grid, args, meta
 
 
+def _persistent(keys: KeyCacheView) -> bool:
+    """Whether this cache's scan runs as the persistent kernel (`SCAN_PERSISTENT`; not the tensor-core path)."""
+    return SCAN_PERSISTENT.get(keys.format.value, False) and not (
+        keys.format is KeyFormat.MXFP4 and MXFP4_TENSOR_CORES)
+
+
+_SCAN_PLAN: dict = {}
+
+
+def _programs_per_sm(args, meta, fmt: str, device) -> int:
+    """`SCAN_PROGRAMS_PER_SM[fmt]`, or (None) how many programs of the compiled persistent scan fit on one SM."""
+    if SCAN_PROGRAMS_PER_SM.get(fmt):
+        return SCAN_PROGRAMS_PER_SM[fmt]
+    key = (fmt, device.index, tuple(sorted(meta.items())))
+    if key not in _SCAN_PLAN:
+        k = _fp4_topk.index_scan_kernel.warmup(*args, grid=(1,), **meta)
+        k._init_handles()  # loads the binary: n_regs is known from here on
+        props = torch.cuda.get_device_properties(device)
+        warps = meta["num_warps"]
+        regs = -(-max(1, k.n_regs) // 8) * 8 * 32 * warps  # registers are allocated 8 per thread at a time
+        smem = k.metadata.shared + 1024
+        _SCAN_PLAN[key] = max(1, min(32, 64 // warps, 65536 // regs, props.shared_memory_per_multiprocessor // smem))
+    return _SCAN_PLAN[key]
+
+
+def _persistent_launch(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torch.Tensor, out: torch.Tensor,
+                       block_t: int, warps: int, hist_in_scan: bool, mx: torch.Tensor | None = None, group: int = 0):
+    """(grid, args, meta) of the persistent scan (`_fp4_topk.index_scan_kernel`): P programs per row, each
+    scoring tiles p, p + P, ... with the next tile's loads in flight; all rows' programs one wave."""
+    grid, args, meta = _scan_launch(q, keys, lo, hi, ws, out, block_t, warps, 1, hist_in_scan, mx, group)
+    n_tiles = out.shape[1] // block_t
+    args = args[:10] + (n_tiles,) + args[10:]
+    args = args[:3] + args[4:]  # no global-scale pointer (NVFP4 only)
+    meta = {k: v for k, v in meta.items() if k not in ("BS", "GS_ENCODE", "ITERS")}
+    if _interpreting():
+        P = min(n_tiles, 3)  # several tiles per program, so the stride and the prefetch are exercised
+    else:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        P = min(n_tiles, triton.cdiv(_programs_per_sm(args, meta, keys.format.value, q.device) * sms, keys.rows))
+    return (keys.rows, P), args, meta
+
+
 def _scan(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws: torch.Tensor, n_out: int, block_t: int,
           warps: int, iters: int, hist_in_scan: bool, mx: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
     """The scan kernel: monotone int16 scores [R, n_out]; the coarse histogram into ws[:, 0:256] if asked;
-    group maxima into mx if group > 0."""
+    group maxima into mx if group > 0. The persistent kernel where it applies (`SCAN_PERSISTENT`)."""
     out = torch.empty(keys.rows, n_out, dtype=torch.int16, device=q.device)
+    if _persistent(keys):
+        grid, args, meta = _persistent_launch(q, keys, lo, hi, ws, out, block_t, warps, hist_in_scan, mx, group)
+        _fp4_topk.index_scan_kernel[grid](*args, **meta)
+        return out
     grid, args, meta = _scan_launch(q, keys, lo, hi, ws, out, block_t, warps, iters, hist_in_scan, mx, group)
     _fp4_topk.index_score_kernel[grid](*args, **meta)
     return out
@@ -361,6 +416,8 @@ def _scan_tile(keys: KeyCacheView) -> tuple[int, int, int, int]:
         raise ValueError(f"index kernels need a power-of-two head dim >= 32, got {D}")
     if _interpreting():
         block_t, warps, iters = 16, 4, 2
+    elif _persistent(keys):  # its programs stride over the tiles: the length only needs to fill whole tiles
+        (block_t, warps), iters = SCAN_PERSISTENT_TILE[keys.format.value], 1
     else:
         block_t, warps, iters = SCAN_TILE[keys.format.value]
         sms = torch.cuda.get_device_properties(keys.data.device).multi_processor_count

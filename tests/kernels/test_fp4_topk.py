@@ -405,3 +405,38 @@ def test_dp4a_scan_every_e2m1_code_and_sign(monkeypatch):
     got = bits_to_bf16(index_score_bits(q, keys)[:, :16]).float()
     assert torch.equal(got, torch.where(want == 0, 0.0, want))
     assert torch.equal(index_topk(q, keys, 5), index_topk_torch(q, keys, 5))
+
+
+@pytest.mark.parametrize("fmt", [KeyFormat.BF16, KeyFormat.FP8, KeyFormat.MXFP4])
+@pytest.mark.parametrize("lo,hi", [(0, None), (5, 203)])
+def test_persistent_scan_equals_tiled_scan(fmt, lo, hi, monkeypatch):
+    """The persistent scan (programs stride over the tiles, the next tile loaded before this one is scored) writes
+    the same int16 scores, high-byte histogram and group maxima as the one-program-per-tile scan, bit for bit,
+    also past hi and in the padding; its grid has fewer programs than tiles, so the stride is exercised."""
+    import fp4kit.kernels.fp4_topk as m
+
+    if not m.HAS_TRITON:
+        pytest.skip("needs triton (the interpreter on CPU)")
+    L = 70_000 if torch.cuda.is_available() else 250  # more tiles than the grid has programs, on either
+    k = torch.randn(2, L, 64)
+    q = torch.randn(2, 64)
+    q = mx_query(q) if fmt is KeyFormat.MXFP4 else q
+    keys = keys_of(fmt, k)
+    hi = keys.length if hi is None else hi
+    block_t, warps, iters, n_out = m._scan_tile(keys)
+    ws = torch.zeros(2, 512, dtype=torch.int32)
+    grid = m._persistent_launch(q, keys, lo, hi, ws, torch.empty(2, n_out, dtype=torch.int16), block_t, warps,
+                                True)[0]
+    assert grid[1] < n_out // block_t  # programs stride over several tiles each
+    got = {}
+    for persistent in (False, True):
+        monkeypatch.setitem(m.SCAN_PERSISTENT, fmt.value, persistent)
+        ws = torch.zeros(2, 512, dtype=torch.int32)
+        mx = torch.full((2, n_out // 8), 7, dtype=torch.int16)
+        scores = m._scan(q, keys, lo, hi, ws, n_out, block_t, warps, iters, True, mx, 8)
+        got[persistent] = scores, ws, mx
+    for a, b in zip(got[False], got[True]):
+        assert torch.equal(a, b)
+    scores = got[True][0]
+    assert bool((scores[:, :lo] == -32768).all()) and bool((scores[:, hi:] == -32768).all())
+    assert int(got[True][1][:, :256].sum()) == 2 * (hi - lo)
