@@ -82,6 +82,20 @@ def test_export_carries_scales_and_scheme_and_round_trips(config, tmp_path):
         assert torch.equal(loaded(IDS).logits, ref)
 
 
+def _compressed_tensors_sees_attention() -> bool:
+    """Whether the installed compressed-tensors recognises transformers' attention modules as KV-cached. Its
+    `is_cached_attention_module` (0.20) looks for a `past_key_value(s)` argument of `forward`, which transformers
+    5.24 renamed `cache`: with that pair it attaches no k_scale / v_scale, whatever the checkpoint holds."""
+    try:
+        from compressed_tensors.quantization.lifecycle.initialize import is_cached_attention_module
+    except ImportError:  # no compressed-tensors (the test skips), or one without this check
+        return True
+    return is_cached_attention_module(tiny_llama().model.layers[0].self_attn)
+
+
+@pytest.mark.xfail(not _compressed_tensors_sees_attention(), strict=True,
+                   reason="upstream: compressed-tensors does not recognise this transformers' attention (forward "
+                          "argument past_key_values renamed cache in transformers 5.24), so it loads no KV scales")
 def test_transformers_with_compressed_tensors_reads_our_kv_scales(tmp_path):
     """compressed-tensors' own loader takes our k_scale / v_scale (per head, [H, 1, 1]) as its parameters."""
     pytest.importorskip("compressed_tensors")
