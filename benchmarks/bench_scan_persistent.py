@@ -33,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true", help="8 x 128K only")
+    ap.add_argument("--regs", action="store_true", help="sweep register caps of the persistent MXFP4 scan")
     ap.add_argument("--ncu-target", action="store_true", help="run each scan 5 times at 8 x 128K and stop")
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -60,21 +61,28 @@ def main() -> None:
             roof = R * L * (PER_KEY[fmt] + 2) / bw * 1e6
             fp4_topk.SCAN_PERSISTENT[name] = False
             ref = scan(sets[0], fmt).clone()
-            variants = [("tiled", base_tile[name], None)]
-            tiles = [(128, 4), (256, 8), (64, 4)] if fmt == "fp4" else [(128, 4), (64, 4)]
-            variants += [("persistent", t, pp) for t in tiles for pp in ((None, 2, 8) if fmt == "fp4" else (None,))]
-            for kernel, tile, pp in variants:
+            variants = [("tiled", base_tile[name], None, None)]
+            if a.regs:  # register caps for the persistent MXFP4 scan (programs per SM follow from them)
+                if fmt == "fp4":
+                    variants += [("persistent", t, None, r) for t in ((128, 4), (128, 2), (256, 8), (64, 2))
+                                 for r in (None, 112, 96, 80, 64)]
+            else:
+                tiles = [(128, 4), (256, 8), (64, 4)] if fmt == "fp4" else [(128, 4), (64, 4)]
+                variants += [("persistent", t, pp, None) for t in tiles
+                             for pp in ((None, 2, 8) if fmt == "fp4" else (None,))]
+            for kernel, tile, pp, regs in variants:
                 fp4_topk.SCAN_PERSISTENT[name] = kernel == "persistent"
                 if kernel == "persistent":
                     fp4_topk.SCAN_PERSISTENT_TILE[name] = tile
                     fp4_topk.SCAN_PROGRAMS_PER_SM[name] = pp
+                    fp4_topk.SCAN_MAXNREG[name] = regs
                 try:
                     got = scan(sets[0], fmt)
                 except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported
                     print(f"{R}x{L} {fmt} {kernel} {tile} pp {pp}: {type(e).__name__}: {str(e)[:200]}")
                     continue
                 same = torch.equal(got[:, :L], ref[:, :L]) and bool((got[:, L:] == -32768).all())
-                out["checks"][f"{R}x{L}_{fmt}_{kernel}_{tile}_pp{pp}_bit_exact"] = same
+                out["checks"][f"{R}x{L}_{fmt}_{kernel}_{tile}_pp{pp}_regs{regs}_bit_exact"] = same
                 if not same:
                     print(f"{R}x{L} {fmt} {kernel} {tile} pp {pp}: NOT bit-exact; not timed")
                     continue
@@ -82,15 +90,17 @@ def main() -> None:
                 t = bss.time_fn(None, cycle=fns, reps=100)
                 tb = bss.time_fn(None, cycle=fns, reps=100, per_graph=max(len(fns), 16))
                 row = {"R": R, "L": L, "format": fmt, "kernel": kernel, "tile": list(tile), "programs_per_sm": pp,
+                       "maxnreg": regs,
                        **t, "back_to_back_median_us": tb["median_us"], "back_to_back_p10_us": tb["p10_us"],
                        "back_to_back_p90_us": tb["p90_us"], "roofline_us": roof}
                 out["rows"].append(row)
-                print(f"{R}x{L} {fmt:4s} {kernel:10s} {str(tile):14s} pp {str(pp):4s}: one replay "
+                print(f"{R}x{L} {fmt:4s} {kernel:10s} {str(tile):14s} pp {str(pp):4s} regs {str(regs):4s}: one replay "
                       f"{t['median_us']:6.1f} us, back to back {tb['median_us']:6.1f} us "
                       f"({roof / tb['median_us']:.0%} of roofline {roof:.1f})")
             fp4_topk.SCAN_PERSISTENT[name] = base_persistent[name]
             fp4_topk.SCAN_PERSISTENT_TILE[name] = base_ptile[name]
             fp4_topk.SCAN_PROGRAMS_PER_SM[name] = None
+            fp4_topk.SCAN_MAXNREG[name] = None
         del sets
     if a.out:
         pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,9 @@ SCAN_MIN_PROGRAMS_PER_SM = 4
 SCAN_PERSISTENT = {"bf16": False, "fp8": False, "mxfp4": True}
 SCAN_PERSISTENT_TILE = {"bf16": (128, 4), "fp8": (128, 4), "mxfp4": (128, 4)}
 SCAN_PROGRAMS_PER_SM: dict = {"bf16": None, "fp8": None, "mxfp4": None}
+# a register cap for the persistent scan per format (Triton's `maxnreg`; None: the compiler's choice): fewer
+# registers let more programs share an SM
+SCAN_MAXNREG: dict = {"bf16": None, "fp8": None, "mxfp4": None}
 SELECT_BLOCK = 2048  # positions per program of the unfused select passes (the fused select picks its own)
 # MXFP4 keys: bf16-pair decode + tl.dot (see _fp4_topk; bit-exact on the H100 but 108 us against the FMA path's
 # 72 us for 128K x 8 keys, 2026-11-22), so off by default
@@ -385,6 +388,8 @@ def _persistent_launch(q: torch.Tensor, keys: KeyCacheView, lo: int, hi: int, ws
     args = args[:10] + (n_tiles,) + args[10:]
     args = args[:3] + args[4:]  # no global-scale pointer (NVFP4 only)
     meta = {k: v for k, v in meta.items() if k not in ("BS", "GS_ENCODE", "ITERS")}
+    if SCAN_MAXNREG.get(keys.format.value) and not _interpreting():
+        meta["maxnreg"] = SCAN_MAXNREG[keys.format.value]
     if _interpreting():
         P = min(n_tiles, 3)  # several tiles per program, so the stride and the prefetch are exercised
     else:
