@@ -36,7 +36,8 @@ import triton
 from fp4kit.formats import MXFP4Config, ScaleRule, quantize_mxfp4
 from fp4kit.kernels import fp4_topk
 from fp4kit.kernels.fp4_topk import (KeyCacheView, KeyFormat, bits_to_bf16, index_score_bits, index_scores_torch,
-                                     index_topk, index_topk_torch, rerank_topk, rerank_topk_torch)
+                                     index_topk, index_topk_rerank, index_topk_torch, rerank_topk,
+                                     rerank_topk_torch)
 
 MX = MXFP4Config(ScaleRule.RCEIL)
 D = 128
@@ -60,14 +61,17 @@ def make_keys(R: int, L: int, device) -> dict:
 def selection(method: str, s: dict, k: int):
     if method == "torch_bf16":
         return lambda: torch.topk(torch.bmm(s["keys"], s["q"].bfloat16().unsqueeze(-1)).squeeze(-1), k).indices
-    if method == "fp4_2stage":
+    if method == "fp4_2stage":  # the library's two-stage call (the rerank inside the select with RERANK_IN_SELECT)
+        return lambda: index_topk_rerank(s["q_fp4"], s["fp4"], s["q"], s["keys"], k, 2 * k)
+    if method == "fp4_2stage_split":  # the two calls: select, then a rerank launch
         return lambda: rerank_topk(s["q"], s["keys"], index_topk(s["q_fp4"], s["fp4"], 2 * k), k)
     view, q = s[method], (s["q_fp4"] if method == "fp4" else s["q"])
     return lambda: index_topk(q, view, k)
 
 
 def bytes_moved(method: str, R: int, L: int, k: int) -> int:
-    per_key = {"torch_bf16": 2 * D, "bf16": 2 * D, "fp8": D + 4, "fp4": D // 2 + D // 32, "fp4_2stage": D // 2 + D // 32}
+    per_key = {"torch_bf16": 2 * D, "bf16": 2 * D, "fp8": D + 4, "fp4": D // 2 + D // 32, "fp4_2stage": D // 2 + D // 32,
+               "fp4_2stage_split": D // 2 + D // 32}
     # int16 score written once, read once by the fused select (+1 by a separate coarse-histogram pass), or by
     # the 3 (+1) passes of the unfused select
     if fp4_topk.SELECT_METHOD is fp4_topk.SelectMethod.THRESHOLD:
@@ -80,7 +84,7 @@ def bytes_moved(method: str, R: int, L: int, k: int) -> int:
     total = R * L * (per_key[method] + sort_keys)
     if method == "torch_bf16":
         total += R * L * 4  # bf16 scores written and read
-    if method == "fp4_2stage":
+    if method in ("fp4_2stage", "fp4_2stage_split"):
         total += R * 2 * k * 2 * D  # gathered bf16 keys
     return total
 
@@ -217,6 +221,18 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
                 same = same and torch.equal(r1, rerank_topk(s["q"], s["keys"], cand, k))
         fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX, fp4_topk.RERANK_DIGITS = keep
         out["checks"][f"fused_rerank_equal_k{k}"] = same
+        # the rerank inside the select's launch: the same selection as the two calls (random keys: float32 sums in
+        # another order can flip a near-tie, so a fraction), and exactly the twin's on small-integer keys
+        one = index_topk_rerank(s["q_fp4"], s["fp4"], s["q"], s["keys"], k, 2 * k)
+        out["checks"][f"rerank_in_select_equal_k{k}"] = float((one == r1).float().mean())
+        ik = torch.randint(-2, 3, (4, L, D), device=device).bfloat16()
+        iq = torch.randint(-2, 3, (4, D), device=device).float()
+        iq4 = quantize_mxfp4(iq, MX).dequantize()
+        qt = quantize_mxfp4(ik.float() + 0.3 * torch.randn(4, L, D, device=device), MX)
+        iv = KeyCacheView(KeyFormat.MXFP4, qt.data, qt.scale, fp4_config=MX)
+        want2 = rerank_topk_torch(iq, ik, index_topk_torch(iq4, iv, 2 * k, lo=3, hi=L - 10), k)
+        out["checks"][f"rerank_in_select_exact_k{k}"] = torch.equal(
+            index_topk_rerank(iq4, iv, iq, ik, k, 2 * k, lo=3, hi=L - 10), want2)
     for fmt in ("bf16", "fp8"):
         sc = bits_to_bf16(index_score_bits(s["q"], s[fmt])[:, :L]).float()
         want = index_scores_torch(s["q"], s[fmt]).float()
@@ -231,6 +247,9 @@ def check(device, out: dict, L: int = 5000, big: int = 70000) -> None:
             assert torch.equal(index_topk(b["q_fp4"], b["fp4"], n), index_topk_torch(b["q_fp4"], b["fp4"], n))
     if not all(out["checks"][f"fused_rerank_equal_k{k}"] for k in (64, 300)):
         fp4_topk.FUSED_RERANK = False
+    if not all(out["checks"][f"rerank_in_select_exact_k{k}"] for k in (64, 300)):
+        print("the rerank inside the select differs from the twin: switched off")
+        fp4_topk.RERANK_IN_SELECT = False
     out["checks"]["mxfp4_topk_bit_exact"] = True
     out["checks"]["rerank_exact_k300"] = out["checks"]["rerank_equal_k300"] == 1.0
     print("checks:", out["checks"])
@@ -491,7 +510,7 @@ def sweep_tiles(device, out: dict, bw: float) -> None:
             for radix, digits in ((False, False), (False, True)):
                 fp4_topk.FUSED_RERANK, fp4_topk.RERANK_BYTE_RADIX, fp4_topk.RERANK_DIGITS = fused_rr, radix, digits
                 for k in (256, 2048):
-                    t = time_fn(None, cycle=[selection("fp4_2stage", s, k) for s in bsets], reps=60)
+                    t = time_fn(None, cycle=[selection("fp4_2stage_split", s, k) for s in bsets], reps=60)
                     rr[(fused_rr, radix, digits)] = rr.get((fused_rr, radix, digits), 0.0) + t["median_us"]
                     out["select_sweep"].append({"batch": B, "method": "fp4_2stage", "k": k, "fused_rerank": fused_rr,
                                                 "byte_radix": radix, "digits": digits, **t})
@@ -546,7 +565,8 @@ def main() -> None:
     bw = copy_bandwidth(device)
     out["copy_bandwidth_GBps"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
-    methods = ["torch_bf16", "bf16", "fp8", "fp4", "fp4_2stage"]
+    methods = ["torch_bf16", "bf16", "fp8", "fp4", "fp4_2stage", "fp4_2stage_split"]
+    out["rerank_in_select"] = fp4_topk.RERANK_IN_SELECT
     if args.config:
         apply_config(json.loads(pathlib.Path(args.config).read_text())["scan_config"], out)
     else:
@@ -584,8 +604,8 @@ def main() -> None:
     if not methods:
         _save(out, args.out)
         return
-    print("\n| L | batch | k | torch bf16 | bf16 | fp8 | fp4 | fp4 two-stage | fp8 / fp4 two-stage |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| L | batch | k | torch bf16 | bf16 | fp8 | fp4 | fp4 two-stage | two-stage, two calls | fp8 / fp4 two-stage |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for L in (32768, 65536, 131072):
         for B in (1, 8):
             for k in (256, 2048):
@@ -594,8 +614,9 @@ def main() -> None:
                 ratio = r["fp8"]["median_us"] / r["fp4_2stage"]["median_us"]
                 print(f"| {L // 1024}K | {B} | {k} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
     print("\nback to back (per selection, many in one graph):")
-    print("| L | batch | k | torch bf16 | bf16 | fp8 | fp4 | fp4 two-stage | fp8 / fp4 | fp8 / fp4 two-stage |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| L | batch | k | torch bf16 | bf16 | fp8 | fp4 | fp4 two-stage | two-stage, two calls | fp8 / fp4 "
+          "| fp8 / fp4 two-stage |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for L in (32768, 65536, 131072):
         for B in (1, 8):
             for k in (256, 2048):

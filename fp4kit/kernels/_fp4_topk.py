@@ -695,8 +695,10 @@ def _write_selected(u, offs, ok, ws, out_row, tile, gt_eq, ustar, need, TILES: t
     eq = (ok & (u == ustar)).to(tl.int32)
     tie_rank = eq_before + tl.cumsum(eq, 0) - eq
     sel = gt | (eq & (tie_rank < need).to(tl.int32))
-    slot = gt_before + tl.minimum(eq_before, need) + tl.cumsum(sel, 0) - sel
+    base = gt_before + tl.minimum(eq_before, need)
+    slot = base + tl.cumsum(sel, 0) - sel
     tl.store(out_row + slot, offs.to(tl.int64), mask=sel != 0)
+    return base, tl.sum(sel, 0)
 
 
 @triton.jit
@@ -732,11 +734,19 @@ def _row_barrier(counter, n_tiles, MAX_SPINS: tl.constexpr):
 
 @triton.jit
 def fused_select_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or, n_out, n, n_tiles,
+                        q_ptr, kb_ptr, sc_ptr, fin_ptr, k_fin, stride_qr, stride_kr, stride_kt, stride_sr, stride_fr,
                         BLOCK: tl.constexpr, TILES: tl.constexpr, COARSE: tl.constexpr, PHASE: tl.constexpr,
-                        MAX_SPINS: tl.constexpr):
+                        MAX_SPINS: tl.constexpr, RERANK: tl.constexpr = False, D: tl.constexpr = 16,
+                        BLOCK_C: tl.constexpr = 16, SEL_BLOCK: tl.constexpr = 16):
     """The whole radix select in one launch: each program loads its BLOCK scores once and keeps them in
     registers through (coarse histogram ->) barrier -> fine histogram -> barrier -> counts -> wait for
     the tiles before it -> write. The barriers are per row (an arrival counter in the zeroed workspace).
+
+    With RERANK (the two-stage selection in one launch): each program also scores the candidates it has
+    just written against the exact bf16 keys kb [R, L, D] (float32 q . k, q: q_ptr [R, D]) into
+    sc [R, n], and the row's last program to leave (its departure ticket is acq_rel, so every other
+    program's candidates and scores are visible to it) keeps the k_fin best of the n (`_select_row`) in
+    fin [R, k_fin]: the rerank's launch, and its re-read of the candidates, are gone.
 
     PHASE 0 runs everything (the GPU). The interpreter runs programs one after another, so a barrier
     would wait forever: there the launcher runs PHASE 1 (coarse), 2 (fine), 3 (counts), 4 (write) as
@@ -772,12 +782,32 @@ def fused_select_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or,
             while (tl.min(gt_eq & PUBLISHED, 0) == 0) & (i < MAX_SPINS):
                 gt_eq = tl.load(ws + WS_TILES + offs_tiles, mask=before, other=PUBLISHED, volatile=True)
                 i += 1
-        _write_selected(u, offs, ok, ws, out_ptr + row * stride_or, tile, gt_eq, ustar, need, TILES)
+        base, cnt = _write_selected(u, offs, ok, ws, out_ptr + row * stride_or, tile, gt_eq, ustar, need, TILES)
+        if RERANK:
+            tl.debug_barrier()  # this program's candidate stores are visible to all its threads
+            _rerank_written(q_ptr + row * stride_qr, kb_ptr + row * stride_kr, out_ptr + row * stride_or,
+                            sc_ptr + row * stride_sr, base, cnt, stride_kt, D, BLOCK_C)
         # the last program of the row to leave zeroes its workspace: the next launch on this stream finds it clean
         if tl.atomic_add(ws + WS_BARRIER + 2, 1, sem="acq_rel") == n_tiles - 1:
+            if RERANK:
+                _select_row(sc_ptr + row * stride_sr, out_ptr + row * stride_or, fin_ptr + row * stride_fr, n, k_fin,
+                            SEL_BLOCK, False, False)
             tl.store(ws + tl.arange(0, 512), tl.zeros([512], tl.int32))
             tl.store(ws + WS_BARRIER + tl.arange(0, 4), tl.zeros([4], tl.int32))
             tl.store(ws + WS_TILES + tl.arange(0, TILES), tl.zeros([TILES], tl.int32))
+
+
+@triton.jit
+def _rerank_written(q_row, kb_row, cand_row, sc_row, base, cnt, stride_kt, D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """sc[i] = float32(q . kb[cand[i]]) for i in [base, base + cnt): the candidates this program wrote."""
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_row + offs_d)
+    for c0 in range(0, cnt, BLOCK_C):
+        idx = base + c0 + tl.arange(0, BLOCK_C)
+        okc = idx < base + cnt
+        t = tl.load(cand_row + idx, mask=okc, other=0)
+        kk = tl.load(kb_row + t[:, None] * stride_kt + offs_d[None, :], mask=okc[:, None], other=0.0).to(tl.float32)
+        tl.store(sc_row + idx, tl.sum(kk * q[None, :], axis=1), mask=okc)
 
 
 @triton.jit

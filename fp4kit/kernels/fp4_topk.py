@@ -128,6 +128,14 @@ FUSED_RERANK = True
 # the rerank's k-th-key search: four 256-bin histograms (True) or the 32-step bitwise search (False). The byte radix
 # made two-stage FP4 at k = 2048 slower on the H100 (+30 us over single stage against +18 us, 2026-11-23)
 RERANK_BYTE_RADIX = False
+# the two-stage selection in one launch (`index_topk_rerank`): the fused select scores the candidates it writes
+# against the exact keys, and the row's last program keeps the k best; candidates scored per step of its loop
+RERANK_IN_SELECT = True
+RERANK_IN_SELECT_CHUNK = 32
+# at most this many candidates: measured on the H100 (2026-11-24, back to back) 1-2 us faster than the two calls at
+# n = 512 (k = 256) for every length and batch, but 13-37 us slower at n = 4096 (its last program's 4,096-wide
+# select, and larger select tiles to stay resident); sizes in between not measured
+RERANK_IN_SELECT_MAX = 512
 
 
 class CoarseHist(enum.Enum):
@@ -477,16 +485,27 @@ def _stream_buffer(device, what: str, rows: int, width: int = 1) -> torch.Tensor
     return buf[:rows, :width]
 
 
+def _rerank_meta(n: int, D: int) -> dict:
+    """The fused select's constexprs for the two-stage selection in one launch (`index_topk_rerank`)."""
+    return {"RERANK": True, "D": D, "BLOCK_C": 16 if _interpreting() else RERANK_IN_SELECT_CHUNK,
+            "SEL_BLOCK": triton.next_power_of_2(n)}
+
+
+def _no_rerank_args(m: torch.Tensor) -> tuple:
+    """Placeholders for the fused select's rerank arguments (unused without RERANK)."""
+    return (m, m, m, m, 0, 0, 0, 0, 0, 0)
+
+
 def _resident_programs(block: int, tiles: int, coarse: bool, warps: int, device) -> int:
     """How many programs of the fused select fit on the device at once (registers, shared memory, warps)."""
     key = (block, tiles, coarse, warps, device.index)
     if key not in _FUSED_PLAN:
-        k = _fp4_topk.fused_select_kernel.warmup(torch.empty(1, block, dtype=torch.int16, device=device),
-                                                 torch.empty(1, 516 + tiles, dtype=torch.int32, device=device),
+        m = torch.empty(1, block, dtype=torch.int16, device=device)
+        k = _fp4_topk.fused_select_kernel.warmup(m, torch.empty(1, 516 + tiles, dtype=torch.int32, device=device),
                                                  torch.empty(1, 1, dtype=torch.int64, device=device),
-                                                 1, 1, 1, 1, 1, 1, BLOCK=block, TILES=tiles, COARSE=coarse,
-                                                 PHASE=0, MAX_SPINS=_MAX_SPINS, num_warps=warps, grid=(1,),
-                                                 launch_cooperative_grid=True)
+                                                 1, 1, 1, 1, 1, 1, *_no_rerank_args(m), BLOCK=block, TILES=tiles,
+                                                 COARSE=coarse, PHASE=0, MAX_SPINS=_MAX_SPINS, num_warps=warps,
+                                                 grid=(1,), launch_cooperative_grid=True)
         k._init_handles()  # loads the binary: n_regs is known from here on
         props = torch.cuda.get_device_properties(device)
         regs = max(1, k.n_regs) * 32 * warps
@@ -510,24 +529,62 @@ def _fused_block(R: int, n_out: int, coarse: bool, device) -> tuple[int, int] | 
     return None
 
 
+def _fused_args(m: torch.Tensor, ws: torch.Tensor, n: int, block: int, warps: int, coarse: bool,
+                rerank: tuple | None = None):
+    """(args, meta, out) of `fused_select_kernel` (see `_radix_select`)."""
+    R, n_out = m.shape
+    n_tiles = triton.cdiv(n_out, block)
+    out = torch.empty(R, n, dtype=torch.int64, device=m.device)
+    args = (m, ws, out, m.stride(0), ws.stride(0), out.stride(0), n_out, n, n_tiles)
+    meta = {"BLOCK": block, "TILES": triton.next_power_of_2(n_tiles), "COARSE": coarse, "MAX_SPINS": _MAX_SPINS,
+            "num_warps": warps}
+    if rerank is None:
+        return args + _no_rerank_args(m), meta, out
+    q2, kb, k_fin = rerank
+    sc = torch.empty(R, n, dtype=torch.float32, device=m.device)
+    fin = torch.empty(R, k_fin, dtype=torch.int64, device=m.device)
+    args += (q2, kb, sc, fin, k_fin, q2.stride(0), kb.stride(0), kb.stride(1), sc.stride(0), fin.stride(0))
+    meta.update(_rerank_meta(n, kb.shape[2]))
+    return args, meta, fin
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_for(args, meta, device) -> int:
+    """Programs of this exact `fused_select_kernel` launch (its specialisation: the compiled binary the launch
+    will use) that fit on the device at once."""
+    k = _fp4_topk.fused_select_kernel.warmup(*args, grid=(1,), PHASE=0, launch_cooperative_grid=True, **meta)
+    if k.hash not in _RESIDENT:
+        k._init_handles()  # loads the binary: n_regs is known from here on
+        props = torch.cuda.get_device_properties(device)
+        warps = meta["num_warps"]
+        regs = -(-max(1, k.n_regs) // 8) * 8 * 32 * warps
+        smem = k.metadata.shared + 1024
+        per_sm = min(32, 64 // warps, 65536 // regs, props.shared_memory_per_multiprocessor // smem)
+        _RESIDENT[k.hash] = per_sm * props.multi_processor_count
+    return _RESIDENT[k.hash]
+
+
+def _run_fused(args, meta, R: int, n_tiles: int) -> None:
+    if _interpreting():  # programs run one after another: the phases the barriers separate, in turn
+        for phase in (1, 2, 3, 4):
+            _fp4_topk.fused_select_kernel[(R, n_tiles)](*args, PHASE=phase, **meta)
+    else:
+        _fp4_topk.fused_select_kernel[(R, n_tiles)](*args, PHASE=0, launch_cooperative_grid=True, **meta)
+
+
 def _radix_select(m: torch.Tensor, ws: torch.Tensor, n: int, fused: tuple[int, int] | None,
                   coarse: bool) -> torch.Tensor:
     """Positions [R, n] (ascending) of the n largest m per row, ties to the lower position. ws: the zeroed
     workspace (coarse histogram already in ws[:, 0:256] unless `coarse`, which the fused kernel builds)."""
     R, n_out = m.shape
-    out = torch.empty(R, n, dtype=torch.int64, device=m.device)
     if fused is not None:
         block, warps = fused
-        n_tiles = triton.cdiv(n_out, block)
-        args = (m, ws, out, m.stride(0), ws.stride(0), out.stride(0), n_out, n, n_tiles)
-        meta = {"BLOCK": block, "TILES": triton.next_power_of_2(n_tiles), "COARSE": coarse, "MAX_SPINS": _MAX_SPINS,
-                "num_warps": warps}
-        if _interpreting():  # programs run one after another: the phases the barriers separate, in turn
-            for phase in (1, 2, 3, 4):
-                _fp4_topk.fused_select_kernel[(R, n_tiles)](*args, PHASE=phase, **meta)
-        else:
-            _fp4_topk.fused_select_kernel[(R, n_tiles)](*args, PHASE=0, launch_cooperative_grid=True, **meta)
+        args, meta, out = _fused_args(m, ws, n, block, warps, coarse)
+        _run_fused(args, meta, R, triton.cdiv(n_out, block))
         return out
+    out = torch.empty(R, n, dtype=torch.int64, device=m.device)
     block = 64 if _interpreting() else SELECT_BLOCK
     n_tiles = triton.cdiv(n_out, block)
     tiles = triton.next_power_of_2(n_tiles)
@@ -609,6 +666,32 @@ def index_topk(q: torch.Tensor, keys: KeyCacheView, n: int, *, lo: int = 0, hi: 
     if not in_scan and not build_in_select:
         _coarse_pass(m, ws)
     return _radix_select(m, ws, n, fused, build_in_select)
+
+
+def index_topk_rerank(q_index: torch.Tensor, keys: KeyCacheView, q: torch.Tensor, keys_bf16: torch.Tensor, k: int,
+                      n: int, *, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """Two-stage selection: the n best positions in [lo, hi) by index score (`index_topk(q_index, keys, n)`),
+    then the k best of those by float32 q . k over the bf16 keys (`rerank_topk`); int64 [R, min(k, n')]
+    ascending, n' = min(n, hi - lo). Equal to those two calls, position for position. With `RERANK_IN_SELECT`
+    and the fused select, the rerank runs inside the select's launch (scan + one launch in all)."""
+    hi = _check(q_index, keys, lo, hi)
+    _check_rerank(q, keys_bf16, torch.empty(keys.rows, 0, dtype=torch.int64))
+    n = min(n, hi - lo)
+    fused_ok = (use_triton(q_index) and n > 0 and RERANK_IN_SELECT and SELECT_METHOD is SelectMethod.RADIX
+                and FUSED_SELECT and COARSE_HIST is CoarseHist.FUSED and n <= RERANK_IN_SELECT_MAX)
+    if fused_ok:
+        block_t, warps, iters, n_out = _scan_tile(keys)
+        R, dev = keys.rows, q_index.device
+        blocks = [(64, 4)] if _interpreting() else FUSED_BLOCKS
+        ws = _stream_buffer(dev, "select", R, 516 + max(triton.next_power_of_2(triton.cdiv(n_out, b)) for b, _ in blocks))
+        m = _scan(q_index, keys, lo, hi, ws, n_out, block_t, warps, iters, False)
+        for block, warps_s in blocks:  # the first whose programs (this exact binary) are all resident at once
+            n_tiles = triton.cdiv(n_out, block)
+            args, meta, fin = _fused_args(m, ws, n, block, warps_s, True, (q, keys_bf16, min(k, n)))
+            if _interpreting() or R * n_tiles <= _resident_for(args, meta, dev):
+                _run_fused(args, meta, R, n_tiles)
+                return fin
+    return rerank_topk(q, keys_bf16, index_topk(q_index, keys, n, lo=lo, hi=hi), k)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ from dataclasses import dataclass
 import torch
 
 from fp4kit.formats import MXFP4Config, NVFP4Config, ScaleRule, quantize_mxfp4, quantize_nvfp4
-from fp4kit.kernels.fp4_topk import KeyCacheView, KeyFormat, index_topk, rerank_topk, topk_order_torch
+from fp4kit.kernels.fp4_topk import KeyCacheView, KeyFormat, index_topk, index_topk_rerank, topk_order_torch
 from fp4kit.nn.rotation import hadamard
 
 
@@ -413,8 +413,7 @@ def select_decode(q: torch.Tensor, keys: torch.Tensor, config: IndexerConfig, *,
                 else KeyCacheView(KeyFormat.BF16, index_keys(keys, config).reshape(B * Hkv, L, D).bfloat16()))
         q_round = _round_query(q_index, config, fp4_cache)
         if config.rerank > 1:
-            cand = index_topk(q_round, view, config.candidates, lo=lo, hi=hi)
-            chosen = rerank_topk(q_index, rows.bfloat16(), cand, n)
+            chosen = index_topk_rerank(q_round, view, q_index, rows.bfloat16(), n, config.candidates, lo=lo, hi=hi)
         else:
             chosen = index_topk(q_round, view, n, lo=lo, hi=hi)
     else:

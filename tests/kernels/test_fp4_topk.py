@@ -440,3 +440,34 @@ def test_persistent_scan_equals_tiled_scan(fmt, lo, hi, monkeypatch):
     scores = got[True][0]
     assert bool((scores[:, :lo] == -32768).all()) and bool((scores[:, hi:] == -32768).all())
     assert int(got[True][1][:, :256].sum()) == 2 * (hi - lo)
+
+
+@pytest.mark.parametrize("n,k,lo,hi", [(24, 8, 0, None), (150, 40, 7, 390), (300, 300, 0, None), (5, 3, 2, 6)])
+def test_two_stage_in_one_launch_equals_the_two_calls(n, k, lo, hi, monkeypatch):
+    """`index_topk_rerank` with the rerank inside the fused select (each program scores the candidates it writes,
+    the row's last program keeps the k best) returns what index_topk + rerank_topk return, and what the twins
+    return: small-integer bf16 keys, so every float32 exact score is exact and has ties; FP4 index keys that tie
+    too. Several select tiles per row, a [lo, hi) window, k = n, and fewer positions in the window than n."""
+    import fp4kit.kernels.fp4_topk as m
+    from fp4kit.kernels.fp4_topk import index_topk_rerank
+
+    torch.manual_seed(3)
+    exact_keys = torch.randint(-2, 3, (2, 400, 64)).bfloat16()
+    q_exact = torch.randint(-2, 3, (2, 64)).float()
+    keys = mx_keys(exact_keys.float() + 0.3 * torch.randn(2, 400, 64))
+    q_index = mx_query(q_exact)
+    want_twin = rerank_topk_torch(q_exact, exact_keys, index_topk_torch(q_index, keys, n, lo=lo, hi=hi), k)
+    monkeypatch.setattr(m, "RERANK_IN_SELECT", False)
+    two_calls = index_topk_rerank(q_index, keys, q_exact, exact_keys, k, n, lo=lo, hi=hi)
+    monkeypatch.setattr(m, "RERANK_IN_SELECT", True)
+
+    def no_second_launch(*a, **kw):
+        raise AssertionError("the one-launch path fell back to rerank_topk")
+
+    if m.HAS_TRITON:  # the kernels run (interpreter or GPU): the fused path must not fall back
+        monkeypatch.setattr(m, "rerank_topk", no_second_launch)
+    one_launch = index_topk_rerank(q_index, keys, q_exact, exact_keys, k, n, lo=lo, hi=hi)
+    assert torch.equal(two_calls, want_twin)
+    assert torch.equal(one_launch, want_twin)
+    if m.HAS_TRITON:  # its last programs leave the select's workspace zero for the next launch
+        assert int(m._stream_buffer(q_index.device, "select", 2, 1).abs().sum()) == 0
