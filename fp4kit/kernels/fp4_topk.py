@@ -28,7 +28,10 @@ waits only for the tiles before it to publish their counts. Its int32 workspace 
 stream and is zeroed again by the row's last program, so a selection is two launches (scan +
 select) and no memset. Unfused, steps 2-4 are three launches (each program recomputes the
 thresholds from the histograms, so no per-row threshold launches).
-The rerank scores n <= 8192 candidates (many programs) and takes the k best in one program per row:
+`index_topk_rerank` runs both stages; with at most `RERANK_IN_SELECT_MAX` candidates the fused select itself
+scores the candidates each program writes against the bf16 keys and the row's last program takes the k best
+(scan + one launch). Otherwise, and in `rerank_topk`:
+the rerank scores n <= 8192 candidates (many programs) and takes the k best in one program per row:
 a 32-step bitwise search for the k-th best float32 key, then the same ">, then the first ties" write
 (`FUSED_RERANK`, on since round 3: both in one launch, the row's last program selecting;
 `RERANK_BYTE_RADIX` / `RERANK_DIGITS`: the search by four byte histograms or 4 bits per step instead,
