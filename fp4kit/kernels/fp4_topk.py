@@ -371,6 +371,16 @@ def _persistent(keys: KeyCacheView) -> bool:
         keys.format is KeyFormat.MXFP4 and MXFP4_TENSOR_CORES)
 
 
+def _fits_per_sm(k, warps: int, device) -> int:
+    """Programs of compiled kernel k (`warps` warps each) resident on one SM at once: registers (allocated 8 per
+    thread at a time), shared memory (+1 KB the driver reserves per block) and warps."""
+    k._init_handles()  # loads the binary: n_regs is known from here on
+    props = torch.cuda.get_device_properties(device)
+    regs = -(-max(1, k.n_regs) // 8) * 8 * 32 * warps
+    smem = k.metadata.shared + 1024
+    return max(1, min(32, 64 // warps, 65536 // regs, props.shared_memory_per_multiprocessor // smem))
+
+
 _SCAN_PLAN: dict = {}
 
 
@@ -381,12 +391,7 @@ def _programs_per_sm(args, meta, fmt: str, device) -> int:
     key = (fmt, device.index, tuple(sorted(meta.items())))
     if key not in _SCAN_PLAN:
         k = _fp4_topk.index_scan_kernel.warmup(*args, grid=(1,), **meta)
-        k._init_handles()  # loads the binary: n_regs is known from here on
-        props = torch.cuda.get_device_properties(device)
-        warps = meta["num_warps"]
-        regs = -(-max(1, k.n_regs) // 8) * 8 * 32 * warps  # registers are allocated 8 per thread at a time
-        smem = k.metadata.shared + 1024
-        _SCAN_PLAN[key] = max(1, min(32, 64 // warps, 65536 // regs, props.shared_memory_per_multiprocessor // smem))
+        _SCAN_PLAN[key] = _fits_per_sm(k, meta["num_warps"], device)
     return _SCAN_PLAN[key]
 
 
@@ -509,12 +514,8 @@ def _resident_programs(block: int, tiles: int, coarse: bool, warps: int, device)
                                                  1, 1, 1, 1, 1, 1, *_no_rerank_args(m), BLOCK=block, TILES=tiles,
                                                  COARSE=coarse, PHASE=0, MAX_SPINS=_MAX_SPINS, num_warps=warps,
                                                  grid=(1,), launch_cooperative_grid=True)
-        k._init_handles()  # loads the binary: n_regs is known from here on
-        props = torch.cuda.get_device_properties(device)
-        regs = max(1, k.n_regs) * 32 * warps
-        smem = k.metadata.shared + 1024
-        per_sm = min(32, 64 // warps, 65536 // regs, props.shared_memory_per_multiprocessor // smem)
-        _FUSED_PLAN[key] = per_sm * props.multi_processor_count
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        _FUSED_PLAN[key] = _fits_per_sm(k, warps, device) * sms
     return _FUSED_PLAN[key]
 
 
@@ -559,13 +560,8 @@ def _resident_for(args, meta, device) -> int:
     will use) that fit on the device at once."""
     k = _fp4_topk.fused_select_kernel.warmup(*args, grid=(1,), PHASE=0, launch_cooperative_grid=True, **meta)
     if k.hash not in _RESIDENT:
-        k._init_handles()  # loads the binary: n_regs is known from here on
-        props = torch.cuda.get_device_properties(device)
-        warps = meta["num_warps"]
-        regs = -(-max(1, k.n_regs) // 8) * 8 * 32 * warps
-        smem = k.metadata.shared + 1024
-        per_sm = min(32, 64 // warps, 65536 // regs, props.shared_memory_per_multiprocessor // smem)
-        _RESIDENT[k.hash] = per_sm * props.multi_processor_count
+        _RESIDENT[k.hash] = (_fits_per_sm(k, meta["num_warps"], device)
+                             * torch.cuda.get_device_properties(device).multi_processor_count)
     return _RESIDENT[k.hash]
 
 
@@ -686,7 +682,8 @@ def index_topk_rerank(q_index: torch.Tensor, keys: KeyCacheView, q: torch.Tensor
         block_t, warps, iters, n_out = _scan_tile(keys)
         R, dev = keys.rows, q_index.device
         blocks = [(64, 4)] if _interpreting() else FUSED_BLOCKS
-        ws = _stream_buffer(dev, "select", R, 516 + max(triton.next_power_of_2(triton.cdiv(n_out, b)) for b, _ in blocks))
+        tiles = max(triton.next_power_of_2(triton.cdiv(n_out, b)) for b, _ in blocks)
+        ws = _stream_buffer(dev, "select", R, 516 + tiles)
         m = _scan(q_index, keys, lo, hi, ws, n_out, block_t, warps, iters, False)
         for block, warps_s in blocks:  # the first whose programs (this exact binary) are all resident at once
             n_tiles = triton.cdiv(n_out, block)
