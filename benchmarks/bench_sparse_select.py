@@ -333,9 +333,8 @@ def _select_alone(m, n, method):
                 STEP=fp4_topk.THRESH_SEARCH_STEP, PHASE=0, MAX_SPINS=fp4_topk._MAX_SPINS, num_warps=warps_c)
             return out
         return run
-    fused = fp4_topk._fused_block(R, n_out, True, m.device)
-    ws = fp4_topk._stream_buffer(m.device, "select", R, 516 + triton.next_power_of_2(triton.cdiv(n_out, fused[0])))
-    return lambda: fp4_topk._radix_select(m, ws, n, fused, True)
+    ws = fp4_topk._select_ws(m.device, R, n_out)
+    return lambda: fp4_topk._radix_select(m, ws, n, False)
 
 
 def _scan_only(q, view):

@@ -524,6 +524,7 @@ def index_scan_kernel(q_ptr, k_ptr, s_ptr, out_ptr, hist_ptr, mx_ptr, lo, hi, n_
         qd = tl.load(q_row + tl.arange(0, D))
         ex, sq, ql0, ql1, ql2, ql3, qh0, qh1, qh2, qh3, p0, p1, p2, p3 = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, \
             0.0, 0, 0, 0, 0
+    hist = tl.zeros([256], tl.int32)  # HIST: this program's high-byte histogram, added to the row's once at the end
     for t in range(p, n_tiles, P):
         offs_n = offs_t + P * BLOCK_T
         valid_n = (offs_n >= lo) & (offs_n < hi)  # all false past the last tile: no loads issued
@@ -536,10 +537,14 @@ def index_scan_kernel(q_ptr, k_ptr, s_ptr, out_ptr, hist_ptr, mx_ptr, lo, hi, n_
             a_n, b_n = _dense_load(k_ptr, s_ptr, offs_n, valid_n, row, stride_kr, stride_kt, stride_sr, stride_st,
                                    D, FMT)
             score = _dense_scores(a, b, qd, FMT)
-        m = _finish_tile(score, valid, out_ptr, hist_ptr, row, offs_t, n_out, stride_or, stride_hr, HIST)
+        m = _finish_tile(score, valid, out_ptr, hist_ptr, row, offs_t, n_out, stride_or, stride_hr, False)
+        if HIST:
+            hist += tl.histogram((m + 32768) >> 8, 256, mask=valid)
         if G > 0:
             _store_maxima(mx_ptr + row * stride_xr, m, t * BLOCK_T, BLOCK_T, G)
         a, b, offs_t, valid = a_n, b_n, offs_n, valid_n
+    if HIST:
+        tl.atomic_add(hist_ptr + row * stride_hr + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------

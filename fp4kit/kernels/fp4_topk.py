@@ -150,6 +150,11 @@ class CoarseHist(enum.Enum):
 
 
 COARSE_HIST = CoarseHist.FUSED
+# per key format, where it differs from COARSE_HIST. FP8 keys: in the (tiled) scan, whose programs wait on memory
+# anyway: at 128K x 8 on the H100 a whole FP8 selection took 69-70 us against 73-75 with the histogram in the select
+# (benchmarks/bench_select_variants.py, 2026-11-24). MXFP4 keys keep it in the select: the persistent scan's
+# per-tile histogram (a CTA barrier in every tile) cost 12.5 us there, the select's ~6
+COARSE_HIST_FORMAT: dict = {"fp8": CoarseHist.SCAN}
 
 
 class SelectMethod(enum.Enum):
@@ -457,11 +462,12 @@ def index_score_bits(q: torch.Tensor, keys: KeyCacheView, *, lo: int = 0, hi: in
                      hist: torch.Tensor | None = None) -> torch.Tensor:
     """The scan alone: monotone int16 bf16 scores [R, L_pad] (L_pad: L rounded up to the tile),
     -32768 outside [lo, hi). `hist` (int32 [R, >= 512], zeroed) receives the high-byte histogram in
-    hist[:, 0:256] (inside the scan with `COARSE_HIST` SCAN, else by a pass over the scores)."""
+    hist[:, 0:256] (inside the scan where the format's place is SCAN, `_coarse_place`, else by a pass over the
+    scores)."""
     hi = _check(q, keys, lo, hi)
     block_t, warps, iters, n_out = _scan_tile(keys)
     hist = torch.zeros(keys.rows, 512, dtype=torch.int32, device=q.device) if hist is None else hist
-    in_scan = COARSE_HIST is CoarseHist.SCAN
+    in_scan = _coarse_place(keys) is CoarseHist.SCAN
     m = _scan(q, keys, lo, hi, hist, n_out, block_t, warps, iters, in_scan)
     if not in_scan:
         _coarse_pass(m, hist)
@@ -473,7 +479,6 @@ def bits_to_bf16(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m < 0, m ^ 0x7FFF, m).view(torch.bfloat16)
 
 
-_FUSED_PLAN: dict = {}
 _STREAM_BUFFERS: dict = {}  # (device, stream, what) -> int32 buffer that starts zero; the kernels leave it zero
 _RETIRED: list = []  # outgrown buffers stay alive: CUDA graphs captured earlier may still point at them
 
@@ -504,33 +509,28 @@ def _no_rerank_args(m: torch.Tensor) -> tuple:
     return (m, m, m, m, 0, 0, 0, 0, 0, 0)
 
 
-def _resident_programs(block: int, tiles: int, coarse: bool, warps: int, device) -> int:
-    """How many programs of the fused select fit on the device at once (registers, shared memory, warps)."""
-    key = (block, tiles, coarse, warps, device.index)
-    if key not in _FUSED_PLAN:
-        m = torch.empty(1, block, dtype=torch.int16, device=device)
-        k = _fp4_topk.fused_select_kernel.warmup(m, torch.empty(1, 516 + tiles, dtype=torch.int32, device=device),
-                                                 torch.empty(1, 1, dtype=torch.int64, device=device),
-                                                 1, 1, 1, 1, 1, 1, *_no_rerank_args(m), BLOCK=block, TILES=tiles,
-                                                 COARSE=coarse, PHASE=0, MAX_SPINS=_MAX_SPINS, num_warps=warps,
-                                                 grid=(1,), launch_cooperative_grid=True)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        _FUSED_PLAN[key] = _fits_per_sm(k, warps, device) * sms
-    return _FUSED_PLAN[key]
-
-
 _MAX_SPINS = 1 << 22  # a barrier that waits longer than this (~tens of ms) gives up: a wrong selection, not a hang
 
 
-def _fused_block(R: int, n_out: int, coarse: bool, device) -> tuple[int, int] | None:
-    """(BLOCK, warps) of the fused select whose R x tiles programs are all resident, or None."""
-    if _interpreting():
-        return 64, 4
-    for block, warps in FUSED_BLOCKS:
-        tiles = triton.next_power_of_2(triton.cdiv(n_out, block))
-        if R * triton.cdiv(n_out, block) <= _resident_programs(block, tiles, coarse, warps, device):
-            return block, warps
-    return None
+def _coarse_place(keys: KeyCacheView) -> CoarseHist:
+    """Where the coarse histogram is built for this key format (`COARSE_HIST_FORMAT`, else `COARSE_HIST`)."""
+    return COARSE_HIST_FORMAT.get(keys.format.value, COARSE_HIST)
+
+
+def _fused_blocks() -> list:
+    """The (positions per program, warps) the fused select tries in turn (none when it is off)."""
+    if not FUSED_SELECT:
+        return []
+    return [(64, 4)] if _interpreting() else list(FUSED_BLOCKS)
+
+
+def _select_ws(device, R: int, n_out: int) -> torch.Tensor:
+    """The select's zeroed int32 workspace, wide enough for every block the fused select may take and for the
+    unfused passes: this stream's buffer, which the fused select leaves zero (`_radix_select` zeroes it after an
+    unfused fallback)."""
+    blocks = [b for b, _ in _fused_blocks()] + [64 if _interpreting() else SELECT_BLOCK]
+    tiles = max(triton.next_power_of_2(triton.cdiv(n_out, b)) for b in blocks)
+    return _stream_buffer(device, "select", R, 516 + tiles)
 
 
 def _fused_args(m: torch.Tensor, ws: torch.Tensor, n: int, block: int, warps: int, coarse: bool,
@@ -573,16 +573,20 @@ def _run_fused(args, meta, R: int, n_tiles: int) -> None:
         _fp4_topk.fused_select_kernel[(R, n_tiles)](*args, PHASE=0, launch_cooperative_grid=True, **meta)
 
 
-def _radix_select(m: torch.Tensor, ws: torch.Tensor, n: int, fused: tuple[int, int] | None,
-                  coarse: bool) -> torch.Tensor:
-    """Positions [R, n] (ascending) of the n largest m per row, ties to the lower position. ws: the zeroed
-    workspace (coarse histogram already in ws[:, 0:256] unless `coarse`, which the fused kernel builds)."""
+def _radix_select(m: torch.Tensor, ws: torch.Tensor, n: int, have_coarse: bool) -> torch.Tensor:
+    """Positions [R, n] (ascending) of the n largest m per row, ties to the lower position. ws: `_select_ws`
+    (with the coarse histogram in ws[:, 0:256] already if `have_coarse`). The fused select with the first
+    of `_fused_blocks` whose programs, in the exact binary this launch runs, are all resident at once (a
+    cooperative launch must be); otherwise the unfused passes, after which ws is zeroed again."""
     R, n_out = m.shape
-    if fused is not None:
-        block, warps = fused
-        args, meta, out = _fused_args(m, ws, n, block, warps, coarse)
-        _run_fused(args, meta, R, triton.cdiv(n_out, block))
-        return out
+    for block, warps in _fused_blocks():
+        args, meta, out = _fused_args(m, ws, n, block, warps, not have_coarse)
+        n_tiles = triton.cdiv(n_out, block)
+        if _interpreting() or R * n_tiles <= _resident_for(args, meta, m.device):
+            _run_fused(args, meta, R, n_tiles)
+            return out
+    if not have_coarse:
+        _coarse_pass(m, ws)
     out = torch.empty(R, n, dtype=torch.int64, device=m.device)
     block = 64 if _interpreting() else SELECT_BLOCK
     n_tiles = triton.cdiv(n_out, block)
@@ -592,6 +596,7 @@ def _radix_select(m: torch.Tensor, ws: torch.Tensor, n: int, fused: tuple[int, i
     _fp4_topk.tile_count_kernel[(R, n_tiles)](m, ws, *common, n_out, n, BLOCK=block, num_warps=4)
     _fp4_topk.tile_write_kernel[(R, n_tiles)](m, ws, out, *common, out.stride(0), n_out, n, BLOCK=block,
                                               TILES=tiles, num_warps=4)
+    ws.zero_()  # the unfused passes leave their counts: the next selection on this stream finds the buffer zero
     return out
 
 
@@ -650,21 +655,12 @@ def index_topk(q: torch.Tensor, keys: KeyCacheView, n: int, *, lo: int = 0, hi: 
     group = _group_size(n, n_out, block_t) if SELECT_METHOD is SelectMethod.THRESHOLD else 0
     if group:
         return _threshold_select(q, keys, n, lo, hi, block_t, warps, iters, n_out, group)
-    R = keys.rows
-    coarse_fused = COARSE_HIST is CoarseHist.FUSED
-    fused = _fused_block(R, n_out, coarse_fused, q.device) if FUSED_SELECT else None
-    if fused is not None:  # the fused select leaves its workspace zero
-        ws = _stream_buffer(q.device, "select", R, 516 + triton.next_power_of_2(triton.cdiv(n_out, fused[0])))
-    else:
-        block = 64 if _interpreting() else SELECT_BLOCK
-        ws = torch.zeros(R, 516 + triton.next_power_of_2(triton.cdiv(n_out, block)), dtype=torch.int32,
-                         device=q.device)
-    in_scan = COARSE_HIST is CoarseHist.SCAN
-    m = _scan(q, keys, lo, hi, ws, n_out, block_t, warps, iters, in_scan)
-    build_in_select = coarse_fused and fused is not None
-    if not in_scan and not build_in_select:
+    place = _coarse_place(keys)
+    ws = _select_ws(q.device, keys.rows, n_out)
+    m = _scan(q, keys, lo, hi, ws, n_out, block_t, warps, iters, place is CoarseHist.SCAN)
+    if place is CoarseHist.PASS:
         _coarse_pass(m, ws)
-    return _radix_select(m, ws, n, fused, build_in_select)
+    return _radix_select(m, ws, n, place is not CoarseHist.FUSED)
 
 
 def index_topk_rerank(q_index: torch.Tensor, keys: KeyCacheView, q: torch.Tensor, keys_bf16: torch.Tensor, k: int,
@@ -676,21 +672,23 @@ def index_topk_rerank(q_index: torch.Tensor, keys: KeyCacheView, q: torch.Tensor
     hi = _check(q_index, keys, lo, hi)
     _check_rerank(q, keys_bf16, torch.empty(keys.rows, 0, dtype=torch.int64))
     n = min(n, hi - lo)
+    place = _coarse_place(keys)
     fused_ok = (use_triton(q_index) and n > 0 and RERANK_IN_SELECT and SELECT_METHOD is SelectMethod.RADIX
-                and FUSED_SELECT and COARSE_HIST is CoarseHist.FUSED and n <= RERANK_IN_SELECT_MAX)
+                and FUSED_SELECT and place is not CoarseHist.PASS and n <= RERANK_IN_SELECT_MAX)
     if fused_ok:
         block_t, warps, iters, n_out = _scan_tile(keys)
         R, dev = keys.rows, q_index.device
-        blocks = [(64, 4)] if _interpreting() else FUSED_BLOCKS
-        tiles = max(triton.next_power_of_2(triton.cdiv(n_out, b)) for b, _ in blocks)
-        ws = _stream_buffer(dev, "select", R, 516 + tiles)
-        m = _scan(q_index, keys, lo, hi, ws, n_out, block_t, warps, iters, False)
-        for block, warps_s in blocks:  # the first whose programs (this exact binary) are all resident at once
+        ws = _select_ws(dev, R, n_out)
+        in_scan = place is CoarseHist.SCAN
+        m = _scan(q_index, keys, lo, hi, ws, n_out, block_t, warps, iters, in_scan)
+        for block, warps_s in _fused_blocks():  # the first whose programs (this exact binary) all fit at once
             n_tiles = triton.cdiv(n_out, block)
-            args, meta, fin = _fused_args(m, ws, n, block, warps_s, True, (q, keys_bf16, min(k, n)))
+            args, meta, fin = _fused_args(m, ws, n, block, warps_s, not in_scan, (q, keys_bf16, min(k, n)))
             if _interpreting() or R * n_tiles <= _resident_for(args, meta, dev):
                 _run_fused(args, meta, R, n_tiles)
                 return fin
+        if in_scan:  # no fused select ran to clear the scan's histogram: the next call must find it zero
+            ws.zero_()
     return rerank_topk(q, keys_bf16, index_topk(q_index, keys, n, lo=lo, hi=hi), k)
 
 

@@ -148,9 +148,11 @@ def test_every_histogram_place_and_select_path_selects_the_same(fused, monkeypat
     want = index_topk_torch(q, keys, 30, lo=2)
     monkeypatch.setattr(m, "SELECT_METHOD", m.SelectMethod.RADIX)
     monkeypatch.setattr(m, "FUSED_SELECT", fused)
-    for place in m.CoarseHist:
-        monkeypatch.setattr(m, "COARSE_HIST", place)
-        assert torch.equal(index_topk(q, keys, 30, lo=2), want), place
+    for persistent in (False, True):  # the tiled scan adds a histogram per tile, the persistent one per program
+        monkeypatch.setitem(m.SCAN_PERSISTENT, "mxfp4", persistent)
+        for place in m.CoarseHist:
+            monkeypatch.setattr(m, "COARSE_HIST", place)
+            assert torch.equal(index_topk(q, keys, 30, lo=2), want), (place, persistent)
 
 
 def test_strided_cache_slice_reads_in_place():
@@ -279,6 +281,16 @@ def test_fused_kernels_leave_their_workspaces_zero(fused, method, monkeypatch):
         assert torch.equal(cand, index_topk_torch(q, keys, 40, lo=1))
         assert torch.equal(rerank_topk(q, keys_f.bfloat16(), cand, 9),
                            rerank_topk_torch(q, keys_f.bfloat16(), cand, 9))
+        # FP8 keys: the coarse histogram in the scan (`COARSE_HIST_FORMAT`) selects what the select's own does
+        fp8 = keys_of(KeyFormat.FP8, keys_f)
+        assert m._coarse_place(fp8) is m.CoarseHist.SCAN
+        in_scan = index_topk(keys_f[:, 0], fp8, 40, lo=1)
+        monkeypatch.setattr(m, "COARSE_HIST_FORMAT", {})
+        assert torch.equal(in_scan, index_topk(keys_f[:, 0], fp8, 40, lo=1))
+        monkeypatch.undo()
+        monkeypatch.setattr(m, "SELECT_METHOD", m.SelectMethod[method])
+        monkeypatch.setattr(m, "FUSED_SELECT", fused)
+        monkeypatch.setattr(m, "FUSED_RERANK", fused)
     for buf in m._STREAM_BUFFERS.values():
         assert int(buf.abs().sum()) == 0
 
@@ -442,8 +454,10 @@ def test_persistent_scan_equals_tiled_scan(fmt, lo, hi, monkeypatch):
     assert int(got[True][1][:, :256].sum()) == 2 * (hi - lo)
 
 
-@pytest.mark.parametrize("n,k,lo,hi", [(24, 8, 0, None), (150, 40, 7, 390), (300, 300, 0, None), (5, 3, 2, 6)])
-def test_two_stage_in_one_launch_equals_the_two_calls(n, k, lo, hi, monkeypatch):
+@pytest.mark.parametrize("n,k,lo,hi,place", [(24, 8, 0, None, "FUSED"), (150, 40, 7, 390, "FUSED"),
+                                             (300, 300, 0, None, "FUSED"), (5, 3, 2, 6, "FUSED"),
+                                             (150, 40, 7, 390, "SCAN")])
+def test_two_stage_in_one_launch_equals_the_two_calls(n, k, lo, hi, place, monkeypatch):
     """`index_topk_rerank` with the rerank inside the fused select (each program scores the candidates it writes,
     the row's last program keeps the k best) returns what index_topk + rerank_topk return, and what the twins
     return: small-integer bf16 keys, so every float32 exact score is exact and has ties; FP4 index keys that tie
@@ -457,6 +471,7 @@ def test_two_stage_in_one_launch_equals_the_two_calls(n, k, lo, hi, monkeypatch)
     keys = mx_keys(exact_keys.float() + 0.3 * torch.randn(2, 400, 64))
     q_index = mx_query(q_exact)
     want_twin = rerank_topk_torch(q_exact, exact_keys, index_topk_torch(q_index, keys, n, lo=lo, hi=hi), k)
+    monkeypatch.setattr(m, "COARSE_HIST", m.CoarseHist[place])  # the coarse histogram in the select or the scan
     monkeypatch.setattr(m, "RERANK_IN_SELECT", False)
     two_calls = index_topk_rerank(q_index, keys, q_exact, exact_keys, k, n, lo=lo, hi=hi)
     monkeypatch.setattr(m, "RERANK_IN_SELECT", True)
