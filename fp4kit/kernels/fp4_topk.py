@@ -15,8 +15,8 @@ is a set: both stages return positions in ascending order (what a gather of K/V 
 
 How the kernels select without sorting (a radix select, all on the GPU, graph-capturable):
     1. scan: score every position, write its bf16 score as a monotone int16 m (2 bytes)
-    2. a per-row 256-bin histogram of m's high byte (where: `COARSE_HIST_FORMAT` / `COARSE_HIST`), the bin b1 holding the
-       n-th best score
+    2. a per-row 256-bin histogram of m's high byte (where: `COARSE_HIST_FORMAT` / `COARSE_HIST`), the
+       bin b1 holding the n-th best score
     3. histogram of the low byte over the positions in bin b1: the n-th best score u* and
        need = n - #(score > u*)
     4. per tile: #(> u*) and #(== u*); then each tile writes its positions with score > u* and its
