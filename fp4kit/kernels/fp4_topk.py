@@ -555,14 +555,24 @@ def _fused_args(m: torch.Tensor, ws: torch.Tensor, n: int, block: int, warps: in
 _RESIDENT: dict = {}
 
 
+def _specialisation(args) -> tuple:
+    """What Triton specialises a launch on, per argument: a tensor's dtype and 16-byte alignment; an int's
+    equality to 1, divisibility by 16 and width. Two launches with equal tuples (and equal constexprs) run the
+    same binary."""
+    return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                 else (a == 1, a % 16 == 0, -2**31 <= a < 2**31) if isinstance(a, int) else type(a) for a in args)
+
+
 def _resident_for(args, meta, device) -> int:
     """Programs of this exact `fused_select_kernel` launch (its specialisation: the compiled binary the launch
-    will use) that fit on the device at once."""
-    k = _fp4_topk.fused_select_kernel.warmup(*args, grid=(1,), PHASE=0, launch_cooperative_grid=True, **meta)
-    if k.hash not in _RESIDENT:
-        _RESIDENT[k.hash] = (_fits_per_sm(k, meta["num_warps"], device)
-                             * torch.cuda.get_device_properties(device).multi_processor_count)
-    return _RESIDENT[k.hash]
+    will use) that fit on the device at once. Cached per specialisation: the JIT lookup (a launch's worth of
+    host time) runs once per new one, not per call."""
+    key = (_specialisation(args), tuple(sorted(meta.items())), device.index)
+    if key not in _RESIDENT:
+        k = _fp4_topk.fused_select_kernel.warmup(*args, grid=(1,), PHASE=0, launch_cooperative_grid=True, **meta)
+        _RESIDENT[key] = (_fits_per_sm(k, meta["num_warps"], device)
+                          * torch.cuda.get_device_properties(device).multi_processor_count)
+    return _RESIDENT[key]
 
 
 def _run_fused(args, meta, R: int, n_tiles: int) -> None:

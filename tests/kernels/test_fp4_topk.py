@@ -282,15 +282,12 @@ def test_fused_kernels_leave_their_workspaces_zero(fused, method, monkeypatch):
         assert torch.equal(rerank_topk(q, keys_f.bfloat16(), cand, 9),
                            rerank_topk_torch(q, keys_f.bfloat16(), cand, 9))
         # FP8 keys: the coarse histogram in the scan (`COARSE_HIST_FORMAT`) selects what the select's own does
-        fp8 = keys_of(KeyFormat.FP8, keys_f)
+        fp8, per_format = keys_of(KeyFormat.FP8, keys_f), m.COARSE_HIST_FORMAT
         assert m._coarse_place(fp8) is m.CoarseHist.SCAN
         in_scan = index_topk(keys_f[:, 0], fp8, 40, lo=1)
         monkeypatch.setattr(m, "COARSE_HIST_FORMAT", {})
         assert torch.equal(in_scan, index_topk(keys_f[:, 0], fp8, 40, lo=1))
-        monkeypatch.undo()
-        monkeypatch.setattr(m, "SELECT_METHOD", m.SelectMethod[method])
-        monkeypatch.setattr(m, "FUSED_SELECT", fused)
-        monkeypatch.setattr(m, "FUSED_RERANK", fused)
+        monkeypatch.setattr(m, "COARSE_HIST_FORMAT", per_format)
     for buf in m._STREAM_BUFFERS.values():
         assert int(buf.abs().sum()) == 0
 
@@ -486,3 +483,29 @@ def test_two_stage_in_one_launch_equals_the_two_calls(n, k, lo, hi, place, monke
     assert torch.equal(one_launch, want_twin)
     if m.HAS_TRITON:  # its last programs leave the select's workspace zero for the next launch
         assert int(m._stream_buffer(q_index.device, "select", 2, 1).abs().sum()) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="residency of a compiled binary: needs a GPU")
+def test_select_residency_cache_matches_the_binary(monkeypatch):
+    """`_resident_for` caches per Triton specialisation: for launches that differ in row count, length, n and
+    workspace stride (aligned and not), the cached answer equals what the exact binary's warmup says, and a repeated
+    specialisation does not compile or look up the JIT again."""
+    import fp4kit.kernels.fp4_topk as m
+
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    for R, n_out, n, w in [(8, 131072, 512, 2200), (1, 4096, 1, 600), (3, 131072, 17, 1033)]:
+        scores = torch.zeros(R, n_out, dtype=torch.int16, device=dev)
+        ws = torch.zeros(R, w, dtype=torch.int32, device=dev)[:, :w - 7]
+        for block, warps in m.FUSED_BLOCKS:
+            args, meta, _ = m._fused_args(scores, ws, n, block, warps, True)
+            got = m._resident_for(args, meta, dev)
+            k = m._fp4_topk.fused_select_kernel.warmup(*args, grid=(1,), PHASE=0, launch_cooperative_grid=True,
+                                                       **meta)
+            assert got == m._fits_per_sm(k, warps, dev) * sms, (R, n_out, n, block)
+    calls = []
+    warmup = m._fp4_topk.fused_select_kernel.warmup
+    monkeypatch.setattr(m._fp4_topk.fused_select_kernel, "warmup", lambda *a, **kw: calls.append(1) or warmup(*a, **kw))
+    args, meta, _ = m._fused_args(scores, ws, n, *m.FUSED_BLOCKS[0], True)
+    m._resident_for(args, meta, dev)
+    assert calls == []
