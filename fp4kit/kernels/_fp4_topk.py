@@ -652,6 +652,12 @@ def _coarse_bin(ws, n):
 def _threshold(ws, n):
     """(u*, need): the n-th best u and how many positions equal to it are taken (fine histogram at ws[256:512])."""
     b1, above = _coarse_bin(ws, n)
+    return _fine_threshold(ws, b1, above, n)
+
+
+@triton.jit
+def _fine_threshold(ws, b1, above, n):
+    """`_threshold` with the coarse bin b1 and the count above it already known."""
     h = tl.load(ws + 256 + tl.arange(0, 256), volatile=True)
     f, above_f = _suffix_threshold(h, above, n)
     return b1 * 256 + f, n - above_f
@@ -690,20 +696,22 @@ def _publish(ws, tile, gt, eq):
 
 
 @triton.jit
-def _write_selected(u, offs, ok, ws, out_row, tile, gt_eq, ustar, need, TILES: tl.constexpr):
-    """Write the tile's selected positions in ascending order: all above u*, then the first `need` equal
-    to it overall. gt_eq: the packed counts of tiles 0..TILES-1 (only those before `tile` are used)."""
+def _write_selected(gt, eq, n_gt, n_eq, offs, out_row, tile, gt_eq, need, TILES: tl.constexpr):
+    """Write the tile's selected positions in ascending order: all above u* (gt: 1 where), then the first
+    `need` equal to it overall (eq: 1 where; n_gt / n_eq their counts in this tile). gt_eq: the packed
+    counts of tiles 0..TILES-1 (only those before `tile` are used). Returns (first slot, positions written)."""
     before = tl.arange(0, TILES) < tile
     gt_before = tl.sum(tl.where(before, (gt_eq >> 15) & 0x7FFF, 0), 0)
     eq_before = tl.sum(tl.where(before, gt_eq & 0x7FFF, 0), 0)
-    gt = (ok & (u > ustar)).to(tl.int32)
-    eq = (ok & (u == ustar)).to(tl.int32)
-    tie_rank = eq_before + tl.cumsum(eq, 0) - eq
-    sel = gt | (eq & (tie_rank < need).to(tl.int32))
+    take = tl.minimum(tl.maximum(need - eq_before, 0), n_eq)  # this tile's ties taken: its first `take`
+    if take == n_eq:  # all of them (the usual case): no rank among the ties needed
+        sel = gt | eq
+    else:
+        sel = gt | (eq & ((tl.cumsum(eq, 0) - eq) < take).to(tl.int32))
     base = gt_before + tl.minimum(eq_before, need)
     slot = base + tl.cumsum(sel, 0) - sel
     tl.store(out_row + slot, offs.to(tl.int64), mask=sel != 0)
-    return base, tl.sum(sel, 0)
+    return base, n_gt + take
 
 
 @triton.jit
@@ -718,7 +726,9 @@ def tile_write_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or, n
     ws = ws_ptr + row * stride_wr
     ustar, need = _threshold(ws, n)
     gt_eq = tl.load(ws + WS_TILES + tl.arange(0, TILES), mask=tl.arange(0, TILES) < tile, other=0)
-    _write_selected(u, offs, ok, ws, out_ptr + row * stride_or, tile, gt_eq, ustar, need, TILES)
+    gt = (ok & (u > ustar)).to(tl.int32)
+    eq = (ok & (u == ustar)).to(tl.int32)
+    _write_selected(gt, eq, tl.sum(gt, 0), tl.sum(eq, 0), offs, out_ptr + row * stride_or, tile, gt_eq, need, TILES)
 
 
 @triton.jit
@@ -774,11 +784,17 @@ def fused_select_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or,
         tl.atomic_add(ws + 256 + offs_h, hf, mask=hf > 0, sem="relaxed")
         if PHASE == 0:
             _row_barrier(ws + WS_BARRIER + 1, n_tiles, MAX_SPINS)
+    if PHASE == 3 or PHASE == 4:  # separate launches (the interpreter): recompute what PHASE 0 carries over
+        b1, _above = _coarse_bin(ws, n)
+    if PHASE == 0 or PHASE >= 3:
+        ustar, need = _fine_threshold(ws, b1, _above, n)
+        gt = (ok & (u > ustar)).to(tl.int32)
+        eq = (ok & (u == ustar)).to(tl.int32)
+        n_gt = tl.sum(gt, 0)
+        n_eq = tl.sum(eq, 0)
     if PHASE == 0 or PHASE == 3:
-        ustar, need = _threshold(ws, n)
-        _publish(ws, tile, tl.sum((ok & (u > ustar)).to(tl.int32), 0), tl.sum((ok & (u == ustar)).to(tl.int32), 0))
+        _publish(ws, tile, n_gt, n_eq)
     if PHASE == 0 or PHASE == 4:
-        ustar, need = _threshold(ws, n)
         offs_tiles = tl.arange(0, TILES)
         before = offs_tiles < tile
         gt_eq = tl.load(ws + WS_TILES + offs_tiles, mask=before, other=PUBLISHED, volatile=True)
@@ -787,7 +803,7 @@ def fused_select_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or,
             while (tl.min(gt_eq & PUBLISHED, 0) == 0) & (i < MAX_SPINS):
                 gt_eq = tl.load(ws + WS_TILES + offs_tiles, mask=before, other=PUBLISHED, volatile=True)
                 i += 1
-        base, cnt = _write_selected(u, offs, ok, ws, out_ptr + row * stride_or, tile, gt_eq, ustar, need, TILES)
+        base, cnt = _write_selected(gt, eq, n_gt, n_eq, offs, out_ptr + row * stride_or, tile, gt_eq, need, TILES)
         if RERANK:
             tl.debug_barrier()  # this program's candidate stores are visible to all its threads
             _rerank_written(q_ptr + row * stride_qr, kb_ptr + row * stride_kr, out_ptr + row * stride_or,
