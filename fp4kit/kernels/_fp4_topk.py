@@ -752,7 +752,7 @@ def fused_select_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or,
                         q_ptr, kb_ptr, sc_ptr, fin_ptr, k_fin, stride_qr, stride_kr, stride_kt, stride_sr, stride_fr,
                         BLOCK: tl.constexpr, TILES: tl.constexpr, COARSE: tl.constexpr, PHASE: tl.constexpr,
                         MAX_SPINS: tl.constexpr, RERANK: tl.constexpr = False, D: tl.constexpr = 16,
-                        BLOCK_C: tl.constexpr = 16, SEL_BLOCK: tl.constexpr = 16, SEL_DIGITS: tl.constexpr = False):
+                        BLOCK_C: tl.constexpr = 16, SEL_BLOCK: tl.constexpr = 16):
     """The whole radix select in one launch: each program loads its BLOCK scores once and keeps them in
     registers through (coarse histogram ->) barrier -> fine histogram -> barrier -> counts -> wait for
     the tiles before it -> write. The barriers are per row (an arrival counter in the zeroed workspace).
@@ -812,7 +812,7 @@ def fused_select_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or,
         if tl.atomic_add(ws + WS_BARRIER + 2, 1, sem="acq_rel") == n_tiles - 1:
             if RERANK:
                 _select_row(sc_ptr + row * stride_sr, out_ptr + row * stride_or, fin_ptr + row * stride_fr, n, k_fin,
-                            SEL_BLOCK, False, SEL_DIGITS)
+                            SEL_BLOCK, False, False)
             tl.store(ws + tl.arange(0, 512), tl.zeros([512], tl.int32))
             tl.store(ws + WS_BARRIER + tl.arange(0, 4), tl.zeros([4], tl.int32))
             tl.store(ws + WS_TILES + tl.arange(0, TILES), tl.zeros([TILES], tl.int32))
