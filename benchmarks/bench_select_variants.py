@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true", help="8 x 128K only")
     ap.add_argument("--ncu-target", action="store_true")
+    ap.add_argument("--rerank", action="store_true",
+                    help="only the two-stage launch's last-program k-of-n: the 32-step search against one sort")
     a = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -68,6 +70,24 @@ def main() -> None:
             bss.selection("fp8", s, 512)()
             bss.selection("fp4_2stage", s, 256)()
         torch.cuda.synchronize()
+        return
+    if a.rerank:
+        out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "rows": [], "checks": {}}
+        for (R, L), k in itertools.product([(8, 131072), (1, 131072), (8, 32768), (1, 32768)], (64, 128, 256)):
+            sets = _sets(R, L, dev)
+            got = {}
+            for sort in (False, True):
+                fp4_topk.RERANK_IN_SELECT_SORT = sort
+                got[sort] = bss.selection("fp4_2stage", sets[0], k)().clone()
+                us = _time([bss.selection("fp4_2stage", s, k) for s in sets])
+                out["rows"].append({"R": R, "L": L, "k": k, "sort": sort, "us": us})
+                print(f"{R} x {L} two-stage k={k} sort={sort}: {us:.1f} us")
+            fp4_topk.RERANK_IN_SELECT_SORT = False
+            out["checks"][f"{R}x{L}_k{k}"] = bool(torch.equal(got[False], got[True]))
+            del sets
+        print("equal:", all(out["checks"].values()))
+        if a.out:
+            pathlib.Path(a.out).write_text(json.dumps(out, indent=1))
         return
     bw = bss.copy_bandwidth(dev)
     out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "copy_GBps": bw / 1e9,

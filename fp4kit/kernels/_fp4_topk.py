@@ -752,7 +752,7 @@ def fused_select_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or,
                         q_ptr, kb_ptr, sc_ptr, fin_ptr, k_fin, stride_qr, stride_kr, stride_kt, stride_sr, stride_fr,
                         BLOCK: tl.constexpr, TILES: tl.constexpr, COARSE: tl.constexpr, PHASE: tl.constexpr,
                         MAX_SPINS: tl.constexpr, RERANK: tl.constexpr = False, D: tl.constexpr = 16,
-                        BLOCK_C: tl.constexpr = 16, SEL_BLOCK: tl.constexpr = 16):
+                        BLOCK_C: tl.constexpr = 16, SEL_BLOCK: tl.constexpr = 16, SEL_SORT: tl.constexpr = False):
     """The whole radix select in one launch: each program loads its BLOCK scores once and keeps them in
     registers through (coarse histogram ->) barrier -> fine histogram -> barrier -> counts -> wait for
     the tiles before it -> write. The barriers are per row (an arrival counter in the zeroed workspace).
@@ -811,8 +811,12 @@ def fused_select_kernel(m_ptr, ws_ptr, out_ptr, stride_mr, stride_wr, stride_or,
         # the last program of the row to leave zeroes its workspace: the next launch on this stream finds it clean
         if tl.atomic_add(ws + WS_BARRIER + 2, 1, sem="acq_rel") == n_tiles - 1:
             if RERANK:
-                _select_row(sc_ptr + row * stride_sr, out_ptr + row * stride_or, fin_ptr + row * stride_fr, n, k_fin,
-                            SEL_BLOCK, False, False)
+                if SEL_SORT:
+                    _select_row_sorted(sc_ptr + row * stride_sr, out_ptr + row * stride_or, fin_ptr + row * stride_fr,
+                                       n, k_fin, SEL_BLOCK)
+                else:
+                    _select_row(sc_ptr + row * stride_sr, out_ptr + row * stride_or, fin_ptr + row * stride_fr, n,
+                                k_fin, SEL_BLOCK, False, False)
             tl.store(ws + tl.arange(0, 512), tl.zeros([512], tl.int32))
             tl.store(ws + WS_BARRIER + tl.arange(0, 4), tl.zeros([4], tl.int32))
             tl.store(ws + WS_TILES + tl.arange(0, TILES), tl.zeros([TILES], tl.int32))
@@ -900,6 +904,26 @@ def _select_row(score_row, cand_row, out_row, n_cand, k, BLOCK: tl.constexpr, BY
     eq = (ok & (key == prefix)).to(tl.int32)
     need = k - tl.sum(gt, 0)
     sel = gt | (eq & ((tl.cumsum(eq, 0) - eq) < need).to(tl.int32))
+    slot = tl.cumsum(sel, 0) - sel
+    pos = tl.load(cand_row + offs, mask=ok, other=0)
+    tl.store(out_row + slot, pos, mask=sel != 0)
+
+
+@triton.jit
+def _select_row_sorted(score_row, cand_row, out_row, n_cand, k, BLOCK: tl.constexpr):
+    """`_select_row` by one sort instead of a 32-step search: each candidate i gets the unique int64 key
+    (signed monotone float32 bits << 32) | (BLOCK - 1 - i), so a descending sort puts the higher score first and, among
+    equal scores, the earlier candidate (the lower position) first; the k-th key K is the threshold, and the
+    selection is every candidate whose key is >= K (no ties left to break), written in ascending position."""
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n_cand
+    s = tl.load(score_row + offs, mask=ok, other=float("-inf"), volatile=True)
+    bits = s.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)  # -0 -> +0
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # signed and monotone in the score
+    comp = tl.where(ok, (key << 32) | (BLOCK - 1 - offs).to(tl.int64), -9223372036854775808)
+    kth = tl.sum(tl.where(offs == k - 1, tl.sort(comp, descending=True), 0), 0)
+    sel = (ok & (comp >= kth)).to(tl.int32)
     slot = tl.cumsum(sel, 0) - sel
     pos = tl.load(cand_row + offs, mask=ok, other=0)
     tl.store(out_row + slot, pos, mask=sel != 0)

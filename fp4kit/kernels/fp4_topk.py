@@ -139,6 +139,8 @@ RERANK_IN_SELECT_CHUNK = 32
 # n = 512 (k = 256) for every length and batch, but 13-37 us slower at n = 4096 (its last program's 4,096-wide
 # select, and larger select tiles to stay resident); sizes in between not measured
 RERANK_IN_SELECT_MAX = 512
+# that last program's k-of-n: one descending sort of unique (score, position) keys instead of the 32-step search
+RERANK_IN_SELECT_SORT = False
 
 
 class CoarseHist(enum.Enum):
@@ -501,7 +503,7 @@ def _stream_buffer(device, what: str, rows: int, width: int = 1) -> torch.Tensor
 def _rerank_meta(n: int, D: int) -> dict:
     """The fused select's constexprs for the two-stage selection in one launch (`index_topk_rerank`)."""
     return {"RERANK": True, "D": D, "BLOCK_C": 16 if _interpreting() else RERANK_IN_SELECT_CHUNK,
-            "SEL_BLOCK": triton.next_power_of_2(n)}
+            "SEL_BLOCK": triton.next_power_of_2(n), "SEL_SORT": RERANK_IN_SELECT_SORT}
 
 
 def _no_rerank_args(m: torch.Tensor) -> tuple:

@@ -451,10 +451,11 @@ def test_persistent_scan_equals_tiled_scan(fmt, lo, hi, monkeypatch):
     assert int(got[True][1][:, :256].sum()) == 2 * (hi - lo)
 
 
-@pytest.mark.parametrize("n,k,lo,hi,place", [(24, 8, 0, None, "FUSED"), (150, 40, 7, 390, "FUSED"),
-                                             (300, 300, 0, None, "FUSED"), (5, 3, 2, 6, "FUSED"),
-                                             (150, 40, 7, 390, "SCAN")])
-def test_two_stage_in_one_launch_equals_the_two_calls(n, k, lo, hi, place, monkeypatch):
+@pytest.mark.parametrize("n,k,lo,hi,place,sort", [(24, 8, 0, None, "FUSED", False), (150, 40, 7, 390, "FUSED", False),
+                                                  (300, 300, 0, None, "FUSED", False), (5, 3, 2, 6, "FUSED", False),
+                                                  (150, 40, 7, 390, "SCAN", False), (150, 40, 7, 390, "FUSED", True),
+                                                  (300, 300, 0, None, "FUSED", True), (5, 3, 2, 6, "FUSED", True)])
+def test_two_stage_in_one_launch_equals_the_two_calls(n, k, lo, hi, place, sort, monkeypatch):
     """`index_topk_rerank` with the rerank inside the fused select (each program scores the candidates it writes,
     the row's last program keeps the k best) returns what index_topk + rerank_topk return, and what the twins
     return: small-integer bf16 keys, so every float32 exact score is exact and has ties; FP4 index keys that tie
@@ -469,6 +470,7 @@ def test_two_stage_in_one_launch_equals_the_two_calls(n, k, lo, hi, place, monke
     q_index = mx_query(q_exact)
     want_twin = rerank_topk_torch(q_exact, exact_keys, index_topk_torch(q_index, keys, n, lo=lo, hi=hi), k)
     monkeypatch.setattr(m, "COARSE_HIST", m.CoarseHist[place])  # the coarse histogram in the select or the scan
+    monkeypatch.setattr(m, "RERANK_IN_SELECT_SORT", sort)  # the last program's k-of-n: one sort or the search
     monkeypatch.setattr(m, "RERANK_IN_SELECT", False)
     two_calls = index_topk_rerank(q_index, keys, q_exact, exact_keys, k, n, lo=lo, hi=hi)
     monkeypatch.setattr(m, "RERANK_IN_SELECT", True)
