@@ -451,10 +451,11 @@ def test_persistent_scan_equals_tiled_scan(fmt, lo, hi, monkeypatch):
     assert int(got[True][1][:, :256].sum()) == 2 * (hi - lo)
 
 
-@pytest.mark.parametrize("n,k,lo,hi,place,sort", [(24, 8, 0, None, "FUSED", False), (150, 40, 7, 390, "FUSED", False),
-                                                  (300, 300, 0, None, "FUSED", False), (5, 3, 2, 6, "FUSED", False),
-                                                  (150, 40, 7, 390, "SCAN", False), (150, 40, 7, 390, "FUSED", True),
-                                                  (300, 300, 0, None, "FUSED", True), (5, 3, 2, 6, "FUSED", True)])
+# sort=True is the default k-of-n (one sort) and runs every shape; the 32-step search (sort=False, an option) keeps
+# the two cases that exercise it most: several tiles with a window, under both coarse-histogram places.
+@pytest.mark.parametrize("n,k,lo,hi,place,sort", [(24, 8, 0, None, "FUSED", True), (150, 40, 7, 390, "FUSED", True),
+                                                  (300, 300, 0, None, "FUSED", True), (5, 3, 2, 6, "FUSED", True),
+                                                  (150, 40, 7, 390, "FUSED", False), (150, 40, 7, 390, "SCAN", False)])
 def test_two_stage_in_one_launch_equals_the_two_calls(n, k, lo, hi, place, sort, monkeypatch):
     """`index_topk_rerank` with the rerank inside the fused select (each program scores the candidates it writes,
     the row's last program keeps the k best) returns what index_topk + rerank_topk return, and what the twins
