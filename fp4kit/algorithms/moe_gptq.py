@@ -102,7 +102,8 @@ def gptq_experts(module: nn.Module, config: NVFP4Config | MXFP4Config, hessians:
             if h is not None and h.tokens > 0:
                 qt = gptq(w, h.sum.to(w.device).float(), config, block_size=gptq_config.block_size,
                           damp=gptq_config.damp, act_order=gptq_config.act_order,
-                          scale_search_config=gptq_config.scale_search, amax=amax, name=label)
+                          scale_search_config=gptq_config.scale_search, amax=amax,
+                          dynamic_scales=gptq_config.dynamic_scales, name=label)
             elif gptq_config.scale_search is not None:
                 qt = scale_search(w, config, gptq_config.scale_search, amax=amax, name=label)
             else:

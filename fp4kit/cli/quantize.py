@@ -116,7 +116,13 @@ def recipe_from_args(args):
                                    if v is not None})
     if args.rounded_inputs and (args.activations == "none" or method not in (PTQMethod.GPTQ, PTQMethod.MR_GPTQ)):
         raise ValueError("--rounded-inputs applies to --method gptq / mr-gptq with --activations fp4 or fp8")
-    gptq = GPTQConfig(damp=args.damp, act_order=args.act_order, rounded_inputs=args.rounded_inputs)
+    if args.dynamic_scales and method not in (PTQMethod.GPTQ, PTQMethod.MR_GPTQ):
+        raise ValueError("--dynamic-scales applies to --method gptq / mr-gptq")
+    if args.dynamic_scales and args.act_order:
+        raise ValueError("--dynamic-scales picks each block's scale as the GPTQ sweep reaches it, in column order; "
+                         "it cannot be combined with --act-order")
+    gptq = GPTQConfig(damp=args.damp, act_order=args.act_order, rounded_inputs=args.rounded_inputs,
+                      dynamic_scales=args.dynamic_scales)
     return PTQRecipe(method, rotation, gptq,
                      sequential=args.sequential, state_dir=args.calib_state, signround=signround)
 
@@ -176,6 +182,9 @@ def register(sub) -> None:
     q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of Hessian diagonal")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, a fraction of the mean diagonal")
+    q.add_argument("--dynamic-scales", action="store_true",
+                   help="GPTQ: pick each block's scale when the sweep reaches the block, from the weights as the "
+                        "sweep has moved them (default: fixed from the weights before the sweep)")
     q.add_argument("--rounded-inputs", action="store_true",
                    help="GPTQ with --activations: Hessians of the inputs as the quantized layers round them")
     q.add_argument("--sequential", action="store_true",
