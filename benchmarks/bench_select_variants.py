@@ -2,6 +2,8 @@
 
     python benchmarks/bench_select_variants.py [--out benchmarks/results/select_variants_h100.json] [--quick]
     python benchmarks/bench_select_variants.py --ncu-target      # a few selections with the defaults, for ncu
+    python benchmarks/bench_select_variants.py --floors --out benchmarks/results/select_floors_h100.json
+                                 # our select and rerank alone beside torch.topk and a launch on the same scores
 
 A selection is scan + select (+ rerank). This script times whole selections (`bench_sparse_select.selection`:
 bf16, FP8 and MXFP4 keys single stage, and the two-stage FP4 path) back to back in one CUDA graph (key sets cycled
