@@ -84,8 +84,17 @@ def evaluate_items(model, tok, folder: pathlib.Path, tasks: dict, base: dict, ba
         for metric, values in per.items():
             mean, se = mean_stderr(values)
             records.append(base | {"task": t, "metric": metric, "value": mean, "n": len(values), "stderr": se,
-                                   "limit": d["limit"], "seed": d["seed"]})
+                                   "limit": d["limit"], "seed": d["seed"], "items": item_string(values)})
     return records
+
+
+def item_string(values) -> str | None:
+    """Per-item 0/1 scores as one string ('0110...', in item order), for paired comparisons of two models on the
+    same items; None when a metric is not 0/1 per item."""
+    vals = [float(v) for v in values]
+    if any(v not in (0.0, 1.0) for v in vals):
+        return None
+    return "".join("1" if v else "0" for v in vals)
 
 
 def run(model_spec: str, folder: pathlib.Path, out: pathlib.Path, batch_size: int, ppl_tokens: int, context: int,

@@ -248,6 +248,8 @@ def summarize(records: list[dict]) -> list[dict]:
             row["ppl"][r["task"][4:]] = r["value"]
         elif MAIN_METRIC.get(r["task"]) == r["metric"]:
             row["main"][r["task"]], row["se"][r["task"]] = r["value"], r.get("stderr")
+            if r.get("items"):
+                row.setdefault("items", {})[r["task"]] = r["items"]
     for row in rows.values():
         n = max(len(row["main"]), 1)
         row["avg"] = sum(row["main"].values()) / n
@@ -260,6 +262,8 @@ def summarize(records: list[dict]) -> list[dict]:
         if not b or set(b["main"]) != set(row["main"]):
             continue
         row["recovery"] = row["avg"] / b["avg"]
+        if row is not b:
+            row["recovery_paired_se"] = paired_recovery_se(row.get("items"), b.get("items"), b["avg"])
         if row["avg5"] is not None and b["avg5"]:
             row["recovery5"] = row["avg5"] / b["avg5"]
         rtn_method = "rtn+a4" if "+a4" in method else "rtn"
@@ -271,6 +275,25 @@ def summarize(records: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
+def paired_recovery_se(items: dict | None, base_items: dict | None, base_avg: float) -> float | None:
+    """Standard error of `recovery` from per-item scores on the same items (None unless every task has them).
+
+    recovery - 1 = (avg - base_avg) / base_avg, and avg - base_avg is the mean over the T tasks of each task's
+    mean per-item difference d_i = x_i - b_i, so se = sqrt(sum_t var_t(d) / n_t) / T / base_avg. The pairing
+    removes the item difficulty both models share: the unpaired se (`avg_se`) counts it twice."""
+    if not items or not base_items or set(items) != set(base_items) or not base_avg:
+        return None
+    total = 0.0
+    for t, a in items.items():
+        b = base_items[t]
+        if len(a) != len(b) or len(a) < 2:
+            return None
+        d = [int(x) - int(y) for x, y in zip(a, b)]
+        m = sum(d) / len(d)
+        total += sum((v - m) ** 2 for v in d) / (len(d) - 1) / len(d)
+    return total ** 0.5 / len(items) / base_avg
+
+
 def _pct(row: dict, key: str) -> str:
     return f"{100 * row[key]:.1f}%" if row.get(key) is not None else "-"
 
@@ -278,7 +301,8 @@ def _pct(row: dict, key: str) -> str:
 def report(a) -> None:
     records = [json.loads(line) for p in a.files for line in p.read_text().splitlines() if line.strip()]
     rows = summarize(records)
-    head = ("| model | format | method | calib | " + " | ".join(TASKS) + " | avg ± se | recovery | recovery w/o arith"
+    head = ("| model | format | method | calib | " + " | ".join(TASKS) + " | avg ± se | recovery (± paired se) | "
+            "recovery w/o arith"
             " | ppl shakespeare | ppl coqa | RTN ppl gap closed |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -286,10 +310,16 @@ def report(a) -> None:
         cells = [f"{r['main'].get(t, float('nan')):.3f}" for t in TASKS]
         gap = f"{100 * r['ppl_gap_closed']:.0f}%" if r.get("ppl_gap_closed") is not None else "-"
         print(f"| {r['model']} | {r['format']} | {r['method']} | {r['calib']} | " + " | ".join(cells)
-              + f" | {r['avg']:.4f} ± {r['avg_se']:.4f} | {_pct(r, 'recovery')} | {_pct(r, 'recovery5')} | "
+              + f" | {r['avg']:.4f} ± {r['avg_se']:.4f} | {_recovery(r)} | {_pct(r, 'recovery5')} | "
               f"{r['ppl'].get('shakespeare', float('nan')):.2f} | {r['ppl'].get('coqa', float('nan')):.2f} | {gap} |")
     if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
+        a.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "items"} for r in rows], indent=1))
+
+
+def _recovery(row: dict) -> str:
+    """'97.1%', or '97.1% ± 0.6' with the paired standard error where per-item scores were recorded."""
+    se = row.get("recovery_paired_se")
+    return _pct(row, "recovery") + (f" ± {100 * se:.1f}" if se is not None else "")
 
 
 def save_tokenizer(a) -> None:

@@ -110,3 +110,38 @@ def test_variants_parse_and_reject():
     assert pm.variants("nvfp4:mr-gptq-seq:none") == [("nvfp4", "mr-gptq-seq", "none")]
     with pytest.raises(ValueError, match="need gptq or mr-gptq"):
         pm.variants("mxfp4:rtn:fp4-ri")
+
+
+def test_paired_recovery_se_by_hand():
+    """Two tasks of four items; bf16 '1100' / '1010' (avg 0.5), quantized '1000' / '1011'. Per-item differences
+    (0,-1,0,0) and (0,0,0,1): each task's sample variance 0.25, over n = 4 -> 0.0625; se of the two-task mean
+    sqrt(0.125) / 2, over bf16's average 0.5."""
+    base = {"a": "1100", "b": "1010"}
+    assert pm.paired_recovery_se({"a": "1000", "b": "1011"}, base, 0.5) == pytest.approx(0.125 ** 0.5 / 2 / 0.5)
+    assert pm.paired_recovery_se(dict(base), base, 0.5) == 0.0  # same answers: no uncertainty about the ratio
+    assert pm.paired_recovery_se({"a": "100", "b": "1011"}, base, 0.5) is None  # not the same items
+    assert pm.paired_recovery_se({"a": "1000"}, base, 0.5) is None
+    assert pm.paired_recovery_se(None, base, 0.5) is None
+
+
+def test_summarize_pairs_per_item_scores():
+    tasks = list(pm.MAIN_METRIC)
+    b_items, q_items = "1100", "1000"
+    bf16 = _records("bf16", "none", {t: 0.5 for t in tasks}, 40.0)
+    q = _records("nvfp4", "rtn", {t: 0.25 for t in tasks}, 50.0)
+    for r in bf16[:-1]:
+        r["items"] = b_items
+    for r in q[:-1]:
+        r["items"] = q_items
+    rows = {(r["format"], r["method"]): r for r in pm.summarize(bf16 + q)}
+    # six tasks, each with per-item differences (0,-1,0,0): variance 0.25 / 4 each
+    assert rows[("nvfp4", "rtn")]["recovery_paired_se"] == pytest.approx((6 * 0.0625) ** 0.5 / 6 / 0.5)
+    assert "recovery_paired_se" not in rows[("bf16", "none")]
+
+
+def test_item_string():
+    spec = importlib.util.spec_from_file_location("eval_matrix_script", ROOT / "benchmarks" / "eval_matrix.py")
+    em = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(em)
+    assert em.item_string([1.0, 0.0, True, 0]) == "1010"
+    assert em.item_string([0.5, 1.0]) is None
