@@ -64,7 +64,7 @@ def evaluate_items(model, tok, folder: pathlib.Path, tasks: dict, base: dict, ba
     `gen_batch_size` (default `batch_size`): prompts per `generate` call. Each call rebuilds transformers'
     stop-string tables over the whole vocabulary (3.7 s for Gemma-3's 262K tokens on one CPU core), so a large
     vocabulary wants few, large calls."""
-    from fp4kit.eval import bos_prefix, mean_stderr, perplexity, score_multiple_choice
+    from fp4kit.eval import bos_prefix, item_string, mean_stderr, perplexity, score_multiple_choice
     from fp4kit.eval.generation import score_generation
     from fp4kit.eval.runner import MAX_NEW_TOKENS
 
@@ -86,15 +86,6 @@ def evaluate_items(model, tok, folder: pathlib.Path, tasks: dict, base: dict, ba
             records.append(base | {"task": t, "metric": metric, "value": mean, "n": len(values), "stderr": se,
                                    "limit": d["limit"], "seed": d["seed"], "items": item_string(values)})
     return records
-
-
-def item_string(values) -> str | None:
-    """Per-item 0/1 scores as one string ('0110...', in item order), for paired comparisons of two models on the
-    same items; None when a metric is not 0/1 per item."""
-    vals = [float(v) for v in values]
-    if any(v not in (0.0, 1.0) for v in vals):
-        return None
-    return "".join("1" if v else "0" for v in vals)
 
 
 def run(model_spec: str, folder: pathlib.Path, out: pathlib.Path, batch_size: int, ppl_tokens: int, context: int,

@@ -281,17 +281,14 @@ def paired_recovery_se(items: dict | None, base_items: dict | None, base_avg: fl
     recovery - 1 = (avg - base_avg) / base_avg, and avg - base_avg is the mean over the T tasks of each task's
     mean per-item difference d_i = x_i - b_i, so se = sqrt(sum_t var_t(d) / n_t) / T / base_avg. The pairing
     removes the item difficulty both models share: the unpaired se (`avg_se`) counts it twice."""
+    from fp4kit.eval import paired_stderr
+
     if not items or not base_items or set(items) != set(base_items) or not base_avg:
         return None
-    total = 0.0
-    for t, a in items.items():
-        b = base_items[t]
-        if len(a) != len(b) or len(a) < 2:
-            return None
-        d = [int(x) - int(y) for x, y in zip(a, b)]
-        m = sum(d) / len(d)
-        total += sum((v - m) ** 2 for v in d) / (len(d) - 1) / len(d)
-    return total ** 0.5 / len(items) / base_avg
+    ses = [paired_stderr(a, base_items[t]) for t, a in items.items()]
+    if any(se is None for se in ses):
+        return None
+    return sum(se ** 2 for se in ses) ** 0.5 / len(items) / base_avg
 
 
 def _pct(row: dict, key: str) -> str:

@@ -137,11 +137,3 @@ def test_summarize_pairs_per_item_scores():
     # six tasks, each with per-item differences (0,-1,0,0): variance 0.25 / 4 each
     assert rows[("nvfp4", "rtn")]["recovery_paired_se"] == pytest.approx((6 * 0.0625) ** 0.5 / 6 / 0.5)
     assert "recovery_paired_se" not in rows[("bf16", "none")]
-
-
-def test_item_string():
-    spec = importlib.util.spec_from_file_location("eval_matrix_script", ROOT / "benchmarks" / "eval_matrix.py")
-    em = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(em)
-    assert em.item_string([1.0, 0.0, True, 0]) == "1010"
-    assert em.item_string([0.5, 1.0]) is None

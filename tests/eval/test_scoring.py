@@ -135,3 +135,14 @@ def test_perplexity_with_prefix_scores_every_token_and_matches_hand():
         prev = prefix if k % 4 == 0 else VOCAB.index(text[k - 1])
         ll += logp[prev, VOCAB.index(ch)].item()
     assert r.tokens == len(text) and r.perplexity == pytest.approx(math.exp(-ll / len(text)), rel=1e-5)
+
+
+def test_item_string_and_paired_stderr_by_hand():
+    from fp4kit.eval import item_string, paired_stderr
+
+    assert item_string([1.0, 0.0, True, 0]) == "1010"
+    assert item_string([0.5, 1.0]) is None
+    # differences (0, -1, 0, 0): mean -0.25, sample variance (3 * 0.0625 + 0.5625) / 3 = 0.25, se sqrt(0.25 / 4)
+    assert paired_stderr("1000", "1100") == pytest.approx(0.25)
+    assert paired_stderr("1100", "1100") == 0.0
+    assert paired_stderr("100", "1100") is None and paired_stderr(None, "1100") is None
