@@ -28,10 +28,11 @@ FP4 specifics (this is where fp4kit departs from integer GPTQ):
   search, same candidates) when the sweep reaches the block's first column, from the block's weights as
   the updates so far have moved them (what integer GPTQ does with its groups when they are not static).
   The NVFP4 global scale stays the one fixed from the original weights' amax (or the fused shards'; the
-  scale search's `global_steps` does not apply here); a
-  block that has grown past it saturates its UE4M3 scale, as the formats do. With H = I nothing moves and
-  the result is again RTN's (or the search's) bytes. Needs the sweep in column order (no act_order) and
-  lazy batches that hold whole blocks (block_size a multiple of the format's block).
+  scale search's `global_steps` does not apply here); a block that has grown past it saturates its UE4M3
+  scale, as the formats do. With H = I nothing moves and the result is again RTN's (or the search's)
+  bytes. Needs the sweep in column order (no act_order) and lazy batches that hold whole blocks
+  (block_size a multiple of the format's block). Measured: lower output error and perplexity, not higher
+  task accuracy (docs/ptq.md), so off by default.
 - act_order: process columns by decreasing H_jj (most active inputs first). Because scales are
   fixed per original block, the permutation only changes the order of the sweep; codes are
   written back at their original column, so the output layout is unchanged.
@@ -95,6 +96,7 @@ class ColumnQuantizer:
         else:
             self.exponent = qt.scale.to(torch.int32) - 127  # [N, K/bs]
             self.factor = pow2(self.exponent)
+        self.scale_dtype = qt.scale.dtype
 
     def refit(self, b: int, block: QuantizedTensor) -> None:
         """Replace block column `b`'s scales with those of `block` (the block's columns quantized alone,
@@ -112,7 +114,7 @@ class ColumnQuantizer:
         """The block scales in the QuantizedTensor layout (as revised by `refit`)."""
         if isinstance(self.config, NVFP4Config):
             return self.s8
-        return (self.exponent + 127).to(torch.uint8)
+        return (self.exponent + 127).to(self.scale_dtype)
 
     def __call__(self, j: int, w: torch.Tensor):
         """Column `j` (original index) with values w [N] -> (codes [N] uint8, dequantized [N])."""

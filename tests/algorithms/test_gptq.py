@@ -30,7 +30,8 @@ def correlated(N=64, K=256, T=1024, seed=0):
 
 
 def same_bytes(a, b):
-    return torch.equal(a.data, b.data) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
+    return (a.scale.dtype == b.scale.dtype and torch.equal(a.data, b.data)
+            and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8)))
 
 
 @pytest.mark.parametrize("key", CONFIGS)
