@@ -187,7 +187,7 @@ def test_quantize_dynamic_scales_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, match", [(["--method", "rtn", "--dynamic-scales"], "--dynamic-scales applies to"),
                                           (["--method", "gptq", "--dynamic-scales", "--act-order"],
-                                           "cannot be combined with --act-order")])
+                                           "dynamic_scales picks each block's scale as the sweep reaches")])
 def test_quantize_dynamic_scales_flag_is_checked(tmp_path, capsys, flags, match):
     assert main(["quantize", "nowhere", "--out", str(tmp_path / "q")] + flags) != 0
     assert match in capsys.readouterr().err

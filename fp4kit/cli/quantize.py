@@ -118,9 +118,6 @@ def recipe_from_args(args):
         raise ValueError("--rounded-inputs applies to --method gptq / mr-gptq with --activations fp4 or fp8")
     if args.dynamic_scales and method not in (PTQMethod.GPTQ, PTQMethod.MR_GPTQ):
         raise ValueError("--dynamic-scales applies to --method gptq / mr-gptq")
-    if args.dynamic_scales and args.act_order:
-        raise ValueError("--dynamic-scales picks each block's scale as the GPTQ sweep reaches it, in column order; "
-                         "it cannot be combined with --act-order")
     gptq = GPTQConfig(damp=args.damp, act_order=args.act_order, rounded_inputs=args.rounded_inputs,
                       dynamic_scales=args.dynamic_scales)
     return PTQRecipe(method, rotation, gptq,

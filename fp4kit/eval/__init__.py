@@ -6,4 +6,5 @@ from .scoring import (Scored, item_string, loglikelihoods, mean_stderr, multiple
                       score_multiple_choice)
 
 __all__ = ["PerplexityResult", "bos_prefix", "Scored", "evaluate", "item_string", "loglikelihoods", "mean_stderr",
-           "model_hash", "multiple_choice_metrics", "paired_stderr", "parse_tasks", "perplexity", "read_jsonl", "score_multiple_choice", "write_jsonl"]
+           "model_hash", "multiple_choice_metrics", "paired_stderr", "parse_tasks", "perplexity", "read_jsonl",
+           "score_multiple_choice", "write_jsonl"]
