@@ -101,14 +101,27 @@ def calibration(tok, folder: pathlib.Path, samples: int, seq_len: int, device, t
     return [w.to(device) for w in out]
 
 
-def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: int = 200):
+def rotation_suffix(method: str, size: int | None, random_signs: bool) -> str:
+    """The method label's rotation tag: '' for the default rotation (the format's block, plain Hadamard) and for
+    methods that do not rotate, else '@r<size>' plus 's' for random signs (e.g. mr-gptq@r128s)."""
+    if not method.startswith("mr-") or (size is None and not random_signs):
+        return ""
+    return f"@r{size or 'fmt'}" + ("s" if random_signs else "")
+
+
+def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: int = 200,
+             rotation_size: int | None = None, random_signs: bool = False):
     """apply_ptq with the method's defaults (SignRound: `signround_iters` steps per block); W4A4 input ranges
-    observed by apply_ptq (after any rotation)."""
+    observed by apply_ptq (after any rotation). `rotation_size` / `random_signs` replace the rotating methods'
+    default rotation (the format's block, plain Hadamard)."""
     import fp4kit
-    from fp4kit.algorithms import GPTQConfig, PTQMethod, PTQRecipe, SignRoundConfig, apply_ptq
+    from fp4kit.algorithms import GPTQConfig, PTQMethod, PTQRecipe, RotationConfig, SignRoundConfig, apply_ptq
 
     config = fp4kit.NVFP4Config() if fmt == "nvfp4" else fp4kit.MXFP4Config()
-    recipe = PTQRecipe(method=PTQMethod(SEQUENTIAL.get(method, DYNAMIC.get(method, method))),
+    rotation = None
+    if method.startswith("mr-") and (rotation_size or random_signs):
+        rotation = RotationConfig(block_size=rotation_size or config.block_size, random_signs=random_signs)
+    recipe = PTQRecipe(method=PTQMethod(SEQUENTIAL.get(method, DYNAMIC.get(method, method))), rotation=rotation,
                        signround=SignRoundConfig(iters=signround_iters),
                        gptq=GPTQConfig(rounded_inputs=act == "fp4-ri", dynamic_scales=method in DYNAMIC),
                        sequential=method in SEQUENTIAL)
@@ -193,7 +206,7 @@ def run(a) -> None:
     todo = [("bf16", "none", "none")] + variants(a.variants)
     took: dict[str, float] = {}  # method -> seconds its last variant took (quantize + evaluate)
     for fmt, method, act in todo:
-        label_method = method + ACT_SUFFIX[act]
+        label_method = method + rotation_suffix(method, a.rotation_size, a.random_signs) + ACT_SUFFIX[act]
         if (fmt, label_method, calib_label(a)) in done:
             continue
         guess = expected_seconds(took, method)
@@ -206,7 +219,7 @@ def run(a) -> None:
         seconds_q = 0.0
         if fmt != "bf16":
             with torch.no_grad() if method in ("rtn", "mse") else torch.enable_grad():
-                quantize(model, fmt, method, act, batches, a.signround_iters)
+                quantize(model, fmt, method, act, batches, a.signround_iters, a.rotation_size, a.random_signs)
             seconds_q = time.time() - t1
         model.eval()
         base = {"model": a.label or src.label, "checkpoint_hash": model_hash(model), "format": fmt,
@@ -367,6 +380,9 @@ def main(argv=None):
                    help="calibration text (see calibration_text)")
     r.add_argument("--tasks", help="comma list of tasks to evaluate (default: all)")
     r.add_argument("--signround-iters", type=int, default=200, help="signround/mr-signround: signSGD steps per block")
+    r.add_argument("--rotation-size", type=int, help="Hadamard block of the rotating methods (mr-*; default the "
+                   "format's block); the method label gets '@r<size>'")
+    r.add_argument("--random-signs", action="store_true", help="rotating methods: random-sign Hadamard (label 's')")
     r.add_argument("--upcycle", metavar="E,K,NOISE",
                    help="evaluate the model upcycled to a Mixtral with E experts, top-K routing, expert noise NOISE")
     r.add_argument("--deadline", type=float, default=0,

@@ -137,3 +137,26 @@ def test_summarize_pairs_per_item_scores():
     # six tasks, each with per-item differences (0,-1,0,0): variance 0.25 / 4 each
     assert rows[("nvfp4", "rtn")]["recovery_paired_se"] == pytest.approx((6 * 0.0625) ** 0.5 / 6 / 0.5)
     assert "recovery_paired_se" not in rows[("bf16", "none")]
+
+
+def test_rotation_suffix_labels_only_non_default_rotations_of_rotating_methods():
+    assert pm.rotation_suffix("mr-gptq", None, False) == ""
+    assert pm.rotation_suffix("mr-gptq", 128, False) == "@r128"
+    assert pm.rotation_suffix("mr-gptq-seq", 64, True) == "@r64s"
+    assert pm.rotation_suffix("mr-signround", None, True) == "@rfmts"
+    assert pm.rotation_suffix("gptq", 128, True) == ""  # plain GPTQ never rotates here
+
+
+@pytest.mark.parametrize("size, signs", [(None, False), (16, False), (32, True)])
+def test_quantize_applies_the_requested_rotation(size, signs):
+    """The rotation options reach apply_ptq: every quantized layer's online rotation has the asked block and
+    signs (MXFP4 MR-GPTQ on a tiny random Gemma-3, hidden 64, intermediate 96)."""
+    from fp4kit.nn.linear import FP4Linear
+    from tests.algorithms.test_sequential_gemma3 import tiny_gemma3
+
+    model = tiny_gemma3()
+    batches = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    report = pm.quantize(model, "mxfp4", "mr-gptq", "none", batches, rotation_size=size, random_signs=signs)
+    online = [m for m in model.modules() if isinstance(m, FP4Linear) and m.rotation_config is not None]
+    assert report.rotated and online
+    assert {(m.rotation_config.block_size, m.rotation_config.random_signs) for m in online} == {(size or 32, signs)}
