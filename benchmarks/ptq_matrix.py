@@ -101,16 +101,17 @@ def calibration(tok, folder: pathlib.Path, samples: int, seq_len: int, device, t
     return [w.to(device) for w in out]
 
 
-def rotation_suffix(method: str, size: int | None, random_signs: bool) -> str:
+def rotation_suffix(method: str, size: int | None, random_signs: bool, seed: int = 0) -> str:
     """The method label's rotation tag: '' for the default rotation (the format's block, plain Hadamard) and for
-    methods that do not rotate, else '@r<size>' plus 's' for random signs (e.g. mr-gptq@r128s)."""
+    methods that do not rotate, else '@r<size>' plus 's' for random signs and their seed when not 0 (e.g.
+    mr-gptq@r128s, mr-gptq@r128s1)."""
     if not method.startswith("mr-") or (size is None and not random_signs):
         return ""
-    return f"@r{size or 'fmt'}" + ("s" if random_signs else "")
+    return f"@r{size or 'fmt'}" + (f"s{seed or ''}" if random_signs else "")
 
 
 def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: int = 200,
-             rotation_size: int | None = None, random_signs: bool = False):
+             rotation_size: int | None = None, random_signs: bool = False, rotation_seed: int = 0):
     """apply_ptq with the method's defaults (SignRound: `signround_iters` steps per block); W4A4 input ranges
     observed by apply_ptq (after any rotation). `rotation_size` / `random_signs` replace the rotating methods'
     default rotation (the format's block, plain Hadamard)."""
@@ -120,7 +121,8 @@ def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: i
     config = fp4kit.NVFP4Config() if fmt == "nvfp4" else fp4kit.MXFP4Config()
     rotation = None
     if method.startswith("mr-") and (rotation_size or random_signs):
-        rotation = RotationConfig(block_size=rotation_size or config.block_size, random_signs=random_signs)
+        rotation = RotationConfig(block_size=rotation_size or config.block_size, random_signs=random_signs,
+                                  seed=rotation_seed)
     recipe = PTQRecipe(method=PTQMethod(SEQUENTIAL.get(method, DYNAMIC.get(method, method))), rotation=rotation,
                        signround=SignRoundConfig(iters=signround_iters),
                        gptq=GPTQConfig(rounded_inputs=act == "fp4-ri", dynamic_scales=method in DYNAMIC),
@@ -206,7 +208,7 @@ def run(a) -> None:
     todo = [("bf16", "none", "none")] + variants(a.variants)
     took: dict[str, float] = {}  # method -> seconds its last variant took (quantize + evaluate)
     for fmt, method, act in todo:
-        label_method = method + rotation_suffix(method, a.rotation_size, a.random_signs) + ACT_SUFFIX[act]
+        label_method = method + rotation_suffix(method, a.rotation_size, a.random_signs, a.rotation_seed) + ACT_SUFFIX[act]
         if (fmt, label_method, calib_label(a)) in done:
             continue
         guess = expected_seconds(took, method)
@@ -219,7 +221,8 @@ def run(a) -> None:
         seconds_q = 0.0
         if fmt != "bf16":
             with torch.no_grad() if method in ("rtn", "mse") else torch.enable_grad():
-                quantize(model, fmt, method, act, batches, a.signround_iters, a.rotation_size, a.random_signs)
+                quantize(model, fmt, method, act, batches, a.signround_iters, a.rotation_size, a.random_signs,
+                         a.rotation_seed)
             seconds_q = time.time() - t1
         model.eval()
         base = {"model": a.label or src.label, "checkpoint_hash": model_hash(model), "format": fmt,
@@ -383,6 +386,7 @@ def main(argv=None):
     r.add_argument("--rotation-size", type=int, help="Hadamard block of the rotating methods (mr-*; default the "
                    "format's block); the method label gets '@r<size>'")
     r.add_argument("--random-signs", action="store_true", help="rotating methods: random-sign Hadamard (label 's')")
+    r.add_argument("--rotation-seed", type=int, default=0, help="seed of --random-signs (label 's<seed>' when not 0)")
     r.add_argument("--upcycle", metavar="E,K,NOISE",
                    help="evaluate the model upcycled to a Mixtral with E experts, top-K routing, expert noise NOISE")
     r.add_argument("--deadline", type=float, default=0,

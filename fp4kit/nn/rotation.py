@@ -121,7 +121,7 @@ def rotate_weight(weight: torch.Tensor, config: RotationConfig, name: str = "lin
     W = weight.double()
     signs = rotation_signs(W.shape[-1], config, torch.float64)
     if signs is not None:
-        W = W * signs
+        W = W * signs.to(W.device)
     b = config.block_size
     return (W.reshape(*W.shape[:-1], -1, b) @ hadamard(b, torch.float64).to(W.device)).reshape(W.shape).to(weight.dtype)
 

@@ -155,14 +155,25 @@ def test_recipe_validation():
         RotationConfig(24)
 
 
+def test_random_sign_rotation_follows_the_weights_device():
+    """The sign vector is built on the CPU; rotating a weight elsewhere must move it (found on the H100:
+    MR-GPTQ with random signs on a CUDA model failed with a device mismatch). The meta device reproduces it."""
+    from fp4kit.nn.rotation import rotate_weight
+
+    w = torch.randn(4, 64, device="meta")
+    assert rotate_weight(w, RotationConfig(32, random_signs=True)).device.type == "meta"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (apply_ptq on a model on the GPU)")
-def test_apply_ptq_mr_gptq_on_cuda_keeps_everything_on_the_gpu():
+@pytest.mark.parametrize("signs", [False, True])
+def test_apply_ptq_mr_gptq_on_cuda_keeps_everything_on_the_gpu(signs):
     model = tiny_llama().float().cuda()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2)).cuda()
     batches = [torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(s)).cuda() for s in range(4)]
     with torch.no_grad():
         ref = model(ids).logits
-        report = apply_ptq(model, NVFP4Config(), PTQRecipe(PTQMethod.MR_GPTQ), batches=batches, progress=False)
+        recipe = PTQRecipe(PTQMethod.MR_GPTQ, RotationConfig(16, random_signs=signs))
+        report = apply_ptq(model, NVFP4Config(), recipe, batches=batches, progress=False)
         got = model(ids).logits
     assert len(report.rotated) == 14
     layer = model.model.layers[0].mlp.down_proj
