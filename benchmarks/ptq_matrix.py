@@ -77,27 +77,32 @@ def calibration_text(folder: pathlib.Path, name: str) -> str:
     return load_corpus("drop")
 
 
-def windows(tok, text: str, samples: int, seq_len: int, what: str) -> list[torch.Tensor]:
-    """`samples` consecutive windows [1, seq_len] of `text`. A tokenizer that adds BOS (Gemma-3) gets BOS at the
+def windows(tok, text: str, samples: int, seq_len: int, what: str, draw: int = 0) -> list[torch.Tensor]:
+    """`samples` consecutive windows [1, seq_len] of `text`; `draw` d takes the d-th such run (windows d * samples
+    .. (d + 1) * samples - 1), so draws are disjoint. A tokenizer that adds BOS (Gemma-3) gets BOS at the
     start of every window, as every evaluated sequence has it; SmolLM2's adds none."""
     from fp4kit.eval import bos_prefix
 
     ids, bos = bos_prefix(tok, tok(text, return_tensors="pt").input_ids[0])
     span = seq_len - (bos is not None)  # text tokens per window
-    if ids.numel() < samples * span:
-        raise ValueError(f"{what}: {ids.numel()} calibration tokens < {samples} x {span}")
+    first = draw * samples
+    if ids.numel() < (first + samples) * span:
+        raise ValueError(f"{what}: {ids.numel()} calibration tokens < {first + samples} x {span} (draw {draw} of "
+                         f"{samples} windows)")
     prefix = ids.new_tensor([bos] if bos is not None else [])
-    return [torch.cat([prefix, ids[i * span:(i + 1) * span]]).unsqueeze(0) for i in range(samples)]
+    return [torch.cat([prefix, ids[i * span:(i + 1) * span]]).unsqueeze(0) for i in range(first, first + samples)]
 
 
-def calibration(tok, folder: pathlib.Path, samples: int, seq_len: int, device, text: str = "shakespeare"):
-    """Calibration batches [1, seq_len] from `text`: shakespeare, drop, or mix (half of each, alternating)."""
+def calibration(tok, folder: pathlib.Path, samples: int, seq_len: int, device, text: str = "shakespeare",
+                draw: int = 0):
+    """Calibration batches [1, seq_len] from `text`: shakespeare, drop, or mix (half of each, alternating);
+    `draw` picks a disjoint set of windows of each source (see `windows`)."""
     if text == "mix":
-        a = windows(tok, calibration_text(folder, "shakespeare"), samples - samples // 2, seq_len, "shakespeare")
-        b = windows(tok, calibration_text(folder, "drop"), samples // 2, seq_len, "drop")
+        a = windows(tok, calibration_text(folder, "shakespeare"), samples - samples // 2, seq_len, "shakespeare", draw)
+        b = windows(tok, calibration_text(folder, "drop"), samples // 2, seq_len, "drop", draw)
         out = [w for pair in zip(a, b) for w in pair] + a[len(b):]
     else:
-        out = windows(tok, calibration_text(folder, text), samples, seq_len, text)
+        out = windows(tok, calibration_text(folder, text), samples, seq_len, text, draw)
     return [w.to(device) for w in out]
 
 
@@ -165,7 +170,8 @@ def expected_seconds(took: dict[str, float], method: str) -> float:
 
 
 def calib_label(a) -> str:
-    return f"{a.calib_samples}x{a.calib_seq_len}" + ("" if a.calib_text == "shakespeare" else f" {a.calib_text}")
+    return (f"{a.calib_samples}x{a.calib_seq_len}" + ("" if a.calib_text == "shakespeare" else f" {a.calib_text}")
+            + (f" draw{a.calib_draw}" if getattr(a, "calib_draw", 0) else ""))
 
 
 def run(a) -> None:
@@ -199,7 +205,7 @@ def run(a) -> None:
         e, k, noise = a.upcycle.split(",")
         base_model = upcycle_to_mixtral(base_model, MixtralUpcycle(int(e), int(k), float(noise)))
     print(f"loaded {a.model} in {time.time() - t0:.0f}s", flush=True)
-    batches = calibration(tok, a.folder, a.calib_samples, a.calib_seq_len, device, a.calib_text)
+    batches = calibration(tok, a.folder, a.calib_samples, a.calib_seq_len, device, a.calib_text, a.calib_draw)
     done = set()
     if a.out.exists():  # resume: skip variants already written
         old = [json.loads(line) for line in a.out.read_text().splitlines() if line.strip()]
@@ -381,6 +387,8 @@ def main(argv=None):
     r.add_argument("--calib-seq-len", type=int, default=512)
     r.add_argument("--calib-text", choices=("shakespeare", "drop", "mix"), default="shakespeare",
                    help="calibration text (see calibration_text)")
+    r.add_argument("--calib-draw", type=int, default=0,
+                   help="use the DRAW-th disjoint set of calibration windows (0: the first; label ' drawN')")
     r.add_argument("--tasks", help="comma list of tasks to evaluate (default: all)")
     r.add_argument("--signround-iters", type=int, default=200, help="signround/mr-signround: signSGD steps per block")
     r.add_argument("--rotation-size", type=int, help="Hadamard block of the rotating methods (mr-*; default the "

@@ -160,3 +160,20 @@ def test_quantize_applies_the_requested_rotation(size, signs):
     online = [m for m in model.modules() if isinstance(m, FP4Linear) and m.rotation_config is not None]
     assert report.rotated and online
     assert {(m.rotation_config.block_size, m.rotation_config.random_signs) for m in online} == {(size or 32, signs)}
+
+
+def test_calibration_draws_are_disjoint_and_labelled(tmp_path):
+    (tmp_path / "shakespeare.txt").write_text("s" * 200_000 + TEXT)
+    (tmp_path / "drop.txt").write_text(TEXT[::-1])
+    d0 = pm.calibration(CharTokenizer(), tmp_path, 4, 40, "cpu", "mix")
+    d1 = pm.calibration(CharTokenizer(), tmp_path, 4, 40, "cpu", "mix", draw=1)
+    # draw 1 starts where draw 0 ended, in each source: shakespeare windows 2-3 and drop windows 2-3
+    assert torch.equal(d1[0], pm.windows(CharTokenizer(), TEXT, 4, 40, "t")[2])
+    assert torch.equal(d1[1], pm.windows(CharTokenizer(), TEXT[::-1], 4, 40, "t")[2])
+    assert not {tuple(w[0].tolist()) for w in d0} & {tuple(w[0].tolist()) for w in d1}
+    with pytest.raises(ValueError, match="draw 13"):
+        pm.windows(CharTokenizer(), TEXT, 2, 40, "shakespeare", draw=13)  # 1,000 tokens hold 25 windows of 40
+    a = SimpleNamespace(calib_samples=64, calib_seq_len=512, calib_text="mix", calib_draw=2)
+    assert pm.calib_label(a) == "64x512 mix draw2"
+    assert pm.calib_label(SimpleNamespace(calib_samples=64, calib_seq_len=512, calib_text="mix", calib_draw=0)) \
+        == "64x512 mix"
