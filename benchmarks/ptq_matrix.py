@@ -1,7 +1,8 @@
 """The PTQ matrix of issue 6: every method x format x activation setting, on perplexity and the task set.
 
 For one model (or its upcycle to a Mixtral MoE, `--upcycle`): bf16, then {nvfp4, mxfp4} x {rtn, mse, gptq,
-mr-gptq, signround, mr-signround} x {W4A16, W4A4} (SignRound: W4A16 only), each quantized from the same bf16 weights with `fp4kit.algorithms.apply_ptq` and
+mr-gptq, signround, mr-signround} x {W4A16, W4A4} (SignRound: W4A16 only), and `qad` (not PTQ: issue 7's
+quantization-aware distillation from the same weights, W4A16, as a reference point; `--qad-steps`, `--qad-lr`), each quantized from the same bf16 weights with `fp4kit.algorithms.apply_ptq` and
 evaluated with fp4kit.eval's scoring on the frozen task items of `benchmarks/eval_matrix.py` (hellaswag,
 arc_easy, arc_challenge, piqa, winogrande, basic_arithmetic, perplexity on shakespeare and coqa). Calibration
 (GPTQ Hessians, W4A4 input ranges) uses `--calib-samples` windows of `--calib-seq-len` tokens from
@@ -36,10 +37,10 @@ from eval_matrix import TASKS, evaluate_items, load_items
 
 FORMATS = ("nvfp4", "mxfp4")
 METHODS = ("rtn", "mse", "gptq", "mr-gptq", "signround", "mr-signround", "gptq-seq", "mr-gptq-seq", "gptq-dyn",
-           "mr-gptq-dyn")
+           "mr-gptq-dyn", "qad")
 SEQUENTIAL = {"gptq-seq": "gptq", "mr-gptq-seq": "mr-gptq"}  # GPTQ layer by layer on the quantized layers' outputs
 DYNAMIC = {"gptq-dyn": "gptq", "mr-gptq-dyn": "mr-gptq"}  # block scales picked as the sweep reaches each block
-W4A16_ONLY = ("signround", "mr-signround")  # SignRound simulates no activation quantization
+W4A16_ONLY = ("signround", "mr-signround", "qad")  # SignRound and QAD here simulate no activation quantization
 ACTIVATIONS = ("none", "fp4", "fp4-ri")  # fp4-ri: W4A4 with GPTQ Hessians of the rounded inputs (GPTQ methods)
 ACT_SUFFIX = {"none": "", "fp4": "+a4", "fp4-ri": "+a4ri"}
 MAIN_METRIC = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
@@ -51,7 +52,7 @@ def variants(spec: str) -> list[tuple[str, str, str]]:
     nvfp4:gptq:none, mxfp4:mr-signround:none); bf16 always runs first."""
     if spec == "all":
         return [(f, m, a) for f in FORMATS for a in ("none", "fp4") for m in METHODS
-                if m not in W4A16_ONLY and m not in SEQUENTIAL and m not in DYNAMIC]
+                if m not in W4A16_ONLY and m not in SEQUENTIAL and m not in DYNAMIC and m != "qad"]
     out = []
     for v in spec.split(","):
         f, m, a = v.split(":")
@@ -116,7 +117,8 @@ def rotation_suffix(method: str, size: int | None, random_signs: bool, seed: int
 
 
 def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: int = 200,
-             rotation_size: int | None = None, random_signs: bool = False, rotation_seed: int = 0):
+             rotation_size: int | None = None, random_signs: bool = False, rotation_seed: int = 0,
+             qad_args: dict | None = None):
     """apply_ptq with the method's defaults (SignRound: `signround_iters` steps per block); W4A4 input ranges
     observed by apply_ptq (after any rotation). `rotation_size` / `random_signs` replace the rotating methods'
     default rotation (the format's block, plain Hadamard)."""
@@ -124,6 +126,8 @@ def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: i
     from fp4kit.algorithms import GPTQConfig, PTQMethod, PTQRecipe, RotationConfig, SignRoundConfig, apply_ptq
 
     config = fp4kit.NVFP4Config() if fmt == "nvfp4" else fp4kit.MXFP4Config()
+    if method == "qad":
+        return qad(model, config, **(qad_args or {}))
     rotation = None
     if method.startswith("mr-") and (rotation_size or random_signs):
         rotation = RotationConfig(block_size=rotation_size or config.block_size, random_signs=random_signs,
@@ -134,6 +138,37 @@ def quantize(model, fmt: str, method: str, act: str, batches, signround_iters: i
                        sequential=method in SEQUENTIAL)
     return apply_ptq(model, config, recipe, batches=batches,
                      activations=config if act != "none" else None, progress=False)
+
+
+def qad_tokens(tok, folder: pathlib.Path, text: str) -> tuple[torch.Tensor, int | None]:
+    """(token stream, BOS id or None) for QAD: the calibration source(s) whole, never the evaluated text (the
+    first 16K tokens of tiny-shakespeare lie before character 200,000; DROP is not evaluated); mix = both."""
+    from fp4kit.eval import bos_prefix
+
+    parts, bos = [], None
+    for name in (("shakespeare", "drop") if text == "mix" else (text,)):
+        ids, bos = bos_prefix(tok, tok(calibration_text(folder, name), return_tensors="pt").input_ids[0])
+        parts.append(ids)
+    return torch.cat(parts), bos
+
+
+def qad(model, config, *, teacher, tokens: torch.Tensor, bos: int | None, steps: int = 200, lr: float = 5e-5,
+        batch_size: int = 8, seq_len: int = 512):
+    """Quantization-aware distillation (issue 7's recipe, `fp4kit.train.qat`): FP32 masters from the model's own
+    weights, W4A16 fake quantization with dynamic (RTN) scales, KL to `teacher` (the bf16 model) on random windows
+    of `tokens` (BOS first where the model has one), cosine lr; then `convert` to FP4Linear in the teacher's dtype.
+    Not PTQ: a reference point for what training buys over the PTQ methods."""
+    from fp4kit.nn.fake_quant import QATConfig, convert, prepare_qat
+    from fp4kit.train.qat import TrainConfig, train_qat
+
+    dtype = next(teacher.parameters()).dtype
+    model.float()
+    report = prepare_qat(model, QATConfig(config))
+    train_qat(model.train(), tokens.cpu(), TrainConfig(steps=steps, lr=lr, warmup_steps=min(10, steps - 1),
+                                                       batch_size=batch_size, seq_len=seq_len, bos_token=bos),
+              teacher=teacher.eval(), progress=False)
+    convert(model, dtype=dtype)
+    return report
 
 
 def load_with_tokenizer(spec: str, tokenizer_dir: pathlib.Path, dtype):
@@ -156,7 +191,7 @@ def load_with_tokenizer(spec: str, tokenizer_dir: pathlib.Path, dtype):
 
 
 CALIBRATED = ("gptq", "mr-gptq", *SEQUENTIAL, *DYNAMIC)  # methods whose cost is dominated by the GPTQ sweep
-LEARNED = ("signround", "mr-signround")  # methods whose cost is dominated by per-block signSGD
+LEARNED = ("signround", "mr-signround", "qad")  # methods whose cost is dominated by gradient steps
 
 
 def expected_seconds(took: dict[str, float], method: str) -> float:
@@ -206,6 +241,13 @@ def run(a) -> None:
         base_model = upcycle_to_mixtral(base_model, MixtralUpcycle(int(e), int(k), float(noise)))
     print(f"loaded {a.model} in {time.time() - t0:.0f}s", flush=True)
     batches = calibration(tok, a.folder, a.calib_samples, a.calib_seq_len, device, a.calib_text, a.calib_draw)
+    qad_args = None
+    if any(m == "qad" for _, m, _ in variants(a.variants)):
+        stream, bos = qad_tokens(tok, a.folder, a.calib_text)
+        qad_args = dict(teacher=base_model, tokens=stream, bos=bos, steps=a.qad_steps, lr=a.qad_lr,
+                        batch_size=a.qad_batch_size, seq_len=a.calib_seq_len)
+        print(f"QAD: {stream.numel()} training tokens ({a.calib_text}), {a.qad_steps} steps x {a.qad_batch_size} x "
+              f"{a.calib_seq_len}", flush=True)
     done = set()
     if a.out.exists():  # resume: skip variants already written
         old = [json.loads(line) for line in a.out.read_text().splitlines() if line.strip()]
@@ -228,7 +270,7 @@ def run(a) -> None:
         if fmt != "bf16":
             with torch.no_grad() if method in ("rtn", "mse") else torch.enable_grad():
                 quantize(model, fmt, method, act, batches, a.signround_iters, a.rotation_size, a.random_signs,
-                         a.rotation_seed)
+                         a.rotation_seed, qad_args)
             seconds_q = time.time() - t1
         model.eval()
         base = {"model": a.label or src.label, "checkpoint_hash": model_hash(model), "format": fmt,
@@ -236,8 +278,11 @@ def run(a) -> None:
                 "date": datetime.date.today().isoformat(), "calib": calib_label(a),
                 "seconds_quantize": round(seconds_q, 2), "gen_batch_size": a.gen_batch_size or a.batch_size, "skip": a.skip,
                 "tokenizer": str(a.tokenizer) if a.tokenizer else "model's"}
-        if method in LEARNED:
+        if method in ("signround", "mr-signround"):
             base["signround_iters"] = a.signround_iters
+        if method == "qad":
+            base["qad"] = {"steps": a.qad_steps, "lr": a.qad_lr, "batch_size": a.qad_batch_size,
+                           "seq_len": a.calib_seq_len, "text": a.calib_text}
         with torch.no_grad():
             records = evaluate_items(model, tok, a.folder, tasks, base, a.batch_size, a.ppl_tokens, a.context,
                                      a.gen_batch_size)
@@ -395,6 +440,9 @@ def main(argv=None):
                    "format's block); the method label gets '@r<size>'")
     r.add_argument("--random-signs", action="store_true", help="rotating methods: random-sign Hadamard (label 's')")
     r.add_argument("--rotation-seed", type=int, default=0, help="seed of --random-signs (label 's<seed>' when not 0)")
+    r.add_argument("--qad-steps", type=int, default=200, help="qad: optimizer steps (windows of --calib-seq-len)")
+    r.add_argument("--qad-lr", type=float, default=5e-5, help="qad: peak learning rate")
+    r.add_argument("--qad-batch-size", type=int, default=8, help="qad: windows per step")
     r.add_argument("--upcycle", metavar="E,K,NOISE",
                    help="evaluate the model upcycled to a Mixtral with E experts, top-K routing, expert noise NOISE")
     r.add_argument("--deadline", type=float, default=0,

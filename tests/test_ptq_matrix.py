@@ -177,3 +177,38 @@ def test_calibration_draws_are_disjoint_and_labelled(tmp_path):
     assert pm.calib_label(a) == "64x512 mix draw2"
     assert pm.calib_label(SimpleNamespace(calib_samples=64, calib_seq_len=512, calib_text="mix", calib_draw=0)) \
         == "64x512 mix"
+
+
+def test_qad_variant_trains_toward_the_teacher_and_converts():
+    """`qad` (QAD reference point): after training, every quantized layer is a real FP4Linear and the model is
+    closer to its float teacher (KL on fresh windows) than RTN of the same weights; windows start with BOS."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fp4kit.nn import FP4Linear
+    from tests.algorithms.test_sequential_gemma3 import tiny_gemma3
+
+    teacher = tiny_gemma3()
+    stream = torch.randint(3, 128, (4000,), generator=torch.Generator().manual_seed(0))
+    held = torch.cat([torch.full((4, 1), 2), torch.randint(3, 128, (4, 31), generator=torch.Generator().manual_seed(1))], 1)
+    rtn = copy.deepcopy(teacher)
+    pm.quantize(rtn, "mxfp4", "rtn", "none", None)
+    student = copy.deepcopy(teacher)
+    pm.quantize(student, "mxfp4", "qad", "none", None,
+                qad_args=dict(teacher=teacher, tokens=stream, bos=2, steps=30, lr=1e-4, batch_size=4, seq_len=32))
+    assert all(isinstance(m, FP4Linear) for n, m in student.named_modules() if n.endswith(("q_proj", "down_proj")))
+
+    def kl(m):
+        with torch.no_grad():
+            t, s = teacher(held).logits.log_softmax(-1), m(held).logits.log_softmax(-1)
+        return F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean").item()
+
+    assert kl(student) < 0.7 * kl(rtn), (kl(student), kl(rtn))
+
+
+def test_qad_tokens_never_include_the_evaluated_text(tmp_path):
+    (tmp_path / "shakespeare.txt").write_text("e" * 200_000 + "abc")
+    (tmp_path / "drop.txt").write_text("xyz")
+    ids, bos = pm.qad_tokens(CharTokenizer(bos=2), tmp_path, "mix")
+    assert bos == 2 and ids.tolist() == [ord(c) for c in "abcxyz"]

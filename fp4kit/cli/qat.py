@@ -37,24 +37,30 @@ def _text(data: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _gptq_start(model, config, train, args) -> dict:
+def _gptq_start(model, config, train, args, bos: int | None = None) -> dict:
+    """GPTQ of a copy on `calib_samples` consecutive windows of `calib_seq_len` tokens (BOS first when given)."""
     import copy
+
+    import torch
 
     from fp4kit.algorithms import GPTQConfig, apply_gptq, collect_hessians
 
     work = copy.deepcopy(model)
-    s = args.calib_seq_len
-    batches = [train[i * s:(i + 1) * s].unsqueeze(0).to(next(model.parameters()).device) for i in range(args.calib_samples)]
+    s = args.calib_seq_len - (bos is not None)  # stream tokens per window
+    head = train.new_tensor([bos] if bos is not None else [])
+    device = next(model.parameters()).device
+    batches = [torch.cat([head, train[i * s:(i + 1) * s]]).unsqueeze(0).to(device) for i in range(args.calib_samples)]
     result = apply_gptq(work, config, collect_hessians(work, batches, config), GPTQConfig())
     return {name: work.get_submodule(name).quantized_weight() for name in result.report.quantized}
 
 
 def cmd_qat(args) -> int:
     import copy
+    from dataclasses import replace
 
     import torch
 
-    from fp4kit.eval import perplexity
+    from fp4kit.eval import bos_prefix, perplexity
     from fp4kit.io import load_model, save_checkpoint
     from fp4kit.io.checkpoint import model_card
     from fp4kit.nn.fake_quant import QATConfig, ScaleMode, convert, prepare_qat
@@ -80,10 +86,12 @@ def cmd_qat(args) -> int:
     if train_config.loss is not Loss.CE:
         teacher = (load_model(args.teacher, dtype=torch.bfloat16)[0] if args.teacher
                    else copy.deepcopy(model).to(torch.bfloat16)).to(device).eval()
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids, bos = bos_prefix(tokenizer, tokenizer(text, return_tensors="pt").input_ids[0])
+    if bos is not None:  # a tokenizer that starts every text with BOS (Gemma-3): every training window and
+        train_config = replace(train_config, bos_token=bos)  # perplexity window starts with it too
     train, held_out = split_tokens(ids, 0.1)
     held_out = held_out[: args.eval_tokens]
-    start = _gptq_start(model, config, train, args) if args.start == "gptq" else None
+    start = _gptq_start(model, config, train, args, bos) if args.start == "gptq" else None
     report = prepare_qat(model, qat_config, start=start)
     print(report.summary())
     if args.activations == "fp4":  # NVFP4 inputs: static scales start from a few training windows' amax
@@ -91,7 +99,8 @@ def cmd_qat(args) -> int:
             model.train()(train[: 4 * args.seq_len].reshape(4, -1).to(device))
 
     def ppl(m, desc):
-        return perplexity(m, held_out, context=args.context, desc=desc).perplexity if args.eval_tokens else None
+        return (perplexity(m, held_out, context=args.context, prefix_token=bos, desc=desc).perplexity
+                if args.eval_tokens else None)
 
     result = {"model": src.label, "scheme": args.scheme, "start": args.start, "teacher": args.teacher or "self (bf16)",
               "train": train_config.as_json(), "eval_tokens": int(held_out.numel())}

@@ -87,6 +87,7 @@ class TrainConfig:
     save_every: int = 0  # 0: no checkpoints
     keep: int = 2
     seed: int = 0
+    bos_token: int | None = None  # models that always see a BOS first (Gemma-3): every window starts with it
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "seq_len", "grad_accum")
@@ -105,6 +106,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.kd_temperature must be > 0, got {self.kd_temperature}")
         if not isinstance(self.loss, Loss) or not isinstance(self.trainable, Trainable):
             raise TypeError("TrainConfig.loss must be a Loss and trainable a Trainable (enums, not strings)")
+        if self.bos_token is not None and (isinstance(self.bos_token, bool) or not isinstance(self.bos_token, int)
+                                           or self.bos_token < 0):
+            raise ValueError(f"TrainConfig.bos_token must be a token id >= 0 or None, got {self.bos_token!r}")
 
     def as_json(self) -> dict:
         return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
@@ -143,16 +147,22 @@ def split_tokens(ids: torch.Tensor, eval_fraction: float = 0.1) -> tuple[torch.T
 def batch_for_step(tokens: torch.Tensor, step: int, config: TrainConfig, *, rank: int = 0, world: int = 1) -> torch.Tensor:
     """This rank's windows for optimizer step `step`: [grad_accum, batch_size, seq_len + 1] int64.
 
-    The global batch (world * batch_size windows per micro-batch) depends on (seed, step) only.
+    The global batch (world * batch_size windows per micro-batch) depends on (seed, step) only. With
+    `config.bos_token` each window is BOS followed by seq_len tokens of the stream (the first is predicted from
+    BOS alone), as a model trained with a BOS at every sequence start sees its text; else seq_len + 1 tokens.
     """
-    n = tokens.numel() - config.seq_len - 1
+    body = config.seq_len + (config.bos_token is None)  # stream tokens per window
+    n = tokens.numel() - body
     if n < 1:
-        raise ValueError(f"the training text has {tokens.numel()} tokens, fewer than seq_len + 2 = {config.seq_len + 2}")
+        raise ValueError(f"the training text has {tokens.numel()} tokens, fewer than {body + 1} (seq_len "
+                         f"{config.seq_len} + {1 + (config.bos_token is None)})")
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     starts = torch.randint(0, n, (config.grad_accum, world * config.batch_size), generator=gen)
     starts = starts[:, rank * config.batch_size:(rank + 1) * config.batch_size]
-    offsets = torch.arange(config.seq_len + 1)
-    return tokens[starts.unsqueeze(-1) + offsets]
+    windows = tokens[starts.unsqueeze(-1) + torch.arange(body)]
+    if config.bos_token is not None:
+        windows = torch.cat([windows.new_full((*windows.shape[:-1], 1), config.bos_token), windows], dim=-1)
+    return windows
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -120,6 +120,26 @@ def test_ranks_take_slices_of_one_global_batch():
     assert torch.equal(whole[0, 0, 1:] - whole[0, 0, :-1], torch.ones(8, dtype=torch.long))
 
 
+def test_bos_windows_are_bos_then_the_stream_and_keep_the_draws():
+    """With bos_token every window is [BOS, t_s .. t_{s+seq_len-1}]: the same shape, a contiguous stream slice after
+    BOS; without it the windows are the ones drawn before the option existed (hand-checked: step 7, seed 5)."""
+    tokens = torch.arange(1000) + 10
+    plain = batch_for_step(tokens, 7, TrainConfig(batch_size=2, seq_len=8, grad_accum=3, seed=5))
+    bos = batch_for_step(tokens, 7, TrainConfig(batch_size=2, seq_len=8, grad_accum=3, seed=5, bos_token=2))
+    assert plain.shape == bos.shape == (3, 2, 9)
+    assert (bos[..., 0] == 2).all()
+    assert torch.equal(bos[..., 2:] - bos[..., 1:-1], torch.ones(3, 2, 7, dtype=torch.long))
+    gen = torch.Generator().manual_seed(5 * 1_000_003 + 7)
+    starts = torch.randint(0, 1000 - 9, (3, 2), generator=gen)
+    assert torch.equal(plain[..., 0], starts + 10)
+    tight = batch_for_step(torch.arange(10), 0, TrainConfig(batch_size=1, seq_len=8, bos_token=0))[0, 0]
+    assert int(tight[1]) in (0, 1) and torch.equal(tight[1:], torch.arange(8) + tight[1])  # 10 tokens: 2 starts
+    with pytest.raises(ValueError, match="fewer than 9"):
+        batch_for_step(torch.arange(8), 0, TrainConfig(batch_size=1, seq_len=8, bos_token=0))
+    with pytest.raises(ValueError, match="bos_token"):
+        TrainConfig(bos_token=-1)
+
+
 def test_kd_loss_is_the_kl_divergence():
     s, t = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
     p = t.softmax(-1)
