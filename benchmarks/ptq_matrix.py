@@ -158,11 +158,13 @@ def qad(model, config, *, teacher, tokens: torch.Tensor, bos: int | None, steps:
     weights, W4A16 fake quantization with dynamic (RTN) scales, KL to `teacher` (the bf16 model) on random windows
     of `tokens` (BOS first where the model has one), cosine lr; then `convert` to FP4Linear in the teacher's dtype.
     Not PTQ: a reference point for what training buys over the PTQ methods."""
+    from torch import nn
+
     from fp4kit.nn.fake_quant import QATConfig, convert, prepare_qat
     from fp4kit.train.qat import TrainConfig, train_qat
 
     dtype = next(teacher.parameters()).dtype
-    model.float()
+    nn.Module.float(model)  # transformers refuses .float() on a model it loaded from a GGUF
     report = prepare_qat(model, QATConfig(config))
     train_qat(model.train(), tokens.cpu(), TrainConfig(steps=steps, lr=lr, warmup_steps=min(10, steps - 1),
                                                        batch_size=batch_size, seq_len=seq_len, bos_token=bos),
