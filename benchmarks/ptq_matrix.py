@@ -82,16 +82,11 @@ def windows(tok, text: str, samples: int, seq_len: int, what: str, draw: int = 0
     """`samples` consecutive windows [1, seq_len] of `text`; `draw` d takes the d-th such run (windows d * samples
     .. (d + 1) * samples - 1), so draws are disjoint. A tokenizer that adds BOS (Gemma-3) gets BOS at the
     start of every window, as every evaluated sequence has it; SmolLM2's adds none."""
+    from fp4kit.data import token_windows
     from fp4kit.eval import bos_prefix
 
     ids, bos = bos_prefix(tok, tok(text, return_tensors="pt").input_ids[0])
-    span = seq_len - (bos is not None)  # text tokens per window
-    first = draw * samples
-    if ids.numel() < (first + samples) * span:
-        raise ValueError(f"{what}: {ids.numel()} calibration tokens < {first + samples} x {span} (draw {draw} of "
-                         f"{samples} windows)")
-    prefix = ids.new_tensor([bos] if bos is not None else [])
-    return [torch.cat([prefix, ids[i * span:(i + 1) * span]]).unsqueeze(0) for i in range(first, first + samples)]
+    return token_windows(ids, samples, seq_len, bos=bos, first=draw * samples, what=f"{what} (draw {draw})")
 
 
 def calibration(tok, folder: pathlib.Path, samples: int, seq_len: int, device, text: str = "shakespeare",

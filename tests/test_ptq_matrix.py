@@ -51,7 +51,7 @@ def test_windows_with_bos_start_with_bos_and_cover_the_text_without_overlap():
 
 
 def test_windows_refuse_short_text_naming_it():
-    with pytest.raises(ValueError, match="drop: 1000 calibration tokens < 30 x 50"):
+    with pytest.raises(ValueError, match=r"drop \(draw 0\): 1000 tokens < 30 windows x 50 tokens"):
         pm.windows(CharTokenizer(), TEXT, 30, 50, "drop")
 
 

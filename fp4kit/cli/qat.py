@@ -41,15 +41,13 @@ def _gptq_start(model, config, train, args, bos: int | None = None) -> dict:
     """GPTQ of a copy on `calib_samples` consecutive windows of `calib_seq_len` tokens (BOS first when given)."""
     import copy
 
-    import torch
-
     from fp4kit.algorithms import GPTQConfig, apply_gptq, collect_hessians
+    from fp4kit.data import token_windows
 
     work = copy.deepcopy(model)
-    s = args.calib_seq_len - (bos is not None)  # stream tokens per window
-    head = train.new_tensor([bos] if bos is not None else [])
     device = next(model.parameters()).device
-    batches = [torch.cat([head, train[i * s:(i + 1) * s]]).unsqueeze(0).to(device) for i in range(args.calib_samples)]
+    batches = [w.to(device) for w in token_windows(train, args.calib_samples, args.calib_seq_len, bos=bos,
+                                                    what="training text (GPTQ start)")]
     result = apply_gptq(work, config, collect_hessians(work, batches, config), GPTQConfig())
     return {name: work.get_submodule(name).quantized_weight() for name in result.report.quantized}
 

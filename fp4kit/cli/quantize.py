@@ -71,14 +71,14 @@ def cmd_quantize(args) -> int:
 
 
 def _calibration_batches(tokenizer, samples: int, seq_len: int, device="cpu") -> list:
-    """Token batches [1, seq_len] on `device` from tiny-shakespeare, after the text perplexity is measured on."""
-    from fp4kit.data import load_corpus
+    """Token batches [1, seq_len] on `device` from tiny-shakespeare, after the text perplexity is measured on;
+    BOS first in every window when the tokenizer starts text with one (Gemma-3)."""
+    from fp4kit.data import load_corpus, token_windows
+    from fp4kit.eval import bos_prefix
 
     text = load_corpus("shakespeare")[200_000:]
-    ids = tokenizer(text[: samples * seq_len * 8], return_tensors="pt").input_ids[0]
-    if ids.numel() < samples * seq_len:
-        raise ValueError(f"calibration text too short for {samples} x {seq_len} tokens")
-    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0).to(device) for i in range(samples)]
+    ids, bos = bos_prefix(tokenizer, tokenizer(text[: samples * seq_len * 8], return_tensors="pt").input_ids[0])
+    return [w.to(device) for w in token_windows(ids, samples, seq_len, bos=bos, what="calibration text (shakespeare)")]
 
 
 def _model_device(model):
