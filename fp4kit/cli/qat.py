@@ -58,6 +58,7 @@ def cmd_qat(args) -> int:
 
     import torch
 
+    from fp4kit.data import token_windows
     from fp4kit.eval import bos_prefix, perplexity
     from fp4kit.io import load_model, save_checkpoint
     from fp4kit.io.checkpoint import model_card
@@ -94,7 +95,7 @@ def cmd_qat(args) -> int:
     print(report.summary())
     if args.activations == "fp4":  # NVFP4 inputs: static scales start from a few training windows' amax
         with torch.no_grad():
-            model.train()(train[: 4 * args.seq_len].reshape(4, -1).to(device))
+            model.train()(torch.cat(token_windows(train, 4, args.seq_len, bos=bos, what="training text")).to(device))
 
     def ppl(m, desc):
         return (perplexity(m, held_out, context=args.context, prefix_token=bos, desc=desc).perplexity
